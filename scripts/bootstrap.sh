@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv with every runtime and test dependency, pinned. Idempotent:
+# re-runs only when a requirements file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+stamp=.venv/.mriseg-installed
+want=$(cat pyproject.toml requirements/*.txt scripts/bootstrap.sh | sha256sum | cut -c1-16)
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then exit 0; fi
+[[ -d .venv ]] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+q=(-q)
+# 1. CPU torch first: an unpinned torch would be a multi-GB CUDA download.
+if python -c 'import torch' 2>/dev/null; then :; else
+  pip install "${q[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+fi
+# 2. Everything else, pinned.
+pip install "${q[@]}" -c requirements/constraints.txt -r requirements/base.txt
+# 3. nnU-Net without its timm/torchvision dependencies.
+pip install "${q[@]}" --no-deps -c requirements/constraints.txt -r requirements/nnunet-nodeps.txt
+python -c 'import serve, nnunetv2, ray, torch; print("mriseg-serve ready: torch", torch.__version__, "ray", ray.__version__)'
+echo "$want" > "$stamp"

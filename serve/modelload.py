@@ -1,0 +1,175 @@
+"""Load an nnU-Net v2 trainer folder into a ready ``nnUNetPredictor``.
+
+We build the network from ``plans.json`` with nnunetv2's own
+``get_network_from_plans`` and hand it to ``nnUNetPredictor.manual_initialization``.
+nnunetv2's usual path (``initialize_from_trained_model_folder``) first looks
+the trainer class up by name, which imports every trainer module, and some of
+those import timm/torchvision, which crash beside the CPU torch build. Any
+trainer name therefore loads, as long as the trainer used the standard
+architecture from its plans (true for every TotalSegmentator MRI model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve.catalogue import SubModel
+from serve.errors import ModelFolderError
+from serve.modelstore import check_labels, read_dataset_labels, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def configure_threads(n_threads: int | None = None) -> int:
+    """Bound torch's intra-op threads and nnunetv2's worker count to ``n_threads``.
+
+    nnunetv2 reads ``nnUNet_def_n_proc`` when it is first imported and
+    defaults to 8, far more than a 2-core replica should use.
+    """
+    n = int(n_threads or os.cpu_count() or 1)
+    os.environ["nnUNet_def_n_proc"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        import nnunetv2.configuration as cfg
+
+        cfg.default_num_processes = n
+        import nnunetv2.inference.predict_from_raw_data as pfrd
+
+        pfrd.default_num_processes = n
+    except ImportError:  # pragma: no cover - nnunetv2 is a hard dependency
+        pass
+    return n
+
+
+def pick_device(requested: str = "auto"):
+    """``auto`` takes CUDA when present, else CPU."""
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelFolderError("device 'cuda' requested but no CUDA device is visible; use --device cpu")
+    return dev
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        # numpy scalars appear in nnU-Net's logging state; allow them and nothing else
+        with torch.serialization.safe_globals([np.core.multiarray.scalar, np.dtype,
+                                               np.dtypes.Float64DType, np.dtypes.Float32DType,
+                                               np.dtypes.Int64DType]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure falls back below
+        # Operator-imported weights (the model store is not user-controlled) may
+        # carry other pickled objects; nnU-Net itself loads them this way.
+        log.warning("checkpoint %s needs full unpickling (%s); loading it as nnU-Net does",
+                    path.name, type(e).__name__)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@dataclass
+class LoadedModel:
+    """A sub-model ready to predict, plus what it was loaded from."""
+
+    submodel: SubModel
+    folder: Path
+    predictor: Any  # nnunetv2.inference.predict_from_raw_data.nnUNetPredictor
+    dataset_json: dict
+    trainer_name: str
+    folds: tuple[str, ...]
+    label_names: dict[int, str]  # local id -> name, auxiliary labels included
+    dropped_labels: tuple[str, ...]
+    checksum: str  # over checkpoints, labels and plans; part of job idempotency keys
+
+    @property
+    def mirroring_axes(self):
+        return self.predictor.allowed_mirroring_axes if self.predictor.use_mirroring else None
+
+
+def load_model(folder: str | os.PathLike, submodel: SubModel, *, device: str = "auto",
+               tile_step_size: float | None = None, folds: tuple[str, ...] | None = None,
+               use_mirroring: bool = True, checkpoint_name: str = "checkpoint_final.pth") -> LoadedModel:
+    """Build ``submodel``'s predictor from an nnU-Net trainer folder.
+
+    ``use_mirroring`` applies only where the checkpoint allows it; the
+    TotalSegmentator MRI models were trained without mirroring and so never
+    mirror. ``tile_step_size`` defaults to the catalogue's (0.8 or 0.5).
+    """
+    import hashlib
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    folder = Path(folder)
+    try:
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        plans = json.loads((folder / "plans.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{folder}: cannot read dataset.json/plans.json ({e})") from e
+    dropped = check_labels(submodel, dataset_json)
+
+    if folds is None:
+        folds = tuple(sorted(p.name[len("fold_"):] for p in folder.glob("fold_*")
+                             if (p / checkpoint_name).is_file()))
+    if not folds:
+        raise ModelFolderError(f"{folder}: no fold_*/{checkpoint_name}")
+
+    params, digest = [], hashlib.sha256()
+    trainer_name, configuration, mirror_axes = folder.name.split("__")[0], None, None
+    for i, f in enumerate(folds):
+        ckpt_path = folder / f"fold_{f}" / checkpoint_name
+        ckpt = _load_checkpoint(ckpt_path)
+        digest.update(sha256_file(ckpt_path).encode())
+        if i == 0:
+            trainer_name = ckpt.get("trainer_name", trainer_name)
+            configuration = ckpt.get("init_args", {}).get("configuration")
+            mirror_axes = ckpt.get("inference_allowed_mirroring_axes")
+        params.append(ckpt["network_weights"])
+    configuration = configuration or folder.name.split("__")[-1]
+
+    pm = PlansManager(plans)
+    try:
+        cm = pm.get_configuration(configuration)
+    except (KeyError, RuntimeError) as e:
+        raise ModelFolderError(f"{folder}: plans.json has no configuration {configuration!r}") from e
+    lm = pm.get_label_manager(dataset_json)
+    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    network = get_network_from_plans(
+        cm.network_arch_class_name, cm.network_arch_init_kwargs, cm.network_arch_init_kwargs_req_import,
+        n_in, lm.num_segmentation_heads, allow_init=False, deep_supervision=False)
+    try:
+        network.load_state_dict(params[0])
+    except RuntimeError as e:
+        raise ModelFolderError(f"{folder}: checkpoint does not fit the network in plans.json ({e})") from e
+
+    dev = pick_device(device)
+    predictor = nnUNetPredictor(
+        tile_step_size=submodel.tile_step_size if tile_step_size is None else tile_step_size,
+        use_gaussian=True,
+        use_mirroring=bool(use_mirroring and mirror_axes),
+        perform_everything_on_device=dev.type == "cuda",
+        device=dev, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(network, pm, cm, params, dataset_json, trainer_name,
+                                    tuple(mirror_axes) if mirror_axes else None)
+    network.to(dev).eval()
+
+    label_names = {v: k for k, v in read_dataset_labels(dataset_json).items() if k != "background"}
+    # The checksum also covers the label map and plans, which change the output.
+    digest.update(json.dumps(dataset_json.get("labels"), sort_keys=True).encode())
+    digest.update(json.dumps(plans, sort_keys=True).encode())
+    return LoadedModel(submodel, folder, predictor, dataset_json, trainer_name, tuple(folds),
+                       label_names, tuple(dropped), digest.hexdigest()[:16])

@@ -1,0 +1,264 @@
+"""Find nnU-Net v2 model folders for the catalogue's sub-models.
+
+A *source* is a local directory or an ``s3://bucket/prefix``. Either holds
+``DatasetNNN_*/<Trainer>__<Plans>__<config>/`` folders exactly as nnU-Net
+(and TotalSegmentator, under ``~/.totalsegmentator/nnunet/results``) lays
+them out. S3 sources are downloaded once into a local cache and verified.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from serve.catalogue import Catalogue, SubModel, load_catalogue
+from serve.errors import ModelFolderError, ModelUnavailableError
+from serve.s3client import S3Settings, make_client, parse_s3_uri
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".mriseg-manifest.json"
+
+
+@dataclass
+class ModelStatus:
+    """What the store knows about one sub-model."""
+
+    submodel: str
+    task_id: int
+    state: str  # "present" | "missing" | "mismatched"
+    path: str | None = None
+    detail: str = ""
+    extra_labels: list[str] = field(default_factory=list)
+
+
+def read_dataset_labels(dataset_json: dict) -> dict[str, int]:
+    """nnU-Net's ``labels`` map (name -> id), region-based labels reduced to ints."""
+    labels = {}
+    for name, value in dataset_json.get("labels", {}).items():
+        if isinstance(value, (list, tuple)):
+            # region-based training: a label is a tuple of ids; keep the first
+            value = value[0] if len(value) == 1 else value[-1]
+        labels[name] = int(value)
+    return labels
+
+
+def check_labels(sm: SubModel, dataset_json: dict) -> list[str]:
+    """Raise if a catalogue label is missing; return the auxiliary labels to drop."""
+    labels = read_dataset_labels(dataset_json)
+    missing = [n for n in sm.labels if n not in labels]
+    if missing:
+        raise ModelFolderError(
+            f"{sm.name} (Dataset{sm.task_id}): dataset.json lacks catalogue label(s) "
+            f"{', '.join(missing)}; these weights are not the TotalSegmentator MRI "
+            f"{sm.name} model. Re-import the right DatasetNNN folder.")
+    return [n for n in labels if n != "background" and n not in sm.labels]
+
+
+def find_trainer_folder(dataset_dir: Path, sm: SubModel) -> Path | None:
+    """The ``Trainer__Plans__config`` folder; the catalogue's trainer wins, any other trainer is accepted."""
+    preferred = dataset_dir / sm.trainer_folder
+    if (preferred / "plans.json").is_file():
+        return preferred
+    candidates = sorted(
+        p for p in dataset_dir.iterdir()
+        if p.is_dir() and (p / "plans.json").is_file() and (p / "dataset.json").is_file()
+        and p.name.endswith(f"__{sm.configuration}")
+    )
+    return candidates[0] if candidates else None
+
+
+def find_dataset_dir(root: Path, sm: SubModel) -> Path | None:
+    if not root.is_dir():
+        return None
+    hits = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(sm.folder_prefix))
+    return hits[0] if hits else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class S3ModelCache:
+    """Mirror ``s3://bucket/prefix/DatasetNNN_*`` into a local cache, once, verified."""
+
+    def __init__(self, uri: str, cache_dir: Path, s3: S3Settings | None = None):
+        self.bucket, prefix = parse_s3_uri(uri)
+        self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+        self.root = Path(cache_dir) / "s3" / self.bucket / self.prefix.rstrip("/")
+        self._settings = s3
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self._settings)
+        return self._client
+
+    def _listing(self, dataset_prefix: str) -> list[dict]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + dataset_prefix)
+        return [o for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+
+    def _local(self, key: str) -> Path:
+        return self.root / key[len(self.prefix):]
+
+    def _cache_matches(self, manifest: dict, wanted: dict) -> bool:
+        """The cached copy is of the same objects (key, size, ETag) and complete on disk."""
+        if {k: {"size": v["size"], "etag": v["etag"]} for k, v in manifest.items()} != wanted:
+            return False
+        return all(self._local(k).is_file() and self._local(k).stat().st_size == v["size"]
+                   for k, v in manifest.items())
+
+    def fetch(self, sm: SubModel) -> Path | None:
+        """Local copy of the sub-model's dataset folder, or None if S3 has none."""
+        objects = self._listing(sm.folder_prefix)
+        if not objects:
+            return None
+        rel_first = objects[0]["Key"][len(self.prefix):]
+        dataset_dir = self.root / rel_first.split("/", 1)[0]
+        manifest_path = dataset_dir / MANIFEST
+        wanted = {o["Key"]: {"size": o["Size"], "etag": o["ETag"]} for o in objects}
+        if manifest_path.is_file() and self._cache_matches(json.loads(manifest_path.read_text()), wanted):
+            return dataset_dir
+        if dataset_dir.exists():
+            shutil.rmtree(dataset_dir)
+        manifest = {}
+        for key, meta in wanted.items():
+            dest = self._local(key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            self.client.download_file(self.bucket, key, str(tmp))
+            size = tmp.stat().st_size
+            digest = sha256_file(tmp)
+            if size != meta["size"]:
+                tmp.unlink()
+                raise ModelFolderError(f"s3://{self.bucket}/{key}: downloaded {size} bytes, expected {meta['size']}")
+            remote_sha = head.get("ChecksumSHA256")
+            if remote_sha and "-" not in remote_sha:
+                if base64.b64encode(bytes.fromhex(digest)).decode() != remote_sha:
+                    tmp.unlink()
+                    raise ModelFolderError(f"s3://{self.bucket}/{key}: SHA-256 mismatch after download")
+            os.replace(tmp, dest)
+            manifest[key] = {**meta, "sha256": digest}
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+        log.info("cached %s from s3://%s/%s (%d files)", sm.name, self.bucket, self.prefix, len(manifest))
+        return dataset_dir
+
+
+class ModelStore:
+    """Resolves each sub-model to a verified local nnU-Net trainer folder."""
+
+    def __init__(self, sources: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
+                 s3: S3Settings | None = None, catalogue: Catalogue | None = None):
+        self.catalogue = catalogue or load_catalogue()
+        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "mriseg" / "models")
+        self.sources = [str(s) for s in sources]
+        self._s3 = s3
+        self._caches = {s: S3ModelCache(s, self.cache_dir, s3) for s in self.sources if str(s).startswith("s3://")}
+
+    def _dataset_dir(self, sm: SubModel) -> Path | None:
+        for src in self.sources:
+            if src in self._caches:
+                found = self._caches[src].fetch(sm)
+            else:
+                found = find_dataset_dir(Path(src).expanduser(), sm)
+            if found is not None:
+                return found
+        return None
+
+    def inspect(self, sm: SubModel) -> ModelStatus:
+        """Present, missing or mismatched; never raises for a missing model."""
+        st = ModelStatus(sm.name, sm.task_id, "missing")
+        ds = self._dataset_dir(sm)
+        if ds is None:
+            st.detail = f"no {sm.folder_prefix}* folder in {', '.join(self.sources) or '(no sources)'}"
+            return st
+        tf = find_trainer_folder(ds, sm)
+        if tf is None:
+            st.state, st.path = "mismatched", str(ds)
+            st.detail = f"{ds} has no <trainer>__<plans>__{sm.configuration} folder with plans.json and dataset.json"
+            return st
+        st.path = str(tf)
+        try:
+            st.extra_labels = check_labels(sm, json.loads((tf / "dataset.json").read_text()))
+            if not any(tf.glob("fold_*/checkpoint_final.pth")) and not any(tf.glob("fold_*/checkpoint_best.pth")):
+                raise ModelFolderError(f"{tf} has no fold_*/checkpoint_final.pth")
+        except ModelFolderError as e:
+            st.state, st.detail = "mismatched", e.message
+            return st
+        except (OSError, ValueError) as e:
+            st.state, st.detail = "mismatched", f"cannot read {tf}/dataset.json: {e}"
+            return st
+        st.state = "present"
+        if sm.trainer_folder != tf.name:
+            st.detail = f"non-standard trainer folder {tf.name}"
+        return st
+
+    def status(self, include_fast: bool = True) -> list[ModelStatus]:
+        sms = list(self.catalogue.submodels) + (list(self.catalogue.fast_variants) if include_fast else [])
+        return [self.inspect(sm) for sm in sms]
+
+    def locate(self, sm: SubModel | str) -> Path:
+        """The trainer folder of a usable model; raises a clear error otherwise."""
+        if isinstance(sm, str):
+            sm = self.catalogue.submodel(sm)
+        st = self.inspect(sm)
+        if st.state == "missing":
+            raise ModelUnavailableError(
+                f"sub-model {sm.name} (Dataset{sm.task_id}, {sm.licence} licence) is not installed: {st.detail}. "
+                f"Import it with 'mriseg models import'.")
+        if st.state == "mismatched":
+            raise ModelFolderError(st.detail)
+        return Path(st.path)
+
+    def available(self, names: Iterable[str] | None = None) -> dict[str, Path]:
+        out = {}
+        for st in self.status():
+            if st.state == "present" and (names is None or st.submodel in names):
+                out[st.submodel] = Path(st.path)
+        return out
+
+
+def import_totalseg_home(totalseg_home: Path, dest: Path, catalogue: Catalogue | None = None,
+                         link: bool = False) -> list[str]:
+    """Copy (or symlink) ``DIR/nnunet/results/DatasetNNN_*`` of catalogue models into ``dest``."""
+    catalogue = catalogue or load_catalogue()
+    results = Path(totalseg_home).expanduser() / "nnunet" / "results"
+    if not results.is_dir():
+        raise ModelFolderError(f"{results} does not exist; pass the folder TotalSegmentator downloaded into "
+                               f"(usually ~/.totalsegmentator)")
+    dest.mkdir(parents=True, exist_ok=True)
+    imported = []
+    for sm in list(catalogue.submodels) + list(catalogue.fast_variants):
+        ds = find_dataset_dir(results, sm)
+        if ds is None:
+            continue
+        tf = find_trainer_folder(ds, sm)
+        if tf is None:
+            raise ModelFolderError(f"{ds}: no trainer folder with plans.json/dataset.json")
+        check_labels(sm, json.loads((tf / "dataset.json").read_text()))
+        target = dest / ds.name
+        if target.exists() or target.is_symlink():
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            else:
+                shutil.rmtree(target)
+        if link:
+            target.symlink_to(ds.resolve(), target_is_directory=True)
+        else:
+            shutil.copytree(ds, target)
+        imported.append(sm.name)
+    return imported

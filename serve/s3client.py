@@ -1,0 +1,68 @@
+"""S3 connection settings and a boto3 client built from them.
+
+Works against any S3 endpoint (AWS, MinIO, SeaweedFS, Ceph). Credentials
+come from boto3's standard chain (environment, profile, IRSA/workload
+identity) unless explicit keys are given, which only the embedded server and
+tests do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+
+from serve.errors import MrisegError
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    path_style: bool = False
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    max_attempts: int = 5
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> "S3Settings":
+        d = dict(d or {})
+        allowed = set(cls.__dataclass_fields__)
+        unknown = set(d) - allowed
+        if unknown:
+            raise MrisegError(f"unknown S3 setting(s): {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return cls(**d)
+
+
+def make_client(settings: S3Settings | None = None):
+    """A boto3 S3 client with retries ("standard" mode backs off on 5xx and throttling only)."""
+    s = settings or S3Settings()
+    cfg = Config(
+        region_name=s.region,
+        retries={"max_attempts": s.max_attempts, "mode": "standard"},
+        s3={"addressing_style": "path" if s.path_style else "auto"},
+        connect_timeout=s.connect_timeout_s,
+        read_timeout=s.read_timeout_s,
+        request_checksum_calculation="when_supported",
+        response_checksum_validation="when_supported",
+    )
+    kwargs: dict[str, Any] = {"config": cfg}
+    if s.endpoint_url:
+        kwargs["endpoint_url"] = s.endpoint_url
+    if s.access_key_id:
+        kwargs["aws_access_key_id"] = s.access_key_id
+        kwargs["aws_secret_access_key"] = s.secret_access_key
+    return boto3.session.Session().client("s3", **kwargs)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key). Anything else is a clear error."""
+    p = urlparse(uri)
+    if p.scheme != "s3" or not p.netloc:
+        raise MrisegError(f"expected an s3://bucket/key URI, got {uri!r}")
+    return p.netloc, p.path.lstrip("/")
