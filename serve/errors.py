@@ -80,3 +80,44 @@ class StorageError(MrisegError):
     status = 502
     title = "Storage error"
     retryable = True
+
+
+# -- errors the HTTP API raises itself (serving layer) ---------------------
+class AuthenticationError(MrisegError):
+    """No API key, or one that matches no site."""
+
+    status = 401
+    title = "Unauthorized"
+
+
+class ForbiddenError(MrisegError):
+    """The site's key is valid but the request names data outside its prefixes."""
+
+    status = 403
+    title = "Forbidden"
+
+
+class NotFoundError(MrisegError):
+    status = 404
+    title = "Not found"
+
+
+class ConflictError(MrisegError):
+    """The resource exists but is in the wrong state for this request."""
+
+    status = 409
+    title = "Conflict"
+
+
+class TooManyRequestsError(MrisegError):
+    status = 429
+    title = "Too many requests"
+    retryable = True
+
+
+class ServiceUnavailableError(MrisegError):
+    """A sub-model or dependency is down; retrying later may succeed."""
+
+    status = 503
+    title = "Service unavailable"
+    retryable = True
