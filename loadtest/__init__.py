@@ -1,0 +1,1 @@
+"""Benchmarks and load tests for mriseg-serve (not part of the installed package)."""
