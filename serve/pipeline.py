@@ -1,0 +1,171 @@
+"""Segment one volume with the sub-models a request needs (no Ray here).
+
+Preprocessing runs once per distinct target spacing and is shared; each
+sub-model predicts on the shared array; the local maps are merged into global
+ids; the result goes back to the input grid. The serving layer composes the
+same steps (:func:`serve.preprocess.prepare`, :func:`serve.predict.predict_labels`,
+:func:`serve.merge.merge`, :func:`serve.restore.to_input_grid`) across replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from serve.catalogue import Catalogue, SubModel
+from serve.errors import ModelUnavailableError
+from serve.merge import MergedSegmentation, merge
+from serve.modelload import LoadedModel, configure_threads, load_model
+from serve.modelstore import ModelStore
+from serve.predict import predict_labels
+from serve.preprocess import PreparedVolume, prepare
+from serve.restore import to_input_grid
+from serve.volume_io import Volume
+
+log = logging.getLogger(__name__)
+
+#: progress(step_name, done, total)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class SegmentationResult:
+    """Labels on the input's exact grid (shape and ``affine`` of the input)."""
+
+    labels: np.ndarray                     # uint8 global ids, precedence applied
+    per_model: dict[str, np.ndarray]       # sub-model -> uint8 global ids (lossless per structure)
+    structures: dict[int, str]             # global ids covered by this result
+    affine: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)        # sub-model -> checksum
+    unavailable: dict[str, str] = field(default_factory=dict)   # sub-model not run -> why
+    fast: bool = False
+
+    def mask(self, structure: str) -> np.ndarray:
+        return MergedSegmentation(self.labels, self.per_model, self.structures).mask(structure)
+
+
+def unavailable_error(catalogue: Catalogue, store: ModelStore, sms: Iterable[SubModel],
+                      roi_subset: Sequence[str] | None) -> ModelUnavailableError | None:
+    """A clear error naming each missing model and the requested structures it owns, or None."""
+    problems = []
+    for sm in sms:
+        st = store.inspect(sm)
+        if st.state == "present":
+            continue
+        owned = [n for n in (roi_subset or sm.labels) if n in sm.labels]
+        shown = ", ".join(owned[:6]) + (f" and {len(owned) - 6} more" if len(owned) > 6 else "")
+        problems.append(f"{shown} need(s) sub-model {sm.name} (Dataset{sm.task_id}, {sm.licence} licence), "
+                        f"which is {st.state}: {st.detail}")
+    if not problems:
+        return None
+    return ModelUnavailableError("; ".join(problems) + ". Install the weights with 'mriseg models import "
+                                 "--totalseg-home DIR' or point --models at a folder/bucket that has them.")
+
+
+class Segmenter:
+    """Loads sub-models lazily from a :class:`ModelStore` and segments volumes."""
+
+    def __init__(self, store: ModelStore, device: str = "auto", threads: int | None = None,
+                 tile_step_size: float | None = None, precision: str = "fp32"):
+        self.store = store
+        self.catalogue = store.catalogue
+        self.device = device
+        self.threads = configure_threads(threads) if threads else None
+        self.tile_step_size = tile_step_size
+        self.precision = precision
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def model(self, name: str) -> LoadedModel:
+        """The loaded sub-model ``name`` (loaded once, then cached)."""
+        with self._lock:
+            if name not in self._models:
+                sm = self.catalogue.submodel(name)
+                self._models[name] = load_model(self.store.locate(sm), sm, device=self.device,
+                                                tile_step_size=self.tile_step_size)
+            return self._models[name]
+
+    def plan(self, roi_subset: Sequence[str] | None = None, fast: bool = False) -> tuple[list[SubModel], dict[str, str]]:
+        """Sub-models to run and those skipped because they are not installed.
+
+        An explicit ``roi_subset`` (or ``fast``) needs every model it names and
+        raises :class:`ModelUnavailableError` otherwise; a full run uses
+        whatever is installed and reports the rest as unavailable.
+        """
+        sms = self.catalogue.plan(roi_subset, fast=fast)
+        if roi_subset is not None or fast:
+            err = unavailable_error(self.catalogue, self.store, sms, roi_subset)
+            if err:
+                raise err
+            return sms, {}
+        run, skipped = [], {}
+        for sm in sms:
+            st = self.store.inspect(sm)
+            if st.state == "present":
+                run.append(sm)
+            else:
+                skipped[sm.name] = f"{st.state}: {st.detail}"
+        if not run:
+            raise unavailable_error(self.catalogue, self.store, sms, None) or ModelUnavailableError("no models")
+        return run, skipped
+
+    def segment(self, volume: Volume, roi_subset: Sequence[str] | None = None, fast: bool = False,
+                progress: Progress | None = None) -> SegmentationResult:
+        """Segment ``volume``; labels come back on its exact grid."""
+        if roi_subset is not None:
+            roi_subset = self.catalogue.validate_structures(roi_subset)
+        sms, skipped = self.plan(roi_subset, fast)
+        timings: dict[str, float] = {}
+        steps = len({sm.spacing_mm for sm in sms}) + len(sms) + 1
+        done = 0
+
+        def tick(name: str) -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(name, done, steps)
+
+        prepared: dict[float, PreparedVolume] = {}
+        local_maps: dict[str, np.ndarray] = {}
+        models: dict[str, LoadedModel] = {}
+        for sm in sms:
+            if sm.spacing_mm not in prepared:
+                t = time.perf_counter()
+                prepared[sm.spacing_mm] = prepare(volume, sm.spacing_mm)
+                timings[f"prepare_{sm.spacing_mm:g}mm_s"] = time.perf_counter() - t
+                tick(f"prepare {sm.spacing_mm:g} mm")
+            t = time.perf_counter()
+            models[sm.name] = self.model(sm.name)
+            timings[f"load_{sm.name}_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            local_maps[sm.name] = predict_labels(models[sm.name], prepared[sm.spacing_mm].data, sm.spacing_mm,
+                                                 self.precision)
+            timings[f"predict_{sm.name}_s"] = time.perf_counter() - t
+            tick(f"predict {sm.name}")
+
+        t = time.perf_counter()
+        per_model: dict[str, np.ndarray] = {}
+        structures: dict[int, str] = {}
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        # sub-models at different spacings are merged after each is back on the input grid;
+        # order-0 restoring commutes with the per-voxel merge, so the result is the same
+        for spacing, prep in prepared.items():
+            names = [sm.name for sm in sms if sm.spacing_mm == spacing]
+            merged = merge({n: local_maps[n] for n in names}, {n: models[n] for n in names}, roi_subset,
+                           self.catalogue)
+            for n in names:
+                per_model[n] = to_input_grid(merged.per_model[n], prep)
+            structures.update(merged.structures)
+        for n in sorted(per_model, key=self.catalogue.precedence_rank):
+            np.copyto(labels, per_model[n], where=per_model[n] > 0)
+        timings["merge_restore_s"] = time.perf_counter() - t
+        tick("merge")
+        return SegmentationResult(labels, per_model, dict(sorted(structures.items())),
+                                  np.array(volume.affine, copy=True), timings,
+                                  {n: m.checksum for n, m in models.items()}, skipped, fast)

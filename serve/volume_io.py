@@ -1,0 +1,347 @@
+"""Read an input scan into a 3D float32 array with a RAS+ affine.
+
+NIfTI goes through nibabel, other single-file volumes (.mha, .mhd, .nrrd)
+through SimpleITK, and DICOM series (a folder, or a zip of one) through
+SimpleITK's GDCM series reader. Every reader checks the voxel count from the
+header *before* decoding the data, so a decompression bomb costs nothing, and
+every failure a user can cause becomes a :class:`serve.errors.MrisegError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+import numpy as np
+
+from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
+
+log = logging.getLogger(__name__)
+
+#: 512 x 512 x 1024 voxels: a large whole-body MRI; 1 GiB as float32.
+DEFAULT_MAX_VOXELS: int = int(os.environ.get("MRISEG_MAX_VOXELS", 512 * 512 * 1024))
+#: Bound on what a DICOM zip may expand to.
+DEFAULT_MAX_ZIP_BYTES: int = int(os.environ.get("MRISEG_MAX_ZIP_BYTES", 4 * 1024**3))
+MAX_ZIP_ENTRIES = 20000
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+DICOM_SUFFIXES = (".dcm", ".ima")
+ZIP_SUFFIXES = (".zip",)
+SUPPORTED = NIFTI_SUFFIXES + SITK_SUFFIXES + ZIP_SUFFIXES + DICOM_SUFFIXES
+
+# DICOM/ITK world coordinates are LPS; nibabel's are RAS.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D scan: ``data[i, j, k]`` in on-disk voxel order, ``affine`` maps (i, j, k, 1) to RAS+ mm."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    source_format: str  # "nifti" | "sitk" | "dicom"
+    header: Any = None  # the nibabel header of NIfTI inputs, copied into NIfTI outputs
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k."""
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore
+
+
+def suffix_of(name: str) -> str:
+    """The format suffix of a file name (``.nii.gz`` counts as one suffix)."""
+    low = name.lower()
+    for s in sorted(SUPPORTED, key=len, reverse=True):
+        if low.endswith(s):
+            return s
+    return PurePosixPath(low).suffix
+
+
+# -- validation ----------------------------------------------------------------
+
+def _squeezed_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Drop trailing singleton dimensions beyond the third (one time point, one channel)."""
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def check_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, int, int]:
+    """Validate a header shape before any data is decoded."""
+    sq = _squeezed_shape(shape)
+    if any(s == 0 for s in sq):
+        raise InvalidVolumeError(f"the volume has a zero-size dimension (shape {tuple(shape)}); "
+                                 f"the file holds no image data")
+    if len(sq) > 3:
+        raise InvalidVolumeError(f"the volume is {len(sq)}D with shape {tuple(shape)}; only 3D volumes (or 4D "
+                                 f"with a single time point) can be segmented. Extract one time point first")
+    if len(sq) < 3 or min(sq) == 1:
+        raise InvalidVolumeError(f"the volume has a single slice (shape {tuple(shape)}); a 3D volume with at "
+                                 f"least 2 voxels along every axis is needed")
+    n = int(np.prod(sq, dtype=np.int64))
+    if n > max_voxels:
+        raise VolumeTooLargeError(f"the volume has {n} voxels (shape {sq}), more than the limit of {max_voxels}; "
+                                  f"crop or downsample it first")
+    return sq  # type: ignore[return-value]
+
+
+def check_affine(affine: np.ndarray) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InvalidVolumeError("the volume's voxel-to-world transform is missing or not finite")
+    rzs = affine[:3, :3]
+    if abs(np.linalg.det(rzs)) < 1e-12 or np.linalg.cond(rzs) > 1e8:
+        raise InvalidVolumeError("the volume's voxel-to-world transform is not invertible (a zero voxel size "
+                                 "or degenerate direction cosines); fix the header's spacing/orientation")
+    return affine
+
+
+def check_data(data: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(data)):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise InvalidVolumeError(f"the volume contains {bad} non-finite voxel value(s) (NaN or infinity); "
+                                 f"replace them before segmenting")
+    return data
+
+
+def _finish(data: np.ndarray, affine: np.ndarray, fmt: str, max_voxels: int, header=None) -> Volume:
+    shape = check_shape(data.shape, max_voxels)
+    data = np.asarray(data).reshape(shape)
+    if data.dtype != np.float32:
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = data.astype(np.float32)
+    data = np.ascontiguousarray(data)
+    return Volume(check_data(data), check_affine(affine), fmt, header)
+
+
+# -- NIfTI ----------------------------------------------------------------------
+
+def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        img = nib.load(str(path))
+    except (ImageFileError, nib.spatialimages.HeaderDataError) as e:
+        raise CorruptFileError(f"not a readable NIfTI file ({e}); check that the upload is complete and "
+                               f"really a .nii/.nii.gz") from e
+    except (EOFError, zlib.error, OSError, ValueError) as e:
+        raise CorruptFileError(f"the NIfTI file is truncated or corrupt ({type(e).__name__}: {e})") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise UnsupportedFormatError(f"the file is a {type(img).__name__}, not NIfTI; convert it to NIfTI")
+    check_shape(img.shape, max_voxels)  # header only: nothing decoded yet
+    affine = check_affine(img.affine)
+    try:
+        data = img.get_fdata(dtype=np.float32)
+    except (EOFError, zlib.error, OSError, ValueError) as e:
+        raise CorruptFileError(f"the NIfTI file is truncated or corrupt: its header promises "
+                               f"{tuple(img.shape)} voxels but the data cannot be read ({type(e).__name__})") from e
+    finally:
+        img.uncache()
+    header = img.header.copy()
+    return _finish(data, affine, "nifti", max_voxels, header)
+
+
+# -- SimpleITK (single file and DICOM series) ------------------------------------
+
+def sitk_geometry_to_affine(spacing: Sequence[float], origin: Sequence[float],
+                            direction: Sequence[float]) -> np.ndarray:
+    """A nibabel (RAS+) affine from ITK's LPS spacing/origin/direction (first three dimensions)."""
+    n = int(round(len(direction) ** 0.5))
+    d = np.asarray(direction, dtype=np.float64).reshape(n, n)[:3, :3]
+    aff = np.eye(4)
+    aff[:3, :3] = _LPS_TO_RAS @ d @ np.diag(np.asarray(spacing, dtype=np.float64)[:3])
+    aff[:3, 3] = _LPS_TO_RAS @ np.asarray(origin, dtype=np.float64)[:3]
+    return aff
+
+
+def _sitk_array(image) -> np.ndarray:
+    """SimpleITK's array is (k, j, i); return (i, j, k[, t])."""
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InvalidVolumeError(f"the volume has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                                 f"(e.g. RGB or vector data); a scalar (grey-value) volume is needed")
+    arr = sitk.GetArrayViewFromImage(image)
+    return np.transpose(arr, tuple(range(arr.ndim))[::-1])
+
+
+def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise CorruptFileError(f"cannot read the image header ({_first_line(e)}); the file is corrupt or not "
+                               f"in the format its name says") from e
+    size = reader.GetSize()
+    check_shape(size, max_voxels)
+    if reader.GetNumberOfComponents() != 1:
+        raise InvalidVolumeError(f"the volume has {reader.GetNumberOfComponents()} components per voxel; "
+                                 f"a scalar (grey-value) volume is needed")
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise CorruptFileError(f"the image data cannot be read ({_first_line(e)}); the file is truncated or "
+                               f"corrupt") from e
+    affine = sitk_geometry_to_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    fmt = "dicom" if suffix_of(path.name) in DICOM_SUFFIXES else "sitk"
+    return _finish(_sitk_array(image), affine, fmt, max_voxels)
+
+
+def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """The largest DICOM series in ``folder`` (searched recursively)."""
+    import SimpleITK as sitk
+
+    best: list[str] = []
+    dirs = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
+    for d in dirs:
+        for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), sid)
+            if len(files) > len(best):
+                best = list(files)
+    if not best:
+        raise UnsupportedFormatError("no DICOM series found; give a folder (or a zip) holding the slices of one "
+                                     "series, a NIfTI file (.nii/.nii.gz) or an .mha/.nrrd volume")
+    head = sitk.ImageFileReader()
+    head.SetFileName(best[0])
+    try:
+        head.ReadImageInformation()
+    except RuntimeError as e:
+        raise CorruptFileError(f"cannot read a DICOM header ({_first_line(e)})") from e
+    size = list(head.GetSize())
+    if len(best) > 1:
+        # one slice per file: the number of files is the third dimension
+        size = size[:2] + [len(best) * (size[2] if len(size) > 2 else 1)]
+    check_shape(size, max_voxels)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(best)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise CorruptFileError(f"the DICOM series cannot be decoded ({_first_line(e)})") from e
+    affine = sitk_geometry_to_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    return _finish(_sitk_array(image), affine, "dicom", max_voxels)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # ITK's messages start with file/line noise; the last line says what went wrong
+    return lines[-1][:300] if lines else type(e).__name__
+
+
+# -- zip --------------------------------------------------------------------------
+
+def safe_extract_zip(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_ZIP_BYTES) -> None:
+    """Extract ``path`` into ``dest``, refusing path traversal, links and more than ``max_bytes``."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CorruptFileError(f"not a readable zip archive ({e})") from e
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ZIP_ENTRIES:
+            raise VolumeTooLargeError(f"the zip holds {len(infos)} entries, more than {MAX_ZIP_ENTRIES}")
+        declared = sum(i.file_size for i in infos)
+        if declared > max_bytes:
+            raise VolumeTooLargeError(f"the zip expands to {declared} bytes, more than the limit of {max_bytes}")
+        root = dest.resolve()
+        written = 0
+        for info in infos:
+            name = info.filename.replace("\\", "/")
+            parts = PurePosixPath(name).parts
+            if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
+                raise CorruptFileError(f"the zip contains an unsafe path ({name!r}); archives must only hold "
+                                       f"relative paths inside the archive")
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise CorruptFileError("the zip contains a symbolic link; archives must only hold plain files")
+            if info.is_dir():
+                continue
+            target = (root / name).resolve()
+            if root not in target.parents:
+                raise CorruptFileError(f"the zip contains an unsafe path ({name!r})")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as dst:
+                    # count real bytes: a forged size field must not let a bomb through
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise VolumeTooLargeError(f"the zip expands to more than {max_bytes} bytes")
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                raise CorruptFileError(f"the zip archive is truncated or corrupt ({type(e).__name__})") from e
+
+
+def read_dicom_zip(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    tmp = Path(tempfile.mkdtemp(prefix="mriseg-dcm-"))
+    try:
+        safe_extract_zip(path, tmp)
+        return read_dicom_dir(tmp, max_voxels)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- entry points -------------------------------------------------------------------
+
+def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """Read a NIfTI/.mha/.nrrd file, a DICOM series folder or a zip of one."""
+    path = Path(path)
+    if path.is_dir():
+        return read_dicom_dir(path, max_voxels)
+    if not path.is_file():
+        raise UnsupportedFormatError(f"input {path.name!r} does not exist or is not a file or folder")
+    suffix = suffix_of(path.name)
+    if suffix in NIFTI_SUFFIXES:
+        return read_nifti(path, max_voxels)
+    if suffix in ZIP_SUFFIXES:
+        return read_dicom_zip(path, max_voxels)
+    if suffix in SITK_SUFFIXES or suffix in DICOM_SUFFIXES:
+        return read_sitk_file(path, max_voxels)
+    raise UnsupportedFormatError(f"unsupported file type {suffix or '(none)'!r}; supported: "
+                                 f"{', '.join(SUPPORTED)}, or a DICOM folder")
+
+
+def read_volume_bytes(data: bytes, filename: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """Read an uploaded file; only ``filename``'s suffix is used (never its name, which may hold PHI)."""
+    suffix = suffix_of(filename)
+    if suffix not in SUPPORTED or suffix == ".mhd":
+        raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; upload .nii, .nii.gz, "
+                                     f".mha, .nrrd or a .zip of one DICOM series")
+    if not data:
+        raise CorruptFileError("the upload is empty")
+    fd, name = tempfile.mkstemp(prefix="mriseg-upload-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return read_volume(name, max_voxels)
+    finally:
+        os.unlink(name)
+
+
+def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header=None) -> Path:
+    """Save ``data`` as NIfTI (used for outputs and tests)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine, header)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, str(path))
+    return Path(path)
