@@ -45,6 +45,7 @@ class SegmentationResult:
     models: dict[str, str] = field(default_factory=dict)        # sub-model -> checksum
     unavailable: dict[str, str] = field(default_factory=dict)   # sub-model not run -> why
     fast: bool = False
+    demo: bool = False  # produced by demo models (not for clinical use)
 
     def mask(self, structure: str) -> np.ndarray:
         return MergedSegmentation(self.labels, self.per_model, self.structures).mask(structure)
@@ -66,6 +67,11 @@ def unavailable_error(catalogue: Catalogue, store: ModelStore, sms: Iterable[Sub
         return None
     return ModelUnavailableError("; ".join(problems) + ". Install the weights with 'mriseg models import "
                                  "--totalseg-home DIR' or point --models at a folder/bucket that has them.")
+
+
+def is_demo_model(model: LoadedModel) -> bool:
+    """Demo models say so in their dataset.json description (see serve/demo.py)."""
+    return "demo model" in str(model.dataset_json.get("description", "")).lower()
 
 
 class Segmenter:
@@ -168,4 +174,5 @@ class Segmenter:
         tick("merge")
         return SegmentationResult(labels, per_model, dict(sorted(structures.items())),
                                   np.array(volume.affine, copy=True), timings,
-                                  {n: m.checksum for n, m in models.items()}, skipped, fast)
+                                  {n: m.checksum for n, m in models.items()}, skipped, fast,
+                                  demo=any(is_demo_model(m) for m in models.values()))

@@ -1,0 +1,1 @@
+"""What a segmentation run writes: multilabel NIfTI with a label table, per-structure NIfTIs, statistics, preview."""

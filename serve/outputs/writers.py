@@ -1,0 +1,77 @@
+"""Write a segmentation result to a folder, in TotalSegmentator's layouts.
+
+- ``segmentations.nii.gz``: the 80-label (precedence-merged) map with the XML
+  label table extension (TotalSegmentator's ``--ml`` output);
+- ``segmentations/<structure>.nii.gz``: one binary mask per structure, each
+  whole even where structures overlap (TotalSegmentator's default layout);
+- ``statistics.json`` and ``preview.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from serve.outputs.labeltable import add_label_table
+from serve.outputs.preview import render_preview
+from serve.outputs.statistics import compute_statistics, write_statistics
+
+DEMO_MODEL_NOTICE = "DEMO MODELS - not for clinical use"
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray, header=None):
+    import nibabel as nib
+
+    hdr = None
+    if header is not None and isinstance(header, nib.Nifti1Header):
+        # keep the input's header (as TotalSegmentator does), but as plain uint8 labels
+        hdr = header.copy()
+        hdr.set_data_dtype(np.uint8)
+        hdr.set_slope_inter(1, 0)
+        hdr.extensions.clear()
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.uint8), affine, hdr)
+    if hdr is None:
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    return img
+
+
+def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True, per_structure: bool = False,
+                  statistics: bool = True, preview: bool = True) -> dict[str, Path]:
+    """Write the selected outputs of ``result`` (a SegmentationResult on ``volume``'s grid)."""
+    import nibabel as nib
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    affine = np.asarray(volume.affine)
+    header = getattr(volume, "header", None)
+    if tuple(result.labels.shape) != tuple(volume.data.shape):
+        raise ValueError(f"result shape {result.labels.shape} is not the volume's {volume.data.shape}")
+    written: dict[str, Path] = {}
+    if multilabel:
+        img = add_label_table(_nifti(result.labels, affine, header), result.structures)
+        path = outdir / "segmentations.nii.gz"
+        nib.save(img, str(path))
+        written["multilabel"] = path
+    if per_structure:
+        seg_dir = outdir / "segmentations"
+        seg_dir.mkdir(exist_ok=True)
+        for _, name in sorted(result.structures.items()):
+            path = seg_dir / f"{name}.nii.gz"
+            nib.save(_nifti(result.mask(name), affine, header), str(path))
+        written["per_structure"] = seg_dir
+    if statistics:
+        stats = compute_statistics(result.structures, result.mask, volume.data, affine)
+        written["statistics"] = write_statistics(stats, outdir / "statistics.json")
+    if preview:
+        written["preview"] = render_preview(volume.data, result.labels, affine, result.structures,
+                                            outdir / "preview.png", title=f"mriseg - {DEMO_MODEL_NOTICE}"
+                                            if getattr(result, "demo", False) else "mriseg")
+    meta = {"structures": {str(k): v for k, v in result.structures.items()},
+            "models": getattr(result, "models", {}), "unavailable": getattr(result, "unavailable", {}),
+            "fast": getattr(result, "fast", False), "files": {k: v.name for k, v in written.items()}}
+    (outdir / "mriseg.json").write_text(json.dumps(meta, indent=1))
+    written["metadata"] = outdir / "mriseg.json"
+    return written
