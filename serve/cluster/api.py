@@ -1,0 +1,285 @@
+"""The public HTTP API (FastAPI), versioned under ``/v1``.
+
+Route handlers are thin: they authenticate, parse, and call the
+:class:`~serve.cluster.router.JobService` that the ingress replica installs
+with :func:`install`. Every error is a JSON problem-details document
+(RFC 9457) with the status of the :class:`~serve.errors.MrisegError` behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Awaitable, Callable
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import serve
+from serve.cluster.jobs_state import JobOptions
+from serve.cluster.router import OUTPUT_KINDS, JobService
+from serve.cluster.tenancy import Site
+from serve.errors import (MrisegError, ServiceUnavailableError, UnsupportedFormatError,
+                          VolumeTooLargeError)
+
+log = logging.getLogger(__name__)
+
+PROBLEM_TYPE = "https://github.com/mriseg-serve/problems/"
+RAW_UPLOAD_TYPES = ("application/octet-stream", "application/gzip", "application/x-gzip",
+                    "application/x-nifti", "application/nifti", "application/zip", "application/dicom")
+DEFAULT_OUTPUTS = ["multilabel", "statistics", "preview"]
+
+
+@dataclass
+class _State:
+    service: JobService | None = None
+    readiness: Callable[[], Awaitable[dict]] | None = None
+
+
+_STATE = _State()
+
+
+def install(service: JobService, readiness: Callable[[], Awaitable[dict]]) -> None:
+    """Connect the routes to this process's job service (called by the ingress replica)."""
+    _STATE.service, _STATE.readiness = service, readiness
+
+
+app = FastAPI(
+    title="mriseg-serve",
+    version=getattr(serve, "__version__", "0.1.0"),
+    description="TotalSegmentator MRI's 80 structures from six nnU-Net sub-models on Ray Serve.",
+    openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+)
+
+
+# -- problem details ----------------------------------------------------------
+def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": "5"} if status in (429, 503) else None
+    body = {"type": f"{PROBLEM_TYPE}{status}", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+@app.exception_handler(MrisegError)
+async def _mriseg_error(_request: Request, exc: MrisegError) -> JSONResponse:
+    return problem(exc.status, exc.title, exc.message, retryable=exc.retryable)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+    return problem(422, "Invalid request", "the request does not match the API schema; see 'errors'",
+                   errors=errors)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return problem(exc.status_code, "HTTP error", str(exc.detail))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+    return problem(500, "Internal error", "unexpected server error; the operators have the log")
+
+
+@app.middleware("http")
+async def _observe(request: Request, call_next):
+    t = time.perf_counter()
+    response = await call_next(request)
+    svc = _STATE.service
+    if svc is not None:
+        route = request.scope.get("route")
+        svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
+                                    str(response.status_code)).observe(time.perf_counter() - t)
+    return response
+
+
+# -- dependencies ---------------------------------------------------------------
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <site API key>")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The site's API key")
+
+
+def service() -> JobService:
+    if _STATE.service is None:
+        raise ServiceUnavailableError("the router is starting; retry shortly")
+    return _STATE.service
+
+
+def site(svc: Annotated[JobService, Depends(service)],
+         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+         api_key: Annotated[str | None, Depends(_api_key)]) -> Site:
+    """The authenticated site (401 without a valid key)."""
+    key = bearer.credentials if bearer is not None else api_key
+    return svc.tenancy.authenticate(key)
+
+
+Svc = Annotated[JobService, Depends(service)]
+SiteDep = Annotated[Site, Depends(site)]
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# -- models ---------------------------------------------------------------------
+class SegmentationRequest(BaseModel):
+    """A volume already in the site's S3 prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: str = Field(description="s3://bucket/key of a NIfTI, .mha/.nrrd or DICOM zip inside the site's prefixes",
+                       max_length=2048)
+    roi_subset: list[str] | None = Field(None, description="structures wanted (default: all 80)", max_length=100)
+    fast: bool = Field(False, description="3 mm total_fast model (first 50 structures only)")
+    outputs: list[str] = Field(default_factory=lambda: list(DEFAULT_OUTPUTS),
+                               description=f"any of {list(OUTPUT_KINDS)}")
+    output_prefix: str | None = Field(None, description="s3:// prefix (inside the site's) to copy outputs to",
+                                      max_length=2048)
+
+
+def _job_response(job, status_code: int, response: Response) -> dict:
+    url = f"/v1/segmentations/{job.id}"
+    response.status_code = status_code
+    response.headers["Location"] = url
+    return job.public(result_url=f"{url}/result")
+
+
+async def _finish(svc: JobService, job, wait: bool, response: Response):
+    if not wait:
+        return _job_response(job, 202, response)
+    await svc.wait(job)
+    if job.status == "failed":
+        e = job.error
+        return problem(e["status"], e["title"], e["detail"], retryable=e["retryable"], job_id=job.id)
+    return _job_response(job, 200, response)
+
+
+# -- routes ---------------------------------------------------------------------
+@app.get("/healthz", tags=["health"])
+async def healthz() -> dict:
+    """Liveness: the ingress event loop answers. No authentication."""
+    return {"status": "ok"}
+
+
+@app.get("/readyz", tags=["health"])
+async def readyz() -> JSONResponse:
+    """Ready when the router is up and every sub-model runs or may scale from zero. No authentication."""
+    if _STATE.readiness is None or _STATE.service is None:
+        return problem(503, "Not ready", "the router is starting")
+    report = await _STATE.readiness()
+    if not report["ready"]:
+        return problem(503, "Not ready", report.get("detail", "sub-models not ready"), submodels=report["submodels"])
+    return JSONResponse(report)
+
+
+@app.post("/v1/segmentations", status_code=202, tags=["segmentations"])
+async def create_segmentation(body: SegmentationRequest, svc: Svc, who: SiteDep, response: Response,
+                              wait: bool = Query(False, description="answer when the job has finished")):
+    """Segment a volume from S3. 202 with a job id; ``?wait=true`` answers when done."""
+    opts = JobOptions(body.roi_subset, body.fast, tuple(body.outputs), body.output_prefix)
+    job = svc.submit(who, opts, input_uri=body.input)
+    return await _finish(svc, job, wait, response)
+
+
+@app.post("/v1/segmentations/upload", status_code=202, tags=["segmentations"],
+          openapi_extra={"requestBody": {"content": {
+              "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+              "multipart/form-data": {"schema": {"type": "object", "properties": {
+                  "file": {"type": "string", "format": "binary"}}}}}}})
+async def upload_segmentation(
+        request: Request, svc: Svc, who: SiteDep, response: Response,
+        filename: str = Query("upload.nii.gz", max_length=255,
+                              description="name with the file's suffix (.nii.gz, .nii, .mha, .nrrd, .zip)"),
+        roi_subset: str | None = Query(None, description="comma-separated structure names"),
+        fast: bool = Query(False), outputs: str | None = Query(None, description="comma-separated"),
+        output_prefix: str | None = Query(None, max_length=2048),
+        wait: bool = Query(False)):
+    """Segment an uploaded volume (raw body or multipart ``file``), up to the size limit (413 beyond)."""
+    limit = svc.settings.max_upload_bytes
+    ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + (64 << 10):
+        raise VolumeTooLargeError(f"upload of {int(declared)} bytes exceeds the {limit}-byte limit; "
+                                  f"stage large volumes in S3 and POST /v1/segmentations")
+    opts = JobOptions(_split(roi_subset), fast, tuple(_split(outputs) or DEFAULT_OUTPUTS), output_prefix)
+    svc.validate_options(who, opts)  # fail fast, before reading the body
+    if ctype == "multipart/form-data":
+        data, filename = await _read_multipart(request, limit, filename)
+    elif ctype in RAW_UPLOAD_TYPES:
+        data = await _read_capped(request, limit)
+    else:
+        raise UnsupportedFormatError(f"content type {ctype!r} is not accepted; send the file as "
+                                     f"application/octet-stream or multipart/form-data (field 'file')")
+    if not data:
+        raise MrisegError("the upload is empty")
+    job = svc.submit(who, opts, upload=data, filename=filename)
+    return await _finish(svc, job, wait, response)
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise VolumeTooLargeError(f"upload exceeds the {limit}-byte limit; stage large volumes in S3 "
+                                      f"and POST /v1/segmentations")
+    return bytes(buf)
+
+
+async def _read_multipart(request: Request, limit: int, filename: str) -> tuple[bytes, str]:
+    form = await request.form(max_files=1, max_fields=10)
+    part = form.get("file")
+    if part is None or isinstance(part, str):
+        raise MrisegError("multipart upload needs a file field named 'file'")
+    data = await part.read(limit + 1)
+    await form.close()
+    if len(data) > limit:
+        raise VolumeTooLargeError(f"upload exceeds the {limit}-byte limit")
+    return data, part.filename or filename
+
+
+@app.get("/v1/segmentations/{job_id}", tags=["segmentations"])
+async def get_segmentation(job_id: str, svc: Svc, who: SiteDep) -> dict:
+    """Status, per-stage and per-sub-model timings, result locations."""
+    job = svc.get(who, job_id)
+    return job.public(result_url=f"/v1/segmentations/{job.id}/result")
+
+
+@app.get("/v1/segmentations/{job_id}/result", tags=["segmentations"],
+         responses={200: {"content": {"application/gzip": {}}}})
+async def get_result(job_id: str, svc: Svc, who: SiteDep) -> FileResponse:
+    """The multilabel NIfTI (``segmentation.nii.gz``); 409 until the job has succeeded."""
+    path = svc.result_path(who, job_id)
+    if not path.is_file():
+        raise ServiceUnavailableError("the result file is not on this router replica any more; "
+                                      "read it from the job's output prefix")
+    return FileResponse(path, media_type="application/gzip", filename="segmentation.nii.gz")
+
+
+@app.delete("/v1/segmentations/{job_id}", tags=["segmentations"])
+async def cancel_segmentation(job_id: str, svc: Svc, who: SiteDep) -> dict:
+    """Cancel a queued or running job; 409 if it has already finished."""
+    job = svc.cancel(who, job_id)
+    return job.public()
+
+
+@app.get("/v1/structures", tags=["catalogue"])
+async def structures(svc: Svc, who: SiteDep) -> dict:
+    """The 80 structures, their sub-models and whether each sub-model is available."""
+    avail = await svc.availability()
+    cat = svc.catalogue
+    subs = []
+    for sm in list(cat.submodels) + list(cat.fast_variants):
+        subs.append({"name": sm.name, "task_id": sm.task_id, "spacing_mm": sm.spacing_mm, "licence": sm.licence,
+                     "fast_variant": sm.is_fast_variant, "structures": list(sm.labels), **avail[sm.name]})
+    owner = {n: sm.name for sm in cat.submodels for n in sm.labels}
+    return {"structures": [{"id": gid, "name": name, "submodel": owner[name],
+                            "available": avail[owner[name]]["state"] == "ready"}
+                           for gid, name in cat.structures.items()],
+            "submodels": subs}

@@ -1,0 +1,139 @@
+"""The Serve application: six sub-model deployments behind one ingress.
+
+``serve.cluster.app:build_app`` is a Ray Serve application builder: the
+``args`` of a Serve config file (deployments/*.yaml) arrive here, and the
+per-deployment settings (replicas, autoscaling, CPUs/GPUs) come from the
+same file's ``deployments:`` list, keyed by the stable deployment names
+(``organs``, ``muscles``, ..., ``Router``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray import serve as rayserve
+from ray.serve.handle import DeploymentHandle
+
+from serve.catalogue import load_catalogue
+from serve.cluster.api import app, install
+from serve.cluster.deployments import SubModelDeployment
+from serve.cluster.metrics import IngressMetrics, start_metrics_server
+from serve.cluster.router import JobService, RouterSettings
+from serve.cluster.tenancy import Tenancy
+from serve.errors import MrisegError
+
+log = logging.getLogger(__name__)
+
+DEMO_SOURCE = "demo"
+
+
+def default_submodels() -> list[str]:
+    cat = load_catalogue()
+    return [sm.name for sm in cat.submodels] + [sm.name for sm in cat.fast_variants]
+
+
+@rayserve.deployment(
+    name="Router",
+    ray_actor_options={"num_cpus": 1},
+    num_replicas=1,  # job records live in this replica's memory (durable job state: serve.jobs)
+    max_ongoing_requests=256,
+    health_check_period_s=10,
+)
+@rayserve.ingress(app)
+class Ingress:
+    """HTTP ingress and job router; holds a handle to every sub-model deployment."""
+
+    def __init__(self, submodels: dict[str, DeploymentHandle], settings: dict[str, Any]):
+        self.handles = submodels
+        self.settings = settings
+        tenancy = Tenancy.load(settings.get("tenants_file"))
+        metrics = IngressMetrics()
+        self.service = JobService(tenancy, self._call, self._describe, list(submodels),
+                                  RouterSettings.from_mapping({**(settings.get("router") or {}),
+                                                               "s3": settings.get("s3")}),
+                                  metrics)
+        self.metrics_port = start_metrics_server(metrics, int(settings.get("metrics_port") or 0),
+                                                 settings.get("metrics_host", "0.0.0.0"))
+        self._ready_cache: tuple[float, dict] | None = None
+        install(self.service, self.readiness)
+
+    async def _call(self, name: str, data: Any, spacing_mm: float) -> dict:
+        return await self.handles[name].run.remote(data, spacing_mm)
+
+    async def _describe(self, name: str) -> dict:
+        return await self.handles[name].describe.remote()
+
+    async def readiness(self) -> dict:
+        """Every sub-model deployment healthy (a min_replicas 0 deployment at zero replicas counts as healthy)."""
+        now = time.monotonic()
+        if self._ready_cache and now - self._ready_cache[0] < 1.0:
+            return self._ready_cache[1]
+        report = await asyncio.to_thread(_deployment_report, list(self.handles))
+        self._ready_cache = (now, report)
+        return report
+
+    def check_health(self) -> None:
+        if self.service is None:
+            raise RuntimeError("job service missing")
+
+
+def _deployment_report(names: list[str]) -> dict:
+    app_name = rayserve.get_replica_context().app_name
+    status = rayserve.status().applications.get(app_name)
+    deployments = status.deployments if status else {}
+    out, ready = {}, True
+    for n in names:
+        d = deployments.get(n)
+        state = str(d.status.value if hasattr(d.status, "value") else d.status) if d else "MISSING"
+        out[n] = state
+        ready &= state == "HEALTHY"
+    return {"ready": ready, "submodels": out,
+            "detail": "" if ready else "sub-model deployments not healthy: " +
+            ", ".join(f"{k}={v}" for k, v in out.items() if v != "HEALTHY")}
+
+
+def _resolve_sources(sources: list[str]) -> list[str]:
+    out = []
+    for s in sources:
+        if s == DEMO_SOURCE:
+            from serve.demo import ensure_demo_models
+
+            out.append(str(ensure_demo_models()))
+        else:
+            out.append(str(s))
+    return out
+
+
+def build_app(args: dict[str, Any]) -> rayserve.Application:
+    """Application builder for ``serve run serve.cluster.app:build_app`` and Serve config files.
+
+    args: ``model_sources`` (dirs, s3:// URIs or "demo"), ``model_cache_dir``, ``s3``,
+    ``submodels`` (names to deploy; default all six + total_fast), ``submodel_settings``
+    (device, threads, precision, gpu_memory_fraction, tile_step_size), ``tenants_file``,
+    ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
+    ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options).
+    """
+    args = dict(args or {})
+    known = {"model_sources", "model_cache_dir", "s3", "submodels", "submodel_settings", "tenants_file",
+             "router", "metrics_port", "metrics_host", "deployment_options"}
+    unknown = set(args) - known
+    if unknown:
+        raise MrisegError(f"unknown app arg(s) {sorted(unknown)}; known: {sorted(known)}")
+    sources = _resolve_sources(list(args.get("model_sources") or [DEMO_SOURCE]))
+    names = list(args.get("submodels") or default_submodels())
+    cat = load_catalogue()
+    for n in names:
+        cat.submodel(n)  # KeyError names the bad entry
+    common = {**(args.get("submodel_settings") or {}), "model_sources": sources,
+              "model_cache_dir": args.get("model_cache_dir"), "s3": args.get("s3")}
+    # Serve config files set these per deployment in their `deployments:` list (which wins);
+    # `deployment_options` does the same for Python callers (`mriseg up`, tests).
+    opts = args.get("deployment_options") or {}
+    bound = {n: SubModelDeployment.options(name=n, **{**opts.get("submodel_defaults", {}), **opts.get(n, {})})
+             .bind(n, common) for n in names}
+    ingress_settings = {k: args.get(k) for k in ("tenants_file", "router", "metrics_port", "metrics_host", "s3")
+                        if args.get(k) is not None}
+    return Ingress.options(**opts.get("Router", {})).bind(bound, ingress_settings)

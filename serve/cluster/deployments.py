@@ -1,0 +1,212 @@
+"""One nnU-Net sub-model as a Ray Serve deployment.
+
+The app binds :class:`SubModelDeployment` once per sub-model with
+``.options(name=<sub-model>)``; each binding scales on its own. The class is
+a thin shell over :class:`SubModelRunner`, plain code that loads the model
+from the store, warms it up and predicts.
+
+A model missing from every store source leaves the replica *unavailable*
+(healthy, answers 409 on use, shown in ``/v1/structures``): TotalSegmentator
+ships some sub-models under a restricted licence, so a site may lack them.
+A model that is present but cannot load or run fails the health check, so
+Ray replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ray import serve as rayserve
+
+from serve.catalogue import load_catalogue
+from serve.errors import ModelUnavailableError, MrisegError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SubModelSettings:
+    """What a sub-model replica needs; built from the app args."""
+
+    submodel: str
+    model_sources: list[str]
+    model_cache_dir: str | None = None
+    s3: dict | None = None
+    device: str = "auto"
+    threads: int = 1
+    gpu_memory_fraction: float | None = None
+    tile_step_size: float | None = None
+    precision: str = "fp32"
+    warmup_shape: tuple[int, int, int] = (32, 32, 32)
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, submodel: str, d: dict) -> "SubModelSettings":
+        known = {f.name for f in dataclasses.fields(cls)} - {"submodel", "extra"}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "warmup_shape" in kw:
+            kw["warmup_shape"] = tuple(int(x) for x in kw["warmup_shape"])
+        return cls(submodel=submodel, **kw)
+
+
+def cap_gpu_memory(fraction: float | None) -> bool:
+    """Cap this process's share of GPU memory, so fractional replicas cannot starve each other."""
+    if not fraction:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.set_per_process_memory_fraction(float(fraction), device=0)
+    return True
+
+
+class SubModelRunner:
+    """Loads one sub-model and predicts with it; no Ray inside."""
+
+    def __init__(self, settings: SubModelSettings):
+        from serve.modelload import configure_threads
+        from serve.modelstore import ModelStore
+        from serve.s3client import S3Settings
+
+        self.settings = settings
+        self.sm = load_catalogue().submodel(settings.submodel)
+        configure_threads(settings.threads)
+        cap_gpu_memory(settings.gpu_memory_fraction)
+        store = ModelStore(settings.model_sources, settings.model_cache_dir,
+                           S3Settings.from_mapping(settings.s3) if settings.s3 else None)
+        self.model = None
+        self.state, self.detail = "unavailable", ""
+        self.calls = 0
+        st = store.inspect(self.sm)
+        if st.state == "missing":
+            self.detail = st.detail
+            log.warning("sub-model %s not installed; replica answers 409 until it is", self.sm.name)
+            return
+        from serve.modelload import load_model
+
+        try:
+            self.model = load_model(store.locate(self.sm), self.sm, device=settings.device,
+                                    tile_step_size=settings.tile_step_size)
+            self._warm_up()
+        except Exception as e:  # noqa: BLE001 - recorded; check_health reports it
+            self.state, self.detail = "broken", f"{type(e).__name__}: {e}"
+            log.error("sub-model %s failed to load: %s", self.sm.name, self.detail)
+            return
+        self.state = "ready"
+
+    def _warm_up(self) -> None:
+        rng = np.random.default_rng(0)
+        self.predict(rng.standard_normal(self.settings.warmup_shape).astype(np.float32), self.sm.spacing_mm,
+                     count=False)
+
+    def predict(self, data: np.ndarray, spacing_mm: float, count: bool = True) -> np.ndarray:
+        """Local label ids for ``data`` (x, y, z) at ``spacing_mm``."""
+        from serve.predict import predict_labels
+
+        if self.model is None:
+            raise ModelUnavailableError(
+                f"sub-model {self.sm.name} (Dataset{self.sm.task_id}) is not installed on this cluster: "
+                f"{self.detail}")
+        if count:
+            self.calls += 1
+        return predict_labels(self.model, data, spacing_mm, precision=self.settings.precision)
+
+    def check_health(self) -> None:
+        if self.state == "broken":
+            raise RuntimeError(f"sub-model {self.sm.name} is unusable: {self.detail}")
+
+    def describe(self) -> dict[str, Any]:
+        """State plus the model's metadata without its network (what the router needs to merge)."""
+        model = dataclasses.replace(self.model, predictor=None) if self.model is not None else None
+        return {"submodel": self.sm.name, "state": self.state, "detail": self.detail, "model": model,
+                "checksum": self.model.checksum if self.model is not None else None}
+
+
+def _resolve(data: Any) -> np.ndarray:
+    """An ndarray, an ObjectRef, or an ObjectRef wrapped in a list (so Serve does not resolve it early)."""
+    import ray
+
+    if isinstance(data, (list, tuple)) and len(data) == 1:
+        data = data[0]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)  # zero-copy, read-only view of the shared array
+    if not isinstance(data, np.ndarray):
+        raise MrisegError(f"expected an array or ObjectRef, got {type(data).__name__}")
+    return data
+
+
+@rayserve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=4,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+)
+class SubModelDeployment:
+    """Serve shell around :class:`SubModelRunner`. Bound once per sub-model."""
+
+    def __init__(self, submodel: str, settings: dict | None = None):
+        from serve.cluster.metrics import ReplicaMetrics
+
+        self.runner = SubModelRunner(SubModelSettings.from_mapping(submodel, settings or {}))
+        self.metrics = ReplicaMetrics(submodel)
+        # One inference at a time per replica: torch already uses every thread it is given;
+        # further requests wait here (bounded by max_ongoing_requests).
+        self._compute = asyncio.Semaphore(1)
+        self._in_flight = 0
+
+    def reconfigure(self, user_config: dict) -> None:
+        """``user_config`` from the Serve config: ``gpu_memory_fraction``, ``threads``."""
+        from serve.modelload import configure_threads
+
+        if user_config.get("gpu_memory_fraction"):
+            cap_gpu_memory(user_config["gpu_memory_fraction"])
+        if user_config.get("threads"):
+            configure_threads(int(user_config["threads"]))
+
+    async def run(self, data: Any, spacing_mm: float) -> dict[str, Any]:
+        """Predict and report when the computation ran (epoch seconds) and where."""
+        import ray
+
+        self._in_flight += 1
+        self.metrics.set_in_flight(self._in_flight)
+        try:
+            async with self._compute:
+                arr = _resolve(data)
+                started = time.time()
+                try:
+                    labels = await asyncio.to_thread(self.runner.predict, arr, float(spacing_mm))
+                except Exception as e:
+                    self.metrics.error(e)
+                    raise
+                finished = time.time()
+        finally:
+            self._in_flight -= 1
+            self.metrics.set_in_flight(self._in_flight)
+        self.metrics.observe(finished - started, int(arr.size))
+        return {"labels": labels, "started": started, "finished": finished, "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    async def predict(self, data: Any, spacing_mm: float) -> np.ndarray:
+        """Local label ids (uint8), same shape as the input array."""
+        return (await self.run(data, spacing_mm))["labels"]
+
+    def describe(self) -> dict[str, Any]:
+        return self.runner.describe()
+
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        return {"calls": self.runner.calls, "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def check_health(self) -> None:
+        self.runner.check_health()

@@ -1,0 +1,391 @@
+"""Runs segmentation jobs across the sub-model deployments.
+
+One job: stage the input, preprocess once per spacing, ``ray.put`` the array
+once and hand the same ObjectRef to every sub-model it needs (in parallel),
+merge, return to the input grid, write outputs. CPU-heavy steps run in
+worker threads so the ingress event loop keeps answering health and status
+calls. Jobs from different sites share the slots fairly
+(:class:`~serve.cluster.scheduler.FairScheduler`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping
+
+import numpy as np
+
+from serve.catalogue import Catalogue, SubModel, load_catalogue
+from serve.cluster.jobs_state import Job, JobOptions
+from serve.cluster.metrics import IngressMetrics
+from serve.cluster.scheduler import FairScheduler
+from serve.cluster.tenancy import Site, Tenancy
+from serve.errors import (ConflictError, ModelUnavailableError, MrisegError, NotFoundError,
+                          ServiceUnavailableError)
+
+log = logging.getLogger(__name__)
+
+OUTPUT_KINDS = ("multilabel", "per_structure", "statistics", "preview")
+
+
+@dataclass
+class RouterSettings:
+    results_dir: str = "/tmp/mriseg-results"
+    slots: int = 4                       # jobs holding sub-model calls at once (all sites)
+    max_upload_bytes: int = 256 << 20
+    max_voxels: int | None = None        # None: serve.volume_io's default
+    submodel_retries: int = 1            # re-sends after a replica died mid-call
+    max_jobs_kept: int = 10_000
+    s3: dict | None = None
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> "RouterSettings":
+        d = dict(d or {})
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# A sub-model call: (name, [ObjectRef], spacing) -> {"labels", "started", "finished", ...}
+SubModelCall = Callable[[str, Any, float], Awaitable[dict]]
+Describe = Callable[[str], Awaitable[dict]]
+
+
+def _is_replica_failure(exc: BaseException) -> bool:
+    """Ray errors meaning the replica or its actor went away (worth one retry, then 503)."""
+    from ray import exceptions as rex
+
+    kinds = tuple(k for k in (getattr(rex, n, None) for n in (
+        "ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError",
+        "NodeDiedError", "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError")) if k)
+    try:
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        kinds += (DeploymentUnavailableError,)
+    except ImportError:  # pragma: no cover - older Ray
+        pass
+    return isinstance(exc, kinds)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task error, where there is one."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, MrisegError):
+        return cause
+    return exc
+
+
+class JobService:
+    """Jobs, their scheduling and their execution; the HTTP layer calls only this."""
+
+    def __init__(self, tenancy: Tenancy, call: SubModelCall, describe: Describe,
+                 deployed: list[str], settings: RouterSettings | None = None,
+                 metrics: IngressMetrics | None = None, catalogue: Catalogue | None = None,
+                 put: Callable[[np.ndarray], Any] | None = None):
+        self.tenancy = tenancy
+        self.settings = settings or RouterSettings()
+        self.catalogue = catalogue or load_catalogue()
+        self.metrics = metrics or IngressMetrics()
+        self.deployed = list(deployed)
+        self._call, self._describe = call, describe
+        self._put = put or _ray_put
+        self._descriptions: dict[str, dict] = {}
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.scheduler = FairScheduler(self.settings.slots, self._site_limit)
+        self._futures: dict[str, asyncio.Future] = {}
+        self._seq = 0
+        Path(self.settings.results_dir).mkdir(parents=True, exist_ok=True)
+
+    def _site_limit(self, site: str) -> int:
+        return self.tenancy.sites[site].max_concurrent_jobs
+
+    # -- submission ---------------------------------------------------------
+    def validate_options(self, site: Site, options: JobOptions) -> JobOptions:
+        """400 on unknown structures/outputs, 403 on an output prefix outside the site's."""
+        if options.roi_subset is not None:
+            options.roi_subset = self.catalogue.validate_structures(options.roi_subset)
+        self.catalogue.plan(options.roi_subset, options.fast)
+        bad = [o for o in options.outputs if o not in OUTPUT_KINDS]
+        if bad:
+            raise MrisegError(f"unknown output(s) {bad}; choose from {list(OUTPUT_KINDS)}")
+        if options.output_prefix:
+            self.tenancy.check_access(site, options.output_prefix, "write")
+        return options
+
+    def submit(self, site: Site, options: JobOptions, *, input_uri: str | None = None,
+               upload: bytes | None = None, filename: str = "upload.nii.gz") -> Job:
+        """Queue a job; raises 403/400/429 before anything is queued."""
+        options = self.validate_options(site, options)
+        if input_uri is not None:
+            self.tenancy.check_access(site, input_uri, "read")
+        elif upload is None:
+            raise MrisegError("a job needs an s3:// input or an uploaded volume")
+        job = Job(site=site.name, options=options, input_uri=input_uri)
+        fut = self.scheduler.submit(site.name, job.id, lambda: self._execute(job, upload, filename))
+        self._futures[job.id] = fut
+        fut.add_done_callback(lambda f, j=job: self._settled(j, f))
+        self._remember(job)
+        self._update_gauges()
+        return job
+
+    async def wait(self, job: Job) -> Job:
+        """Wait until the job is settled (its own outcome is on the job, never raised here)."""
+        fut = self._futures.get(job.id)
+        if fut is not None:
+            # asyncio.wait never cancels what it waits for: a client hanging up leaves the job running
+            await asyncio.wait([fut])
+            self._settled(job, fut)
+        return job
+
+    def get(self, site: Site, job_id: str) -> Job:
+        """The job, if it belongs to ``site``; another site's job is indistinguishable from none (404)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.site != site.name:
+            raise NotFoundError(f"no segmentation job {job_id} for site {site.name}")
+        return job
+
+    def cancel(self, site: Site, job_id: str) -> Job:
+        job = self.get(site, job_id)
+        if job.done:
+            raise ConflictError(f"job {job_id} already {job.status}; nothing to cancel")
+        self.scheduler.cancel(job_id)
+        job.status, job.finished = "cancelled", time.time()
+        return job
+
+    def result_path(self, site: Site, job_id: str) -> Path:
+        job = self.get(site, job_id)
+        if job.status != "succeeded":
+            raise ConflictError(f"job {job_id} is {job.status}; the result exists once it has succeeded")
+        path = job.outputs.get("multilabel")
+        if not path:
+            raise NotFoundError(f"job {job_id} was run without the multilabel output")
+        return Path(path)
+
+    # -- availability -------------------------------------------------------
+    async def describe(self, name: str) -> dict:
+        """What a sub-model deployment reports about its model (cached once ready)."""
+        if name not in self.deployed:
+            return {"submodel": name, "state": "unavailable", "detail": "not deployed on this cluster",
+                    "model": None}
+        d = self._descriptions.get(name)
+        if d is None:
+            d = await self._describe(name)
+            if d["state"] == "ready":
+                self._descriptions[name] = d
+        return d
+
+    async def availability(self) -> dict[str, dict]:
+        names = [sm.name for sm in list(self.catalogue.submodels) + list(self.catalogue.fast_variants)]
+        descs = await asyncio.gather(*(self.describe(n) for n in names), return_exceptions=True)
+        out = {}
+        for n, d in zip(names, descs):
+            if isinstance(d, BaseException):
+                out[n] = {"state": "unreachable", "detail": type(d).__name__}
+            else:
+                out[n] = {"state": d["state"], "detail": d.get("detail", ""), "checksum": d.get("checksum")}
+        return out
+
+    async def _plan(self, job: Job) -> tuple[list[SubModel], dict[str, dict], dict[str, str]]:
+        """Sub-models to call and their metadata; like Segmenter.plan, explicit requests need every model."""
+        opts = job.options
+        sms = self.catalogue.plan(opts.roi_subset, opts.fast)
+        descs = await asyncio.gather(*(self.describe(sm.name) for sm in sms))
+        run, skipped, problems = [], {}, []
+        for sm, d in zip(sms, descs):
+            if d["state"] == "ready":
+                run.append(sm)
+            elif opts.roi_subset is None and not opts.fast:
+                skipped[sm.name] = f"{d['state']}: {d.get('detail', '')}"
+            else:
+                problems.append(f"sub-model {sm.name} (Dataset{sm.task_id}, {sm.licence} licence) is "
+                                f"{d['state']}: {d.get('detail', '')}")
+        if problems or not run:
+            raise ModelUnavailableError("; ".join(problems or ["no sub-model is available"]) +
+                                        ". Ask the operators to install the weights.")
+        return run, {sm.name: d for sm, d in zip(sms, descs) if sm in run}, skipped
+
+    # -- execution ----------------------------------------------------------
+    async def _execute(self, job: Job, upload: bytes | None, filename: str) -> Job:
+        from serve.preprocess import prepare
+        from serve.volume_io import read_volume_bytes
+
+        job.status, job.started, job.start_seq = "running", time.time(), self._seq
+        self._seq += 1
+        self._update_gauges()
+        t0 = time.perf_counter()
+
+        async def stage(name: str, fn, *args):
+            t = time.perf_counter()
+            out = await asyncio.to_thread(fn, *args)
+            job.timings[name] = time.perf_counter() - t
+            self.metrics.stage_seconds.labels(name.removesuffix("_s")).observe(job.timings[name])
+            return out
+
+        if upload is None:
+            upload, filename = await stage("stage_in_s", self._download, job.input_uri)
+        self.metrics.bytes_staged.labels("in").inc(len(upload))
+        kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
+        volume = await stage("decode_s", lambda: read_volume_bytes(upload, filename, **kw))
+        del upload
+        sms, descs, skipped = await self._plan(job)
+        job.unavailable = skipped
+        models = {n: d["model"] for n, d in descs.items()}
+
+        prepared, refs = {}, {}
+        for spacing in sorted({sm.spacing_mm for sm in sms}):
+            prepared[spacing] = await stage(f"prepare_{spacing:g}mm_s", prepare, volume, spacing)
+            # One copy into the object store, shared by every sub-model at this spacing.
+            refs[spacing] = self._put(prepared[spacing].data)
+
+        t = time.perf_counter()
+        results = await asyncio.gather(*(self._call_with_retry(job, sm, refs[sm.spacing_mm]) for sm in sms),
+                                       return_exceptions=True)
+        job.timings["submodels_s"] = time.perf_counter() - t
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        local_maps = {sm.name: r["labels"] for sm, r in zip(sms, results)}
+        merged = await stage("merge_restore_s", self._merge_restore, volume, sms, prepared, local_maps, models,
+                             job.options.roi_subset)
+        labels, per_model, structures = merged
+        job.structures = structures
+        outdir = Path(self.settings.results_dir) / job.site / job.id
+        job.outputs = await stage("write_s", self._write, job, volume, labels, per_model, structures, outdir,
+                                  {n: m.checksum for n, m in models.items()})
+        job.timings["total_s"] = time.perf_counter() - t0
+        self.metrics.volumes.labels(job.site).inc()
+        self.metrics.voxels.labels(job.site).inc(int(np.prod(volume.data.shape)))
+        return job
+
+    async def _call_with_retry(self, job: Job, sm: SubModel, ref: Any) -> dict:
+        attempts = self.settings.submodel_retries + 1
+        for attempt in range(attempts):
+            t = time.perf_counter()
+            try:
+                r = await self._call(sm.name, [ref], sm.spacing_mm)
+            except Exception as e:  # noqa: BLE001 - sorted below
+                inner = _unwrap(e)
+                if isinstance(inner, MrisegError):
+                    raise inner from None
+                if _is_replica_failure(e):
+                    log.warning("sub-model %s replica failed mid-call (%s), attempt %d/%d",
+                                sm.name, type(e).__name__, attempt + 1, attempts)
+                    if attempt + 1 < attempts:
+                        continue
+                    raise ServiceUnavailableError(
+                        f"sub-model {sm.name} failed during the request ({type(e).__name__}); "
+                        f"the job can be resubmitted as is") from e
+                raise
+            seconds = time.perf_counter() - t
+            self.metrics.submodel_seconds.labels(sm.name).observe(seconds)
+            job.submodels[sm.name] = {"seconds": seconds, "started": r["started"], "finished": r["finished"],
+                                      "compute_s": r["finished"] - r["started"], "attempts": attempt + 1,
+                                      "pid": r.get("pid"), "gpu_ids": r.get("gpu_ids", [])}
+            return r
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _merge_restore(self, volume, sms, prepared, local_maps, models, roi_subset):
+        """Exactly the in-process Segmenter's merge: per spacing, merge, back to the input grid, precedence."""
+        from serve.merge import merge
+        from serve.restore import to_input_grid
+
+        per_model: dict[str, np.ndarray] = {}
+        structures: dict[int, str] = {}
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        for spacing, prep in prepared.items():
+            names = [sm.name for sm in sms if sm.spacing_mm == spacing]
+            merged = merge({n: local_maps[n] for n in names}, {n: models[n] for n in names}, roi_subset,
+                           self.catalogue)
+            for n in names:
+                per_model[n] = to_input_grid(merged.per_model[n], prep)
+            structures.update(merged.structures)
+        for n in sorted(per_model, key=self.catalogue.precedence_rank):
+            np.copyto(labels, per_model[n], where=per_model[n] > 0)
+        return labels, per_model, dict(sorted(structures.items()))
+
+    def _write(self, job: Job, volume, labels, per_model, structures, outdir: Path,
+               checksums: dict[str, str]) -> dict[str, str]:
+        from serve.pipeline import SegmentationResult
+
+        result = SegmentationResult(labels, per_model, structures, np.array(volume.affine, copy=True),
+                                    dict(job.timings), checksums, dict(job.unavailable), job.options.fast)
+        outputs = write_result(result, volume, outdir, job.options.outputs)
+        if job.options.output_prefix:
+            outputs.update(self._upload(outdir, job.options.output_prefix))
+        return outputs
+
+    def _download(self, uri: str) -> tuple[bytes, str]:
+        try:
+            from serve import staging
+        except ImportError as e:
+            raise ServiceUnavailableError("S3 staging is not installed on this cluster; upload the volume "
+                                          "to /v1/segmentations/upload instead") from e
+        data = staging.download_bytes(uri, max_bytes=self.settings.max_upload_bytes, settings=self.settings.s3)
+        return data, uri.rsplit("/", 1)[-1]
+
+    def _upload(self, outdir: Path, prefix: str) -> dict[str, str]:
+        try:
+            from serve import staging
+        except ImportError as e:
+            raise ServiceUnavailableError("S3 staging is not installed on this cluster") from e
+        uploaded = staging.upload_dir(outdir, prefix, settings=self.settings.s3)
+        self.metrics.bytes_staged.labels("out").inc(sum(p.stat().st_size for p in outdir.rglob("*") if p.is_file()))
+        return {f"s3:{k}": v for k, v in uploaded.items()}
+
+    # -- bookkeeping --------------------------------------------------------
+    def _settled(self, job: Job, fut: asyncio.Future) -> None:
+        if self._futures.pop(job.id, None) is None:
+            return  # already recorded
+        if fut.cancelled():
+            if job.status != "cancelled":
+                job.status, job.finished = "cancelled", time.time()
+        elif fut.exception() is not None:
+            exc = fut.exception()
+            job.fail(exc)
+            status = job.error["status"]
+            self.metrics.error(exc, job.site, status)
+            if status >= 500:
+                log.error("job %s failed: %s", job.id, type(exc).__name__, exc_info=exc)
+            else:
+                log.info("job %s failed with %d %s", job.id, status, job.error["title"])
+        else:
+            job.status, job.finished = "succeeded", time.time()
+        self.metrics.job_seconds.labels(job.site, job.status).observe((job.finished or time.time()) - job.created)
+        self._update_gauges()
+
+    def _remember(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        while len(self.jobs) > self.settings.max_jobs_kept:
+            old_id, old = next(iter(self.jobs.items()))
+            if not old.done:
+                break
+            self.jobs.pop(old_id)
+            shutil.rmtree(Path(self.settings.results_dir) / old.site / old.id, ignore_errors=True)
+
+    def _update_gauges(self) -> None:
+        st = self.scheduler.stats()
+        self.metrics.running.set(st.running)
+        for site in self.tenancy.sites:
+            self.metrics.queue_depth.labels(site).set(st.queued.get(site, 0))
+
+
+def write_result(result, volume, outdir: Path, outputs) -> dict[str, str]:
+    """serve.outputs' writers, with the output kinds named as the API names them."""
+    from serve.outputs.writers import write_outputs
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = write_outputs(result, volume, outdir, multilabel="multilabel" in outputs,
+                            per_structure="per_structure" in outputs, statistics="statistics" in outputs,
+                            preview="preview" in outputs)
+    return {str(k): str(v) for k, v in written.items()}
+
+
+def _ray_put(arr: np.ndarray):
+    import ray
+
+    return ray.put(arr)

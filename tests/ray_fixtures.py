@@ -1,0 +1,200 @@
+"""Real local Ray clusters with the mriseg Serve app, for tests/test_cluster_*.py.
+
+One shared stack per test session (tiny random-init nnU-Net models, one
+declared GPU shared by six 0.16-GPU sub-model replicas). Tests that kill
+things take :func:`isolated_ray`, which stops the shared stack first (one
+driver holds one Ray connection) and lets the next shared test restart it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SITE_KEYS = {"site-a": "key-site-a-0123456789abcdef", "site-b": "key-site-b-0123456789abcdef",
+             "site-c": "key-site-c-0123456789abcdef"}
+BUCKET = "consortium"
+SUBMODELS = ("organs", "muscles", "tissue_types", "thigh_shoulder_muscles", "appendicular_bones", "face")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_models(root: Path, names=SUBMODELS) -> Path:
+    """Random-init nnU-Net v2 folders small enough for CPU tests (patch 32^3, 3 stages)."""
+    from serve.catalogue import load_catalogue
+    from serve.modelfolder import UNetSpec, write_model_folder
+
+    cat = load_catalogue()
+    spec = UNetSpec(features=(4, 8, 16), patch_size=(32, 32, 32))
+    for i, n in enumerate(names):
+        write_model_folder(root, cat.submodel(n), spec, seed=100 + i)
+    return root
+
+
+def write_tenants(path: Path, limits: dict[str, int] | None = None) -> Path:
+    import yaml
+
+    limits = {"site-a": 12, "site-b": 12, "site-c": 1, **(limits or {})}
+    sites = {s: {"keys": [k], "prefixes": [f"s3://{BUCKET}/{s}/"], "max_concurrent_jobs": limits[s]}
+             for s, k in SITE_KEYS.items()}
+    path.write_text(yaml.safe_dump({"sites": sites}))
+    return path
+
+
+def nifti_bytes(shape=(40, 36, 44), spacing=(1.5, 1.5, 1.5), seed: int = 0) -> bytes:
+    """A gzipped NIfTI with a blob-like body, as a site would upload."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    body = (np.sum(grid ** 2, axis=0) < 0.6).astype(np.float32) * 300
+    data = (body + rng.normal(0, 20, shape)).astype(np.float32)
+    img = nib.Nifti1Image(data, np.diag([*spacing, 1.0]))
+    raw = io.BytesIO()
+    img.to_file_map({"image": nib.FileHolder(fileobj=raw), "header": nib.FileHolder(fileobj=raw)})
+    return gzip.compress(raw.getvalue(), compresslevel=1)
+
+
+def auth(site: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {SITE_KEYS[site]}"}
+
+
+@dataclass
+class Stack:
+    """A running Ray cluster with the app deployed."""
+
+    url: str
+    tmp: Path
+    model_dir: Path
+    app_name: str = "mriseg"
+    extra: dict = field(default_factory=dict)
+
+    def client(self, timeout: float = 300):
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+
+def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options: dict,
+                router: dict | None = None, per_model: dict | None = None, tenant_limits=None,
+                submodels=SUBMODELS) -> Stack:
+    import ray
+    from ray import serve as rayserve
+
+    from serve.cluster.app import build_app
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, _temp_dir=ray_tmp,
+             log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1"}})
+    port = free_port()
+    rayserve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "model_sources": [str(model_dir)],
+        "submodels": list(submodels),
+        "submodel_settings": {"threads": 1, "device": "cpu"},
+        "tenants_file": str(write_tenants(tmp / "tenants.yaml", tenant_limits)),
+        "router": {"results_dir": str(tmp / "results"), "slots": 2, "max_upload_bytes": 2 << 20,
+                   **(router or {})},
+        "metrics_port": free_port(),
+        "metrics_host": "127.0.0.1",
+        "deployment_options": {"submodel_defaults": submodel_options, **(per_model or {}),
+                               "Router": {"ray_actor_options": {"num_cpus": 1}}},
+    }
+    rayserve.run(build_app(args), name="mriseg", route_prefix="/", blocking=False)
+    stack = Stack(f"http://127.0.0.1:{port}", tmp, model_dir, extra={"args": args, "ray_tmp": ray_tmp})
+    _wait_ready(stack)
+    return stack
+
+
+def _wait_ready(stack: Stack, timeout: float = 240) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(stack.url + "/readyz", timeout=10)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise RuntimeError(f"stack not ready after {timeout}s: {last}")
+
+
+def stop_stack(stack: Stack | None) -> None:
+    import ray
+    from ray import serve as rayserve
+
+    try:
+        if ray.is_initialized():
+            rayserve.shutdown()
+    finally:
+        ray.shutdown()
+        if stack is not None:
+            shutil.rmtree(stack.extra.get("ray_tmp", ""), ignore_errors=True)
+
+
+class _Shared:
+    stack: Stack | None = None
+    tmp: Path | None = None
+
+    def ensure(self) -> Stack:
+        if self.stack is None:
+            self.tmp = Path(tempfile.mkdtemp(prefix="mriseg-stack-"))
+            models = tiny_models(self.tmp / "models")
+            # One declared GPU packed with six 0.16-GPU replicas: the one-gpu.yaml layout.
+            self.stack = start_stack(self.tmp, models, num_gpus=1,
+                                     submodel_options={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.16},
+                                                       "max_ongoing_requests": 4,
+                                                       "user_config": {"gpu_memory_fraction": 0.16}})
+        return self.stack
+
+    def stop(self) -> None:
+        if self.stack is not None:
+            stop_stack(self.stack)
+            self.stack = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+_SHARED = _Shared()
+
+
+@pytest.fixture(scope="session")
+def _shared_stack_owner():
+    yield _SHARED
+    _SHARED.stop()
+
+
+@pytest.fixture
+def serve_stack(_shared_stack_owner) -> Stack:
+    """The session's shared stack (started on first use, restarted after an isolated test)."""
+    return _shared_stack_owner.ensure()
+
+
+@pytest.fixture
+def isolated_ray(_shared_stack_owner, tmp_path):
+    """Stops the shared stack; the test starts its own with :func:`start_stack` and registers it here."""
+    _shared_stack_owner.stop()
+    holder: dict = {}
+    yield holder
+    stop_stack(holder.get("stack"))
