@@ -1,0 +1,72 @@
+"""Session-wide fixtures of the inference-core tests: tiny nnU-Net model folders and helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve.volume_io import Volume
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """All six sub-models plus the fast one: randomly initialised tiny nnU-Net folders (seeded)."""
+    from serve.demo import write_random_models
+    from serve.modelload import configure_threads
+
+    configure_threads(1)
+    return write_random_models(tmp_path_factory.mktemp("models") / "models")
+
+
+@pytest.fixture(scope="session")
+def segmenter(tiny_models):
+    from serve.modelstore import ModelStore
+    from serve.pipeline import Segmenter
+
+    return Segmenter(ModelStore([tiny_models]), device="cpu", threads=1)
+
+
+def oriented_affine(axcodes: str, spacing, origin=(0.0, 0.0, 0.0), rotation_deg: float = 0.0) -> np.ndarray:
+    """An affine whose voxel axes point along ``axcodes``; ``spacing`` is per voxel axis.
+
+    ``rotation_deg`` tilts the result about the world z axis (an oblique scan).
+    """
+    from nibabel.orientations import axcodes2ornt
+
+    aff = np.eye(4)
+    for i, (ax, flip) in enumerate(axcodes2ornt(axcodes)):
+        aff[int(ax), i] = flip * float(spacing[i])
+    t = np.deg2rad(rotation_deg)
+    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    aff[:3, :3] = rot @ aff[:3, :3]
+    aff[:3, 3] = origin
+    return aff
+
+
+def world_coords(shape, affine) -> np.ndarray:
+    """RAS world coordinates of every voxel centre, shape (3, *shape)."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).reshape(3, -1)
+    return (affine[:3, :3] @ idx + affine[:3, 3:4]).reshape((3, *shape))
+
+
+def body_volume(axcodes: str = "RAS", shape=(40, 36, 24), spacing=(1.3, 1.2, 2.2), rotation_deg: float = 0.0,
+                seed: int = 0, left_bright: bool = True) -> Volume:
+    """A smooth body-like volume defined in world space, so every orientation shows the same object.
+
+    With ``left_bright`` the patient's left half (RAS x < 0) is brighter than the right.
+    """
+    aff = oriented_affine(axcodes, spacing, rotation_deg=rotation_deg)
+    centre = aff[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    aff[:3, 3] = -centre
+    x, y, z = world_coords(shape, aff)
+    r = np.sqrt((x / 22) ** 2 + (y / 18) ** 2)
+    data = np.where(r < 1, 400.0, 20.0)
+    data += 250.0 * np.exp(-(((x + 8) / 5) ** 2 + (y / 5) ** 2 + (z / 8) ** 2))
+    data += 180.0 * np.exp(-(((x - 9) / 4) ** 2 + ((y - 6) / 6) ** 2 + ((z - 5) / 6) ** 2))
+    if left_bright:
+        data += np.where(x < 0, 300.0, 0.0)
+    rng = np.random.default_rng(seed)
+    data += rng.normal(0, 5, size=shape)
+    return Volume(data.astype(np.float32), aff, "nifti")
