@@ -123,7 +123,8 @@ def affine_for(axcodes: str, spacing, shape) -> np.ndarray:
     from nibabel.orientations import axcodes2ornt
 
     ornt = axcodes2ornt(axcodes)
-    aff = np.eye(4)
+    aff = np.zeros((4, 4))
+    aff[3, 3] = 1.0
     for i, (ax, flip) in enumerate(ornt):
         aff[int(ax), i] = flip * float(spacing[int(ax)])
     aff[:3, 3] = -aff[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)

@@ -35,7 +35,8 @@ def oriented_affine(axcodes: str, spacing, origin=(0.0, 0.0, 0.0), rotation_deg:
     """
     from nibabel.orientations import axcodes2ornt
 
-    aff = np.eye(4)
+    aff = np.zeros((4, 4))
+    aff[3, 3] = 1.0
     for i, (ax, flip) in enumerate(axcodes2ornt(axcodes)):
         aff[int(ax), i] = flip * float(spacing[i])
     t = np.deg2rad(rotation_deg)
@@ -52,7 +53,7 @@ def world_coords(shape, affine) -> np.ndarray:
 
 
 def body_volume(axcodes: str = "RAS", shape=(40, 36, 24), spacing=(1.3, 1.2, 2.2), rotation_deg: float = 0.0,
-                seed: int = 0, left_bright: bool = True) -> Volume:
+                seed: int = 0, left_bright: bool = True, noise: float = 5.0) -> Volume:
     """A smooth body-like volume defined in world space, so every orientation shows the same object.
 
     With ``left_bright`` the patient's left half (RAS x < 0) is brighter than the right.
@@ -68,5 +69,5 @@ def body_volume(axcodes: str = "RAS", shape=(40, 36, 24), spacing=(1.3, 1.2, 2.2
     if left_bright:
         data += np.where(x < 0, 300.0, 0.0)
     rng = np.random.default_rng(seed)
-    data += rng.normal(0, 5, size=shape)
+    data += rng.normal(0, noise, size=shape) if noise else 0.0
     return Volume(data.astype(np.float32), aff, "nifti")
