@@ -1,0 +1,299 @@
+"""Reading inputs: every format, and a clear error for every bad input."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
+from serve.volume_io import read_volume, read_volume_bytes, safe_extract_zip, sitk_geometry_to_affine
+from tests.core_fixtures import oriented_affine
+
+
+def nifti(path: Path, data, affine=None, dtype=None) -> Path:
+    affine = np.diag([1.2, 1.3, 2.0, 1.0]) if affine is None else affine
+    img = nib.Nifti1Image(np.asarray(data) if dtype is None else np.asarray(data, dtype=dtype), affine)
+    nib.save(img, str(path))
+    return path
+
+
+def ramp(shape=(12, 10, 8)) -> np.ndarray:
+    return np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+
+
+def sitk_image(arr_ijk: np.ndarray, spacing=(0.9, 1.1, 2.5), origin=(10.0, -20.0, 5.0), direction=None):
+    img = sitk.GetImageFromArray(np.transpose(arr_ijk, (2, 1, 0)).copy())
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
+    return img
+
+
+# -- good inputs ------------------------------------------------------------------------
+
+def test_nifti_gz_and_plain(tmp_path):
+    aff = oriented_affine("LPS", (1.2, 1.3, 2.0), origin=(5, 6, 7), rotation_deg=10)
+    for name in ("a.nii.gz", "a.nii"):
+        vol = read_volume(nifti(tmp_path / name, ramp(), aff, np.int16))
+        assert vol.data.dtype == np.float32 and vol.shape == (12, 10, 8)
+        assert np.array_equal(vol.data, ramp().astype(np.int16))
+        assert np.allclose(vol.affine, aff, atol=1e-5)
+        assert vol.source_format == "nifti"
+
+
+def test_nifti_scaling_is_applied(tmp_path):
+    img = nib.Nifti1Image(ramp().astype(np.int16), np.eye(4))
+    img.header.set_slope_inter(0.5, 10)
+    nib.save(img, str(tmp_path / "s.nii.gz"))
+    vol = read_volume(tmp_path / "s.nii.gz")
+    assert np.allclose(vol.data, ramp() * 0.5 + 10)
+
+
+def test_4d_with_one_time_point_is_squeezed(tmp_path):
+    vol = read_volume(nifti(tmp_path / "t.nii.gz", ramp()[..., None]))
+    assert vol.shape == (12, 10, 8)
+
+
+def test_mha_and_nrrd_affine_is_ras(tmp_path):
+    """SimpleITK's LPS geometry becomes the same RAS affine nibabel reads from the equivalent NIfTI."""
+    t = np.deg2rad(20)
+    direction = (np.cos(t), -np.sin(t), 0, np.sin(t), np.cos(t), 0, 0, 0, -1)
+    img = sitk_image(ramp(), direction=direction)
+    for suffix in (".mha", ".nrrd", ".nii.gz"):
+        sitk.WriteImage(img, str(tmp_path / f"v{suffix}"))
+    ref = nib.load(str(tmp_path / "v.nii.gz"))  # SimpleITK's NIfTI writer does LPS -> RAS itself
+    for suffix in (".mha", ".nrrd"):
+        vol = read_volume(tmp_path / f"v{suffix}")
+        assert vol.source_format == "sitk"
+        assert np.array_equal(vol.data, ramp())
+        assert np.allclose(vol.affine, ref.affine, atol=1e-4), suffix
+        assert nib.aff2axcodes(vol.affine) == nib.aff2axcodes(ref.affine)
+
+
+def test_sitk_geometry_conversion_identity_is_lps():
+    aff = sitk_geometry_to_affine((1, 2, 3), (10, 20, 30), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert nib.aff2axcodes(aff) == ("L", "P", "S")
+    assert np.allclose(aff[:3, 3], [-10, -20, 30])
+
+
+def write_dicom_series(folder: Path, arr_ijk: np.ndarray, spacing=(0.8, 0.9, 2.0), origin=(-50.0, -40.0, 10.0),
+                       direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk_image(arr_ijk.astype(np.int16), spacing, origin, direction)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid, study_uid = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
+    d = direction
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {
+            "0008|0060": "MR", "0020|000d": study_uid, "0020|000e": series_uid,
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in pos), "0020|0013": str(k + 1),
+            "0018|0050": f"{spacing[2]:.4f}", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
+        }.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(sl)
+    return img
+
+
+def test_dicom_folder_and_zip(tmp_path):
+    arr = (ramp((16, 12, 6)) % 500).astype(np.int16)
+    img = write_dicom_series(tmp_path / "series", arr)
+    expected = sitk_geometry_to_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    vol = read_volume(tmp_path / "series")
+    assert vol.source_format == "dicom" and vol.shape == (16, 12, 6)
+    assert np.array_equal(vol.data, arr)
+    assert np.allclose(vol.affine, expected, atol=1e-3)
+    zpath = tmp_path / "series.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted((tmp_path / "series").iterdir()):
+            zf.write(f, f"study/{f.name}")
+    zvol = read_volume(zpath)
+    assert np.array_equal(zvol.data, arr) and np.allclose(zvol.affine, vol.affine)
+    zbytes = read_volume_bytes(zpath.read_bytes(), "upload.zip")
+    assert np.array_equal(zbytes.data, arr)
+
+
+def test_upload_bytes_use_only_the_suffix(tmp_path):
+    p = nifti(tmp_path / "x.nii.gz", ramp())
+    vol = read_volume_bytes(p.read_bytes(), "Doe^John 1970.nii.gz")
+    assert vol.shape == (12, 10, 8)
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+
+def test_true_4d_is_refused(tmp_path):
+    with pytest.raises(InvalidVolumeError, match="only 3D volumes"):
+        read_volume(nifti(tmp_path / "t.nii.gz", np.zeros((8, 8, 8, 3), np.float32)))
+
+
+@pytest.mark.parametrize("shape", [(10, 10, 1), (10, 1, 10), (10, 10), (10, 10, 1, 1)])
+def test_single_slice_is_refused(tmp_path, shape):
+    with pytest.raises(InvalidVolumeError, match="single slice"):
+        read_volume(nifti(tmp_path / "s.nii.gz", np.zeros(shape, np.float32)))
+
+
+def test_single_slice_mha_is_refused(tmp_path):
+    sitk.WriteImage(sitk_image(np.zeros((9, 9, 1), np.float32)), str(tmp_path / "s.mha"))
+    with pytest.raises(InvalidVolumeError, match="single slice"):
+        read_volume(tmp_path / "s.mha")
+
+
+def test_zero_size_dimension_is_refused(tmp_path):
+    p = nifti(tmp_path / "z.nii", np.zeros((4, 4, 4), np.float32))
+    raw = bytearray(p.read_bytes())
+    raw[42:44] = (0).to_bytes(2, "little")  # dim[1] = 0 in the NIfTI-1 header
+    p.write_bytes(bytes(raw))
+    with pytest.raises(InvalidVolumeError, match="zero-size dimension"):
+        read_volume(p)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused(tmp_path, value):
+    data = ramp()
+    data[3, 4, 5] = value
+    with pytest.raises(InvalidVolumeError, match="non-finite"):
+        read_volume(nifti(tmp_path / "n.nii.gz", data))
+
+
+def test_non_invertible_affine_is_refused(tmp_path):
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    aff[:3, 2] = aff[:3, 0]  # third axis parallel to the first
+    with pytest.raises(InvalidVolumeError, match="not invertible"):
+        read_volume(nifti(tmp_path / "a.nii.gz", ramp(), aff))
+
+
+def test_truncated_gzip_is_corrupt(tmp_path):
+    p = nifti(tmp_path / "t.nii.gz", np.random.default_rng(0).normal(size=(30, 30, 30)).astype(np.float32))
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptFileError, match="truncated or corrupt"):
+        read_volume(p)
+
+
+def test_truncated_plain_nifti_is_corrupt(tmp_path):
+    p = nifti(tmp_path / "t.nii", ramp((20, 20, 20)))
+    p.write_bytes(p.read_bytes()[:2000])
+    with pytest.raises(CorruptFileError):
+        read_volume(p)
+
+
+@pytest.mark.parametrize("name,payload", [
+    ("junk.nii.gz", gzip.compress(b"this is not a nifti header" * 20)),
+    ("junk.nii", b"\x00" * 400),
+    ("junk.nii.gz", b"not even gzip" * 40),
+    ("junk.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n"),
+    ("junk.nrrd", b"NOT A NRRD FILE" * 20),
+])
+def test_wrong_magic_or_corrupt_is_refused(tmp_path, name, payload):
+    p = tmp_path / name
+    p.write_bytes(payload)
+    with pytest.raises((CorruptFileError, UnsupportedFormatError)) as ei:
+        read_volume(p)
+    assert "corrupt" in str(ei.value).lower() or "not" in str(ei.value).lower()
+
+
+def test_voxel_limit_is_checked_from_the_header_before_decoding(tmp_path):
+    # the header promises 2000^3 voxels but the file holds almost nothing: a bomb must not be decoded
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2000, 2000, 2000))
+    hdr.set_data_dtype(np.float32)
+    buf = io.BytesIO()
+    hdr.write_to(buf)
+    buf.write(b"\x00" * 4 + b"\x00" * 1024)
+    p = tmp_path / "bomb.nii.gz"
+    p.write_bytes(gzip.compress(buf.getvalue()))
+    with pytest.raises(VolumeTooLargeError, match="more than the limit"):
+        read_volume(p)
+
+
+def test_voxel_limit_is_configurable(tmp_path):
+    p = nifti(tmp_path / "v.nii.gz", ramp())
+    with pytest.raises(VolumeTooLargeError):
+        read_volume(p, max_voxels=100)
+    sitk.WriteImage(sitk_image(ramp()), str(tmp_path / "v.mha"))
+    with pytest.raises(VolumeTooLargeError):
+        read_volume(tmp_path / "v.mha", max_voxels=100)
+
+
+def test_unsupported_and_missing_inputs(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(UnsupportedFormatError, match="unsupported file type"):
+        read_volume(tmp_path / "x.png")
+    with pytest.raises(UnsupportedFormatError, match="does not exist"):
+        read_volume(tmp_path / "missing.nii.gz")
+    with pytest.raises(UnsupportedFormatError, match="unsupported upload type"):
+        read_volume_bytes(b"abc", "scan.exe")
+    with pytest.raises(CorruptFileError, match="empty"):
+        read_volume_bytes(b"", "scan.nii.gz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnsupportedFormatError, match="no DICOM series"):
+        read_volume(tmp_path / "empty")
+
+
+def test_vector_images_are_refused(tmp_path):
+    rgb = sitk.Image([6, 6, 6], sitk.sitkVectorUInt8, 3)
+    sitk.WriteImage(rgb, str(tmp_path / "rgb.mha"))
+    with pytest.raises(InvalidVolumeError, match="components per voxel"):
+        read_volume(tmp_path / "rgb.mha")
+
+
+def test_truncated_mha_is_corrupt(tmp_path):
+    sitk.WriteImage(sitk_image(ramp((20, 20, 20))), str(tmp_path / "t.mha"), False)
+    raw = (tmp_path / "t.mha").read_bytes()
+    (tmp_path / "t.mha").write_bytes(raw[: len(raw) - 5000])
+    with pytest.raises(CorruptFileError):
+        read_volume(tmp_path / "t.mha")
+
+
+# -- zip safety --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../evil.dcm", "/abs/evil.dcm", "a/../../evil.dcm", "C:/evil.dcm"])
+def test_zip_path_traversal_is_refused(tmp_path, name):
+    z = tmp_path / "evil.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr(name, b"x")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(CorruptFileError, match="unsafe path"):
+        safe_extract_zip(z, dest)
+    assert not (tmp_path / "evil.dcm").exists()
+
+
+def test_zip_symlink_is_refused(tmp_path):
+    z = tmp_path / "link.zip"
+    info = zipfile.ZipInfo("link.dcm")
+    info.external_attr = (0o120777 << 16)
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CorruptFileError, match="symbolic link"):
+        safe_extract_zip(z, tmp_path / "out")
+
+
+def test_zip_bomb_is_refused(tmp_path):
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.dcm", b"\x00" * 5_000_000)
+    assert z.stat().st_size < 100_000
+    (tmp_path / "out").mkdir()
+    with pytest.raises(VolumeTooLargeError, match="expands to"):
+        safe_extract_zip(z, tmp_path / "out", max_bytes=1_000_000)
+
+
+def test_corrupt_zip_is_refused(tmp_path):
+    z = tmp_path / "c.zip"
+    z.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(CorruptFileError, match="zip"):
+        read_volume(z)
