@@ -218,8 +218,18 @@ async def upload_segmentation(
                                      f"application/octet-stream or multipart/form-data (field 'file')")
     if not data:
         raise MrisegError("the upload is empty")
+    _check_suffix(filename)
     job = svc.submit(who, opts, upload=data, filename=filename)
     return await _finish(svc, job, wait, response)
+
+
+def _check_suffix(filename: str) -> None:
+    from serve.volume_io import SUPPORTED, suffix_of
+
+    suffix = suffix_of(filename)
+    if suffix not in SUPPORTED or suffix == ".mhd":
+        raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; name the upload "
+                                     f".nii, .nii.gz, .mha, .nrrd or .zip (a DICOM series) via ?filename=")
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:

@@ -107,6 +107,23 @@ def _resolve_sources(sources: list[str]) -> list[str]:
     return out
 
 
+APP_ARGS = {"model_sources", "model_cache_dir", "s3", "submodels", "submodel_settings", "tenants_file",
+            "router", "metrics_port", "metrics_host", "deployment_options"}
+
+
+def validate_args(args: dict[str, Any] | None) -> dict[str, Any]:
+    """Reject unknown app args and sub-model names with a clear message."""
+    args = dict(args or {})
+    unknown = set(args) - APP_ARGS
+    if unknown:
+        raise MrisegError(f"unknown app arg(s) {sorted(unknown)}; known: {sorted(APP_ARGS)}")
+    valid = default_submodels()
+    bad = [n for n in args.get("submodels") or [] if n not in valid]
+    if bad:
+        raise MrisegError(f"unknown sub-model(s) {bad} in args.submodels; valid: {valid}")
+    return args
+
+
 def build_app(args: dict[str, Any]) -> rayserve.Application:
     """Application builder for ``serve run serve.cluster.app:build_app`` and Serve config files.
 
@@ -116,17 +133,9 @@ def build_app(args: dict[str, Any]) -> rayserve.Application:
     ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
     ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options).
     """
-    args = dict(args or {})
-    known = {"model_sources", "model_cache_dir", "s3", "submodels", "submodel_settings", "tenants_file",
-             "router", "metrics_port", "metrics_host", "deployment_options"}
-    unknown = set(args) - known
-    if unknown:
-        raise MrisegError(f"unknown app arg(s) {sorted(unknown)}; known: {sorted(known)}")
+    args = validate_args(args)
     sources = _resolve_sources(list(args.get("model_sources") or [DEMO_SOURCE]))
     names = list(args.get("submodels") or default_submodels())
-    cat = load_catalogue()
-    for n in names:
-        cat.submodel(n)  # KeyError names the bad entry
     common = {**(args.get("submodel_settings") or {}), "model_sources": sources,
               "model_cache_dir": args.get("model_cache_dir"), "s3": args.get("s3")}
     # Serve config files set these per deployment in their `deployments:` list (which wins);

@@ -59,6 +59,7 @@ class Job:
             "options": {"roi_subset": self.options.roi_subset, "fast": self.options.fast,
                         "outputs": list(self.options.outputs), "output_prefix": self.options.output_prefix},
             "created": self.created, "started": self.started, "finished": self.finished,
+            "start_seq": self.start_seq,
             "timings": self.timings, "submodels": self.submodels,
             "structures": {str(k): v for k, v in self.structures.items()},
             "unavailable": self.unavailable,

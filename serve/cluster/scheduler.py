@@ -59,7 +59,11 @@ class FairScheduler:
                 f"retry after one finishes")
         fut = asyncio.get_running_loop().create_future()
         entry = _Entry(job_id, site, fn, fut)
-        self._queues.setdefault(site, deque()).append(entry)
+        if site not in self._queues:
+            # Sites are kept least-recently-served first; a new site has never been served.
+            self._queues[site] = deque()
+            self._queues.move_to_end(site, last=False)
+        self._queues[site].append(entry)
         self._entries[job_id] = entry
         self._active[site] = self._active.get(site, 0) + 1
         self._dispatch()

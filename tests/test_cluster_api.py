@@ -1,0 +1,262 @@
+"""The Serve app on a real local Ray cluster (shared per session): composition, tenancy, errors."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.ray_fixtures import SUBMODELS, auth, nifti_bytes, serve_stack, _shared_stack_owner  # noqa: F401
+
+pytestmark = pytest.mark.ray
+
+RAW = {"content-type": "application/octet-stream"}
+
+
+def upload(client, site, data=None, wait=True, **params):
+    params = {"wait": str(wait).lower(), **{k: v for k, v in params.items() if v is not None}}
+    return client.post("/v1/segmentations/upload", params=params, content=data or nifti_bytes(),
+                       headers={**auth(site), **RAW})
+
+
+def poll(client, site, job_id, timeout=300):
+    """Follow a job until it settles (the loop bound is a safety net, not an assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/v1/segmentations/{job_id}", headers=auth(site)).json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not settle")
+
+
+def result_labels(client, site, job_id) -> np.ndarray:
+    r = client.get(f"/v1/segmentations/{job_id}/result", headers=auth(site))
+    assert r.status_code == 200, r.text
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
+    return np.asarray(img.dataobj)
+
+
+def submodel_calls(name: str) -> int:
+    from ray import serve as rayserve
+
+    return rayserve.get_deployment_handle(name, app_name="mriseg").stats.remote().result()["calls"]
+
+
+def test_one_request_runs_all_six_concurrently_on_one_packed_gpu(serve_stack):
+    import ray
+
+    with serve_stack.client() as c:
+        r = upload(c, "site-a")
+        assert r.status_code == 200, r.text
+        job = r.json()
+    assert set(job["submodels"]) == set(SUBMODELS)
+    windows = job["submodels"].values()
+    # execution windows overlap: every sub-model started before any finished
+    assert max(w["started"] for w in windows) < min(w["finished"] for w in windows)
+    assert len({w["pid"] for w in windows}) == 6
+    # Ray placed all six 0.16-GPU replicas on the single declared GPU
+    assert all(w["gpu_ids"] == ["0"] for w in windows)
+    assert ray.cluster_resources()["GPU"] == 1
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(1 - 6 * 0.16, abs=1e-3)
+    for stage in ("decode_s", "prepare_1.5mm_s", "submodels_s", "merge_restore_s", "write_s", "total_s"):
+        assert stage in job["timings"]
+
+
+@pytest.mark.parametrize("spacing", [(1.5, 1.5, 1.5), (1.2, 1.4, 2.0)])
+def test_merged_output_equals_in_process_segmenter(serve_stack, spacing):
+    from serve.modelstore import ModelStore
+    from serve.pipeline import Segmenter
+    from serve.volume_io import read_volume_bytes
+
+    data = nifti_bytes(shape=(36, 40, 30), spacing=spacing, seed=3)
+    with serve_stack.client() as c:
+        r = upload(c, "site-a", data)
+        assert r.status_code == 200, r.text
+        served = result_labels(c, "site-a", r.json()["id"])
+    seg = Segmenter(ModelStore([serve_stack.model_dir]), device="cpu", threads=1)
+    local = seg.segment(read_volume_bytes(data, "x.nii.gz"))
+    assert served.shape == local.labels.shape
+    np.testing.assert_array_equal(served, local.labels)
+    assert local.labels.any()  # random-init models still label something, so equality is not vacuous
+
+
+def test_roi_subset_calls_only_the_needed_deployments(serve_stack):
+    from serve.catalogue import load_catalogue
+
+    cat = load_catalogue()
+    roi = ["liver", cat.submodel("face").labels[0]]
+    needed = {cat.owner(n).name for n in roi}
+    assert len(needed) == 2
+    before = {n: submodel_calls(n) for n in SUBMODELS}
+    with serve_stack.client() as c:
+        r = upload(c, "site-b", roi_subset=",".join(roi))
+        assert r.status_code == 200, r.text
+        job = r.json()
+        labels = result_labels(c, "site-b", job["id"])
+    after = {n: submodel_calls(n) for n in SUBMODELS}
+    assert {n for n in SUBMODELS if after[n] != before[n]} == needed
+    assert all(after[n] - before[n] == 1 for n in needed)
+    assert set(job["submodels"]) == needed
+    assert set(job["structures"].values()) == set(roi)
+    allowed = {0} | {cat.structure_ids[n] for n in roi}
+    assert set(np.unique(labels).tolist()) <= allowed
+
+
+def test_twenty_concurrent_requests_from_two_sites(serve_stack):
+    data = nifti_bytes(shape=(32, 32, 32), seed=7)
+    with serve_stack.client() as c:
+        ref = upload(c, "site-a", data)
+        assert ref.status_code == 200
+        expected = result_labels(c, "site-a", ref.json()["id"])
+
+        def one(i):
+            site = "site-a" if i % 2 else "site-b"
+            r = upload(c, site, data)
+            return site, r
+
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(one, range(20)))
+        for site, r in results:
+            assert r.status_code == 200, r.text  # limit is 12 per site: none refused
+            body = r.json()
+            assert body["site"] == site and body["status"] == "succeeded"
+            np.testing.assert_array_equal(result_labels(c, site, body["id"]), expected)
+            other = "site-b" if site == "site-a" else "site-a"
+            assert c.get(f"/v1/segmentations/{body['id']}", headers=auth(other)).status_code == 404
+
+
+def test_site_b_starts_before_site_a_flood_drains(serve_stack):
+    data = nifti_bytes(shape=(32, 32, 32), seed=11)
+    with serve_stack.client() as c:
+        flood = []
+        for _ in range(10):
+            r = upload(c, "site-a", data, wait=False)
+            assert r.status_code == 202, r.text
+            flood.append(r.json()["id"])
+        r = upload(c, "site-b", data, wait=False)
+        assert r.status_code == 202
+        b = poll(c, "site-b", r.json()["id"])
+        a = [poll(c, "site-a", j) for j in flood]
+    assert b["status"] == "succeeded" and all(j["status"] == "succeeded" for j in a)
+    # router slots: 2; with FIFO, B would start after all ten of A's
+    assert b["start_seq"] < max(j["start_seq"] for j in a)
+    assert sum(j["start_seq"] > b["start_seq"] for j in a) >= 5
+
+
+def test_healthz_answers_while_the_router_is_busy(serve_stack):
+    data = nifti_bytes(shape=(48, 48, 48), seed=5)
+    with serve_stack.client() as c:
+        ids = [upload(c, "site-b", data, wait=False).json()["id"] for _ in range(4)]
+        statuses = []
+        for _ in range(5):
+            assert c.get("/healthz").json() == {"status": "ok"}
+            statuses.append(c.get(f"/v1/segmentations/{ids[-1]}", headers=auth("site-b")).json()["status"])
+        assert any(s in ("queued", "running") for s in statuses)  # the probes overlapped real work
+        assert all(poll(c, "site-b", j)["status"] == "succeeded" for j in ids)
+
+
+def test_structures_readiness_openapi_and_metrics(serve_stack):
+    import httpx
+
+    with serve_stack.client() as c:
+        s = c.get("/v1/structures", headers=auth("site-a")).json()
+        assert len(s["structures"]) == 80
+        avail = {m["name"]: m["state"] for m in s["submodels"]}
+        assert all(avail[n] == "ready" for n in SUBMODELS)
+        assert avail["total_fast"] == "unavailable"  # not deployed in this stack
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ready"]
+        spec = c.get("/v1/openapi.json").json()
+        assert {"/v1/segmentations", "/v1/segmentations/upload", "/v1/segmentations/{job_id}",
+                "/v1/segmentations/{job_id}/result", "/v1/structures"} <= set(spec["paths"])
+        assert c.get("/metrics").status_code == 404  # not on the public API
+        upload(c, "site-a")
+    port = serve_stack.extra["args"]["metrics_port"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'mriseg_volumes_total{site="site-a"}' in text
+    assert "mriseg_submodel_call_seconds_bucket" in text
+    assert 'mriseg_stage_seconds_count{stage="prepare_1.5mm"}' in text
+
+
+# -- every error status, each provoked ----------------------------------------
+def _problem(r, status):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert body["status"] == status and body["title"] and body["detail"]
+    return body
+
+
+def test_error_statuses(serve_stack):
+    with serve_stack.client() as c:
+        ok = upload(c, "site-a")
+        assert ok.status_code == 200
+        done_id = ok.json()["id"]
+
+        # 400: unknown structure, malformed S3 URI
+        assert "not_an_organ" in _problem(upload(c, "site-a", roi_subset="liver,not_an_organ"), 400)["detail"]
+        _problem(c.post("/v1/segmentations", json={"input": "http://evil.example/x.nii.gz"},
+                        headers=auth("site-a")), 400)
+        # 401: no key, wrong key (also on the catalogue)
+        _problem(c.get("/v1/structures"), 401)
+        _problem(c.get("/v1/structures", headers={"X-API-Key": "nope-nope-nope-nope"}), 401)
+        _problem(c.post("/v1/segmentations/upload", content=b"x", headers=RAW), 401)
+        # 403: another site's input or output prefix
+        _problem(c.post("/v1/segmentations", json={"input": "s3://consortium/site-b/scan.nii.gz"},
+                        headers=auth("site-a")), 403)
+        _problem(upload(c, "site-a", output_prefix="s3://consortium/site-b/out/"), 403)
+        # 404: unknown job, and another site's job
+        _problem(c.get("/v1/segmentations/0123456789abcdef", headers=auth("site-a")), 404)
+        _problem(c.get(f"/v1/segmentations/{done_id}", headers=auth("site-b")), 404)
+        _problem(c.get(f"/v1/segmentations/{done_id}/result", headers=auth("site-b")), 404)
+        _problem(c.delete(f"/v1/segmentations/{done_id}", headers=auth("site-b")), 404)
+        # 409: cancelling a finished job; a sub-model not installed (fast mode's total_fast)
+        _problem(c.delete(f"/v1/segmentations/{done_id}", headers=auth("site-a")), 409)
+        _problem(upload(c, "site-a", fast="true"), 409)
+        # 413: upload over the 2 MiB limit
+        big = b"\0" * (3 << 20)
+        _problem(c.post("/v1/segmentations/upload", content=big, headers={**auth("site-a"), **RAW}), 413)
+        # 415: wrong content type; a file type no reader handles
+        _problem(c.post("/v1/segmentations/upload", content=b"hello",
+                        headers={**auth("site-a"), "content-type": "text/plain"}), 415)
+        _problem(upload(c, "site-a", nifti_bytes(), filename="scan.docx"), 415)
+        # 422: corrupt NIfTI; a request body that breaks the schema
+        corrupt = nifti_bytes()[:300]
+        _problem(upload(c, "site-a", corrupt), 422)
+        _problem(c.post("/v1/segmentations", json={"input": "s3://consortium/site-a/x.nii.gz", "colour": "red"},
+                        headers=auth("site-a")), 422)
+        # 429: site-c may have one job at a time
+        slow = nifti_bytes(shape=(64, 64, 64), seed=9)
+        first = upload(c, "site-c", slow, wait=False)
+        assert first.status_code == 202
+        refused = upload(c, "site-c", slow, wait=False)
+        assert _problem(refused, 429)["retryable"] and refused.headers["retry-after"]
+        assert poll(c, "site-c", first.json()["id"])["status"] == "succeeded"
+        # 409: the result of a job that did not succeed
+        cancelled = upload(c, "site-c", slow, wait=False).json()["id"]
+        c.delete(f"/v1/segmentations/{cancelled}", headers=auth("site-c"))
+        _problem(c.get(f"/v1/segmentations/{cancelled}/result", headers=auth("site-c")), 409)
+        # 503: the result file is gone from the router (e.g. a replaced replica)
+        assert poll(c, "site-c", cancelled)["status"] == "cancelled"
+        gone = upload(c, "site-c").json()["id"]
+        for f in (serve_stack.tmp / "results" / "site-c" / gone).glob("segmentations.nii.gz"):
+            f.unlink()
+        _problem(c.get(f"/v1/segmentations/{gone}/result", headers=auth("site-c")), 503)
+
+
+def test_multipart_upload_and_async_result(serve_stack):
+    with serve_stack.client() as c:
+        files = {"file": ("case.nii.gz", io.BytesIO(nifti_bytes(seed=2)), "application/gzip")}
+        r = c.post("/v1/segmentations/upload", files=files, headers=auth("site-b"))
+        assert r.status_code == 202 and r.headers["location"].endswith(r.json()["id"])
+        job = poll(c, "site-b", r.json()["id"])
+        assert job["status"] == "succeeded"
+        assert job["result_url"] == f"/v1/segmentations/{job['id']}/result"
+        assert result_labels(c, "site-b", job["id"]).shape == (40, 36, 44)

@@ -1,0 +1,83 @@
+"""deployments/*.yaml: valid Serve config files that fit the app and the hardware they name."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.cluster.app import validate_args
+from serve.errors import MrisegError
+
+ROOT = Path(__file__).resolve().parents[1] / "deployments"
+CONFIGS = ["local.yaml", "one-gpu.yaml", "six-gpu.yaml"]
+SIX = ["organs", "muscles", "tissue_types", "thigh_shoulder_muscles", "appendicular_bones", "face"]
+
+
+def load(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / name).read_text())
+    schema = ServeDeploySchema.parse_obj(raw)  # Ray's own validation; raises on any bad field
+    assert len(schema.applications) == 1 and len(raw["applications"]) == 1
+    return raw, _Obj(raw["applications"][0])
+
+
+class _Obj(dict):
+    """Attribute access to a config mapping, missing keys as None."""
+
+    def __getattr__(self, k):
+        v = self.get(k)
+        if isinstance(v, list):
+            return [_Obj(x) if isinstance(x, dict) else x for x in v]
+        return v
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_is_a_valid_serve_config_for_the_app(name):
+    raw, app = load(name)
+    assert app.import_path == "serve.cluster.app:build_app"
+    args = validate_args(app.args)
+    deployments = {d.name: d for d in app.deployments}
+    # names match what build_app binds: the router plus one deployment per sub-model
+    assert set(deployments) == {"Router", *args["submodels"]}
+    assert set(SIX) <= set(args["submodels"])
+    for d in deployments.values():
+        assert d.ray_actor_options["num_cpus"] > 0, f"{d.name}: num_cpus must be explicit"
+        assert d.max_ongoing_requests is not None
+    assert deployments["Router"].num_replicas == 1  # job records live in the router's memory
+
+
+def test_local_is_cpu_only_and_fits_two_cores():
+    _, app = load("local.yaml")
+    ds = app.deployments
+    assert all(not d.ray_actor_options.get("num_gpus") for d in ds)
+    assert sum(d.ray_actor_options["num_cpus"] for d in ds) <= 2
+    assert app.args["model_sources"] == ["demo"]
+
+
+def test_one_gpu_packs_every_submodel_onto_one_card_with_memory_caps():
+    _, app = load("one-gpu.yaml")
+    subs = [d for d in app.deployments if d.name != "Router"]
+    gpus = [d.ray_actor_options["num_gpus"] for d in subs]
+    assert all(0 < g < 1 for g in gpus) and sum(gpus) <= 1
+    for d in subs:
+        assert 0 < d.user_config["gpu_memory_fraction"] <= d.ray_actor_options["num_gpus"]
+
+
+def test_six_gpu_gives_each_replica_a_gpu_and_scales_each_submodel():
+    _, app = load("six-gpu.yaml")
+    ds = {d.name: d for d in app.deployments}
+    for n in SIX:
+        assert ds[n].ray_actor_options["num_gpus"] == 1
+        assert ds[n].autoscaling_config["max_replicas"] >= 2
+    for n in ("face", "appendicular_bones"):
+        assert ds[n].autoscaling_config["min_replicas"] == 0
+    for n in ("organs", "muscles"):
+        assert ds[n].autoscaling_config["min_replicas"] >= 1
+
+
+def test_bad_args_are_clear_errors():
+    with pytest.raises(MrisegError, match="unknown app arg"):
+        validate_args({"modle_sources": []})
+    with pytest.raises(MrisegError, match="unknown sub-model"):
+        validate_args({"submodels": ["organs", "brain"]})

@@ -1,0 +1,123 @@
+"""Fair sharing of router slots between sites (asyncio, no Ray)."""
+
+import asyncio
+
+import pytest
+
+from serve.cluster.scheduler import FairScheduler
+from serve.errors import TooManyRequestsError
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_late_site_is_served_before_an_earlier_flood_drains():
+    async def main():
+        order = []
+        gate = asyncio.Event()
+
+        def job(name):
+            async def fn():
+                order.append(name)
+                await gate.wait()
+                return name
+            return fn
+
+        s = FairScheduler(slots=1, site_limit=lambda site: 100)
+        futs = [s.submit("A", f"a{i}", job(f"a{i}")) for i in range(10)]
+        futs.append(s.submit("B", "b0", job("b0")))
+        gate.set()
+        await asyncio.gather(*futs)
+        return order
+
+    order = _run(main())
+    # a0 had the slot before b0 arrived; round-robin gives b0 the next one, FIFO would give it the last
+    assert order[:2] == ["a0", "b0"]
+    assert order[2:] == [f"a{i}" for i in range(1, 10)]
+
+
+def test_sites_alternate_when_both_have_queues():
+    async def main():
+        order = []
+
+        def job(name):
+            async def fn():
+                order.append(name)
+            return fn
+
+        s = FairScheduler(slots=1, site_limit=lambda site: 100)
+        futs = [s.submit(site, f"{site}{i}", job(f"{site}{i}")) for i in range(3) for site in ("A",)]
+        futs += [s.submit("B", f"B{i}", job(f"B{i}")) for i in range(3)]
+        await asyncio.gather(*futs)
+        return order
+
+    assert _run(main()) == ["A0", "B0", "A1", "B1", "A2", "B2"]
+
+
+def test_site_limit_is_429_and_frees_up():
+    async def main():
+        gate = asyncio.Event()
+
+        async def fn():
+            await gate.wait()
+
+        s = FairScheduler(slots=2, site_limit=lambda site: 2)
+        f1, f2 = s.submit("A", "1", fn), s.submit("A", "2", fn)
+        with pytest.raises(TooManyRequestsError) as e:
+            s.submit("A", "3", fn)
+        assert e.value.status == 429 and e.value.retryable
+        s.submit("B", "b", fn)  # another site is not affected
+        gate.set()
+        await asyncio.gather(f1, f2)
+        await asyncio.sleep(0)
+        f4 = s.submit("A", "4", fn)
+        await f4
+
+    _run(main())
+
+
+def test_slots_bound_concurrency_and_errors_reach_the_waiter():
+    async def main():
+        running, peak = 0, 0
+
+        async def fn():
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+
+        async def boom():
+            raise ValueError("bad volume")
+
+        s = FairScheduler(slots=3, site_limit=lambda site: 100)
+        futs = [s.submit("A" if i % 2 else "B", str(i), fn) for i in range(12)]
+        bad = s.submit("A", "bad", boom)
+        await asyncio.gather(*futs)
+        with pytest.raises(ValueError, match="bad volume"):
+            await bad
+        assert peak == 3
+        assert s.stats().running == 0 and not s.stats().active
+
+    _run(main())
+
+
+def test_cancel_queued_and_running():
+    async def main():
+        gate = asyncio.Event()
+
+        async def fn():
+            await gate.wait()
+
+        s = FairScheduler(slots=1, site_limit=lambda site: 100)
+        running, queued = s.submit("A", "r", fn), s.submit("A", "q", fn)
+        await asyncio.sleep(0)
+        assert s.cancel("q") and queued.cancelled()
+        assert s.cancel("r")
+        await asyncio.sleep(0)
+        assert running.cancelled()
+        assert not s.cancel("r") and not s.cancel("unknown")
+        assert s.stats().running == 0 and not s.stats().active
+
+    _run(main())

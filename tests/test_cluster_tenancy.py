@@ -1,0 +1,126 @@
+"""Sites, API keys and S3 prefixes (no Ray)."""
+
+import hashlib
+import hmac
+import json
+import logging
+
+import pytest
+
+from serve.cluster import tenancy as tenancy_mod
+from serve.cluster.tenancy import Tenancy
+from serve.errors import AuthenticationError, ForbiddenError, MrisegError
+
+KEY_A = "alpha-key-0123456789abcdef"
+KEY_B = "bravo-key-0123456789abcdef"
+
+
+def _cfg():
+    return {"sites": {
+        "site-a": {"keys": [KEY_A], "prefixes": ["s3://consortium/site-a/"], "max_concurrent_jobs": 3},
+        "site-b": {"key_sha256": [hashlib.sha256(KEY_B.encode()).hexdigest()],
+                   "prefixes": ["s3://consortium/site-b/", "s3://site-b-private"]},
+    }}
+
+
+def _contains(obj, needle, seen=None) -> bool:
+    seen = seen if seen is not None else set()
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, (str, bytes)):
+        return needle in (obj if isinstance(obj, str) else obj.decode("latin1"))
+    if isinstance(obj, dict):
+        return any(_contains(k, needle, seen) or _contains(v, needle, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        return any(_contains(v, needle, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return _contains(vars(obj), needle, seen)
+    return False
+
+
+def test_keys_map_to_sites_and_only_digests_are_kept():
+    t = Tenancy.from_mapping(_cfg())
+    assert t.authenticate(KEY_A).name == "site-a"
+    assert t.authenticate(KEY_B).name == "site-b"
+    assert t.sites["site-a"].max_concurrent_jobs == 3
+    assert not _contains(t, KEY_A) and not _contains(t, KEY_B)
+
+
+@pytest.mark.parametrize("key", [None, "", "wrong-key-0123456789abcdef", KEY_A + " "])
+def test_bad_keys_are_401(key):
+    with pytest.raises(AuthenticationError) as e:
+        Tenancy.from_mapping(_cfg()).authenticate(key)
+    assert e.value.status == 401
+
+
+def test_every_digest_is_compared_without_early_exit(monkeypatch):
+    calls = []
+    real = hmac.compare_digest
+
+    def counting(a, b):
+        calls.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(tenancy_mod.hmac, "compare_digest", counting)
+    t = Tenancy.from_mapping(_cfg())
+    t.authenticate(KEY_A)  # the first digest matches; the others are still compared
+    assert len(calls) == 2
+
+
+def test_loads_from_file_and_env(tmp_path, monkeypatch):
+    f = tmp_path / "tenants.json"
+    f.write_text(json.dumps(_cfg()))
+    assert Tenancy.load(f).authenticate(KEY_A).name == "site-a"
+    monkeypatch.setenv(tenancy_mod.TENANTS_FILE_ENV, str(f))
+    assert Tenancy.load().authenticate(KEY_B).name == "site-b"
+    monkeypatch.delenv(tenancy_mod.TENANTS_FILE_ENV)
+    monkeypatch.setenv(tenancy_mod.TENANTS_JSON_ENV, json.dumps(_cfg()))
+    assert Tenancy.load().authenticate(KEY_A).name == "site-a"
+    monkeypatch.delenv(tenancy_mod.TENANTS_JSON_ENV)
+    with pytest.raises(MrisegError, match="no tenants configured"):
+        Tenancy.load()
+    with pytest.raises(MrisegError, match="cannot be read"):
+        Tenancy.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("bad", [
+    {"sites": {"s": {"keys": ["short"]}}},
+    {"sites": {"s": {"key_sha256": ["abc"]}}},
+    {"sites": {"s": {"prefixes": ["/local/dir"]}}},
+    {"nosites": {}},
+])
+def test_bad_tenant_files_are_clear_errors(bad):
+    with pytest.raises(MrisegError):
+        Tenancy.from_mapping(bad)
+
+
+@pytest.mark.parametrize("uri,ok", [
+    ("s3://consortium/site-a/in/case1.nii.gz", True),
+    ("s3://consortium/site-a/", True),
+    ("s3://consortium/site-ab/case1.nii.gz", False),    # a longer sibling prefix
+    ("s3://consortium/site-b/case1.nii.gz", False),
+    ("s3://consortium/site-a/../site-b/case1.nii.gz", False),
+    ("s3://other-bucket/site-a/case1.nii.gz", False),
+])
+def test_site_prefixes(uri, ok):
+    site = Tenancy.from_mapping(_cfg()).sites["site-a"]
+    assert site.owns(uri) is ok
+
+
+def test_whole_bucket_prefix():
+    site = Tenancy.from_mapping(_cfg()).sites["site-b"]
+    assert site.owns("s3://site-b-private/anything/here.nii.gz")
+    assert not site.owns("s3://site-b-private-2/x.nii.gz")
+
+
+def test_cross_site_access_is_403_and_logged_without_the_key(caplog):
+    t = Tenancy.from_mapping(_cfg())
+    key = "site-b/PatientSmith_1970-01-01.nii.gz"
+    with caplog.at_level(logging.INFO, logger="serve.cluster.tenancy"):
+        with pytest.raises(ForbiddenError) as e:
+            t.check_access(t.sites["site-a"], f"s3://consortium/{key}", "read")
+    assert e.value.status == 403
+    assert "Smith" not in e.value.message
+    assert caplog.records and all("Smith" not in r.getMessage() for r in caplog.records)
+    assert "site-a" in caplog.text
