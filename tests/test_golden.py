@@ -76,16 +76,27 @@ def golden_input(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models):  # noqa: F811
+def models(tiny_models, tmp_path_factory):  # noqa: F811
+    import json
+    import shutil
+
     from serve.catalogue import load_catalogue
     from serve.modelstore import ModelStore
 
     store = ModelStore([tiny_models])
     cat = load_catalogue()
-    return {n: load_model(store.locate(n), cat.submodel(n), device="cpu") for n in GOLDEN_MODELS}
+    out = {n: load_model(store.locate(n), cat.submodel(n), device="cpu") for n in GOLDEN_MODELS}
+    # the same organs weights, planned with SimpleITK's reader (its own axis order and spacing order)
+    sitk_dir = tmp_path_factory.mktemp("sitk") / store.locate("organs").parent.name / store.locate("organs").name
+    shutil.copytree(store.locate("organs"), sitk_dir)
+    plans = json.loads((sitk_dir / "plans.json").read_text())
+    plans["image_reader_writer"] = "SimpleITKIO"
+    (sitk_dir / "plans.json").write_text(json.dumps(plans))
+    out["organs_sitkio"] = load_model(sitk_dir, cat.submodel("organs"), device="cpu")
+    return out
 
 
-@pytest.mark.parametrize("name", GOLDEN_MODELS)
+@pytest.mark.parametrize("name", GOLDEN_MODELS + ("organs_sitkio",))
 def test_each_submodel_matches_totalsegmentator_voxel_for_voxel(golden_input, models, name, tmp_path):
     model = models[name]
     ref = reference_totalsegmentator(golden_input, model, tmp_path)

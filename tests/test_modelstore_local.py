@@ -1,0 +1,113 @@
+"""Local model folders: TotalSegmentator's layout, any trainer name, partial installs, import."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serve.catalogue import load_catalogue
+from serve.cli import main
+from serve.errors import ModelUnavailableError
+from serve.modelfolder import UNetSpec, write_model_folder
+from serve.modelstore import ModelStore
+from serve.pipeline import Segmenter
+from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
+
+CAT = load_catalogue()
+SPEC = UNetSpec(features=(4, 8), patch_size=(16, 16, 16))
+TS_ORGANS = "Dataset850_TotalSegMRI_part1_organs_1088subj"
+ODD_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring_MySiteVariant"
+
+
+def totalseg_home(tmp: Path) -> Path:
+    """A fake ~/.totalsegmentator holding organs and muscles as TotalSegmentator lays them out."""
+    results = tmp / "ts_home" / "nnunet" / "results"
+    write_model_folder(results, CAT.submodel("organs"), SPEC, dataset_name=TS_ORGANS, trainer=ODD_TRAINER)
+    write_model_folder(results, CAT.submodel("muscles"), SPEC,
+                       dataset_name="Dataset851_TotalSegMRI_part2_muscles_1088subj")
+    # other, unrelated TotalSegmentator tasks sit beside them
+    (results / "Dataset291_TotalSegmentator_part1_organs_1559subj").mkdir()
+    return tmp / "ts_home"
+
+
+def test_totalsegmentator_folder_with_nonstandard_trainer_loads(tmp_path):
+    home = totalseg_home(tmp_path)
+    store = ModelStore([home / "nnunet" / "results"])
+    st = {s.submodel: s for s in store.status()}
+    assert st["organs"].state == "present" and ODD_TRAINER in st["organs"].path
+    assert "non-standard trainer" in st["organs"].detail
+    seg = Segmenter(store, device="cpu")
+    model = seg.model("organs")
+    assert model.trainer_name == ODD_TRAINER
+    assert model.folder.parent.name == TS_ORGANS
+    res = seg.segment(body_volume("LPS", shape=(20, 18, 12), spacing=(1.5, 1.5, 1.5)), roi_subset=["liver"])
+    assert res.structures == {5: "liver"} and set(res.per_model) == {"organs"}
+
+
+def test_only_organs_and_muscles_present(tmp_path, tiny_models):  # noqa: F811
+    root = tmp_path / "partial"
+    root.mkdir()
+    for sm in ("organs", "muscles"):
+        src = next(tiny_models.glob(f"{CAT.submodel(sm).folder_prefix}*"))
+        shutil.copytree(src, root / src.name)
+    store = ModelStore([root])
+    states = {s.submodel: s.state for s in store.status()}
+    assert states == {"organs": "present", "muscles": "present", "tissue_types": "missing",
+                      "thigh_shoulder_muscles": "missing", "appendicular_bones": "missing", "face": "missing",
+                      "total_fast": "missing"}
+    seg = Segmenter(store, device="cpu")
+    res = seg.segment(body_volume("RAS", shape=(24, 20, 14), spacing=(1.5, 1.5, 1.5)))
+    assert set(res.per_model) == {"organs", "muscles"}
+    assert sorted(res.structures) == list(range(1, 51))
+    assert set(res.unavailable) == {"tissue_types", "thigh_shoulder_muscles", "appendicular_bones", "face"}
+    assert res.labels.max() <= 50
+    with pytest.raises(ModelUnavailableError) as ei:
+        seg.segment(body_volume(), roi_subset=["liver", "face"])
+    assert "face" in ei.value.message and "Dataset856" in ei.value.message and "licensed" in ei.value.message
+    with pytest.raises(ModelUnavailableError, match="total_fast"):
+        seg.segment(body_volume(), fast=True)
+
+
+def test_nothing_installed_is_a_clear_error(tmp_path):
+    seg = Segmenter(ModelStore([tmp_path]), device="cpu")
+    with pytest.raises(ModelUnavailableError, match="mriseg models import"):
+        seg.segment(body_volume())
+
+
+def test_models_import_and_list(tmp_path, capsys):
+    home = totalseg_home(tmp_path)
+    dest = tmp_path / "imported"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert "organs" in out and "muscles" in out
+    assert (dest / TS_ORGANS / f"{ODD_TRAINER}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth").is_file()
+    assert not any(dest.glob("Dataset291_*"))
+    assert main(["models", "list", "--models", str(dest)]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln and ln.split()[0] in
+             {sm.name for sm in CAT.submodels + CAT.fast_variants}}
+    assert "present" in lines["organs"] and "present" in lines["muscles"]
+    assert "missing" in lines["face"] and "missing" in lines["tissue_types"]
+    assert "structure(s) unavailable" in out
+
+
+def test_models_import_link_and_bad_home(tmp_path, capsys):
+    home = totalseg_home(tmp_path)
+    dest = tmp_path / "linked"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest), "--link"]) == 0
+    assert (dest / TS_ORGANS).is_symlink()
+    assert main(["models", "import", "--totalseg-home", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_mismatched_model_is_listed_and_refused(tmp_path):
+    organs = CAT.submodel("organs")
+    write_model_folder(tmp_path, organs, SPEC, labels=organs.labels[:-1])
+    store = ModelStore([tmp_path])
+    st = store.inspect(organs)
+    assert st.state == "mismatched" and "iliac_vena_right" in st.detail
+    seg = Segmenter(store, device="cpu")
+    with pytest.raises(ModelUnavailableError, match="mismatched"):
+        seg.segment(body_volume(), roi_subset=["liver"])
