@@ -1,0 +1,138 @@
+"""Output files: TotalSegmentator-compatible multilabel NIfTI, per-structure masks, statistics, preview."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from serve.outputs.labeltable import EXTENSION_CODE, label_table_xml, parse_label_table, read_label_table
+from serve.outputs.statistics import touches_border
+from serve.outputs.writers import write_outputs
+from serve.pipeline import SegmentationResult
+from serve.volume_io import read_volume, write_nifti
+from tests.core_fixtures import oriented_affine
+
+SHAPE = (20, 16, 12)
+
+
+@pytest.fixture()
+def case(tmp_path):
+    """An input volume (NIfTI, oblique LPS, anisotropic) and a hand-made result with an overlap."""
+    aff = oriented_affine("LPS", (1.2, 0.9, 2.5), origin=(30, -10, 4), rotation_deg=8)
+    rng = np.random.default_rng(1)
+    data = rng.normal(100, 10, size=SHAPE).astype(np.float32)
+    img = nib.Nifti1Image(data, aff)
+    img.header["descrip"] = b"input header"
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(tmp_path / "in.nii.gz"))
+    vol = read_volume(tmp_path / "in.nii.gz")
+    tissue = np.zeros(SHAPE, np.uint8)
+    tissue[6:12, 6:10, 3:9] = 53                 # skeletal_muscle, >= 4.5 mm from the FOV border
+    muscles = np.zeros(SHAPE, np.uint8)
+    muscles[6:8, 6:10, 3:9] = 46                 # autochthon_left, overlapping skeletal_muscle
+    muscles[0:3, 0:3, 0:3] = 30                  # humerus_left, at the FOV corner
+    labels = tissue.copy()
+    np.copyto(labels, muscles, where=muscles > 0)
+    res = SegmentationResult(labels, {"tissue_types": tissue, "muscles": muscles},
+                             {30: "humerus_left", 46: "autochthon_left", 53: "skeletal_muscle", 31: "humerus_right"},
+                             vol.affine.copy())
+    return vol, res
+
+
+def test_multilabel_nifti_has_totalsegmentators_label_table(case, tmp_path):
+    vol, res = case
+    out = write_outputs(res, vol, tmp_path / "out", per_structure=False, statistics=False, preview=False)
+    img = nib.load(str(out["multilabel"]))
+    assert img.shape == SHAPE and img.get_data_dtype() == np.uint8
+    assert np.array_equal(img.affine, nib.load(str(tmp_path / "in.nii.gz")).affine)
+    assert np.array_equal(np.asarray(img.dataobj), res.labels)
+    assert img.header["descrip"].tobytes().startswith(b"input header")  # input header kept
+    exts = list(img.header.extensions)
+    assert len(exts) == 1 and exts[0].get_code() == EXTENSION_CODE == 0
+    xml = exts[0].get_content().decode()
+    assert xml.startswith('<?xml version="1.0" encoding="UTF-8"?> <CaretExtension>')
+    assert '<Label Key="53" Red="0.0" Green="1.0" Blue="1.0" Alpha="1"><![CDATA[skeletal_muscle]]></Label>' in xml
+    assert read_label_table(out["multilabel"]) == {30: "humerus_left", 31: "humerus_right",
+                                                   46: "autochthon_left", 53: "skeletal_muscle"}
+
+
+def test_label_table_round_trip_and_rejects():
+    table = {i: f"s{i}" for i in range(1, 81)}
+    assert parse_label_table(label_table_xml(table)) == table
+    with pytest.raises(ValueError):
+        parse_label_table("<NotCaret/>")
+    with pytest.raises(ValueError):
+        parse_label_table("not xml at all")
+    with pytest.raises(ValueError):
+        label_table_xml({1: "evil]]>name"})
+
+
+def test_per_structure_masks_are_whole_where_structures_overlap(case, tmp_path):
+    vol, res = case
+    out = write_outputs(res, vol, tmp_path / "out", multilabel=False, per_structure=True, statistics=False,
+                        preview=False)
+    files = sorted(p.name for p in out["per_structure"].iterdir())
+    assert files == ["autochthon_left.nii.gz", "humerus_left.nii.gz", "humerus_right.nii.gz",
+                     "skeletal_muscle.nii.gz"]
+    sm = np.asarray(nib.load(str(out["per_structure"] / "skeletal_muscle.nii.gz")).dataobj)
+    assert sm.sum() == 6 * 4 * 6  # includes the part the autochthon overwrote in the single-label map
+    assert np.asarray(nib.load(str(out["per_structure"] / "humerus_right.nii.gz")).dataobj).sum() == 0
+
+
+def test_statistics_keys_units_and_qc(case, tmp_path):
+    vol, res = case
+    out = write_outputs(res, vol, tmp_path / "out", multilabel=False, preview=False)
+    stats = json.loads(out["statistics"].read_text())
+    voxel_mm3 = abs(np.linalg.det(vol.affine[:3, :3]))
+    assert voxel_mm3 == pytest.approx(1.2 * 0.9 * 2.5)
+    sm = stats["skeletal_muscle"]
+    mask = res.per_model["tissue_types"] == 53
+    assert sm["voxel_count"] == 144
+    assert sm["volume"] == pytest.approx(144 * voxel_mm3, rel=1e-6)
+    assert sm["intensity"] == pytest.approx(float(vol.data[mask].mean()), abs=1e-4)
+    assert sm["intensity_std"] == pytest.approx(float(vol.data[mask].std()), abs=1e-4)
+    assert sm["qc"] == {"empty": False, "touches_border": False}
+    assert stats["humerus_left"]["qc"]["touches_border"] is True
+    assert stats["humerus_right"] == {"volume": 0.0, "intensity": 0.0, "intensity_std": 0.0, "voxel_count": 0,
+                                      "qc": {"empty": True, "touches_border": False}}
+
+
+def test_touches_border_margin():
+    m = np.zeros((10, 10, 10), bool)
+    m[5, 5, 5] = True
+    assert not touches_border(m, (3, 3, 3))
+    m[8, 5, 5] = True
+    assert not touches_border(m, (1, 1, 1)) and touches_border(m, (2, 2, 2))
+
+
+def test_preview_png(case, tmp_path):
+    import matplotlib.image as mpimg
+
+    vol, res = case
+    out = write_outputs(res, vol, tmp_path / "out", multilabel=False, statistics=False)
+    png = out["preview"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(str(png))
+    assert img.shape[0] > 300 and img.shape[1] > 500
+    # coloured overlays: some pixels are clearly not grey
+    rgb = img[..., :3]
+    assert np.any(np.ptp(rgb, axis=-1) > 0.2)
+
+
+def test_result_must_be_on_the_volume_grid(case, tmp_path):
+    vol, res = case
+    res.labels = res.labels[:-1]
+    with pytest.raises(ValueError, match="not the volume's"):
+        write_outputs(res, vol, tmp_path / "o")
+
+
+def test_non_nifti_input_gets_a_fresh_header(case, tmp_path):
+    vol, res = case
+    vol.header = None
+    out = write_outputs(res, vol, tmp_path / "out", statistics=False, preview=False)
+    img = nib.load(str(out["multilabel"]))
+    assert np.allclose(img.affine, vol.affine) and img.header["sform_code"] == 1
+    write_nifti(tmp_path / "x.nii.gz", res.labels, vol.affine)
