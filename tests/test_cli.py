@@ -1,0 +1,106 @@
+"""The mriseg command line: segment, demo, errors (exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from serve.cli import build_parser, main
+from serve.outputs.labeltable import read_label_table
+from serve.volume_io import write_nifti
+from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    vol = body_volume("LPS", shape=(26, 22, 14), spacing=(1.4, 1.6, 2.0), rotation_deg=5)
+    return write_nifti(tmp_path_factory.mktemp("cli") / "phantom.nii.gz", vol.data, vol.affine)
+
+
+def test_segment_roi_subset_with_totalsegmentator_flags(phantom, tiny_models, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    rc = main(["segment", "-i", str(phantom), "-o", str(out), "--roi_subset", "liver", "spleen", "face",
+               "--statistics", "--preview", "--device", "cpu", "--threads", "1", "--models", str(tiny_models)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "structure" in text and "volume ml" in text and "preview:" in text
+    assert sorted(p.name for p in (out / "segmentations").iterdir()) == ["face.nii.gz", "liver.nii.gz",
+                                                                          "spleen.nii.gz"]
+    ml = nib.load(str(out / "segmentations.nii.gz"))
+    assert ml.shape == nib.load(str(phantom)).shape
+    assert np.array_equal(ml.affine, nib.load(str(phantom)).affine)
+    assert read_label_table(out / "segmentations.nii.gz") == {1: "spleen", 5: "liver", 80: "face"}
+    assert set(np.unique(np.asarray(ml.dataobj))) <= {0, 1, 5, 80}
+    stats = json.loads((out / "statistics.json").read_text())
+    assert set(stats) == {"spleen", "liver", "face"}
+    assert set(stats["liver"]) == {"volume", "intensity", "intensity_std", "voxel_count", "qc"}
+    assert (out / "preview.png").is_file()
+
+
+def test_segment_ml_only_writes_no_per_structure_files(phantom, tiny_models, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    rc = main(["segment", "-i", str(phantom), "-o", str(out), "--ml", "--roi-subset", "subcutaneous_fat",
+               "--device", "cpu", "-q", "--models", str(tiny_models)])
+    assert rc == 0
+    assert (out / "segmentations.nii.gz").is_file() and not (out / "segmentations").exists()
+    assert not (out / "statistics.json").exists() and not (out / "preview.png").exists()
+
+
+def test_segment_fast_uses_the_3mm_model(phantom, tiny_models, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(["segment", "-i", str(phantom), "-o", str(out), "--fast", "--ml", "--device", "cpu", "-q",
+                 "--models", str(tiny_models)]) == 0
+    meta = json.loads((out / "mriseg.json").read_text())
+    assert meta["fast"] is True and list(meta["models"]) == ["total_fast"]
+    assert max(int(k) for k in meta["structures"]) == 50
+    assert np.asarray(nib.load(str(out / "segmentations.nii.gz")).dataobj).max() <= 50
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    (["--roi-subset", "livr"], "unknown structure(s): livr"),
+    (["--fast", "--roi-subset", "face"], "fast mode only covers"),
+])
+def test_bad_requests_exit_2(phantom, tiny_models, tmp_path, capsys, argv_tail, message):  # noqa: F811
+    rc = main(["segment", "-i", str(phantom), "-o", str(tmp_path / "o"), "--models", str(tiny_models), "-q",
+               *argv_tail])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_input_exits_2_without_traceback_in_a_real_process(tmp_path, tiny_models):  # noqa: F811
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    env = {**os.environ, "MRISEG_MODELS": str(tiny_models)}
+    p = subprocess.run([sys.executable, "-m", "serve.cli", "segment", "-i", str(bad), "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("mriseg: error:") and "Traceback" not in p.stderr
+    assert "truncated or corrupt" in p.stderr or "not a readable NIfTI" in p.stderr
+
+
+def test_missing_input_exits_2(tmp_path, tiny_models, capsys):  # noqa: F811
+    assert main(["segment", "-i", str(tmp_path / "none.nii.gz"), "-o", str(tmp_path / "o"),
+                 "--models", str(tiny_models)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_prints_summary_and_preview(tmp_path, tiny_models, capsys):  # noqa: F811
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--device", "cpu", "-q", "--models", str(tiny_models)]) == 0
+    out = capsys.readouterr().out
+    assert "structure(s) found" in out
+    preview = [ln for ln in out.splitlines() if ln.startswith("preview: ")][0].split(": ", 1)[1]
+    assert os.path.isfile(preview)
+    assert "DEMO MODELS - not for clinical use" in out
+
+
+def test_plugins_can_add_subcommands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"segment", "models", "demo"} <= set(sub.choices)
