@@ -85,7 +85,7 @@ def ensure_demo_models(cache_dir: str | os.PathLike | None = None) -> Path:
     return root
 
 
-def demo_volume(shape=(64, 56, 72), spacing=(1.6, 1.6, 2.0), seed: int = 0, axcodes: str = "RAS"):
+def demo_volume(shape=(48, 40, 48), spacing=(1.5, 1.5, 2.0), seed: int = 0, axcodes: str = "RAS"):
     """A small body-like synthetic volume (serve.phantoms when available, else ellipsoids)."""
     from serve.volume_io import Volume
 
