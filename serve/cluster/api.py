@@ -272,6 +272,23 @@ async def get_result(job_id: str, svc: Svc, who: SiteDep) -> FileResponse:
     return FileResponse(path, media_type="application/gzip", filename="segmentation.nii.gz")
 
 
+FILES = {"statistics.json": ("statistics", "application/json"), "preview.png": ("preview", "image/png"),
+         "mriseg.json": ("metadata", "application/json")}
+
+
+@app.get("/v1/segmentations/{job_id}/files/{name}", tags=["segmentations"])
+async def get_file(job_id: str, name: str, svc: Svc, who: SiteDep) -> FileResponse:
+    """Other outputs of a succeeded job: ``statistics.json``, ``preview.png``, ``mriseg.json``."""
+    if name not in FILES:
+        raise MrisegError(f"unknown output file {name!r}; available: {sorted(FILES)}")
+    kind, media = FILES[name]
+    path = svc.result_path(who, job_id, kind)
+    if not path.is_file():
+        raise ServiceUnavailableError("the file is not on this router replica any more; "
+                                      "read it from the job's output prefix")
+    return FileResponse(path, media_type=media, filename=name)
+
+
 @app.delete("/v1/segmentations/{job_id}", tags=["segmentations"])
 async def cancel_segmentation(job_id: str, svc: Svc, who: SiteDep) -> dict:
     """Cancel a queued or running job; 409 if it has already finished."""

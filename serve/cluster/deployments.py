@@ -205,7 +205,8 @@ class SubModelDeployment:
     def stats(self) -> dict[str, Any]:
         import ray
 
-        return {"calls": self.runner.calls, "pid": os.getpid(),
+        return {"calls": self.runner.calls, "in_flight": self._in_flight, "pid": os.getpid(),
+                "actor_name": ray.get_runtime_context().get_actor_name(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def check_health(self) -> None:

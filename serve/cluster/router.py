@@ -157,13 +157,14 @@ class JobService:
         job.status, job.finished = "cancelled", time.time()
         return job
 
-    def result_path(self, site: Site, job_id: str) -> Path:
+    def result_path(self, site: Site, job_id: str, kind: str = "multilabel") -> Path:
+        """A local output file of a succeeded job: multilabel, statistics, preview or metadata."""
         job = self.get(site, job_id)
         if job.status != "succeeded":
             raise ConflictError(f"job {job_id} is {job.status}; the result exists once it has succeeded")
-        path = job.outputs.get("multilabel")
-        if not path:
-            raise NotFoundError(f"job {job_id} was run without the multilabel output")
+        path = job.outputs.get(kind)
+        if not path or (kind == "per_structure"):
+            raise NotFoundError(f"job {job_id} has no {kind} output (ask for it in 'outputs')")
         return Path(path)
 
     # -- availability -------------------------------------------------------

@@ -1,0 +1,108 @@
+"""``mriseg up`` and ``mriseg demo`` through the running stack (a plugin of serve/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def cmd_up(args) -> int:
+    """Start the local stack, print how to use it, and keep it running until Ctrl-C."""
+    from serve.cluster.up import start_local_stack, stop_local_stack
+
+    print(f"starting Ray and mriseg-serve from {args.config} (first start takes a minute) ...", flush=True)
+    stack = start_local_stack(args.config, port=args.port, models=args.models)
+    try:
+        print(f"\nmriseg-serve is up at {stack.url}   (API docs: {stack.url}/v1/docs)")
+        print(f"site '{stack.site}', API key: {stack.api_key}")
+        if stack.metrics_url:
+            print(f"metrics: {stack.metrics_url}")
+        print("\nsegment a volume:\n  " + stack.curl_line())
+        print("\nor run 'mriseg demo' in another shell. Ctrl-C stops the stack.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+    finally:
+        stop_local_stack(stack)
+    return 0
+
+
+def run_demo_through_stack(stack, outdir: Path, quiet: bool = False) -> dict:
+    """Segment the synthetic phantom through ``stack``'s HTTP API; the hook ``mriseg demo`` uses."""
+    import json
+
+    from serve.cli import summary_table
+    from serve.cluster.client import ApiClient, segment_file
+    from serve.demo import demo_volume
+    from serve.volume_io import write_nifti
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    vol = demo_volume()
+    src = write_nifti(outdir / "phantom.nii.gz", vol.data, vol.affine)
+    out = segment_file(ApiClient(stack.url, stack.api_key), src, outdir / "result")
+    job = out["job"]
+    stats = json.loads(out["written"]["statistics"].read_text()) if "statistics" in out["written"] else None
+    meta = SimpleNamespace(unavailable=job.get("unavailable") or {}, demo=True)
+    out["summary"] = summary_table(stats, meta) if stats is not None else ""
+    return out
+
+
+def cmd_demo(args) -> int:
+    """``mriseg demo``: through the stack ``mriseg up`` started, else through a temporary one."""
+    from serve.cluster.up import find_running_stack, start_local_stack, stop_local_stack
+
+    if args.in_process:
+        from serve.cli import cmd_demo as in_process_demo
+
+        return in_process_demo(args)
+    outdir = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="mriseg-demo-"))
+    stack, temporary = find_running_stack(), False
+    if stack is None:
+        print("no running stack ('mriseg up'); starting a temporary one for this demo ...", flush=True)
+        stack = start_local_stack(models=args.models, port=_free_port(), save_state=False)
+        temporary = True
+    try:
+        print(f"segmenting a synthetic phantom through {stack.url} ...", flush=True)
+        out = run_demo_through_stack(stack, outdir, quiet=args.quiet)
+    finally:
+        if temporary:
+            stop_local_stack(stack)
+    job = out["job"]
+    print(out["summary"])
+    times = ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in job["timings"].items())
+    print(f"job {job['id']}: {times}")
+    print("sub-models (ran in parallel): " + ", ".join(
+        f"{n} {s['compute_s']:.2f}s" for n, s in sorted(job["submodels"].items())))
+    if "preview" in out["written"]:
+        print(f"preview: {out['written']['preview']}")
+    print(f"outputs: {outdir / 'result'}")
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``up`` and send ``demo`` through the cluster."""
+    from serve.cluster.up import DEFAULT_CONFIG
+
+    p = sub.add_parser("up", help="start the local Ray Serve stack (embedded default) and keep it running")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file (default deployments/local.yaml)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    p.add_argument("--models", nargs="+", metavar="DIR_OR_S3", help="model sources (default: the demo models)")
+    p.set_defaults(func=cmd_up)
+
+    demo = sub.choices.get("demo")
+    if demo is not None:
+        demo.add_argument("--in-process", action="store_true",
+                          help="segment in this process instead of through the Ray Serve stack")
+        demo.set_defaults(func=cmd_demo)

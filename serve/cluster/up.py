@@ -1,0 +1,203 @@
+"""The embedded default: a whole mriseg-serve stack on this machine.
+
+:func:`start_local_stack` starts a local Ray, a tenants file with one site
+("local") and a fresh API key, and the Serve app from
+``deployments/local.yaml`` (the same file ``serve run`` takes). It records
+the URL and key in a state file readable only by the user, so
+``mriseg demo`` (and :func:`find_running_stack`) can reach it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve.errors import MrisegError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "deployments" / "local.yaml"
+LOCAL_SITE = "local"
+LOCAL_BUCKET = "mriseg"
+
+
+def state_dir() -> Path:
+    base = os.environ.get("MRISEG_CACHE") or os.path.join(Path.home(), ".cache", "mriseg")
+    return Path(base) / "up"
+
+
+@dataclass
+class LocalStack:
+    """How to reach a running local stack."""
+
+    url: str
+    api_key: str
+    site: str
+    pid: int
+    metrics_url: str | None = None
+    ray_tmp: str | None = None
+    work_dir: str | None = None
+
+    def curl_line(self, volume: str = "scan.nii.gz") -> str:
+        return (f"curl -sS -H 'Authorization: Bearer {self.api_key}' -H 'Content-Type: application/octet-stream' "
+                f"--data-binary @{shlex.quote(volume)} '{self.url}/v1/segmentations/upload?wait=true"
+                f"&filename={shlex.quote(Path(volume).name)}'")
+
+
+def load_serve_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(application entry, http_options) of a one-application Serve config file."""
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(path).read_text())
+    ServeDeploySchema.parse_obj(raw)  # Ray's own check, as `serve run` does
+    apps = raw.get("applications") or []
+    if len(apps) != 1:
+        raise MrisegError(f"{path}: expected exactly one application, found {len(apps)}")
+    return apps[0], dict(raw.get("http_options") or {})
+
+
+def app_args_from_config(app_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The app's args with the file's per-deployment settings folded into ``deployment_options``."""
+    args = dict(app_cfg.get("args") or {})
+    opts = dict(args.get("deployment_options") or {})
+    for d in app_cfg.get("deployments") or []:
+        d = dict(d)
+        opts[d.pop("name")] = d
+    args["deployment_options"] = opts
+    return args
+
+
+def write_tenants(path: Path, api_key: str) -> Path:
+    """A tenants file holding only the key's digest."""
+    doc = {"sites": {LOCAL_SITE: {"key_sha256": [hashlib.sha256(api_key.encode()).hexdigest()],
+                                  "prefixes": [f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/"],
+                                  "max_concurrent_jobs": 8}}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _save_state(stack: LocalStack) -> Path:
+    d = state_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "stack.json"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(stack), f)
+    return p
+
+
+def _healthy(url: str, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/healthz", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def find_running_stack() -> LocalStack | None:
+    """The stack ``mriseg up`` started, if it still answers."""
+    p = state_dir() / "stack.json"
+    if not p.is_file():
+        return None
+    try:
+        stack = LocalStack(**json.loads(p.read_text()))
+    except (ValueError, TypeError):
+        return None
+    return stack if _healthy(stack.url) else None
+
+
+def wait_ready(url: str, timeout: float = 600) -> None:
+    import httpx
+
+    deadline, detail = time.monotonic() + timeout, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url + "/readyz", timeout=10)
+            if r.status_code == 200:
+                return
+            detail = r.json().get("detail", r.text)
+        except (httpx.HTTPError, ValueError) as e:
+            detail = type(e).__name__
+        time.sleep(1)
+    raise ServiceUnavailableError(f"the stack at {url} did not become ready in {timeout:.0f}s: {detail}")
+
+
+def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int | None = None,
+                      models: list[str] | None = None, num_cpus: int | None = None,
+                      save_state: bool = True) -> LocalStack:
+    """Start Ray and the app of ``config`` on this machine; returns once ``/readyz`` is 200."""
+    import ray
+    from ray import serve as rayserve
+
+    from serve.cluster.app import build_app
+
+    app_cfg, http = load_serve_config(config)
+    args = app_args_from_config(app_cfg)
+    work = Path(tempfile.mkdtemp(prefix="mriseg-up-"))
+    api_key = "mrs_" + secrets.token_urlsafe(24)
+    args["tenants_file"] = str(write_tenants(work / "tenants.yaml", api_key))
+    args.setdefault("router", {})["results_dir"] = str(work / "results")
+    if models:
+        args["model_sources"] = list(models)
+    host = http.get("host", "127.0.0.1")
+    port = int(port or http.get("port", 8000))
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
+    ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False, _temp_dir=ray_tmp,
+             log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        rayserve.start(http_options={"host": host, "port": port})
+        rayserve.run(build_app(args), name=app_cfg.get("name", "mriseg"),
+                     route_prefix=app_cfg.get("route_prefix", "/"), blocking=False)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        wait_ready(url)
+    except BaseException:
+        _shutdown(ray_tmp, str(work))
+        raise
+    metrics_port = args.get("metrics_port")
+    stack = LocalStack(url, api_key, LOCAL_SITE, os.getpid(),
+                       f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, ray_tmp, str(work))
+    if save_state:
+        _save_state(stack)
+    return stack
+
+
+def _shutdown(ray_tmp: str | None, work: str | None) -> None:
+    import ray
+    from ray import serve as rayserve
+
+    try:
+        if ray.is_initialized():
+            rayserve.shutdown()
+    finally:
+        ray.shutdown()
+        for d in (ray_tmp, work):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def stop_local_stack(stack: LocalStack) -> None:
+    """Stop what :func:`start_local_stack` started in this process."""
+    p = state_dir() / "stack.json"
+    try:
+        if p.is_file() and json.loads(p.read_text()).get("pid") == stack.pid:
+            p.unlink()
+    except (OSError, ValueError):
+        pass
+    _shutdown(stack.ray_tmp, stack.work_dir)
