@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +67,31 @@ def unavailable_error(catalogue: Catalogue, store: ModelStore, sms: Iterable[Sub
         return None
     return ModelUnavailableError("; ".join(problems) + ". Install the weights with 'mriseg models import "
                                  "--totalseg-home DIR' or point --models at a folder/bucket that has them.")
+
+
+def merge_to_input_grid(shape, sms: Sequence[SubModel], prepared: Mapping[float, PreparedVolume],
+                        local_maps: Mapping[str, np.ndarray], models: Mapping[str, LoadedModel],
+                        roi_subset: Sequence[str] | None, catalogue: Catalogue):
+    """Merge local maps per spacing, restore each to the input grid, apply precedence there.
+
+    Returns ``(labels, per_model, structures)`` on the input grid. Sub-models at
+    different spacings can only meet on the input grid; order-0 restoring
+    commutes with the per-voxel merge, so the result equals merging first.
+    """
+    per_model: dict[str, np.ndarray] = {}
+    structures: dict[int, str] = {}
+    for spacing, prep in prepared.items():
+        names = [sm.name for sm in sms if sm.spacing_mm == spacing and sm.name in local_maps]
+        if not names:
+            continue
+        merged = merge({n: local_maps[n] for n in names}, {n: models[n] for n in names}, roi_subset, catalogue)
+        for n in names:
+            per_model[n] = to_input_grid(merged.per_model[n], prep)
+        structures.update(merged.structures)
+    labels = np.zeros(tuple(shape), dtype=np.uint8)
+    for n in sorted(per_model, key=catalogue.precedence_rank):
+        np.copyto(labels, per_model[n], where=per_model[n] > 0)
+    return labels, per_model, dict(sorted(structures.items()))
 
 
 def is_demo_model(model: LoadedModel) -> bool:
@@ -156,23 +181,11 @@ class Segmenter:
             tick(f"predict {sm.name}")
 
         t = time.perf_counter()
-        per_model: dict[str, np.ndarray] = {}
-        structures: dict[int, str] = {}
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-        # sub-models at different spacings are merged after each is back on the input grid;
-        # order-0 restoring commutes with the per-voxel merge, so the result is the same
-        for spacing, prep in prepared.items():
-            names = [sm.name for sm in sms if sm.spacing_mm == spacing]
-            merged = merge({n: local_maps[n] for n in names}, {n: models[n] for n in names}, roi_subset,
-                           self.catalogue)
-            for n in names:
-                per_model[n] = to_input_grid(merged.per_model[n], prep)
-            structures.update(merged.structures)
-        for n in sorted(per_model, key=self.catalogue.precedence_rank):
-            np.copyto(labels, per_model[n], where=per_model[n] > 0)
+        labels, per_model, structures = merge_to_input_grid(volume.shape, sms, prepared, local_maps, models,
+                                                            roi_subset, self.catalogue)
         timings["merge_restore_s"] = time.perf_counter() - t
         tick("merge")
-        return SegmentationResult(labels, per_model, dict(sorted(structures.items())),
+        return SegmentationResult(labels, per_model, structures,
                                   np.array(volume.affine, copy=True), timings,
                                   {n: m.checksum for n, m in models.items()}, skipped, fast,
                                   demo=any(is_demo_model(m) for m in models.values()))

@@ -150,3 +150,15 @@ def test_float_intensities_departure_is_bounded(models, name, tmp_path):
         checked += 1
         assert dice(ours == label, ref == label) >= 0.99, model.label_names.get(int(label))
     assert checked >= 1
+
+
+def test_bf16_on_cpu_is_optional_and_close(golden_input, models):
+    """precision="bf16" autocasts on CPU; fp32 stays the exact default."""
+    vol = read_volume(golden_input)
+    prep = prepare(vol, SPACING)
+    fp32 = predict_labels(models["tissue_types"], prep.data, SPACING)
+    bf16 = predict_labels(models["tissue_types"], prep.data, SPACING, precision="bf16")
+    assert bf16.shape == fp32.shape and bf16.dtype == np.uint8
+    assert np.mean(bf16 == fp32) > 0.8
+    with pytest.raises(ValueError, match="precision"):
+        predict_labels(models["tissue_types"], prep.data, SPACING, precision="fp8")
