@@ -74,14 +74,17 @@ def ensure_demo_models(cache_dir: str | os.PathLike | None = None) -> Path:
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if not (_has_all(root, catalogue) and (root / "DEMO_MODELS.json").is_file()):
         log.warning("no trained demo models in %s; writing randomly initialised ones to %s", committed, root)
-        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        write_random_models(tmp, catalogue)
-        if root.exists():
-            import shutil
+        import shutil
 
-            shutil.rmtree(root)
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_random_models(tmp, catalogue)
         root.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, root)
+        if _has_all(root, catalogue) and (root / "DEMO_MODELS.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        else:
+            shutil.rmtree(root, ignore_errors=True)  # an incomplete earlier attempt
+            os.replace(tmp, root)
     return root
 
 
