@@ -1,0 +1,305 @@
+"""The rendered Kubernetes manifests (k8s/rendered/**) validate and keep the locked-down defaults.
+
+Offline: Kubernetes' OpenAPI schemas from kubernetes-validate, KubeRay's CRD
+schemas from ../shared/k8s-schemas, Ray's own ServeDeploySchema.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.test_k8s_render import ROOT, render_k8s
+
+K8S_VERSION = "1.32.0"  # oldest Kubernetes we support; kubernetes-validate ships its schemas
+SCHEMAS = ROOT.parent / "shared" / "k8s-schemas"
+RENDERED = ROOT / "k8s" / "rendered"
+SUBMODELS = ("organs", "muscles", "tissue_types", "thigh_shoulder_muscles", "appendicular_bones", "face")
+MAY_SCALE_TO_ZERO = {"face", "appendicular_bones"}
+# Prometheus Operator kinds: no schema ships offline; checked structurally below.
+OPERATOR_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+
+
+def _load_rendered() -> dict[str, list[dict]]:
+    out = {}
+    for d in sorted(p for p in RENDERED.iterdir() if p.is_dir()) if RENDERED.is_dir() else []:
+        out[d.name] = [doc for f in sorted(d.glob("*.yaml")) for doc in yaml.safe_load_all(f.read_text()) if doc]
+    return out
+
+
+OVERLAY_DOCS = _load_rendered()
+ALL_DOCS = [(o, d) for o, docs in OVERLAY_DOCS.items() for d in docs]
+EXAMPLES = [d for f in sorted((ROOT / "k8s" / "examples").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def _id(item) -> str:
+    o, d = item
+    return f"{o}/{d['kind']}/{d['metadata']['name']}"
+
+
+def _rayservices():
+    return [(o, d) for o, d in ALL_DOCS if d["kind"] == "RayService"]
+
+
+def test_every_overlay_is_rendered():
+    assert sorted(OVERLAY_DOCS) == sorted(render_k8s.OVERLAYS), "run `python scripts/render_k8s.py`"
+
+
+# -- schemas -------------------------------------------------------------------------------
+
+def _builtin(item) -> bool:
+    """Kinds Kubernetes itself defines; ray.io and Prometheus Operator kinds are checked separately below."""
+    return not (item[1]["apiVersion"].startswith("ray.io/") or item[1]["kind"] in OPERATOR_KINDS)
+
+
+@pytest.mark.parametrize("item", [i for i in ALL_DOCS + [("examples", d) for d in EXAMPLES] if _builtin(i)], ids=_id)
+def test_builtin_kinds_validate_against_kubernetes_openapi(item):
+    kubernetes_validate.validate(item[1], K8S_VERSION, strict=True)
+
+
+def _crd_schema(filename: str) -> dict:
+    if not (SCHEMAS / filename).is_file():
+        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS} (expected beside the checkout: ../shared/k8s-schemas)")
+    crd = yaml.safe_load((SCHEMAS / filename).read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_rayservice_validates_against_kuberay_crds(item):
+    _, rs = item
+    jsonschema.validate(rs, _crd_schema("ray.io_rayservices.yaml"))
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "mriseg"},
+               "spec": rs["spec"]["rayClusterConfig"]}
+    jsonschema.validate(cluster, _crd_schema("ray.io_rayclusters.yaml"))
+
+
+def test_crd_validation_can_fail():
+    """The schema check is not vacuous: a misspelt field in a typed place is rejected."""
+    schema = _crd_schema("ray.io_rayservices.yaml")
+    _, rs = _rayservices()[0]
+    bad = json.loads(json.dumps(rs))
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] = "lots"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+@pytest.mark.parametrize("item", [i for i in ALL_DOCS if i[1]["kind"] in OPERATOR_KINDS], ids=_id)
+def test_prometheus_operator_resources_are_well_formed(item):
+    _, doc = item
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    if doc["kind"] == "PodMonitor":
+        ports = {e["port"] for e in doc["spec"]["podMetricsEndpoints"]}
+        assert ports == {"metrics", "app-metrics"}
+    if doc["kind"] == "PrometheusRule":
+        for group in doc["spec"]["groups"]:
+            for rule in group["rules"]:
+                assert rule["alert"] and rule["expr"].strip() and rule["labels"]["severity"]
+
+
+# -- the Serve application -------------------------------------------------------------------
+
+def _serve_config(rs: dict) -> dict:
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_embedded_serve_config_is_a_valid_importable_serve_app(item):
+    from ray.serve.schema import ServeDeploySchema
+
+    _, rs = item
+    config = _serve_config(rs)
+    ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        module, _, attr = app["import_path"].replace(":", ".").rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attr)), app["import_path"]
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_submodel_autoscaling_knobs(item):
+    overlay, rs = item
+    deployments = {d["name"]: d for app in _serve_config(rs)["applications"] for d in app.get("deployments", [])}
+    if overlay in ("dev", "prod-one-gpu"):
+        pytest.skip("fixed replica counts: demo models on CPU (dev), all six sharing one GPU (prod-one-gpu)")
+    for name in SUBMODELS:
+        assert name in deployments, f"{overlay}: no deployment {name}"
+        ac = deployments[name].get("autoscaling_config")
+        assert ac, f"{overlay}: {name} has no autoscaling_config"
+        for knob in ("min_replicas", "max_replicas", "target_ongoing_requests", "downscale_delay_s"):
+            assert knob in ac, f"{overlay}: {name} autoscaling_config lacks {knob}"
+        assert ac["max_replicas"] >= max(1, ac["min_replicas"])
+        if name in MAY_SCALE_TO_ZERO:
+            assert ac["min_replicas"] >= 0
+        else:
+            assert ac["min_replicas"] >= 1, f"{overlay}: {name} must keep a replica"
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_gpu_worker_group_bounds_follow_the_serve_config(item):
+    """minReplicas holds every warm GPU replica; maxReplicas every GPU replica at the deployments' maximum."""
+    overlay, rs = item
+    gpu_groups = [g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+                  if "nvidia.com/gpu" in json.dumps(g["template"]["spec"]["containers"])]
+    if not gpu_groups:
+        pytest.skip(f"{overlay} has no GPU workers")
+    (g,) = gpu_groups
+    per_pod = float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    need_min = need_max = 0.0
+    for app in _serve_config(rs)["applications"]:
+        for d in app.get("deployments", []):
+            gpus = float((d.get("ray_actor_options") or {}).get("num_gpus", 0))
+            ac = d.get("autoscaling_config") or {}
+            need_min += gpus * ac.get("min_replicas", d.get("num_replicas", 1))
+            need_max += gpus * ac.get("max_replicas", d.get("num_replicas", 1))
+    assert need_min <= g["minReplicas"] * per_pod + 1e-9, f"{overlay}: warm replicas need {need_min} GPUs"
+    assert need_max <= g["maxReplicas"] * per_pod + 1e-9, f"{overlay}: the maximum needs {need_max} GPUs"
+    assert g["minReplicas"] * per_pod < need_min + per_pod, f"{overlay}: more idle GPU pods than warm replicas"
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_tenants_file_is_the_mounted_secret(item):
+    overlay, rs = item
+    for app in _serve_config(rs)["applications"]:
+        assert app["args"].get("tenants_file") == "/etc/mriseg/tenants.yaml", overlay
+    for group, spec in _pod_specs(rs):
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "tenants"]
+        assert vol["secret"]["secretName"] == "mriseg-tenants", group
+
+
+# -- pod templates (checkov does not look inside RayService) -----------------------------------
+
+def _pod_specs(rs: dict) -> list[tuple[str, dict]]:
+    rc = rs["spec"]["rayClusterConfig"]
+    out = [("head", rc["headGroupSpec"]["template"]["spec"])]
+    out += [(g["groupName"], g["template"]["spec"]) for g in rc["workerGroupSpecs"]]
+    return out
+
+
+def _quantity(q) -> float:
+    """CPU cores or bytes from a Kubernetes quantity."""
+    s = str(q)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    for u in sorted(units, key=len, reverse=True):
+        if s.endswith(u):
+            return float(s[: -len(u)]) * units[u]
+    return float(s)
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_every_container_is_locked_down(item):
+    _, rs = item
+    rc = rs["spec"]["rayClusterConfig"]
+    sidecar = rc["autoscalerOptions"]
+    containers = [("autoscaler", sidecar)]
+    for group, spec in _pod_specs(rs):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec.get("automountServiceAccountToken") is (group == "head"), \
+            f"{group}: only the head (autoscaler) gets an API token"
+        containers += [(f"{group}/{c['name']}", c) for c in spec["containers"] + spec.get("initContainers", [])]
+        for c in spec["containers"]:
+            assert c.get("livenessProbe") and c.get("readinessProbe"), f"{group}/{c['name']}: probes"
+        mounts = {m["mountPath"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{group}: read-only root needs a writable /tmp"
+    for where, c in containers:
+        res = c["resources"]
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(res[kind]), f"{where}: {kind} must set cpu and memory"
+        assert _quantity(res["limits"]["memory"]) >= _quantity(res["requests"]["memory"])
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True, where
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["readOnlyRootFilesystem"] is True, where
+        assert sc["capabilities"]["drop"] == ["ALL"], where
+        assert not sc.get("privileged"), where
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_gpu_groups_request_gpus_on_gpu_nodes(item):
+    overlay, rs = item
+    rc = rs["spec"]["rayClusterConfig"]
+    assert rc["enableInTreeAutoscaling"] is True
+    assert rc["autoscalerOptions"]["idleTimeoutSeconds"] >= 60
+    assert "GPU" not in json.dumps(rc["headGroupSpec"].get("rayStartParams", {}))
+    assert "nvidia.com/gpu" not in json.dumps(rc["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"])
+    gpu_groups = [g for g in rc["workerGroupSpecs"] if "nvidia.com/gpu" in json.dumps(g["template"]["spec"]["containers"])]
+    assert (overlay == "dev") == (not gpu_groups)
+    for g in gpu_groups:
+        spec = g["template"]["spec"]
+        (c,) = spec["containers"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
+        assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+        assert 0 <= g["minReplicas"] <= g["maxReplicas"]
+
+
+def test_pinned_ray_ports_match_the_network_policy():
+    for overlay, docs in OVERLAY_DOCS.items():
+        (rs,) = [d for d in docs if d["kind"] == "RayService"]
+        (pol,) = [d for d in docs if d["metadata"]["name"] == "mriseg-ray-internal"]
+        allowed = [(p["port"], p.get("endPort", p["port"])) for p in pol["spec"]["ingress"][0]["ports"]]
+        rc = rs["spec"]["rayClusterConfig"]
+        for params in [rc["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in rc["workerGroupSpecs"]]:
+            ports = [int(v) for k, v in params.items() if k.endswith("port")]
+            ports += range(int(params["min-worker-port"]), int(params["max-worker-port"]) + 1)
+            for port in ports:
+                assert any(lo <= port <= hi for lo, hi in allowed), f"{overlay}: port {port} not allowed between Ray pods"
+
+
+# -- the dev overlay fits one small node --------------------------------------------------------
+
+NODE_CPU, NODE_MEMORY, HEADROOM = 4.0, 16 * 2**30, 0.85
+
+
+def test_dev_overlay_fits_a_4_cpu_16gb_node_without_gpu():
+    (rs,) = [d for d in OVERLAY_DOCS["dev"] if d["kind"] == "RayService"]
+    rc = rs["spec"]["rayClusterConfig"]
+    pods = [(1, rc["headGroupSpec"]["template"]["spec"]["containers"] + [rc["autoscalerOptions"]])]
+    pods += [(g["minReplicas"], g["template"]["spec"]["containers"]) for g in rc["workerGroupSpecs"]]
+    cpu = sum(n * _quantity(c["resources"]["requests"]["cpu"]) for n, cs in pods for c in cs)
+    mem = sum(n * _quantity(c["resources"]["requests"]["memory"]) for n, cs in pods for c in cs)
+    assert "nvidia.com/gpu" not in json.dumps(rc)
+    assert cpu <= NODE_CPU * HEADROOM, f"dev requests {cpu} CPUs"
+    assert mem <= NODE_MEMORY * HEADROOM, f"dev requests {mem / 2**30:.1f} GiB"
+    # and Ray can place the serve app's minimum replicas on the CPUs those pods give it
+    ray_cpus = float(rc["headGroupSpec"]["rayStartParams"].get("num-cpus", 0))
+    ray_cpus += sum(g["minReplicas"] * _quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                    for g in rc["workerGroupSpecs"])
+    need = 0.0
+    for app in _serve_config(rs)["applications"]:
+        for d in app.get("deployments", []):
+            n = (d.get("autoscaling_config") or {}).get("min_replicas", d.get("num_replicas", 1))
+            need += n * float((d.get("ray_actor_options") or {}).get("num_cpus", 1))
+    assert need <= ray_cpus, f"the dev serve app needs {need} Ray CPUs at minimum, the pods give {ray_cpus}"
+
+
+# -- observability ---------------------------------------------------------------------------
+
+def _defined_mriseg_metrics() -> set[str]:
+    names = set()
+    for f in (ROOT / "serve").rglob("*.py"):
+        names |= set(re.findall(r"[\"'](mriseg_[a-z0-9_]+)[\"']", f.read_text()))
+    return names
+
+
+def test_dashboard_and_alerts_use_metrics_that_exist():
+    dashboard = json.loads((ROOT / "k8s" / "observability" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    rules = yaml.safe_load((ROOT / "k8s" / "base" / "prometheusrule.yaml").read_text())
+    exprs += [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]]
+    used = {m for e in exprs for m in re.findall(r"\b((?:ray_)?mriseg_[a-z0-9_]+?)(?:_bucket|_count|_sum)?\b", e)}
+    defined = _defined_mriseg_metrics()
+    # prometheus-client adds _total to counters; Ray prefixes ray.util.metrics with ray_
+    normal = {m.removeprefix("ray_").removesuffix("_total") for m in used}
+    external = {"mriseg_dlq_messages"}  # the S3 event consumer's gauge (serve/consumer.py)
+    missing = sorted(m for m in normal - external if m not in defined and m + "_total" not in defined)
+    assert not missing, f"dashboard/alerts use metrics nobody defines: {missing}"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("request rate", "latency", "replicas", "gpu utilisation", "queue depth", "errors by site"):
+        assert topic in titles
