@@ -91,8 +91,16 @@ def test_missing_input_exits_2(tmp_path, tiny_models, capsys):  # noqa: F811
     assert "does not exist" in capsys.readouterr().err
 
 
+def _in_process_flag() -> list[str]:
+    """The cluster plugin sends ``demo`` through Ray unless told otherwise; this test is the in-process path."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    demo = sub.choices["demo"]
+    return ["--in-process"] if any("--in-process" in a.option_strings for a in demo._actions) else []
+
+
 def test_demo_prints_summary_and_preview(tmp_path, tiny_models, capsys):  # noqa: F811
-    assert main(["demo", "-o", str(tmp_path / "demo"), "--device", "cpu", "-q", "--models", str(tiny_models)]) == 0
+    argv = ["demo", "-o", str(tmp_path / "demo"), "--device", "cpu", "-q", "--models", str(tiny_models)]
+    assert main(argv + _in_process_flag()) == 0
     out = capsys.readouterr().out
     assert "structure(s) found" in out
     preview = [ln for ln in out.splitlines() if ln.startswith("preview: ")][0].split(": ", 1)[1]
