@@ -8,8 +8,8 @@ import pytest
 
 from serve.preprocess import prepare, prepare_labels_like
 from serve.restore import to_input_grid
-from serve.volume_io import Volume, read_volume, write_nifti
-from tests.core_fixtures import body_volume, oriented_affine, world_coords
+from serve.volume_io import read_volume, write_nifti
+from tests.core_fixtures import body_volume, world_coords
 
 ORIENTATIONS = ["RAS", "LPS", "LAS", "PIR", "ASL", "SPL", "IRA"]
 CASES = [
