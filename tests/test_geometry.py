@@ -134,17 +134,31 @@ def test_lps_and_ras_inputs_of_the_same_object_give_the_same_prepared_data():
     assert np.allclose(pr.data, pl.data, atol=1e-2)
 
 
-def test_segmenter_result_is_on_the_input_grid_for_every_orientation(segmenter, tmp_path):  # noqa: F811
-    """The same object in RAS and LPS order: the whole pipeline's labels agree in world space."""
-    results = {}
-    for codes in ("RAS", "LPS"):
-        vol = body_volume(codes, shape=(30, 26, 16), spacing=(1.5, 1.5, 1.5), noise=0)
-        res = segmenter.segment(vol, roi_subset=["subcutaneous_fat", "torso_fat", "skeletal_muscle"])
-        assert res.labels.shape == vol.shape
-        assert np.array_equal(res.affine, vol.affine)
-        results[codes] = res.labels
-    # LPS voxel order is RAS flipped along i and j: identical input after canonicalisation
-    assert np.array_equal(results["LPS"][::-1, ::-1, :], results["RAS"])
+@pytest.mark.parametrize("ras_spacing", [(1.5, 1.5, 1.5), (1.2, 1.4, 2.1)])
+@pytest.mark.parametrize("axcodes", ["LPS", "PIR", "ASL"])
+def test_segmenter_gives_the_same_world_labels_in_every_orientation(segmenter, axcodes, ras_spacing):  # noqa: F811
+    """The same object stored RAS, LPS (flipped) or with permuted axes: identical labels in world space.
+
+    The full pipeline runs (real nnU-Net predictor), so any axis mix-up in
+    prepare / predict / restore would move labels and break the equality.
+    """
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    roi = ["subcutaneous_fat", "torso_fat", "skeletal_muscle", "kidney_left", "kidney_right", "liver"]
+    ref_vol = body_volume("RAS", shape=(30, 26, 16), spacing=ras_spacing, noise=0)
+    ref = segmenter.segment(ref_vol, roi_subset=roi)
+    assert len(np.unique(ref.labels)) >= 3
+    ras_shape = (30, 26, 16)  # voxel axis i of the new volume runs along world axis ornt[i, 0]
+    axes = [int(a) for a, _ in axcodes2ornt(axcodes)]
+    vol = body_volume(axcodes, shape=tuple(ras_shape[a] for a in axes), spacing=tuple(ras_spacing[a] for a in axes),
+                      noise=0)
+    res = segmenter.segment(vol, roi_subset=roi)
+    assert res.labels.shape == vol.shape
+    assert np.array_equal(res.affine, vol.affine)
+    to_ras = ornt_transform(axcodes2ornt(axcodes), axcodes2ornt("RAS"))
+    assert np.array_equal(apply_orientation(res.labels, to_ras), ref.labels)
+    for name, m in res.per_model.items():
+        assert np.array_equal(apply_orientation(m, to_ras), ref.per_model[name])
 
 
 from tests.core_fixtures import segmenter, tiny_models  # noqa: E402,F401
