@@ -99,7 +99,8 @@ class JobService:
         self.scheduler = FairScheduler(self.settings.slots, self._site_limit)
         self._futures: dict[str, asyncio.Future] = {}
         self._seq = 0
-        Path(self.settings.results_dir).mkdir(parents=True, exist_ok=True)
+        self._incoming = Path(self.settings.results_dir) / ".incoming"
+        self._incoming.mkdir(parents=True, exist_ok=True)
 
     def _site_limit(self, site: str) -> int:
         return self.tenancy.sites[site].max_concurrent_jobs
@@ -126,7 +127,20 @@ class JobService:
         elif upload is None:
             raise MrisegError("a job needs an s3:// input or an uploaded volume")
         job = Job(site=site.name, options=options, input_uri=input_uri)
-        fut = self.scheduler.submit(site.name, job.id, lambda: self._execute(job, upload, filename))
+        spooled = None
+        if upload is not None:
+            # Queued uploads wait on disk, not in the router's memory.
+            from serve.volume_io import suffix_of
+
+            spooled = self._incoming / f"{job.id}{suffix_of(filename)}"
+            spooled.write_bytes(upload)
+        try:
+            fut = self.scheduler.submit(site.name, job.id, lambda: self._execute(job, spooled, filename))
+        except MrisegError:
+            if spooled is not None:
+                spooled.unlink(missing_ok=True)
+            raise
+        log.info("audit job=%s site=%s source=%s accepted", job.id, site.name, "s3" if input_uri else "upload")
         self._futures[job.id] = fut
         fut.add_done_callback(lambda f, j=job: self._settled(j, f))
         self._remember(job)
@@ -155,6 +169,8 @@ class JobService:
             raise ConflictError(f"job {job_id} already {job.status}; nothing to cancel")
         self.scheduler.cancel(job_id)
         job.status, job.finished = "cancelled", time.time()
+        for f in self._incoming.glob(f"{job_id}*"):
+            f.unlink(missing_ok=True)
         return job
 
     def result_path(self, site: Site, job_id: str, kind: str = "multilabel") -> Path:
@@ -211,7 +227,7 @@ class JobService:
         return run, {sm.name: d for sm, d in zip(sms, descs) if sm in run}, skipped
 
     # -- execution ----------------------------------------------------------
-    async def _execute(self, job: Job, upload: bytes | None, filename: str) -> Job:
+    async def _execute(self, job: Job, spooled: Path | None, filename: str) -> Job:
         from serve.preprocess import prepare
         from serve.volume_io import read_volume_bytes
 
@@ -227,8 +243,10 @@ class JobService:
             self.metrics.stage_seconds.labels(name.removesuffix("_s")).observe(job.timings[name])
             return out
 
-        if upload is None:
+        if spooled is None:
             upload, filename = await stage("stage_in_s", self._download, job.input_uri)
+        else:
+            upload = await asyncio.to_thread(_read_and_remove, spooled)
         self.metrics.bytes_staged.labels("in").inc(len(upload))
         kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
         volume = await stage("decode_s", lambda: read_volume_bytes(upload, filename, **kw))
@@ -257,7 +275,7 @@ class JobService:
         job.structures = structures
         outdir = Path(self.settings.results_dir) / job.site / job.id
         job.outputs = await stage("write_s", self._write, job, volume, labels, per_model, structures, outdir,
-                                  {n: m.checksum for n, m in models.items()})
+                                  models)
         job.timings["total_s"] = time.perf_counter() - t0
         self.metrics.volumes.labels(job.site).inc()
         self.metrics.voxels.labels(job.site).inc(int(np.prod(volume.data.shape)))
@@ -291,30 +309,19 @@ class JobService:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _merge_restore(self, volume, sms, prepared, local_maps, models, roi_subset):
-        """Exactly the in-process Segmenter's merge: per spacing, merge, back to the input grid, precedence."""
-        from serve.merge import merge
-        from serve.restore import to_input_grid
+        """The in-process Segmenter's own merge (per spacing, back to the input grid, precedence)."""
+        from serve.pipeline import merge_to_input_grid
 
-        per_model: dict[str, np.ndarray] = {}
-        structures: dict[int, str] = {}
-        labels = np.zeros(volume.shape, dtype=np.uint8)
-        for spacing, prep in prepared.items():
-            names = [sm.name for sm in sms if sm.spacing_mm == spacing]
-            merged = merge({n: local_maps[n] for n in names}, {n: models[n] for n in names}, roi_subset,
-                           self.catalogue)
-            for n in names:
-                per_model[n] = to_input_grid(merged.per_model[n], prep)
-            structures.update(merged.structures)
-        for n in sorted(per_model, key=self.catalogue.precedence_rank):
-            np.copyto(labels, per_model[n], where=per_model[n] > 0)
-        return labels, per_model, dict(sorted(structures.items()))
+        return merge_to_input_grid(volume.shape, sms, prepared, local_maps, models, roi_subset, self.catalogue)
 
     def _write(self, job: Job, volume, labels, per_model, structures, outdir: Path,
-               checksums: dict[str, str]) -> dict[str, str]:
-        from serve.pipeline import SegmentationResult
+               models: dict) -> dict[str, str]:
+        from serve.pipeline import SegmentationResult, is_demo_model
 
         result = SegmentationResult(labels, per_model, structures, np.array(volume.affine, copy=True),
-                                    dict(job.timings), checksums, dict(job.unavailable), job.options.fast)
+                                    dict(job.timings), {n: m.checksum for n, m in models.items()},
+                                    dict(job.unavailable), job.options.fast,
+                                    demo=any(is_demo_model(m) for m in models.values()))
         outputs = write_result(result, volume, outdir, job.options.outputs)
         if job.options.output_prefix:
             outputs.update(self._upload(outdir, job.options.output_prefix))
@@ -356,7 +363,11 @@ class JobService:
                 log.info("job %s failed with %d %s", job.id, status, job.error["title"])
         else:
             job.status, job.finished = "succeeded", time.time()
-        self.metrics.job_seconds.labels(job.site, job.status).observe((job.finished or time.time()) - job.created)
+        seconds = (job.finished or time.time()) - job.created
+        self.metrics.job_seconds.labels(job.site, job.status).observe(seconds)
+        # Audit line: ids and outcome only; object keys and file names may carry PHI.
+        log.info("audit job=%s site=%s source=%s status=%s error=%s seconds=%.2f", job.id, job.site,
+                 "s3" if job.input_uri else "upload", job.status, (job.error or {}).get("status"), seconds)
         self._update_gauges()
 
     def _remember(self, job: Job) -> None:
@@ -384,6 +395,13 @@ def write_result(result, volume, outdir: Path, outputs) -> dict[str, str]:
                             per_structure="per_structure" in outputs, statistics="statistics" in outputs,
                             preview="preview" in outputs)
     return {str(k): str(v) for k, v in written.items()}
+
+
+def _read_and_remove(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _ray_put(arr: np.ndarray):
