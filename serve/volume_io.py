@@ -319,14 +319,31 @@ def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -
                                  f"{', '.join(SUPPORTED)}, or a DICOM folder")
 
 
+def check_attached_data(data: bytes, suffix: str) -> None:
+    """Refuse .mha/.nrrd headers that point at another file (on a server that could be any local file)."""
+    head = data[:65536].split(b"\n\n", 1)[0] if suffix == ".nrrd" else data[:65536]
+    for raw in head.splitlines():
+        line = raw.strip().lower()
+        if suffix == ".mha" and line.startswith(b"elementdatafile"):
+            if line.split(b"=", 1)[-1].strip() != b"local":
+                raise UnsupportedFormatError("the .mha header points at a separate data file; upload a "
+                                             "self-contained .mha (ElementDataFile = LOCAL)")
+            return
+        if suffix == ".nrrd" and (line.startswith(b"data file:") or line.startswith(b"datafile:")):
+            raise UnsupportedFormatError("the .nrrd header points at a separate data file; upload a "
+                                         "self-contained .nrrd")
+
+
 def read_volume_bytes(data: bytes, filename: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Read an uploaded file; only ``filename``'s suffix is used (never its name, which may hold PHI)."""
     suffix = suffix_of(filename)
-    if suffix not in SUPPORTED or suffix == ".mhd":
+    if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):
         raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; upload .nii, .nii.gz, "
                                      f".mha, .nrrd or a .zip of one DICOM series")
     if not data:
         raise CorruptFileError("the upload is empty")
+    if suffix in (".mha", ".nrrd"):
+        check_attached_data(data, suffix)
     fd, name = tempfile.mkstemp(prefix="mriseg-upload-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -297,3 +297,20 @@ def test_corrupt_zip_is_refused(tmp_path):
     z.write_bytes(b"PK\x03\x04 definitely not a zip")
     with pytest.raises(CorruptFileError, match="zip"):
         read_volume(z)
+
+
+@pytest.mark.parametrize("name,header", [
+    ("x.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+              b"ElementDataFile = /etc/passwd\n"),
+    ("x.nrrd", b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: /etc/passwd\n\n"),
+])
+def test_uploads_cannot_point_at_server_files(name, header):
+    with pytest.raises(UnsupportedFormatError, match="separate data file"):
+        read_volume_bytes(header, name)
+
+
+def test_self_contained_mha_and_nrrd_uploads(tmp_path):
+    for suffix in (".mha", ".nrrd"):
+        sitk.WriteImage(sitk_image(ramp()), str(tmp_path / f"v{suffix}"))
+        vol = read_volume_bytes((tmp_path / f"v{suffix}").read_bytes(), f"upload{suffix}")
+        assert np.array_equal(vol.data, ramp())
