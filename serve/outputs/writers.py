@@ -30,6 +30,7 @@ def _nifti(data: np.ndarray, affine: np.ndarray, header=None):
         hdr = header.copy()
         hdr.set_data_dtype(np.uint8)
         hdr.set_slope_inter(1, 0)
+        hdr["cal_min"], hdr["cal_max"] = 0, 0  # the input's display window means nothing for labels
         hdr.extensions.clear()
     img = nib.Nifti1Image(np.asarray(data, dtype=np.uint8), affine, hdr)
     if hdr is None:
