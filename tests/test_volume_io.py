@@ -314,3 +314,14 @@ def test_self_contained_mha_and_nrrd_uploads(tmp_path):
         sitk.WriteImage(sitk_image(ramp()), str(tmp_path / f"v{suffix}"))
         vol = read_volume_bytes((tmp_path / f"v{suffix}").read_bytes(), f"upload{suffix}")
         assert np.array_equal(vol.data, ramp())
+
+
+def test_4d_sitk_volumes(tmp_path):
+    one = sitk.JoinSeries([sitk_image(ramp())])  # x, y, z, t=1
+    sitk.WriteImage(one, str(tmp_path / "one.nrrd"))
+    vol = read_volume(tmp_path / "one.nrrd")
+    assert vol.shape == (12, 10, 8) and np.array_equal(vol.data, ramp())
+    three = sitk.JoinSeries([sitk_image(ramp())] * 3)
+    sitk.WriteImage(three, str(tmp_path / "three.nrrd"))
+    with pytest.raises(InvalidVolumeError, match="only 3D volumes"):
+        read_volume(tmp_path / "three.nrrd")
