@@ -348,12 +348,22 @@ def main(argv: list[str] | None = None) -> int:
         "stream_input": stream_size.name, "baseline": {}, "ours": {}, "floor": {}, "ratios": {}, "targets": {},
     }
 
+    label = dev["label"]
+    partial = out_dir / f"bench-{label}.partial.json"
+
+    def checkpoint(phase: str) -> None:
+        """Keep what is measured so far: a run cut short still leaves its numbers (marked partial)."""
+        result["completed_phases"] = result.get("completed_phases", []) + [phase]
+        result["elapsed_s"] = time.perf_counter() - t_run
+        partial.write_text(json.dumps(result, indent=1, default=_json_default))
+
     # 1. baseline as a CLI call (fresh process per request; it pays imports and loading)
     for bp in baseline_precisions:
         for s in sizes:
             log(f"baseline CLI {bp} on {s.name}")
             result["baseline"].setdefault(bp, {})[s.name] = baseline_cli(
                 inp["sizes"][s.name], models_dir, work, bp, args.device, threads)
+            checkpoint(f"baseline-cli-{bp}-{s.name}")
 
     # 2. ours: warm latency per size, stream throughput, memory
     target_cls = ClusterTarget if args.target == "cluster" else InProcessTarget
@@ -371,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in lat_sizes:
                 log(f"ours {p} latency on {s.name}")
                 ours["latency"][s.name] = target.segment(inp["sizes"][s.name])
+                result["ours"][p] = ours
+                checkpoint(f"ours-{p}-latency-{s.name}")
             log(f"ours {p} stream of {args.stream} x {stream_size.name}, {args.clients} clients")
             with RssSampler(target.pids) as sampler:
                 ours["stream"] = run_stream(target, inp["stream"], args.clients)
@@ -379,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             target.close()
         result["ours"][p] = ours
+        checkpoint(f"ours-{p}-stream")
     result["ours_object_store"] = {s.name: object_store_bytes(inp["sizes"][s.name], len(six)) for s in sizes}
 
     # 3. baseline stream (cached models, back to back) and the compute floor, in this process
@@ -390,8 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         result["baseline"].setdefault(p, {})["stream"] = baseline_stream(bstream, models, work, p, args.device)
         if p != "fp32" and "fp32" not in precisions:
             log("baseline stream fp32 (the fair reference)")
+            checkpoint(f"baseline-stream-{p}")
             result["baseline"].setdefault("fp32", {})["stream"] = baseline_stream(
                 bstream, models, work, "fp32", args.device)
+        checkpoint("baseline-stream")
         from serve.preprocess import prepare
         from serve.volume_io import read_volume
 
@@ -402,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"floor {p}")
         floors = measure_floor(models, shapes, p, batch_size=2, max_tiles=floor_max)
         result["floor"][p] = {k: v.to_dict() for k, v in floors.items()}
+        checkpoint(f"floor-{p}")
         del models
 
     # 4. precision agreement
@@ -413,12 +429,13 @@ def main(argv: list[str] | None = None) -> int:
     compute_ratios(result, precisions, sizes, lat_sizes, device)
     result["bench_wall_s"] = time.perf_counter() - t_run
     result["device"]["loadavg_at_end"] = os.getloadavg()
-    label = dev["label"]
+    result["complete"] = True
     (out_dir / f"bench-{label}.json").write_text(json.dumps(result, indent=1, default=_json_default))
     from loadtest.report import write_markdown, write_plot
 
     write_plot(result, out_dir / f"bench-{label}.png")
     write_markdown(result, out_dir / f"bench-{label}.md", f"bench-{label}.png")
+    partial.unlink(missing_ok=True)
     log(f"wrote {out_dir}/bench-{label}.json/.md/.png in {result['bench_wall_s'] / 60:.1f} min")
     return 0
 
