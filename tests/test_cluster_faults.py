@@ -1,4 +1,4 @@
-"""Faults on a cluster of its own: a sub-model replica killed mid-request (six-GPU layout)."""
+"""On a cluster of its own (six-GPU layout): scale from zero, a sub-model replica killed mid-request."""
 
 from __future__ import annotations
 
@@ -19,16 +19,37 @@ def _stats(name):
     return rayserve.get_deployment_handle(name, app_name="mriseg").stats.remote().result()
 
 
+def _replicas(name) -> int:
+    from ray import serve as rayserve
+
+    d = rayserve.status().applications["mriseg"].deployments[name]
+    return int(d.replica_states.get("RUNNING", 0))
+
+
 def test_replica_killed_mid_request_completes_or_fails_retryably(isolated_ray, tmp_path):
     import ray
 
     models = tiny_models(tmp_path / "models")
+    # six-gpu.yaml's shape: one GPU per replica, face scales from zero
     stack = isolated_ray["stack"] = start_stack(
         tmp_path, models, num_gpus=6,
         submodel_options={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1}, "max_ongoing_requests": 4},
+        per_model={"face": {"autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1,
+                                                   "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                                                   "downscale_delay_s": 600}}},
         router={"max_upload_bytes": 16 << 20})
 
-    # six-gpu layout: Ray gave every sub-model replica a GPU of its own
+    with stack.client() as c:
+        # ready although face has no replica: it may scale from zero
+        assert _replicas("face") == 0
+        assert c.get("/readyz").status_code == 200
+        r = c.post("/v1/segmentations/upload", params={"wait": "true", "roi_subset": "face"},
+                   content=nifti_bytes(seed=1), headers={**auth("site-b"), "content-type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        assert set(r.json()["submodels"]) == {"face"}
+        assert _replicas("face") == 1
+
+    # Ray gave every sub-model replica a GPU of its own
     gpu_ids = {n: tuple(_stats(n)["gpu_ids"]) for n in SUBMODELS}
     assert all(len(g) == 1 for g in gpu_ids.values())
     assert len(set(gpu_ids.values())) == 6

@@ -80,19 +80,23 @@ class Ingress:
             raise RuntimeError("job service missing")
 
 
+# A deployment that is resizing still serves; one at zero replicas with min_replicas 0 is HEALTHY
+# and scales up on its first request. UPDATING (first deploy), UNHEALTHY, DEPLOY_FAILED are not ready.
+SERVING_STATES = ("HEALTHY", "UPSCALING", "DOWNSCALING")
+
+
 def _deployment_report(names: list[str]) -> dict:
     app_name = rayserve.get_replica_context().app_name
     status = rayserve.status().applications.get(app_name)
     deployments = status.deployments if status else {}
-    out, ready = {}, True
+    out = {}
     for n in names:
         d = deployments.get(n)
-        state = str(d.status.value if hasattr(d.status, "value") else d.status) if d else "MISSING"
-        out[n] = state
-        ready &= state == "HEALTHY"
-    return {"ready": ready, "submodels": out,
-            "detail": "" if ready else "sub-model deployments not healthy: " +
-            ", ".join(f"{k}={v}" for k, v in out.items() if v != "HEALTHY")}
+        out[n] = str(d.status.value if hasattr(d.status, "value") else d.status) if d else "MISSING"
+    bad = {k: v for k, v in out.items() if v not in SERVING_STATES}
+    return {"ready": not bad, "submodels": out,
+            "detail": "sub-model deployments not serving: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+            if bad else ""}
 
 
 def _resolve_sources(sources: list[str]) -> list[str]:
