@@ -32,6 +32,8 @@ def write_markdown(result: dict, path: Path, plot_name: str) -> Path:
              ]
     if result.get("note"):
         lines.append(f"- note: **{result['note']}**")
+    if not result.get("complete", True) or not result.get("ratios"):
+        lines.append("- **partial run**: completed phases " + ", ".join(result.get("completed_phases", [])))
     lines.append("")
     for p, r in result["ratios"].items():
         lines += [f"## Served precision {p}", "",
@@ -40,11 +42,12 @@ def write_markdown(result: dict, path: Path, plot_name: str) -> Path:
         blp = result["baseline"].get(p, bl32)
         lines.append(f"| latency, {small}, with model loading (CLI) | {_f(r['latency_s'])} s | "
                      f"{_f(bl32[small]['with_loading_s'])} s | {_f(blp[small]['with_loading_s'])} s |")
-        lines.append(f"| latency, {small}, models cached | {_f(r['latency_s'])} s | "
+        lines.append(f"| latency, {small}, models cached (CLI run minus its measured loads) | {_f(r['latency_s'])} s | "
                      f"{_f(bl32[small]['without_loading_s'])} s | {_f(blp[small]['without_loading_s'])} s |")
         so = result["ours"][p]["stream"]
-        lines.append(f"| throughput, {so['volumes']} x {result['stream_input']} "
-                     f"({so['clients']} clients / back to back) | {_f(so['volumes_per_hour'])} vol/h | "
+        nb = bl32["stream"].get("volumes", "?")
+        lines.append(f"| throughput, {result['stream_input']} volumes: ours {so['volumes']} from {so['clients']} "
+                     f"clients; baseline {nb} back to back, models cached | {_f(so['volumes_per_hour'])} vol/h | "
                      f"{_f(bl32['stream']['volumes_per_hour'])} vol/h | {_f(blp['stream']['volumes_per_hour'])} vol/h |")
         lines.append(f"| compute floor, {small} | {_f(r['floor_s'])} s | | |")
         lines += ["", "| ratio | vs baseline fp32 | target | vs baseline " + p + " | target |", "|---|---|---|---|---|"]
