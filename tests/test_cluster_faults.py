@@ -43,6 +43,9 @@ def test_replica_killed_mid_request_completes_or_fails_retryably(isolated_ray, t
         # ready although face has no replica: it may scale from zero
         assert _replicas("face") == 0
         assert c.get("/readyz").status_code == 200
+        subs = {m["name"]: m for m in c.get("/v1/structures", headers=auth("site-b")).json()["submodels"]}
+        assert subs["face"]["state"] == "cold" and subs["organs"]["state"] == "ready"
+        assert _replicas("face") == 0  # asking for the catalogue did not wake it
         r = c.post("/v1/segmentations/upload", params={"wait": "true", "roi_subset": "face"},
                    content=nifti_bytes(seed=1), headers={**auth("site-b"), "content-type": "application/octet-stream"})
         assert r.status_code == 200, r.text

@@ -307,6 +307,6 @@ async def structures(svc: Svc, who: SiteDep) -> dict:
                      "fast_variant": sm.is_fast_variant, "structures": list(sm.labels), **avail[sm.name]})
     owner = {n: sm.name for sm in cat.submodels for n in sm.labels}
     return {"structures": [{"id": gid, "name": name, "submodel": owner[name],
-                            "available": avail[owner[name]]["state"] == "ready"}
+                            "available": avail[owner[name]]["state"] in ("ready", "cold")}
                            for gid, name in cat.structures.items()],
             "submodels": subs}

@@ -54,7 +54,7 @@ class Ingress:
         self.service = JobService(tenancy, self._call, self._describe, list(submodels),
                                   RouterSettings.from_mapping({**(settings.get("router") or {}),
                                                                "s3": settings.get("s3")}),
-                                  metrics)
+                                  metrics, running_replicas=self._running_replicas)
         self.metrics_port = start_metrics_server(metrics, int(settings.get("metrics_port") or 0),
                                                  settings.get("metrics_host", "0.0.0.0"))
         self._ready_cache: tuple[float, dict] | None = None
@@ -65,6 +65,9 @@ class Ingress:
 
     async def _describe(self, name: str) -> dict:
         return await self.handles[name].describe.remote()
+
+    async def _running_replicas(self) -> dict[str, int]:
+        return (await self.readiness())["running"]
 
     async def readiness(self) -> dict:
         """Every sub-model deployment healthy (a min_replicas 0 deployment at zero replicas counts as healthy)."""
@@ -89,12 +92,14 @@ def _deployment_report(names: list[str]) -> dict:
     app_name = rayserve.get_replica_context().app_name
     status = rayserve.status().applications.get(app_name)
     deployments = status.deployments if status else {}
-    out = {}
+    out, running = {}, {}
     for n in names:
         d = deployments.get(n)
         out[n] = str(d.status.value if hasattr(d.status, "value") else d.status) if d else "MISSING"
+        states = {str(getattr(k, "value", k)): v for k, v in (d.replica_states if d else {}).items()}
+        running[n] = int(states.get("RUNNING", 0))
     bad = {k: v for k, v in out.items() if v not in SERVING_STATES}
-    return {"ready": not bad, "submodels": out,
+    return {"ready": not bad, "submodels": out, "running": running,
             "detail": "sub-model deployments not serving: " + ", ".join(f"{k}={v}" for k, v in bad.items())
             if bad else ""}
 

@@ -86,7 +86,8 @@ class JobService:
     def __init__(self, tenancy: Tenancy, call: SubModelCall, describe: Describe,
                  deployed: list[str], settings: RouterSettings | None = None,
                  metrics: IngressMetrics | None = None, catalogue: Catalogue | None = None,
-                 put: Callable[[np.ndarray], Any] | None = None):
+                 put: Callable[[np.ndarray], Any] | None = None,
+                 running_replicas: Callable[[], Awaitable[dict[str, int]]] | None = None):
         self.tenancy = tenancy
         self.settings = settings or RouterSettings()
         self.catalogue = catalogue or load_catalogue()
@@ -94,6 +95,7 @@ class JobService:
         self.deployed = list(deployed)
         self._call, self._describe = call, describe
         self._put = put or _ray_put
+        self._running_replicas = running_replicas
         self._descriptions: dict[str, dict] = {}
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.scheduler = FairScheduler(self.settings.slots, self._site_limit)
@@ -197,8 +199,16 @@ class JobService:
         return d
 
     async def availability(self) -> dict[str, dict]:
+        """Per sub-model state; a deployment scaled to zero is reported "cold", not woken up."""
         names = [sm.name for sm in list(self.catalogue.submodels) + list(self.catalogue.fast_variants)]
-        descs = await asyncio.gather(*(self.describe(n) for n in names), return_exceptions=True)
+        running = await self._running_replicas() if self._running_replicas else {}
+
+        async def one(n: str):
+            if n in self.deployed and n not in self._descriptions and running.get(n) == 0:
+                return {"state": "cold", "detail": "scaled to zero; starts on its first request"}
+            return await self.describe(n)
+
+        descs = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
         out = {}
         for n, d in zip(names, descs):
             if isinstance(d, BaseException):
