@@ -81,3 +81,22 @@ def test_bad_args_are_clear_errors():
         validate_args({"modle_sources": []})
     with pytest.raises(MrisegError, match="unknown sub-model"):
         validate_args({"submodels": ["organs", "brain"]})
+
+
+def test_up_folds_the_config_into_app_args_and_keeps_only_the_key_digest(tmp_path):
+    from serve.cluster.tenancy import Tenancy
+    from serve.cluster.up import DEFAULT_CONFIG, LocalStack, app_args_from_config, load_serve_config, write_tenants
+
+    app, http = load_serve_config(DEFAULT_CONFIG)
+    args = app_args_from_config(app)
+    assert http["host"] == "127.0.0.1"
+    assert set(args["deployment_options"]) == {"Router", *args["submodels"]}
+    assert args["deployment_options"]["organs"]["ray_actor_options"] == {"num_cpus": 0.2}
+    validate_args(args)
+
+    key = "mrs_0123456789abcdefghij"
+    path = write_tenants(tmp_path / "t.yaml", key)
+    assert key not in path.read_text()
+    assert Tenancy.load(path).authenticate(key).name == "local"
+    line = LocalStack("http://127.0.0.1:8000", key, "local", 1).curl_line("my scan.nii.gz")
+    assert f"Bearer {key}" in line and "'my scan.nii.gz'" in line and "/v1/segmentations/upload?wait=true" in line

@@ -136,6 +136,17 @@ def wait_ready(url: str, timeout: float = 600) -> None:
     raise ServiceUnavailableError(f"the stack at {url} did not become ready in {timeout:.0f}s: {detail}")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise MrisegError(f"cannot listen on {host}:{port} ({e.strerror}); is another stack running? "
+                              f"Pass --port to use another port") from e
+
+
 def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int | None = None,
                       models: list[str] | None = None, num_cpus: int | None = None,
                       save_state: bool = True) -> LocalStack:
@@ -155,6 +166,7 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         args["model_sources"] = list(models)
     host = http.get("host", "127.0.0.1")
     port = int(port or http.get("port", 8000))
+    _check_port_free(host, port)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
