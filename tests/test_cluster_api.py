@@ -6,7 +6,6 @@ import gzip
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -223,6 +222,8 @@ def test_error_statuses(serve_stack):
         # 413: upload over the 2 MiB limit
         big = b"\0" * (3 << 20)
         _problem(c.post("/v1/segmentations/upload", content=big, headers={**auth("site-a"), **RAW}), 413)
+        _problem(c.post("/v1/segmentations", content=b"{" + b" " * (100 << 10) + b"}",
+                        headers={**auth("site-a"), "content-type": "application/json"}), 413)
         # 415: wrong content type; a file type no reader handles
         _problem(c.post("/v1/segmentations/upload", content=b"hello",
                         headers={**auth("site-a"), "content-type": "text/plain"}), 415)

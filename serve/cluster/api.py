@@ -87,6 +87,19 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return problem(500, "Internal error", "unexpected server error; the operators have the log")
 
 
+MAX_JSON_BYTES = 64 << 10
+
+
+@app.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """Only the upload route takes large bodies; anything else over 64 KiB is refused before it is read."""
+    declared = request.headers.get("content-length", "")
+    if (declared.isdigit() and int(declared) > MAX_JSON_BYTES
+            and request.url.path != "/v1/segmentations/upload"):
+        return problem(413, "Request too large", f"request bodies here are limited to {MAX_JSON_BYTES} bytes")
+    return await call_next(request)
+
+
 @app.middleware("http")
 async def _observe(request: Request, call_next):
     t = time.perf_counter()
