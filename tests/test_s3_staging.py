@@ -1,0 +1,161 @@
+"""S3 staging against a real SeaweedFS on loopback: checksums, limits, 4xx errors, outages."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from serve import staging
+from serve.embedded_s3 import SeaweedServer
+from serve.errors import StorageError, VolumeTooLargeError
+from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
+
+pytestmark = pytest.mark.s3
+
+
+def test_seaweed_listens_on_loopback_only(seaweed):
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    pids = {str(seaweed.proc.pid)}
+    mine = [line for line in out.splitlines() if any(f"pid={p}," in line for p in pids)]
+    assert mine, "weed listens on nothing?"
+    local = {line.split()[3] for line in mine}
+    assert all(addr.startswith("127.0.0.1:") for addr in local), local
+    ports = {int(a.rsplit(":", 1)[1]) for a in local}
+    assert ports <= set(seaweed.ports.values()), ports - set(seaweed.ports.values())
+    defaults = {9333, 19333, 9340, 19340, 8888, 18888, 8333, 18333, 23646, 7333, 8181, 9101, 6060}
+    assert not ports & defaults
+
+
+def test_round_trip_small_file_with_sha256(seaweed, tmp_path, unique_prefix):
+    src = tmp_path / "vol.nii.gz"
+    src.write_bytes(os.urandom(300_000))
+    uri = f"s3://inbox/{unique_prefix}/vol.nii.gz"
+    up = staging.upload_file(src, uri, seaweed.settings)
+    head = seaweed.client().head_object(Bucket="inbox", Key=f"{unique_prefix}/vol.nii.gz", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(src.read_bytes()).digest()).decode()
+    got = staging.download_file(uri, tmp_path / "back.nii.gz", settings=seaweed.settings)
+    assert (tmp_path / "back.nii.gz").read_bytes() == src.read_bytes()
+    assert got.verified == "sha256" and got.sha256 == up.sha256
+    assert staging.download_bytes(uri, settings=seaweed.settings) == src.read_bytes()
+
+
+def test_multipart_round_trip_verified_by_metadata(seaweed, tmp_path, unique_prefix):
+    src = tmp_path / "big.nii"
+    src.write_bytes(os.urandom(staging.MULTIPART_THRESHOLD + 3 * 1024 * 1024))
+    uri = f"s3://inbox/{unique_prefix}/big.nii"
+    up = staging.upload_file(src, uri, seaweed.settings)
+    head = seaweed.client().head_object(Bucket="inbox", Key=f"{unique_prefix}/big.nii", ChecksumMode="ENABLED")
+    # a multipart ETag is not an MD5 of the object
+    assert head["ETag"].strip('"') != hashlib.md5(src.read_bytes()).hexdigest()
+    got = staging.download_file(uri, tmp_path / "back.nii", settings=seaweed.settings)
+    assert got.sha256 == up.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert got.verified in ("sha256", "sha256-metadata")
+
+
+def test_corrupted_object_fails_verification(seaweed, tmp_path, unique_prefix):
+    key = f"{unique_prefix}/tampered.nii"
+    # an object whose sha256 metadata disagrees with its bytes (no whole-object checksum)
+    seaweed.client().put_object(Bucket="inbox", Key=key, Body=b"actual bytes",
+                                Metadata={"sha256": hashlib.sha256(b"other bytes").hexdigest()})
+    with pytest.raises(staging.IntegrityError):
+        staging.download_bytes(f"s3://inbox/{key}", settings=seaweed.settings)
+
+
+def test_size_limit_aborts_download(seaweed, tmp_path, unique_prefix):
+    uri = f"s3://inbox/{unique_prefix}/large.nii"
+    staging.put_bytes(b"x" * 50_000, uri, seaweed.settings)
+    with pytest.raises(VolumeTooLargeError, match="limit"):
+        staging.download_file(uri, tmp_path / "x.nii", max_bytes=10_000, settings=seaweed.settings)
+    assert not (tmp_path / "x.nii").exists() and not (tmp_path / "x.nii.part").exists()
+
+
+def test_wrong_credentials_is_clear_4xx_job_error(seaweed, tmp_path, unique_prefix):
+    bad = dataclasses.replace(seaweed.settings, secret_access_key="not-the-secret")
+    key = f"{unique_prefix}/secret-patient-name.nii.gz"
+    with pytest.raises(staging.S3RequestError) as ei:
+        staging.download_bytes(f"s3://inbox/{key}", settings=bad)
+    err = ei.value
+    assert isinstance(err, StorageError) and 400 <= err.status < 500 and not err.retryable
+    assert "inbox" in err.message and "secret-patient-name" not in err.message
+    src = tmp_path / "f.json"
+    src.write_text("{}")
+    with pytest.raises(staging.S3RequestError) as ei:
+        staging.upload_file(src, f"s3://outbox/{key}", settings=bad)
+    assert ei.value.status == 403 and "key" in ei.value.message
+
+
+def test_missing_object_and_bucket_are_404(seaweed, unique_prefix):
+    with pytest.raises(staging.S3RequestError) as ei:
+        staging.download_bytes(f"s3://inbox/{unique_prefix}/nope.nii", settings=seaweed.settings)
+    assert ei.value.status == 404
+    with pytest.raises(staging.S3RequestError) as ei:
+        staging.put_bytes(b"x", "s3://no-such-bucket/x", seaweed.settings)
+    assert ei.value.status == 404
+
+
+def test_upload_dir_layout_job_json_last(seaweed, tmp_path, unique_prefix):
+    out = tmp_path / "out"
+    (out / "segmentations").mkdir(parents=True)
+    (out / "segmentations.nii.gz").write_bytes(b"seg")
+    (out / "segmentations" / "liver.nii.gz").write_bytes(b"liver")
+    (out / "statistics.json").write_text("{}")
+    (out / "preview.png").write_bytes(b"png")
+    (out / "mriseg.json").write_text("{}")
+    (out / "job.json").write_text('{"status": "done"}')
+    order = []
+    got = staging.upload_dir(out, f"s3://outbox/{unique_prefix}/site-a/case1/", seaweed.settings,
+                             on_uploaded=order.append)
+    assert order[-1] == "job.json"
+    assert set(got) == {"segmentation.nii.gz", "structures/liver.nii.gz", "statistics.json", "preview.png",
+                        "job.json"}
+    keys = {o["Key"] for o in seaweed.client().list_objects_v2(Bucket="outbox", Prefix=unique_prefix)["Contents"]}
+    assert f"{unique_prefix}/site-a/case1/structures/liver.nii.gz" in keys
+
+
+def test_outage_during_upload_is_retried_to_success(tmp_path):
+    """Stop SeaweedFS after the first output file, restart it (same ports, same data) 3 s later."""
+    server = SeaweedServer(tmp_path / "weed", buckets=["outbox"])
+    server.start()
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        for name in ("a.json", "b.json", "c.json", "job.json"):
+            (out / name).write_text(name)
+        restarted = threading.Event()
+
+        def restart_later() -> None:
+            time.sleep(3)
+            server.start()
+            restarted.set()
+
+        def after(name: str) -> None:
+            if name == "a.json" and not restarted.is_set() and server.running:
+                server.stop()
+                threading.Thread(target=restart_later, daemon=True).start()
+
+        got = staging.upload_dir(out, "s3://outbox/site/case/", server.settings, on_uploaded=after)
+        assert restarted.is_set()
+        assert set(got) == {"a.json", "b.json", "c.json", "job.json"}
+        for name in got:
+            assert staging.download_bytes(got[name], settings=server.settings) == name.encode()
+    finally:
+        server.cleanup()
+
+
+def test_outage_longer_than_deadline_is_clear_502(tmp_path):
+    server = SeaweedServer(tmp_path / "weed2", buckets=["outbox"])
+    server.start()
+    server.stop()
+    try:
+        with pytest.raises(staging.S3UnavailableError) as ei:
+            staging.put_bytes(b"x", "s3://outbox/k", server.settings, deadline_s=1.0)
+        assert ei.value.status == 502 and ei.value.retryable
+    finally:
+        server.cleanup()
