@@ -129,6 +129,7 @@ def test_outage_during_upload_is_retried_to_success(tmp_path):
         for name in ("a.json", "b.json", "c.json", "job.json"):
             (out / name).write_text(name)
         restarted = threading.Event()
+        threads: list[threading.Thread] = []
 
         def restart_later() -> None:
             time.sleep(3)
@@ -138,9 +139,12 @@ def test_outage_during_upload_is_retried_to_success(tmp_path):
         def after(name: str) -> None:
             if name == "a.json" and not restarted.is_set() and server.running:
                 server.stop()
-                threading.Thread(target=restart_later, daemon=True).start()
+                threads.append(threading.Thread(target=restart_later, daemon=True))
+                threads[0].start()
 
         got = staging.upload_dir(out, "s3://outbox/site/case/", server.settings, on_uploaded=after)
+        assert threads, "the server was never stopped"
+        threads[0].join(timeout=120)
         assert restarted.is_set()
         assert set(got) == {"a.json", "b.json", "c.json", "job.json"}
         for name in got:
