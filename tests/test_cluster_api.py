@@ -175,7 +175,7 @@ def test_structures_readiness_openapi_and_metrics(serve_stack):
         spec = c.get("/v1/openapi.json").json()
         assert {"/v1/segmentations", "/v1/segmentations/upload", "/v1/segmentations/{job_id}",
                 "/v1/segmentations/{job_id}/result", "/v1/structures"} <= set(spec["paths"])
-        assert c.get("/metrics").status_code == 404  # not on the public API
+        assert c.get("/metrics", headers=auth("site-a")).status_code == 404  # not on the public API
         upload(c, "site-a")
     port = serve_stack.extra["args"]["metrics_port"]
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -207,6 +207,9 @@ def test_error_statuses(serve_stack):
         _problem(c.get("/v1/structures"), 401)
         _problem(c.get("/v1/structures", headers={"X-API-Key": "nope-nope-nope-nope"}), 401)
         _problem(c.post("/v1/segmentations/upload", content=b"x", headers=RAW), 401)
+        # auth comes before parsing: a malformed body from an unknown caller is still 401
+        _problem(c.post("/v1/segmentations", content=b"{not json", headers={"content-type": "application/json"}), 401)
+        _problem(c.get("/v1/segmentations/x/files/../../etc/passwd"), 401)
         # 403: another site's input or output prefix
         _problem(c.post("/v1/segmentations", json={"input": "s3://consortium/site-b/scan.nii.gz"},
                         headers=auth("site-a")), 403)

@@ -100,6 +100,22 @@ async def _limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+PUBLIC_PATHS = ("/healthz", "/readyz", "/v1/openapi.json", "/v1/docs", "/v1/docs/oauth2-redirect")
+
+
+@app.middleware("http")
+async def _authenticate_first(request: Request, call_next):
+    """Refuse requests without a valid key before their body or parameters are parsed."""
+    if request.url.path not in PUBLIC_PATHS and _STATE.service is not None:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
+        try:
+            _STATE.service.tenancy.authenticate(key)
+        except MrisegError as e:
+            return problem(e.status, e.title, e.message, retryable=False)
+    return await call_next(request)
+
+
 @app.middleware("http")
 async def _observe(request: Request, call_next):
     t = time.perf_counter()
