@@ -1,0 +1,94 @@
+"""Model folders in an S3 bucket (real SeaweedFS): resolved, cached once, verified, loadable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve import staging
+from serve.catalogue import load_catalogue
+from serve.modelfolder import UNetSpec, write_model_folder
+from serve.modelload import load_model
+from serve.modelstore import ModelStore
+from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+
+pytestmark = pytest.mark.s3
+
+CAT = load_catalogue()
+SPEC = UNetSpec(features=(4, 8), patch_size=(16, 16, 16))
+TS_ORGANS = "Dataset850_TotalSegMRI_part1_organs_1088subj"
+TS_MUSCLES = "Dataset851_TotalSegMRI_part2_muscles_1088subj"
+ODD_TRAINER = "nnUNetTrainer_250epochs_NoMirroring_SiteRetrain"
+
+
+def upload_tree(root: Path, prefix_uri: str, settings) -> int:
+    n = 0
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            staging.upload_file(p, f"{prefix_uri}/{p.relative_to(root).as_posix()}", settings)
+            n += 1
+    return n
+
+
+@pytest.fixture
+def s3_models(seaweed, tmp_path, unique_prefix):  # noqa: F811
+    """TotalSegmentator-shaped organs (standard trainer) and muscles (non-standard trainer) in S3."""
+    results = tmp_path / "results"
+    write_model_folder(results, CAT.submodel("organs"), SPEC, dataset_name=TS_ORGANS)
+    write_model_folder(results, CAT.submodel("muscles"), SPEC, dataset_name=TS_MUSCLES, trainer=ODD_TRAINER,
+                       extra_labels=["brain_aux"])
+    uri = f"s3://models/{unique_prefix}/nnunet/results"
+    assert upload_tree(results, uri, seaweed.settings) == 6
+    return uri
+
+
+def _count_gets(store: ModelStore, uri: str) -> list[str]:
+    """Record every GetObject the store's own S3 client sends (botocore's event hooks)."""
+    calls: list[str] = []
+    store._caches[uri].client.meta.events.register("before-call.s3.GetObject",
+                                                   lambda params, **_: calls.append(params.get("Key")))
+    return calls
+
+
+def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path):  # noqa: F811
+    cache = tmp_path / "cache"
+    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)
+    gets = _count_gets(store, s3_models)
+    organs = store.locate("organs")
+    muscles = store.locate("muscles")
+    assert organs.name == "nnUNetTrainer_2000epochs_NoMirroring__nnUNetPlans__3d_fullres"
+    assert organs.parent.name == TS_ORGANS
+    assert muscles.name == f"{ODD_TRAINER}__nnUNetPlans__3d_fullres"
+    assert (organs / "fold_0" / "checkpoint_final.pth").is_file()
+    assert len(gets) == 6  # every file downloaded once...
+    states = {s.submodel: s.state for s in store.status()}
+    assert states["organs"] == states["muscles"] == "present" and states["face"] == "missing"
+    assert len(gets) == 6  # ...and not again when asked again
+
+    # a fresh store on the same cache downloads nothing
+    store2 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)
+    gets2 = _count_gets(store2, s3_models)
+    assert store2.locate("organs") == organs and store2.locate("muscles") == muscles
+    assert gets2 == []
+
+    m = load_model(muscles, CAT.submodel("muscles"), device="cpu")
+    assert m.trainer_name == ODD_TRAINER and "brain_aux" in m.dropped_labels
+    o = load_model(organs, CAT.submodel("organs"), device="cpu")
+    assert o.label_names[5] == "liver" and o.checksum != m.checksum
+
+
+def test_changed_object_in_s3_is_downloaded_again(seaweed, s3_models, tmp_path):  # noqa: F811
+    cache = tmp_path / "cache"
+    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)
+    organs = store.locate("organs")
+    old = load_model(organs, CAT.submodel("organs"), device="cpu").checksum
+    # replace the organs weights in S3 with a differently seeded network
+    fresh = tmp_path / "fresh"
+    write_model_folder(fresh, CAT.submodel("organs"), SPEC, dataset_name=TS_ORGANS, seed=7)
+    upload_tree(fresh, s3_models, seaweed.settings)
+    store2 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)
+    gets = _count_gets(store2, s3_models)
+    again = store2.locate("organs")
+    assert len(gets) >= 1
+    assert load_model(again, CAT.submodel("organs"), device="cpu").checksum != old
