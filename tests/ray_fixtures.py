@@ -91,7 +91,7 @@ class Stack:
 
 def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options: dict,
                 router: dict | None = None, per_model: dict | None = None, tenant_limits=None,
-                submodels=SUBMODELS) -> Stack:
+                submodels=SUBMODELS, s3: dict | None = None) -> Stack:
     import ray
     from ray import serve as rayserve
 
@@ -113,6 +113,7 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
                    **(router or {})},
         "metrics_port": free_port(),
         "metrics_host": "127.0.0.1",
+        **({"s3": s3} if s3 else {}),
         "deployment_options": {"submodel_defaults": submodel_options, **(per_model or {}),
                                "Router": {"ray_actor_options": {"num_cpus": 1}}},
     }
@@ -155,22 +156,33 @@ def stop_stack(stack: Stack | None) -> None:
 class _Shared:
     stack: Stack | None = None
     tmp: Path | None = None
+    s3 = None  # serve.embedded_s3.SeaweedServer
 
     def ensure(self) -> Stack:
         if self.stack is None:
+            import dataclasses
+
+            from serve.embedded_s3 import SeaweedServer
+
             self.tmp = Path(tempfile.mkdtemp(prefix="mriseg-stack-"))
             models = tiny_models(self.tmp / "models")
+            self.s3 = SeaweedServer(self.tmp / "weed", buckets=[BUCKET]).start()
             # One declared GPU packed with six 0.16-GPU replicas: the one-gpu.yaml layout.
             self.stack = start_stack(self.tmp, models, num_gpus=1,
                                      submodel_options={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.16},
                                                        "max_ongoing_requests": 4,
-                                                       "user_config": {"gpu_memory_fraction": 0.16}})
+                                                       "user_config": {"gpu_memory_fraction": 0.16}},
+                                     s3=dataclasses.asdict(self.s3.settings))
+            self.stack.extra["s3"] = self.s3.settings
         return self.stack
 
     def stop(self) -> None:
         if self.stack is not None:
             stop_stack(self.stack)
             self.stack = None
+        if self.s3 is not None:
+            self.s3.stop()
+            self.s3 = None
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None

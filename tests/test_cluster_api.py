@@ -264,3 +264,33 @@ def test_multipart_upload_and_async_result(serve_stack):
         assert job["status"] == "succeeded"
         assert job["result_url"] == f"/v1/segmentations/{job['id']}/result"
         assert result_labels(c, "site-b", job["id"]).shape == (40, 36, 44)
+
+
+@pytest.mark.s3
+def test_s3_input_and_output_prefix(serve_stack):
+    """Input staged from the site's S3 prefix; outputs in the S3 layout; equal to the upload path."""
+    from serve import staging
+
+    s3 = serve_stack.extra["s3"]
+    data = nifti_bytes(shape=(36, 32, 40), seed=21)
+    staging.put_bytes(data, "s3://consortium/site-a/in/case-21.nii.gz", s3)
+    with serve_stack.client() as c:
+        r = c.post("/v1/segmentations", params={"wait": "true"}, headers=auth("site-a"),
+                   json={"input": "s3://consortium/site-a/in/case-21.nii.gz", "roi_subset": ["liver", "spleen"],
+                         "output_prefix": "s3://consortium/site-a/out/case-21/"})
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert job["input"] == "s3://consortium/site-a/in/case-21.nii.gz"
+        assert "stage_in_s" in job["timings"]
+        uploaded = set(job["outputs"].values())
+        assert "s3://consortium/site-a/out/case-21/segmentation.nii.gz" in uploaded
+        assert "s3://consortium/site-a/out/case-21/statistics.json" in uploaded
+        ref = upload(c, "site-a", data, roi_subset="liver,spleen")
+        expected = result_labels(c, "site-a", ref.json()["id"])
+        # a missing object is S3's 404, reported as the job's error
+        missing = c.post("/v1/segmentations", params={"wait": "true"}, headers=auth("site-a"),
+                         json={"input": "s3://consortium/site-a/in/nope.nii.gz"})
+        _problem(missing, 404)
+    got = staging.download_bytes("s3://consortium/site-a/out/case-21/segmentation.nii.gz", settings=s3)
+    labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(got)).dataobj)
+    np.testing.assert_array_equal(labels, expected)
