@@ -1,0 +1,486 @@
+"""Durable, idempotent segmentation jobs whose state lives in the object store.
+
+A job is identified by its *idempotency key*: a hash of the input object
+(bucket, key, ETag or version id), the options that change the output
+(``roi_subset`` sorted, ``fast``, the outputs wanted) and the checksums of the
+sub-models that would run. The same input with the same options and models
+is the same job: a redelivered event or a resubmission finds the finished
+record and gets the existing result without recomputing. Different options
+or models make a different key and never overwrite another job's outputs.
+
+The record ``s3://{jobs bucket}/{prefix}/jobs/{key}.json`` moves
+queued -> running -> done | failed. Claims are atomic conditional writes:
+``IfNoneMatch="*"`` creates a record only if none exists, ``IfMatch=<ETag>``
+takes over a queued record, a failed-retryable one or a ``running`` claim
+whose lease expired (its worker died). Both SeaweedFS 4.48 and moto honour
+these headers (answering 412), as AWS S3 does since 2024.
+
+:class:`JobRunner` runs one job end to end: claim, stage the input in,
+segment (an :class:`Engine`), stage the outputs out with ``job.json`` last,
+mark the record done. Errors a user caused (corrupt file, 4xx from S3) end the
+job ``failed`` with the reason in the record and in an error ``job.json``;
+retryable errors leave it ``failed`` with ``retryable`` so a redelivery may
+claim it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping, Protocol, Sequence
+
+from botocore.exceptions import ClientError
+
+from serve import staging
+from serve.errors import MrisegError, StorageError
+from serve.s3client import S3Settings, parse_s3_uri
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+DEFAULT_OUTPUTS = ("multilabel", "statistics", "preview")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".zip")
+
+
+def software_version() -> str:
+    try:
+        from serve import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover - serve always has it
+        from importlib.metadata import version
+
+        return version("mriseg-serve")
+
+
+def case_name(key: str, input_prefix: str = "") -> str:
+    """The output folder name of an input key: its path below the inbox prefix, volume suffix removed."""
+    rel = key[len(input_prefix):] if input_prefix and key.startswith(input_prefix) else PurePosixPath(key).name
+    rel = rel.strip("/")
+    low = rel.lower()
+    for s in VOLUME_SUFFIXES:
+        if low.endswith(s):
+            return rel[: -len(s)]
+    return rel
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One input object and what to make of it."""
+
+    input_uri: str                      # s3://bucket/key
+    output_root: str                    # s3://out-bucket/prefix; outputs go to {output_root}/{site}/{case}/
+    site: str = "default"
+    etag: str | None = None             # filled from HEAD when None
+    version_id: str | None = None
+    roi_subset: tuple[str, ...] | None = None
+    fast: bool = False
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    input_prefix: str = ""              # the inbox prefix (case names are relative to it)
+
+    @property
+    def case(self) -> str:
+        return case_name(parse_s3_uri(self.input_uri)[1], self.input_prefix)
+
+    @property
+    def output_prefix(self) -> str:
+        return f"{self.output_root.rstrip('/')}/{self.site}/{self.case}/"
+
+    def options(self) -> dict[str, Any]:
+        """The options that change the output, canonical."""
+        return {"roi_subset": sorted(self.roi_subset) if self.roi_subset else None, "fast": bool(self.fast),
+                "outputs": sorted(set(self.outputs))}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["roi_subset"] = list(self.roi_subset) if self.roi_subset else None
+        d["outputs"] = list(self.outputs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "JobSpec":
+        d = dict(d)
+        if d.get("roi_subset") is not None:
+            d["roi_subset"] = tuple(d["roi_subset"])
+        d["outputs"] = tuple(d.get("outputs") or DEFAULT_OUTPUTS)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def idempotency_key(spec: JobSpec, model_checksums: Mapping[str, str]) -> str:
+    """The job's identity: input object version, output-changing options, model checksums."""
+    bucket, key = parse_s3_uri(spec.input_uri)
+    version = spec.version_id if spec.version_id and spec.version_id != "null" else None
+    ident = {"bucket": bucket, "key": key, "version": version or (spec.etag or "").strip('"'),
+             "options": spec.options(), "models": dict(sorted(model_checksums.items())),
+             "output_root": spec.output_root.rstrip("/"), "site": spec.site}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class JobRecord:
+    key: str
+    state: str
+    spec: dict
+    models: dict[str, str]
+    output_prefix: str
+    owner: str | None = None
+    lease_until: float | None = None
+    attempts: int = 0
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    error: dict | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    etag: str | None = field(default=None, compare=False)   # of the stored record (not stored)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("etag")
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], etag: str | None) -> "JobRecord":
+        known = set(cls.__dataclass_fields__) - {"etag"}
+        return cls(**{k: v for k, v in d.items() if k in known}, etag=etag)
+
+    @property
+    def retryable(self) -> bool:
+        return self.state == FAILED and bool((self.error or {}).get("retryable"))
+
+
+class ClaimLost(MrisegError):
+    """Another worker holds (or just took) this job."""
+
+    status = 409
+    title = "Job claimed elsewhere"
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    inner = e
+    while inner is not None and not isinstance(inner, ClientError):
+        inner = inner.__cause__ or inner.__context__
+    if not isinstance(inner, ClientError):
+        return False
+    code = inner.response.get("Error", {}).get("Code", "")
+    status = inner.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # 409 ConditionalRequestConflict: a concurrent conditional write won on AWS
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+class JobStore:
+    """Job records under ``s3://{bucket}/{prefix}/jobs/`` with atomic claims."""
+
+    def __init__(self, uri: str, settings: S3Settings | Mapping[str, Any] | None = None,
+                 owner: str | None = None, lease_s: float = 300.0):
+        self.bucket, prefix = parse_s3_uri(uri.rstrip("/") + "/")
+        self.prefix = prefix
+        self.settings = settings
+        self.client = staging.client_for(settings)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease_s = lease_s
+
+    def _uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}jobs/{key}.json"
+
+    def get(self, key: str) -> JobRecord | None:
+        def once():
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}jobs/{key}.json")
+            except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None
+                raise
+            return JobRecord.from_json(json.loads(r["Body"].read()), r["ETag"])
+
+        return staging.with_retries(once, bucket=self.bucket, action="read a job record")
+
+    def _put(self, rec: JobRecord, **cond: str) -> JobRecord:
+        rec.updated = time.time()
+        try:
+            resp = staging.put_json(rec.to_json(), self._uri(rec.key), self.settings, **cond)
+        except StorageError as e:
+            if _precondition_failed(e):
+                raise ClaimLost(f"job {rec.key} was changed by another worker") from e
+            raise
+        rec.etag = resp["ETag"]
+        return rec
+
+    def enqueue(self, key: str, spec: JobSpec, models: Mapping[str, str]) -> JobRecord:
+        """Record an accepted job (queued) unless one exists; returns the current record."""
+        rec = JobRecord(key, QUEUED, spec.to_dict(), dict(models), spec.output_prefix)
+        try:
+            return self._put(rec, IfNoneMatch="*")
+        except ClaimLost:
+            return self.get(key) or rec
+
+    def claim(self, key: str, spec: JobSpec, models: Mapping[str, str]) -> tuple[JobRecord, bool]:
+        """Try to own the job. Returns ``(record, True)`` when this worker must run it,
+        ``(record, False)`` when it is done, failed for good, or running elsewhere under a live lease."""
+        for _ in range(5):
+            cur = self.get(key)
+            now = time.time()
+            if cur is not None:
+                if cur.state == DONE or (cur.state == FAILED and not cur.retryable):
+                    return cur, False
+                if cur.state == RUNNING and (cur.lease_until or 0) > now and cur.owner != self.owner:
+                    return cur, False
+            rec = JobRecord(key, RUNNING, spec.to_dict(), dict(models), spec.output_prefix, owner=self.owner,
+                            lease_until=now + self.lease_s, attempts=(cur.attempts if cur else 0) + 1,
+                            created=cur.created if cur else now)
+            try:
+                if cur is None:
+                    return self._put(rec, IfNoneMatch="*"), True
+                return self._put(rec, IfMatch=cur.etag), True
+            except ClaimLost:
+                continue  # someone else changed it in between: look again
+        cur = self.get(key)
+        return cur, False  # type: ignore[return-value]
+
+    def renew(self, rec: JobRecord) -> JobRecord:
+        """Extend the lease of a claim this worker holds (raises :class:`ClaimLost` if taken over)."""
+        rec.lease_until = time.time() + self.lease_s
+        return self._put(rec, IfMatch=rec.etag)
+
+    def finish(self, rec: JobRecord, state: str, *, error: dict | None = None,
+               outputs: Mapping[str, str] | None = None) -> JobRecord:
+        """Mark done or failed. Only the claim holder can (a lost claim raises :class:`ClaimLost`)."""
+        rec.state, rec.error, rec.lease_until = state, error, None
+        if outputs is not None:
+            rec.outputs = dict(outputs)
+        return self._put(rec, IfMatch=rec.etag)
+
+    def list(self) -> list[JobRecord]:
+        """Every job record (for reports and the bulk CLI)."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                      Prefix=f"{self.prefix}jobs/")
+        out = []
+        for page in pages:
+            for o in page.get("Contents", []):
+                k = PurePosixPath(o["Key"]).stem
+                rec = self.get(k)
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+
+# -- running jobs ------------------------------------------------------------------
+class Engine(Protocol):
+    """What segments: in process (:class:`SegmenterEngine`) or through the Ray cluster."""
+
+    def model_checksums(self, roi_subset: Sequence[str] | None, fast: bool) -> dict[str, str]: ...
+
+    def segment_file(self, path: Path, spec: JobSpec, outdir: Path) -> dict[str, Any]:
+        """Write the outputs of ``path`` into ``outdir`` (serve.outputs' writers' names); return
+        ``{"timings": ..., "structures": ..., "models": ..., "demo": ...}``."""
+        ...
+
+
+class SegmenterEngine:
+    """:class:`serve.pipeline.Segmenter` in this process."""
+
+    def __init__(self, segmenter, max_voxels: int | None = None):
+        self.segmenter = segmenter
+        self.max_voxels = max_voxels
+        self.calls = 0  # segmentations actually computed (idempotency is observable)
+
+    def model_checksums(self, roi_subset, fast) -> dict[str, str]:
+        sms, _ = self.segmenter.plan(list(roi_subset) if roi_subset else None, fast)
+        return {sm.name: self.segmenter.model(sm.name).checksum for sm in sms}
+
+    def segment_file(self, path: Path, spec: JobSpec, outdir: Path) -> dict[str, Any]:
+        from serve.outputs.writers import write_outputs
+        from serve.volume_io import DEFAULT_MAX_VOXELS, read_volume
+
+        volume = read_volume(path, self.max_voxels or DEFAULT_MAX_VOXELS)
+        self.calls += 1
+        result = self.segmenter.segment(volume, list(spec.roi_subset) if spec.roi_subset else None, spec.fast)
+        write_outputs(result, volume, outdir, multilabel="multilabel" in spec.outputs,
+                      per_structure="per_structure" in spec.outputs, statistics="statistics" in spec.outputs,
+                      preview="preview" in spec.outputs)
+        return {"timings": result.timings, "structures": {str(k): v for k, v in result.structures.items()},
+                "models": result.models, "unavailable": result.unavailable, "demo": result.demo}
+
+
+@dataclass
+class JobOutcome:
+    key: str
+    state: str                 # done | failed | running (elsewhere)
+    output_prefix: str
+    computed: bool             # False: an existing result (or a running duplicate) was returned
+    error: dict | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def retryable(self) -> bool:
+        return bool((self.error or {}).get("retryable"))
+
+
+def error_dict(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, MrisegError):
+        return {"status": exc.status, "title": exc.title, "detail": exc.message, "retryable": exc.retryable}
+    return {"status": 500, "title": "Internal error", "retryable": True,
+            "detail": f"unexpected {type(exc).__name__}; see the worker log"}
+
+
+class _Heartbeat:
+    """Renews a claim's lease in the background while the job runs."""
+
+    def __init__(self, store: JobStore, rec: JobRecord, every_s: float):
+        self.store, self.rec, self.every_s = store, rec, every_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.lost = False
+        self._t = threading.Thread(target=self._run, daemon=True, name="job-lease")
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                with self._lock:
+                    self.rec = self.store.renew(self.rec)
+            except ClaimLost:
+                self.lost = True
+                return
+            except Exception:  # a transient failure: the lease still has time, try next beat
+                log.warning("could not renew a job lease", exc_info=True)
+
+
+class JobRunner:
+    """Runs :class:`JobSpec` s exactly once in effect: ``runner.run(spec)`` is the consumer's ``submit``."""
+
+    def __init__(self, store: JobStore, engine: Engine, settings: S3Settings | Mapping[str, Any] | None = None,
+                 max_bytes: int | None = 1 << 30, work_dir: str | os.PathLike | None = None):
+        self.store = store
+        self.engine = engine
+        self.settings = settings
+        self.max_bytes = max_bytes
+        self.work_dir = Path(work_dir or tempfile.gettempdir())
+
+    def _fill_version(self, spec: JobSpec) -> JobSpec:
+        if spec.etag or spec.version_id:
+            return spec
+        head = staging.object_exists(spec.input_uri, self.settings)
+        if head is None:
+            bucket, _ = parse_s3_uri(spec.input_uri)
+            raise staging.S3RequestError(f"the input object does not exist in bucket '{bucket}'", 404, "NoSuchKey")
+        return JobSpec.from_dict({**spec.to_dict(), "etag": head["ETag"], "version_id": head.get("VersionId")})
+
+    def key_for(self, spec: JobSpec) -> tuple[JobSpec, str, dict[str, str]]:
+        spec = self._fill_version(spec)
+        models = self.engine.model_checksums(spec.roi_subset, spec.fast)
+        return spec, idempotency_key(spec, models), models
+
+    def run(self, spec: JobSpec) -> JobOutcome:
+        """Claim, compute and publish; or return the existing result."""
+        try:
+            spec, key, models = self.key_for(spec)
+        except MrisegError as e:
+            return self._fail_unclaimed(spec, e)
+        rec, mine = self.store.claim(key, spec, models)
+        if not mine:
+            return JobOutcome(key, rec.state, rec.output_prefix, False, rec.error, rec.outputs)
+        if rec.output_prefix == spec.output_prefix:
+            rec.output_prefix = self._free_prefix(spec, key)
+        started = time.time()
+        tmp = Path(tempfile.mkdtemp(prefix="mriseg-job-", dir=self.work_dir))
+        try:
+            with _Heartbeat(self.store, rec, max(1.0, self.store.lease_s / 3)) as hb:
+                try:
+                    outputs, meta, info = self._compute(spec, rec, tmp, started)
+                except Exception as e:
+                    rec = hb.rec
+                    return self._failed(spec, rec, e, started)
+                rec = hb.rec
+            rec = self.store.finish(rec, DONE, outputs=outputs)
+            log.info("job %s done in %.1fs", key[:12], time.time() - started)
+            return JobOutcome(key, DONE, rec.output_prefix, True, None, outputs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _free_prefix(self, spec: JobSpec, key: str) -> str:
+        """``{site}/{case}/`` unless another job (other options or models) already published there."""
+        base = spec.output_prefix
+        head = staging.object_exists(base + "job.json", self.settings)
+        if head is None:
+            return base
+        existing = json.loads(staging.download_bytes(base + "job.json", settings=self.settings))
+        if existing.get("job_key") == key:
+            return base
+        return f"{base}runs/{key[:16]}/"
+
+    def _compute(self, spec: JobSpec, rec: JobRecord, tmp: Path, started: float):
+        bucket, key = parse_s3_uri(spec.input_uri)
+        local = tmp / ("input" + next((s for s in VOLUME_SUFFIXES if key.lower().endswith(s)), ""))
+        t = time.perf_counter()
+        info = staging.download_file(spec.input_uri, local, self.max_bytes, self.settings)
+        if spec.etag and info.etag.strip('"') != spec.etag.strip('"') and not spec.version_id:
+            raise staging.S3RequestError(f"the input object in bucket '{bucket}' changed since the event; "
+                                         f"the new version gets its own event", 412, "PreconditionFailed")
+        download_s = time.perf_counter() - t
+        outdir = tmp / "out"
+        outdir.mkdir()
+        meta = self.engine.segment_file(local, spec, outdir)
+        timings = {"download_s": download_s, **meta.get("timings", {})}
+        doc = self._job_doc(spec, rec, DONE, info, started, timings=timings, meta=meta)
+        (outdir / "job.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+        t = time.perf_counter()
+        outputs = staging.upload_dir(outdir, rec.output_prefix, self.settings)
+        log.debug("uploaded outputs in %.2fs", time.perf_counter() - t)
+        return outputs, meta, info
+
+    def _job_doc(self, spec: JobSpec, rec: JobRecord, state: str, info: staging.ObjectInfo | None, started: float,
+                 *, timings: dict | None = None, meta: dict | None = None, error: dict | None = None) -> dict:
+        meta = meta or {}
+        return {
+            "status": state, "job_key": rec.key, "site": spec.site, "case": spec.case,
+            "input": {"uri": spec.input_uri, "etag": (info.etag if info else spec.etag),
+                      "version_id": (info.version_id if info else spec.version_id),
+                      "size": info.size if info else None, "sha256": info.sha256 if info else None},
+            "options": spec.options(),
+            "software": {"name": "mriseg-serve", "version": software_version()},
+            "models": meta.get("models") or rec.models, "demo_models": bool(meta.get("demo")),
+            "structures": meta.get("structures", {}), "unavailable": meta.get("unavailable", {}),
+            "timings": {**(timings or {}), "total_s": time.time() - started},
+            "started": started, "finished": time.time(), "attempt": rec.attempts, "error": error,
+        }
+
+    def _failed(self, spec: JobSpec, rec: JobRecord, exc: BaseException, started: float) -> JobOutcome:
+        err = error_dict(exc)
+        if err["status"] >= 500 and not isinstance(exc, MrisegError):
+            log.error("job %s failed unexpectedly", rec.key[:12], exc_info=exc)
+        else:
+            log.info("job %s failed: %d %s", rec.key[:12], err["status"], err["title"])
+        if not err["retryable"]:
+            # a poison input: publish the reason where the outputs would be, so a human sees it
+            doc = self._job_doc(spec, rec, FAILED, None, started, error=err)
+            try:
+                staging.put_json(doc, rec.output_prefix + "job.json", self.settings)
+            except StorageError:
+                log.warning("could not write the error job.json of job %s", rec.key[:12])
+        try:
+            rec = self.store.finish(rec, FAILED, error=err)
+        except ClaimLost:
+            pass
+        return JobOutcome(rec.key, FAILED, rec.output_prefix, True, err)
+
+    def _fail_unclaimed(self, spec: JobSpec, exc: MrisegError) -> JobOutcome:
+        """The job could not even be identified (input gone, models missing): nothing to claim."""
+        err = error_dict(exc)
+        log.info("job not started: %d %s", err["status"], err["title"])
+        return JobOutcome("", FAILED, spec.output_prefix, False, err)

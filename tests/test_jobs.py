@@ -1,0 +1,153 @@
+"""Durable jobs on a real SeaweedFS: idempotency, atomic claims, leases, error job.json, 4xx errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+
+import pytest
+
+from serve import staging
+from serve.jobs import (DONE, FAILED, ClaimLost, JobRunner, JobSpec, JobStore, SegmenterEngine, case_name,
+                        idempotency_key)
+from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
+from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+
+pytestmark = pytest.mark.s3
+
+ROI = ("liver", "spleen")
+
+
+def put_volume(settings, uri: str, tmp_path, seed: int = 0) -> None:
+    import nibabel as nib
+
+    vol = body_volume("RAS", shape=(20, 18, 12), spacing=(1.5, 1.5, 1.5), seed=seed)
+    path = tmp_path / f"v{seed}.nii.gz"
+    nib.save(nib.Nifti1Image(vol.data, vol.affine), str(path))
+    staging.upload_file(path, uri, settings)
+
+
+@pytest.fixture
+def runner(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
+    store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    return JobRunner(store, SegmenterEngine(segmenter), seaweed.settings, work_dir=tmp_path)
+
+
+def spec_for(prefix: str, name: str, **kw) -> JobSpec:
+    return JobSpec(f"s3://inbox/{prefix}/in/{name}", f"s3://outbox/{prefix}", site="site-a",
+                   input_prefix=f"{prefix}/in/", roi_subset=kw.pop("roi_subset", ROI), **kw)
+
+
+def keys_under(seaweed, bucket, prefix):  # noqa: F811
+    resp = seaweed.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in resp.get("Contents", []))
+
+
+def test_case_names():
+    assert case_name("p/in/sub/case7.nii.gz", "p/in/") == "sub/case7"
+    assert case_name("elsewhere/x.MHA") == "x"
+
+
+def test_done_job_is_not_recomputed(seaweed, runner, unique_prefix, tmp_path):  # noqa: F811
+    spec = spec_for(unique_prefix, "case1.nii.gz")
+    put_volume(seaweed.settings, spec.input_uri, tmp_path)
+    first = runner.run(spec)
+    assert first.state == DONE and first.computed and runner.engine.calls == 1
+    assert first.output_prefix == f"s3://outbox/{unique_prefix}/site-a/case1/"
+    keys = keys_under(seaweed, "outbox", f"{unique_prefix}/site-a/case1/")
+    assert [k.rsplit("/", 1)[1] for k in keys] == ["job.json", "preview.png", "segmentation.nii.gz",
+                                                  "statistics.json"]
+    doc = json.loads(staging.download_bytes(first.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "done" and doc["job_key"] == first.key
+    assert doc["input"]["etag"] and doc["input"]["sha256"] and doc["software"]["version"]
+    assert set(doc["models"]) == {"organs"} and doc["options"]["roi_subset"] == sorted(ROI)
+    assert doc["timings"]["total_s"] > 0
+    # a redelivered event, and a fresh runner (as after a restart): the stored result comes back
+    again = runner.run(spec)
+    restarted = JobRunner(JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings), runner.engine,
+                          seaweed.settings).run(spec)
+    assert again.state == restarted.state == DONE and not again.computed and not restarted.computed
+    assert again.key == first.key and runner.engine.calls == 1
+
+
+def test_different_options_never_overwrite(seaweed, runner, unique_prefix, tmp_path):  # noqa: F811
+    spec = spec_for(unique_prefix, "case2.nii.gz")
+    put_volume(seaweed.settings, spec.input_uri, tmp_path)
+    a = runner.run(spec)
+    before = staging.download_bytes(a.output_prefix + "segmentation.nii.gz", settings=seaweed.settings)
+    b = runner.run(dataclasses.replace(spec, roi_subset=("liver",)))
+    assert b.state == DONE and b.computed and b.key != a.key and b.output_prefix != a.output_prefix
+    assert b.output_prefix.startswith(a.output_prefix + "runs/")
+    assert staging.download_bytes(a.output_prefix + "segmentation.nii.gz", settings=seaweed.settings) == before
+    # a new version of the input object is a new job too
+    put_volume(seaweed.settings, spec.input_uri, tmp_path, seed=3)
+    c = runner.run(spec)
+    assert c.computed and c.key not in (a.key, b.key)
+
+
+def test_idempotency_key_covers_models_and_options():
+    spec = JobSpec("s3://b/k.nii", "s3://o", etag='"e1"', roi_subset=("spleen", "liver"))
+    base = idempotency_key(spec, {"organs": "abc"})
+    assert base == idempotency_key(dataclasses.replace(spec, roi_subset=("liver", "spleen")), {"organs": "abc"})
+    assert base != idempotency_key(spec, {"organs": "abd"})
+    assert base != idempotency_key(dataclasses.replace(spec, fast=True), {"organs": "abc"})
+    assert base != idempotency_key(dataclasses.replace(spec, etag='"e2"'), {"organs": "abc"})
+    assert base != idempotency_key(dataclasses.replace(spec, outputs=("multilabel",)), {"organs": "abc"})
+
+
+def test_concurrent_duplicate_claims_have_one_winner(seaweed, unique_prefix):  # noqa: F811
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/x.nii", "s3://outbox/o", etag='"1"')
+    key = idempotency_key(spec, {"organs": "c"})
+    stores = [JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings) for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    wins: list[bool] = []
+
+    def go(store):
+        barrier.wait()
+        wins.append(store.claim(key, spec, {"organs": "c"})[1])
+
+    threads = [threading.Thread(target=go, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False] * 7 + [True]
+
+
+def test_stale_claim_is_taken_over(seaweed, unique_prefix):  # noqa: F811
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/y.nii", "s3://outbox/o", etag='"1"')
+    key = idempotency_key(spec, {})
+    dead = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings, lease_s=1.0)
+    live = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings, lease_s=60.0)
+    rec_dead, won = dead.claim(key, spec, {})
+    assert won
+    assert live.claim(key, spec, {})[1] is False  # lease still valid
+    time.sleep(1.5)  # the dead worker's lease runs out
+    rec_live, won = live.claim(key, spec, {})
+    assert won and rec_live.attempts == 2
+    with pytest.raises(ClaimLost):
+        dead.finish(rec_dead, DONE)
+    assert live.finish(rec_live, DONE).state == DONE
+
+
+def test_corrupt_input_fails_once_with_error_job_json(seaweed, runner, unique_prefix):  # noqa: F811
+    spec = spec_for(unique_prefix, "broken.nii.gz")
+    staging.put_bytes(b"\x1f\x8b this is not a gzip stream", spec.input_uri, seaweed.settings)
+    out = runner.run(spec)
+    assert out.state == FAILED and not out.retryable and out.error["status"] == 422
+    doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "failed" and doc["error"]["status"] == 422
+    again = runner.run(spec)
+    assert again.state == FAILED and not again.computed and runner.engine.calls == 0
+
+
+def test_wrong_credentials_is_a_clear_job_error(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
+    spec = spec_for(unique_prefix, "case3.nii.gz")
+    put_volume(seaweed.settings, spec.input_uri, tmp_path)
+    bad = dataclasses.replace(seaweed.settings, secret_access_key="wrong")
+    store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    out = JobRunner(store, SegmenterEngine(segmenter), bad).run(spec)
+    assert out.state == FAILED and out.error["status"] == 403 and not out.retryable
+    assert "inbox" in out.error["detail"] and "case3" not in out.error["detail"]
