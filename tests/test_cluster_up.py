@@ -19,19 +19,42 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_mriseg_demo_goes_through_a_local_stack(isolated_ray, tmp_path, monkeypatch, capsys):
+def test_up_with_embedded_s3_then_demo_through_it(isolated_ray, tmp_path, monkeypatch, capsys):
+    """`mriseg up`'s stack (Ray + SeaweedFS + local.yaml); `mriseg demo` finds it and goes through it."""
+    import httpx
+
+    from serve import staging
     from serve.cli import main
+    from serve.cluster.up import find_running_stack, start_local_stack, stop_local_stack
 
     monkeypatch.setenv("MRISEG_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "-o", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "starting a temporary one" in out and "through http://127.0.0.1:" in out
-    assert "sub-models (ran in parallel)" in out
-    seg = nib.load(tmp_path / "demo" / "result" / "segmentations.nii.gz")
-    phantom = nib.load(tmp_path / "demo" / "phantom.nii.gz")
-    assert seg.shape == phantom.shape and np.allclose(seg.affine, phantom.affine)
-    assert (tmp_path / "demo" / "result" / "preview.png").stat().st_size > 0
-    assert not (tmp_path / "cache" / "up" / "stack.json").exists()  # the temporary stack left no state
+    stack = start_local_stack(port=free_port())
+    try:
+        assert find_running_stack() == stack
+        assert (tmp_path / "cache" / "up" / "stack.json").stat().st_mode & 0o077 == 0  # key file is private
+
+        assert main(["demo", "-o", str(tmp_path / "demo")]) == 0
+        out = capsys.readouterr().out
+        assert f"through {stack.url}" in out and "temporary" not in out
+        assert "sub-models (ran in parallel)" in out
+        seg = nib.load(tmp_path / "demo" / "result" / "segmentations.nii.gz")
+        phantom = nib.load(tmp_path / "demo" / "phantom.nii.gz")
+        assert seg.shape == phantom.shape and np.allclose(seg.affine, phantom.affine)
+        assert (tmp_path / "demo" / "result" / "preview.png").stat().st_size > 0
+
+        # the printed S3 recipe works against the embedded server
+        staging.put_bytes((tmp_path / "demo" / "phantom.nii.gz").read_bytes(),
+                          "s3://mriseg/local/in/scan.nii.gz", stack.s3)
+        r = httpx.post(f"{stack.url}/v1/segmentations", params={"wait": "true"}, timeout=300,
+                       headers={"Authorization": f"Bearer {stack.api_key}"},
+                       json={"input": "s3://mriseg/local/in/scan.nii.gz",
+                             "output_prefix": "s3://mriseg/local/out/scan/"})
+        assert r.status_code == 200, r.text
+        assert staging.object_exists("s3://mriseg/local/out/scan/segmentation.nii.gz", stack.s3)
+    finally:
+        stop_local_stack(stack)
+    assert find_running_stack() is None
+    assert not (tmp_path / "cache" / "up" / "stack.json").exists()
 
 
 def test_serve_run_local_yaml(isolated_ray, tmp_path):

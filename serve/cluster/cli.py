@@ -14,13 +14,19 @@ def cmd_up(args) -> int:
     from serve.cluster.up import start_local_stack, stop_local_stack
 
     print(f"starting Ray and mriseg-serve from {args.config} (first start takes a minute) ...", flush=True)
-    stack = start_local_stack(args.config, port=args.port, models=args.models)
+    stack = start_local_stack(args.config, port=args.port, models=args.models, embedded_s3=not args.no_s3)
     try:
         print(f"\nmriseg-serve is up at {stack.url}   (API docs: {stack.url}/v1/docs)")
         print(f"site '{stack.site}', API key: {stack.api_key}")
         if stack.metrics_url:
             print(f"metrics: {stack.metrics_url}")
         print("\nsegment a volume:\n  " + stack.curl_line())
+        if stack.s3:
+            s3 = stack.s3
+            print(f"\nembedded S3 (SeaweedFS) at {s3['endpoint_url']}, bucket s3://mriseg/local/ "
+                  f"(AWS_ACCESS_KEY_ID={s3['access_key_id']} AWS_SECRET_ACCESS_KEY={s3['secret_access_key']}):")
+            print(f"  aws --endpoint-url {s3['endpoint_url']} s3 cp scan.nii.gz s3://mriseg/local/in/scan.nii.gz")
+            print("  " + stack.s3_curl_line())
         print("\nor run 'mriseg demo' in another shell. Ctrl-C stops the stack.", flush=True)
         while True:
             time.sleep(3600)
@@ -99,6 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file (default deployments/local.yaml)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
     p.add_argument("--models", nargs="+", metavar="DIR_OR_S3", help="model sources (default: the demo models)")
+    p.add_argument("--no-s3", action="store_true", help="do not start the embedded S3 server (uploads only)")
     p.set_defaults(func=cmd_up)
 
     demo = sub.choices.get("demo")

@@ -50,6 +50,17 @@ class LocalStack:
     metrics_url: str | None = None
     ray_tmp: str | None = None
     work_dir: str | None = None
+    s3: dict | None = None          # embedded S3 server settings (endpoint, static keys), if started
+    s3_pid: int | None = None
+
+    def s3_curl_line(self, key: str = "in/scan.nii.gz") -> str | None:
+        """Segment a volume already in the embedded S3 server (``aws s3 cp`` it there first)."""
+        if not self.s3:
+            return None
+        body = json.dumps({"input": f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/{key}",
+                           "output_prefix": f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/out/{Path(key).name.split('.')[0]}/"})
+        return (f"curl -sS -H 'Authorization: Bearer {self.api_key}' -H 'Content-Type: application/json' "
+                f"-d '{body}' '{self.url}/v1/segmentations?wait=true'")
 
     def curl_line(self, volume: str = "scan.nii.gz") -> str:
         return (f"curl -sS -H 'Authorization: Bearer {self.api_key}' -H 'Content-Type: application/octet-stream' "
@@ -149,8 +160,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int | None = None,
                       models: list[str] | None = None, num_cpus: int | None = None,
-                      save_state: bool = True) -> LocalStack:
-    """Start Ray and the app of ``config`` on this machine; returns once ``/readyz`` is 200."""
+                      save_state: bool = True, embedded_s3: bool = True) -> LocalStack:
+    """Start the embedded S3 server, Ray and the app of ``config``; returns once ``/readyz`` is 200."""
     import ray
     from ray import serve as rayserve
 
@@ -170,21 +181,33 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    s3_server = None
+    if embedded_s3:
+        from dataclasses import asdict as _asdict
+
+        from serve.embedded_s3 import SeaweedServer
+
+        s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET]).start()
+        args["s3"] = _asdict(s3_server.settings)
     ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
-    ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False, _temp_dir=ray_tmp,
-             log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False, _temp_dir=ray_tmp,
+                 log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         rayserve.start(http_options={"host": host, "port": port})
         rayserve.run(build_app(args), name=app_cfg.get("name", "mriseg"),
                      route_prefix=app_cfg.get("route_prefix", "/"), blocking=False)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         wait_ready(url)
     except BaseException:
+        if s3_server is not None:
+            s3_server.stop()
         _shutdown(ray_tmp, str(work))
         raise
     metrics_port = args.get("metrics_port")
     stack = LocalStack(url, api_key, LOCAL_SITE, os.getpid(),
-                       f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, ray_tmp, str(work))
+                       f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, ray_tmp, str(work),
+                       args.get("s3"), s3_server.proc.pid if s3_server is not None else None)
+    _S3_SERVERS[stack.pid] = s3_server
     if save_state:
         _save_state(stack)
     return stack
@@ -204,8 +227,14 @@ def _shutdown(ray_tmp: str | None, work: str | None) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+_S3_SERVERS: dict[int, Any] = {}
+
+
 def stop_local_stack(stack: LocalStack) -> None:
     """Stop what :func:`start_local_stack` started in this process."""
+    server = _S3_SERVERS.pop(stack.pid, None)
+    if server is not None:
+        server.stop()
     p = state_dir() / "stack.json"
     try:
         if p.is_file() and json.loads(p.read_text()).get("pid") == stack.pid:
