@@ -294,3 +294,26 @@ def test_s3_input_and_output_prefix(serve_stack):
     got = staging.download_bytes("s3://consortium/site-a/out/case-21/segmentation.nii.gz", settings=s3)
     labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(got)).dataobj)
     np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.s3
+def test_durable_jobs_run_through_the_cluster_once(serve_stack):
+    """serve.jobs' runner with the cluster engine: outputs in S3, a resubmission does not recompute."""
+    from serve import staging
+    from serve.cluster.engine import ClusterEngine
+    from serve.jobs import JobRunner, JobSpec, JobStore
+    from tests.ray_fixtures import SITE_KEYS
+
+    s3 = serve_stack.extra["s3"]
+    staging.put_bytes(nifti_bytes(shape=(32, 36, 32), seed=31), "s3://consortium/site-a/inbox/case-31.nii.gz", s3)
+    engine = ClusterEngine(serve_stack.url, {"site-a": SITE_KEYS["site-a"]})
+    runner = JobRunner(JobStore("s3://consortium/mriseg-jobs/", s3), engine, s3)
+    spec = JobSpec("s3://consortium/site-a/inbox/case-31.nii.gz", "s3://consortium/results", site="site-a",
+                   roi_subset=("liver", "spleen"), input_prefix="site-a/inbox/")
+    first = runner.run(spec)
+    assert first.state == "done" and first.computed, first.error
+    assert staging.object_exists(first.output_prefix + "segmentation.nii.gz", s3)
+    assert staging.object_exists(first.output_prefix + "job.json", s3)
+    again = runner.run(spec)
+    assert again.state == "done" and not again.computed and again.key == first.key
+    assert engine.calls == 1

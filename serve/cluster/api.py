@@ -326,9 +326,11 @@ async def cancel_segmentation(job_id: str, svc: Svc, who: SiteDep) -> dict:
 
 
 @app.get("/v1/structures", tags=["catalogue"])
-async def structures(svc: Svc, who: SiteDep) -> dict:
+async def structures(svc: Svc, who: SiteDep,
+                     probe: str | None = Query(None, description="comma-separated sub-models to ask even if "
+                                               "scaled to zero (starts them; gives their checksums)")) -> dict:
     """The 80 structures, their sub-models and whether each sub-model is available."""
-    avail = await svc.availability()
+    avail = await svc.availability(_split(probe) or ())
     cat = svc.catalogue
     subs = []
     for sm in list(cat.submodels) + list(cat.fast_variants):

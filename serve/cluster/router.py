@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -198,13 +198,14 @@ class JobService:
                 self._descriptions[name] = d
         return d
 
-    async def availability(self) -> dict[str, dict]:
-        """Per sub-model state; a deployment scaled to zero is reported "cold", not woken up."""
+    async def availability(self, probe: Iterable[str] = ()) -> dict[str, dict]:
+        """Per sub-model state; a deployment scaled to zero is reported "cold", not woken up (unless probed)."""
         names = [sm.name for sm in list(self.catalogue.submodels) + list(self.catalogue.fast_variants)]
         running = await self._running_replicas() if self._running_replicas else {}
+        probe = set(probe)
 
         async def one(n: str):
-            if n in self.deployed and n not in self._descriptions and running.get(n) == 0:
+            if n in self.deployed and n not in self._descriptions and running.get(n) == 0 and n not in probe:
                 return {"state": "cold", "detail": "scaled to zero; starts on its first request"}
             return await self.describe(n)
 
