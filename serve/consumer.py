@@ -1,0 +1,305 @@
+"""Long-poll an SQS queue of S3 object-created events and run one job per new volume.
+
+Delivery is at-least-once and every step is safe to repeat:
+
+- each message is received with a visibility timeout that a heartbeat thread
+  extends (``ChangeMessageVisibility``) while its jobs run;
+- a message is deleted only once every job it names is settled: outputs and
+  ``job.json`` are in S3 (done), or the input is poison (a corrupt file, a 4xx
+  from S3: an error ``job.json`` is written and the message acknowledged so it
+  does not loop);
+- other failures (S3 down, a crash) leave the message in the queue: it comes
+  back after the visibility timeout, and after ``maxReceiveCount`` receives
+  the queue's RedrivePolicy moves it to the dead-letter queue;
+- a job another worker is running is not acknowledged either (that worker may
+  die); its message comes back once that worker's lease can have expired.
+
+``submit(spec) -> JobOutcome`` is pluggable: :class:`serve.jobs.JobRunner`
+in process, or the serving layer's call into the Ray cluster.
+:func:`run_consumer` is the loop a Ray actor/deployment wraps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from serve.events import EventFormatError, ObjectEvent, parse_message, volume_events
+from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
+from serve.s3client import S3Settings
+
+log = logging.getLogger(__name__)
+
+Submit = Callable[[JobSpec], JobOutcome]
+
+
+@dataclass(frozen=True)
+class InboxRule:
+    """Objects under ``s3://{bucket}/{prefix}`` belong to ``site``; outputs go under ``output_root``."""
+
+    bucket: str
+    prefix: str
+    site: str
+    output_root: str
+    roi_subset: tuple[str, ...] | None = None
+    fast: bool = False
+    outputs: tuple[str, ...] = ("multilabel", "statistics", "preview")
+
+    def matches(self, ev: ObjectEvent) -> bool:
+        return ev.bucket == self.bucket and ev.key.startswith(self.prefix)
+
+    def spec(self, ev: ObjectEvent) -> JobSpec:
+        return JobSpec(ev.uri, self.output_root, self.site, ev.etag, ev.version_id, self.roi_subset, self.fast,
+                       self.outputs, self.prefix)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "InboxRule":
+        d = dict(d)
+        if d.get("roi_subset") is not None:
+            d["roi_subset"] = tuple(d["roi_subset"])
+        if "outputs" in d:
+            d["outputs"] = tuple(d["outputs"])
+        return cls(**d)
+
+
+@dataclass
+class ConsumerConfig:
+    queue_url: str
+    rules: list[InboxRule]
+    sqs: S3Settings = field(default_factory=S3Settings)  # endpoint/region/keys of the SQS service
+    dlq_url: str | None = None           # only for the mriseg_dlq_messages gauge
+    wait_time_s: int = 20                # long poll
+    visibility_timeout_s: int = 120
+    heartbeat_s: float = 30.0            # extend visibility this often while jobs run
+    max_messages: int = 1                # per receive; jobs are heavy, take one at a time
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "ConsumerConfig":
+        d = dict(d)
+        d["rules"] = [InboxRule.from_mapping(r) for r in d.get("rules", [])]
+        d["sqs"] = S3Settings.from_mapping(d.get("sqs"))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def make_sqs_client(settings: S3Settings):
+    """boto3 SQS client from the same connection settings shape as S3."""
+    import boto3
+    from botocore.config import Config
+
+    kwargs: dict[str, Any] = {"region_name": settings.region, "config": Config(
+        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        connect_timeout=settings.connect_timeout_s, read_timeout=max(settings.read_timeout_s, 30.0))}
+    if settings.endpoint_url:
+        kwargs["endpoint_url"] = settings.endpoint_url
+    if settings.access_key_id:
+        kwargs["aws_access_key_id"] = settings.access_key_id
+        kwargs["aws_secret_access_key"] = settings.secret_access_key
+    return boto3.session.Session().client("sqs", **kwargs)
+
+
+def _dlq_gauge():
+    from prometheus_client import REGISTRY, Gauge
+
+    try:
+        return Gauge("mriseg_dlq_messages", "Messages in the S3 event dead-letter queue")
+    except ValueError:  # already registered in this process
+        return REGISTRY._names_to_collectors["mriseg_dlq_messages"]
+
+
+class _VisibilityHeartbeat:
+    """Keeps one message invisible to other consumers while its jobs run."""
+
+    def __init__(self, sqs, queue_url: str, receipt: str, timeout_s: int, every_s: float):
+        self.sqs, self.queue_url, self.receipt = sqs, queue_url, receipt
+        self.timeout_s, self.every_s = timeout_s, every_s
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True, name="sqs-visibility")
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=self.receipt,
+                                                   VisibilityTimeout=self.timeout_s)
+            except Exception:  # the next beat may get through; worst case the message is redelivered
+                log.warning("could not extend a message's visibility", exc_info=True)
+
+
+@dataclass
+class MessageResult:
+    deleted: bool
+    outcomes: list[JobOutcome]
+    ignored: int = 0
+
+
+class Consumer:
+    """One SQS consumer; :meth:`run` until ``stop`` is set."""
+
+    def __init__(self, config: ConsumerConfig, submit: Submit, sqs=None):
+        self.config = config
+        self.submit = submit
+        self.sqs = sqs or make_sqs_client(config.sqs)
+        self.dlq_gauge = _dlq_gauge()
+
+    def _specs(self, events: Sequence[ObjectEvent]) -> tuple[list[JobSpec], int]:
+        specs, ignored = [], 0
+        for ev in events:
+            rule = next((r for r in self.config.rules if r.matches(ev)), None)
+            if rule is None:
+                ignored += 1  # not an inbox we serve (e.g. our own outbox in the same bucket)
+                continue
+            specs.append(rule.spec(ev))
+        return specs, ignored
+
+    def handle(self, message: Mapping[str, Any]) -> MessageResult:
+        """Run the jobs one message names; delete it when all are settled."""
+        receipt = message["ReceiptHandle"]
+        try:
+            all_events = parse_message(message["Body"])
+        except EventFormatError as e:
+            # never valid later: leave it to the redrive policy, so it lands in the DLQ for a human
+            log.warning("unrecognised message %s: %s", message.get("MessageId"), e.message)
+            return MessageResult(False, [])
+        events = volume_events(all_events)
+        specs, ignored = self._specs(events)
+        ignored += len(all_events) - len(events)
+        outcomes: list[JobOutcome] = []
+        settled = True
+        retry_after = 0.0
+        with _VisibilityHeartbeat(self.sqs, self.config.queue_url, receipt, self.config.visibility_timeout_s,
+                                  self.config.heartbeat_s):
+            for spec in specs:
+                try:
+                    out = self.submit(spec)
+                except Exception:
+                    log.error("job submission crashed; the message will be redelivered", exc_info=True)
+                    settled = False
+                    continue
+                outcomes.append(out)
+                if out.state == RUNNING:  # a duplicate another worker is running: check again later
+                    settled = False
+                    retry_after = max(retry_after, self.config.heartbeat_s)
+                elif out.state == FAILED and out.retryable:
+                    settled = False
+                elif out.state not in (DONE, FAILED):
+                    settled = False
+        if settled:
+            self.sqs.delete_message(QueueUrl=self.config.queue_url, ReceiptHandle=receipt)
+        elif retry_after:
+            self.sqs.change_message_visibility(QueueUrl=self.config.queue_url, ReceiptHandle=receipt,
+                                               VisibilityTimeout=int(retry_after))
+        return MessageResult(settled, outcomes, ignored)
+
+    def poll_once(self, wait_time_s: int | None = None) -> int:
+        """One long poll; returns the number of messages received."""
+        resp = self.sqs.receive_message(
+            QueueUrl=self.config.queue_url, MaxNumberOfMessages=self.config.max_messages,
+            WaitTimeSeconds=self.config.wait_time_s if wait_time_s is None else wait_time_s,
+            VisibilityTimeout=self.config.visibility_timeout_s, MessageSystemAttributeNames=["ApproximateReceiveCount"])
+        msgs = resp.get("Messages", [])
+        for m in msgs:
+            self.handle(m)
+        return len(msgs)
+
+    def update_dlq_gauge(self) -> None:
+        if not self.config.dlq_url:
+            return
+        attrs = self.sqs.get_queue_attributes(QueueUrl=self.config.dlq_url,
+                                              AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+        self.dlq_gauge.set(int(attrs.get("ApproximateNumberOfMessages", 0)))
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set (checked between long polls; a poll lasts ``wait_time_s``)."""
+        log.info("consumer started (%d inbox rules)", len(self.config.rules))
+        while not stop.is_set():
+            try:
+                self.poll_once()
+                self.update_dlq_gauge()
+            except Exception:  # SQS down or a bug: back off, never die (the deployment restarts us only on crash)
+                log.error("consumer poll failed; retrying", exc_info=True)
+                stop.wait(5.0)
+        log.info("consumer stopped")
+
+
+def run_consumer(stop_event: threading.Event, config: ConsumerConfig | Mapping[str, Any],
+                 submit: Submit | None = None, runner_config: Mapping[str, Any] | None = None) -> None:
+    """The consumer loop for a Ray actor/deployment or a process. Without ``submit``,
+    jobs run in this process (:func:`local_submit` from ``runner_config``)."""
+    if not isinstance(config, ConsumerConfig):
+        config = ConsumerConfig.from_mapping(config)
+    if submit is None:
+        submit = local_submit(runner_config or {})
+    Consumer(config, submit).run(stop_event)
+
+
+def local_submit(cfg: Mapping[str, Any]) -> Submit:
+    """A :class:`serve.jobs.JobRunner` over an in-process Segmenter.
+
+    ``cfg``: ``models`` (sources), ``jobs`` (s3:// prefix of job records), ``s3``
+    (S3Settings mapping), optional ``cache_dir``, ``lease_s``, ``threads``, ``max_bytes``.
+    """
+    from serve.jobs import JobRunner, JobStore, SegmenterEngine
+    from serve.modelstore import ModelStore
+    from serve.pipeline import Segmenter
+
+    s3 = S3Settings.from_mapping(cfg.get("s3"))
+    store = ModelStore(list(cfg["models"]), cache_dir=cfg.get("cache_dir"), s3=s3)
+    seg = Segmenter(store, device=cfg.get("device", "auto"), threads=cfg.get("threads", 1))
+    jobs = JobStore(cfg["jobs"], s3, lease_s=float(cfg.get("lease_s", 300.0)))
+    return JobRunner(jobs, SegmenterEngine(seg), s3, max_bytes=cfg.get("max_bytes", 1 << 30)).run
+
+
+# -- setting up the queue and the notifications (moto in tests, AWS in production) --------
+def create_queue_with_dlq(sqs, name: str, max_receives: int = 5, visibility_timeout_s: int = 120) -> tuple[str, str]:
+    """A queue whose messages move to ``{name}-dlq`` after ``max_receives`` receives; returns both URLs."""
+    dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    url = sqs.create_queue(QueueName=name, Attributes={
+        "VisibilityTimeout": str(visibility_timeout_s),
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)}),
+    })["QueueUrl"]
+    return url, dlq_url
+
+
+def configure_notifications(s3, sqs, bucket: str, queue_url: str, prefixes: Sequence[str]) -> None:
+    """Send ``s3:ObjectCreated:*`` of each inbox prefix in ``bucket`` to the queue (replaces the bucket's config)."""
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    configs = [{"Id": f"mriseg-{i}", "QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
+                "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": p}]}}}
+               for i, p in enumerate(prefixes)]
+    s3.put_bucket_notification_configuration(Bucket=bucket,
+                                             NotificationConfiguration={"QueueConfigurations": configs})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m serve.consumer --config consumer.json``: a standalone consumer process."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--config", required=True, help="JSON with 'consumer' (ConsumerConfig) and 'runner' "
+                                                   "(local_submit) sections")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with open(args.config) as f:
+        cfg = json.load(f)
+    stop = threading.Event()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_consumer(stop, cfg["consumer"], runner_config=cfg["runner"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

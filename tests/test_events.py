@@ -1,0 +1,65 @@
+"""Event parsing: S3 Records (SQS/MinIO), SNS-wrapped, EventBridge, test events, suffix rules, duplicates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve.events import EventFormatError, ObjectEvent, is_volume_key, parse_message, volume_events
+
+
+def s3_record(key: str, name: str = "ObjectCreated:Put", etag: str = "abc", bucket: str = "inbox") -> dict:
+    return {"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": name,
+            "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 10, "eTag": etag,
+                                                          "sequencer": "00A1"}}}
+
+
+def test_records_with_url_encoded_keys():
+    body = json.dumps({"Records": [s3_record("site+a/in/patient%C3%A9+01%2B2.nii.gz")]})
+    [ev] = parse_message(body)
+    assert ev == ObjectEvent("inbox", "site a/in/patienté 01+2.nii.gz", "abc", None, 10, "ObjectCreated:Put", "00A1")
+    assert ev.uri == "s3://inbox/site a/in/patienté 01+2.nii.gz"
+
+
+def test_test_event_and_removals_are_ignored():
+    assert parse_message({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "inbox"}) == []
+    assert parse_message({"Records": [s3_record("a.nii", name="ObjectRemoved:Delete")]}) == []
+
+
+def test_sns_wrapped_records():
+    inner = json.dumps({"Records": [s3_record("x/y.mha")]})
+    body = json.dumps({"Type": "Notification", "MessageId": "1", "TopicArn": "arn:aws:sns:x", "Message": inner})
+    assert [e.key for e in parse_message(body)] == ["x/y.mha"]
+
+
+def test_eventbridge_object_created():
+    msg = {"version": "0", "detail-type": "Object Created", "source": "aws.s3",
+           "detail": {"bucket": {"name": "inbox"},
+                      "object": {"key": "raw/2023-08-08T14:03:40.zip", "size": 5, "etag": "e-12",
+                                 "version-id": "v1"}, "reason": "CompleteMultipartUpload"}}
+    [ev] = parse_message(msg)
+    assert (ev.bucket, ev.key, ev.version_id, ev.etag) == ("inbox", "raw/2023-08-08T14:03:40.zip", "v1", "e-12")
+    assert parse_message({**msg, "detail-type": "Object Deleted"}) == []
+
+
+def test_suffix_rules():
+    for ok in ("a.nii", "a.nii.gz", "A.NII.GZ", "b.mha", "c.nrrd", "dicom/series.zip"):
+        assert is_volume_key(ok)
+    for no in ("a.txt", "folder/", "a.nii.gz.tmp", "job.json", "preview.png", "a.mhd"):
+        assert not is_volume_key(no)
+
+
+def test_multipart_duplicates_collapse_to_one_event():
+    body = {"Records": [s3_record("big.nii.gz", "ObjectCreated:CompleteMultipartUpload", "d41d-3"),
+                        s3_record("big.nii.gz", "ObjectCreated:CompleteMultipartUpload", "d41d-3"),
+                        s3_record("notes.txt"), s3_record("big.nii.gz", etag="other-version")]}
+    evs = volume_events(parse_message(body))
+    assert [(e.key, e.etag) for e in evs] == [("big.nii.gz", "d41d-3"), ("big.nii.gz", "other-version")]
+
+
+@pytest.mark.parametrize("bad", ["not json", "[1, 2]", json.dumps({"hello": 1}),
+                                 json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {}}]})])
+def test_unrecognised_messages_are_clear_errors(bad):
+    with pytest.raises(EventFormatError):
+        parse_message(bad)

@@ -1,0 +1,227 @@
+"""S3 -> SQS -> consumer -> outputs, against a real moto_server (S3 notifications, SQS redrive)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from serve import staging
+from serve.consumer import (Consumer, ConsumerConfig, InboxRule, configure_notifications, create_queue_with_dlq)
+from serve.jobs import DONE, FAILED, JobRunner, JobStore, SegmenterEngine
+from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
+from tests.s3_fixtures import moto  # noqa: F401
+
+pytestmark = pytest.mark.s3
+
+ROI = ("liver",)
+
+
+def volume_bytes(seed: int = 0) -> bytes:
+    import nibabel as nib
+
+    vol = body_volume("LPS", shape=(16, 16, 12), spacing=(1.5, 1.5, 1.5), seed=seed)
+    img = nib.Nifti1Image(vol.data, vol.affine)
+    return gzip_nifti(img)
+
+
+def gzip_nifti(img) -> bytes:
+    import gzip
+
+    raw = io.BytesIO()
+    raw.write(img.to_bytes())
+    return gzip.compress(raw.getvalue())
+
+
+@dataclasses.dataclass
+class Env:
+    inbox: str
+    outbox: str
+    jobs: str
+    queue_url: str
+    dlq_url: str
+    config: ConsumerConfig
+
+
+def make_env(moto, max_receives: int = 3, visibility: int = 30, heartbeat: float = 5.0) -> Env:  # noqa: F811
+    tag = uuid.uuid4().hex[:8]
+    s3, sqs = moto.client(), moto.sqs()
+    inbox, outbox, jobs = f"inbox-{tag}", f"outbox-{tag}", f"jobs-{tag}"
+    for b in (inbox, outbox, jobs):
+        s3.create_bucket(Bucket=b)
+    queue_url, dlq_url = create_queue_with_dlq(sqs, f"mriseg-{tag}", max_receives, visibility)
+    configure_notifications(s3, sqs, inbox, queue_url, ["site-a/in/"])
+    # S3 announces a new notification configuration with an s3:TestEvent; the consumer must skip it
+    rule = InboxRule(inbox, "site-a/in/", "site-a", f"s3://{outbox}/results", roi_subset=ROI)
+    cfg = ConsumerConfig(queue_url, [rule], moto.settings, dlq_url, wait_time_s=1, visibility_timeout_s=visibility,
+                         heartbeat_s=heartbeat)
+    return Env(inbox, outbox, jobs, queue_url, dlq_url, cfg)
+
+
+def queue_counts(sqs, url: str) -> tuple[int, int]:
+    a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages",
+                                                               "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return int(a["ApproximateNumberOfMessages"]), int(a["ApproximateNumberOfMessagesNotVisible"])
+
+
+def drain(consumer: Consumer, polls: int = 20) -> None:
+    empty = 0
+    for _ in range(polls):
+        n = consumer.poll_once(wait_time_s=1)
+        empty = empty + 1 if n == 0 else 0
+        if empty >= 2:
+            return
+
+
+def keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+
+
+def test_upload_event_output_and_duplicate_not_recomputed(moto, segmenter, tmp_path):  # noqa: F811
+    env = make_env(moto)
+    s3, sqs = moto.client(), moto.sqs()
+    engine = SegmenterEngine(segmenter)
+    runner = JobRunner(JobStore(f"s3://{env.jobs}", moto.settings), engine, moto.settings, work_dir=tmp_path)
+    consumer = Consumer(env.config, runner.run, sqs)
+    data = volume_bytes()
+    s3.put_object(Bucket=env.inbox, Key="site-a/in/sub 1/case+01.nii.gz", Body=data)
+    s3.put_object(Bucket=env.inbox, Key="site-a/in/notes.txt", Body=b"not a volume")
+    s3.put_object(Bucket=env.inbox, Key="elsewhere/x.nii.gz", Body=data)  # not a notified prefix
+    drain(consumer)
+    assert engine.calls == 1
+    prefix = "results/site-a/sub 1/case+01/"
+    assert keys(s3, env.outbox) == [prefix + n for n in ("job.json", "preview.png", "segmentation.nii.gz",
+                                                         "statistics.json")]
+    doc = json.loads(s3.get_object(Bucket=env.outbox, Key=prefix + "job.json")["Body"].read())
+    assert doc["status"] == "done" and doc["site"] == "site-a" and doc["input"]["etag"]
+
+    # the output equals a direct in-process segmentation of the same file
+    import nibabel as nib
+    from serve.volume_io import read_volume
+
+    src, out = tmp_path / "in.nii.gz", tmp_path / "seg.nii.gz"
+    src.write_bytes(data)
+    out.write_bytes(s3.get_object(Bucket=env.outbox, Key=prefix + "segmentation.nii.gz")["Body"].read())
+    direct = segmenter.segment(read_volume(src), roi_subset=list(ROI))
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), direct.labels)
+    assert direct.labels.any()
+
+    # a duplicate delivery of the same object version: acknowledged, not recomputed
+    head = s3.head_object(Bucket=env.inbox, Key="site-a/in/sub 1/case+01.nii.gz")
+    dup = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": env.inbox}, "object": {
+        "key": "site-a/in/sub+1/case%2B01.nii.gz", "eTag": head["ETag"].strip('"')}}}]}
+    sqs.send_message(QueueUrl=env.queue_url, MessageBody=json.dumps(dup))
+    drain(consumer)
+    assert engine.calls == 1
+    assert queue_counts(sqs, env.queue_url) == (0, 0) and queue_counts(sqs, env.dlq_url) == (0, 0)
+
+
+def test_corrupt_object_gets_error_job_json_and_no_loop(moto, segmenter, tmp_path):  # noqa: F811
+    env = make_env(moto, max_receives=2)
+    s3, sqs = moto.client(), moto.sqs()
+    engine = SegmenterEngine(segmenter)
+    runner = JobRunner(JobStore(f"s3://{env.jobs}", moto.settings), engine, moto.settings, work_dir=tmp_path)
+    consumer = Consumer(env.config, runner.run, sqs)
+    s3.put_object(Bucket=env.inbox, Key="site-a/in/bad.nii.gz", Body=b"\x1f\x8bgarbage, not a volume")
+    drain(consumer)
+    doc = json.loads(s3.get_object(Bucket=env.outbox, Key="results/site-a/bad/job.json")["Body"].read())
+    assert doc["status"] == "failed" and doc["error"]["status"] == 422 and not doc["error"]["retryable"]
+    [rec] = JobStore(f"s3://{env.jobs}", moto.settings).list()
+    assert rec.state == FAILED and rec.attempts == 1
+    assert queue_counts(sqs, env.queue_url) == (0, 0) and queue_counts(sqs, env.dlq_url) == (0, 0)
+
+
+def test_unprocessable_message_is_redriven_to_dlq(moto, segmenter, tmp_path):  # noqa: F811
+    env = make_env(moto, max_receives=2, visibility=1)
+    sqs = moto.sqs()
+    consumer = Consumer(env.config, lambda spec: pytest.fail("nothing to submit"), sqs)
+    drain(consumer)  # the s3:TestEvent S3 sent when notifications were configured: acknowledged
+    assert queue_counts(sqs, env.queue_url) == (0, 0)
+    sqs.send_message(QueueUrl=env.queue_url, MessageBody="{not json")
+    received = 0
+    for _ in range(15):
+        received += consumer.poll_once(wait_time_s=1)
+        if queue_counts(sqs, env.dlq_url)[0] == 1:
+            break
+        time.sleep(0.5)
+    assert received == 2
+    assert queue_counts(sqs, env.dlq_url)[0] == 1 and queue_counts(sqs, env.queue_url) == (0, 0)
+    consumer.update_dlq_gauge()
+    assert consumer.dlq_gauge._value.get() == 1
+
+
+def _spawn(cfg_path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "serve.consumer", "--config", str(cfg_path)],
+                            stdout=open(str(cfg_path) + ".log", "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env=env)
+
+
+def _wait_for(cond, what: str, limit_s: float = 400.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + limit_s  # a hang guard, not a performance assertion
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"consumer exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_thirty_objects_consumer_killed_and_restarted(moto, tiny_models, tmp_path):  # noqa: F811
+    env = make_env(moto, max_receives=10, visibility=6, heartbeat=2.0)
+    s3, sqs = moto.client(), moto.sqs()
+    cfg = {"consumer": {**dataclasses.asdict(env.config), "sqs": dataclasses.asdict(moto.settings)},
+           "runner": {"models": [str(tiny_models)], "jobs": f"s3://{env.jobs}", "device": "cpu",
+                      "s3": dataclasses.asdict(moto.settings), "lease_s": 6.0}}
+    cfg["consumer"]["rules"] = [{**dataclasses.asdict(r), "roi_subset": list(r.roi_subset)}
+                                for r in env.config.rules]
+    cfg_path = tmp_path / "consumer.json"
+    cfg_path.write_text(json.dumps(cfg))
+    n = 30
+    for i in range(n):
+        s3.put_object(Bucket=env.inbox, Key=f"site-a/in/case{i:02d}.nii.gz", Body=volume_bytes(i))
+
+    def done_cases() -> set[str]:
+        return {k.split("/")[2] for k in keys(s3, env.outbox, "results/site-a/") if k.endswith("/job.json")}
+
+    first = _spawn(cfg_path)
+    try:
+        _wait_for(lambda: len(done_cases()) >= 5, "the first outputs", proc=first)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # abrupt: no cleanup, a claim and a message left in flight
+        first.wait()
+    assert len(done_cases()) < n, "the consumer finished before it could be killed mid-batch"
+
+    second = _spawn(cfg_path)
+    try:
+        _wait_for(lambda: len(done_cases()) == n and queue_counts(sqs, env.queue_url) == (0, 0),
+                  "all outputs and an empty queue", proc=second)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(second.pid, signal.SIGKILL)
+            second.wait()
+
+    all_keys = keys(s3, env.outbox)
+    for i in range(n):
+        case = f"results/site-a/case{i:02d}/"
+        mine = [k[len(case):] for k in all_keys if k.startswith(case)]
+        assert sorted(mine) == ["job.json", "preview.png", "segmentation.nii.gz", "statistics.json"], mine
+        doc = json.loads(s3.get_object(Bucket=env.outbox, Key=case + "job.json")["Body"].read())
+        assert doc["status"] == "done"
+    records = JobStore(f"s3://{env.jobs}", moto.settings).list()
+    assert len(records) == n and all(r.state == DONE for r in records)
+    assert queue_counts(sqs, env.dlq_url) == (0, 0)
