@@ -354,6 +354,18 @@ def layout_name(rel: str) -> str | None:
     return f"{first}/{rest}" if rest else first
 
 
+def completion_doc(outdir: Path) -> dict:
+    """A done job.json from the writers' ``mriseg.json`` (structures, models, options, files)."""
+    from serve.jobs import software_version
+
+    meta = json.loads((outdir / "mriseg.json").read_text())
+    return {"status": "done", "software": {"name": "mriseg-serve", "version": software_version()},
+            "models": meta.get("models", {}), "structures": meta.get("structures", {}),
+            "unavailable": meta.get("unavailable", {}), "options": {"fast": meta.get("fast", False)},
+            "files": sorted(n for n in (layout_name(k) for k in meta.get("files", {}).values()) if n),
+            "finished": time.time()}
+
+
 def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Mapping[str, Any] | None = None,
                on_uploaded: Callable[[str], None] | None = None, last: tuple[str, ...] = ("job.json",)) -> dict[str, str]:
     """Upload a result folder under ``prefix`` in the S3 layout; files named in ``last`` go last.
@@ -362,6 +374,10 @@ def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Ma
     """
     outdir = Path(outdir)
     bucket, key_prefix = parse_s3_uri(prefix.rstrip("/") + "/")
+    if "job.json" in last and not (outdir / "job.json").exists() and (outdir / "mriseg.json").is_file():
+        # every output set in S3 ends with a done job.json (the completion marker readers and
+        # ``mriseg bulk`` rely on), also when the caller (the API's router) did not write one
+        (outdir / "job.json").write_text(json.dumps(completion_doc(outdir), indent=1, sort_keys=True))
     files = sorted((p for p in outdir.rglob("*") if p.is_file() and not p.name.endswith(".part")),
                    key=lambda p: (p.relative_to(outdir).as_posix() in last, p.relative_to(outdir).as_posix()))
     out: dict[str, str] = {}

@@ -163,3 +163,19 @@ def test_outage_longer_than_deadline_is_clear_502(tmp_path):
         assert ei.value.status == 502 and ei.value.retryable
     finally:
         server.cleanup()
+
+
+def test_upload_dir_ends_with_a_done_job_json_when_caller_wrote_none(seaweed, tmp_path, unique_prefix):
+    """The API's outputs (writers' folder, no job.json) still get the completion marker, last."""
+    import json
+
+    out = tmp_path / "apiout"
+    out.mkdir()
+    (out / "segmentations.nii.gz").write_bytes(b"seg")
+    (out / "mriseg.json").write_text(json.dumps({"structures": {"5": "liver"}, "models": {"organs": "c1"},
+                                                 "fast": False, "files": {"multilabel": "segmentations.nii.gz"}}))
+    order = []
+    got = staging.upload_dir(out, f"s3://outbox/{unique_prefix}/api/", seaweed.settings, on_uploaded=order.append)
+    assert order == ["segmentation.nii.gz", "job.json"]
+    doc = json.loads(staging.download_bytes(got["job.json"], settings=seaweed.settings))
+    assert doc["status"] == "done" and doc["models"] == {"organs": "c1"} and doc["files"] == ["segmentation.nii.gz"]

@@ -1,0 +1,309 @@
+"""``mriseg bulk``: segment every volume under an S3 prefix, resumably, with a report.
+
+Each volume ``s3://bucket/prefix/<rel>.nii.gz`` gets its outputs under
+``{--out}/{site}/<rel>/`` (the S3 layout of docs/s3-and-jobs.md). An input
+whose ``job.json`` there says ``done`` is skipped, so an interrupted run is
+resumed by running the same command again. Jobs go through the cluster's
+HTTP API (``POST /v1/segmentations`` with ``output_prefix``, then polling
+``GET /v1/segmentations/{id}``), or with ``--local-models`` through
+:class:`serve.jobs.JobRunner` in this process (no cluster needed).
+
+The report (``--report x.json`` or ``x.csv``) lists every input once:
+succeeded, failed (with the reason) or skipped (already done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from serve import staging
+from serve.errors import MrisegError
+from serve.events import is_volume_key
+from serve.jobs import DEFAULT_OUTPUTS, DONE, RUNNING, JobSpec
+from serve.s3client import S3Settings, parse_s3_uri
+
+log = logging.getLogger(__name__)
+
+SUCCEEDED, FAILED, SKIPPED = "succeeded", "failed", "skipped"
+REPORT_FIELDS = ("input", "output_prefix", "status", "reason", "job_id", "seconds")
+
+
+@dataclass
+class Item:
+    input: str
+    output_prefix: str
+    status: str = ""
+    reason: str = ""
+    job_id: str = ""
+    seconds: float = 0.0
+
+
+def list_volumes(prefix_uri: str, settings: S3Settings) -> list[str]:
+    """Every volume object under the prefix (other files are ignored by suffix)."""
+    bucket, prefix = parse_s3_uri(prefix_uri)
+    c = staging.client_for(settings)
+
+    def once() -> list[str]:
+        pages = c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [f"s3://{bucket}/{o['Key']}" for p in pages for o in p.get("Contents", []) if is_volume_key(o["Key"])]
+
+    return staging.with_retries(once, bucket=bucket, action="list objects")
+
+
+def already_done(output_prefix: str, settings: S3Settings) -> bool:
+    """The output set is complete: its job.json (always written last) says done."""
+    uri = output_prefix + "job.json"
+    if staging.object_exists(uri, settings) is None:
+        return False
+    try:
+        return json.loads(staging.download_bytes(uri, settings=settings)).get("status") == DONE
+    except (ValueError, MrisegError):
+        return False
+
+
+Backend = Callable[[JobSpec], tuple[str, str, str]]  # spec -> (status, reason, job id)
+
+
+def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 24 * 3600) -> Backend:
+    """Submit through the cluster API and poll until the job settles."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"}
+
+    def run(spec: JobSpec) -> tuple[str, str, str]:
+        body: dict[str, Any] = {"input": spec.input_uri, "output_prefix": spec.output_prefix,
+                                "fast": spec.fast, "outputs": list(spec.outputs)}
+        if spec.roi_subset:
+            body["roi_subset"] = list(spec.roi_subset)
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+            r = _post_with_backoff(c, body)
+            if r.status_code >= 400:
+                return FAILED, _problem(r), ""
+            job = r.json()
+            deadline = time.monotonic() + timeout_s
+            while job.get("status") not in ("succeeded", "failed", "cancelled"):
+                if time.monotonic() > deadline:
+                    return FAILED, "timed out waiting for the cluster", job.get("id", "")
+                time.sleep(poll_s)
+                g = c.get(f"/v1/segmentations/{job['id']}")
+                if g.status_code >= 500:
+                    continue  # a restarting router: ask again
+                if g.status_code >= 400:
+                    return FAILED, _problem(g), job["id"]
+                job = g.json()
+        if job["status"] == "succeeded":
+            return SUCCEEDED, "", job["id"]
+        err = job.get("error") or {}
+        return FAILED, f"{err.get('status', '')} {err.get('title', job['status'])}: {err.get('detail', '')}".strip(), \
+            job["id"]
+
+    return run
+
+
+def _post_with_backoff(c, body: dict, attempts: int = 8):
+    delay = 1.0
+    for i in range(attempts):
+        r = c.post("/v1/segmentations", json=body)
+        if r.status_code not in (429, 502, 503, 504) or i == attempts - 1:
+            return r
+        time.sleep(float(r.headers.get("Retry-After", delay)))
+        delay = min(delay * 2, 30.0)
+    return r
+
+
+def _problem(r) -> str:
+    try:
+        p = r.json()
+        return f"{r.status_code} {p.get('title', '')}: {p.get('detail', '')}"
+    except ValueError:
+        return f"{r.status_code} {r.text[:200]}"
+
+
+def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, threads: int = 1,
+                  lease_s: float = 60.0) -> Backend:
+    """Run jobs in this process through :class:`serve.jobs.JobRunner` (idempotent, durable).
+
+    A job another (possibly dead) worker holds is waited for: it finishes there, or
+    its lease runs out (``lease_s`` after its last renewal) and it runs here."""
+    from serve.jobs import JobRunner, JobStore, SegmenterEngine
+    from serve.modelstore import ModelStore
+    from serve.pipeline import Segmenter
+
+    seg = Segmenter(ModelStore(list(models), s3=settings), device="auto", threads=threads)
+    runner = JobRunner(JobStore(jobs_uri, settings, lease_s=lease_s), SegmenterEngine(seg), settings)
+    lock = threading.Lock()  # one Segmenter: one job at a time (torch uses the threads)
+
+    def run(spec: JobSpec) -> tuple[str, str, str]:
+        while True:
+            with lock:
+                out = runner.run(spec)
+            if out.state != RUNNING:
+                break
+            time.sleep(min(5.0, lease_s / 2))
+        if out.state == DONE:
+            return SUCCEEDED, "", out.key
+        err = out.error or {}
+        return FAILED, f"{err.get('status', '')} {err.get('title', out.state)}: {err.get('detail', '')}".strip(), \
+            out.key
+
+    return run
+
+
+def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settings, *, site: str = "default",
+             concurrency: int = 4, roi_subset: Sequence[str] | None = None, fast: bool = False,
+             outputs: Sequence[str] = DEFAULT_OUTPUTS, progress: bool = True) -> list[Item]:
+    """Segment every volume under ``inputs_uri``; returns one :class:`Item` per input."""
+    from tqdm import tqdm
+
+    prefix = parse_s3_uri(inputs_uri)[1]
+    specs = [JobSpec(uri, out_uri, site, roi_subset=tuple(roi_subset) if roi_subset else None, fast=fast,
+                     outputs=tuple(outputs), input_prefix=prefix) for uri in list_volumes(inputs_uri, settings)]
+    items = {s.input_uri: Item(s.input_uri, s.output_prefix) for s in specs}
+    todo = []
+    for s in specs:
+        if already_done(s.output_prefix, settings):
+            items[s.input_uri].status, items[s.input_uri].reason = SKIPPED, "already done"
+        else:
+            todo.append(s)
+    bar = tqdm(total=len(todo), unit="vol", desc="segmenting", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    counts = {SUCCEEDED: 0, FAILED: 0, SKIPPED: len(specs) - len(todo)}
+    bar.set_postfix(counts)
+
+    def one(spec: JobSpec) -> Item:
+        item = items[spec.input_uri]
+        t = time.monotonic()
+        try:
+            item.status, item.reason, item.job_id = backend(spec)
+        except MrisegError as e:
+            item.status, item.reason = FAILED, f"{e.status} {e.title}: {e.message}"
+        except Exception as e:  # one broken input must not stop the batch; the report says what happened
+            item.status, item.reason = FAILED, f"{type(e).__name__}: {e}"
+        item.seconds = round(time.monotonic() - t, 3)
+        return item
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        for fut in as_completed([pool.submit(one, s) for s in todo]):
+            counts[fut.result().status] += 1
+            bar.set_postfix(counts)
+            bar.update(1)
+    bar.close()
+    return [items[s.input_uri] for s in specs]
+
+
+def summary(items: Sequence[Item]) -> dict[str, int]:
+    out = {SUCCEEDED: 0, FAILED: 0, SKIPPED: 0}
+    for it in items:
+        out[it.status] += 1
+    out["total"] = len(items)
+    return out
+
+
+def write_report(items: Sequence[Item], path: str | os.PathLike) -> Path:
+    """JSON (``{"summary", "items"}``) or CSV (one row per input), chosen by the file's suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
+            w.writeheader()
+            for it in items:
+                w.writerow(asdict(it))
+    else:
+        path.write_text(json.dumps({"summary": summary(items), "items": [asdict(i) for i in items]}, indent=1))
+    return path
+
+
+def settings_from_args(args) -> S3Settings:
+    """Endpoint/region from flags or the environment; credentials from boto3's standard chain."""
+    endpoint = args.s3_endpoint or os.environ.get("MRISEG_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    region = args.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return S3Settings(endpoint_url=endpoint, region=region, path_style=bool(endpoint) or args.s3_path_style)
+
+
+def cmd_bulk(args) -> int:
+    settings = settings_from_args(args)
+    if not args.out.startswith("s3://"):
+        raise MrisegError("--out must be an s3:// prefix")
+    if args.local_models:
+        if not args.jobs:
+            raise MrisegError("--local-models needs --jobs s3://bucket/prefix for the durable job records")
+        backend = local_backend(args.local_models, args.jobs, settings, lease_s=args.lease_s)
+    else:
+        key = os.environ.get("MRISEG_API_KEY", "")
+        if args.api_key_file:
+            key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise MrisegError("no API key: pass --api-key-file FILE or set MRISEG_API_KEY")
+        backend = api_backend(args.api, key)
+    items = run_bulk(args.prefix, args.out, backend, settings, site=args.site, concurrency=args.concurrency,
+                     roi_subset=args.roi_subset.split(",") if args.roi_subset else None, fast=args.fast,
+                     outputs=args.outputs.split(","), progress=not args.no_progress)
+    s = summary(items)
+    if args.report:
+        write_report(items, args.report)
+    print(f"{s['total']} volumes: {s[SUCCEEDED]} succeeded, {s[FAILED]} failed, {s[SKIPPED]} skipped"
+          + (f"; report: {args.report}" if args.report else ""))
+    for it in items:
+        if it.status == FAILED:
+            print(f"  failed: {it.input}: {it.reason}", file=sys.stderr)
+    return 1 if s[FAILED] else 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prefix", help="s3://bucket/prefix/ holding the volumes (.nii, .nii.gz, .mha, .nrrd, .zip)")
+    p.add_argument("--out", required=True, help="s3://bucket/prefix/ for outputs ({site}/{case}/ below it)")
+    p.add_argument("--site", default="default", help="site name (the folder below --out)")
+    p.add_argument("--concurrency", type=int, default=4, help="jobs in flight at once")
+    p.add_argument("--api", default=os.environ.get("MRISEG_API", "http://127.0.0.1:8000"), help="cluster API URL")
+    p.add_argument("--api-key-file", help="file holding the site's API key (else $MRISEG_API_KEY)")
+    p.add_argument("--report", help="write a report to this .json or .csv file")
+    p.add_argument("--roi-subset", help="comma-separated structures (default: all)")
+    p.add_argument("--fast", action="store_true", help="the 3 mm model (first 50 structures)")
+    p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
+                   help="comma-separated: multilabel, per_structure, statistics, preview")
+    p.add_argument("--local-models", nargs="+", metavar="SOURCE",
+                   help="run jobs in this process with these model sources instead of the cluster")
+    p.add_argument("--jobs", help="s3:// prefix for durable job records (with --local-models)")
+    p.add_argument("--lease-s", type=float, default=60.0,
+                   help="with --local-models: a job claim expires this long after its worker died")
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (else $MRISEG_S3_ENDPOINT / $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--s3-region", help="S3 region (else $AWS_REGION)")
+    p.add_argument("--s3-path-style", action="store_true", help="path-style addressing (implied by an endpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bulk)
+
+
+def register(subparsers) -> None:
+    """Add ``mriseg bulk`` to serve/cli.py's parser."""
+    add_arguments(subparsers.add_parser("bulk", help="segment every volume under an S3 prefix (resumable)",
+                                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m serve.bulk ...`` (the same as ``mriseg bulk ...``)."""
+    p = argparse.ArgumentParser(prog="mriseg bulk", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return args.func(args)
+    except MrisegError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

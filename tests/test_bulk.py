@@ -1,0 +1,97 @@
+"""``mriseg bulk`` against a real SeaweedFS: interrupted (killed) and resumed, with a correct report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from serve import staging
+from serve.bulk import SKIPPED, SUCCEEDED, already_done, list_volumes
+from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
+from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+
+pytestmark = pytest.mark.s3
+
+N_GOOD = 8
+
+
+@pytest.fixture
+def inbox(seaweed, tmp_path, unique_prefix):  # noqa: F811
+    import nibabel as nib
+
+    for i in range(N_GOOD):
+        vol = body_volume("RAS", shape=(16, 16, 12), spacing=(1.5, 1.5, 1.5), seed=i)
+        path = tmp_path / f"c{i}.nii.gz"
+        nib.save(nib.Nifti1Image(vol.data, vol.affine), str(path))
+        staging.upload_file(path, f"s3://inbox/{unique_prefix}/in/sub/case{i}.nii.gz", seaweed.settings)
+    staging.put_bytes(b"\x1f\x8bcorrupt", f"s3://inbox/{unique_prefix}/in/broken.nii.gz", seaweed.settings)
+    staging.put_bytes(b"readme", f"s3://inbox/{unique_prefix}/in/README.txt", seaweed.settings)
+    return f"s3://inbox/{unique_prefix}/in/"
+
+
+def bulk_cmd(inbox_uri, prefix, models, report) -> list[str]:
+    return [sys.executable, "-m", "serve.bulk", inbox_uri, "--out", f"s3://outbox/{prefix}/", "--site", "site-a",
+            "--local-models", str(models), "--jobs", f"s3://jobs/{prefix}", "--concurrency", "2",
+            "--roi-subset", "liver", "--outputs", "multilabel,statistics", "--report", str(report), "--no-progress", "--lease-s", "4"]
+
+
+def bulk_env(seaweed) -> dict:  # noqa: F811
+    s = seaweed.settings
+    return {**os.environ, "AWS_ACCESS_KEY_ID": s.access_key_id, "AWS_SECRET_ACCESS_KEY": s.secret_access_key,
+            "MRISEG_S3_ENDPOINT": s.endpoint_url, "OMP_NUM_THREADS": "1"}
+
+
+def test_list_volumes_ignores_other_files(seaweed, inbox):  # noqa: F811
+    got = list_volumes(inbox, seaweed.settings)
+    assert len(got) == N_GOOD + 1 and not any(g.endswith(".txt") for g in got)
+
+
+def test_bulk_resumes_after_interruption_with_correct_report(seaweed, inbox, tiny_models, tmp_path,  # noqa: F811
+                                                             unique_prefix):
+    outs = [f"s3://outbox/{unique_prefix}/site-a/sub/case{i}/" for i in range(N_GOOD)]
+
+    def done() -> set[str]:
+        return {o for o in outs if already_done(o, seaweed.settings)}
+
+    first = subprocess.Popen(bulk_cmd(inbox, unique_prefix, tiny_models, tmp_path / "r1.json"),
+                             env=bulk_env(seaweed), start_new_session=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 400  # hang guard only
+    while len(done()) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = done()
+    assert 2 <= len(before) < N_GOOD, (len(before), first.stdout.read().decode()[-2000:])
+    assert not (tmp_path / "r1.json").exists()  # killed: no report
+
+    second = subprocess.run(bulk_cmd(inbox, unique_prefix, tiny_models, tmp_path / "r2.json"),
+                            env=bulk_env(seaweed), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 1, second.stderr[-2000:]  # one input failed
+    report = json.loads((tmp_path / "r2.json").read_text())
+    items = {i["input"]: i for i in report["items"]}
+    assert len(items) == N_GOOD + 1 == report["summary"]["total"]
+    skipped = {i["output_prefix"] for i in report["items"] if i["status"] == SKIPPED}
+    assert skipped == before
+    succeeded = {i["output_prefix"] for i in report["items"] if i["status"] == SUCCEEDED}
+    assert succeeded == set(outs) - before
+    broken = items[inbox + "broken.nii.gz"]
+    assert broken["status"] == "failed" and "422" in broken["reason"]
+    assert report["summary"] == {"succeeded": N_GOOD - len(before), "failed": 1, "skipped": len(before),
+                                 "total": N_GOOD + 1}
+    assert done() == set(outs)
+    assert f"{N_GOOD - len(before)} succeeded, 1 failed, {len(before)} skipped" in second.stdout
+
+    # a third run finds everything done; the CSV report says so
+    third = subprocess.run(bulk_cmd(inbox, unique_prefix, tiny_models, tmp_path / "r3.csv"),
+                           env=bulk_env(seaweed), capture_output=True, text=True, timeout=600)
+    rows = list(csv.DictReader(open(tmp_path / "r3.csv")))
+    assert len(rows) == N_GOOD + 1
+    assert sorted(r["status"] for r in rows) == ["failed"] + [SKIPPED] * N_GOOD, third.stderr[-1000:]
