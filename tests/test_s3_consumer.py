@@ -52,7 +52,8 @@ class Env:
     config: ConsumerConfig
 
 
-def make_env(moto, max_receives: int = 3, visibility: int = 30, heartbeat: float = 5.0) -> Env:  # noqa: F811
+def make_env(moto, max_receives: int = 3, visibility: int = 30, heartbeat: float = 5.0,  # noqa: F811
+             outputs: tuple[str, ...] = ("multilabel", "statistics", "preview")) -> Env:
     tag = uuid.uuid4().hex[:8]
     s3, sqs = moto.client(), moto.sqs()
     inbox, outbox, jobs = f"inbox-{tag}", f"outbox-{tag}", f"jobs-{tag}"
@@ -61,7 +62,7 @@ def make_env(moto, max_receives: int = 3, visibility: int = 30, heartbeat: float
     queue_url, dlq_url = create_queue_with_dlq(sqs, f"mriseg-{tag}", max_receives, visibility)
     configure_notifications(s3, sqs, inbox, queue_url, ["site-a/in/"])
     # S3 announces a new notification configuration with an s3:TestEvent; the consumer must skip it
-    rule = InboxRule(inbox, "site-a/in/", "site-a", f"s3://{outbox}/results", roi_subset=ROI)
+    rule = InboxRule(inbox, "site-a/in/", "site-a", f"s3://{outbox}/results", roi_subset=ROI, outputs=outputs)
     cfg = ConsumerConfig(queue_url, [rule], moto.settings, dlq_url, wait_time_s=1, visibility_timeout_s=visibility,
                          heartbeat_s=heartbeat)
     return Env(inbox, outbox, jobs, queue_url, dlq_url, cfg)
@@ -179,12 +180,12 @@ def _wait_for(cond, what: str, limit_s: float = 400.0, proc: subprocess.Popen | 
 
 @pytest.mark.slow
 def test_thirty_objects_consumer_killed_and_restarted(moto, tiny_models, tmp_path):  # noqa: F811
-    env = make_env(moto, max_receives=10, visibility=6, heartbeat=2.0)
+    env = make_env(moto, max_receives=10, visibility=6, heartbeat=2.0, outputs=("multilabel",))
     s3, sqs = moto.client(), moto.sqs()
     cfg = {"consumer": {**dataclasses.asdict(env.config), "sqs": dataclasses.asdict(moto.settings)},
            "runner": {"models": [str(tiny_models)], "jobs": f"s3://{env.jobs}", "device": "cpu",
                       "s3": dataclasses.asdict(moto.settings), "lease_s": 6.0}}
-    cfg["consumer"]["rules"] = [{**dataclasses.asdict(r), "roi_subset": list(r.roi_subset)}
+    cfg["consumer"]["rules"] = [{**dataclasses.asdict(r), "roi_subset": list(r.roi_subset), "outputs": list(r.outputs)}
                                 for r in env.config.rules]
     cfg_path = tmp_path / "consumer.json"
     cfg_path.write_text(json.dumps(cfg))
@@ -219,7 +220,7 @@ def test_thirty_objects_consumer_killed_and_restarted(moto, tiny_models, tmp_pat
     for i in range(n):
         case = f"results/site-a/case{i:02d}/"
         mine = [k[len(case):] for k in all_keys if k.startswith(case)]
-        assert sorted(mine) == ["job.json", "preview.png", "segmentation.nii.gz", "statistics.json"], mine
+        assert sorted(mine) == ["job.json", "segmentation.nii.gz"], mine
         doc = json.loads(s3.get_object(Bucket=env.outbox, Key=case + "job.json")["Body"].read())
         assert doc["status"] == "done"
     records = JobStore(f"s3://{env.jobs}", moto.settings).list()
