@@ -138,6 +138,22 @@ class _VisibilityHeartbeat:
                 log.warning("could not extend a message's visibility", exc_info=True)
 
 
+def specs_for_events(events: Sequence[ObjectEvent], rules: Sequence[InboxRule]) -> tuple[list[JobSpec], int]:
+    """Jobs for the volume events that fall in an inbox rule; also how many events were ignored.
+
+    The HTTP push endpoint (S3 ``Records[]``, SNS, EventBridge bodies) uses this with
+    :func:`serve.events.parse_message`, then submits each spec like the consumer does."""
+    vols = volume_events(events)
+    specs, ignored = [], len(events) - len(vols)
+    for ev in vols:
+        rule = next((r for r in rules if r.matches(ev)), None)
+        if rule is None:
+            ignored += 1  # not an inbox we serve (e.g. our own outbox in the same bucket)
+            continue
+        specs.append(rule.spec(ev))
+    return specs, ignored
+
+
 @dataclass
 class MessageResult:
     deleted: bool
@@ -154,16 +170,6 @@ class Consumer:
         self.sqs = sqs or make_sqs_client(config.sqs)
         self.dlq_gauge = _dlq_gauge()
 
-    def _specs(self, events: Sequence[ObjectEvent]) -> tuple[list[JobSpec], int]:
-        specs, ignored = [], 0
-        for ev in events:
-            rule = next((r for r in self.config.rules if r.matches(ev)), None)
-            if rule is None:
-                ignored += 1  # not an inbox we serve (e.g. our own outbox in the same bucket)
-                continue
-            specs.append(rule.spec(ev))
-        return specs, ignored
-
     def handle(self, message: Mapping[str, Any]) -> MessageResult:
         """Run the jobs one message names; delete it when all are settled."""
         receipt = message["ReceiptHandle"]
@@ -173,9 +179,7 @@ class Consumer:
             # never valid later: leave it to the redrive policy, so it lands in the DLQ for a human
             log.warning("unrecognised message %s: %s", message.get("MessageId"), e.message)
             return MessageResult(False, [])
-        events = volume_events(all_events)
-        specs, ignored = self._specs(events)
-        ignored += len(all_events) - len(events)
+        specs, ignored = specs_for_events(all_events, self.config.rules)
         outcomes: list[JobOutcome] = []
         settled = True
         retry_after = 0.0

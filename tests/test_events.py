@@ -63,3 +63,15 @@ def test_multipart_duplicates_collapse_to_one_event():
 def test_unrecognised_messages_are_clear_errors(bad):
     with pytest.raises(EventFormatError):
         parse_message(bad)
+
+
+def test_inbox_rules_map_events_to_site_jobs():
+    from serve.consumer import InboxRule, specs_for_events
+
+    rules = [InboxRule("inbox", "a/in/", "site-a", "s3://out/r"), InboxRule("inbox", "b/in/", "site-b", "s3://out/r")]
+    body = {"Records": [s3_record("a/in/x/case1.nii.gz"), s3_record("b/in/case2.mha"), s3_record("c/in/z.nii"),
+                        s3_record("a/in/readme.md")]}
+    specs, ignored = specs_for_events(parse_message(body), rules)
+    assert [(s.site, s.output_prefix) for s in specs] == [("site-a", "s3://out/r/site-a/x/case1/"),
+                                                          ("site-b", "s3://out/r/site-b/case2/")]
+    assert ignored == 2
