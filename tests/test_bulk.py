@@ -15,6 +15,7 @@ import pytest
 from serve import staging
 from serve.bulk import SKIPPED, SUCCEEDED, already_done, list_volumes
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
+from tests.ray_fixtures import _shared_stack_owner, serve_stack  # noqa: F401
 from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
 pytestmark = pytest.mark.s3
@@ -95,3 +96,32 @@ def test_bulk_resumes_after_interruption_with_correct_report(seaweed, inbox, tin
     rows = list(csv.DictReader(open(tmp_path / "r3.csv")))
     assert len(rows) == N_GOOD + 1
     assert sorted(r["status"] for r in rows) == ["failed"] + [SKIPPED] * N_GOOD, third.stderr[-1000:]
+
+
+@pytest.mark.ray
+def test_bulk_through_the_cluster_api_resumes(serve_stack, tmp_path):  # noqa: F811
+    """The real HTTP API (POST /v1/segmentations with output_prefix, then polling); a rerun skips done inputs."""
+    import uuid
+
+    from serve.bulk import api_backend, run_bulk, write_report
+    from tests.ray_fixtures import SITE_KEYS, nifti_bytes
+
+    s3 = serve_stack.extra["s3"]
+    root = f"s3://consortium/site-a/bulk-{uuid.uuid4().hex[:8]}"
+    for i in range(3):
+        staging.put_bytes(nifti_bytes(shape=(24, 24, 24), seed=40 + i), f"{root}/in/case{i}.nii.gz", s3)
+    staging.put_bytes(b"\x1f\x8bcorrupt", f"{root}/in/broken.nii.gz", s3)
+    backend = api_backend(serve_stack.url, SITE_KEYS["site-a"], poll_s=0.5)
+    kw = dict(site="site-a", concurrency=2, roi_subset=["liver"], outputs=("multilabel",), progress=False)
+
+    first = run_bulk(f"{root}/in/", f"{root}/out/", backend, s3, **kw)
+    by_case = {i.input.rsplit("/", 1)[1]: i for i in first}
+    assert [by_case[f"case{i}.nii.gz"].status for i in range(3)] == ["succeeded"] * 3
+    assert by_case["broken.nii.gz"].status == "failed" and "422" in by_case["broken.nii.gz"].reason
+    for i in range(3):
+        assert already_done(f"{root}/out/site-a/case{i}/", s3)
+
+    second = run_bulk(f"{root}/in/", f"{root}/out/", backend, s3, **kw)
+    assert sorted(i.status for i in second) == ["failed", "skipped", "skipped", "skipped"]
+    report = json.loads(write_report(second, tmp_path / "r.json").read_text())
+    assert report["summary"] == {"succeeded": 0, "failed": 1, "skipped": 3, "total": 4}
