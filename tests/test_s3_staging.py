@@ -6,7 +6,6 @@ import base64
 import dataclasses
 import hashlib
 import os
-import subprocess
 import threading
 import time
 
@@ -20,14 +19,40 @@ from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 pytestmark = pytest.mark.s3
 
 
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket the process holds, from /proc (IPv4 and IPv6)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                local, state, inode = parts[1], parts[3], parts[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                hexaddr, hexport = local.split(":")
+                if len(hexaddr) == 8:
+                    addr = ".".join(str(b) for b in reversed(bytes.fromhex(hexaddr)))
+                else:
+                    addr = "ipv6:" + hexaddr
+                found.add((addr, int(hexport, 16)))
+    return found
+
+
 def test_seaweed_listens_on_loopback_only(seaweed):
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-    pids = {str(seaweed.proc.pid)}
-    mine = [line for line in out.splitlines() if any(f"pid={p}," in line for p in pids)]
-    assert mine, "weed listens on nothing?"
-    local = {line.split()[3] for line in mine}
-    assert all(addr.startswith("127.0.0.1:") for addr in local), local
-    ports = {int(a.rsplit(":", 1)[1]) for a in local}
+    socks = listening_sockets(seaweed.proc.pid)
+    assert socks, "weed listens on nothing?"
+    assert {addr for addr, _ in socks} == {"127.0.0.1"}, socks
+    ports = {port for _, port in socks}
+    assert seaweed.ports["s3.port"] in ports and seaweed.ports["master.port"] in ports
     assert ports <= set(seaweed.ports.values()), ports - set(seaweed.ports.values())
     defaults = {9333, 19333, 9340, 19340, 8888, 18888, 8333, 18333, 23646, 7333, 8181, 9101, 6060}
     assert not ports & defaults
