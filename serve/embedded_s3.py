@@ -78,7 +78,7 @@ def _which(name: str) -> str:
     return exe
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     """SIGTERM the server's whole process group, SIGKILL what is left after ``grace_s``."""
     if proc.poll() is not None:
         return

@@ -400,13 +400,15 @@ class JobRunner:
         started = time.time()
         tmp = Path(tempfile.mkdtemp(prefix="mriseg-job-", dir=self.work_dir))
         try:
+            error: Exception | None = None
             with _Heartbeat(self.store, rec, max(1.0, self.store.lease_s / 3)) as hb:
                 try:
-                    outputs, meta, info = self._compute(spec, rec, tmp, started)
-                except Exception as e:
-                    rec = hb.rec
-                    return self._failed(spec, rec, e, started)
-                rec = hb.rec
+                    outputs, _, _ = self._compute(spec, rec, tmp, started)
+                except Exception as e:  # settled below, once the heartbeat no longer writes the record
+                    error = e
+            rec = hb.rec
+            if error is not None:
+                return self._failed(spec, rec, error, started)
             rec = self.store.finish(rec, DONE, outputs=outputs)
             log.info("job %s done in %.1fs", key[:12], time.time() - started)
             return JobOutcome(key, DONE, rec.output_prefix, True, None, outputs)
