@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 

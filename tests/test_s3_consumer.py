@@ -15,7 +15,6 @@ import uuid
 import numpy as np
 import pytest
 
-from serve import staging
 from serve.consumer import (Consumer, ConsumerConfig, InboxRule, configure_notifications, create_queue_with_dlq)
 from serve.jobs import DONE, FAILED, JobRunner, JobStore, SegmenterEngine
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401

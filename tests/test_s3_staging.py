@@ -14,7 +14,7 @@ import pytest
 from serve import staging
 from serve.embedded_s3 import SeaweedServer
 from serve.errors import StorageError, VolumeTooLargeError
-from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
+from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
 pytestmark = pytest.mark.s3
 
