@@ -13,7 +13,7 @@ from serve import staging
 from serve.jobs import (DONE, FAILED, ClaimLost, JobRunner, JobSpec, JobStore, SegmenterEngine, case_name,
                         idempotency_key)
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
-from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 
 pytestmark = pytest.mark.s3
 
@@ -151,3 +151,18 @@ def test_wrong_credentials_is_a_clear_job_error(seaweed, segmenter, unique_prefi
     out = JobRunner(store, SegmenterEngine(segmenter), bad).run(spec)
     assert out.state == FAILED and out.error["status"] == 403 and not out.retryable
     assert "inbox" in out.error["detail"] and "case3" not in out.error["detail"]
+
+
+def test_moto_honours_the_conditional_writes_too(moto, unique_prefix):  # noqa: F811
+    """The event tests keep job records in moto: its S3 must answer 412 to both conditions."""
+    moto.client().create_bucket(Bucket="jobs-cond")
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/z.nii", "s3://outbox/o", etag='"1"')
+    key = idempotency_key(spec, {})
+    a = JobStore(f"s3://jobs-cond/{unique_prefix}", moto.settings, lease_s=60)
+    b = JobStore(f"s3://jobs-cond/{unique_prefix}", moto.settings, lease_s=60)
+    rec, won = a.claim(key, spec, {})
+    assert won and b.claim(key, spec, {})[1] is False
+    stale = dataclasses.replace(rec)
+    a.renew(rec)  # changes the record's ETag
+    with pytest.raises(ClaimLost):
+        a.finish(stale, DONE)
