@@ -20,7 +20,9 @@ from pathlib import Path
 
 from serve.catalogue import load_catalogue
 from serve.modelload import configure_threads
-from serve.training import DEMO_DESCRIPTION, make_cases, model_labels, train_model
+from serve.phantoms import HELDOUT_SEEDS
+from serve.training import (DEMO_DESCRIPTION, evaluate_heldout, make_cases, model_labels, report_markdown,
+                            train_model)
 
 WEIGHT = {"organs": 2.2, "muscles": 2.0, "thigh_shoulder_muscles": 1.6, "appendicular_bones": 1.3,
           "tissue_types": 0.8, "face": 0.5, "total_fast": 1.6}
@@ -33,9 +35,22 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=24, help="training phantoms (seeds 0..N-1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="sub-model names to train (default all)")
+    ap.add_argument("--evaluate", type=int, default=0, metavar="N",
+                    help="after training (or with --budget 0: instead), report Dice on N held-out phantoms")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     configure_threads(args.threads)
+    if args.budget > 0:
+        train_all(args)
+    if args.evaluate:
+        t = time.time()
+        report = evaluate_heldout(args.out, HELDOUT_SEEDS[:args.evaluate], threads=args.threads)
+        print(report_markdown(report))
+        print(f"(evaluated {args.evaluate} held-out phantoms in {time.time() - t:.0f}s)")
+        Path(args.out, "heldout_dice.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+
+
+def train_all(args: argparse.Namespace) -> None:
     cat = load_catalogue()
     sms = [sm for sm in list(cat.submodels) + list(cat.fast_variants) if not args.only or sm.name in args.only]
     total_w = sum(WEIGHT.get(sm.name, 1.0) for sm in sms)
