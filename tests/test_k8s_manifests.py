@@ -252,6 +252,28 @@ def test_pinned_ray_ports_match_the_network_policy():
                 assert any(lo <= port <= hi for lo, hi in allowed), f"{overlay}: port {port} not allowed between Ray pods"
 
 
+def test_operator_and_prometheus_can_reach_what_they_need():
+    for overlay, docs in OVERLAY_DOCS.items():
+        policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+
+        def admitted(namespace: str, port: int) -> bool:
+            for pol in policies:
+                for rule in pol["spec"].get("ingress", []):
+                    from_ns = {p.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                               for p in rule.get("from", [])}
+                    if namespace in from_ns and any(p["port"] <= port <= p.get("endPort", p["port"])
+                                                    for p in rule.get("ports", [])):
+                        return True
+            return False
+
+        (rs,) = [d for d in docs if d["kind"] == "RayService"]
+        serve_port = rs["spec"]["serveService"]["spec"]["ports"][0]["port"]
+        metrics_port = int(_serve_config(rs)["applications"][0]["args"]["metrics_port"])
+        assert admitted("kuberay-system", 8265) and admitted("kuberay-system", serve_port), overlay
+        assert admitted("monitoring", 8080) and admitted("monitoring", metrics_port), overlay
+        assert not admitted("monitoring", 6379), f"{overlay}: GCS must stay internal"
+
+
 # -- the dev overlay fits one small node --------------------------------------------------------
 
 NODE_CPU, NODE_MEMORY, HEADROOM = 4.0, 16 * 2**30, 0.85
