@@ -20,5 +20,7 @@ fi
 pip install "${q[@]}" -c requirements/constraints.txt -r requirements/base.txt
 # 3. nnU-Net without its timm/torchvision dependencies.
 pip install "${q[@]}" --no-deps -c requirements/constraints.txt -r requirements/nnunet-nodeps.txt
+# 4. checkov (manifest policy checks in tests) in its own venv: its pins clash with ours.
+[[ -x .venv-tools/bin/checkov ]] || { "$PY" -m venv .venv-tools && .venv-tools/bin/pip install "${q[@]}" checkov==3.3.30; }
 python -c 'import serve, nnunetv2, ray, torch; print("mriseg-serve ready: torch", torch.__version__, "ray", ray.__version__)'
 echo "$want" > "$stamp"

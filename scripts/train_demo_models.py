@@ -5,8 +5,10 @@ DEMO MODELS - NOT FOR CLINICAL USE. Usage:
 
     python scripts/train_demo_models.py --out serve/demo_models --budget 600
 
-``--budget`` is the total training time in seconds, shared between the
-models in proportion to how many labels they have.
+``--budget`` is the total training time in seconds. The six 1.5 mm
+sub-models train together (one shared trunk, one output head each; see
+``serve.training.train_models``) and get ``--fast-share`` less of it than the
+budget; the 3 mm fast model trains on its own with the rest.
 """
 
 from __future__ import annotations
@@ -21,18 +23,17 @@ from pathlib import Path
 from serve.catalogue import load_catalogue
 from serve.modelload import configure_threads
 from serve.phantoms import HELDOUT_SEEDS
-from serve.training import (DEMO_DESCRIPTION, evaluate_heldout, make_cases, model_labels, report_markdown,
-                            train_model)
+from serve.training import (DEMO_DESCRIPTION, DEMO_SPEC, FAST_SPEC, compact_checkpoint, evaluate_heldout, make_cases, model_labels,
+                            report_markdown, train_models)
 
-WEIGHT = {"organs": 2.2, "muscles": 2.0, "thigh_shoulder_muscles": 1.6, "appendicular_bones": 1.3,
-          "tissue_types": 0.8, "face": 0.5, "total_fast": 1.6}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="serve/demo_models")
     ap.add_argument("--budget", type=float, default=600, help="total training seconds")
-    ap.add_argument("--cases", type=int, default=24, help="training phantoms (seeds 0..N-1)")
+    ap.add_argument("--cases", type=int, default=48, help="training phantoms (seeds 0..N-1)")
+    ap.add_argument("--fast-share", type=float, default=0.15, help="share of the budget for the 3 mm fast model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="sub-model names to train (default all)")
     ap.add_argument("--evaluate", type=int, default=0, metavar="N",
@@ -53,23 +54,28 @@ def main() -> None:
 def train_all(args: argparse.Namespace) -> None:
     cat = load_catalogue()
     sms = [sm for sm in list(cat.submodels) + list(cat.fast_variants) if not args.only or sm.name in args.only]
-    total_w = sum(WEIGHT.get(sm.name, 1.0) for sm in sms)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
-    for spacing in sorted({sm.spacing_mm for sm in sms}):
+    spacings = sorted({sm.spacing_mm for sm in sms})
+    for spacing in spacings:
         group = [sm for sm in sms if sm.spacing_mm == spacing]
+        fast = all(sm.is_fast_variant for sm in group)
+        share = args.fast_share if fast else 1 - args.fast_share
+        secs = args.budget * (share if len(spacings) > 1 else 1.0)
         t = time.time()
         cases = make_cases(range(args.cases), spacing, group)
         logging.info("%d cases at %g mm in %.0fs", len(cases), spacing, time.time() - t)
         for sm in group:
             for old in out.glob(f"{sm.folder_prefix}*"):
                 shutil.rmtree(old)
-            secs = args.budget * WEIGHT.get(sm.name, 1.0) / total_w
-            s = train_model(sm, cases, out, seconds=secs)
-            s["labels"] = len(model_labels(sm))
+        done = train_models(group, cases, out, seconds=secs, spec=FAST_SPEC if fast else DEMO_SPEC)
+        for s in done:
+            s["labels"] = len(model_labels(next(sm for sm in group if sm.name == s["model"])))
             logging.info("trained %s", s)
-            summary.append(s)
+        summary.extend(done)
+    for ckpt in out.glob("Dataset*/*/fold_0/checkpoint_final.pth"):
+        logging.info("%s: %d bytes", ckpt, compact_checkpoint(ckpt.parent.parent))
     (out / "DEMO_MODELS.json").write_text(json.dumps(
         {"notice": DEMO_DESCRIPTION, "kind": "trained-on-phantoms", "training_seeds": f"0..{args.cases - 1}",
          "models": summary}, indent=1))

@@ -146,7 +146,10 @@ def write_model_folder(root: str | Path, submodel: SubModel, spec: UNetSpec, *,
     (folder / "plans.json").write_text(json.dumps(plans, indent=1))
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
     checkpoint = {
-        "network_weights": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+        # No clone: PlainConvUNet's decoder holds the encoder, so a state dict
+        # names each encoder tensor twice; torch.save writes a shared storage
+        # once, as nnU-Net's own checkpoints do.
+        "network_weights": {k: v.detach().cpu() for k, v in state_dict.items()},
         "optimizer_state": None,
         "grad_scaler_state": None,
         "logging": {},

@@ -29,7 +29,11 @@ from serve.preprocess import prepare, prepare_labels_like
 log = logging.getLogger(__name__)
 
 DEMO_DESCRIPTION = "DEMO MODEL trained on synthetic phantoms - NOT FOR CLINICAL USE"
-DEMO_SPEC = UNetSpec(features=(8, 16, 32, 64), patch_size=(48, 48, 48))
+# Patches are (z, y, x), the axis order nnU-Net's readers give the network:
+# the full prepared cross-section (y, most of x) and 60 mm of z, so every
+# patch shows the body outline and midline that left/right depends on.
+DEMO_SPEC = UNetSpec(features=(8, 16, 32, 64), patch_size=(40, 56, 80))
+FAST_SPEC = UNetSpec(features=(8, 16, 32, 64), patch_size=(48, 32, 48))
 
 
 def model_labels(sm: SubModel) -> list[str]:
@@ -57,93 +61,204 @@ def zscore(data: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Case:
-    image: np.ndarray               # normalised, canonical, model spacing
-    labels: dict[str, np.ndarray]   # sub-model name -> local ids
+    image: np.ndarray               # normalised, canonical, model spacing, (z, y, x)
+    labels: dict[str, np.ndarray]   # sub-model name -> local ids, (z, y, x)
+    voxels: dict[int, np.ndarray]   # global id -> flat indices of its voxels (for class-balanced sampling)
 
 
 def make_cases(seeds: Sequence[int], spacing_mm: float, submodels: Sequence[SubModel]) -> list[Case]:
-    """Phantoms preprocessed exactly as inference does, with each sub-model's local labels."""
+    """Phantoms preprocessed exactly as inference does, with each sub-model's local labels.
+
+    Arrays are transposed to (z, y, x): ``serve.predict`` hands the network
+    its input in that order, as every nnU-Net v2 reader does.
+    """
     cases = []
     for seed in seeds:
         ph = make_phantom(seed)
         prep = prepare(ph.volume, spacing_mm)
-        labels = {}
+        labels, voxels = {}, {}
         for sm in submodels:
             parts = sm.replaces or (sm.name,)
             glob = np.zeros(ph.truth.shape, np.uint8)
             for p in parts:  # models are disjoint in structures; the fast one takes organs + muscles
                 m = ph.truth_per_model[p]
                 glob = np.where(m > 0, m, glob)
-            labels[sm.name] = global_to_local(sm)[prepare_labels_like(glob, prep.grid, spacing_mm)]
-        cases.append(Case(zscore(prep.data), labels))
+            glob = np.ascontiguousarray(prepare_labels_like(glob, prep.grid, spacing_mm).transpose(2, 1, 0))
+            labels[sm.name] = global_to_local(sm)[glob]
+            flat = glob.ravel()
+            order = np.argsort(flat, kind="stable")
+            ids, starts = np.unique(flat[order], return_index=True)
+            for gid, lo, hi in zip(ids, starts, [*starts[1:], flat.size]):
+                if gid:
+                    voxels[int(gid)] = order[lo:hi]
+        image = np.ascontiguousarray(zscore(prep.data).transpose(2, 1, 0))
+        cases.append(Case(image, labels, voxels))
     return cases
 
 
-def _crop(case: Case, name: str, patch, rng: np.random.Generator):
-    img, lab = case.image, case.labels[name]
-    pad = [(0, max(0, p - s)) for p, s in zip(patch, img.shape)]
+def _crop(case: Case, names: Sequence[str], patch, rng: np.random.Generator):
+    """A random patch; 2/3 of them centred on a voxel of a uniformly drawn structure (nnU-Net-like)."""
+    img = case.image
+    shape = img.shape
+    pad = [(0, max(0, p - s)) for p, s in zip(patch, shape)]
+    labs = [case.labels[n] for n in names]
+    if rng.random() < 0.67 and case.voxels:
+        ids = list(case.voxels)
+        vox = case.voxels[ids[rng.integers(len(ids))]]
+        centre = np.unravel_index(int(vox[rng.integers(len(vox))]), shape)
+        centre = [int(c) + int(rng.integers(-p // 4, p // 4 + 1)) for c, p in zip(centre, patch)]
+    else:
+        centre = [int(rng.integers(s)) for s in shape]
     if any(p[1] for p in pad):
         img = np.pad(img, pad, constant_values=float(img.min()))
-        lab = np.pad(lab, pad)
-    fg = np.argwhere(lab > 0) if rng.random() < 0.67 else None  # nnU-Net-like foreground oversampling
-    start = []
-    for ax in range(3):
-        hi = img.shape[ax] - patch[ax]
-        if fg is not None and len(fg):
-            c = fg[rng.integers(len(fg))]
-            start = [int(np.clip(c[a] - patch[a] // 2, 0, img.shape[a] - patch[a])) for a in range(3)]
-            break
-        start.append(int(rng.integers(hi + 1)))
+        labs = [np.pad(lab, pad) for lab in labs]
+    start = [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, img.shape)]
     sl = tuple(slice(s, s + p) for s, p in zip(start, patch))
-    return img[sl], lab[sl]
+    return img[sl], [lab[sl] for lab in labs]
 
 
-def train_model(sm: SubModel, cases: list[Case], out_root: Path, *, seconds: float, max_iters: int = 5000,
-                spec: UNetSpec = DEMO_SPEC, seed: int = 0, lr: float = 3e-3, batch: int = 2) -> dict:
-    """Train ``sm`` for at most ``seconds``/``max_iters`` and write its nnU-Net folder; returns a summary."""
+def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Intensity-only augmentation (no mirroring: the models are lateralised)."""
+    lo, hi = float(x.min()), float(x.max())
+    if rng.random() < 0.3:  # gamma, as nnU-Net's GammaTransform, sometimes on the inverted image
+        inv = rng.random() < 0.15
+        u = (hi - x) if inv else (x - lo)
+        u = (u / max(hi - lo, 1e-6)) ** float(rng.uniform(0.7, 1.5)) * (hi - lo)
+        x = (hi - u) if inv else (u + lo)
+    x = x * float(rng.uniform(0.85, 1.15)) + float(rng.normal(0, 0.1))
+    if rng.random() < 0.2:
+        x = x + rng.normal(0, float(rng.uniform(0, 0.1)), x.shape).astype(np.float32)
+    return x.astype(np.float32)
+
+
+def _heads(submodels: Sequence[SubModel]) -> list[tuple[str, int, int]]:
+    """(name, first channel, number of channels incl. background) of each sub-model's output head."""
+    heads, c = [], 0
+    for sm in submodels:
+        n = len(model_labels(sm)) + 1
+        heads.append((sm.name, c, n))
+        c += n
+    return heads
+
+
+def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Path, *, seconds: float,
+                 spec: UNetSpec = DEMO_SPEC, max_iters: int = 1_000_000, seed: int = 0, lr: float = 3e-3,
+                 batch: int = 2, save_every_s: float = 900) -> list[dict]:
+    """Train the sub-models of one spacing together and write one nnU-Net folder each.
+
+    Multi-task training: one PlainConvUNet trunk whose final 1x1x1
+    segmentation convolution has one block of output channels per sub-model
+    (background + its labels, softmax within the block). Each exported model
+    is nnU-Net's own network for its plans, holding the shared trunk weights
+    and its own block of the segmentation layer. Sharing the trunk costs one
+    forward/backward pass per patch for all six instead of six, which is what
+    makes CPU training of the demo models feasible.
+    """
     import torch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    labels = model_labels(sm)
-    plans = make_plans(f"{sm.folder_prefix}{sm.name}", sm.spacing_mm, spec, sm.configuration, sm.plans)
-    net = build_network(plans, make_dataset_json(labels))
+    heads = _heads(submodels)
+    n_out = sum(n for _, _, n in heads)
+    first = submodels[0]
+    plans = make_plans(f"{first.folder_prefix}{first.name}", first.spacing_mm, spec, first.configuration,
+                       first.plans)
+    net = build_network(plans, make_dataset_json([f"c{i}" for i in range(1, n_out)]))
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
-    n_cls = len(labels) + 1
     patch = tuple(spec.patch_size)
-    t0 = time.time()
+    names = [sm.name for sm in submodels]
+    t0 = last_save = time.time()
     it = 0
-    losses = []
+    losses: list[float] = []
+
+    def save() -> list[dict]:
+        net.eval()
+        out = []
+        for sm, (name, c0, n) in zip(submodels, heads):
+            state = _head_state(net.state_dict(), c0, n)
+            write_model_folder(out_root, sm, spec, labels=model_labels(sm), state_dict=state,
+                               description=DEMO_DESCRIPTION, epochs=it)
+            out.append({"model": name, "iterations": it, "seconds": round(time.time() - t0, 1),
+                        "final_loss": float(np.mean(losses[-100:])) if losses else None,
+                        "trained_with": names})
+        net.train()
+        return out
+
     while it < max_iters and time.time() - t0 < seconds:
-        xs, ys = zip(*(_crop(cases[rng.integers(len(cases))], sm.name, patch, rng) for _ in range(batch)))
-        x = torch.from_numpy(np.stack(xs)[:, None].copy())
-        x = x * float(rng.uniform(0.9, 1.1)) + float(rng.normal(0, 0.1))  # mild intensity augmentation
-        y = torch.from_numpy(np.stack(ys).astype(np.int64))
+        xs, ys = [], []
+        for _ in range(batch):
+            x, labs = _crop(cases[rng.integers(len(cases))], names, patch, rng)
+            xs.append(_augment(x, rng))
+            ys.append(labs)
+        x = torch.from_numpy(np.stack(xs)[:, None])
         logits = net(x)
-        ce = torch.nn.functional.cross_entropy(logits, y)
-        prob = torch.softmax(logits, 1)
-        onehot = torch.nn.functional.one_hot(y, n_cls).permute(0, 4, 1, 2, 3).float()
-        dims = (0, 2, 3, 4)  # batch Dice, like nnU-Net's default for 3d_fullres
-        inter = (prob * onehot).sum(dims)
-        denom = prob.sum(dims) + onehot.sum(dims)
-        dice = ((2 * inter + 1e-5) / (denom + 1e-5))[1:]
-        loss = ce + (1 - dice.mean())
+        loss = torch.zeros(())
+        for h, (name, c0, n) in enumerate(heads):
+            y = torch.from_numpy(np.stack([b[h] for b in ys]).astype(np.int64))
+            lg = logits[:, c0:c0 + n]
+            ce = torch.nn.functional.cross_entropy(lg, y)
+            prob = torch.softmax(lg, 1)
+            onehot = torch.nn.functional.one_hot(y, n).permute(0, 4, 1, 2, 3).float()
+            dims = (0, 2, 3, 4)  # batch Dice; classes absent from the batch are left out
+            inter = (prob * onehot).sum(dims)[1:]
+            denom = (prob.sum(dims) + onehot.sum(dims))[1:]
+            present = onehot.sum(dims)[1:] > 0
+            dice = (2 * inter + 1e-5) / (denom + 1e-5)
+            dl = 1 - dice[present].mean() if bool(present.any()) else torch.zeros(())
+            loss = loss + ce + dl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
         for g in opt.param_groups:  # poly decay over the time budget
-            g["lr"] = lr * max(0.05, 1 - (time.time() - t0) / seconds) ** 0.9
-        losses.append(loss.item())
+            g["lr"] = lr * max(0.02, 1 - (time.time() - t0) / seconds) ** 0.9
+        losses.append(loss.item() / len(heads))
         it += 1
         if it % 50 == 0:
-            log.info("%s it %d loss %.3f (%.0fs)", sm.name, it, np.mean(losses[-50:]), time.time() - t0)
-    net.eval()
-    write_model_folder(out_root, sm, spec, labels=labels, state_dict=net.state_dict(),
-                       description=DEMO_DESCRIPTION, epochs=it)
-    return {"model": sm.name, "iterations": it, "seconds": round(time.time() - t0, 1),
-            "final_loss": float(np.mean(losses[-50:])) if losses else None}
+            log.info("%s it %d loss %.3f (%.0fs)", "+".join(names), it, np.mean(losses[-50:]), time.time() - t0)
+        if time.time() - last_save > save_every_s:
+            save()
+            last_save = time.time()
+    return save()
+
+
+def _head_state(state: dict, c0: int, n: int) -> dict:
+    """The trunk's weights with the segmentation layers cut to one head's channels."""
+    out = {}
+    for k, v in state.items():
+        # a slice keeps the whole storage alive (torch.save would write all of it); the trunk stays shared
+        out[k] = v[c0:c0 + n].clone() if ".seg_layers." in k else v.detach()
+    return out
+
+
+def compact_checkpoint(trainer_folder: str | Path, fold: str = "0") -> int:
+    """Store a demo checkpoint's weights as float16, each shared tensor once; returns the new size.
+
+    Keeps the repository small. nnU-Net loads the weights with
+    ``load_state_dict``, which copies them into its float32 parameters.
+    """
+    import json
+
+    import torch
+
+    folder = Path(trainer_folder)
+    path = folder / f"fold_{fold}" / "checkpoint_final.pth"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    plans = json.loads((folder / "plans.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    net = build_network(plans, dataset_json)
+    net.load_state_dict(ckpt["network_weights"])
+    # the decoder holds the encoder, so the state dict names those tensors twice; convert each once
+    memo: dict[int, object] = {}
+    weights = {}
+    for k, v in net.state_dict().items():
+        if v.is_floating_point():
+            v = memo.setdefault(v.data_ptr(), v.detach().to(torch.float16))
+        weights[k] = v
+    ckpt["network_weights"] = weights
+    torch.save(ckpt, path)
+    return path.stat().st_size
 
 
 # -- held-out evaluation ------------------------------------------------------
