@@ -91,7 +91,7 @@ class Stack:
 
 def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options: dict,
                 router: dict | None = None, per_model: dict | None = None, tenant_limits=None,
-                submodels=SUBMODELS, s3: dict | None = None) -> Stack:
+                submodels=SUBMODELS, s3: dict | None = None, events: dict | None = None) -> Stack:
     import ray
     from ray import serve as rayserve
 
@@ -114,6 +114,8 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         "metrics_port": free_port(),
         "metrics_host": "127.0.0.1",
         **({"s3": s3} if s3 else {}),
+        # the intake reaches the cluster through its own API
+        **({"events": {"api_url": f"http://127.0.0.1:{port}", **events}} if events else {}),
         "deployment_options": {"submodel_defaults": submodel_options, **(per_model or {}),
                                "Router": {"ray_actor_options": {"num_cpus": 1}}},
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -35,18 +35,27 @@ RAW_UPLOAD_TYPES = ("application/octet-stream", "application/gzip", "application
 DEFAULT_OUTPUTS = ["multilabel", "statistics", "preview"]
 
 
+class EventSink(Protocol):
+    """Where pushed events go (the ingress wires the EventIntake deployment's handle in)."""
+
+    def rules_for(self, site: str) -> list: ...
+
+    async def submit(self, specs: list[dict]) -> int: ...
+
+
 @dataclass
 class _State:
     service: JobService | None = None
     readiness: Callable[[], Awaitable[dict]] | None = None
+    events: EventSink | None = None
 
 
 _STATE = _State()
 
 
-def install(service: JobService, readiness: Callable[[], Awaitable[dict]]) -> None:
+def install(service: JobService, readiness: Callable[[], Awaitable[dict]], events: EventSink | None = None) -> None:
     """Connect the routes to this process's job service (called by the ingress replica)."""
-    _STATE.service, _STATE.readiness = service, readiness
+    _STATE.service, _STATE.readiness, _STATE.events = service, readiness, events
 
 
 app = FastAPI(
@@ -250,6 +259,28 @@ async def upload_segmentation(
     _check_suffix(filename)
     job = svc.submit(who, opts, upload=data, filename=filename)
     return await _finish(svc, job, wait, response)
+
+
+@app.post("/v1/events", status_code=202, tags=["events"])
+async def push_events(request: Request, who: SiteDep) -> dict:
+    """S3 object-created events pushed instead of polled: an S3 ``Records[]`` body (MinIO webhook,
+    AWS), an SNS notification wrapping one, or an EventBridge ``Object Created`` event.
+
+    Each volume in one of the caller's own inboxes becomes a durable, idempotent job (its
+    ``job.json`` lands in the inbox's output prefix); other objects are counted as ignored.
+    """
+    from serve.consumer import specs_for_events
+    from serve.events import parse_message
+
+    if _STATE.events is None:
+        raise ServiceUnavailableError("event intake is not configured on this cluster (the 'events' app arg)")
+    body = await _read_capped(request, MAX_JSON_BYTES)
+    events = parse_message(body)
+    specs, ignored = specs_for_events(events, _STATE.events.rules_for(who.name))
+    accepted = await _STATE.events.submit([s.to_dict() for s in specs]) if specs else 0
+    log.info("site %s pushed %d event(s): %d job(s) accepted, %d ignored", who.name, len(events), accepted, ignored)
+    return {"accepted": accepted, "ignored": ignored,
+            "jobs": [{"input": s.input_uri, "output_prefix": s.output_prefix} for s in specs]}
 
 
 def _check_suffix(filename: str) -> None:

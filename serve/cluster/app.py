@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from serve.catalogue import load_catalogue
 from serve.cluster.api import app, install
 from serve.cluster.deployments import SubModelDeployment
+from serve.cluster.intake import EventIntake, IntakeSettings
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
 from serve.cluster.router import JobService, RouterSettings
 from serve.cluster.tenancy import Tenancy
@@ -46,7 +47,8 @@ def default_submodels() -> list[str]:
 class Ingress:
     """HTTP ingress and job router; holds a handle to every sub-model deployment."""
 
-    def __init__(self, submodels: dict[str, DeploymentHandle], settings: dict[str, Any]):
+    def __init__(self, submodels: dict[str, DeploymentHandle], settings: dict[str, Any],
+                 intake: DeploymentHandle | None = None):
         self.handles = submodels
         self.settings = settings
         tenancy = Tenancy.load(settings.get("tenants_file"))
@@ -58,7 +60,10 @@ class Ingress:
         self.metrics_port = start_metrics_server(metrics, int(settings.get("metrics_port") or 0),
                                                  settings.get("metrics_host", "0.0.0.0"))
         self._ready_cache: tuple[float, dict] | None = None
-        install(self.service, self.readiness)
+        events = None
+        if intake is not None:
+            events = _IntakeSink(intake, IntakeSettings.from_mapping(settings.get("events") or {}, settings.get("s3")))
+        install(self.service, self.readiness, events)
 
     async def _call(self, name: str, data: Any, spacing_mm: float) -> dict:
         return await self.handles[name].run.remote(data, spacing_mm)
@@ -81,6 +86,19 @@ class Ingress:
     def check_health(self) -> None:
         if self.service is None:
             raise RuntimeError("job service missing")
+
+
+class _IntakeSink:
+    """``POST /v1/events`` -> the EventIntake deployment, limited to the caller's own inboxes."""
+
+    def __init__(self, handle: DeploymentHandle, settings: IntakeSettings):
+        self.handle, self.settings = handle, settings
+
+    def rules_for(self, site: str) -> list:
+        return self.settings.rules_for(site)
+
+    async def submit(self, specs: list[dict]) -> int:
+        return await self.handle.submit.remote(specs)
 
 
 # A deployment that is resizing still serves; one at zero replicas with min_replicas 0 is HEALTHY
@@ -117,7 +135,7 @@ def _resolve_sources(sources: list[str]) -> list[str]:
 
 
 APP_ARGS = {"model_sources", "model_cache_dir", "s3", "submodels", "submodel_settings", "tenants_file",
-            "router", "metrics_port", "metrics_host", "deployment_options"}
+            "router", "metrics_port", "metrics_host", "deployment_options", "events"}
 
 
 def validate_args(args: dict[str, Any] | None) -> dict[str, Any]:
@@ -140,7 +158,9 @@ def build_app(args: dict[str, Any]) -> rayserve.Application:
     ``submodels`` (names to deploy; default all six + total_fast), ``submodel_settings``
     (device, threads, precision, gpu_memory_fraction, tile_step_size), ``tenants_file``,
     ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
-    ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options).
+    ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options),
+    ``events`` (S3 event intake: :class:`serve.cluster.intake.IntakeSettings`; adds the
+    ``EventIntake`` deployment and ``POST /v1/events``).
     """
     args = validate_args(args)
     sources = _resolve_sources(list(args.get("model_sources") or [DEMO_SOURCE]))
@@ -152,6 +172,10 @@ def build_app(args: dict[str, Any]) -> rayserve.Application:
     opts = args.get("deployment_options") or {}
     bound = {n: SubModelDeployment.options(name=n, **{**opts.get("submodel_defaults", {}), **opts.get(n, {})})
              .bind(n, common) for n in names}
-    ingress_settings = {k: args.get(k) for k in ("tenants_file", "router", "metrics_port", "metrics_host", "s3")
-                        if args.get(k) is not None}
-    return Ingress.options(**opts.get("Router", {})).bind(bound, ingress_settings)
+    ingress_settings = {k: args.get(k) for k in ("tenants_file", "router", "metrics_port", "metrics_host", "s3",
+                                                 "events") if args.get(k) is not None}
+    intake = None
+    if args.get("events"):
+        IntakeSettings.from_mapping(args["events"], args.get("s3"))  # a bad config fails the deploy, not a replica
+        intake = EventIntake.options(**opts.get("EventIntake", {})).bind(args["events"], args.get("s3"))
+    return Ingress.options(**opts.get("Router", {})).bind(bound, ingress_settings, intake)

@@ -1,0 +1,171 @@
+"""Event intake inside the Ray cluster: the SQS consumer and pushed events, as one Serve deployment.
+
+``EventIntake`` is a thin deployment around plain code that is tested on
+its own (:mod:`serve.consumer`, :mod:`serve.jobs`, :mod:`serve.cluster.engine`):
+
+- with a queue configured, a thread long-polls SQS (:class:`serve.consumer.Consumer`);
+- :meth:`EventIntake.submit` takes jobs that the ingress's ``POST /v1/events``
+  parsed from pushed S3 ``Records[]``/SNS/EventBridge bodies;
+- every job runs through :class:`serve.jobs.JobRunner` (durable records in
+  S3, idempotency, atomic claims) with :class:`~serve.cluster.engine.ClusterEngine`,
+  i.e. through the cluster's own API with the site's key, so tenancy and
+  fair scheduling apply to event jobs as to interactive ones.
+
+Restart policy: Serve calls :meth:`EventIntake.check_health` every
+``health_check_period_s``; a dead poll thread fails it, and Serve replaces
+the replica. Messages in flight on a dead replica come back after their
+visibility timeout; job claims expire with their lease.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ray import serve as rayserve
+
+from serve.consumer import Consumer, ConsumerConfig, InboxRule
+from serve.errors import MrisegError
+from serve.jobs import JobOutcome, JobSpec
+from serve.s3client import S3Settings
+
+log = logging.getLogger(__name__)
+
+#: environment fallbacks, so Kubernetes can fill them from a ConfigMap/Secret
+ENV = {"queue_url": "MRISEG_EVENTS_QUEUE_URL", "dlq_url": "MRISEG_EVENTS_DLQ_URL",
+       "rules_file": "MRISEG_EVENTS_RULES_FILE", "site_keys_file": "MRISEG_EVENTS_SITE_KEYS_FILE",
+       "jobs": "MRISEG_EVENTS_JOBS_PREFIX"}
+
+
+@dataclass
+class IntakeSettings:
+    """The ``events`` app arg of a Serve config (each field may come from its ``ENV`` variable)."""
+
+    api_url: str = "http://127.0.0.1:8000"   # the cluster's own API (the Serve proxy)
+    jobs: str = ""                            # s3:// prefix of the durable job records
+    rules: list[InboxRule] = field(default_factory=list)
+    site_keys: dict[str, str] = field(default_factory=dict)
+    queue: ConsumerConfig | None = None      # None: pushed events only
+    concurrency: int = 2                      # jobs in flight per replica
+    lease_s: float = 300.0
+    max_bytes: int = 1 << 30
+    s3: S3Settings = field(default_factory=S3Settings)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any], s3: Mapping[str, Any] | None = None) -> "IntakeSettings":
+        d = dict(d or {})
+        for k, var in ENV.items():
+            if not d.get(k) and os.environ.get(var):
+                d[k] = os.environ[var]
+        rules = [dict(r) for r in d.get("rules") or []]
+        if d.get("rules_file"):
+            rules += _read_json_or_yaml(d["rules_file"])
+        keys = dict(d.get("site_keys") or {})
+        if d.get("site_keys_file"):
+            keys.update(_read_json_or_yaml(d["site_keys_file"]))
+        if not d.get("jobs"):
+            raise MrisegError("events.jobs (an s3:// prefix for job records) is required for event intake")
+        parsed = [InboxRule.from_mapping(r) for r in rules]
+        missing = sorted({r.site for r in parsed} - set(keys))
+        if missing:
+            raise MrisegError(f"events: no API key for site(s) {missing}; add them to events.site_keys_file")
+        queue = None
+        if d.get("queue_url"):
+            q = {k: v for k, v in (d.get("sqs_options") or {}).items()}
+            queue = ConsumerConfig.from_mapping({**q, "queue_url": d["queue_url"], "dlq_url": d.get("dlq_url"),
+                                                 "sqs": d.get("sqs") or s3 or {}, "rules": rules})
+        return cls(api_url=str(d.get("api_url") or cls.api_url), jobs=str(d["jobs"]), rules=parsed,
+                   site_keys={str(k): str(v) for k, v in keys.items()}, queue=queue,
+                   concurrency=int(d.get("concurrency", 2)), lease_s=float(d.get("lease_s", 300.0)),
+                   max_bytes=int(d.get("max_bytes", 1 << 30)), s3=S3Settings.from_mapping(s3))
+
+    def rules_for(self, site: str) -> list[InboxRule]:
+        """The inboxes a site may push events for (its own only)."""
+        return [r for r in self.rules if r.site == site]
+
+
+def _read_json_or_yaml(path: str | os.PathLike) -> Any:
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+class IntakeWorker:
+    """The plain part of the deployment: a JobRunner, a bounded pool, and the optional SQS poller."""
+
+    def __init__(self, settings: IntakeSettings, runner=None):
+        from serve.cluster.engine import ClusterEngine
+        from serve.jobs import JobRunner, JobStore
+
+        self.settings = settings
+        if runner is None:
+            engine = ClusterEngine(settings.api_url, settings.site_keys)
+            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), engine,
+                               settings.s3, max_bytes=settings.max_bytes)
+        self.runner = runner
+        self.pool = ThreadPoolExecutor(max(1, settings.concurrency), thread_name_prefix="mriseg-intake")
+        self.stop = threading.Event()
+        self.poller: threading.Thread | None = None
+        self.pushed = 0
+        if settings.queue is not None:
+            consumer = Consumer(settings.queue, self.runner.run)
+            self.poller = threading.Thread(target=consumer.run, args=(self.stop,), name="mriseg-sqs", daemon=True)
+            self.poller.start()
+
+    def submit(self, specs: Sequence[Mapping[str, Any]]) -> int:
+        """Queue pushed jobs; each settles as done or failed in its job record (``job.json``)."""
+        for s in specs:
+            self.pool.submit(self._run, JobSpec.from_dict(dict(s)))
+        self.pushed += len(specs)
+        return len(specs)
+
+    def _run(self, spec: JobSpec) -> JobOutcome | None:
+        try:
+            out = self.runner.run(spec)
+            log.info("pushed job %s for site %s: %s", out.key[:12], spec.site, out.state)
+            return out
+        except Exception:  # the record's lease expires and a redelivery (or a re-push) runs it again
+            log.error("pushed job for site %s crashed", spec.site, exc_info=True)
+            return None
+
+    def healthy(self) -> None:
+        if self.poller is not None and not self.poller.is_alive():
+            raise RuntimeError("the SQS poll thread has stopped")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=False)
+
+
+@rayserve.deployment(name="EventIntake", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+                     max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30)
+class EventIntake:
+    """Serve deployment: SQS consumer + pushed-event jobs (see the module docstring)."""
+
+    def __init__(self, settings: dict[str, Any], s3: dict[str, Any] | None = None):
+        self.worker = IntakeWorker(IntakeSettings.from_mapping(settings, s3))
+
+    def submit(self, specs: list[dict[str, Any]]) -> int:
+        return self.worker.submit(specs)
+
+    def status(self) -> dict[str, Any]:
+        w = self.worker
+        return {"polling": w.poller is not None and w.poller.is_alive(), "pushed": w.pushed,
+                "rules": len(w.settings.rules)}
+
+    def check_health(self) -> None:
+        self.worker.healthy()
+
+    def __del__(self):
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
