@@ -38,8 +38,8 @@ def test_config_is_a_valid_serve_config_for_the_app(name):
     assert app.import_path == "serve.cluster.app:build_app"
     args = validate_args(app.args)
     deployments = {d.name: d for d in app.deployments}
-    # names match what build_app binds: the router plus one deployment per sub-model
-    assert set(deployments) == {"Router", *args["submodels"]}
+    # names match what build_app binds: the router, one deployment per sub-model, the event intake
+    assert set(deployments) == {"Router", *args["submodels"], *(["EventIntake"] if args.get("events") else [])}
     assert set(SIX) <= set(args["submodels"])
     for d in deployments.values():
         assert d.ray_actor_options["num_cpus"] > 0, f"{d.name}: num_cpus must be explicit"
@@ -57,7 +57,7 @@ def test_local_is_cpu_only_and_fits_two_cores():
 
 def test_one_gpu_packs_every_submodel_onto_one_card_with_memory_caps():
     _, app = load("one-gpu.yaml")
-    subs = [d for d in app.deployments if d.name != "Router"]
+    subs = [d for d in app.deployments if d.name in app.args["submodels"]]
     gpus = [d.ray_actor_options["num_gpus"] for d in subs]
     assert all(0 < g < 1 for g in gpus) and sum(gpus) <= 1
     for d in subs:
@@ -90,7 +90,7 @@ def test_up_folds_the_config_into_app_args_and_keeps_only_the_key_digest(tmp_pat
     app, http = load_serve_config(DEFAULT_CONFIG)
     args = app_args_from_config(app)
     assert http["host"] == "127.0.0.1"
-    assert set(args["deployment_options"]) == {"Router", *args["submodels"]}
+    assert set(args["deployment_options"]) == {"Router", "EventIntake", *args["submodels"]}
     assert args["deployment_options"]["organs"]["ray_actor_options"] == {"num_cpus": 0.2}
     validate_args(args)
 

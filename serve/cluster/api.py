@@ -273,7 +273,7 @@ async def push_events(request: Request, who: SiteDep) -> dict:
     from serve.events import parse_message
 
     if _STATE.events is None:
-        raise ServiceUnavailableError("event intake is not configured on this cluster (the 'events' app arg)")
+        raise ServiceUnavailableError("event intake is not deployed on this cluster (the 'events' app arg)")
     body = await _read_capped(request, MAX_JSON_BYTES)
     events = parse_message(body)
     specs, ignored = specs_for_events(events, _STATE.events.rules_for(who.name))

@@ -24,7 +24,7 @@ from serve.cluster.intake import EventIntake, IntakeSettings
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
 from serve.cluster.router import JobService, RouterSettings
 from serve.cluster.tenancy import Tenancy
-from serve.errors import MrisegError
+from serve.errors import MrisegError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,9 @@ class _IntakeSink:
         self.handle, self.settings = handle, settings
 
     def rules_for(self, site: str) -> list:
+        if not self.settings.configured:
+            raise ServiceUnavailableError("event intake is not configured on this cluster: set events.jobs "
+                                          "(or MRISEG_EVENTS_JOBS_PREFIX) and the inbox rules")
         return self.settings.rules_for(site)
 
     async def submit(self, specs: list[dict]) -> int:
@@ -176,6 +179,5 @@ def build_app(args: dict[str, Any]) -> rayserve.Application:
                                                  "events") if args.get(k) is not None}
     intake = None
     if args.get("events"):
-        IntakeSettings.from_mapping(args["events"], args.get("s3"))  # a bad config fails the deploy, not a replica
         intake = EventIntake.options(**opts.get("EventIntake", {})).bind(args["events"], args.get("s3"))
     return Ingress.options(**opts.get("Router", {})).bind(bound, ingress_settings, intake)

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 from ray import serve as rayserve
 
 from serve.consumer import Consumer, ConsumerConfig, InboxRule
-from serve.errors import MrisegError
+from serve.errors import MrisegError, ServiceUnavailableError
 from serve.jobs import JobOutcome, JobSpec
 from serve.s3client import S3Settings
 
@@ -57,27 +57,37 @@ class IntakeSettings:
     max_bytes: int = 1 << 30
     s3: S3Settings = field(default_factory=S3Settings)
 
+    @property
+    def configured(self) -> bool:
+        """False when no job-record prefix is set: the deployment then idles and pushes get a 503."""
+        return bool(self.jobs)
+
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any], s3: Mapping[str, Any] | None = None) -> "IntakeSettings":
+        """Parse the ``events`` app arg. Without ``jobs`` (or ``MRISEG_EVENTS_JOBS_PREFIX``) intake is off
+        and the rules/keys files are not read, so one Serve config fits clusters with and without it."""
         d = dict(d or {})
         for k, var in ENV.items():
             if not d.get(k) and os.environ.get(var):
                 d[k] = os.environ[var]
-        rules = [dict(r) for r in d.get("rules") or []]
-        if d.get("rules_file"):
-            rules += _read_json_or_yaml(d["rules_file"])
-        keys = dict(d.get("site_keys") or {})
-        if d.get("site_keys_file"):
-            keys.update(_read_json_or_yaml(d["site_keys_file"]))
         if not d.get("jobs"):
-            raise MrisegError("events.jobs (an s3:// prefix for job records) is required for event intake")
+            return cls(api_url=str(d.get("api_url") or cls.api_url), s3=S3Settings.from_mapping(s3))
+        rules = [dict(r) for r in d.get("rules") or []]
+        keys = dict(d.get("site_keys") or {})
+        try:
+            if d.get("rules_file"):
+                rules += list(_read_json_or_yaml(d["rules_file"]) or [])
+            if d.get("site_keys_file"):
+                keys.update(_read_json_or_yaml(d["site_keys_file"]) or {})
+        except OSError as e:
+            raise MrisegError(f"events: cannot read {e.filename}: {e.strerror}") from e
         parsed = [InboxRule.from_mapping(r) for r in rules]
         missing = sorted({r.site for r in parsed} - set(keys))
         if missing:
             raise MrisegError(f"events: no API key for site(s) {missing}; add them to events.site_keys_file")
         queue = None
         if d.get("queue_url"):
-            q = {k: v for k, v in (d.get("sqs_options") or {}).items()}
+            q = dict(d.get("sqs_options") or {})
             queue = ConsumerConfig.from_mapping({**q, "queue_url": d["queue_url"], "dlq_url": d.get("dlq_url"),
                                                  "sqs": d.get("sqs") or s3 or {}, "rules": rules})
         return cls(api_url=str(d.get("api_url") or cls.api_url), jobs=str(d["jobs"]), rules=parsed,
@@ -107,15 +117,19 @@ class IntakeWorker:
         from serve.jobs import JobRunner, JobStore
 
         self.settings = settings
+        self.stop = threading.Event()
+        self.poller: threading.Thread | None = None
+        self.pushed = 0
+        self.pool = ThreadPoolExecutor(max(1, settings.concurrency), thread_name_prefix="mriseg-intake")
+        if not settings.configured:
+            log.info("event intake is off: no events.jobs prefix (MRISEG_EVENTS_JOBS_PREFIX)")
+            self.runner = None
+            return
         if runner is None:
             engine = ClusterEngine(settings.api_url, settings.site_keys)
             runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), engine,
                                settings.s3, max_bytes=settings.max_bytes)
         self.runner = runner
-        self.pool = ThreadPoolExecutor(max(1, settings.concurrency), thread_name_prefix="mriseg-intake")
-        self.stop = threading.Event()
-        self.poller: threading.Thread | None = None
-        self.pushed = 0
         if settings.queue is not None:
             consumer = Consumer(settings.queue, self.runner.run)
             self.poller = threading.Thread(target=consumer.run, args=(self.stop,), name="mriseg-sqs", daemon=True)
@@ -123,6 +137,9 @@ class IntakeWorker:
 
     def submit(self, specs: Sequence[Mapping[str, Any]]) -> int:
         """Queue pushed jobs; each settles as done or failed in its job record (``job.json``)."""
+        if self.runner is None:
+            raise ServiceUnavailableError("event intake is not configured on this cluster: set events.jobs "
+                                          "(or MRISEG_EVENTS_JOBS_PREFIX) and the inbox rules")
         for s in specs:
             self.pool.submit(self._run, JobSpec.from_dict(dict(s)))
         self.pushed += len(specs)
@@ -159,8 +176,8 @@ class EventIntake:
 
     def status(self) -> dict[str, Any]:
         w = self.worker
-        return {"polling": w.poller is not None and w.poller.is_alive(), "pushed": w.pushed,
-                "rules": len(w.settings.rules)}
+        return {"configured": w.settings.configured, "polling": w.poller is not None and w.poller.is_alive(),
+                "pushed": w.pushed, "rules": len(w.settings.rules)}
 
     def check_health(self) -> None:
         self.worker.healthy()

@@ -100,6 +100,18 @@ def write_tenants(path: Path, api_key: str) -> Path:
     return path
 
 
+def local_events(work: Path, api_key: str) -> dict[str, Any]:
+    """Event intake for the embedded default: volumes pushed for ``s3://{bucket}/{site}/inbox/``
+    are segmented into ``s3://{bucket}/{site}/outbox/{site}/{case}/``."""
+    keys = work / "event-site-keys.json"
+    fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({LOCAL_SITE: api_key}, f)
+    return {"jobs": f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/_jobs/", "site_keys_file": str(keys),
+            "rules": [{"bucket": LOCAL_BUCKET, "prefix": f"{LOCAL_SITE}/inbox/", "site": LOCAL_SITE,
+                       "output_root": f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/outbox"}]}
+
+
 def _save_state(stack: LocalStack) -> Path:
     d = state_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -189,6 +201,10 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
 
         s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET]).start()
         args["s3"] = _asdict(s3_server.settings)
+        if args.get("events") is not None:  # pushed events for the local site's inbox (no SQS here)
+            args["events"] = {**args["events"], **local_events(work, api_key)}
+    if args.get("events") is not None:
+        args["events"] = {**args["events"], "api_url": f"http://127.0.0.1:{port}"}
     ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
     try:
         ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False, _temp_dir=ray_tmp,
