@@ -1,0 +1,71 @@
+"""Demo-model training internals: the multi-task export and the compact checkpoint format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serve.catalogue import load_catalogue
+from serve.modelfolder import UNetSpec, build_network, make_dataset_json, make_plans, write_model_folder
+from serve.training import _head_state, _heads, compact_checkpoint, model_labels
+
+SPEC = UNetSpec(features=(4, 8, 16), patch_size=(16, 16, 16))
+
+
+def test_each_exported_head_is_that_submodels_slice_of_the_shared_network():
+    cat = load_catalogue()
+    sms = [cat.submodel("tissue_types"), cat.submodel("face"), cat.submodel("appendicular_bones")]
+    heads = _heads(sms)
+    n_out = sum(n for _, _, n in heads)
+    assert n_out == (3 + 1) + (1 + 1) + (8 + 1)
+    torch.manual_seed(0)
+    plans = make_plans("Dataset925_shared", 1.5, SPEC)
+    trunk = build_network(plans, make_dataset_json([f"c{i}" for i in range(1, n_out)])).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        full = trunk(x)
+    for sm, (name, c0, n) in zip(sms, heads):
+        net = build_network(make_plans(f"{sm.folder_prefix}{sm.name}", 1.5, SPEC),
+                            make_dataset_json(model_labels(sm))).eval()
+        net.load_state_dict(_head_state(trunk.state_dict(), c0, n))
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), full[:, c0:c0 + n])
+
+
+def test_compact_checkpoint_halves_the_file_and_still_loads(tmp_path):
+    from serve.modelload import load_model
+
+    sm = load_catalogue().submodel("organs")
+    folder = write_model_folder(tmp_path, sm, SPEC, seed=3)
+    before = (folder / "fold_0" / "checkpoint_final.pth").stat().st_size
+    ref = load_model(folder, sm, device="cpu").predictor.network
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        want = ref(x)
+    after = compact_checkpoint(folder)
+    assert after < 0.6 * before
+    ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    w = ckpt["network_weights"]
+    assert {v.dtype for v in w.values() if v.is_floating_point()} == {torch.float16}
+    # PlainConvUNet's decoder holds the encoder: the two names share one stored tensor
+    shared = [k for k in w if k.startswith("decoder.encoder.")]
+    assert shared and all(w[k].data_ptr() == w[k[len("decoder."):]].data_ptr() for k in shared)
+    net = load_model(folder, sm, device="cpu").predictor.network
+    assert next(net.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        got = net(x)
+    agree = (got.argmax(1) == want.argmax(1)).float().mean().item()
+    assert agree > 0.99, agree
+    assert np.isfinite(got.numpy()).all()
+
+
+@pytest.mark.parametrize("name", ["organs", "total_fast"])
+def test_model_labels_are_the_catalogue_labels(name):
+    cat = load_catalogue()
+    sm = cat.submodel(name) if name != "total_fast" else next(iter(cat.fast_variants))
+    labels = model_labels(sm)
+    if sm.is_fast_variant:
+        assert labels == list(cat.submodel("organs").labels) + list(cat.submodel("muscles").labels)
+    else:
+        assert labels == list(sm.labels)
