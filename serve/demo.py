@@ -1,9 +1,9 @@
 """Demo models and a demo volume, so everything runs without real weights.
 
-``serve/demo_models/`` holds the committed tiny demo models once they are
-trained (nnU-Net layout, see docs/demo-models.md). Until then,
-:func:`ensure_demo_models` writes randomly initialised tiny models of the
-catalogue's exact labels into a cache directory. Either way they are DEMO
+``serve/demo_models/`` holds the committed tiny demo models, trained on
+synthetic phantoms (nnU-Net layout, see docs/demo-models.md). Where that
+folder is missing, :func:`ensure_demo_models` writes randomly initialised
+tiny models of the catalogue's exact labels into a cache directory. Either way they are DEMO
 MODELS, NOT FOR CLINICAL USE.
 """
 

@@ -11,6 +11,8 @@ architecture from its plans (true for every TotalSegmentator MRI model).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -157,12 +159,14 @@ def load_model(folder: str | os.PathLike, submodel: SubModel, *, device: str = "
         raise ModelFolderError(f"{folder}: checkpoint does not fit the network in plans.json ({e})") from e
 
     dev = pick_device(device)
-    predictor = nnUNetPredictor(
-        tile_step_size=submodel.tile_step_size if tile_step_size is None else tile_step_size,
-        use_gaussian=True,
-        use_mirroring=bool(use_mirroring and mirror_axes),
-        perform_everything_on_device=dev.type == "cuda",
-        device=dev, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    # nnU-Net prints a notice for every non-CUDA device, even when told not to use the device path
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = nnUNetPredictor(
+            tile_step_size=submodel.tile_step_size if tile_step_size is None else tile_step_size,
+            use_gaussian=True,
+            use_mirroring=bool(use_mirroring and mirror_axes),
+            perform_everything_on_device=dev.type == "cuda",
+            device=dev, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.manual_initialization(network, pm, cm, params, dataset_json, trainer_name,
                                     tuple(mirror_axes) if mirror_axes else None)
     network.to(dev).eval()

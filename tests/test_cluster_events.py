@@ -56,18 +56,13 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
     rule = {"bucket": inbox, "site": "site-a", "output_root": f"s3://{outbox}/results", "roi_subset": ROI,
             "outputs": ["multilabel", "statistics"]}
     models = tiny_models(tmp_path / "models", names=("organs",))
-    stack = None
-
-    def start():
-        return start_stack(tmp_path, models, num_gpus=0, submodels=("organs",),
-                           submodel_options={"ray_actor_options": {"num_cpus": 0.5}},
-                           s3=dataclasses.asdict(moto.settings), events={
-                               "jobs": f"s3://{jobs}/records", "site_keys_file": str(keys_file),
-                               "rules": [{**rule, "prefix": "site-a/in/"}, {**rule, "prefix": "site-a/push/"}],
-                               "queue_url": queue_url, "dlq_url": dlq_url,
-                               "sqs_options": {"wait_time_s": 1, "heartbeat_s": 5, "visibility_timeout_s": 60}})
-
-    stack = start()
+    stack = start_stack(tmp_path, models, num_gpus=0, submodels=("organs",),
+                        submodel_options={"ray_actor_options": {"num_cpus": 0.5}},
+                        s3=dataclasses.asdict(moto.settings), events={
+                            "jobs": f"s3://{jobs}/records", "site_keys_file": str(keys_file),
+                            "rules": [{**rule, "prefix": "site-a/in/"}, {**rule, "prefix": "site-a/push/"}],
+                            "queue_url": queue_url, "dlq_url": dlq_url,
+                            "sqs_options": {"wait_time_s": 1, "heartbeat_s": 5, "visibility_timeout_s": 60}})
     isolated_ray["stack"] = stack
     data = nifti_bytes(shape=(24, 22, 20), seed=3)
     base = stack.url
