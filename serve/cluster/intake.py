@@ -112,7 +112,7 @@ def _read_json_or_yaml(path: str | os.PathLike) -> Any:
 class IntakeWorker:
     """The plain part of the deployment: a JobRunner, a bounded pool, and the optional SQS poller."""
 
-    def __init__(self, settings: IntakeSettings, runner=None):
+    def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None):
         from serve.cluster.engine import ClusterEngine
         from serve.jobs import JobRunner, JobStore
 
@@ -130,8 +130,11 @@ class IntakeWorker:
             runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), engine,
                                settings.s3, max_bytes=settings.max_bytes)
         self.runner = runner
+        self.job_counter = job_counter
         if settings.queue is not None:
-            consumer = Consumer(settings.queue, self.runner.run)
+            consumer = Consumer(settings.queue, self._counted(self.runner.run))
+            if dlq_gauge is not None:
+                consumer.dlq_gauge = dlq_gauge
             self.poller = threading.Thread(target=consumer.run, args=(self.stop,), name="mriseg-sqs", daemon=True)
             self.poller.start()
 
@@ -145,9 +148,17 @@ class IntakeWorker:
         self.pushed += len(specs)
         return len(specs)
 
+    def _counted(self, run):
+        def counted(spec: JobSpec) -> JobOutcome:
+            out = run(spec)
+            if self.job_counter is not None:
+                self.job_counter.inc(tags={"state": out.state})
+            return out
+        return counted
+
     def _run(self, spec: JobSpec) -> JobOutcome | None:
         try:
-            out = self.runner.run(spec)
+            out = self._counted(self.runner.run)(spec)
             log.info("pushed job %s for site %s: %s", out.key[:12], spec.site, out.state)
             return out
         except Exception:  # the record's lease expires and a redelivery (or a re-push) runs it again
@@ -169,7 +180,12 @@ class EventIntake:
     """Serve deployment: SQS consumer + pushed-event jobs (see the module docstring)."""
 
     def __init__(self, settings: dict[str, Any], s3: dict[str, Any] | None = None):
-        self.worker = IntakeWorker(IntakeSettings.from_mapping(settings, s3))
+        # a replica's own prometheus-client registry is not exported; Ray's metrics agent exports these
+        from ray.util.metrics import Counter, Gauge
+
+        dlq = Gauge("mriseg_dlq_messages", description="Messages in the S3 event dead-letter queue")
+        jobs = Counter("mriseg_event_jobs_total", description="Event jobs by outcome", tag_keys=("state",))
+        self.worker = IntakeWorker(IntakeSettings.from_mapping(settings, s3), dlq_gauge=dlq, job_counter=jobs)
 
     def submit(self, specs: list[dict[str, Any]]) -> int:
         return self.worker.submit(specs)
