@@ -61,31 +61,54 @@ def is_volume_key(key: str) -> bool:
     return not key.endswith("/") and any(low.endswith(s) for s in VOLUME_SUFFIXES)
 
 
-def _from_s3_record(rec: Mapping[str, Any]) -> ObjectEvent | None:
-    name = str(rec.get("eventName", ""))
-    if not name.startswith(("ObjectCreated:", "s3:ObjectCreated:")):
+def _mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise EventFormatError(f"{what} must be a JSON object")
+    return value
+
+
+def _optional_str(value: Any, what: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise EventFormatError(f"{what} must be a string")
+
+
+def _object_event(bucket: Any, obj: Mapping[str, Any], etag_key: str, version_key: str, name: str,
+                  where: str) -> ObjectEvent:
+    if not isinstance(bucket, str) or not bucket or not isinstance(obj.get("key"), str) or not obj["key"]:
+        raise EventFormatError(f"an event without a string {where}.bucket.name and {where}.object.key")
+    etag = _optional_str(obj.get(etag_key), f"{where}.object.{etag_key}")
+    size = obj.get("size")
+    size = size if isinstance(size, int) and not isinstance(size, bool) else None
+    sequencer = _optional_str(obj.get("sequencer"), f"{where}.object.sequencer")
+    return ObjectEvent(bucket, obj["key"], etag.strip('"') if etag else None,
+                       _optional_str(obj.get(version_key), f"{where}.object.{version_key}"), size, name, sequencer)
+
+
+def _from_s3_record(rec: Any) -> ObjectEvent | None:
+    rec = _mapping(rec, "an S3 event record")
+    name = rec.get("eventName", "")
+    if not isinstance(name, str) or not name.startswith(("ObjectCreated:", "s3:ObjectCreated:")):
         return None
-    s3 = rec.get("s3") or {}
-    bucket = (s3.get("bucket") or {}).get("name")
-    obj = s3.get("object") or {}
-    if not bucket or "key" not in obj:
-        raise EventFormatError("an S3 event record without s3.bucket.name / s3.object.key")
-    etag = obj.get("eTag") or obj.get("etag")
-    return ObjectEvent(bucket, unquote_plus(str(obj["key"])), etag.strip('"') if etag else None,
-                       obj.get("versionId"), obj.get("size"), name.removeprefix("s3:"), obj.get("sequencer"))
+    s3 = _mapping(rec.get("s3"), "s3")
+    bucket = _mapping(s3.get("bucket"), "s3.bucket").get("name")
+    obj = _mapping(s3.get("object"), "s3.object")
+    ev = _object_event(bucket, obj, "eTag" if "eTag" in obj else "etag", "versionId", name.removeprefix("s3:"), "s3")
+    return ObjectEvent(ev.bucket, unquote_plus(ev.key), ev.etag, ev.version_id, ev.size, ev.event_name, ev.sequencer)
 
 
 def _from_eventbridge(msg: Mapping[str, Any]) -> ObjectEvent | None:
     if msg.get("detail-type") != "Object Created":
         return None
-    d = msg.get("detail") or {}
-    bucket = (d.get("bucket") or {}).get("name")
-    obj = d.get("object") or {}
-    if not bucket or "key" not in obj:
-        raise EventFormatError("an EventBridge 'Object Created' event without detail.bucket.name / detail.object.key")
-    etag = obj.get("etag")
-    return ObjectEvent(bucket, str(obj["key"]), etag.strip('"') if etag else None, obj.get("version-id"),
-                       obj.get("size"), "ObjectCreated:" + str(d.get("reason", "PutObject")), obj.get("sequencer"))
+    d = _mapping(msg.get("detail"), "detail")
+    bucket = _mapping(d.get("bucket"), "detail.bucket").get("name")
+    obj = _mapping(d.get("object"), "detail.object")
+    reason = d.get("reason", "PutObject")
+    return _object_event(bucket, obj, "etag", "version-id", "ObjectCreated:" + str(reason), "detail")
 
 
 def parse_message(body: str | bytes | Mapping[str, Any]) -> list[ObjectEvent]:
@@ -104,8 +127,11 @@ def parse_message(body: str | bytes | Mapping[str, Any]) -> list[ObjectEvent]:
     if msg.get("Event") == "s3:TestEvent":
         return []
     if "Records" in msg:
+        records = msg.get("Records") or []
+        if not isinstance(records, list):
+            raise EventFormatError("'Records' must be a list of S3 event records")
         out = []
-        for rec in msg.get("Records") or []:
+        for rec in records:
             ev = _from_s3_record(rec)
             if ev is not None:
                 out.append(ev)

@@ -62,7 +62,10 @@ def make_client(settings: S3Settings | None = None):
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/key`` -> (bucket, key). Anything else is a clear error."""
-    p = urlparse(uri)
-    if p.scheme != "s3" or not p.netloc:
+    try:
+        p = urlparse(uri)
+    except (ValueError, TypeError):  # e.g. "s3://[": urlparse takes brackets for an IPv6 host
+        p = None
+    if p is None or p.scheme != "s3" or not p.netloc:
         raise MrisegError(f"expected an s3://bucket/key URI, got {uri!r}")
     return p.netloc, p.path.lstrip("/")
