@@ -292,10 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--config", required=True, help="JSON with 'consumer' (ConsumerConfig) and 'runner' "
                                                    "(local_submit) sections")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve this process's Prometheus metrics (mriseg_dlq_messages) on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with open(args.config) as f:
         cfg = json.load(f)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_host)
     stop = threading.Event()
     import signal
 

@@ -225,3 +225,41 @@ def test_thirty_objects_consumer_killed_and_restarted(moto, tiny_models, tmp_pat
     records = JobStore(f"s3://{env.jobs}", moto.settings).list()
     assert len(records) == n and all(r.state == DONE for r in records)
     assert queue_counts(sqs, env.dlq_url) == (0, 0)
+
+
+def test_standalone_consumer_serves_its_dlq_gauge(moto, tiny_models, tmp_path):  # noqa: F811
+    import httpx
+
+    from tests.ray_fixtures import free_port
+
+    env = make_env(moto)
+    moto.sqs().send_message(QueueUrl=env.dlq_url, MessageBody="a dead letter")
+    cfg = {"consumer": {**dataclasses.asdict(env.config), "sqs": dataclasses.asdict(moto.settings), "rules": [],
+                        "wait_time_s": 1},
+           "runner": {"models": [str(tiny_models)], "jobs": f"s3://{env.jobs}", "device": "cpu",
+                      "s3": dataclasses.asdict(moto.settings)}}
+    cfg_path = tmp_path / "consumer.json"
+    cfg_path.write_text(json.dumps(cfg))
+    port = free_port()
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "serve.consumer", "--config", str(cfg_path),
+                             "--metrics-port", str(port)], stdout=open(str(cfg_path) + ".log", "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env_vars)
+
+    def gauge_is_one() -> bool:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return False
+        return any(line.startswith("mriseg_dlq_messages ") and float(line.split()[1]) == 1.0
+                   for line in text.splitlines())
+
+    try:
+        _wait_for(gauge_is_one, "mriseg_dlq_messages 1.0 at /metrics", limit_s=120, proc=proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
