@@ -91,7 +91,10 @@ class Stack:
 
 def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options: dict,
                 router: dict | None = None, per_model: dict | None = None, tenant_limits=None,
-                submodels=SUBMODELS, s3: dict | None = None, events: dict | None = None) -> Stack:
+                submodels=SUBMODELS, s3: dict | None = None, events: dict | None = None,
+                worker_nodes: list[dict] | None = None) -> Stack:
+    """Start Ray and the app. ``worker_nodes`` (e.g. ``[{"num_cpus": 1, "num_gpus": 1}]``) makes it a
+    multi-node ``ray.cluster_utils.Cluster`` whose head has no GPU, so GPU replicas land on the workers."""
     import ray
     from ray import serve as rayserve
 
@@ -100,10 +103,22 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
-    ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, _temp_dir=ray_tmp,
-             log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1"}})
+    runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1"}}
+    cluster = None
+    if worker_nodes is None:
+        ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, _temp_dir=ray_tmp,
+                 log_to_driver=False, runtime_env=runtime_env)
+    else:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 6, "num_gpus": 0, "include_dashboard": False, "temp_dir": ray_tmp})
+        for node in worker_nodes:
+            cluster.add_node(**node)
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
     port = free_port()
-    rayserve.start(http_options={"host": "127.0.0.1", "port": port})
+    # One HTTP proxy, on the head: simulated nodes share this machine's ports.
+    rayserve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model_sources": [str(model_dir)],
         "submodels": list(submodels),
@@ -120,7 +135,8 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
                                "Router": {"ray_actor_options": {"num_cpus": 1}}},
     }
     rayserve.run(build_app(args), name="mriseg", route_prefix="/", blocking=False)
-    stack = Stack(f"http://127.0.0.1:{port}", tmp, model_dir, extra={"args": args, "ray_tmp": ray_tmp})
+    stack = Stack(f"http://127.0.0.1:{port}", tmp, model_dir,
+                  extra={"args": args, "ray_tmp": ray_tmp, "cluster": cluster})
     _wait_ready(stack)
     return stack
 
@@ -152,6 +168,8 @@ def stop_stack(stack: Stack | None) -> None:
     finally:
         ray.shutdown()
         if stack is not None:
+            if stack.extra.get("cluster") is not None:
+                stack.extra["cluster"].shutdown()
             shutil.rmtree(stack.extra.get("ray_tmp", ""), ignore_errors=True)
 
 

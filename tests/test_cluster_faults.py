@@ -1,4 +1,6 @@
-"""On a cluster of its own (six-GPU layout): scale from zero, a sub-model replica killed mid-request."""
+"""Faults on real local Ray clusters: the router replica killed, a sub-model replica killed
+mid-request, a worker node removed mid-request. Every accepted job must settle, done or
+failed with a reason, and have one set of outputs."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import time
 import pytest
 
 from tests.ray_fixtures import (SUBMODELS, _shared_stack_owner, auth, isolated_ray, nifti_bytes,  # noqa: F401
-                                start_stack, tiny_models)
+                                serve_stack, start_stack, tiny_models)
 from tests.test_cluster_api import poll
 
 pytestmark = pytest.mark.ray
@@ -24,6 +26,116 @@ def _replicas(name) -> int:
 
     d = rayserve.status().applications["mriseg"].deployments[name]
     return int(d.replica_states.get("RUNNING", 0))
+
+
+def _serve_actors(fragment: str) -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and fragment in a["name"])
+
+
+def _settle_through_restarts(c, site: str, job_id: str, timeout: float = 300) -> dict:
+    """Poll a job while the router may be restarting (connection errors and 503s are expected then)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = c.get(f"/v1/segmentations/{job_id}", headers=auth(site))
+            if r.status_code == 200 and r.json()["status"] in ("succeeded", "failed", "cancelled"):
+                return r.json()
+            assert r.status_code in (200, 500, 502, 503), r.text  # never a 404: the job was not forgotten
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not settle within {timeout}s")
+
+
+def test_router_killed_with_jobs_in_flight_resumes_them(serve_stack):
+    import ray
+
+    results = serve_stack.tmp / "results"
+    with serve_stack.client() as c:
+        ids = []
+        for seed in range(3):  # two slots: two jobs run, one waits
+            r = c.post("/v1/segmentations/upload", params={"roi_subset": "liver,spleen"},
+                       content=nifti_bytes(shape=(72, 72, 64), seed=40 + seed),  # under the 2 MiB upload cap
+                       headers={**auth("site-a"), "content-type": "application/octet-stream"})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        deadline = time.monotonic() + 120
+        while c.get(f"/v1/segmentations/{ids[0]}", headers=auth("site-a")).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the first job never started"
+            time.sleep(0.1)
+        before = c.get(f"/v1/segmentations/{ids[-1]}", headers=auth("site-a")).json()
+        (victim,) = _serve_actors("#Router#")
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        jobs = [_settle_through_restarts(c, "site-a", i) for i in ids]
+        assert _serve_actors("#Router#") != [victim]  # Serve started a new router replica
+
+    print("outcomes:", [(j["status"], j["resumed"], j["error"]) for j in jobs])
+    assert before["status"] in ("queued", "running")
+    for j in jobs:
+        assert j["status"] == "succeeded", j  # each input was still at hand: resumed, not failed
+        assert set(j["submodels"]) == {"organs"}
+    assert sum(j["resumed"] for j in jobs) >= 2  # at least the running and the waiting job were resumed
+    for i in ids:  # one set of outputs per job, nothing left spooled
+        assert [p.name for p in (results / "site-a" / i).glob("segmentation*")] == ["segmentations.nii.gz"]
+    assert not [p for p in (results / ".incoming").iterdir() if p.name.split(".")[0] in ids]
+
+
+def test_worker_node_removed_mid_request(isolated_ray, tmp_path):
+    import ray
+
+    models = tiny_models(tmp_path / "models", names=("organs",))
+    # Two GPU worker nodes, one organs replica on each (a replica takes a whole GPU and one request).
+    stack = isolated_ray["stack"] = start_stack(
+        tmp_path, models, num_gpus=0, submodels=("organs",),
+        worker_nodes=[{"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 1, "num_gpus": 1}],
+        submodel_options={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 1}, "max_ongoing_requests": 1,
+                          "num_replicas": 2},
+        router={"max_upload_bytes": 16 << 20})
+    cluster = stack.extra["cluster"]
+    placed = {}
+    deadline = time.monotonic() + 60
+    while len(placed) < 2:  # ask until both replicas have answered
+        assert time.monotonic() < deadline, placed
+        st = _stats("organs")
+        placed[st["actor_name"]] = st["node_id"]
+    worker_ids = {n.node_id: n for n in cluster.worker_nodes}
+    assert set(placed.values()) == set(worker_ids)  # one replica on each worker, none on the head
+    victim_node = worker_ids[sorted(placed.values())[0]]
+
+    with stack.client() as c:
+        ids = []
+        for seed in range(2):  # one request per replica
+            r = c.post("/v1/segmentations/upload", params={"roi_subset": "liver"},
+                       content=nifti_bytes(shape=(128, 128, 96), seed=60 + seed),
+                       headers={**auth("site-a"), "content-type": "application/octet-stream"})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        deadline = time.monotonic() + 120
+        while not all("prepare_1.5mm_s" in c.get(f"/v1/segmentations/{i}", headers=auth("site-a")).json()["timings"]
+                      for i in ids):  # both jobs have handed their volume to organs
+            assert time.monotonic() < deadline, "the jobs never reached the sub-model"
+            time.sleep(0.05)
+        cluster.remove_node(victim_node, allow_graceful=False)
+        jobs = [_settle_through_restarts(c, "site-a", i) for i in ids]
+
+    print("outcomes:", [(j["status"], j["submodels"].get("organs"), j["error"]) for j in jobs])
+    hit = 0
+    for j in jobs:
+        assert j["status"] in ("succeeded", "failed"), j
+        if j["status"] == "failed":
+            assert j["error"]["status"] == 503 and j["error"]["retryable"], j["error"]
+            hit += 1
+        elif j["submodels"]["organs"]["attempts"] == 2:
+            hit += 1
+    assert hit >= 1  # the request on the removed node was retried or failed retryably, not lost
+    for j in jobs:
+        if j["status"] == "succeeded":
+            assert len(list((tmp_path / "results" / "site-a" / j["id"]).glob("segmentations.nii.gz"))) == 1
 
 
 def test_replica_killed_mid_request_completes_or_fails_retryably(isolated_ray, tmp_path):

@@ -142,9 +142,10 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <site 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The site's API key")
 
 
-def service() -> JobService:
+async def service() -> JobService:
     if _STATE.service is None:
         raise ServiceUnavailableError("the router is starting; retry shortly")
+    _STATE.service.resume_interrupted()  # needs the event loop; a no-op once done
     return _STATE.service
 
 
@@ -210,6 +211,7 @@ async def readyz() -> JSONResponse:
     """Ready when the router is up and every sub-model runs or may scale from zero. No authentication."""
     if _STATE.readiness is None or _STATE.service is None:
         return problem(503, "Not ready", "the router is starting")
+    _STATE.service.resume_interrupted()
     report = await _STATE.readiness()
     if not report["ready"]:
         return problem(503, "Not ready", report.get("detail", "sub-models not ready"), submodels=report["submodels"])

@@ -39,7 +39,7 @@ def default_submodels() -> list[str]:
 @rayserve.deployment(
     name="Router",
     ray_actor_options={"num_cpus": 1},
-    num_replicas=1,  # job records live in this replica's memory (durable job state: serve.jobs)
+    num_replicas=1,  # one job table; it survives a replica restart through serve.cluster.journal
     max_ongoing_requests=256,
     health_check_period_s=10,
 )

@@ -207,6 +207,7 @@ class SubModelDeployment:
 
         return {"calls": self.runner.calls, "in_flight": self._in_flight, "pid": os.getpid(),
                 "actor_name": ray.get_runtime_context().get_actor_name(),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def check_health(self) -> None:

@@ -37,6 +37,7 @@ class Job:
     structures: dict[int, str] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    resumed: int = 0                      # router restarts this job was resumed after
 
     @property
     def done(self) -> bool:
@@ -65,6 +66,7 @@ class Job:
             "unavailable": self.unavailable,
             "outputs": {k: v for k, v in self.outputs.items() if v.startswith("s3://")},
             "error": self.error,
+            "resumed": self.resumed,
         }
         if self.status == "succeeded" and result_url:
             out["result_url"] = result_url

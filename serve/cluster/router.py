@@ -23,6 +23,7 @@ import numpy as np
 
 from serve.catalogue import Catalogue, SubModel, load_catalogue
 from serve.cluster.jobs_state import Job, JobOptions
+from serve.cluster.journal import JobJournal
 from serve.cluster.metrics import IngressMetrics
 from serve.cluster.scheduler import FairScheduler
 from serve.cluster.tenancy import Site, Tenancy
@@ -42,6 +43,7 @@ class RouterSettings:
     max_voxels: int | None = None        # None: serve.volume_io's default
     submodel_retries: int = 1            # re-sends after a replica died mid-call
     max_jobs_kept: int = 10_000
+    max_resumes: int = 2                 # a job that outlived this many router restarts fails instead
     s3: dict | None = None
 
     @classmethod
@@ -103,6 +105,48 @@ class JobService:
         self._seq = 0
         self._incoming = Path(self.settings.results_dir) / ".incoming"
         self._incoming.mkdir(parents=True, exist_ok=True)
+        self.journal = JobJournal(Path(self.settings.results_dir) / ".jobs")
+        self._interrupted: list[Job] = []
+        for job in self.journal.load():
+            self.jobs[job.id] = job
+            if not job.done:
+                self._interrupted.append(job)
+
+    def resume_interrupted(self) -> int:
+        """Re-queue the jobs a previous router replica accepted but never settled (call from the event loop).
+
+        A job resumes where its input is still at hand; otherwise, or after
+        ``max_resumes`` restarts (a job that keeps killing its router must not
+        loop), it fails with a reason. Returns the number resumed.
+        """
+        resumed = 0
+        while self._interrupted:
+            job = self._interrupted.pop(0)
+            spooled = next(iter(self._incoming.glob(f"{job.id}*")), None)
+            site = self.tenancy.sites.get(job.site)
+            try:
+                if site is None:
+                    raise ServiceUnavailableError(f"site {job.site} is no longer configured")
+                if job.resumed >= self.settings.max_resumes:
+                    raise ServiceUnavailableError(
+                        f"the router restarted {job.resumed + 1} times while this job ran; it was given up "
+                        f"so that it cannot take the router down again. Check the input, then resubmit")
+                if job.input_uri is None and spooled is None:
+                    raise ServiceUnavailableError("the router restarted and the uploaded volume was not kept; "
+                                                  "upload it again")
+                job.status, job.started, job.timings, job.submodels = "queued", None, {}, {}
+                job.resumed += 1
+                self._schedule(job, spooled, spooled.name if spooled else "upload.nii.gz")
+                resumed += 1
+                log.info("audit job=%s site=%s resumed after a router restart (%d)", job.id, job.site, job.resumed)
+            except MrisegError as e:
+                job.fail(e)
+                self.journal.save(job)
+                log.info("audit job=%s site=%s status=failed error=%d after a router restart",
+                         job.id, job.site, e.status)
+                if spooled is not None:
+                    spooled.unlink(missing_ok=True)
+        return resumed
 
     def _site_limit(self, site: str) -> int:
         return self.tenancy.sites[site].max_concurrent_jobs
@@ -137,17 +181,21 @@ class JobService:
             spooled = self._incoming / f"{job.id}{suffix_of(filename)}"
             spooled.write_bytes(upload)
         try:
-            fut = self.scheduler.submit(site.name, job.id, lambda: self._execute(job, spooled, filename))
+            self._schedule(job, spooled, filename)
         except MrisegError:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
             raise
         log.info("audit job=%s site=%s source=%s accepted", job.id, site.name, "s3" if input_uri else "upload")
-        self._futures[job.id] = fut
-        fut.add_done_callback(lambda f, j=job: self._settled(j, f))
         self._remember(job)
         self._update_gauges()
         return job
+
+    def _schedule(self, job: Job, spooled: Path | None, filename: str) -> None:
+        fut = self.scheduler.submit(job.site, job.id, lambda: self._execute(job, spooled, filename))
+        self._futures[job.id] = fut
+        fut.add_done_callback(lambda f, j=job: self._settled(j, f))
+        self.journal.save(job)
 
     async def wait(self, job: Job) -> Job:
         """Wait until the job is settled (its own outcome is on the job, never raised here)."""
@@ -171,7 +219,8 @@ class JobService:
             raise ConflictError(f"job {job_id} already {job.status}; nothing to cancel")
         self.scheduler.cancel(job_id)
         job.status, job.finished = "cancelled", time.time()
-        for f in self._incoming.glob(f"{job_id}*"):
+        self.journal.save(job)
+        for f in self._incoming.glob(f"{job.id}*"):
             f.unlink(missing_ok=True)
         return job
 
@@ -245,6 +294,7 @@ class JobService:
         job.status, job.started, job.start_seq = "running", time.time(), self._seq
         self._seq += 1
         self._update_gauges()
+        await asyncio.to_thread(self.journal.save, job)
         t0 = time.perf_counter()
 
         async def stage(name: str, fn, *args):
@@ -257,7 +307,8 @@ class JobService:
         if spooled is None:
             upload, filename = await stage("stage_in_s", self._download, job.input_uri)
         else:
-            upload = await asyncio.to_thread(_read_and_remove, spooled)
+            # The spooled upload stays until the job settles, so a restarted router can resume it.
+            upload = await asyncio.to_thread(spooled.read_bytes)
         self.metrics.bytes_staged.labels("in").inc(len(upload))
         kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
         volume = await stage("decode_s", lambda: read_volume_bytes(upload, filename, **kw))
@@ -374,6 +425,9 @@ class JobService:
                 log.info("job %s failed with %d %s", job.id, status, job.error["title"])
         else:
             job.status, job.finished = "succeeded", time.time()
+        self.journal.save(job)
+        for f in self._incoming.glob(f"{job.id}*"):
+            f.unlink(missing_ok=True)
         seconds = (job.finished or time.time()) - job.created
         self.metrics.job_seconds.labels(job.site, job.status).observe(seconds)
         # Audit line: ids and outcome only; object keys and file names may carry PHI.
@@ -388,6 +442,7 @@ class JobService:
             if not old.done:
                 break
             self.jobs.pop(old_id)
+            self.journal.remove(old_id)
             shutil.rmtree(Path(self.settings.results_dir) / old.site / old.id, ignore_errors=True)
 
     def _update_gauges(self) -> None:
@@ -406,13 +461,6 @@ def write_result(result, volume, outdir: Path, outputs) -> dict[str, str]:
                             per_structure="per_structure" in outputs, statistics="statistics" in outputs,
                             preview="preview" in outputs)
     return {str(k): str(v) for k, v in written.items()}
-
-
-def _read_and_remove(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def _ray_put(arr: np.ndarray):

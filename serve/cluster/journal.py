@@ -1,0 +1,85 @@
+"""The router's job records on disk, so a restarted router replica still knows its jobs.
+
+Each job is one JSON file, ``{results_dir}/.jobs/{id}.json``, replaced
+atomically on every state change (queued, running, settled). A new router
+replica reads them back: settled jobs answer status and result calls as
+before; jobs that were queued or running are resumed where their input is
+still at hand (an ``s3://`` input, or an upload still spooled on disk) and
+failed with a reason otherwise. Nothing accepted is silently forgotten.
+
+The journal holds job ids, sites, options and outcomes, never voxel data.
+It lives beside the results, so it survives what they survive: a replica
+restart on the same node, or a pod restart where ``results_dir`` is a volume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from serve.cluster.jobs_state import Job, JobOptions
+
+log = logging.getLogger(__name__)
+
+
+def job_to_record(job: Job) -> dict[str, Any]:
+    """A JSON-able record of every field of ``job``."""
+    rec = asdict(job)
+    rec["options"]["outputs"] = list(job.options.outputs)
+    rec["structures"] = {str(k): v for k, v in job.structures.items()}
+    return rec
+
+
+def job_from_record(rec: dict[str, Any]) -> Job:
+    """The inverse of :func:`job_to_record`; unknown fields (from a newer version) are dropped."""
+    known = {f.name for f in fields(Job)}
+    opts = dict(rec.get("options") or {})
+    options = JobOptions(opts.get("roi_subset"), bool(opts.get("fast", False)),
+                         tuple(opts.get("outputs") or JobOptions().outputs), opts.get("output_prefix"))
+    kw = {k: v for k, v in rec.items() if k in known and k != "options"}
+    kw["structures"] = {int(k): v for k, v in (rec.get("structures") or {}).items()}
+    return Job(options=options, **kw)
+
+
+class JobJournal:
+    """Job records in one directory; each write is atomic (write a temporary file, then rename)."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, job_id: str) -> Path:
+        return self.root / f"{job_id}.json"
+
+    def save(self, job: Job) -> None:
+        """Record the job's current state."""
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(job_to_record(job), f)
+            os.replace(tmp, self._path(job.id))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def remove(self, job_id: str) -> None:
+        self._path(job_id).unlink(missing_ok=True)
+
+    def load(self) -> list[Job]:
+        """Every recorded job, oldest first. An unreadable record is logged and set aside, not fatal."""
+        jobs = []
+        for p in self.root.glob("*.json"):
+            if p.name.startswith(".tmp-"):
+                p.unlink(missing_ok=True)  # a write that never finished
+                continue
+            try:
+                jobs.append(job_from_record(json.loads(p.read_text())))
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                log.error("job record %s is unreadable (%s); moved aside", p.name, type(e).__name__)
+                p.rename(p.with_suffix(".unreadable"))
+        return sorted(jobs, key=lambda j: j.created)

@@ -1,0 +1,84 @@
+"""The router's job journal: records round-trip, and a new router resumes or fails what the old one left."""
+
+from __future__ import annotations
+
+import asyncio
+
+from serve.cluster.jobs_state import Job, JobOptions
+from serve.cluster.journal import JobJournal, job_from_record, job_to_record
+from serve.cluster.router import JobService, RouterSettings
+from serve.cluster.tenancy import Tenancy
+from tests.ray_fixtures import BUCKET, write_tenants
+
+
+def _service(tmp_path, **settings) -> JobService:
+    tenancy = Tenancy.load(write_tenants(tmp_path / "tenants.yaml"))
+
+    async def never(*_a, **_k):  # sub-models are not reached in these tests
+        raise AssertionError("no sub-model call expected")
+
+    return JobService(tenancy, never, never, [], RouterSettings(results_dir=str(tmp_path / "results"), **settings))
+
+
+def test_record_round_trip_keeps_every_field():
+    job = Job(site="site-a", options=JobOptions(["liver"], True, ("multilabel",), "s3://b/site-a/out/"),
+              input_uri=f"s3://{BUCKET}/site-a/x.nii.gz", status="succeeded", timings={"total_s": 1.5},
+              structures={5: "liver"}, error=None, resumed=1)
+    back = job_from_record(job_to_record(job))
+    assert back == job
+    assert back.structures == {5: "liver"} and back.options.outputs == ("multilabel",)
+
+
+def test_unreadable_record_is_set_aside(tmp_path):
+    j = JobJournal(tmp_path)
+    j.save(Job(site="site-a", options=JobOptions()))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / ".tmp-half.json").write_text("{")
+    assert len(j.load()) == 1
+    assert (tmp_path / "broken.unreadable").exists() and not (tmp_path / ".tmp-half.json").exists()
+
+
+def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_path):
+    old = _service(tmp_path)
+    incoming = old._incoming
+    s3_job = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-a/a.nii.gz", status="running")
+    spooled_job = Job(site="site-b", options=JobOptions(), status="queued")
+    (incoming / f"{spooled_job.id}.nii.gz").write_bytes(b"volume bytes")
+    lost_upload = Job(site="site-a", options=JobOptions(), status="running")
+    looping = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-a/b.nii.gz",
+                  status="running", resumed=2)
+    gone_site = Job(site="site-x", options=JobOptions(), input_uri="s3://other/x.nii.gz", status="queued")
+    done = Job(site="site-a", options=JobOptions(), status="succeeded", outputs={"multilabel": "/r/x.nii.gz"})
+    for j in (s3_job, spooled_job, lost_upload, looping, gone_site, done):
+        old.journal.save(j)
+
+    new = _service(tmp_path)
+    ran: list[tuple[str, str | None, str]] = []
+
+    async def fake_execute(job, spooled, filename):
+        ran.append((job.id, spooled.name if spooled else None, filename))
+        return job
+
+    new._execute = fake_execute
+
+    async def go():
+        n = new.resume_interrupted()
+        assert new.resume_interrupted() == 0  # once only
+        await asyncio.gather(*(new.wait(new.jobs[i]) for i in (s3_job.id, spooled_job.id)))
+        return n
+
+    assert asyncio.run(go()) == 2
+    jobs = new.jobs
+    assert {r[0] for r in ran} == {s3_job.id, spooled_job.id}
+    assert (spooled_job.id, f"{spooled_job.id}.nii.gz", f"{spooled_job.id}.nii.gz") in ran
+    for j in (s3_job, spooled_job):
+        assert jobs[j.id].status == "succeeded" and jobs[j.id].resumed == 1
+    assert not list(incoming.glob(f"{spooled_job.id}*"))  # the spool goes once the job settles
+    for j, words in ((lost_upload, "upload it again"), (looping, "restarted 3 times"),
+                     (gone_site, "no longer configured")):
+        assert jobs[j.id].status == "failed", j
+        assert jobs[j.id].error["status"] == 503 and words in jobs[j.id].error["detail"]
+    assert jobs[done.id].status == "succeeded" and jobs[done.id].outputs == done.outputs
+    # what the new router settled is on disk for the next one
+    on_disk = {j.id: j.status for j in JobJournal(tmp_path / "results" / ".jobs").load()}
+    assert on_disk[s3_job.id] == "succeeded" and on_disk[lost_upload.id] == "failed"
