@@ -114,6 +114,10 @@ class TooManyRequestsError(MrisegError):
     title = "Too many requests"
     retryable = True
 
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class ServiceUnavailableError(MrisegError):
     """A sub-model or dependency is down; retrying later may succeed."""

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Protocol, Sequence
 from botocore.exceptions import ClientError
 
 from serve import staging
+from serve.audit import audit
 from serve.errors import MrisegError, StorageError
 from serve.s3client import S3Settings, parse_s3_uri
 
@@ -395,6 +396,7 @@ class JobRunner:
         rec, mine = self.store.claim(key, spec, models)
         if not mine:
             return JobOutcome(key, rec.state, rec.output_prefix, False, rec.error, rec.outputs)
+        audit("job.claimed", job=key[:16], site=spec.site, source="s3-event", attempt=rec.attempts)
         if rec.output_prefix == spec.output_prefix:
             rec.output_prefix = self._free_prefix(spec, key)
         started = time.time()
@@ -410,7 +412,8 @@ class JobRunner:
             if error is not None:
                 return self._failed(spec, rec, error, started)
             rec = self.store.finish(rec, DONE, outputs=outputs)
-            log.info("job %s done in %.1fs", key[:12], time.time() - started)
+            audit("job.settled", job=key[:16], site=spec.site, source="s3-event", status="succeeded",
+                  seconds=round(time.time() - started, 3), attempt=rec.attempts)
             return JobOutcome(key, DONE, rec.output_prefix, True, None, outputs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -466,8 +469,9 @@ class JobRunner:
         err = error_dict(exc)
         if err["status"] >= 500 and not isinstance(exc, MrisegError):
             log.error("job %s failed unexpectedly", rec.key[:12], exc_info=exc)
-        else:
-            log.info("job %s failed: %d %s", rec.key[:12], err["status"], err["title"])
+        audit("job.settled", job=rec.key[:16], site=spec.site, source="s3-event", status="failed",
+              error=err["status"], retryable=err["retryable"], seconds=round(time.time() - started, 3),
+              attempt=rec.attempts)
         if not err["retryable"]:
             # a poison input: publish the reason where the outputs would be, so a human sees it
             doc = self._job_doc(spec, rec, FAILED, None, started, error=err)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 SITE_KEYS = {"site-a": "key-site-a-0123456789abcdef", "site-b": "key-site-b-0123456789abcdef",
-             "site-c": "key-site-c-0123456789abcdef"}
+             "site-c": "key-site-c-0123456789abcdef", "site-d": "key-site-d-0123456789abcdef"}
 BUCKET = "consortium"
 SUBMODELS = ("organs", "muscles", "tissue_types", "thigh_shoulder_muscles", "appendicular_bones", "face")
 
@@ -48,9 +48,10 @@ def tiny_models(root: Path, names=SUBMODELS) -> Path:
 def write_tenants(path: Path, limits: dict[str, int] | None = None) -> Path:
     import yaml
 
-    limits = {"site-a": 12, "site-b": 12, "site-c": 1, **(limits or {})}
+    limits = {"site-a": 12, "site-b": 12, "site-c": 1, "site-d": 1, **(limits or {})}
     sites = {s: {"keys": [k], "prefixes": [f"s3://{BUCKET}/{s}/"], "max_concurrent_jobs": limits[s]}
              for s, k in SITE_KEYS.items()}
+    sites["site-d"].update(requests_per_second=0.5, burst=3)  # a tight request rate limit
     path.write_text(yaml.safe_dump({"sites": sites}))
     return path
 

@@ -243,6 +243,12 @@ def test_error_statuses(serve_stack):
         refused = upload(c, "site-c", slow, wait=False)
         assert _problem(refused, 429)["retryable"] and refused.headers["retry-after"]
         assert poll(c, "site-c", first.json()["id"])["status"] == "succeeded"
+        # 429: site-d may send 3 requests at once and 0.5 a second on average; other sites are not slowed
+        for _ in range(3):
+            _problem(c.get("/v1/segmentations/0123456789abcdef", headers=auth("site-d")), 404)
+        limited = c.get("/v1/segmentations/0123456789abcdef", headers=auth("site-d"))
+        assert "request rate" in _problem(limited, 429)["detail"] and int(limited.headers["retry-after"]) >= 1
+        _problem(c.get("/v1/segmentations/0123456789abcdef", headers=auth("site-a")), 404)
         # 409: the result of a job that did not succeed
         cancelled = upload(c, "site-c", slow, wait=False).json()["id"]
         c.delete(f"/v1/segmentations/{cancelled}", headers=auth("site-c"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from serve.cluster.jobs_state import Job, JobOptions
 from serve.cluster.journal import JobJournal, job_from_record, job_to_record
@@ -38,7 +39,8 @@ def test_unreadable_record_is_set_aside(tmp_path):
     assert (tmp_path / "broken.unreadable").exists() and not (tmp_path / ".tmp-half.json").exists()
 
 
-def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_path):
+def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_path, caplog):
+    caplog.set_level("INFO", logger="mriseg.audit")
     old = _service(tmp_path)
     incoming = old._incoming
     s3_job = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-a/a.nii.gz", status="running")
@@ -82,3 +84,12 @@ def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_pat
     # what the new router settled is on disk for the next one
     on_disk = {j.id: j.status for j in JobJournal(tmp_path / "results" / ".jobs").load()}
     assert on_disk[s3_job.id] == "succeeded" and on_disk[lost_upload.id] == "failed"
+    # one structured audit record per outcome, with ids only: no object keys or file names
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mriseg.audit"]
+    by_job = {}
+    for r in records:
+        by_job.setdefault(r["job"], []).append(r["event"])
+    assert by_job[s3_job.id] == ["job.resumed", "job.settled"]
+    assert by_job[lost_upload.id] == ["job.settled"]
+    assert all(r["site"] for r in records)
+    assert not any(".nii" in r.getMessage() or "s3://" in r.getMessage() for r in caplog.records)

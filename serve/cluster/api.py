@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Awaitable, Callable, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request, Response
@@ -22,9 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import serve
 from serve.cluster.jobs_state import JobOptions
+from serve.cluster.ratelimit import RateLimiter
 from serve.cluster.router import OUTPUT_KINDS, JobService
 from serve.cluster.tenancy import Site
-from serve.errors import (MrisegError, ServiceUnavailableError, UnsupportedFormatError,
+from serve.errors import (MrisegError, NotFoundError, ServiceUnavailableError, UnsupportedFormatError,
                           VolumeTooLargeError)
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class _State:
     service: JobService | None = None
     readiness: Callable[[], Awaitable[dict]] | None = None
     events: EventSink | None = None
+    limiter: RateLimiter = field(default_factory=RateLimiter)
 
 
 _STATE = _State()
@@ -67,15 +69,52 @@ app = FastAPI(
 
 
 # -- problem details ----------------------------------------------------------
-def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    headers = {"Retry-After": "5"} if status in (429, 503) else None
+def problem(status: int, title: str, detail: str, retry_after: int = 5, **extra: Any) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
     body = {"type": f"{PROBLEM_TYPE}{status}", "title": title, "status": status, "detail": detail, **extra}
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
+PROBLEM_SCHEMA = {
+    "title": "Problem", "type": "object", "description": "RFC 9457 problem details; every error has this shape.",
+    "required": ["type", "title", "status", "detail"], "additionalProperties": True,
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                   "detail": {"type": "string"}, "retryable": {"type": "boolean"},
+                   "errors": {"type": "array", "items": {"type": "object"}}, "job_id": {"type": "string"}},
+}
+
+
+def _openapi() -> dict:
+    """FastAPI's document, with the error responses the API really sends: problem+json for 4XX/5XX."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        problem_ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for ops in doc.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)  # FastAPI's HTTPValidationError is not what is sent
+                public = op.get("tags") == ["health"]
+                responses["4XX"] = {"description": "client error (e.g. 401 without a key, 404, 413, 422, 429)",
+                                    "content": problem_ref}
+                responses["5XX"] = {"description": ("not ready" if public else "a sub-model or S3 unavailable, "
+                                                    "retry later (503)"), "content": problem_ref}
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        schemas["Problem"] = PROBLEM_SCHEMA
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+app.openapi = _openapi
+
+
 @app.exception_handler(MrisegError)
 async def _mriseg_error(_request: Request, exc: MrisegError) -> JSONResponse:
-    return problem(exc.status, exc.title, exc.message, retryable=exc.retryable)
+    return problem(exc.status, exc.title, exc.message, retryable=exc.retryable,
+                   retry_after=getattr(exc, "retry_after", 5))
 
 
 @app.exception_handler(RequestValidationError)
@@ -119,9 +158,11 @@ async def _authenticate_first(request: Request, call_next):
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
         try:
-            _STATE.service.tenancy.authenticate(key)
+            who = _STATE.service.tenancy.authenticate(key)
+            _STATE.limiter.check(who.name, who.requests_per_second, who.burst)
         except MrisegError as e:
-            return problem(e.status, e.title, e.message, retryable=False)
+            return problem(e.status, e.title, e.message, retryable=e.retryable,
+                           retry_after=getattr(e, "retry_after", 5))
     return await call_next(request)
 
 
@@ -275,7 +316,7 @@ async def push_events(request: Request, who: SiteDep) -> dict:
     from serve.events import parse_message
 
     if _STATE.events is None:
-        raise ServiceUnavailableError("event intake is not deployed on this cluster (the 'events' app arg)")
+        raise NotFoundError("event intake is not deployed on this cluster (the 'events' app arg)")
     body = await _read_capped(request, MAX_JSON_BYTES)
     events = parse_message(body)
     specs, ignored = specs_for_events(events, _STATE.events.rules_for(who.name))

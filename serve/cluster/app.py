@@ -24,7 +24,7 @@ from serve.cluster.intake import EventIntake, IntakeSettings
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
 from serve.cluster.router import JobService, RouterSettings
 from serve.cluster.tenancy import Tenancy
-from serve.errors import MrisegError, ServiceUnavailableError
+from serve.errors import MrisegError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class _IntakeSink:
 
     def rules_for(self, site: str) -> list:
         if not self.settings.configured:
-            raise ServiceUnavailableError("event intake is not configured on this cluster: set events.jobs "
+            raise NotFoundError("event intake is not configured on this cluster: set events.jobs "
                                           "(or MRISEG_EVENTS_JOBS_PREFIX) and the inbox rules")
         return self.settings.rules_for(site)
 

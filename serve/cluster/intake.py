@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 from ray import serve as rayserve
 
 from serve.consumer import Consumer, ConsumerConfig, InboxRule
-from serve.errors import MrisegError, ServiceUnavailableError
+from serve.errors import MrisegError, NotFoundError
 from serve.jobs import JobOutcome, JobSpec
 from serve.s3client import S3Settings
 
@@ -141,7 +141,7 @@ class IntakeWorker:
     def submit(self, specs: Sequence[Mapping[str, Any]]) -> int:
         """Queue pushed jobs; each settles as done or failed in its job record (``job.json``)."""
         if self.runner is None:
-            raise ServiceUnavailableError("event intake is not configured on this cluster: set events.jobs "
+            raise NotFoundError("event intake is not configured on this cluster: set events.jobs "
                                           "(or MRISEG_EVENTS_JOBS_PREFIX) and the inbox rules")
         for s in specs:
             self.pool.submit(self._run, JobSpec.from_dict(dict(s)))

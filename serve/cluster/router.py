@@ -21,6 +21,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import numpy as np
 
+from serve.audit import audit
 from serve.catalogue import Catalogue, SubModel, load_catalogue
 from serve.cluster.jobs_state import Job, JobOptions
 from serve.cluster.journal import JobJournal
@@ -138,12 +139,12 @@ class JobService:
                 job.resumed += 1
                 self._schedule(job, spooled, spooled.name if spooled else "upload.nii.gz")
                 resumed += 1
-                log.info("audit job=%s site=%s resumed after a router restart (%d)", job.id, job.site, job.resumed)
+                audit("job.resumed", job=job.id, site=job.site, resumed=job.resumed)
             except MrisegError as e:
                 job.fail(e)
                 self.journal.save(job)
-                log.info("audit job=%s site=%s status=failed error=%d after a router restart",
-                         job.id, job.site, e.status)
+                audit("job.settled", job=job.id, site=job.site, status="failed", error=e.status,
+                      reason="router restart")
                 if spooled is not None:
                     spooled.unlink(missing_ok=True)
         return resumed
@@ -186,7 +187,8 @@ class JobService:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
             raise
-        log.info("audit job=%s site=%s source=%s accepted", job.id, site.name, "s3" if input_uri else "upload")
+        audit("job.accepted", job=job.id, site=site.name, source="s3" if input_uri else "upload",
+              structures="all" if options.roi_subset is None else len(options.roi_subset))
         self._remember(job)
         self._update_gauges()
         return job
@@ -220,6 +222,7 @@ class JobService:
         self.scheduler.cancel(job_id)
         job.status, job.finished = "cancelled", time.time()
         self.journal.save(job)
+        audit("job.cancelled", job=job.id, site=job.site)
         for f in self._incoming.glob(f"{job.id}*"):
             f.unlink(missing_ok=True)
         return job
@@ -430,9 +433,8 @@ class JobService:
             f.unlink(missing_ok=True)
         seconds = (job.finished or time.time()) - job.created
         self.metrics.job_seconds.labels(job.site, job.status).observe(seconds)
-        # Audit line: ids and outcome only; object keys and file names may carry PHI.
-        log.info("audit job=%s site=%s source=%s status=%s error=%s seconds=%.2f", job.id, job.site,
-                 "s3" if job.input_uri else "upload", job.status, (job.error or {}).get("status"), seconds)
+        audit("job.settled", job=job.id, site=job.site, source="s3" if job.input_uri else "upload",
+              status=job.status, error=(job.error or {}).get("status"), seconds=round(seconds, 3))
         self._update_gauges()
 
     def _remember(self, job: Job) -> None:

@@ -11,6 +11,8 @@ the digests are kept in memory::
         key_sha256: ["9f86d0..."]
         prefixes: ["s3://consortium/site-a/"]
         max_concurrent_jobs: 8
+        requests_per_second: 50     # API requests, averaged (429 beyond; 0: unlimited)
+        burst: 200
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Site:
     name: str
     prefixes: tuple[str, ...]  # "s3://bucket/prefix/" the site may read and write
     max_concurrent_jobs: int = 4
+    requests_per_second: float = 50.0  # API request rate (token bucket); 0: unlimited
+    burst: int = 200
 
     def owns(self, uri: str) -> bool:
         """True if ``uri`` lies under one of the site's prefixes (whole path segments only)."""
@@ -82,7 +86,9 @@ class Tenancy:
             prefixes = tuple(cfg.get("prefixes", ()))
             for p in prefixes:
                 parse_s3_uri(p)  # raises a clear error for a non-s3 prefix
-            sites.append(Site(str(name), prefixes, int(cfg.get("max_concurrent_jobs", 4))))
+            sites.append(Site(str(name), prefixes, int(cfg.get("max_concurrent_jobs", 4)),
+                              float(cfg.get("requests_per_second", Site.requests_per_second)),
+                              int(cfg.get("burst", Site.burst))))
             for k in cfg.get("keys", ()):
                 if len(str(k)) < 16:
                     raise MrisegError(f"tenants: site {name}: API keys must be at least 16 characters")
