@@ -64,15 +64,34 @@ def software_version() -> str:
         return version("mriseg-serve")
 
 
+MAX_CASE_BYTES = 200
+
+
 def case_name(key: str, input_prefix: str = "") -> str:
-    """The output folder name of an input key: its path below the inbox prefix, volume suffix removed."""
+    """The output folder name of an input key: its path below the inbox prefix, volume suffix removed.
+
+    S3 keys are literal, but tools that sync outputs to disk are not: ``.``/``..``
+    and empty segments become ``_``, and a name over ``MAX_CASE_BYTES`` bytes is
+    shortened with a digest of the whole (so it stays unique and the output keys
+    stay under S3's 1024-byte limit).
+    """
     rel = key[len(input_prefix):] if input_prefix and key.startswith(input_prefix) else PurePosixPath(key).name
-    rel = rel.strip("/")
     low = rel.lower()
     for s in VOLUME_SUFFIXES:
         if low.endswith(s):
-            return rel[: -len(s)]
-    return rel
+            rel = rel[: -len(s)]
+            break
+    parts = [p for p in rel.split("/")]
+    while parts and parts[0] == "":
+        parts.pop(0)
+    while parts and parts[-1] == "":
+        parts.pop()
+    case = "/".join("_" if p in ("", ".", "..") else p for p in parts) or "_"
+    if len(case.encode()) > MAX_CASE_BYTES:
+        digest = hashlib.sha256(case.encode()).hexdigest()[:16]
+        head = case.encode()[: MAX_CASE_BYTES - 17].decode("utf-8", "ignore").rstrip("/")
+        case = f"{head}~{digest}"
+    return case
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,12 @@ def keys_under(seaweed, bucket, prefix):  # noqa: F811
 def test_case_names():
     assert case_name("p/in/sub/case7.nii.gz", "p/in/") == "sub/case7"
     assert case_name("elsewhere/x.MHA") == "x"
+    # S3 keys are literal; output folders must not climb or collapse when synced to disk
+    assert case_name("p/in/../../site-b/x.nii.gz", "p/in/") == "_/_/site-b/x"
+    assert case_name("p/in//./a.nii.gz", "p/in/") == "_/a"
+    assert case_name("p/in/ünï cødé 名前.nii.gz", "p/in/") == "ünï cødé 名前"
+    long = case_name("p/in/" + "x" * 900 + ".nii.gz", "p/in/")
+    assert len(long.encode()) <= 200 and long != case_name("p/in/" + "x" * 901 + ".nii.gz", "p/in/")
 
 
 def test_done_job_is_not_recomputed(seaweed, runner, unique_prefix, tmp_path):  # noqa: F811

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, parse_message
+from serve.jobs import MAX_CASE_BYTES, case_name
 from serve.s3client import parse_s3_uri
 
 json_values = st.recursive(
@@ -75,3 +76,13 @@ def test_parse_s3_uri_returns_bucket_and_key_or_a_clear_error(uri):
         assert e.status < 500 and "s3://" in e.message
         return
     assert bucket and isinstance(key, str)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=1100), st.sampled_from(["", "in/", "site-a/in/"]))
+def test_case_names_are_safe_folder_names(key, prefix):
+    case = case_name(prefix + key, prefix)
+    parts = case.split("/")
+    assert case and all(p and p not in (".", "..") for p in parts)
+    assert len(case.encode()) <= MAX_CASE_BYTES
+    assert case_name(prefix + key, prefix) == case  # deterministic: redelivery finds the same folder
