@@ -8,9 +8,9 @@ tests do.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
-from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
@@ -60,12 +60,24 @@ def make_client(settings: S3Settings | None = None):
     return boto3.session.Session().client("s3", **kwargs)
 
 
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+MAX_KEY_BYTES = 1024  # S3's limit
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key). Anything else is a clear error."""
-    try:
-        p = urlparse(uri)
-    except (ValueError, TypeError):  # e.g. "s3://[": urlparse takes brackets for an IPv6 host
-        p = None
-    if p is None or p.scheme != "s3" or not p.netloc:
-        raise MrisegError(f"expected an s3://bucket/key URI, got {uri!r}")
-    return p.netloc, p.path.lstrip("/")
+    """``s3://bucket/key`` -> (bucket, key). Anything else is a clear error.
+
+    The key is taken literally: ``?`` and ``#`` are legal in S3 keys, not a query or fragment.
+    """
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise MrisegError(f"expected an s3://bucket/key URI, got {str(uri)[:200]!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise MrisegError(f"expected an s3://bucket/key URI with a valid bucket name, got {uri[:200]!r}")
+    key = key.lstrip("/")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise MrisegError(f"the key of an s3:// URI is at most {MAX_KEY_BYTES} bytes (S3's limit); this one is longer")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in key):
+        raise MrisegError("the key of this s3:// URI holds control characters or unpaired surrogates; "
+                          "rename the object")
+    return bucket, key

@@ -76,6 +76,8 @@ def test_parse_s3_uri_returns_bucket_and_key_or_a_clear_error(uri):
         assert e.status < 500 and "s3://" in e.message
         return
     assert bucket and isinstance(key, str)
+    # the key is taken literally ('?' and '#' included)
+    assert uri in (f"s3://{bucket}/{key}", f"s3://{bucket}") or uri.startswith(f"s3://{bucket}//")
 
 
 @settings(max_examples=500, deadline=None)
