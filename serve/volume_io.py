@@ -9,8 +9,12 @@ every failure a user can cause becomes a :class:`serve.errors.MrisegError`.
 
 from __future__ import annotations
 
+import io
 import logging
+import lzma
+import mmap
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -18,7 +22,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
@@ -83,6 +87,9 @@ def _squeezed_shape(shape: Sequence[int]) -> tuple[int, ...]:
 def check_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, int, int]:
     """Validate a header shape before any data is decoded."""
     sq = _squeezed_shape(shape)
+    if any(int(s) < 0 for s in shape):
+        raise CorruptFileError(f"the header gives a negative dimension (shape {tuple(int(s) for s in shape)}); "
+                               f"the file is corrupt")
     if any(s == 0 for s in sq):
         raise InvalidVolumeError(f"the volume has a zero-size dimension (shape {tuple(shape)}); "
                                  f"the file holds no image data")
@@ -144,16 +151,37 @@ def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UnsupportedFormatError(f"the file is a {type(img).__name__}, not NIfTI; convert it to NIfTI")
     check_shape(img.shape, max_voxels)  # header only: nothing decoded yet
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iuf":  # casting complex drops the imaginary part; RGB has no single grey value
+        raise InvalidVolumeError(f"the voxels are {img.header.get_value_label('datatype')} values; a scalar, "
+                                 f"real-valued (grey-value) volume is needed: save the magnitude image, or convert "
+                                 f"colour to grey values")
+    _check_pixdim(path, type(img.header))
     affine = check_affine(img.affine)
     try:
         data = img.get_fdata(dtype=np.float32)
-    except (EOFError, zlib.error, OSError, ValueError) as e:
+    except (EOFError, zlib.error, OSError, ValueError, OverflowError) as e:  # Overflow: a vox_offset of 1e27
         raise CorruptFileError(f"the NIfTI file is truncated or corrupt: its header promises "
                                f"{tuple(img.shape)} voxels but the data cannot be read ({type(e).__name__})") from e
     finally:
         img.uncache()
     header = img.header.copy()
     return _finish(data, affine, "nifti", max_voxels, header)
+
+
+def _check_pixdim(path: Path, header_class) -> None:
+    """Refuse a zero, negative or non-finite voxel size in the raw NIfTI header."""
+    from nibabel.openers import ImageOpener
+
+    # nibabel's loaded header is already "fixed" (0 -> 1, negative -> abs); ITK instead flips an axis
+    # with a negative pixdim, so the two readers would place the same file differently.
+    with ImageOpener(str(path)) as f:
+        raw = header_class.from_fileobj(f, check=False)
+    zooms = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if not np.all(zooms > 0):  # NaN fails too
+        raise InvalidVolumeError(f"the NIfTI header's voxel size pixdim[1:4] = {tuple(float(z) for z in zooms)} "
+                                 f"is not positive; readers disagree on what a zero or negative voxel size means, so "
+                                 f"the geometry would be ambiguous. Rewrite the header with the true voxel sizes")
 
 
 # -- SimpleITK (single file and DICOM series) ------------------------------------
@@ -180,9 +208,81 @@ def _sitk_array(image) -> np.ndarray:
     return np.transpose(arr, tuple(range(arr.ndim))[::-1])
 
 
+_DICOM_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_DICOM_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+
+
+_UNDEFINED = 0xFFFFFFFF
+_IMPLICIT_LE, _BIG_ENDIAN, _DEFLATED = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
+
+
+def check_dicom_lengths(path: Path) -> None:
+    """Refuse a DICOM file with an element that claims more bytes than the file holds.
+
+    GDCM allocates (and zeroes) an element's declared length before reading it, so a 1 KB file can claim
+    gigabytes; ITK hands any file it recognises as DICOM to GDCM, whatever its suffix. Every element
+    header is walked (sequence items and their contents too); values are skipped, never read.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[128:132] == b"DICM":
+            _walk_dicom(m, 132, size)
+        elif m[0:2] in (b"\x02\x00", b"\x08\x00"):  # no preamble: GDCM still reads it from either group
+            _walk_dicom(m, 0, size)
+
+
+def _walk_dicom(m: mmap.mmap, pos: int, size: int) -> None:
+    def corrupt(tag: tuple[int, int], what: str) -> CorruptFileError:
+        return CorruptFileError(f"a DICOM file's element ({tag[0]:04x},{tag[1]:04x}) {what}; the file is "
+                                f"truncated or corrupt. Export it again")
+
+    endian, explicit, syntax, fragments = "little", True, _IMPLICIT_LE, False
+    in_meta = m[pos:pos + 2] == b"\x02\x00"
+    if not in_meta and not m[pos + 4:pos + 6].isalpha():  # no file meta: GDCM guesses implicit VR
+        explicit = False
+    while pos + 8 <= size:
+        if in_meta and m[pos:pos + 2] != b"\x02\x00":  # the data set starts: its transfer syntax applies
+            in_meta = False
+            if syntax == _DEFLATED:
+                return  # the rest is a deflate stream; zlib inflates it in bounded steps
+            endian, explicit = ("big", True) if syntax == _BIG_ENDIAN else ("little", syntax != _IMPLICIT_LE)
+        order = "little" if in_meta else endian
+        tag = (int.from_bytes(m[pos:pos + 2], order), int.from_bytes(m[pos + 2:pos + 4], order))
+        vr = m[pos + 4:pos + 6]
+        if tag[0] == 0xFFFE:  # item and delimiters: no VR, whatever the syntax
+            header, length = 8, int.from_bytes(m[pos + 4:pos + 8], order)
+        elif (in_meta or explicit) and vr in _DICOM_SHORT_VRS:
+            header, length = 8, int.from_bytes(m[pos + 6:pos + 8], order)
+        elif (in_meta or explicit) and vr in _DICOM_LONG_VRS:
+            header, length = 12, int.from_bytes(m[pos + 8:pos + 12], order)
+        elif (in_meta or explicit) and vr.isalpha():
+            # GDCM reads an unknown VR with a 4-byte length, from bytes that are not one
+            raise corrupt(tag, f"has the invalid value representation {vr.decode('latin-1')!r}")
+        else:  # implicit VR (GDCM also falls back to it for non-letter VR bytes)
+            header, length, vr = 8, int.from_bytes(m[pos + 4:pos + 8], order), b""
+        if tag == (0x0002, 0x0010) and length < 128:
+            syntax = m[pos + header:pos + header + length].rstrip(b"\0 ").decode("latin-1")
+        if tag == (0xFFFE, 0xE0DD):
+            fragments = False
+        if length == _UNDEFINED:  # a sequence, item or encapsulated pixel data: walk into it
+            fragments = fragments or tag == (0x7FE0, 0x0010)
+            pos += header
+            continue
+        if pos + header + length > size:
+            raise corrupt(tag, f"claims {length} bytes but the file holds {size}")
+        descend = vr == b"SQ" or (tag == (0xFFFE, 0xE000) and not fragments)
+        pos += header if descend else header + length
+
+
 def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     import SimpleITK as sitk
 
+    check_dicom_lengths(path)
+    if suffix_of(path.name) in (".mha", ".mhd"):
+        with open(path, "rb") as f:
+            check_metaimage_header(f)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -210,6 +310,9 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
     import SimpleITK as sitk
 
     best: list[str] = []
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            check_dicom_lengths(p)
     dirs = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
     for d in dirs:
         for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
@@ -252,8 +355,11 @@ def safe_extract_zip(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_ZIP_BY
     """Extract ``path`` into ``dest``, refusing path traversal, links and more than ``max_bytes``."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError) as e:  # ValueError: a UTF-8 flagged name that is not
         raise CorruptFileError(f"not a readable zip archive ({e})") from e
+    except NotImplementedError as e:  # e.g. "zip file version 11.5"
+        raise UnsupportedFormatError(f"the zip archive needs a feature this server cannot read ({e}); zip the "
+                                     f"series again with a standard zip tool (deflate, no password)") from e
     with zf:
         infos = zf.infolist()
         if len(infos) > MAX_ZIP_ENTRIES:
@@ -265,6 +371,8 @@ def safe_extract_zip(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_ZIP_BY
         written = 0
         for info in infos:
             name = info.filename.replace("\\", "/")
+            if not name:  # zipfile's own is_dir() would fail with IndexError
+                raise CorruptFileError("the zip contains an entry without a name; the archive is corrupt")
             parts = PurePosixPath(name).parts
             if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
                 raise CorruptFileError(f"the zip contains an unsafe path ({name!r}); archives must only hold "
@@ -277,8 +385,8 @@ def safe_extract_zip(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_ZIP_BY
             target = (root / name).resolve()
             if root not in target.parents:
                 raise CorruptFileError(f"the zip contains an unsafe path ({name!r})")
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as dst:
                     # count real bytes: a forged size field must not let a bomb through
                     while chunk := src.read(1 << 20):
@@ -286,7 +394,14 @@ def safe_extract_zip(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_ZIP_BY
                         if written > max_bytes:
                             raise VolumeTooLargeError(f"the zip expands to more than {max_bytes} bytes")
                         dst.write(chunk)
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+            except (NotImplementedError, RuntimeError) as e:
+                # zipfile's words for encryption and compression methods it lacks; RuntimeError's text
+                # names the entry, which may hold PHI, so it is not repeated
+                raise UnsupportedFormatError("a zip entry is encrypted or uses a compression method this server "
+                                             "cannot read; zip the series again with a standard zip tool "
+                                             "(deflate, no password)") from e
+            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError) as e:
+                # ValueError: a local header flags its name as UTF-8 and it is not
                 raise CorruptFileError(f"the zip archive is truncated or corrupt ({type(e).__name__})") from e
 
 
@@ -319,11 +434,37 @@ def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -
                                  f"{', '.join(SUPPORTED)}, or a DICOM folder")
 
 
+def _header_lines(f: BinaryIO, suffix: str) -> Iterator[bytes]:
+    """The header lines of a MetaImage or NRRD file, stripped and lower-cased: all of them, however long."""
+    for raw in iter(lambda: f.readline(1 << 16), b""):
+        if suffix in (".nrrd", ".nhdr") and raw in (b"\n", b"\r\n"):
+            return  # a blank line ends a NRRD header
+        line = raw.strip().lower()
+        yield line
+        if suffix not in (".nrrd", ".nhdr") and line.startswith(b"elementdatafile"):
+            return  # MetaImage: the data starts after this line
+
+
+def check_metaimage_header(f: BinaryIO) -> None:
+    """Refuse a MetaImage NDims outside 1..10: ITK's MetaIO indexes fixed-size arrays with it unchecked,
+    so a negative or large value corrupts the heap and kills the process."""
+    for line in _header_lines(f, ".mha"):
+        key, _, value = _split_key(line)
+        if key == b"ndims" and not (re.fullmatch(rb"\+?\d{1,3}", value) and 1 <= int(value) <= 10):
+            raise CorruptFileError(f"the .mha header has NDims = {value[:20].decode('latin-1')!r}; a MetaImage "
+                                   f"has 1 to 10 dimensions. The file is corrupt")
+
+
+def _split_key(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """``key = value`` (MetaIO also accepts ``key: value``) as (key, separator, value), each stripped."""
+    m = re.match(rb"([^=:]*)([=:])(.*)", line, re.S)
+    return (m.group(1).strip(), m.group(2), m.group(3).strip()) if m else (line.strip(), b"", b"")
+
+
 def check_attached_data(data: bytes, suffix: str) -> None:
     """Refuse .mha/.nrrd headers that point at another file (on a server that could be any local file)."""
-    head = data[:65536].split(b"\n\n", 1)[0] if suffix == ".nrrd" else data[:65536]
-    for raw in head.splitlines():
-        line = raw.strip().lower()
+    # the whole header: a window of the first bytes is bypassed by padding the header with comments
+    for line in _header_lines(io.BytesIO(data), suffix):
         if suffix == ".mha" and line.startswith(b"elementdatafile"):
             if line.split(b"=", 1)[-1].strip() != b"local":
                 raise UnsupportedFormatError("the .mha header points at a separate data file; upload a "

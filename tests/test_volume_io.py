@@ -85,11 +85,14 @@ def test_sitk_geometry_conversion_identity_is_lps():
 
 
 def write_dicom_series(folder: Path, arr_ijk: np.ndarray, spacing=(0.8, 0.9, 2.0), origin=(-50.0, -40.0, 10.0),
-                       direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
+                       direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), compressor: str | None = None) -> sitk.Image:
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk_image(arr_ijk.astype(np.int16), spacing, origin, direction)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    if compressor:  # explicit VR with encapsulated pixel data: items of undefined and defined length
+        writer.SetUseCompression(True)
+        writer.SetCompressor(compressor)
     series_uid, study_uid = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
     d = direction
     for k in range(img.GetDepth()):
@@ -124,6 +127,29 @@ def test_dicom_folder_and_zip(tmp_path):
     zbytes = read_volume_bytes(zpath.read_bytes(), "upload.zip")
     assert np.array_equal(zbytes.data, arr)
 
+
+@pytest.mark.parametrize("compressor", ["JPEG2000", "JPEG"])
+def test_compressed_dicom_passes_the_length_walk(tmp_path, compressor):
+    arr = (ramp((16, 12, 4)) % 200).astype(np.int16)
+    write_dicom_series(tmp_path / "series", arr, compressor=compressor)
+    first = (tmp_path / "series" / "slice000.dcm").read_bytes()
+    assert b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff" in first  # really encapsulated
+    vol = read_volume(tmp_path / "series")
+    assert vol.shape == (16, 12, 4)
+    if compressor == "JPEG2000":  # lossless here; baseline JPEG is lossy
+        assert np.array_equal(vol.data, arr)
+
+
+def test_dicom_element_longer_than_the_file_is_refused(tmp_path):
+    write_dicom_series(tmp_path / "series", (ramp((16, 12, 3)) % 200).astype(np.int16), compressor="JPEG2000")
+    path = tmp_path / "series" / "slice001.dcm"
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12
+    fragment = data.index(b"\xfe\xff\x00\xe0", at + 8)  # the first fragment, after the offset table
+    data[fragment + 4: fragment + 8] = (3 * 2**30).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"\(fffe,e000\) claims 3221225472 bytes"):
+        read_volume(tmp_path / "series")
 
 def test_upload_bytes_use_only_the_suffix(tmp_path):
     p = nifti(tmp_path / "x.nii.gz", ramp())

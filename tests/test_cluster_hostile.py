@@ -1,0 +1,96 @@
+"""The hostile-input corpus and hostile S3 keys through the real API on the shared stack: every
+input gets a 4xx with a message (never a 5xx), the router's memory stays bounded, and the next
+ordinary request is served normally."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from loadtest.localcluster import cluster_pids
+from loadtest.soak import role
+from serve.s3client import make_client
+from tests.hostile_corpus import corpus
+from tests.ray_fixtures import BUCKET, _shared_stack_owner, auth, nifti_bytes, serve_stack  # noqa: F401
+
+pytestmark = pytest.mark.ray
+UPLOAD_LIMIT = 2 << 20  # the shared stack's max_upload_bytes
+ROUTER_GROWTH_BOUND_MB = 300
+
+
+def _router_rss_mb() -> float:
+    import psutil
+
+    return max(psutil.Process(p).memory_info().rss / 2**20 for p in cluster_pids() if role(p) == "router")
+
+
+def _settled(c, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = c.get(f"/v1/segmentations/{job_id}", headers=auth("site-a")).json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not settle")
+
+
+def test_hostile_uploads_get_4xx_and_the_router_keeps_serving(serve_stack):
+    entries = corpus()
+    assert len(entries) >= 20
+    before = _router_rss_mb()
+    outcomes = {}
+    with serve_stack.client() as c:
+        for e in entries:
+            r = c.post("/v1/segmentations/upload", params={"filename": e.filename, "roi_subset": "liver"},
+                       content=e.data, headers={**auth("site-a"), "content-type": "application/octet-stream"})
+            if r.status_code == 202:  # accepted: the decoder's verdict arrives on the job
+                job = _settled(c, r.json()["id"])
+                assert job["status"] == "failed", (e.name, job)
+                status, detail = job["error"]["status"], job["error"]["detail"]
+            else:
+                assert r.headers["content-type"].startswith("application/problem+json"), (e.name, r.text)
+                status, detail = r.status_code, r.json()["detail"]
+            outcomes[e.name] = (status, detail)
+            expected = (413,) if len(e.data) > UPLOAD_LIMIT else (400,) if not e.data else e.statuses
+            assert status in expected, (e.name, status, detail)
+            assert detail and "Traceback" not in detail, (e.name, detail)
+        # the next ordinary request is served normally
+        ok = c.post("/v1/segmentations/upload", params={"wait": "true", "roi_subset": "liver"},
+                    content=nifti_bytes(seed=3), headers={**auth("site-a"), "content-type": "application/octet-stream"})
+        assert ok.status_code == 200 and ok.json()["status"] == "succeeded", ok.text
+    growth = _router_rss_mb() - before
+    print(f"router RSS growth over the corpus: {growth:.0f} MB")
+    for name, (status, detail) in sorted(outcomes.items()):
+        print(f"  {name}: {status} {detail[:100]}")
+    assert growth < ROUTER_GROWTH_BOUND_MB
+
+
+def test_hostile_s3_keys(serve_stack):
+    s3 = make_client(serve_stack.extra["s3"])
+    unicode_key = "site-a/in/ünïcødé 名前 #1?.nii.gz"
+    s3.put_object(Bucket=BUCKET, Key=unicode_key, Body=nifti_bytes(seed=5))
+    with serve_stack.client() as c:
+        def post(uri: str):
+            return c.post("/v1/segmentations", json={"input": uri, "roi_subset": ["liver"]}, headers=auth("site-a"))
+
+        # '..' cannot climb into another site's prefix
+        assert post(f"s3://{BUCKET}/site-a/../site-b/x.nii.gz").status_code == 403
+        assert post(f"s3://{BUCKET}/site-a/./x.nii.gz").status_code == 403
+        # over S3's 1024-byte key limit, control characters, a bucket name that is not one, another scheme
+        for uri in (f"s3://{BUCKET}/site-a/{'é' * 600}.nii.gz", f"s3://{BUCKET}/site-a/x\x00.nii.gz",
+                    "s3://[::1]/site-a/x.nii.gz", "http://169.254.169.254/latest/meta-data",
+                    f"s3://{BUCKET}@evil.example/site-a/x.nii.gz"):
+            r = post(uri)
+            assert r.status_code in (400, 403, 422), (uri, r.status_code, r.text)
+        # over the schema's 2048 characters
+        assert post(f"s3://{BUCKET}/site-a/" + "x" * 2100).status_code == 422
+        # a missing object: accepted, then failed with a 404 reason
+        missing = post(f"s3://{BUCKET}/site-a/in/not-there.nii.gz")
+        assert missing.status_code == 202
+        job = _settled(c, missing.json()["id"])
+        assert job["status"] == "failed" and job["error"]["status"] == 404, job
+        # a unicode key with '#' and '?' is an ordinary object: segmented
+        r = post(f"s3://{BUCKET}/{unicode_key}")
+        assert r.status_code == 202, r.text
+        assert _settled(c, r.json()["id"])["status"] == "succeeded"
