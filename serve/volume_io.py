@@ -26,7 +26,8 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
+from serve.errors import (CorruptFileError, InvalidVolumeError, MrisegError, UnsupportedFormatError,
+                          VolumeTooLargeError)
 
 log = logging.getLogger(__name__)
 
@@ -419,6 +420,25 @@ def read_dicom_zip(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
 def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Read a NIfTI/.mha/.nrrd file, a DICOM series folder or a zip of one."""
     path = Path(path)
+    try:
+        return _read_volume(path, max_voxels)
+    except MrisegError as e:
+        e.message = _without_paths(e.message, path)
+        e.args = (e.message,)
+        raise
+
+
+_TEMP_PATH = re.compile(re.escape(tempfile.gettempdir()) + r"/mriseg-[^\s\"')]*")
+
+
+def _without_paths(message: str, path: Path) -> str:
+    """The readers quote the file's server-side path; the caller only knows the input it gave."""
+    for p in sorted({str(path.resolve()), str(path)}, key=len, reverse=True):
+        message = message.replace(p, "the input")
+    return _TEMP_PATH.sub("the input", message)
+
+
+def _read_volume(path: Path, max_voxels: int) -> Volume:
     if path.is_dir():
         return read_dicom_dir(path, max_voxels)
     if not path.is_file():

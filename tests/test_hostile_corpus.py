@@ -61,6 +61,7 @@ def test_hostile_input_is_refused_with_a_clear_4xx(name):
     assert err.status in h.statuses, f"{name} ({h.what}): {err.status} {err.message}"
     assert err.message.strip() and str(err) == err.message
     assert "Traceback" not in err.message and not re.search(r'File "[^"]+", line \d+', err.message)
+    assert "/mriseg-" not in err.message, "a server-side path leaks into the message"
 
 
 # -- the bombs are genuine ------------------------------------------------------------------------
