@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv on first use.
-.PHONY: demo test setup clean
+.PHONY: demo test setup audit clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -9,6 +9,9 @@ demo: setup
 
 test: setup
 	@bash scripts/test.sh
+
+audit:
+	@bash scripts/audit.sh
 
 clean:
 	rm -rf .venv .pytest_cache
