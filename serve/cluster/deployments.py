@@ -109,6 +109,7 @@ class SubModelRunner:
 
     def predict(self, data: np.ndarray, spacing_mm: float, count: bool = True) -> np.ndarray:
         """Local label ids for ``data`` (x, y, z) at ``spacing_mm``."""
+        from serve.memory import release_free_memory
         from serve.predict import predict_labels
 
         if self.model is None:
@@ -117,7 +118,10 @@ class SubModelRunner:
                 f"{self.detail}")
         if count:
             self.calls += 1
-        return predict_labels(self.model, data, spacing_mm, precision=self.settings.precision)
+        try:
+            return predict_labels(self.model, data, spacing_mm, precision=self.settings.precision)
+        finally:
+            release_free_memory()  # a few ms, against RSS creeping up with every new input size
 
     def check_health(self) -> None:
         if self.state == "broken":
