@@ -110,8 +110,12 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, _temp_dir=ray_tmp,
                  log_to_driver=False, runtime_env=runtime_env)
     else:
+        from ray._common.utils import get_default_ray_temp_dir
         from ray.cluster_utils import Cluster
 
+        # Cluster records the head's address in Ray's default temp dir whatever temp_dir says,
+        # and fails where no earlier Ray run has created that folder
+        os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 6, "num_gpus": 0, "include_dashboard": False, "temp_dir": ray_tmp})
         for node in worker_nodes:
