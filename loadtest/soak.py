@@ -134,6 +134,16 @@ def run_locust(url: str, keys: dict[str, str], seconds: int, users: int, csv_pre
             "stderr_tail": proc.stderr[-2000:]}
 
 
+def put_s3_inputs(client, bucket: str, body: bytes, sites: tuple[str, ...] = ("site-a", "site-b")) -> dict[str, list[str]]:
+    """Put ``body`` under each site's ``soak/`` prefix; the bulk inputs :func:`run_locust` takes."""
+    inputs = {}
+    for site in sites:
+        key = f"{site}/soak/volume.nii.gz"
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+        inputs[site] = [f"s3://{bucket}/{key}"]
+    return inputs
+
+
 def soak(url: str, keys: dict[str, str], pids_fn: Callable[[], list[int]], seconds: int, uploads: list[Path],
          workdir: Path, users: int = 4, interval_s: float = 5.0, s3_inputs: dict[str, list[str]] | None = None) -> dict:
     """Load for ``seconds`` while sampling RSS; per-process series, trends and the Locust summary."""
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
+    import dataclasses
     import tempfile
 
     from loadtest import localcluster
@@ -191,13 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     s3 = SeaweedServer(work / "weed", buckets=[localcluster.BUCKET]).start()
     cluster = None
     try:
-        s3_inputs = {}
-        for site in ("site-a", "site-b"):
-            key = f"{site}/soak/volume.nii.gz"
-            s3.client().put_object(Bucket=localcluster.BUCKET, Key=key, Body=uploads[0].read_bytes())
-            s3_inputs[site] = [f"s3://{localcluster.BUCKET}/{key}"]
-        import dataclasses
-
+        s3_inputs = put_s3_inputs(s3.client(), localcluster.BUCKET, uploads[0].read_bytes())
         cluster = localcluster.start(ensure_demo_models(), submodels=[sm.name for sm in load_catalogue().submodels],
                                      threads=1, slots=2, s3=dataclasses.asdict(s3.settings))
         keys = {s: k for s, k in localcluster.SITE_KEYS.items() if s in s3_inputs}

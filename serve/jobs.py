@@ -81,12 +81,7 @@ def case_name(key: str, input_prefix: str = "") -> str:
         if low.endswith(s):
             rel = rel[: -len(s)]
             break
-    parts = [p for p in rel.split("/")]
-    while parts and parts[0] == "":
-        parts.pop(0)
-    while parts and parts[-1] == "":
-        parts.pop()
-    case = "/".join("_" if p in ("", ".", "..") else p for p in parts) or "_"
+    case = "/".join("_" if p in ("", ".", "..") else p for p in rel.strip("/").split("/"))
     if len(case.encode()) > MAX_CASE_BYTES:
         digest = hashlib.sha256(case.encode()).hexdigest()[:16]
         head = case.encode()[: MAX_CASE_BYTES - 17].decode("utf-8", "ignore").rstrip("/")

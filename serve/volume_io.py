@@ -311,10 +311,11 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
     import SimpleITK as sitk
 
     best: list[str] = []
-    for p in folder.rglob("*"):
-        if p.is_file() and not p.is_symlink():
+    entries = [p for p in folder.rglob("*") if not p.is_symlink()]
+    for p in entries:
+        if p.is_file():
             check_dicom_lengths(p)
-    dirs = [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
+    dirs = [folder] + sorted(p for p in entries if p.is_dir())
     for d in dirs:
         for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), sid)

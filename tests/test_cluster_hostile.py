@@ -4,8 +4,6 @@ ordinary request is served normally."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from loadtest.localcluster import cluster_pids
@@ -13,6 +11,7 @@ from loadtest.soak import role
 from serve.s3client import make_client
 from tests.hostile_corpus import corpus
 from tests.ray_fixtures import BUCKET, _shared_stack_owner, auth, nifti_bytes, serve_stack  # noqa: F401
+from tests.test_cluster_api import poll
 
 pytestmark = pytest.mark.ray
 UPLOAD_LIMIT = 2 << 20  # the shared stack's max_upload_bytes
@@ -25,16 +24,6 @@ def _router_rss_mb() -> float:
     return max(psutil.Process(p).memory_info().rss / 2**20 for p in cluster_pids() if role(p) == "router")
 
 
-def _settled(c, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = c.get(f"/v1/segmentations/{job_id}", headers=auth("site-a")).json()
-        if body["status"] in ("succeeded", "failed", "cancelled"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not settle")
-
-
 def test_hostile_uploads_get_4xx_and_the_router_keeps_serving(serve_stack):
     entries = corpus()
     assert len(entries) >= 20
@@ -45,7 +34,7 @@ def test_hostile_uploads_get_4xx_and_the_router_keeps_serving(serve_stack):
             r = c.post("/v1/segmentations/upload", params={"filename": e.filename, "roi_subset": "liver"},
                        content=e.data, headers={**auth("site-a"), "content-type": "application/octet-stream"})
             if r.status_code == 202:  # accepted: the decoder's verdict arrives on the job
-                job = _settled(c, r.json()["id"])
+                job = poll(c, "site-a", r.json()["id"], timeout=120)
                 assert job["status"] == "failed", (e.name, job)
                 status, detail = job["error"]["status"], job["error"]["detail"]
             else:
@@ -88,9 +77,9 @@ def test_hostile_s3_keys(serve_stack):
         # a missing object: accepted, then failed with a 404 reason
         missing = post(f"s3://{BUCKET}/site-a/in/not-there.nii.gz")
         assert missing.status_code == 202
-        job = _settled(c, missing.json()["id"])
+        job = poll(c, "site-a", missing.json()["id"], timeout=120)
         assert job["status"] == "failed" and job["error"]["status"] == 404, job
         # a unicode key with '#' and '?' is an ordinary object: segmented
         r = post(f"s3://{BUCKET}/{unicode_key}")
         assert r.status_code == 202, r.text
-        assert _settled(c, r.json()["id"])["status"] == "succeeded"
+        assert poll(c, "site-a", r.json()["id"], timeout=120)["status"] == "succeeded"

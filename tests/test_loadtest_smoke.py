@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from loadtest.localcluster import cluster_pids
-from loadtest.soak import markdown, soak
+from loadtest.soak import markdown, put_s3_inputs, soak
 from serve.s3client import make_client
 from tests.ray_fixtures import BUCKET, SITE_KEYS, nifti_bytes, serve_stack, _shared_stack_owner  # noqa: F401
 
@@ -19,12 +19,7 @@ RSS_BOUND_MB = 1200
 def test_locust_smoke_and_short_soak(serve_stack, tmp_path):  # noqa: F811
     upload = tmp_path / "volume.nii.gz"
     upload.write_bytes(nifti_bytes(shape=(40, 36, 44)))  # under the stack's 2 MiB upload limit
-    s3 = make_client(serve_stack.extra["s3"])
-    s3_inputs = {}
-    for site in ("site-a", "site-b"):
-        key = f"{site}/soak/volume.nii.gz"
-        s3.put_object(Bucket=BUCKET, Key=key, Body=upload.read_bytes())
-        s3_inputs[site] = [f"s3://{BUCKET}/{key}"]
+    s3_inputs = put_s3_inputs(make_client(serve_stack.extra["s3"]), BUCKET, upload.read_bytes())
     keys = {s: SITE_KEYS[s] for s in s3_inputs}
     res = soak(serve_stack.url, keys, cluster_pids, seconds=50, uploads=[upload], workdir=tmp_path, users=3,
                interval_s=2.0, s3_inputs=s3_inputs)
