@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def main() -> None:
     ap.add_argument("--fast-share", type=float, default=0.15, help="share of the budget for the 3 mm fast model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="sub-model names to train (default all)")
+    ap.add_argument("--init-from", metavar="DIR",
+                    help="continue from the demo model folders in DIR (same architecture), e.g. the committed ones")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (poly decay over the budget)")
+    ap.add_argument("--save-every", type=float, default=900, metavar="S", help="write the model folders every S seconds")
     ap.add_argument("--evaluate", type=int, default=0, metavar="N",
                     help="after training (or with --budget 0: instead), report Dice on N held-out phantoms")
     args = ap.parse_args()
@@ -56,6 +61,10 @@ def train_all(args: argparse.Namespace) -> None:
     sms = [sm for sm in list(cat.submodels) + list(cat.fast_variants) if not args.only or sm.name in args.only]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    init = None
+    if args.init_from:  # a copy: the output folders are replaced before training starts
+        init = Path(tempfile.mkdtemp(prefix="mriseg-init-"))
+        shutil.copytree(args.init_from, init, dirs_exist_ok=True)
     summary = []
     spacings = sorted({sm.spacing_mm for sm in sms})
     for spacing in spacings:
@@ -69,7 +78,8 @@ def train_all(args: argparse.Namespace) -> None:
         for sm in group:
             for old in out.glob(f"{sm.folder_prefix}*"):
                 shutil.rmtree(old)
-        done = train_models(group, cases, out, seconds=secs, spec=FAST_SPEC if fast else DEMO_SPEC)
+        done = train_models(group, cases, out, seconds=secs, spec=FAST_SPEC if fast else DEMO_SPEC,
+                            init_from=init, save_every_s=args.save_every, lr=args.lr)
         for s in done:
             s["labels"] = len(model_labels(next(sm for sm in group if sm.name == s["model"])))
             logging.info("trained %s", s)

@@ -108,8 +108,14 @@ def make_dataset_json(labels: Sequence[str], extra_labels: Sequence[str] = (), c
     return d
 
 
-def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_fullres"):
-    """nnunetv2's network for these plans (random init, as nnU-Net initialises it)."""
+def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_fullres", *,
+                  deep_supervision: bool = False):
+    """nnunetv2's network for these plans (random init, as nnU-Net initialises it).
+
+    ``deep_supervision`` (training only) makes it return one output per decoder
+    stage; the weights are the same either way, so a checkpoint trained with it
+    loads into the inference network.
+    """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -118,7 +124,7 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
     lm = pm.get_label_manager(dataset_json)
     return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                   cm.network_arch_init_kwargs_req_import, 1, lm.num_segmentation_heads,
-                                  allow_init=True, deep_supervision=False)
+                                  allow_init=True, deep_supervision=deep_supervision)
 
 
 def write_model_folder(root: str | Path, submodel: SubModel, spec: UNetSpec, *,

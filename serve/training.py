@@ -143,7 +143,8 @@ def _heads(submodels: Sequence[SubModel]) -> list[tuple[str, int, int]]:
 
 def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Path, *, seconds: float,
                  spec: UNetSpec = DEMO_SPEC, max_iters: int = 1_000_000, seed: int = 0, lr: float = 3e-3,
-                 batch: int = 2, save_every_s: float = 900) -> list[dict]:
+                 batch: int = 2, save_every_s: float = 900, init_from: str | Path | None = None,
+                 log_every: int = 50) -> list[dict]:
     """Train the sub-models of one spacing together and write one nnU-Net folder each.
 
     Multi-task training: one PlainConvUNet trunk whose final 1x1x1
@@ -153,6 +154,11 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     and its own block of the segmentation layer. Sharing the trunk costs one
     forward/backward pass per patch for all six instead of six, which is what
     makes CPU training of the demo models feasible.
+
+    Deep supervision as nnU-Net trains: every decoder stage's output gets the
+    loss against the labels downsampled (nearest) to its resolution, weighted
+    1/2^i. ``init_from`` (a folder of model folders written by this function
+    with the same ``spec``) continues from those weights.
     """
     import torch
 
@@ -163,11 +169,19 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     first = submodels[0]
     plans = make_plans(f"{first.folder_prefix}{first.name}", first.spacing_mm, spec, first.configuration,
                        first.plans)
-    net = build_network(plans, make_dataset_json([f"c{i}" for i in range(1, n_out)]))
+    net = build_network(plans, make_dataset_json([f"c{i}" for i in range(1, n_out)]), deep_supervision=True)
+    if init_from is not None:
+        net.load_state_dict(_joined_state(submodels, init_from))
+        log.info("continuing from the models in %s", init_from)
+    # channels-last convolutions are about 25 % faster on CPU (oneDNN)
+    net = net.to(memory_format=torch.channels_last_3d)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     patch = tuple(spec.patch_size)
     names = [sm.name for sm in submodels]
+    n_scales = len(spec.features) - 1
+    ds_weights = np.array([1 / 2 ** i for i in range(n_scales)])
+    ds_weights = ds_weights / ds_weights.sum()
     t0 = last_save = time.time()
     it = 0
     losses: list[float] = []
@@ -191,22 +205,14 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
             x, labs = _crop(cases[rng.integers(len(cases))], names, patch, rng)
             xs.append(_augment(x, rng))
             ys.append(labs)
-        x = torch.from_numpy(np.stack(xs)[:, None])
-        logits = net(x)
+        x = torch.from_numpy(np.stack(xs)[:, None]).contiguous(memory_format=torch.channels_last_3d)
+        outputs = [o.contiguous() for o in net(x)]
         loss = torch.zeros(())
         for h, (name, c0, n) in enumerate(heads):
             y = torch.from_numpy(np.stack([b[h] for b in ys]).astype(np.int64))
-            lg = logits[:, c0:c0 + n]
-            ce = torch.nn.functional.cross_entropy(lg, y)
-            prob = torch.softmax(lg, 1)
-            onehot = torch.nn.functional.one_hot(y, n).permute(0, 4, 1, 2, 3).float()
-            dims = (0, 2, 3, 4)  # batch Dice; classes absent from the batch are left out
-            inter = (prob * onehot).sum(dims)[1:]
-            denom = (prob.sum(dims) + onehot.sum(dims))[1:]
-            present = onehot.sum(dims)[1:] > 0
-            dice = (2 * inter + 1e-5) / (denom + 1e-5)
-            dl = 1 - dice[present].mean() if bool(present.any()) else torch.zeros(())
-            loss = loss + ce + dl
+            for s, (w, lg) in enumerate(zip(ds_weights, outputs)):
+                ys_ = y[:, ::2 ** s, ::2 ** s, ::2 ** s]  # nearest downsampling to the stage's grid
+                loss = loss + float(w) * _ce_dice(lg[:, c0:c0 + n], ys_, n)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
@@ -215,12 +221,48 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
             g["lr"] = lr * max(0.02, 1 - (time.time() - t0) / seconds) ** 0.9
         losses.append(loss.item() / len(heads))
         it += 1
-        if it % 50 == 0:
-            log.info("%s it %d loss %.3f (%.0fs)", "+".join(names), it, np.mean(losses[-50:]), time.time() - t0)
+        if it % log_every == 0:
+            log.info("%s it %d loss %.3f (%.0fs)", "+".join(names), it, np.mean(losses[-log_every:]),
+                     time.time() - t0)
         if time.time() - last_save > save_every_s:
             save()
             last_save = time.time()
     return save()
+
+
+def _ce_dice(logits, y, n: int):
+    """Cross-entropy + (1 - batch soft Dice over the foreground classes present), nnU-Net's DC_and_CE.
+
+    The Dice terms come from a gather and per-class sums rather than a one-hot
+    target: the same numbers at a fraction of the memory traffic on CPU.
+    """
+    import torch
+
+    logp = torch.log_softmax(logits.contiguous(), 1)
+    ce = torch.nn.functional.nll_loss(logp, y)
+    prob = logp.exp()
+    flat = y.reshape(-1)
+    counts = torch.bincount(flat, minlength=n)[1:]
+    inter = torch.zeros(n, dtype=prob.dtype).scatter_add(0, flat, prob.gather(1, y[:, None]).reshape(-1))[1:]
+    denom = prob.sum((0, 2, 3, 4))[1:] + counts
+    present = counts > 0  # batch Dice; classes absent from the batch are left out
+    dice = (2 * inter + 1e-5) / (denom + 1e-5)
+    return ce + (1 - dice[present].mean() if bool(present.any()) else torch.zeros(()))
+
+
+def _joined_state(submodels: Sequence[SubModel], root: str | Path) -> dict:
+    """Rebuild the multi-head trunk's weights from the per-sub-model folders that ``train_models`` wrote."""
+    import torch
+
+    states = []
+    for sm in submodels:
+        ckpt = next(Path(root).glob(f"{sm.folder_prefix}{sm.name}/*/fold_0/checkpoint_final.pth"))
+        states.append(torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"])
+    out = {}
+    for k, v in states[0].items():
+        v = torch.cat([s[k] for s in states]) if ".seg_layers." in k else v
+        out[k] = v.float() if v.is_floating_point() else v
+    return out
 
 
 def _head_state(state: dict, c0: int, n: int) -> dict:

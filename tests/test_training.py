@@ -8,7 +8,7 @@ import torch
 
 from serve.catalogue import load_catalogue
 from serve.modelfolder import UNetSpec, build_network, make_dataset_json, make_plans, write_model_folder
-from serve.training import _head_state, _heads, compact_checkpoint, model_labels
+from serve.training import _ce_dice, _head_state, _heads, _joined_state, compact_checkpoint, model_labels
 
 SPEC = UNetSpec(features=(4, 8, 16), patch_size=(16, 16, 16))
 
@@ -69,3 +69,40 @@ def test_model_labels_are_the_catalogue_labels(name):
         assert labels == list(cat.submodel("organs").labels) + list(cat.submodel("muscles").labels)
     else:
         assert labels == list(sm.labels)
+
+
+def test_ce_dice_equals_the_one_hot_formulation():
+    torch.manual_seed(0)
+    n = 7
+    logits = torch.randn(2, n, 6, 5, 4, requires_grad=True)
+    y = torch.randint(0, n, (2, 6, 5, 4))
+    y[y == 3] = 0  # a class absent from the batch is left out of the Dice mean
+    prob = torch.softmax(logits, 1)
+    onehot = torch.nn.functional.one_hot(y, n).permute(0, 4, 1, 2, 3).float()
+    dims = (0, 2, 3, 4)
+    inter, denom = (prob * onehot).sum(dims)[1:], (prob.sum(dims) + onehot.sum(dims))[1:]
+    present = onehot.sum(dims)[1:] > 0
+    assert not bool(present[2])
+    want = torch.nn.functional.cross_entropy(logits, y) + 1 - ((2 * inter + 1e-5) / (denom + 1e-5))[present].mean()
+    got = _ce_dice(logits, y, n)
+    torch.testing.assert_close(got, want)
+    g_want, = torch.autograd.grad(want, logits)
+    g_got, = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_exported_folders_rejoin_into_the_shared_network(tmp_path):
+    """``--init-from``: the per-sub-model folders reassemble into the multi-head trunk they came from."""
+    cat = load_catalogue()
+    sms = [cat.submodel("tissue_types"), cat.submodel("face")]
+    heads = _heads(sms)
+    n_out = sum(n for _, _, n in heads)
+    torch.manual_seed(1)
+    trunk = build_network(make_plans("Dataset925_shared", 1.5, SPEC), make_dataset_json([f"c{i}" for i in range(1, n_out)]),
+                          deep_supervision=True)
+    for sm, (name, c0, n) in zip(sms, heads):
+        write_model_folder(tmp_path, sm, SPEC, labels=model_labels(sm), state_dict=_head_state(trunk.state_dict(), c0, n))
+    joined = _joined_state(sms, tmp_path)
+    assert joined.keys() == trunk.state_dict().keys()
+    for k, v in trunk.state_dict().items():
+        torch.testing.assert_close(joined[k], v)
