@@ -84,11 +84,17 @@ def train_all(args: argparse.Namespace) -> None:
             s["labels"] = len(model_labels(next(sm for sm in group if sm.name == s["model"])))
             logging.info("trained %s", s)
         summary.extend(done)
+    if init is not None:
+        shutil.rmtree(init)
     for ckpt in out.glob("Dataset*/*/fold_0/checkpoint_final.pth"):
         logging.info("%s: %d bytes", ckpt, compact_checkpoint(ckpt.parent.parent))
-    (out / "DEMO_MODELS.json").write_text(json.dumps(
+    # models not trained in this run (--only) keep their earlier entries
+    record = out / "DEMO_MODELS.json"
+    trained = {s["model"] for s in summary}
+    kept = [m for m in json.loads(record.read_text())["models"] if m["model"] not in trained] if record.exists() else []
+    record.write_text(json.dumps(
         {"notice": DEMO_DESCRIPTION, "kind": "trained-on-phantoms", "training_seeds": f"0..{args.cases - 1}",
-         "models": summary}, indent=1))
+         "models": summary + kept}, indent=1))
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
             xs.append(_augment(x, rng))
             ys.append(labs)
         x = torch.from_numpy(np.stack(xs)[:, None]).contiguous(memory_format=torch.channels_last_3d)
-        outputs = [o.contiguous() for o in net(x)]
+        outputs = net(x)
         loss = torch.zeros(())
         for h, (name, c0, n) in enumerate(heads):
             y = torch.from_numpy(np.stack([b[h] for b in ys]).astype(np.int64))
