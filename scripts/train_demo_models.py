@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--init-from", metavar="DIR",
                     help="continue from the demo model folders in DIR (same architecture), e.g. the committed ones")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (poly decay over the budget)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of patch sampling and augmentation (use a new one when continuing a training)")
     ap.add_argument("--save-every", type=float, default=900, metavar="S", help="write the model folders every S seconds")
     ap.add_argument("--evaluate", type=int, default=0, metavar="N",
                     help="after training (or with --budget 0: instead), report Dice on N held-out phantoms")
@@ -79,7 +81,7 @@ def train_all(args: argparse.Namespace) -> None:
             for old in out.glob(f"{sm.folder_prefix}*"):
                 shutil.rmtree(old)
         done = train_models(group, cases, out, seconds=secs, spec=FAST_SPEC if fast else DEMO_SPEC,
-                            init_from=init, save_every_s=args.save_every, lr=args.lr)
+                            init_from=init, save_every_s=args.save_every, lr=args.lr, seed=args.seed)
         for s in done:
             s["labels"] = len(model_labels(next(sm for sm in group if sm.name == s["model"])))
             logging.info("trained %s", s)

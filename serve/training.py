@@ -256,7 +256,11 @@ def _joined_state(submodels: Sequence[SubModel], root: str | Path) -> dict:
 
     states = []
     for sm in submodels:
-        ckpt = next(Path(root).glob(f"{sm.folder_prefix}{sm.name}/*/fold_0/checkpoint_final.pth"))
+        ckpt = next(Path(root).glob(f"{sm.folder_prefix}{sm.name}/*/fold_0/checkpoint_final.pth"), None)
+        if ckpt is None:
+            raise FileNotFoundError(f"no {sm.folder_prefix}{sm.name}/*/fold_0/checkpoint_final.pth under {root}: "
+                                    "--init-from needs a folder with every sub-model being trained "
+                                    "(e.g. serve/demo_models)")
         states.append(torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"])
     out = {}
     for k, v in states[0].items():

@@ -106,3 +106,9 @@ def test_exported_folders_rejoin_into_the_shared_network(tmp_path):
     assert joined.keys() == trunk.state_dict().keys()
     for k, v in trunk.state_dict().items():
         torch.testing.assert_close(joined[k], v)
+
+
+def test_init_from_a_folder_without_the_model_says_which_is_missing(tmp_path):
+    cat = load_catalogue()
+    with pytest.raises(FileNotFoundError, match="face.*--init-from needs"):
+        _joined_state([cat.submodel("face")], tmp_path)
