@@ -487,7 +487,7 @@ def check_attached_data(data: bytes, suffix: str) -> None:
     # the whole header: a window of the first bytes is bypassed by padding the header with comments
     for line in _header_lines(io.BytesIO(data), suffix):
         if suffix == ".mha" and line.startswith(b"elementdatafile"):
-            if line.split(b"=", 1)[-1].strip() != b"local":
+            if _split_key(line)[2] != b"local":
                 raise UnsupportedFormatError("the .mha header points at a separate data file; upload a "
                                              "self-contained .mha (ElementDataFile = LOCAL)")
             return

@@ -335,6 +335,16 @@ def test_uploads_cannot_point_at_server_files(name, header):
         read_volume_bytes(header, name)
 
 
+def test_mha_header_in_metaio_colon_syntax(tmp_path):
+    """MetaIO also reads ``key: value``; a self-contained file in that spelling is accepted, a detached one is not."""
+    sitk.WriteImage(sitk_image(ramp()), str(tmp_path / "v.mha"))
+    data = (tmp_path / "v.mha").read_bytes()
+    vol = read_volume_bytes(data.replace(b"ElementDataFile = LOCAL", b"ElementDataFile: LOCAL"), "upload.mha")
+    assert np.array_equal(vol.data, ramp())
+    with pytest.raises(UnsupportedFormatError, match="separate data file"):
+        read_volume_bytes(data.replace(b"ElementDataFile = LOCAL", b"ElementDataFile: /etc/hostname"), "upload.mha")
+
+
 def test_self_contained_mha_and_nrrd_uploads(tmp_path):
     for suffix in (".mha", ".nrrd"):
         sitk.WriteImage(sitk_image(ramp()), str(tmp_path / f"v{suffix}"))
