@@ -339,6 +339,7 @@ def test_mha_header_in_metaio_colon_syntax(tmp_path):
     """MetaIO also reads ``key: value``; a self-contained file in that spelling is accepted, a detached one is not."""
     sitk.WriteImage(sitk_image(ramp()), str(tmp_path / "v.mha"))
     data = (tmp_path / "v.mha").read_bytes()
+    assert b"ElementDataFile = LOCAL" in data  # else the replacements below would test nothing
     vol = read_volume_bytes(data.replace(b"ElementDataFile = LOCAL", b"ElementDataFile: LOCAL"), "upload.mha")
     assert np.array_equal(vol.data, ramp())
     with pytest.raises(UnsupportedFormatError, match="separate data file"):
