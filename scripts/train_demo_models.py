@@ -24,8 +24,8 @@ from pathlib import Path
 from serve.catalogue import load_catalogue
 from serve.modelload import configure_threads
 from serve.phantoms import HELDOUT_SEEDS
-from serve.training import (DEMO_DESCRIPTION, DEMO_SPEC, FAST_SPEC, compact_checkpoint, evaluate_heldout, make_cases, model_labels,
-                            report_markdown, train_models)
+from serve.training import (DEMO_SPEC, FAST_SPEC, compact_checkpoint, evaluate_heldout, make_cases, model_labels,
+                            report_markdown, train_models, training_record)
 
 
 
@@ -90,13 +90,16 @@ def train_all(args: argparse.Namespace) -> None:
         shutil.rmtree(init)
     for ckpt in out.glob("Dataset*/*/fold_0/checkpoint_final.pth"):
         logging.info("%s: %d bytes", ckpt, compact_checkpoint(ckpt.parent.parent))
-    # models not trained in this run (--only) keep their earlier entries
     record = out / "DEMO_MODELS.json"
-    trained = {s["model"] for s in summary}
-    kept = [m for m in json.loads(record.read_text())["models"] if m["model"] not in trained] if record.exists() else []
-    record.write_text(json.dumps(
-        {"notice": DEMO_DESCRIPTION, "kind": "trained-on-phantoms", "training_seeds": f"0..{args.cases - 1}",
-         "models": summary + kept}, indent=1))
+    init_record = Path(args.init_from, "DEMO_MODELS.json") if args.init_from else None
+    how = f"--budget {args.budget:g} --cases {args.cases} --lr {args.lr:g} --seed {args.seed}"
+    if init_record is not None:
+        how = f"--init-from (previous stage) {how}"
+    record.write_text(json.dumps(training_record(
+        summary, how=how, cases=args.cases,
+        previous=json.loads(record.read_text()) if record.exists() else None,
+        init=json.loads(init_record.read_text()) if init_record is not None and init_record.exists() else None),
+        indent=1))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the model spacing), labels through :func:`serve.preprocess.prepare_labels_like`
 (order 0), then nnU-Net's ZScoreNormalization (whole image, no mask), as the
 plans written by :func:`serve.modelfolder.make_plans` say. The network is
 nnunetv2's own, built from those plans. Loss is cross-entropy + soft Dice
-(nnU-Net's DC_and_CE without deep supervision). No mirroring augmentation:
+(nnU-Net's DC_and_CE) with deep supervision. No mirroring augmentation:
 the models are lateralised (left/right labels) and the trainers are
 ``*_NoMirroring``.
 """
@@ -373,3 +373,35 @@ def report_markdown(report: dict[str, dict[str, float]]) -> str:
     rows.append("Requirement (mean >= 0.85, no structure of 1000+ voxels below 0.6): "
                 + ("**met**." if not fails else "**not met**: " + "; ".join(fails) + "."))
     return "\n".join(rows)
+
+
+def training_record(run: Sequence[dict], *, how: str, cases: int, previous: dict | None = None,
+                    init: dict | None = None) -> dict:
+    """The ``DEMO_MODELS.json`` record after a training run.
+
+    ``run`` is what :func:`train_models` returned (one entry per model, this
+    run's iterations and seconds). ``previous`` is the record already in the
+    output folder: models this run did not train keep their entries from it.
+    ``init`` is the record of the ``--init-from`` folder: a continued model
+    keeps its earlier stages, gets this run appended as a new stage, and its
+    ``iterations``/``seconds`` become the totals over all stages, so the
+    record always says how much training the committed weights have had.
+    """
+    earlier = {m["model"]: m for m in (init or {}).get("models", [])}
+    models = []
+    for entry in run:
+        stage = {"iterations": entry["iterations"], "seconds": entry["seconds"],
+                 "final_loss": entry["final_loss"], "how": how}
+        before = earlier.get(entry["model"])
+        stages = []
+        if before is not None:
+            stages = list(before.get("stages") or [
+                {k: before.get(k) for k in ("iterations", "seconds", "final_loss")} | {"how": "(not recorded)"}])
+        stages.append(stage)
+        models.append({**entry, "iterations": sum(s["iterations"] or 0 for s in stages),
+                       "seconds": round(sum(s["seconds"] or 0 for s in stages), 1), "stages": stages})
+    trained = {m["model"] for m in models}
+    base = previous or init or {}
+    kept = [m for m in (previous or {}).get("models", []) if m["model"] not in trained]
+    return {**{k: v for k, v in base.items() if k != "models"}, "notice": DEMO_DESCRIPTION,
+            "kind": "trained-on-phantoms", "training_seeds": f"0..{cases - 1}", "models": models + kept}

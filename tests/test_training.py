@@ -112,3 +112,42 @@ def test_init_from_a_folder_without_the_model_says_which_is_missing(tmp_path):
     cat = load_catalogue()
     with pytest.raises(FileNotFoundError, match="face.*--init-from needs"):
         _joined_state([cat.submodel("face")], tmp_path)
+
+
+def _run_entry(model: str, iterations: int, seconds: float, loss: float) -> dict:
+    return {"model": model, "iterations": iterations, "seconds": seconds, "final_loss": loss,
+            "trained_with": ["organs", "face"]}
+
+
+def test_a_continued_training_appends_a_stage_and_records_the_totals():
+    from serve.training import training_record
+
+    init = {"notice": "old", "command": "how the stages were run", "machine": "2 CPU cores",
+            "models": [{"model": "organs", "iterations": 300, "seconds": 400.0, "final_loss": 0.5,
+                        "stages": [{"iterations": 100, "seconds": 150.0, "final_loss": 0.7, "how": "first"},
+                                   {"iterations": 200, "seconds": 250.0, "final_loss": 0.5, "how": "second"}]},
+                       {"model": "face", "iterations": 50, "seconds": 60.0, "final_loss": 0.9}]}
+    run = [_run_entry("organs", 1000, 1200.5, 0.3), _run_entry("face", 1000, 1200.5, 0.3)]
+    rec = training_record(run, how="--init-from (previous stage) --seed 6", cases=128, init=init)
+    organs, face = rec["models"]
+    assert [s["how"] for s in organs["stages"]] == ["first", "second", "--init-from (previous stage) --seed 6"]
+    assert (organs["iterations"], organs["seconds"], organs["final_loss"]) == (1300, 1600.5, 0.3)
+    # an entry written before stages were recorded becomes the first stage
+    assert face["stages"][0] == {"iterations": 50, "seconds": 60.0, "final_loss": 0.9, "how": "(not recorded)"}
+    assert (face["iterations"], face["seconds"]) == (1050, 1260.5)
+    assert rec["command"] == "how the stages were run" and rec["machine"] == "2 CPU cores"
+    assert rec["notice"].startswith("DEMO MODEL") and rec["training_seeds"] == "0..127"
+
+
+def test_a_fresh_training_has_one_stage_and_untrained_models_keep_their_entries():
+    from serve.training import training_record
+
+    previous = {"models": [{"model": "total_fast", "iterations": 605, "seconds": 90.0, "final_loss": 1.19},
+                           {"model": "organs", "iterations": 1, "seconds": 1.0, "final_loss": 2.0}]}
+    rec = training_record([_run_entry("organs", 900, 1000.0, 0.4)], how="--budget 1000", cases=48,
+                          previous=previous)
+    organs, fast = rec["models"]
+    assert organs["stages"] == [{"iterations": 900, "seconds": 1000.0, "final_loss": 0.4, "how": "--budget 1000"}]
+    assert organs["iterations"] == 900
+    assert fast == previous["models"][0]
+    assert rec["training_seeds"] == "0..47"
