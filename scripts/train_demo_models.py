@@ -91,15 +91,17 @@ def train_all(args: argparse.Namespace) -> None:
     for ckpt in out.glob("Dataset*/*/fold_0/checkpoint_final.pth"):
         logging.info("%s: %d bytes", ckpt, compact_checkpoint(ckpt.parent.parent))
     record = out / "DEMO_MODELS.json"
-    init_record = Path(args.init_from, "DEMO_MODELS.json") if args.init_from else None
     how = f"--budget {args.budget:g} --cases {args.cases} --lr {args.lr:g} --seed {args.seed}"
-    if init_record is not None:
+    if args.init_from:
         how = f"--init-from (previous stage) {how}"
-    record.write_text(json.dumps(training_record(
-        summary, how=how, cases=args.cases,
-        previous=json.loads(record.read_text()) if record.exists() else None,
-        init=json.loads(init_record.read_text()) if init_record is not None and init_record.exists() else None),
-        indent=1))
+    init_record = _read_record(Path(args.init_from, "DEMO_MODELS.json")) if args.init_from else None
+    record.write_text(json.dumps(training_record(summary, how=how, cases=args.cases, previous=_read_record(record),
+                                                 init=init_record), indent=1))
+
+
+def _read_record(path: Path) -> dict | None:
+    """A ``DEMO_MODELS.json`` record, or None where there is none yet."""
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 if __name__ == "__main__":
