@@ -151,3 +151,42 @@ def test_a_fresh_training_has_one_stage_and_untrained_models_keep_their_entries(
     assert organs["iterations"] == 900
     assert fast == previous["models"][0]
     assert rec["training_seeds"] == "0..47"
+
+
+def test_the_training_script_continues_a_committed_model_and_records_the_new_stage(tmp_path):
+    """``scripts/train_demo_models.py --init-from``, end to end: a real (seconds-long) training stage."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serve.modelload import load_model
+
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "serve" / "demo_models"
+    committed_record = (committed / "DEMO_MODELS.json").read_text()
+    before = {m["model"]: m for m in json.loads(committed_record)["models"]}["face"]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "scripts/train_demo_models.py", "--out", str(out), "--only", "face",
+                           "--init-from", str(committed), "--budget", "2", "--cases", "2", "--seed", "11",
+                           "--threads", "1", "--save-every", "1000"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "DEMO_MODELS.json").read_text())
+    (face,) = record["models"]
+    new = face["stages"][-1]
+    assert face["stages"][:-1] == before["stages"]
+    assert new["iterations"] >= 1 and new["how"].startswith("--init-from (previous stage)") and "--seed 11" in new["how"]
+    assert face["iterations"] == before["iterations"] + new["iterations"]
+    assert record["training_seeds"] == "0..1"
+    # the written folder is a loadable nnU-Net model whose weights moved away from the committed ones
+    sm = load_catalogue().submodel("face")
+    (folder,) = out.glob(f"{sm.folder_prefix}{sm.name}/*")
+    (old_folder,) = committed.glob(f"{sm.folder_prefix}{sm.name}/*")
+    net = load_model(folder, sm, device="cpu").predictor.network
+    old = load_model(old_folder, sm, device="cpu").predictor.network
+    moved = [not torch.equal(a, b) for a, b in zip(net.state_dict().values(), old.state_dict().values())]
+    assert any(moved)
+    assert (committed / "DEMO_MODELS.json").read_text() == committed_record  # --init-from only reads
