@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from serve.catalogue import load_catalogue
-from serve.modelload import configure_threads
+from serve.modelload import configure_threads, pick_device
 from serve.phantoms import HELDOUT_SEEDS
 from serve.training import (DEMO_SPEC, FAST_SPEC, compact_checkpoint, evaluate_heldout, make_cases, model_labels,
                             report_markdown, train_models, training_record)
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=48, help="training phantoms (seeds 0..N-1)")
     ap.add_argument("--fast-share", type=float, default=0.15, help="share of the budget for the 3 mm fast model")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    ap.add_argument("--batch", type=int, default=2, help="patches per iteration (2 on CPU; more on a GPU)")
     ap.add_argument("--only", nargs="*", help="sub-model names to train (default all)")
     ap.add_argument("--init-from", metavar="DIR",
                     help="continue from the demo model folders in DIR (same architecture), e.g. the committed ones")
@@ -61,6 +63,7 @@ def main() -> None:
 def train_all(args: argparse.Namespace) -> None:
     cat = load_catalogue()
     sms = [sm for sm in list(cat.submodels) + list(cat.fast_variants) if not args.only or sm.name in args.only]
+    device = pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     init = None
@@ -81,7 +84,8 @@ def train_all(args: argparse.Namespace) -> None:
             for old in out.glob(f"{sm.folder_prefix}*"):
                 shutil.rmtree(old)
         done = train_models(group, cases, out, seconds=secs, spec=FAST_SPEC if fast else DEMO_SPEC,
-                            init_from=init, save_every_s=args.save_every, lr=args.lr, seed=args.seed)
+                            init_from=init, save_every_s=args.save_every, lr=args.lr, seed=args.seed,
+                            batch=args.batch, device=str(device))
         for s in done:
             s["labels"] = len(model_labels(next(sm for sm in group if sm.name == s["model"])))
             logging.info("trained %s", s)
@@ -92,6 +96,8 @@ def train_all(args: argparse.Namespace) -> None:
         logging.info("%s: %d bytes", ckpt, compact_checkpoint(ckpt.parent.parent))
     record = out / "DEMO_MODELS.json"
     how = f"--budget {args.budget:g} --cases {args.cases} --lr {args.lr:g} --seed {args.seed}"
+    if args.batch != 2 or device.type != "cpu":
+        how = f"{how} --batch {args.batch} --device {device}"
     if args.init_from:
         how = f"--init-from (previous stage) {how}"
     init_record = _read_record(Path(args.init_from, "DEMO_MODELS.json")) if args.init_from else None
