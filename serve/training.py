@@ -249,7 +249,8 @@ def _ce_dice(logits, y, n: int):
     prob = logp.exp()
     flat = y.reshape(-1)
     counts = torch.bincount(flat, minlength=n)[1:]
-    inter = torch.zeros(n, dtype=prob.dtype, device=prob.device).scatter_add(0, flat, prob.gather(1, y[:, None]).reshape(-1))[1:]
+    hit = prob.gather(1, y[:, None]).reshape(-1)  # each voxel's probability of its true class
+    inter = torch.zeros(n, dtype=prob.dtype, device=prob.device).scatter_add(0, flat, hit)[1:]
     denom = prob.sum((0, 2, 3, 4))[1:] + counts
     present = counts > 0  # batch Dice; classes absent from the batch are left out
     dice = (2 * inter + 1e-5) / (denom + 1e-5)
