@@ -210,7 +210,7 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
             x, labs = _crop(cases[rng.integers(len(cases))], names, patch, rng)
             xs.append(_augment(x, rng))
             ys.append(labs)
-        x = torch.from_numpy(np.stack(xs)[:, None]).to(dev).contiguous(memory_format=torch.channels_last_3d)
+        x = torch.from_numpy(np.stack(xs)[:, None]).to(dev, memory_format=torch.channels_last_3d)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             outputs = net(x)
         loss = torch.zeros((), device=dev)
