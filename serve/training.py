@@ -32,7 +32,7 @@ DEMO_DESCRIPTION = "DEMO MODEL trained on synthetic phantoms - NOT FOR CLINICAL 
 # Patches are (z, y, x), the axis order nnU-Net's readers give the network:
 # the full prepared cross-section (y, most of x) and 60 mm of z, so every
 # patch shows the body outline and midline that left/right depends on.
-DEMO_SPEC = UNetSpec(features=(8, 16, 32, 64), patch_size=(40, 56, 80))
+DEMO_SPEC = UNetSpec(features=(16, 32, 64, 128), patch_size=(40, 56, 80))
 FAST_SPEC = UNetSpec(features=(8, 16, 32, 64), patch_size=(48, 32, 48))
 
 
@@ -175,8 +175,7 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
                        first.plans)
     net = build_network(plans, make_dataset_json([f"c{i}" for i in range(1, n_out)]), deep_supervision=True)
     if init_from is not None:
-        net.load_state_dict(_joined_state(submodels, init_from))
-        log.info("continuing from the models in %s", init_from)
+        _load_or_widen(net, submodels, init_from, spec, plans)
     dev = torch.device(device)
     # channels-last convolutions are about 25 % faster on CPU (oneDNN)
     net = net.to(dev, memory_format=torch.channels_last_3d)
@@ -255,6 +254,34 @@ def _ce_dice(logits, y, n: int):
     present = counts > 0  # batch Dice; classes absent from the batch are left out
     dice = (2 * inter + 1e-5) / (denom + 1e-5)
     return ce + (1 - dice[present].mean() if bool(present.any()) else ce.new_zeros(()))
+
+
+def _load_or_widen(net, submodels: Sequence[SubModel], init_from: str | Path, spec: UNetSpec, plans: dict) -> None:
+    """Load the trunk saved in ``init_from``; a narrower one (fewer features per stage) is widened
+    into ``net`` without changing what it computes (``serve.widen``)."""
+    import json
+    from dataclasses import replace
+
+    from serve.widen import widen_into
+
+    state = _joined_state(submodels, init_from)
+    first = submodels[0]
+    src_plans = next(Path(init_from).glob(f"{first.folder_prefix}{first.name}/*/plans.json"))
+    src = json.loads(src_plans.read_text())["configurations"][first.configuration]["architecture"]
+    features = tuple(src["arch_kwargs"]["features_per_stage"])
+    if features == tuple(spec.features):
+        net.load_state_dict(state)
+        log.info("continuing from the models in %s", init_from)
+        return
+    narrow_plans = make_plans(plans["dataset_name"], first.spacing_mm, replace(spec, features=features),
+                              first.configuration, first.plans)
+    n_out = net.decoder.seg_layers[0].out_channels
+    narrow = build_network(narrow_plans, make_dataset_json([f"c{i}" for i in range(1, n_out)]),
+                           deep_supervision=True)
+    narrow.load_state_dict(state)
+    widen_into(narrow, net)
+    log.info("continuing from the models in %s, widened from features %s to %s", init_from, list(features),
+             list(spec.features))
 
 
 def _joined_state(submodels: Sequence[SubModel], root: str | Path) -> dict:
