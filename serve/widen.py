@@ -32,13 +32,18 @@ def widen_into(narrow, wide) -> None:
     import torch
 
     old = dict(narrow.named_modules())
+    layers = (torch.nn.Conv3d, torch.nn.ConvTranspose3d, torch.nn.InstanceNorm3d)
+    names = {n for n, m in narrow.named_modules() if isinstance(m, layers)}
+    wide_names = {n for n, m in wide.named_modules() if isinstance(m, layers)}
+    if names - wide_names:  # a deeper narrow network would otherwise be copied stage by wrong stage
+        raise ValueError(f"{sorted(names - wide_names)[0]}: no matching layer in the wider network")
     with torch.no_grad():
         for name, m in wide.named_modules():
             if name.startswith("decoder.encoder"):  # the decoder holds the encoder: widen it once
                 continue
             o = old.get(name)
             if o is None or type(o) is not type(m):
-                if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d, torch.nn.InstanceNorm3d)):
+                if isinstance(m, layers):
                     raise ValueError(f"{name}: no matching layer in the narrower network")
                 continue
             if isinstance(m, torch.nn.ConvTranspose3d):  # weight is (in, out, *k)

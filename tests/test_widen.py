@@ -53,6 +53,8 @@ def test_widening_into_a_narrower_or_different_network_is_refused():
         widen_into(_net(WIDE), _net(NARROW))
     with pytest.raises(ValueError, match="no matching layer"):
         widen_into(_net(NARROW), _net(UNetSpec(features=(4, 8, 16, 32), patch_size=(16, 16, 16))))
+    with pytest.raises(ValueError, match="no matching layer in the wider"):
+        widen_into(_net(UNetSpec(features=(4, 8, 16, 32), patch_size=(16, 16, 16))), _net(WIDE))
 
 
 def test_train_models_widens_a_narrower_init_from_and_the_exported_models_agree(tmp_path):
