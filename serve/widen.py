@@ -46,22 +46,15 @@ def widen_into(narrow, wide) -> None:
                 if isinstance(m, layers):
                     raise ValueError(f"{name}: no matching layer in the narrower network")
                 continue
-            if isinstance(m, torch.nn.ConvTranspose3d):  # weight is (in, out, *k)
-                _check(name, o.weight.shape, m.weight.shape)
+            if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+                w, w_old = m.weight, o.weight
+                if isinstance(m, torch.nn.ConvTranspose3d):  # stored (in, out, *k): view it as (out, in, *k)
+                    w, w_old = w.transpose(0, 1), w_old.transpose(0, 1)
+                _check(name, w_old.shape, w.shape)
                 ins = _in_map(name, o.in_channels, m.in_channels)
                 outs = torch.arange(o.out_channels)
-                new_in = _complement(ins, m.in_channels)
-                m.weight[new_in[:, None], outs[None, :]] = 0
-                m.weight[ins[:, None], outs[None, :]] = o.weight
-                if m.bias is not None:
-                    m.bias[outs] = o.bias
-            elif isinstance(m, torch.nn.Conv3d):  # weight is (out, in, *k)
-                _check(name, o.weight.shape, m.weight.shape)
-                ins = _in_map(name, o.in_channels, m.in_channels)
-                outs = torch.arange(o.out_channels)
-                new_in = _complement(ins, m.in_channels)
-                m.weight[outs[:, None], new_in[None, :]] = 0
-                m.weight[outs[:, None], ins[None, :]] = o.weight
+                w[outs[:, None], _complement(ins, m.in_channels)[None, :]] = 0  # new inputs into old outputs
+                w[outs[:, None], ins[None, :]] = w_old
                 if m.bias is not None:
                     m.bias[outs] = o.bias
             elif isinstance(m, torch.nn.InstanceNorm3d) and m.affine:
