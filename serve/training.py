@@ -173,9 +173,9 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     first = submodels[0]
     plans = make_plans(f"{first.folder_prefix}{first.name}", first.spacing_mm, spec, first.configuration,
                        first.plans)
-    net = build_network(plans, make_dataset_json([f"c{i}" for i in range(1, n_out)]), deep_supervision=True)
+    net = _trunk(plans, n_out)
     if init_from is not None:
-        _load_or_widen(net, submodels, init_from, spec, plans)
+        _load_or_widen(net, submodels, init_from, spec, plans, n_out)
     dev = torch.device(device)
     # channels-last convolutions are about 25 % faster on CPU (oneDNN)
     net = net.to(dev, memory_format=torch.channels_last_3d)
@@ -256,7 +256,13 @@ def _ce_dice(logits, y, n: int):
     return ce + (1 - dice[present].mean() if bool(present.any()) else ce.new_zeros(()))
 
 
-def _load_or_widen(net, submodels: Sequence[SubModel], init_from: str | Path, spec: UNetSpec, plans: dict) -> None:
+def _trunk(plans: dict, n_out: int):
+    """The shared multi-head training network: ``n_out`` output channels (all heads), deep supervision on."""
+    return build_network(plans, make_dataset_json([f"c{i}" for i in range(1, n_out)]), deep_supervision=True)
+
+
+def _load_or_widen(net, submodels: Sequence[SubModel], init_from: str | Path, spec: UNetSpec, plans: dict,
+                   n_out: int) -> None:
     """Load the trunk saved in ``init_from``; a narrower one (fewer features per stage) is widened
     into ``net`` without changing what it computes (``serve.widen``)."""
     import json
@@ -275,9 +281,7 @@ def _load_or_widen(net, submodels: Sequence[SubModel], init_from: str | Path, sp
         return
     narrow_plans = make_plans(plans["dataset_name"], first.spacing_mm, replace(spec, features=features),
                               first.configuration, first.plans)
-    n_out = net.decoder.seg_layers[0].out_channels
-    narrow = build_network(narrow_plans, make_dataset_json([f"c{i}" for i in range(1, n_out)]),
-                           deep_supervision=True)
+    narrow = _trunk(narrow_plans, n_out)
     narrow.load_state_dict(state)
     widen_into(narrow, net)
     log.info("continuing from the models in %s, widened from features %s to %s", init_from, list(features),
