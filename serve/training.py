@@ -174,8 +174,7 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     plans = make_plans(f"{first.folder_prefix}{first.name}", first.spacing_mm, spec, first.configuration,
                        first.plans)
     net = _trunk(plans, n_out)
-    if init_from is not None:
-        _load_or_widen(net, submodels, init_from, spec, plans, n_out)
+    widened_from = _load_or_widen(net, submodels, init_from, spec, plans, n_out) if init_from is not None else None
     dev = torch.device(device)
     # channels-last convolutions are about 25 % faster on CPU (oneDNN)
     net = net.to(dev, memory_format=torch.channels_last_3d)
@@ -199,7 +198,9 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
                                description=DEMO_DESCRIPTION, epochs=it)
             out.append({"model": name, "iterations": it, "seconds": round(time.time() - t0, 1),
                         "final_loss": float(np.mean(losses[-100:])) if losses else None,
-                        "trained_with": names})
+                        "trained_with": names}
+                       | ({"widened_from": list(widened_from), "widened_to": list(spec.features)}
+                          if widened_from else {}))
         net.train()
         return out
 
@@ -262,9 +263,12 @@ def _trunk(plans: dict, n_out: int):
 
 
 def _load_or_widen(net, submodels: Sequence[SubModel], init_from: str | Path, spec: UNetSpec, plans: dict,
-                   n_out: int) -> None:
+                   n_out: int) -> tuple[int, ...] | None:
     """Load the trunk saved in ``init_from``; a narrower one (fewer features per stage) is widened
-    into ``net`` without changing what it computes (``serve.widen``)."""
+    into ``net`` without changing what it computes (``serve.widen``).
+
+    Returns the narrower trunk's features per stage where it widened, else None.
+    """
     import json
     from dataclasses import replace
 
@@ -278,7 +282,7 @@ def _load_or_widen(net, submodels: Sequence[SubModel], init_from: str | Path, sp
     if features == tuple(spec.features):
         net.load_state_dict(state)
         log.info("continuing from the models in %s", init_from)
-        return
+        return None
     narrow_plans = make_plans(plans["dataset_name"], first.spacing_mm, replace(spec, features=features),
                               first.configuration, first.plans)
     narrow = _trunk(narrow_plans, n_out)
@@ -286,6 +290,7 @@ def _load_or_widen(net, submodels: Sequence[SubModel], init_from: str | Path, sp
     widen_into(narrow, net)
     log.info("continuing from the models in %s, widened from features %s to %s", init_from, list(features),
              list(spec.features))
+    return features
 
 
 def _joined_state(submodels: Sequence[SubModel], root: str | Path) -> dict:
@@ -425,12 +430,19 @@ def training_record(run: Sequence[dict], *, how: str, cases: int, previous: dict
     keeps its earlier stages, gets this run appended as a new stage, and its
     ``iterations``/``seconds`` become the totals over all stages, so the
     record always says how much training the committed weights have had.
+    A run that widened its starting trunk (``serve.widen``) says so in its
+    stage's ``how``.
     """
     earlier = {m["model"]: m for m in (init or {}).get("models", [])}
     models = []
     for entry in run:
+        entry = dict(entry)
+        widened = entry.pop("widened_from", None), entry.pop("widened_to", None)
+        how_here = how
+        if widened[0]:
+            how_here += f"; trunk widened from features {_slashed(widened[0])} to {_slashed(widened[1])} first"
         stage = {"iterations": entry["iterations"], "seconds": entry["seconds"],
-                 "final_loss": entry["final_loss"], "how": how}
+                 "final_loss": entry["final_loss"], "how": how_here}
         before = earlier.get(entry["model"])
         stages = []
         if before is not None:
@@ -444,3 +456,8 @@ def training_record(run: Sequence[dict], *, how: str, cases: int, previous: dict
     kept = [m for m in (previous or {}).get("models", []) if m["model"] not in trained]
     return {**{k: v for k, v in base.items() if k != "models"}, "notice": DEMO_DESCRIPTION,
             "kind": "trained-on-phantoms", "training_seeds": f"0..{cases - 1}", "models": models + kept}
+
+
+def _slashed(features: Sequence[int]) -> str:
+    """Features per stage as the records write them: 8/16/32/64."""
+    return "/".join(str(f) for f in features)

@@ -139,6 +139,18 @@ def test_a_continued_training_appends_a_stage_and_records_the_totals():
     assert rec["notice"].startswith("DEMO MODEL") and rec["training_seeds"] == "0..127"
 
 
+def test_a_stage_that_widened_its_trunk_says_so_and_the_model_entry_does_not_keep_the_keys():
+    from serve.training import training_record
+
+    entry = _run_entry("organs", 10, 20.0, 0.3) | {"widened_from": [8, 16], "widened_to": [16, 32]}
+    rec = training_record([entry, _run_entry("face", 10, 20.0, 0.3)], how="--seed 10", cases=8)
+    organs, face = rec["models"]
+    assert organs["stages"][-1]["how"] == "--seed 10; trunk widened from features 8/16 to 16/32 first"
+    assert face["stages"][-1]["how"] == "--seed 10"
+    assert "widened_from" not in organs and "widened_to" not in organs
+    assert "widened_from" in entry  # the caller's entry is left as it was
+
+
 def test_a_fresh_training_has_one_stage_and_untrained_models_keep_their_entries():
     from serve.training import training_record
 

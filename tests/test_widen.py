@@ -69,7 +69,9 @@ def test_train_models_widens_a_narrower_init_from_and_the_exported_models_agree(
     for sm, (_, c0, n) in zip(sms, heads):
         write_model_folder(tmp_path / "narrow", sm, NARROW, labels=model_labels(sm),
                            state_dict=_head_state(trunk.state_dict(), c0, n))
-    train_models(sms, [], tmp_path / "wide", seconds=60, spec=WIDE, max_iters=0, init_from=tmp_path / "narrow")
+    run = train_models(sms, [], tmp_path / "wide", seconds=60, spec=WIDE, max_iters=0,
+                       init_from=tmp_path / "narrow")
+    assert [(r["widened_from"], r["widened_to"]) for r in run] == [([4, 8, 16], [6, 16, 24])] * 2
     x = torch.randn(1, 1, 16, 16, 16)
     for sm in sms:
         folders = {k: next((tmp_path / k).glob(f"{sm.folder_prefix}{sm.name}/*")) for k in ("narrow", "wide")}
