@@ -144,7 +144,7 @@ def _heads(submodels: Sequence[SubModel]) -> list[tuple[str, int, int]]:
 def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Path, *, seconds: float,
                  spec: UNetSpec = DEMO_SPEC, max_iters: int = 1_000_000, seed: int = 0, lr: float = 3e-3,
                  batch: int = 2, save_every_s: float = 900, init_from: str | Path | None = None,
-                 log_every: int = 50, device: str = "cpu") -> list[dict]:
+                 log_every: int = 50, device: str = "cpu", bf16: bool | None = None) -> list[dict]:
     """Train the sub-models of one spacing together and write one nnU-Net folder each.
 
     Multi-task training: one PlainConvUNet trunk whose final 1x1x1
@@ -160,9 +160,11 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     1/2^i. ``init_from`` (a folder of model folders written by this function
     with the same ``spec``) continues from those weights.
 
-    ``device`` is where the network trains ("cpu", "cuda", "cuda:1"); on CUDA
-    the forward pass runs under bf16 autocast. Patches are always cut and
-    augmented on the CPU.
+    ``device`` is where the network trains ("cpu", "cuda", "cuda:1"). ``bf16``
+    runs the forward pass under bf16 autocast (the loss stays float32); the
+    default is on for CUDA, off for CPU, where it pays only on processors with
+    bf16 instructions (AVX512_BF16, AMX). Patches are always cut and augmented
+    on the CPU.
     """
     import torch
 
@@ -176,6 +178,7 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     net = _trunk(plans, n_out)
     widened_from = _load_or_widen(net, submodels, init_from, spec, plans, n_out) if init_from is not None else None
     dev = torch.device(device)
+    bf16 = dev.type == "cuda" if bf16 is None else bf16
     # channels-last convolutions are about 25 % faster on CPU (oneDNN)
     net = net.to(dev, memory_format=torch.channels_last_3d)
     net.train()
@@ -211,7 +214,7 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
             xs.append(_augment(x, rng))
             ys.append(labs)
         x = torch.from_numpy(np.stack(xs)[:, None]).to(dev, memory_format=torch.channels_last_3d)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = net(x)
         loss = torch.zeros((), device=dev)
         for h, (name, c0, n) in enumerate(heads):
