@@ -107,7 +107,23 @@ def train_all(args: argparse.Namespace) -> None:
         how = f"--init-from (previous stage) {how}"
     init_record = _read_record(Path(args.init_from, "DEMO_MODELS.json")) if args.init_from else None
     record.write_text(json.dumps(training_record(summary, how=how, cases=args.cases, previous=_read_record(record),
-                                                 init=init_record), indent=1))
+                                                 init=init_record, machine=_machine(device, args.threads)),
+                                 indent=1))
+
+
+def _machine(device, threads: int) -> str:
+    """What a stage ran on, for its record: "2 CPU threads (AMD EPYC 9R14, AVX512_BF16)" or the GPU's name."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+                 "unknown CPU")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
+    extras = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512_BF16"), ("amx_bf16", "AMX"))
+              if flag in flags]
+    return f"{threads} CPU thread{'s' if threads != 1 else ''} ({', '.join([model, *extras])})"
 
 
 def _read_record(path: Path) -> dict | None:

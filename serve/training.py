@@ -423,7 +423,7 @@ def report_markdown(report: dict[str, dict[str, float]]) -> str:
 
 
 def training_record(run: Sequence[dict], *, how: str, cases: int, previous: dict | None = None,
-                    init: dict | None = None) -> dict:
+                    init: dict | None = None, machine: str | None = None) -> dict:
     """The ``DEMO_MODELS.json`` record after a training run.
 
     ``run`` is what :func:`train_models` returned (one entry per model, this
@@ -434,7 +434,7 @@ def training_record(run: Sequence[dict], *, how: str, cases: int, previous: dict
     ``iterations``/``seconds`` become the totals over all stages, so the
     record always says how much training the committed weights have had.
     A run that widened its starting trunk (``serve.widen``) says so in its
-    stage's ``how``.
+    stage's ``how``; ``machine`` (what it ran on) goes into the stage too.
     """
     earlier = {m["model"]: m for m in (init or {}).get("models", [])}
     models = []
@@ -445,7 +445,7 @@ def training_record(run: Sequence[dict], *, how: str, cases: int, previous: dict
         if widened[0]:
             how_here += f"; trunk widened from features {_slashed(widened[0])} to {_slashed(widened[1])} first"
         stage = {"iterations": entry["iterations"], "seconds": entry["seconds"],
-                 "final_loss": entry["final_loss"], "how": how_here}
+                 "final_loss": entry["final_loss"], "how": how_here} | ({"machine": machine} if machine else {})
         before = earlier.get(entry["model"])
         stages = []
         if before is not None:

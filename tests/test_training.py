@@ -176,9 +176,10 @@ def test_a_fresh_training_has_one_stage_and_untrained_models_keep_their_entries(
     previous = {"models": [{"model": "total_fast", "iterations": 605, "seconds": 90.0, "final_loss": 1.19},
                            {"model": "organs", "iterations": 1, "seconds": 1.0, "final_loss": 2.0}]}
     rec = training_record([_run_entry("organs", 900, 1000.0, 0.4)], how="--budget 1000", cases=48,
-                          previous=previous)
+                          previous=previous, machine="2 CPU threads (x)")
     organs, fast = rec["models"]
-    assert organs["stages"] == [{"iterations": 900, "seconds": 1000.0, "final_loss": 0.4, "how": "--budget 1000"}]
+    assert organs["stages"] == [{"iterations": 900, "seconds": 1000.0, "final_loss": 0.4, "how": "--budget 1000",
+                                 "machine": "2 CPU threads (x)"}]
     assert organs["iterations"] == 900
     assert fast == previous["models"][0]
     assert rec["training_seeds"] == "0..47"
@@ -212,6 +213,8 @@ def test_the_training_script_continues_a_committed_model_and_records_the_new_sta
     assert new["iterations"] >= 1 and new["how"].startswith("--init-from (previous stage)") and "--seed 11" in new["how"]
     assert face["iterations"] == before["iterations"] + new["iterations"]
     assert record["training_seeds"] == "0..1"
+    if not torch.cuda.is_available():
+        assert new["machine"].startswith("1 CPU thread (")
     # the written folder is a loadable nnU-Net model whose weights moved away from the committed ones
     sm = load_catalogue().submodel("face")
     (folder,) = out.glob(f"{sm.folder_prefix}{sm.name}/*")
