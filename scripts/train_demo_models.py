@@ -112,7 +112,7 @@ def train_all(args: argparse.Namespace) -> None:
 
 
 def _machine(device, threads: int) -> str:
-    """What a stage ran on, for its record: "2 CPU threads (AMD EPYC 9R14, AVX512_BF16)" or the GPU's name."""
+    """What a stage ran on, for its record: "2 CPU threads (AMD EPYC, AVX-512, AVX512_BF16)" or the GPU's name."""
     import torch
 
     if device.type == "cuda":
