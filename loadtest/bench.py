@@ -56,7 +56,7 @@ def log(msg: str) -> None:
 def device_info(requested: str) -> dict:
     import torch
 
-    from serve.modelload import pick_device
+    from serve.modelload import cpu_model_and_flags, pick_device
 
     dev = pick_device(requested)
     info = {"type": dev.type, "torch": torch.__version__, "cpu_count": os.cpu_count(),
@@ -65,9 +65,7 @@ def device_info(requested: str) -> dict:
         info["name"] = torch.cuda.get_device_name(0)
         info["label"] = "gpu-" + info["name"].lower().replace("nvidia", "").strip().replace(" ", "-")
     else:
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        info["name"] = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines()
-                             if ln.startswith("model name")), platform.processor())
+        info["name"], flags = cpu_model_and_flags()
         info["avx512_bf16"] = "avx512_bf16" in flags
         info["label"] = f"cpu-{os.cpu_count()}core"
     try:

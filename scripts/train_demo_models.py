@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from serve.catalogue import load_catalogue
-from serve.modelload import configure_threads, pick_device
+from serve.modelload import configure_threads, cpu_model_and_flags, pick_device
 from serve.phantoms import HELDOUT_SEEDS
 from serve.training import (DEMO_SPEC, FAST_SPEC, compact_checkpoint, evaluate_heldout, make_cases, model_labels,
                             report_markdown, train_models, training_record)
@@ -117,13 +117,10 @@ def _machine(device, threads: int) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
-                 "unknown CPU")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
+    model, flags = cpu_model_and_flags()
     extras = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512_BF16"), ("amx_bf16", "AMX"))
               if flag in flags]
-    return f"{threads} CPU thread{'s' if threads != 1 else ''} ({', '.join([model, *extras])})"
+    return f"{threads} CPU thread{'s' if threads != 1 else ''} ({', '.join([model or 'unknown CPU', *extras])})"
 
 
 def _read_record(path: Path) -> dict | None:

@@ -64,6 +64,18 @@ def pick_device(requested: str = "auto"):
     return dev
 
 
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and instruction-set flags, from ``/proc/cpuinfo`` (Linux);
+    elsewhere ``platform.processor()`` and no flags."""
+    import platform
+
+    path = Path("/proc/cpuinfo")
+    lines = path.read_text().splitlines() if path.is_file() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return model, set(flags)
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
