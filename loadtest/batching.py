@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -48,7 +47,10 @@ def measure(tiles: int, batch_sizes: list[int], precision: str, device_name: str
     base = rows[0]["tiles_per_s"]
     for r in rows:
         r["speedup_vs_batch1"] = round(r["tiles_per_s"] / base, 3)
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    from serve.modelload import cpu_model_and_flags
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_and_flags()[0] or "cpu"
+    return {"device": name,
             "torch_threads": torch.get_num_threads(), "precision": precision, "patch": list(patch),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
 
