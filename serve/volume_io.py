@@ -468,8 +468,15 @@ def _header_lines(f: BinaryIO, suffix: str) -> Iterator[bytes]:
 
 def check_metaimage_header(f: BinaryIO) -> None:
     """Refuse a MetaImage NDims outside 1..10: ITK's MetaIO indexes fixed-size arrays with it unchecked,
-    so a negative or large value corrupts the heap and kills the process."""
+    so a negative or large value corrupts the heap and kills the process.
+
+    A NUL byte in a header line is refused too: MetaIO reads keys as C strings, so ``NDims\\0x = -1`` is
+    NDims to it (and hung it in the fuzzer) while this check would see another key.
+    """
     for line in _header_lines(f, ".mha"):
+        if b"\0" in line:
+            raise CorruptFileError("the .mha header holds a NUL byte before its voxel data; a MetaImage header "
+                                   "is text. The file is corrupt")
         key, _, value = _split_key(line)
         if key == b"ndims" and not (re.fullmatch(rb"\+?\d{1,3}", value) and 1 <= int(value) <= 10):
             raise CorruptFileError(f"the .mha header has NDims = {value[:20].decode('latin-1')!r}; a MetaImage "
