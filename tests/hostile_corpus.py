@@ -334,8 +334,9 @@ def corpus() -> list[HostileInput]:
         "NDims = 99 (ITK's MetaIO corrupts its heap)")
     add("mha_ndims_negative", "scan.mha", _mha_header(NDims="-1") + bytes(64), (422,),
         "NDims = -1 (ITK's MetaIO segfaults)")
-    add("mha_ndims_behind_nul", "scan.mha", _mha_header().replace(b"ElementSpacing", b"NDims\0x = -1\nElementSpacing")
-        + bytes(64), (422,), "NDims = -1 behind a NUL in the key (MetaIO reads C strings; found by the fuzzer: hangs or segfaults)")
+    add("mha_ndims_behind_nul", "scan.mha",
+        _mha_header().replace(b"ElementSpacing", b"NDims\0x = -1\nElementSpacing") + bytes(64), (422,),
+        "NDims = -1 behind a NUL in the key (MetaIO reads C strings; found by the fuzzer: hangs or segfaults)")
     mha = _sitk_bytes(_sitk_image(_ramp((20, 20, 20))), ".mha")
     add("mha_truncated", "scan.mha", mha[: len(mha) - 5000], (422,), "MetaImage missing its last 5000 bytes")
     add("mha_huge_dims", "scan.mha", _mha_header(DimSize="2000 2000 2000") + bytes(64), (413,),
