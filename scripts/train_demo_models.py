@@ -24,8 +24,8 @@ from pathlib import Path
 from serve.catalogue import load_catalogue
 from serve.modelload import configure_threads, cpu_model_and_flags, pick_device
 from serve.phantoms import HELDOUT_SEEDS
-from serve.training import (DEMO_SPEC, FAST_SPEC, compact_checkpoint, evaluate_heldout, make_cases, model_labels,
-                            report_markdown, train_models, training_record)
+from serve.training import (DEMO_SPEC, FAST_SPEC, SAMPLERS, compact_checkpoint, evaluate_heldout, make_cases,
+                            model_labels, report_markdown, train_models, training_record)
 
 
 
@@ -42,6 +42,9 @@ def main() -> None:
                          "AVX512_BF16 it trains about 1.6x faster)")
     ap.add_argument("--batch", type=int, default=2, help="patches per iteration (2 on CPU; more on a GPU)")
     ap.add_argument("--only", nargs="*", help="sub-model names to train (default all)")
+    ap.add_argument("--sampler", choices=SAMPLERS, default="case",
+                    help="patch centres: 'case' (nnU-Net's: a case, then one of its structures) or 'structure' "
+                         "(a structure uniformly over the training set, then a case holding it)")
     ap.add_argument("--init-from", metavar="DIR",
                     help="continue from the demo model folders in DIR (same architecture), e.g. the committed ones")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (poly decay over the budget)")
@@ -88,7 +91,7 @@ def train_all(args: argparse.Namespace) -> None:
                 shutil.rmtree(old)
         done = train_models(group, cases, out, seconds=secs, spec=FAST_SPEC if fast else DEMO_SPEC,
                             init_from=init, save_every_s=args.save_every, lr=args.lr, seed=args.seed,
-                            batch=args.batch, device=str(device), bf16=args.bf16)
+                            batch=args.batch, device=str(device), bf16=args.bf16, sampler=args.sampler)
         for s in done:
             s["labels"] = len(model_labels(next(sm for sm in group if sm.name == s["model"])))
             logging.info("trained %s", s)
@@ -103,6 +106,8 @@ def train_all(args: argparse.Namespace) -> None:
         how = f"{how} --batch {args.batch} --device {device}"
     if args.bf16 is not None:
         how = f"{how} --{'' if args.bf16 else 'no-'}bf16"
+    if args.sampler != "case":
+        how = f"{how} --sampler {args.sampler}"
     if args.init_from:
         how = f"--init-from (previous stage) {how}"
     init_record = _read_record(Path(args.init_from, "DEMO_MODELS.json")) if args.init_from else None

@@ -96,15 +96,55 @@ def make_cases(seeds: Sequence[int], spacing_mm: float, submodels: Sequence[SubM
     return cases
 
 
-def _crop(case: Case, names: Sequence[str], patch, rng: np.random.Generator):
-    """A random patch; 2/3 of them centred on a voxel of a uniformly drawn structure (nnU-Net-like)."""
+SAMPLERS = ("case", "structure")
+
+
+class PatchSampler:
+    """Which case, and which structure's voxel, each training patch is centred on.
+
+    Both samplers centre 2/3 of the patches on a voxel of a structure and put
+    the rest anywhere. ``"case"`` is nnU-Net's: a case drawn uniformly, then a
+    structure present in it. ``"structure"`` draws the structure first,
+    uniformly over every structure of the training set, then a case holding
+    it, so a structure found in few cases (the phalanges are in the field of
+    view of about a quarter of the phantoms) is centred on as often as one
+    found in all of them.
+    """
+
+    def __init__(self, cases: Sequence[Case], kind: str = "case", foreground: float = 0.67):
+        if kind not in SAMPLERS:
+            raise ValueError(f"unknown sampler {kind!r}: use one of {', '.join(SAMPLERS)}")
+        self.cases, self.kind, self.foreground = list(cases), kind, foreground
+        holders: dict[int, list[int]] = {}
+        for i, case in enumerate(self.cases):
+            for gid in case.voxels:
+                holders.setdefault(gid, []).append(i)
+        self.holders = {gid: np.array(idx) for gid, idx in sorted(holders.items())}
+
+    def draw(self, rng: np.random.Generator) -> tuple[Case, int | None]:
+        """A case and the global id of the structure to centre on (None: anywhere)."""
+        if self.kind == "structure":
+            if rng.random() < self.foreground and self.holders:
+                gids = list(self.holders)
+                gid = gids[rng.integers(len(gids))]
+                idx = self.holders[gid]
+                return self.cases[int(idx[rng.integers(len(idx))])], gid
+            return self.cases[rng.integers(len(self.cases))], None
+        case = self.cases[rng.integers(len(self.cases))]  # the draws in the order stages 1-10 were trained with
+        if rng.random() < self.foreground and case.voxels:
+            ids = list(case.voxels)
+            return case, ids[rng.integers(len(ids))]
+        return case, None
+
+
+def _crop(case: Case, names: Sequence[str], patch, rng: np.random.Generator, structure: int | None = None):
+    """A patch centred near a random voxel of ``structure`` (jittered by up to a quarter patch), or anywhere."""
     img = case.image
     shape = img.shape
     pad = [(0, max(0, p - s)) for p, s in zip(patch, shape)]
     labs = [case.labels[n] for n in names]
-    if rng.random() < 0.67 and case.voxels:
-        ids = list(case.voxels)
-        vox = case.voxels[ids[rng.integers(len(ids))]]
+    if structure is not None:
+        vox = case.voxels[structure]
         centre = np.unravel_index(int(vox[rng.integers(len(vox))]), shape)
         centre = [int(c) + int(rng.integers(-p // 4, p // 4 + 1)) for c, p in zip(centre, patch)]
     else:
@@ -144,7 +184,8 @@ def _heads(submodels: Sequence[SubModel]) -> list[tuple[str, int, int]]:
 def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Path, *, seconds: float,
                  spec: UNetSpec = DEMO_SPEC, max_iters: int = 1_000_000, seed: int = 0, lr: float = 3e-3,
                  batch: int = 2, save_every_s: float = 900, init_from: str | Path | None = None,
-                 log_every: int = 50, device: str = "cpu", bf16: bool | None = None) -> list[dict]:
+                 log_every: int = 50, device: str = "cpu", bf16: bool | None = None,
+                 sampler: str = "case") -> list[dict]:
     """Train the sub-models of one spacing together and write one nnU-Net folder each.
 
     Multi-task training: one PlainConvUNet trunk whose final 1x1x1
@@ -164,12 +205,13 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     runs the forward pass under bf16 autocast (the loss stays float32); the
     default is on for CUDA, off for CPU, where it pays only on processors with
     bf16 instructions (AVX512_BF16, AMX). Patches are always cut and augmented
-    on the CPU.
+    on the CPU. ``sampler`` picks the patch centres (see ``PatchSampler``).
     """
     import torch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    draws = PatchSampler(cases, sampler)
     heads = _heads(submodels)
     n_out = sum(n for _, _, n in heads)
     first = submodels[0]
@@ -210,7 +252,8 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     while it < max_iters and time.time() - t0 < seconds:
         xs, ys = [], []
         for _ in range(batch):
-            x, labs = _crop(cases[rng.integers(len(cases))], names, patch, rng)
+            case, structure = draws.draw(rng)
+            x, labs = _crop(case, names, patch, rng, structure)
             xs.append(_augment(x, rng))
             ys.append(labs)
         x = torch.from_numpy(np.stack(xs)[:, None]).to(dev, memory_format=torch.channels_last_3d)

@@ -224,3 +224,46 @@ def test_the_training_script_continues_a_committed_model_and_records_the_new_sta
     moved = [not torch.equal(a, b) for a, b in zip(net.state_dict().values(), old.state_dict().values())]
     assert any(moved)
     assert (committed / "DEMO_MODELS.json").read_text() == committed_record  # --init-from only reads
+
+
+def _toy_cases() -> list:
+    """Ten 12^3 cases: structure 1 in all, structure 2 in five, structure 9 (a 'phalanx') in one, as one voxel."""
+    from serve.training import Case
+
+    cases = []
+    for i in range(10):
+        lab = np.zeros((12, 12, 12), np.uint8)
+        lab[2:10, 2:10, 2:6] = 1
+        if i % 2:
+            lab[2:10, 2:10, 7:10] = 2
+        if i == 3:
+            lab[11, 11, 11] = 9
+        flat = lab.ravel()
+        voxels = {int(g): np.flatnonzero(flat == g) for g in np.unique(flat) if g}
+        cases.append(Case(np.zeros(lab.shape, np.float32), {"m": lab}, voxels))
+    return cases
+
+
+@pytest.mark.parametrize("kind, share_of_9", [("case", (0.0, 0.06)), ("structure", (0.25, 0.42))])
+def test_the_structure_first_sampler_centres_a_rare_structure_as_often_as_a_common_one(kind, share_of_9):
+    from serve.training import PatchSampler, _crop
+
+    sampler = PatchSampler(_toy_cases(), kind)
+    rng = np.random.default_rng(0)
+    draws = [sampler.draw(rng) for _ in range(3000)]
+    centred = [(case, gid) for case, gid in draws if gid is not None]
+    assert 0.62 < len(centred) / len(draws) < 0.72  # both keep nnU-Net's 2/3 foreground patches
+    assert all(gid in case.voxels for case, gid in centred)
+    share = sum(gid == 9 for _, gid in centred) / len(centred)
+    assert share_of_9[0] < share < share_of_9[1], share  # uniform over 3 structures vs 1 case in 10, then 1 of 3
+    case, gid = next((c, g) for c, g in centred if g == 9)
+    for _ in range(20):  # a quarter-patch jitter keeps the voxel inside the patch
+        _, (lab,) = _crop(case, ["m"], (8, 8, 8), rng, structure=gid)
+        assert lab.shape == (8, 8, 8) and (lab == 9).sum() == 1
+
+
+def test_an_unknown_sampler_is_refused_with_the_choices():
+    from serve.training import PatchSampler
+
+    with pytest.raises(ValueError, match="case, structure"):
+        PatchSampler([], "rare")
