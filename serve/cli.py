@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from serve.cachedir import cache_root
 from serve.errors import MrisegError
 
 log = logging.getLogger("mriseg")
@@ -30,7 +31,7 @@ PLUGINS = ("serve.cluster.cli", "serve.bulk_cli")
 
 
 def default_import_dir() -> Path:
-    return Path.home() / ".cache" / "mriseg" / "models" / "local"
+    return cache_root() / "models" / "local"
 
 
 def _model_sources(args) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve.cachedir import cache_root
 from serve.catalogue import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,7 @@ def _has_all(root: Path, catalogue: Catalogue) -> bool:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("MRISEG_CACHE") or os.path.join(Path.home(), ".cache", "mriseg")
-    return Path(base) / "demo_models" / RANDOM_DEMO_VERSION
+    return cache_root() / "demo_models" / RANDOM_DEMO_VERSION
 
 
 def write_random_models(root: Path, catalogue: Catalogue | None = None, include_fast: bool = True,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from serve.cachedir import cache_root
 from serve.catalogue import Catalogue, SubModel, load_catalogue
 from serve.errors import ModelFolderError, ModelUnavailableError
 from serve.s3client import S3Settings, make_client, parse_s3_uri
@@ -164,7 +165,7 @@ class ModelStore:
     def __init__(self, sources: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
                  s3: S3Settings | None = None, catalogue: Catalogue | None = None):
         self.catalogue = catalogue or load_catalogue()
-        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "mriseg" / "models")
+        self.cache_dir = Path(cache_dir or cache_root() / "models")
         self.sources = [str(s) for s in sources]
         self._s3 = s3
         self._caches = {s: S3ModelCache(s, self.cache_dir, s3) for s in self.sources if str(s).startswith("s3://")}

@@ -112,3 +112,18 @@ def test_plugins_can_add_subcommands():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"segment", "models", "demo"} <= set(sub.choices)
+
+
+def test_every_cache_follows_mriseg_cache(tmp_path, monkeypatch):
+    from serve.cli import default_import_dir
+    from serve.cluster.up import state_dir
+    from serve.demo import default_cache_dir
+    from serve.modelstore import ModelStore
+
+    monkeypatch.setenv("MRISEG_CACHE", str(tmp_path))
+    paths = [default_import_dir(), default_cache_dir(), state_dir(), ModelStore([]).cache_dir]
+    assert all(p.is_relative_to(tmp_path) for p in paths), paths
+    monkeypatch.delenv("MRISEG_CACHE")
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "mriseg")
+    assert all(str(p).startswith(home_cache) for p in
+               [default_import_dir(), default_cache_dir(), state_dir(), ModelStore([]).cache_dir])

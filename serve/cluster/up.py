@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from serve.cachedir import cache_root
 from serve.errors import MrisegError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,7 @@ LOCAL_BUCKET = "mriseg"
 
 
 def state_dir() -> Path:
-    base = os.environ.get("MRISEG_CACHE") or os.path.join(Path.home(), ".cache", "mriseg")
-    return Path(base) / "up"
+    return cache_root() / "up"
 
 
 @dataclass
