@@ -12,9 +12,11 @@ if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then exit 0; fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 q=(-q)
-# 1. CPU torch first: an unpinned torch would be a multi-GB CUDA download.
+# 1. torch first, pinned: an unpinned torch would be a multi-GB CUDA download. Where the pip
+#    index serves the CUDA build for this pin (PyPI on Linux does), set
+#    TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
 if python -c 'import torch' 2>/dev/null; then :; else
-  pip install "${q[@]}" "torch==${TORCH_VERSION:-2.13.0}"
+  pip install "${q[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
 fi
 # 2. Everything else, pinned.
 pip install "${q[@]}" -c requirements/constraints.txt -r requirements/base.txt
