@@ -279,7 +279,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-s", type=float, default=60.0,
                    help="with --local-models: a job claim expires this long after its worker died")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (else $MRISEG_S3_ENDPOINT / $AWS_ENDPOINT_URL, else AWS)")
-    p.add_argument("--s3-region", help="S3 region (else $AWS_REGION)")
+    p.add_argument("--s3-region", help="S3 region (else $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1)")
     p.add_argument("--s3-path-style", action="store_true", help="path-style addressing (implied by an endpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bulk)

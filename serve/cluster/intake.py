@@ -59,7 +59,7 @@ class IntakeSettings:
 
     @property
     def configured(self) -> bool:
-        """False when no job-record prefix is set: the deployment then idles and pushes get a 503."""
+        """False when no job-record prefix is set: the deployment then idles and pushes get a 404."""
         return bool(self.jobs)
 
     @classmethod
