@@ -315,7 +315,7 @@ class SegmenterEngine:
         from serve.outputs.writers import write_outputs
         from serve.volume_io import DEFAULT_MAX_VOXELS, read_volume
 
-        volume = read_volume(path, self.max_voxels or DEFAULT_MAX_VOXELS)
+        volume = read_volume(path, self.max_voxels or DEFAULT_MAX_VOXELS, self_contained=True)
         self.calls += 1
         result = self.segmenter.segment(volume, list(spec.roi_subset) if spec.roi_subset else None, spec.fast)
         write_outputs(result, volume, outdir, multilabel="multilabel" in spec.outputs,

@@ -9,7 +9,6 @@ every failure a user can cause becomes a :class:`serve.errors.MrisegError`.
 
 from __future__ import annotations
 
-import io
 import logging
 import lzma
 import mmap
@@ -418,10 +417,17 @@ def read_dicom_zip(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
 
 # -- entry points -------------------------------------------------------------------
 
-def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
-    """Read a NIfTI/.mha/.nrrd file, a DICOM series folder or a zip of one."""
+def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
+                self_contained: bool = False) -> Volume:
+    """Read a NIfTI/.mha/.nrrd file, a DICOM series folder or a zip of one.
+
+    ``self_contained=True`` is for files from elsewhere (uploads, S3 objects): a header that names a separate
+    data file (.mhd, .nhdr, or such a key in .mha/.nrrd) is refused, since it could name any file on this host.
+    """
     path = Path(path)
     try:
+        if self_contained:
+            check_self_contained(path)
         return _read_volume(path, max_voxels)
     except MrisegError as e:
         e.message = _without_paths(e.message, path)
@@ -455,14 +461,46 @@ def _read_volume(path: Path, max_voxels: int) -> Volume:
                                  f"{', '.join(SUPPORTED)}, or a DICOM folder")
 
 
+#: Longer header lines are refused: a check that cut them into pieces could miss a key a reader still sees.
+MAX_HEADER_LINE = 1 << 20
+_NRRD_LINE_END = re.compile(rb"\r\n|\r|\n")
+_METAIO_LINE_END = re.compile(rb"\n")
+
+
+def _text_lines(f: BinaryIO, line_end: re.Pattern) -> Iterator[bytes]:
+    """Whole lines of ``f`` without their ends, each at most :data:`MAX_HEADER_LINE` bytes."""
+    buf, pos, eof = b"", 0, False
+    while True:
+        m = line_end.search(buf, pos)
+        end = m.start() if m else len(buf)
+        if end - pos > MAX_HEADER_LINE:
+            raise CorruptFileError(f"a header line is over {MAX_HEADER_LINE >> 20} MiB; the file is corrupt")
+        # a \r ending the buffer may be the first half of \r\n: read on before deciding
+        if m and (eof or m.end() < len(buf) or not buf.endswith(b"\r")):
+            yield buf[pos:end]
+            pos = m.end()
+            continue
+        if eof:
+            if pos < len(buf):
+                yield buf[pos:]
+            return
+        chunk = f.read(1 << 16)
+        buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+
+
 def _header_lines(f: BinaryIO, suffix: str) -> Iterator[bytes]:
-    """The header lines of a MetaImage or NRRD file, stripped and lower-cased: all of them, however long."""
-    for raw in iter(lambda: f.readline(1 << 16), b""):
-        if suffix in (".nrrd", ".nhdr") and raw in (b"\n", b"\r\n"):
+    """The header lines of a MetaImage or NRRD file, stripped and lower-cased, split as its reader splits them.
+
+    NRRD's reader (teem) ends a line at \\n, \\r\\n or a lone \\r; MetaIO only at \\n. Splitting a NRRD header
+    at \\n alone would read a \\r-separated one as a single line and miss every key in it.
+    """
+    nrrd = suffix in (".nrrd", ".nhdr")
+    for raw in _text_lines(f, _NRRD_LINE_END if nrrd else _METAIO_LINE_END):
+        if nrrd and not raw:
             return  # a blank line ends a NRRD header
         line = raw.strip().lower()
         yield line
-        if suffix not in (".nrrd", ".nhdr") and line.startswith(b"elementdatafile"):
+        if not nrrd and line.startswith(b"elementdatafile"):
             return  # MetaImage: the data starts after this line
 
 
@@ -489,16 +527,30 @@ def _split_key(line: bytes) -> tuple[bytes, bytes, bytes]:
     return (m.group(1).strip(), m.group(2), m.group(3).strip()) if m else (line.strip(), b"", b"")
 
 
-def check_attached_data(data: bytes, suffix: str) -> None:
-    """Refuse .mha/.nrrd headers that point at another file (on a server that could be any local file)."""
+_NRRD_DATA_FILE = re.compile(rb"data\s*file\s*:")
+
+
+def check_self_contained(path: Path) -> None:
+    """Refuse a volume file whose voxels are in another file (on a server that could be any local file)."""
+    suffix = suffix_of(path.name)
+    if suffix in (".mhd", ".nhdr"):
+        raise UnsupportedFormatError(f"a {suffix} header keeps its voxels in a separate file, which cannot come "
+                                     f"with it; convert it to a single {'.mha' if suffix == '.mhd' else '.nrrd'}")
+    if suffix in (".mha", ".nrrd") and path.is_file():
+        with open(path, "rb") as f:
+            check_attached_data(f, suffix)
+
+
+def check_attached_data(f: BinaryIO, suffix: str) -> None:
+    """Refuse .mha/.nrrd headers that point at another file."""
     # the whole header: a window of the first bytes is bypassed by padding the header with comments
-    for line in _header_lines(io.BytesIO(data), suffix):
+    for line in _header_lines(f, suffix):
         if suffix == ".mha" and line.startswith(b"elementdatafile"):
             if _split_key(line)[2] != b"local":
                 raise UnsupportedFormatError("the .mha header points at a separate data file; upload a "
                                              "self-contained .mha (ElementDataFile = LOCAL)")
             return
-        if suffix == ".nrrd" and (line.startswith(b"data file:") or line.startswith(b"datafile:")):
+        if suffix == ".nrrd" and _NRRD_DATA_FILE.match(line):
             raise UnsupportedFormatError("the .nrrd header points at a separate data file; upload a "
                                          "self-contained .nrrd")
 
@@ -511,13 +563,11 @@ def read_volume_bytes(data: bytes, filename: str, max_voxels: int = DEFAULT_MAX_
                                      f".mha, .nrrd or a .zip of one DICOM series")
     if not data:
         raise CorruptFileError("the upload is empty")
-    if suffix in (".mha", ".nrrd"):
-        check_attached_data(data, suffix)
     fd, name = tempfile.mkstemp(prefix="mriseg-upload-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return read_volume(name, max_voxels)
+        return read_volume(name, max_voxels, self_contained=True)
     finally:
         os.unlink(name)
 

@@ -351,6 +351,10 @@ def corpus() -> list[HostileInput]:
         b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
         + b"".join(b"# " + b"x" * 100 + b"\n" for _ in range(800)) + b"data file: /etc/passwd\n\n", (415,),
         "NRRD detached data file hidden behind 80 KB of comments")
+    add("nrrd_detached_cr", "scan.nrrd",
+        b"NRRD0004\rtype: uint8\rdimension: 3\rsizes: 4 4 4\rencoding: raw\rdata file: /etc/passwd\r\r", (415,),
+        "NRRD detached data file in a header whose lines end in a lone CR (teem splits there; a check "
+        "splitting at LF only saw one line, and the server read /etc/passwd as voxels)")
     add("nrrd_huge_dims", "scan.nrrd",
         b"NRRD0004\ntype: float\ndimension: 3\nsizes: 2000 2000 2000\nendian: little\nencoding: raw\n\n"
         + bytes(64), (413,),

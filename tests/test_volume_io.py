@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
+from serve import volume_io
 from serve.volume_io import read_volume, read_volume_bytes, safe_extract_zip, sitk_geometry_to_affine
 from tests.core_fixtures import oriented_affine
 
@@ -362,3 +363,52 @@ def test_4d_sitk_volumes(tmp_path):
     sitk.WriteImage(three, str(tmp_path / "three.nrrd"))
     with pytest.raises(InvalidVolumeError, match="only 3D volumes"):
         read_volume(tmp_path / "three.nrrd")
+
+
+NRRD_AT_PASSWD = b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: /etc/passwd\n\n"
+
+
+@pytest.mark.parametrize("eol", [b"\r", b"\r\n"])
+def test_nrrd_header_lines_split_as_teem_splits_them(eol):
+    """teem ends a NRRD line at LF, CRLF or a lone CR; SimpleITK reads such a header's data file, so must we see it."""
+    header = NRRD_AT_PASSWD.replace(b"\n", eol)
+    with pytest.raises(UnsupportedFormatError, match="separate data file"):
+        read_volume_bytes(header, "x.nrrd")
+
+
+def test_crlf_across_a_read_boundary_is_not_a_blank_line():
+    """A CR ending one 64 KiB read and its LF starting the next must not end the NRRD header early."""
+    head = b"NRRD0004\r\ntype: uint8\r\n"
+    comment = b"# " + b"x" * ((1 << 16) - len(head) - 3) + b"\r\n"
+    data = head + comment + b"dimension: 3\r\nsizes: 4 4 4\r\nencoding: raw\r\ndata file: /etc/passwd\r\n\r\n"
+    assert data[(1 << 16) - 1:(1 << 16) + 1] == b"\r\n"  # the boundary falls between CR and LF
+    with pytest.raises(UnsupportedFormatError, match="separate data file"):
+        read_volume_bytes(data, "x.nrrd")
+
+
+def test_header_line_over_the_limit_is_corrupt():
+    data = b"NRRD0004\n# " + b"x" * (volume_io.MAX_HEADER_LINE + 10) + b"\ndata file: /etc/passwd\n\n"
+    with pytest.raises(CorruptFileError, match="header line"):
+        read_volume_bytes(data, "x.nrrd")
+
+
+def test_self_contained_applies_to_files_on_disk(tmp_path):
+    """Local files may keep voxels apart (a .nhdr and its .raw); files from elsewhere (S3 jobs) may not."""
+    np.arange(64, dtype=np.uint8).tofile(tmp_path / "v.raw")
+    (tmp_path / "v.nhdr").write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n"
+                                      b"data file: v.raw\n\n")
+    assert read_volume(tmp_path / "v.nhdr").shape == (4, 4, 4)
+    with pytest.raises(UnsupportedFormatError, match="separate file"):
+        read_volume(tmp_path / "v.nhdr", self_contained=True)
+    (tmp_path / "in.nrrd").write_bytes(NRRD_AT_PASSWD.replace(b"\n", b"\r"))
+    with pytest.raises(UnsupportedFormatError, match="separate data file"):
+        read_volume(tmp_path / "in.nrrd", self_contained=True)
+
+
+def test_job_engine_reads_its_input_as_self_contained(tmp_path):
+    from serve.jobs import JobSpec, SegmenterEngine
+
+    (tmp_path / "input.nrrd").write_bytes(NRRD_AT_PASSWD.replace(b"\n", b"\r"))
+    engine = SegmenterEngine(segmenter=None)  # never reached: the input is refused first
+    with pytest.raises(UnsupportedFormatError, match="separate data file"):
+        engine.segment_file(tmp_path / "input.nrrd", JobSpec("s3://b/in.nrrd", "s3://b/out"), tmp_path / "out")
