@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -35,6 +36,8 @@ DEFAULT_MAX_VOXELS: int = int(os.environ.get("MRISEG_MAX_VOXELS", 512 * 512 * 10
 #: Bound on what a DICOM zip may expand to.
 DEFAULT_MAX_ZIP_BYTES: int = int(os.environ.get("MRISEG_MAX_ZIP_BYTES", 4 * 1024**3))
 MAX_ZIP_ENTRIES = 20000
+#: Deeper entry paths are refused: Python's recursive folder walks and removals fail near 1000 levels.
+MAX_ZIP_DEPTH = 32
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -137,11 +140,53 @@ def _finish(data: np.ndarray, affine: np.ndarray, fmt: str, max_voxels: int, hea
 
 # -- NIfTI ----------------------------------------------------------------------
 
+#: nibabel reads each NIfTI header extension whole, as large as its own size field says (up to 2 GiB).
+MAX_NIFTI_EXTENSION_BYTES = 16 << 20
+
+
+def check_nifti_extensions(path: Path) -> None:
+    """Refuse header extensions over :data:`MAX_NIFTI_EXTENSION_BYTES` in all, or of impossible size, before
+    nibabel reads them: a gzip of zeros turns 2 MB of upload into a 2 GiB extension in memory.
+
+    Walks the extensions as nibabel does (until ``vox_offset``, or to the end when it is below the header),
+    skipping their content.
+    """
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as f:
+        head = f.read(544)
+        order = next((o for o in "<>" if len(head) >= 4 and struct.unpack(o + "i", head[:4])[0] in (348, 540)), None)
+        if order is None:
+            return  # not a NIfTI header; nibabel says so
+        size = struct.unpack(order + "i", head[:4])[0]
+        if len(head) < size + 4 or head[size] == 0:
+            return  # no extensions
+        vox_offset = (struct.unpack(order + "f", head[108:112]) if size == 348 else
+                      struct.unpack(order + "q", head[168:176]))[0]
+        budget, total = vox_offset - (size + 4), 0
+        f.seek(size + 4)
+        while budget >= 16 or budget < 0:  # NaN: neither, as in nibabel
+            ext = f.read(8)
+            if len(ext) < 8:
+                return  # nibabel ends or refuses here
+            esize = struct.unpack(order + "i", ext[:4])[0]
+            if esize < 16:  # nibabel would read(esize - 8): everything left, for a negative size
+                raise CorruptFileError(f"a NIfTI header extension claims {esize} bytes; an extension has at "
+                                       f"least 16. The file is corrupt")
+            total += esize
+            if total > MAX_NIFTI_EXTENSION_BYTES:
+                raise VolumeTooLargeError(f"the NIfTI header extensions take more than "
+                                          f"{MAX_NIFTI_EXTENSION_BYTES >> 20} MiB; save the volume without them")
+            f.seek(esize - 8, 1)
+            budget -= esize
+
+
 def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
     try:
+        check_nifti_extensions(path)
         img = nib.load(str(path))
     except (ImageFileError, nib.spatialimages.HeaderDataError) as e:
         raise CorruptFileError(f"not a readable NIfTI file ({e}); check that the upload is complete and "
@@ -378,6 +423,9 @@ def safe_extract_zip(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_ZIP_BY
             if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
                 raise CorruptFileError(f"the zip contains an unsafe path ({name!r}); archives must only hold "
                                        f"relative paths inside the archive")
+            if len(parts) > MAX_ZIP_DEPTH:
+                raise CorruptFileError(f"the zip nests an entry {len(parts)} folders deep, more than "
+                                       f"{MAX_ZIP_DEPTH}; zip the series folder itself")
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise CorruptFileError("the zip contains a symbolic link; archives must only hold plain files")

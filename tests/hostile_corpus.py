@@ -37,9 +37,10 @@ MAX_ZIP_BYTES = 4 * 1024**3
 #: Entries whose payload expands far beyond what it weighs: decoding them must cost next to nothing.
 BOMBS = ("nifti_huge_dims", "nifti_gzip_bomb", "zip_bomb", "zip_bomb_forged_size", "mha_huge_dims",
          "nrrd_huge_dims", "dicom_meta_length_bomb", "zip_dicom_meta_length_bomb", "dicom_meta_unknown_vr",
-         "dicom_dataset_length_bomb")
+         "dicom_dataset_length_bomb", "nifti_extension_bomb", "nifti_extension_negative_size")
 
 _MIB = 1 << 20
+_EXTENSION_BOMB_MIB = 512
 _BOMB_ENTRY_MIB = 2304  # 2.25 GiB: two such entries pass MAX_ZIP_BYTES without needing ZIP64 fields
 
 
@@ -254,6 +255,19 @@ def corpus() -> list[HostileInput]:
               + struct.pack("<2L", crc, (len(prefix) + 1024 * _MIB) & 0xFFFFFFFF))
     add("nifti_gzip_bomb", "scan.nii.gz", member, (413,),
         "1 MB of gzip that really expands to 1 GiB: a 1024^3 uint8 volume over the voxel limit")
+    for name, esize, statuses, what in (
+            ("nifti_extension_bomb", _EXTENSION_BOMB_MIB * _MIB, (413,),
+             "0.5 MB of gzip whose header extension really is 512 MiB (nibabel reads an extension whole)"),
+            ("nifti_extension_negative_size", -8, (422,),
+             "header extension of size -8 before 512 MiB of zeros (nibabel would read(-16): all the rest)")):
+        small = nib.Nifti1Header()
+        small.set_data_shape((4, 4, 4))
+        small.set_data_dtype(np.uint8)
+        small["vox_offset"] = 352 + _EXTENSION_BOMB_MIB * _MIB
+        prefix = small.binaryblock + bytes([1, 0, 0, 0]) + struct.pack("<2i", esize, 0)
+        stream, crc = _zero_deflate(_EXTENSION_BOMB_MIB, prefix)
+        add(name, "scan.nii.gz", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + stream
+            + struct.pack("<2L", crc, (len(prefix) + _EXTENSION_BOMB_MIB * _MIB) & 0xFFFFFFFF), statuses, what)
     stream, crc = _zero_deflate(_BOMB_ENTRY_MIB)
     size = _BOMB_ENTRY_MIB * _MIB
     add("zip_bomb", "series.zip", _raw_zip([(b"a.dcm", stream, crc, size, 8), (b"b.dcm", stream, crc, size, 8)]),
@@ -397,6 +411,9 @@ def corpus() -> list[HostileInput]:
         "zip entry with an empty name (found by the fuzz target: zipfile raised IndexError)")
     add("zip_file_then_folder", "series.zip", _zip([("a", b"x"), ("a/b.dcm", one)]), (422,),
         "zip entry a/b.dcm under an entry a that is a file (mkdir raised FileExistsError)")
+    add("zip_deep_nesting", "series.zip", _zip([("d/" * depth + "x.dcm", one) for depth in range(400, 2001, 400)]),
+        (422,), "entries 2000 folders deep (found by review: Python's recursive rglob and rmtree failed with "
+        "RecursionError, a 500, and left the tree in /tmp)")
     # found by the fuzz target: GDCM allocates a file-meta element's declared length up front
     # (1.8 GB for this 1.2 KB slice; 3.5 GB, and a 200 answer, for the zip)
     meta_bomb = bytearray(one)

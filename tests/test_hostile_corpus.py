@@ -84,6 +84,17 @@ def test_nifti_gzip_bomb_really_expands_past_the_voxel_limit():
     assert crc == crc32_repeat(bytes(2**20), 1024, zlib.crc32(head[:352]))
 
 
+def test_nifti_extension_bombs_really_hold_512_mib():
+    for name, esize in (("nifti_extension_bomb", 512 * 2**20), ("nifti_extension_negative_size", -8)):
+        data = CORPUS[name].data
+        assert len(data) < 2**20
+        assert struct.unpack("<2L", data[-8:])[1] == 360 + 512 * 2**20  # gunzip's size: header, extension, zeros
+        head = zlib.decompressobj(31).decompress(data, 8 * 2**20)
+        assert len(head) == 8 * 2**20 and not any(head[360:])
+        assert head[348] == 1 and struct.unpack("<i", head[352:356])[0] == esize  # extension flag, its size
+        assert struct.unpack("<f", head[108:112])[0] > 512 * 2**20  # vox_offset: nibabel reads extensions up to it
+
+
 def test_zip_bombs_really_expand_past_the_zip_limit():
     bomb = zipfile.ZipFile(io.BytesIO(CORPUS["zip_bomb"].data))
     declared = sum(i.file_size for i in bomb.infolist())
