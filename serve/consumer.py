@@ -50,7 +50,16 @@ class InboxRule:
     outputs: tuple[str, ...] = ("multilabel", "statistics", "preview")
 
     def matches(self, ev: ObjectEvent) -> bool:
-        return ev.bucket == self.bucket and ev.key.startswith(self.prefix)
+        """The object lies under the inbox prefix, on whole path segments, with no ``.`` or ``..`` segment.
+
+        The input is then read with the intake's own credentials, not through the API's tenancy check, and
+        a server that resolves ``..`` in keys would hand over another site's object.
+        """
+        if ev.bucket != self.bucket or not ev.key.startswith(self.prefix):
+            return False
+        if self.prefix and not self.prefix.endswith("/") and not ev.key[len(self.prefix):].startswith("/"):
+            return False  # prefix "site-a" must not take "site-ab/..."
+        return not any(part in (".", "..") for part in ev.key.split("/"))
 
     def spec(self, ev: ObjectEvent) -> JobSpec:
         return JobSpec(ev.uri, self.output_root, self.site, ev.etag, ev.version_id, self.roi_subset, self.fast,
@@ -148,6 +157,8 @@ def specs_for_events(events: Sequence[ObjectEvent], rules: Sequence[InboxRule]) 
         rule = next((r for r in rules if r.matches(ev)), None)
         if rule is None:
             ignored += 1  # not an inbox we serve (e.g. our own outbox in the same bucket)
+            if any(part in (".", "..") for part in ev.key.split("/")):
+                log.warning("ignored an event for a key with '.' or '..' segments in bucket %s", ev.bucket)
             continue
         specs.append(rule.spec(ev))
     return specs, ignored

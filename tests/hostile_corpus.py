@@ -359,6 +359,8 @@ def corpus() -> list[HostileInput]:
     add("mha_vector_rgb", "scan.mha", _sitk_bytes(rgb_img, ".mha"), (422,), "three components per voxel")
     add("mhd_upload", "scan.mhd", _mha_header(ElementDataFile="scan.raw"), (415,),
         "a detached-header .mhd (its data cannot come with it)")
+    add("nhdr_upload", "scan.nhdr", b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n"
+        b"data file: scan.raw\n\n", (415,), "a detached-header .nhdr (its data cannot come with it)")
     add("nrrd_garbage", "scan.nrrd", b"NRRD0004\n" + random_bytes, (422,), "NRRD magic then random bytes")
     add("nrrd_random", "scan.nrrd", random_bytes, (422,), "random bytes named .nrrd")
     add("nrrd_detached_padded", "scan.nrrd",

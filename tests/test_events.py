@@ -75,3 +75,20 @@ def test_inbox_rules_map_events_to_site_jobs():
     assert [(s.site, s.output_prefix) for s in specs] == [("site-a", "s3://out/r/site-a/x/case1/"),
                                                           ("site-b", "s3://out/r/site-b/case2/")]
     assert ignored == 2
+
+
+def test_inbox_rules_take_whole_segments_and_no_dot_segments():
+    """The intake reads inputs with its own credentials: a key must not climb out of the inbox, even URL-encoded."""
+    from serve.consumer import InboxRule, specs_for_events
+
+    rules = [InboxRule("consortium", "site-a/inbox/", "site-a", "s3://out/r"),
+             InboxRule("consortium", "site-c", "site-c", "s3://out/r")]  # a prefix without its trailing slash
+    body = {"Records": [s3_record("site-a/inbox/%2E%2E/%2E%2E/site-b/inbox/patient.nii.gz", bucket="consortium"),
+                        s3_record("site-a/inbox/./x.nii.gz", bucket="consortium"),
+                        s3_record("site-cd/secret.nii.gz", bucket="consortium"),
+                        s3_record("site-c/ok.nii.gz", bucket="consortium"),
+                        s3_record("site-a/inbox/sub/ok..name.nii.gz", bucket="consortium")]}
+    specs, ignored = specs_for_events(parse_message(body), rules)
+    assert [s.input_uri for s in specs] == ["s3://consortium/site-c/ok.nii.gz",
+                                            "s3://consortium/site-a/inbox/sub/ok..name.nii.gz"]
+    assert ignored == 3

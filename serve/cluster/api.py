@@ -330,7 +330,7 @@ def _check_suffix(filename: str) -> None:
     from serve.volume_io import SUPPORTED, suffix_of
 
     suffix = suffix_of(filename)
-    if suffix not in SUPPORTED or suffix == ".mhd":
+    if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):
         raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; name the upload "
                                      f".nii, .nii.gz, .mha, .nrrd or .zip (a DICOM series) via ?filename=")
 
