@@ -84,15 +84,45 @@ def test_loads_from_file_and_env(tmp_path, monkeypatch):
         Tenancy.load(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("bad", [
-    {"sites": {"s": {"keys": ["short"]}}},
-    {"sites": {"s": {"key_sha256": ["abc"]}}},
-    {"sites": {"s": {"prefixes": ["/local/dir"]}}},
-    {"nosites": {}},
+@pytest.mark.parametrize("bad,says", [
+    ({"sites": {"s": {"keys": ["short"]}}}, "at least 16"),
+    ({"sites": {"s": {"key_sha256": ["abc"]}}}, "64 hex"),
+    ({"sites": {"s": {"prefixes": ["/local/dir"]}}}, "s3://"),
+    ({"nosites": {}}, "'sites' mapping"),
+    ({"sites": {"s": ["s3://b/s/"]}}, "expected a mapping"),
+    ({"sites": {"s": {"prefix": ["s3://b/s/"]}}}, "unknown setting"),         # a typo must not pass silently
+    ({"sites": {"s": {"prefixes": "s3://b/s/"}}}, "list of strings"),
+    ({"sites": {"s": {"keys": KEY_A}}}, "list of strings"),
+    ({"sites": {"s": {"max_concurrent_jobs": "many"}}}, "max_concurrent_jobs must be an integer"),
+    ({"sites": {"s": {"max_concurrent_jobs": 0}}}, "max_concurrent_jobs must be an integer >= 1"),
+    ({"sites": {"s": {"requests_per_second": float("nan")}}}, "requests_per_second"),
+    ({"sites": {"s": {"burst": 0}}}, "burst must be an integer >= 1"),  # 0 would lock the site out for good
+    ({"sites": {"a": {"keys": [KEY_A]}, "b": {"keys": [KEY_A]}}}, "share an API key"),
 ])
-def test_bad_tenant_files_are_clear_errors(bad):
-    with pytest.raises(MrisegError):
+def test_bad_tenant_files_are_clear_errors(bad, says):
+    with pytest.raises(MrisegError, match=says):
         Tenancy.from_mapping(bad)
+
+
+def test_a_key_named_in_clear_and_as_digest_for_two_sites_is_refused():
+    digest = hashlib.sha256(KEY_A.encode()).hexdigest()
+    with pytest.raises(MrisegError, match="sites a and b share an API key"):
+        Tenancy.from_mapping({"sites": {"a": {"keys": [KEY_A]}, "b": {"key_sha256": [digest]}}})
+    assert Tenancy.from_mapping({"sites": {"a": {"keys": [KEY_A], "key_sha256": [digest]}}}).authenticate(KEY_A)
+
+
+def test_unparseable_tenants_are_clear_errors_without_content(tmp_path, monkeypatch):
+    (tmp_path / "t.yaml").write_text("sites:\n  a: {keys: [" + KEY_A + "\n")
+    with pytest.raises(MrisegError, match="not valid YAML") as e:
+        Tenancy.from_file(tmp_path / "t.yaml")
+    (tmp_path / "b.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(MrisegError, match="not UTF-8"):
+        Tenancy.from_file(tmp_path / "b.yaml")
+    monkeypatch.delenv("MRISEG_TENANTS_FILE", raising=False)
+    monkeypatch.setenv("MRISEG_TENANTS_JSON", '{"sites": {"a": {"keys": ["' + KEY_A + '"]')
+    with pytest.raises(MrisegError, match="not valid JSON") as e2:
+        Tenancy.load()
+    assert KEY_A not in str(e2.value) and KEY_A not in str(e.value)
 
 
 @pytest.mark.parametrize("uri,ok", [

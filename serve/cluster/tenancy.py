@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,61 @@ class Site:
         return False
 
 
+SITE_SETTINGS = ("prefixes", "keys", "key_sha256", "max_concurrent_jobs", "requests_per_second", "burst")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _strings(site: str, cfg: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = cfg.get(key) or ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise MrisegError(f"tenants: site {site}: {key} must be a list of strings")
+    return tuple(value)
+
+
+def _number(site: str, cfg: Mapping[str, Any], key: str, default: float, minimum: float, integer: bool) -> float:
+    value = cfg.get(key, default)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and value >= minimum and (not integer or float(value).is_integer()))
+    if not ok:
+        raise MrisegError(f"tenants: site {site}: {key} must be {'an integer' if integer else 'a number'} "
+                          f">= {minimum:g}, not {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _site_from_mapping(name: str, cfg: Any) -> tuple[Site, list[bytes]]:
+    """One site's settings, checked; and the digests of its keys."""
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, Mapping):
+        raise MrisegError(f"tenants: site {name}: expected a mapping of settings ({', '.join(SITE_SETTINGS)})")
+    unknown = sorted(str(k) for k in cfg if k not in SITE_SETTINGS)
+    if unknown:
+        raise MrisegError(f"tenants: site {name}: unknown setting(s) {unknown}; known: {', '.join(SITE_SETTINGS)}")
+    prefixes = _strings(name, cfg, "prefixes")
+    for p in prefixes:
+        parse_s3_uri(p)  # raises a clear error for a non-s3 prefix
+    site = Site(name, prefixes,
+                int(_number(name, cfg, "max_concurrent_jobs", Site.max_concurrent_jobs, 1, True)),
+                _number(name, cfg, "requests_per_second", Site.requests_per_second, 0, False),
+                int(_number(name, cfg, "burst", Site.burst, 1, True)))
+    digests = []
+    for k in _strings(name, cfg, "keys"):
+        if len(k) < 16:
+            raise MrisegError(f"tenants: site {name}: API keys must be at least 16 characters")
+        digests.append(hash_key(k))
+    for h in _strings(name, cfg, "key_sha256"):
+        try:
+            d = bytes.fromhex(h)
+        except ValueError:
+            d = b""
+        if len(d) != 32:
+            raise MrisegError(f"tenants: site {name}: key_sha256 entries must be 64 hex characters")
+        digests.append(d)
+    return site, digests
+
+
 def hash_key(key: str) -> bytes:
     """SHA-256 digest of an API key, the only form kept in memory."""
     return hashlib.sha256(key.encode("utf-8")).digest()
@@ -82,25 +138,14 @@ class Tenancy:
             raise MrisegError("tenants: expected a mapping with a 'sites' mapping of site name -> settings")
         sites, digests = [], {}
         for name, cfg in raw["sites"].items():
-            cfg = cfg or {}
-            prefixes = tuple(cfg.get("prefixes", ()))
-            for p in prefixes:
-                parse_s3_uri(p)  # raises a clear error for a non-s3 prefix
-            sites.append(Site(str(name), prefixes, int(cfg.get("max_concurrent_jobs", 4)),
-                              float(cfg.get("requests_per_second", Site.requests_per_second)),
-                              int(cfg.get("burst", Site.burst))))
-            for k in cfg.get("keys", ()):
-                if len(str(k)) < 16:
-                    raise MrisegError(f"tenants: site {name}: API keys must be at least 16 characters")
-                digests[hash_key(str(k))] = str(name)
-            for h in cfg.get("key_sha256", ()):
-                try:
-                    d = bytes.fromhex(str(h))
-                except ValueError:
-                    d = b""
-                if len(d) != 32:
-                    raise MrisegError(f"tenants: site {name}: key_sha256 entries must be 64 hex characters")
-                digests[d] = str(name)
+            site, site_digests = _site_from_mapping(str(name), cfg)
+            sites.append(site)
+            for d in site_digests:
+                if digests.get(d, site.name) != site.name:
+                    # a key must name one site: authentication would otherwise pick either
+                    raise MrisegError(f"tenants: sites {digests[d]} and {site.name} share an API key; "
+                                      f"give each site its own")
+                digests[d] = site.name
         return cls(sites, digests)
 
     @classmethod
@@ -109,11 +154,17 @@ class Tenancy:
 
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise MrisegError(f"tenants file {p} cannot be read ({e.strerror}); set tenants_file or "
                               f"{TENANTS_FILE_ENV} to an existing YAML/JSON file") from e
-        return cls.from_mapping(yaml.safe_load(text))
+        except UnicodeDecodeError as e:
+            raise MrisegError(f"tenants file {p} is not UTF-8 text") from e
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise MrisegError(f"tenants file {p} is not valid YAML/JSON ({_first_line(e)})") from e
+        return cls.from_mapping(raw)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "Tenancy":
@@ -122,7 +173,11 @@ class Tenancy:
         if path:
             return cls.from_file(path)
         if os.environ.get(TENANTS_JSON_ENV):
-            return cls.from_mapping(json.loads(os.environ[TENANTS_JSON_ENV]))
+            try:
+                raw = json.loads(os.environ[TENANTS_JSON_ENV])
+            except ValueError as e:  # the message quotes no content: it may hold keys
+                raise MrisegError(f"{TENANTS_JSON_ENV} is not valid JSON (line {getattr(e, 'lineno', '?')})") from e
+            return cls.from_mapping(raw)
         raise MrisegError(f"no tenants configured: pass tenants_file in the app args or set "
                           f"{TENANTS_FILE_ENV} / {TENANTS_JSON_ENV}")
 
