@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, parse_message, volume_events
 from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
 from serve.s3client import S3Settings
@@ -160,7 +161,15 @@ def specs_for_events(events: Sequence[ObjectEvent], rules: Sequence[InboxRule]) 
             if any(part in (".", "..") for part in ev.key.split("/")):
                 log.warning("ignored an event for a key with '.' or '..' segments in bucket %s", ev.bucket)
             continue
-        specs.append(rule.spec(ev))
+        spec = rule.spec(ev)
+        try:
+            spec.output_prefix  # the key must name a case folder; one with control characters cannot
+        except MrisegError:
+            ignored += 1  # a job without an output prefix could never record why it failed
+            log.warning("ignored an event in bucket %s: its key cannot name an output folder (control "
+                        "characters, unpaired surrogates or over 1024 bytes)", ev.bucket[:63])
+            continue
+        specs.append(spec)
     return specs, ignored
 
 

@@ -118,6 +118,8 @@ def parse_message(body: str | bytes | Mapping[str, Any]) -> list[ObjectEvent]:
             msg = json.loads(body)
         except ValueError as e:
             raise EventFormatError("the message body is not JSON") from e
+        except RecursionError as e:  # 60 KB of '[' is enough
+            raise EventFormatError("the message body nests JSON too deeply") from e
     else:
         msg = body
     if not isinstance(msg, Mapping):

@@ -503,4 +503,8 @@ class JobRunner:
         """The job could not even be identified (input gone, models missing): nothing to claim."""
         err = error_dict(exc)
         log.info("job not started: %d %s", err["status"], err["title"])
-        return JobOutcome("", FAILED, spec.output_prefix, False, err)
+        try:
+            prefix = spec.output_prefix
+        except MrisegError:  # the input key itself is what is wrong: there is no folder to name
+            prefix = ""
+        return JobOutcome("", FAILED, prefix, False, err)

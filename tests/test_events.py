@@ -92,3 +92,28 @@ def test_inbox_rules_take_whole_segments_and_no_dot_segments():
     assert [s.input_uri for s in specs] == ["s3://consortium/site-c/ok.nii.gz",
                                             "s3://consortium/site-a/inbox/sub/ok..name.nii.gz"]
     assert ignored == 3
+
+
+def test_deeply_nested_body_is_a_format_error():
+    with pytest.raises(EventFormatError, match="too deeply"):
+        parse_message("[" * 30000 + "]" * 30000)
+
+
+def test_a_key_that_cannot_name_an_output_is_ignored_alone(caplog):
+    """One bad key must neither stop its neighbours nor become a job that could never record its failure."""
+    from serve.consumer import InboxRule, specs_for_events
+
+    rules = [InboxRule("inbox", "a/", "site-a", "s3://out/r")]
+    body = {"Records": [s3_record("a/good.nii"), s3_record("a/bad%00.nii"), s3_record("a/" + "x" * 1100 + ".nii")]}
+    specs, ignored = specs_for_events(parse_message(body), rules)
+    assert [s.input_uri for s in specs] == ["s3://inbox/a/good.nii"] and ignored == 2
+    assert "cannot name an output" in caplog.text and "bad" not in caplog.text
+
+
+def test_a_job_whose_key_is_unusable_still_fails_with_a_reason():
+    from serve.errors import MrisegError
+    from serve.jobs import JobRunner, JobSpec
+
+    runner = JobRunner.__new__(JobRunner)  # _fail_unclaimed touches no store or engine
+    out = runner._fail_unclaimed(JobSpec("s3://in/a/bad\x01.nii", "s3://out/r"), MrisegError("input unusable"))
+    assert out.state == "failed" and out.error["detail"] == "input unusable" and out.output_prefix == ""
