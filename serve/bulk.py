@@ -67,7 +67,8 @@ def already_done(output_prefix: str, settings: S3Settings) -> bool:
     if staging.object_exists(uri, settings) is None:
         return False
     try:
-        return json.loads(staging.download_bytes(uri, settings=settings)).get("status") == DONE
+        doc = json.loads(staging.download_bytes(uri, settings=settings))
+        return isinstance(doc, dict) and doc.get("status") == DONE
     except (ValueError, MrisegError):
         return False
 

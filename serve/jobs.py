@@ -141,6 +141,19 @@ def idempotency_key(spec: JobSpec, model_checksums: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
+class UnreadableRecord(ValueError):
+    """A stored job record that is not what this version writes (truncated, edited, another format)."""
+
+
+_NUMBER = (int, float)
+#: field -> accepted types of a stored record; None allowed where the field may be null
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "key": (str,), "state": (str,), "spec": (dict,), "models": (dict,), "output_prefix": (str,),
+    "owner": (str, type(None)), "lease_until": (*_NUMBER, type(None)), "attempts": (int,), "created": _NUMBER,
+    "updated": _NUMBER, "error": (dict, type(None)), "outputs": (dict,)}
+_REQUIRED = ("key", "state", "spec", "models", "output_prefix")
+
+
 @dataclass
 class JobRecord:
     key: str
@@ -163,9 +176,26 @@ class JobRecord:
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any], etag: str | None) -> "JobRecord":
+    def from_json(cls, d: Any, etag: str | None) -> "JobRecord":
+        """A stored record; :class:`UnreadableRecord` when a field is missing or of the wrong type."""
+        if not isinstance(d, Mapping):
+            raise UnreadableRecord("not a JSON object")
+        for name, types in _RECORD_TYPES.items():
+            if (name in d or name in _REQUIRED) and not (isinstance(d.get(name), types)
+                                                         and not isinstance(d.get(name), bool)):
+                raise UnreadableRecord(f"field {name!r} is missing or not {'/'.join(t.__name__ for t in types)}")
+        if d["state"] not in (QUEUED, RUNNING, DONE, FAILED):
+            raise UnreadableRecord("unknown state")
         known = set(cls.__dataclass_fields__) - {"etag"}
         return cls(**{k: v for k, v in d.items() if k in known}, etag=etag)
+
+    @classmethod
+    def unreadable(cls, key: str, why: str, etag: str | None) -> "JobRecord":
+        """Stands in for a stored record that cannot be read: failed and retryable, so a claim replaces it."""
+        log.warning("job record %s is unreadable (%s); the next claim replaces it", key[:16], why)
+        return cls(key, FAILED, {}, {}, "", error={"status": 500, "title": "Unreadable job record", "retryable": True,
+                                                  "detail": f"the stored job record was unreadable ({why})"},
+                   etag=etag)
 
     @property
     def retryable(self) -> bool:
@@ -214,7 +244,11 @@ class JobStore:
                 if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                     return None
                 raise
-            return JobRecord.from_json(json.loads(r["Body"].read()), r["ETag"])
+            body = r["Body"].read()
+            try:
+                return JobRecord.from_json(json.loads(body), r["ETag"])
+            except (ValueError, RecursionError) as e:  # UnreadableRecord and JSONDecodeError are ValueErrors
+                return JobRecord.unreadable(key, str(e) if isinstance(e, UnreadableRecord) else "not JSON", r["ETag"])
 
         return staging.with_retries(once, bucket=self.bucket, action="read a job record")
 
@@ -438,8 +472,11 @@ class JobRunner:
         head = staging.object_exists(base + "job.json", self.settings)
         if head is None:
             return base
-        existing = json.loads(staging.download_bytes(base + "job.json", settings=self.settings))
-        if existing.get("job_key") == key:
+        try:
+            existing = json.loads(staging.download_bytes(base + "job.json", settings=self.settings))
+        except ValueError:  # unreadable: whose it is cannot be told, so it is not overwritten
+            existing = None
+        if isinstance(existing, dict) and existing.get("job_key") == key:
             return base
         return f"{base}runs/{key[:16]}/"
 

@@ -138,6 +138,22 @@ def test_stale_claim_is_taken_over(seaweed, unique_prefix):  # noqa: F811
     assert live.finish(rec_live, DONE).state == DONE
 
 
+@pytest.mark.parametrize("body", [b'{"key": "k", "sta', b"[]", b"", b'{"key": "k", "state": "running", "spec": {}, '
+                                  b'"models": {}, "output_prefix": "s3://o/", "lease_until": "2030-01-01"}'])
+def test_unreadable_record_is_taken_over_not_fatal(seaweed, unique_prefix, body):  # noqa: F811
+    """A truncated, edited or foreign job record must not crash every claim: it reads as failed, retryable."""
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/z.nii", "s3://outbox/o", etag='"1"')
+    key = idempotency_key(spec, {})
+    store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    store.client.put_object(Bucket="jobs", Key=f"{unique_prefix}/jobs/{key}.json", Body=body)
+    seen = store.get(key)
+    assert seen.state == FAILED and seen.retryable and "unreadable" in seen.error["detail"]
+    assert [r.state for r in store.list()] == [FAILED]
+    rec, won = store.claim(key, spec, {})
+    assert won and rec.attempts == 1 and store.finish(rec, DONE).state == DONE
+    assert store.get(key).state == DONE
+
+
 def test_corrupt_input_fails_once_with_error_job_json(seaweed, runner, unique_prefix):  # noqa: F811
     spec = spec_for(unique_prefix, "broken.nii.gz")
     staging.put_bytes(b"\x1f\x8b this is not a gzip stream", spec.input_uri, seaweed.settings)

@@ -34,9 +34,11 @@ def test_unreadable_record_is_set_aside(tmp_path):
     j = JobJournal(tmp_path)
     j.save(Job(site="site-a", options=JobOptions()))
     (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[]")  # JSON, but not a record
     (tmp_path / ".tmp-half.json").write_text("{")
     assert len(j.load()) == 1
     assert (tmp_path / "broken.unreadable").exists() and not (tmp_path / ".tmp-half.json").exists()
+    assert (tmp_path / "list.unreadable").exists()
 
 
 def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_path, caplog):

@@ -79,7 +79,7 @@ class JobJournal:
                 continue
             try:
                 jobs.append(job_from_record(json.loads(p.read_text())))
-            except (OSError, ValueError, TypeError, KeyError) as e:
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                 log.error("job record %s is unreadable (%s); moved aside", p.name, type(e).__name__)
                 p.rename(p.with_suffix(".unreadable"))
         return sorted(jobs, key=lambda j: j.created)
