@@ -203,6 +203,10 @@ def test_error_statuses(serve_stack):
         assert "not_an_organ" in _problem(upload(c, "site-a", roi_subset="liver,not_an_organ"), 400)["detail"]
         _problem(c.post("/v1/segmentations", json={"input": "http://evil.example/x.nii.gz"},
                         headers=auth("site-a")), 400)
+        # 400: an empty structure list or output list (it used to fail later, as a 409 "install the weights")
+        assert "names no structure" in _problem(upload(c, "site-a", roi_subset=" , "), 400)["detail"]
+        _problem(c.post("/v1/segmentations", json={"input": "s3://consortium/site-a/x.nii.gz", "outputs": []},
+                        headers=auth("site-a")), 400)
         # 401: no key, wrong key (also on the catalogue)
         _problem(c.get("/v1/structures"), 401)
         _problem(c.get("/v1/structures", headers={"X-API-Key": "nope-nope-nope-nope"}), 401)

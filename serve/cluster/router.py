@@ -156,8 +156,12 @@ class JobService:
     def validate_options(self, site: Site, options: JobOptions) -> JobOptions:
         """400 on unknown structures/outputs, 403 on an output prefix outside the site's."""
         if options.roi_subset is not None:
+            if not options.roi_subset:
+                raise MrisegError("roi_subset names no structure; name at least one, or leave it out for all")
             options.roi_subset = self.catalogue.validate_structures(options.roi_subset)
         self.catalogue.plan(options.roi_subset, options.fast)
+        if not options.outputs:
+            raise MrisegError(f"outputs names no output; choose from {list(OUTPUT_KINDS)}, or leave it out")
         bad = [o for o in options.outputs if o not in OUTPUT_KINDS]
         if bad:
             raise MrisegError(f"unknown output(s) {bad}; choose from {list(OUTPUT_KINDS)}")
