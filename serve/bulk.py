@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -233,6 +234,21 @@ def settings_from_args(args) -> S3Settings:
     return S3Settings(endpoint_url=endpoint, region=region, path_style=bool(endpoint) or args.s3_path_style)
 
 
+def _check_report_path(path: Path) -> None:
+    """Before the run, not after it: a report that cannot be written would lose the per-input outcomes."""
+    folder = path.absolute().parent
+    while not folder.exists():  # write_report creates missing folders
+        folder = folder.parent
+    try:
+        if path.is_dir() or not folder.is_dir():
+            raise IsADirectoryError if path.is_dir() else NotADirectoryError
+        with tempfile.TemporaryFile(dir=folder):  # os.access says yes to root even where writes fail
+            pass
+    except OSError as e:
+        raise MrisegError(f"cannot write the report {path}: it is a folder, or {folder} is not a writable "
+                          f"folder") from e
+
+
 def cmd_bulk(args) -> int:
     settings = settings_from_args(args)
     if not args.out.startswith("s3://"):
@@ -244,21 +260,30 @@ def cmd_bulk(args) -> int:
     else:
         key = os.environ.get("MRISEG_API_KEY", "")
         if args.api_key_file:
-            key = Path(args.api_key_file).read_text().strip()
+            try:
+                key = Path(args.api_key_file).read_text().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise MrisegError(f"cannot read the API key file {args.api_key_file} "
+                                  f"({getattr(e, 'strerror', None) or 'not text'})") from e
         if not key:
             raise MrisegError("no API key: pass --api-key-file FILE or set MRISEG_API_KEY")
         backend = api_backend(args.api, key)
+    if args.report:
+        _check_report_path(Path(args.report))
     items = run_bulk(args.prefix, args.out, backend, settings, site=args.site, concurrency=args.concurrency,
                      roi_subset=args.roi_subset.split(",") if args.roi_subset else None, fast=args.fast,
                      outputs=args.outputs.split(","), progress=not args.no_progress)
     s = summary(items)
-    if args.report:
-        write_report(items, args.report)
     print(f"{s['total']} volumes: {s[SUCCEEDED]} succeeded, {s[FAILED]} failed, {s[SKIPPED]} skipped"
           + (f"; report: {args.report}" if args.report else ""))
     for it in items:
         if it.status == FAILED:
             print(f"  failed: {it.input}: {it.reason}", file=sys.stderr)
+    if args.report:
+        try:
+            write_report(items, args.report)
+        except OSError as e:  # the outcomes are printed above; the job records keep them too
+            raise MrisegError(f"the report {args.report} could not be written ({e.strerror})") from e
     return 1 if s[FAILED] else 0
 
 

@@ -110,6 +110,10 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
     from serve.pipeline import Segmenter
     from serve.volume_io import read_volume
 
+    try:  # before the work: an unwritable destination found after segmenting wastes it all
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MrisegError(f"cannot create the output folder {outdir} ({e.strerror}); choose a writable one") from e
     volume = read_volume(input_path)
     if sources is None:
         from serve.demo import ensure_demo_models

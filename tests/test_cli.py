@@ -91,6 +91,21 @@ def test_missing_input_exits_2(tmp_path, tiny_models, capsys):  # noqa: F811
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_unwritable_destinations_exit_2_before_any_work(phantom, tiny_models, tmp_path, capsys,  # noqa: F811
+                                                       monkeypatch):
+    (tmp_path / "a-file").write_text("x")  # a folder below a file cannot exist, even for root
+    assert main(["segment", "-i", str(phantom), "-o", str(tmp_path / "a-file" / "out"), "--models",
+                 str(tiny_models), "-q"]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+    bulk = ["bulk", "s3://in/x/", "--out", "s3://out/y/", "--no-progress"]
+    assert main([*bulk, "--api-key-file", str(tmp_path / "no-such-key")]) == 2
+    assert "cannot read the API key file" in capsys.readouterr().err
+    monkeypatch.setenv("MRISEG_API_KEY", "k" * 16)  # the report is checked before any volume is listed or sent
+    assert main([*bulk, "--api", "http://127.0.0.1:9", "--report", str(tmp_path / "a-file" / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the report" in err and "Traceback" not in err
+
+
 def _in_process_flag() -> list[str]:
     """The cluster plugin sends ``demo`` through Ray unless told otherwise; this test is the in-process path."""
     sub = next(a for a in build_parser()._actions if a.dest == "command")
