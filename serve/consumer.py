@@ -30,8 +30,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, parse_message, volume_events
-from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
-from serve.s3client import S3Settings
+from serve.jobs import DONE, FAILED, OUTPUT_KINDS, RUNNING, JobOutcome, JobSpec
+from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,43 @@ class InboxRule:
                        self.outputs, self.prefix)
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> "InboxRule":
+    def from_mapping(cls, d: Any) -> "InboxRule":
+        """A rule from config, checked: a typo or a wrong type is an error here, not a silent default."""
+        if not isinstance(d, Mapping):
+            raise MrisegError(f"events: an inbox rule must be a mapping of {list(cls.__dataclass_fields__)}")
         d = dict(d)
+        unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
+        missing = [k for k in ("bucket", "prefix", "site", "output_root") if k not in d]
+        if unknown or missing:
+            raise MrisegError(f"events: inbox rule {d.get('site', '?')}: unknown setting(s) {unknown}, missing "
+                              f"{missing}; a rule has {list(cls.__dataclass_fields__)}")
+        name = f"events: inbox rule for site {d['site']!r}"
+        if not all(isinstance(d[k], str) for k in ("bucket", "prefix", "site", "output_root")) or not d["site"]:
+            raise MrisegError(f"{name}: bucket, prefix, site and output_root must be strings (site not empty)")
+        parse_s3_uri(f"s3://{d['bucket']}/")  # a clear error for an invalid bucket name
+        out_bucket, out_key = parse_s3_uri(d["output_root"].rstrip("/") + "/")
+        inbox = d["prefix"] if d["prefix"].endswith("/") or not d["prefix"] else d["prefix"] + "/"
+        if out_bucket == d["bucket"] and out_key.startswith(inbox):
+            raise MrisegError(f"{name}: output_root lies inside the inbox, so every output would be segmented "
+                              f"again; put outputs outside {d['prefix']!r}")
+        if not isinstance(d.get("fast", False), bool):
+            raise MrisegError(f"{name}: fast must be true or false, not {d['fast']!r}")
+        for k in ("roi_subset", "outputs"):
+            v = d.get(k)
+            if v is not None and (isinstance(v, str) or not isinstance(v, (list, tuple))
+                                  or not all(isinstance(x, str) for x in v)):
+                raise MrisegError(f"{name}: {k} must be a list of names, not {v!r}")
         if d.get("roi_subset") is not None:
-            d["roi_subset"] = tuple(d["roi_subset"])
+            from serve.catalogue import load_catalogue
+
+            d["roi_subset"] = tuple(load_catalogue().validate_structures(d["roi_subset"]) or ())
+            if not d["roi_subset"]:
+                raise MrisegError(f"{name}: roi_subset names no structure; leave it out for all")
         if "outputs" in d:
-            d["outputs"] = tuple(d["outputs"])
+            d["outputs"] = tuple(d["outputs"] or ())
+            bad = [o for o in d["outputs"] if o not in OUTPUT_KINDS]
+            if bad or not d["outputs"]:
+                raise MrisegError(f"{name}: outputs must name some of {list(OUTPUT_KINDS)}, not {list(d['outputs'])}")
         return cls(**d)
 
 
@@ -90,10 +121,18 @@ class ConsumerConfig:
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> "ConsumerConfig":
         d = dict(d)
+        unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
+        if unknown:  # e.g. visibility_timeout for visibility_timeout_s: silently dropped, it would not apply
+            raise MrisegError(f"events: unknown SQS setting(s) {unknown}; known: wait_time_s, "
+                              f"visibility_timeout_s, heartbeat_s, max_messages")
+        for k, minimum in (("wait_time_s", 0), ("visibility_timeout_s", 1), ("heartbeat_s", 0.1),
+                           ("max_messages", 1)):
+            v = d.get(k, getattr(cls, k))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= minimum:
+                raise MrisegError(f"events: {k} must be a number >= {minimum}, not {v!r}")
         d["rules"] = [InboxRule.from_mapping(r) for r in d.get("rules", [])]
         d["sqs"] = S3Settings.from_mapping(d.get("sqs"))
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**d)
 
 
 def make_sqs_client(settings: S3Settings):

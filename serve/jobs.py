@@ -49,6 +49,7 @@ from serve.s3client import S3Settings, parse_s3_uri
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+OUTPUT_KINDS = ("multilabel", "per_structure", "statistics", "preview")
 DEFAULT_OUTPUTS = ("multilabel", "statistics", "preview")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".zip")
 

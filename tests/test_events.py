@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, is_volume_key, parse_message, volume_events
 
 
@@ -117,3 +118,53 @@ def test_a_job_whose_key_is_unusable_still_fails_with_a_reason():
     runner = JobRunner.__new__(JobRunner)  # _fail_unclaimed touches no store or engine
     out = runner._fail_unclaimed(JobSpec("s3://in/a/bad\x01.nii", "s3://out/r"), MrisegError("input unusable"))
     assert out.state == "failed" and out.error["detail"] == "input unusable" and out.output_prefix == ""
+
+
+RULE = {"bucket": "in", "prefix": "a/", "site": "a", "output_root": "s3://out/x"}
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"prefx": "a/"}, "unknown setting"),                          # a typo is not a silent default
+    ({"site": None}, "must be strings"),
+    ({"fast": "false"}, "fast must be true or false"),             # a string would have been truthy
+    ({"roi_subset": "liver"}, "list of names"),                    # a string would have become letters
+    ({"roi_subset": ["livr"]}, "livr"),
+    ({"outputs": ["preveiw"]}, "outputs must name some of"),
+    ({"output_root": "/tmp/out"}, "s3://"),
+    ({"prefix": "", "output_root": "s3://in/results"}, "inside the inbox"),  # outputs would be ingested again
+    ({"output_root": "s3://in/a/out"}, "inside the inbox"),
+])
+def test_inbox_rules_are_checked_when_loaded(change, says):
+    from serve.consumer import InboxRule
+
+    with pytest.raises(MrisegError, match=says):
+        InboxRule.from_mapping({**RULE, **change})
+    assert InboxRule.from_mapping({**RULE, "roi_subset": ["spleen", "liver"], "fast": True}).roi_subset == \
+        ("spleen", "liver")
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"rules": {"a": RULE}}, "must be a list"),
+    ({"site_keys": [["a", "k"]]}, "must map site names"),
+    ({"concurrency": "two"}, "concurrency must be a number"),
+    ({"jobs": "/tmp/jobs"}, "s3://"),
+    ({"queue": "http://q"}, "unknown setting"),
+    ({"queue_url": "http://q", "sqs_options": {"visibility_timeout": 60}}, "unknown SQS setting"),
+])
+def test_event_settings_are_checked_when_loaded(change, says, monkeypatch):
+    from serve.cluster.intake import ENV, IntakeSettings
+
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(MrisegError, match=says):
+        IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": [RULE], "site_keys": {"a": "k" * 16}, **change})
+
+
+def test_unparseable_rules_file_is_a_clear_error(tmp_path, monkeypatch):
+    from serve.cluster.intake import ENV, IntakeSettings
+
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "rules.yaml").write_text("- {bucket: in\n")
+    with pytest.raises(MrisegError, match="not valid JSON/YAML"):
+        IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules_file": str(tmp_path / "rules.yaml")})

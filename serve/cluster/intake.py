@@ -33,7 +33,7 @@ from ray import serve as rayserve
 from serve.consumer import Consumer, ConsumerConfig, InboxRule
 from serve.errors import MrisegError, NotFoundError
 from serve.jobs import JobOutcome, JobSpec
-from serve.s3client import S3Settings
+from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,20 @@ class IntakeSettings:
                 d[k] = os.environ[var]
         if not d.get("jobs"):
             return cls(api_url=str(d.get("api_url") or cls.api_url), s3=S3Settings.from_mapping(s3))
-        rules = [dict(r) for r in d.get("rules") or []]
-        keys = dict(d.get("site_keys") or {})
+        unknown = sorted(str(k) for k in d if k not in EVENTS_SETTINGS)
+        if unknown:
+            raise MrisegError(f"events: unknown setting(s) {unknown}; known: {', '.join(EVENTS_SETTINGS)}")
+        rules = _listed(d.get("rules"), "rules")
+        keys = _mapped(d.get("site_keys"), "site_keys")
         try:
             if d.get("rules_file"):
-                rules += list(_read_json_or_yaml(d["rules_file"]) or [])
+                rules += _listed(_read_json_or_yaml(d["rules_file"]), "the rules file")
             if d.get("site_keys_file"):
-                keys.update(_read_json_or_yaml(d["site_keys_file"]) or {})
+                keys.update(_mapped(_read_json_or_yaml(d["site_keys_file"]), "the site keys file"))
         except OSError as e:
             raise MrisegError(f"events: cannot read {e.filename}: {e.strerror}") from e
+        except (ValueError, UnicodeDecodeError) as e:  # JSON and YAML parse errors; their text may quote keys
+            raise MrisegError(f"events: a rules or site keys file is not valid JSON/YAML ({type(e).__name__})") from e
         parsed = [InboxRule.from_mapping(r) for r in rules]
         missing = sorted({r.site for r in parsed} - set(keys))
         if missing:
@@ -90,14 +95,42 @@ class IntakeSettings:
             q = dict(d.get("sqs_options") or {})
             queue = ConsumerConfig.from_mapping({**q, "queue_url": d["queue_url"], "dlq_url": d.get("dlq_url"),
                                                  "sqs": d.get("sqs") or s3 or {}, "rules": rules})
+        parse_s3_uri(str(d["jobs"]).rstrip("/") + "/")  # a clear error for a jobs prefix that is not s3://
         return cls(api_url=str(d.get("api_url") or cls.api_url), jobs=str(d["jobs"]), rules=parsed,
                    site_keys={str(k): str(v) for k, v in keys.items()}, queue=queue,
-                   concurrency=int(d.get("concurrency", 2)), lease_s=float(d.get("lease_s", 300.0)),
-                   max_bytes=int(d.get("max_bytes", 1 << 30)), s3=S3Settings.from_mapping(s3))
+                   concurrency=int(_at_least(d, "concurrency", 2, 1)), lease_s=_at_least(d, "lease_s", 300.0, 1),
+                   max_bytes=int(_at_least(d, "max_bytes", 1 << 30, 1)), s3=S3Settings.from_mapping(s3))
 
     def rules_for(self, site: str) -> list[InboxRule]:
         """The inboxes a site may push events for (its own only)."""
         return [r for r in self.rules if r.site == site]
+
+
+EVENTS_SETTINGS = ("jobs", "rules", "rules_file", "site_keys", "site_keys_file", "queue_url", "dlq_url", "sqs",
+                   "sqs_options", "api_url", "concurrency", "lease_s", "max_bytes")
+
+
+def _listed(value: Any, what: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MrisegError(f"events: {what} must be a list of inbox rules")
+    return list(value)
+
+
+def _mapped(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MrisegError(f"events: {what} must map site names to API keys")
+    return dict(value)
+
+
+def _at_least(d: Mapping[str, Any], key: str, default: float, minimum: float) -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= minimum:
+        raise MrisegError(f"events: {key} must be a number >= {minimum:g}, not {v!r}")
+    return float(v)
 
 
 def _read_json_or_yaml(path: str | os.PathLike) -> Any:
@@ -105,7 +138,10 @@ def _read_json_or_yaml(path: str | os.PathLike) -> Any:
     if str(path).endswith((".yaml", ".yml")):
         import yaml
 
-        return yaml.safe_load(text)
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError("not YAML") from e
     return json.loads(text)
 
 

@@ -30,10 +30,9 @@ from serve.cluster.scheduler import FairScheduler
 from serve.cluster.tenancy import Site, Tenancy
 from serve.errors import (ConflictError, ModelUnavailableError, MrisegError, NotFoundError,
                           ServiceUnavailableError)
+from serve.jobs import OUTPUT_KINDS
 
 log = logging.getLogger(__name__)
-
-OUTPUT_KINDS = ("multilabel", "per_structure", "statistics", "preview")
 
 
 @dataclass
