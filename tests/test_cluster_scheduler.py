@@ -121,3 +121,19 @@ def test_cancel_queued_and_running():
         assert s.stats().running == 0 and not s.stats().active
 
     _run(main())
+
+
+def test_cancel_before_the_task_first_runs_releases_the_slot():
+    """A job handed a slot and cancelled in the same loop turn never runs its body; the slot must come back."""
+    async def main():
+        async def fn():
+            return "ran"
+
+        s = FairScheduler(slots=1, site_limit=lambda site: 1)
+        first = s.submit("A", "a", fn)
+        assert s.cancel("a")  # its task exists but has not taken a step
+        await asyncio.sleep(0.01)
+        assert first.cancelled() and s.stats().running == 0 and not s.stats().active
+        assert await s.submit("A", "a2", fn) == "ran"  # neither the slot nor the site's quota leaked
+
+    _run(main())

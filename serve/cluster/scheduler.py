@@ -27,6 +27,7 @@ class _Entry:
     future: asyncio.Future
     task: asyncio.Task | None = None
     start_seq: int | None = None
+    released: bool = False
 
 
 @dataclass
@@ -109,6 +110,8 @@ class FairScheduler:
             self._running += 1
             e.start_seq = next(self._seq)
             e.task = asyncio.ensure_future(self._run(e))
+            # a task cancelled before its first step never runs _run's body: release the slot here instead
+            e.task.add_done_callback(lambda _task, e=e: self._release(e))
 
     async def _run(self, e: _Entry) -> None:
         try:
@@ -123,9 +126,18 @@ class FairScheduler:
             if not e.future.done():
                 e.future.set_result(result)
         finally:
-            self._running -= 1
-            self._finish(e)
-            self._dispatch()
+            self._release(e)
+
+    def _release(self, e: _Entry) -> None:
+        """Hand the slot back once per job: from ``_run``, or when its task ends without running."""
+        if e.released:
+            return
+        e.released = True
+        if not e.future.done():
+            e.future.cancel()
+        self._running -= 1
+        self._finish(e)
+        self._dispatch()
 
     def _finish(self, e: _Entry) -> None:
         self._active[e.site] = max(0, self._active.get(e.site, 0) - 1)
