@@ -35,8 +35,30 @@ def job_to_record(job: Job) -> dict[str, Any]:
     return rec
 
 
+_NUM = (int, float)
+_NONE = type(None)
+#: field -> accepted JSON types; a record with anything else is set aside, not half-loaded
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "site": (str,), "id": (str,), "status": (str,), "input_uri": (str, _NONE), "created": _NUM,
+    "started": (*_NUM, _NONE), "finished": (*_NUM, _NONE), "start_seq": (int, _NONE), "timings": (dict,),
+    "submodels": (dict,), "outputs": (dict,), "structures": (dict,), "unavailable": (dict,),
+    "error": (dict, _NONE), "resumed": (int,), "options": (dict, _NONE)}
+_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
 def job_from_record(rec: dict[str, Any]) -> Job:
-    """The inverse of :func:`job_to_record`; unknown fields (from a newer version) are dropped."""
+    """The inverse of :func:`job_to_record`; unknown fields (from a newer version) are dropped.
+
+    Raises TypeError/ValueError for a record this version cannot trust (:meth:`JobJournal.load` sets it aside).
+    """
+    if not isinstance(rec, dict):
+        raise TypeError("a job record is a JSON object")
+    for name, types in _FIELD_TYPES.items():
+        v = rec.get(name)
+        if (name in rec or name in ("site", "id")) and (not isinstance(v, types) or isinstance(v, bool)):
+            raise TypeError(f"field {name!r} has the wrong type")
+    if rec.get("status", "queued") not in _STATUSES:
+        raise ValueError("unknown status")
     known = {f.name for f in fields(Job)}
     opts = dict(rec.get("options") or {})
     options = JobOptions(opts.get("roi_subset"), bool(opts.get("fast", False)),

@@ -42,6 +42,7 @@ class RouterSettings:
     max_upload_bytes: int = 256 << 20
     max_voxels: int | None = None        # None: serve.volume_io's default
     submodel_retries: int = 1            # re-sends after a replica died mid-call
+    submodel_timeout_s: float = 1800.0   # one sub-model call, queueing included; then 503 (resubmit)
     max_jobs_kept: int = 10_000
     max_resumes: int = 2                 # a job that outlived this many router restarts fails instead
     s3: dict | None = None
@@ -49,8 +50,10 @@ class RouterSettings:
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "RouterSettings":
         d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
+        if unknown:  # a typo would otherwise leave the default in force without a word
+            raise MrisegError(f"router: unknown setting(s) {unknown}; known: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**d)
 
 
 # A sub-model call: (name, [ObjectRef], spacing) -> {"labels", "started", "finished", ...}
@@ -139,10 +142,11 @@ class JobService:
                 self._schedule(job, spooled, spooled.name if spooled else "upload.nii.gz")
                 resumed += 1
                 audit("job.resumed", job=job.id, site=job.site, resumed=job.resumed)
-            except MrisegError as e:
-                job.fail(e)
+            except Exception as e:  # noqa: BLE001 - one odd record must not stop the others
+                job.fail(e if isinstance(e, MrisegError) else ServiceUnavailableError(
+                    f"the job could not be resumed after a router restart ({type(e).__name__}); resubmit it"))
                 self.journal.save(job)
-                audit("job.settled", job=job.id, site=job.site, status="failed", error=e.status,
+                audit("job.settled", job=job.id, site=job.site, status="failed", error=job.error["status"],
                       reason="router restart")
                 if spooled is not None:
                     spooled.unlink(missing_ok=True)
@@ -220,10 +224,14 @@ class JobService:
 
     def cancel(self, site: Site, job_id: str) -> Job:
         job = self.get(site, job_id)
+        fut = self._futures.get(job_id)
+        if fut is not None and fut.done():
+            self._settled(job, fut)  # finished a moment ago; its callback has not run yet
         if job.done:
             raise ConflictError(f"job {job_id} already {job.status}; nothing to cancel")
-        self.scheduler.cancel(job_id)
+        # set before the task learns of it: a write stage running in a thread checks it before uploading
         job.status, job.finished = "cancelled", time.time()
+        self.scheduler.cancel(job_id)
         self.journal.save(job)
         audit("job.cancelled", job=job.id, site=job.site)
         for f in self._incoming.glob(f"{job.id}*"):
@@ -333,7 +341,10 @@ class JobService:
         results = await asyncio.gather(*(self._call_with_retry(job, sm, refs[sm.spacing_mm]) for sm in sms),
                                        return_exceptions=True)
         job.timings["submodels_s"] = time.perf_counter() - t
-        for r in results:
+        for sm, r in zip(sms, results):
+            if isinstance(r, asyncio.CancelledError):  # this task was not cancelled (the await above returned)
+                raise ServiceUnavailableError(f"the call to sub-model {sm.name} was cancelled by the cluster "
+                                              f"(a replica shutting down?); the job can be resubmitted as is")
             if isinstance(r, BaseException):
                 raise r
         local_maps = {sm.name: r["labels"] for sm, r in zip(sms, results)}
@@ -342,8 +353,14 @@ class JobService:
         labels, per_model, structures = merged
         job.structures = structures
         outdir = Path(self.settings.results_dir) / job.site / job.id
-        job.outputs = await stage("write_s", self._write, job, volume, labels, per_model, structures, outdir,
-                                  models)
+        writing = asyncio.ensure_future(stage("write_s", self._write, job, volume, labels, per_model, structures,
+                                              outdir, models))
+        try:
+            job.outputs = await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            # the thread cannot be stopped: keep the slot until it returns (it skips the upload when cancelled)
+            await asyncio.wait([writing])
+            raise
         job.timings["total_s"] = time.perf_counter() - t0
         self.metrics.volumes.labels(job.site).inc()
         self.metrics.voxels.labels(job.site).inc(int(np.prod(volume.data.shape)))
@@ -354,7 +371,12 @@ class JobService:
         for attempt in range(attempts):
             t = time.perf_counter()
             try:
-                r = await self._call(sm.name, [ref], sm.spacing_mm)
+                r = await asyncio.wait_for(self._call(sm.name, [ref], sm.spacing_mm),
+                                           self.settings.submodel_timeout_s)
+            except asyncio.TimeoutError as e:
+                raise ServiceUnavailableError(
+                    f"sub-model {sm.name} did not answer within {self.settings.submodel_timeout_s:g} s "
+                    f"(router.submodel_timeout_s); the job can be resubmitted as is") from e
             except Exception as e:  # noqa: BLE001 - sorted below
                 inner = _unwrap(e)
                 if isinstance(inner, MrisegError):
@@ -391,7 +413,7 @@ class JobService:
                                     dict(job.unavailable), job.options.fast,
                                     demo=any(is_demo_model(m) for m in models.values()))
         outputs = write_result(result, volume, outdir, job.options.outputs)
-        if job.options.output_prefix:
+        if job.options.output_prefix and job.status != "cancelled":
             outputs.update(self._upload(outdir, job.options.output_prefix))
         return outputs
 
@@ -442,10 +464,12 @@ class JobService:
 
     def _remember(self, job: Job) -> None:
         self.jobs[job.id] = job
-        while len(self.jobs) > self.settings.max_jobs_kept:
-            old_id, old = next(iter(self.jobs.items()))
-            if not old.done:
+        for old_id in list(self.jobs):
+            if len(self.jobs) <= self.settings.max_jobs_kept:
                 break
+            old = self.jobs[old_id]
+            if not old.done:
+                continue  # a long or stuck job must not keep every later one in memory
             self.jobs.pop(old_id)
             self.journal.remove(old_id)
             shutil.rmtree(Path(self.settings.results_dir) / old.site / old.id, ignore_errors=True)

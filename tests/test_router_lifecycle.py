@@ -1,0 +1,153 @@
+"""Every accepted job settles with a reason: sub-model calls that hang or are cancelled under the router,
+cancels racing completion or landing mid-write, and memory that a stuck job must not pin (asyncio, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from serve.cluster import router as router_mod
+from serve.cluster.jobs_state import Job, JobOptions
+from serve.cluster.router import JobService, RouterSettings
+from serve.cluster.tenancy import Tenancy
+from tests.ray_fixtures import BUCKET, nifti_bytes, write_tenants
+
+VOLUME = nifti_bytes(shape=(16, 16, 16))
+SPLEEN = JobOptions(["spleen"], False, ("statistics",))  # one sub-model: organs
+
+
+def _service(tmp_path, call, **settings) -> JobService:
+    tenancy = Tenancy.load(write_tenants(tmp_path / "tenants.yaml"))
+
+    async def describe(name):
+        return {"state": "ready", "model": SimpleNamespace(checksum="c0ffee", dataset_json={})}
+
+    return JobService(tenancy, call, describe, ["organs"], RouterSettings(results_dir=str(tmp_path / "r"), **settings),
+                      put=lambda array: array)
+
+
+async def _labels(name, refs, spacing):
+    return {"labels": np.zeros(refs[0].shape, np.uint8), "started": 0.0, "finished": 0.0}
+
+
+def test_a_sub_model_that_never_answers_fails_the_job_and_frees_the_slot(tmp_path):
+    async def hang(name, refs, spacing):
+        await asyncio.Event().wait()
+
+    async def main():
+        svc = _service(tmp_path, hang, slots=1, submodel_timeout_s=0.5)
+        site = svc.tenancy.sites["site-a"]
+        stuck = svc.submit(site, SPLEEN, upload=VOLUME)
+        await asyncio.wait_for(svc.wait(stuck), 60)
+        assert stuck.status == "failed" and stuck.error["status"] == 503
+        assert "did not answer within 0.5 s" in stuck.error["detail"] and stuck.error["retryable"]
+        assert svc.scheduler.stats().running == 0
+
+    asyncio.run(main())
+
+
+def test_a_call_cancelled_under_the_router_is_a_failure_not_a_user_cancel(tmp_path):
+    async def cancelled(name, refs, spacing):
+        raise asyncio.CancelledError()
+
+    async def main():
+        svc = _service(tmp_path, cancelled)
+        job = svc.submit(svc.tenancy.sites["site-a"], SPLEEN, upload=VOLUME)
+        await asyncio.wait_for(svc.wait(job), 60)
+        assert job.status == "failed" and job.error["status"] == 503 and "cancelled by the cluster" in \
+            job.error["detail"]
+
+    asyncio.run(main())
+
+
+def test_cancel_after_the_job_finished_but_before_it_settled_is_409(tmp_path):
+    async def main():
+        svc = _service(tmp_path, _labels)
+
+        async def quick(job, spooled, filename):
+            return job
+
+        svc._execute = quick
+        site = svc.tenancy.sites["site-a"]
+        job = svc.submit(site, SPLEEN, upload=VOLUME)
+        fut = svc._futures[job.id]
+        while not fut.done():
+            await asyncio.sleep(0)
+        assert not job.done  # the done-callback that settles it has not run yet
+        try:
+            svc.cancel(site, job.id)
+            raise AssertionError("cancel must refuse a finished job")
+        except router_mod.ConflictError as e:
+            assert "already succeeded" in e.message
+        await asyncio.sleep(0.05)
+        assert svc.get(site, job.id).status == "succeeded" and svc.journal.load()[0].status == "succeeded"
+
+    asyncio.run(main())
+
+
+def test_cancel_during_the_write_keeps_the_slot_until_the_thread_ends_and_skips_the_upload(tmp_path, monkeypatch):
+    uploads, writing = [], []
+
+    def slow_write(result, volume, outdir, outputs):
+        writing.append(time.time())
+        time.sleep(0.5)
+        return {}
+
+    monkeypatch.setattr(router_mod, "write_result", slow_write)
+
+    async def main():
+        svc = _service(tmp_path, _labels, slots=1)
+        svc._upload = lambda outdir, prefix: uploads.append(prefix) or {}
+        svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})
+        site = svc.tenancy.sites["site-a"]
+        opts = JobOptions(["spleen"], False, ("statistics",), f"s3://{BUCKET}/site-a/out/")
+        job = svc.submit(site, opts, upload=VOLUME)
+        while not writing and not job.done:
+            await asyncio.sleep(0.01)
+        assert writing, job.error
+        svc.cancel(site, job.id)
+        await asyncio.sleep(0.1)
+        assert svc.scheduler.stats().running == 1  # the write thread still runs: its slot is not lent out
+        await asyncio.wait_for(svc.wait(job), 10)
+        await asyncio.sleep(0.05)
+        assert job.status == "cancelled" and svc.scheduler.stats().running == 0
+        assert uploads == []  # nothing reaches the site's prefix after it was told "cancelled"
+
+    asyncio.run(main())
+
+
+def test_a_stuck_job_does_not_pin_every_later_job_in_memory(tmp_path):
+    svc = _service(tmp_path, _labels, max_jobs_kept=2)
+    stuck = Job(site="site-a", options=SPLEEN, status="running")
+    svc._remember(stuck)
+    for _ in range(5):
+        svc._remember(Job(site="site-a", options=SPLEEN, status="succeeded"))
+    assert len(svc.jobs) == 2 and stuck.id in svc.jobs
+
+
+def test_a_journal_record_of_the_wrong_shape_is_set_aside_and_the_rest_resume(tmp_path):
+    old = _service(tmp_path, _labels)
+    good = Job(site="site-a", options=SPLEEN, input_uri=f"s3://{BUCKET}/site-a/a.nii.gz", status="running")
+    old.journal.save(good)
+    for field, value in (("created", "yesterday"), ("resumed", "1"), ("site", None), ("status", "odd")):
+        bad = Job(site="site-a", options=SPLEEN, input_uri=f"s3://{BUCKET}/site-a/b.nii.gz", status="running")
+        old.journal.save(bad)
+        path = old.journal.root / f"{bad.id}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    new = _service(tmp_path, _labels)  # a bad 'created' used to break the sort at start-up
+    assert list(new.jobs) == [good.id] and len(list(new.journal.root.glob("*.unreadable"))) == 4
+
+    async def main():
+        async def quick(job, spooled, filename):
+            return job
+
+        new._execute = quick
+        assert new.resume_interrupted() == 1
+        await new.wait(new.jobs[good.id])
+
+    asyncio.run(main())
+    assert new.jobs[good.id].status == "succeeded"
