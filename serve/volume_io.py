@@ -203,6 +203,7 @@ def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
                                  f"colour to grey values")
     _check_pixdim(path, type(img.header))
     affine = check_affine(img.affine)
+    check_nifti_orientation(img.header)
     try:
         data = img.get_fdata(dtype=np.float32)
     except (EOFError, zlib.error, OSError, ValueError, OverflowError) as e:  # Overflow: a vox_offset of 1e27
@@ -212,6 +213,37 @@ def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
         img.uncache()
     header = img.header.copy()
     return _finish(data, affine, "nifti", max_voxels, header)
+
+
+def check_nifti_orientation(header) -> None:
+    """Refuse a NIfTI header whose orientation readers would disagree on.
+
+    With sform and qform codes both 0 there is no orientation at all (nibabel falls back to its Analyze
+    default, ITK to another, the NIfTI standard to a third), so left and right are a guess. With both set,
+    the sform wins here, as in nibabel and TotalSegmentator, but ITK reads the qform unless the sform
+    code is 1: two transforms with different axis directions would put left labels on the right there.
+    """
+    import nibabel as nib
+
+    scode, qcode = int(header["sform_code"]), int(header["qform_code"])
+    if not scode and not qcode:
+        raise InvalidVolumeError("the NIfTI header holds no orientation (sform and qform codes are 0), so left "
+                                 "and right cannot be told apart; set the orientation (e.g. with fslorient or "
+                                 "nibabel's set_sform) and upload again")
+    if not (scode and qcode):
+        return
+    try:  # nibabel refuses some quaternions (b^2 + c^2 + d^2 > 1) only when asked for the qform
+        axes = [nib.aff2axcodes(a) if np.all(np.isfinite(a)) else None
+                for a in (header.get_sform(), header.get_qform())]
+    except (np.linalg.LinAlgError, ValueError):
+        axes = [None]
+    if None in axes:
+        raise InvalidVolumeError("the NIfTI header's sform or qform is not a valid transform, and readers choose "
+                                 "between them differently; fix or drop the broken one and upload again")
+    if axes[0] != axes[1]:
+        raise InvalidVolumeError(f"the NIfTI header's sform ({''.join(axes[0])}) and qform ({''.join(axes[1])}) "
+                                 f"point the axes different ways, so viewers would disagree on left and right; "
+                                 f"make them agree and upload again")
 
 
 def _check_pixdim(path: Path, header_class) -> None:
@@ -381,12 +413,65 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
     check_shape(size, max_voxels)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(best)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
     except RuntimeError as e:
         raise CorruptFileError(f"the DICOM series cannot be decoded ({_first_line(e)})") from e
+    if len(best) > 1:
+        check_slice_geometry([_slice_tags(reader, i) for i in range(len(best))])
     affine = sitk_geometry_to_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     return _finish(_sitk_array(image), affine, "dicom", max_voxels)
+
+
+def _slice_tags(reader, i: int) -> tuple[str, str] | None:
+    """(ImagePositionPatient, ImageOrientationPatient) of slice ``i``, None where either is missing."""
+    keys = ("0020|0032", "0020|0037")
+    if not all(reader.HasMetaDataKey(i, k) for k in keys):
+        return None
+    return reader.GetMetaData(i, keys[0]), reader.GetMetaData(i, keys[1])
+
+
+#: Relative tolerance on slice steps and on the stack's skew; scanners write positions to about 1e-5 mm.
+SLICE_TOLERANCE = 0.01
+
+
+def check_slice_geometry(tags: Sequence[tuple[str, str] | None]) -> None:
+    """Refuse a slice stack that one spacing and one direction cannot describe.
+
+    ITK stacks such slices anyway, with the first step's spacing and no shear (it only warns on stderr):
+    a gap, uneven steps or a gantry tilt would place labels millimetres off, and a localizer or several
+    echoes under one series UID would be stacked into a meaningless volume.
+    """
+    if len(tags) < 2 or any(t is None for t in tags):
+        return  # nothing to check against (ITK then assumes a regular stack, as other readers do)
+    try:
+        pos = np.array([[float(v) for v in t[0].split("\\")] for t in tags])
+        ori = np.array([[float(v) for v in t[1].split("\\")] for t in tags])
+    except ValueError as e:
+        raise CorruptFileError("a slice's position or orientation is not numeric") from e
+    if pos.shape[1] != 3 or ori.shape[1] != 6:
+        raise CorruptFileError("a slice's position or orientation does not have 3 and 6 values")
+    if np.abs(ori - ori[0]).max() > 1e-3:
+        raise InvalidVolumeError("the series mixes slice orientations (a localizer?); upload one stack of "
+                                 "parallel slices")
+    normal = np.cross(ori[0, :3], ori[0, 3:])
+    along = np.sort(pos @ normal)
+    steps = np.diff(along)
+    step = float(np.median(steps))
+    if steps.min() < 1e-3:
+        raise InvalidVolumeError("several slices lie at the same position (echoes, time points or a repeat in "
+                                 "one series); upload one volume")
+    if np.abs(steps - step).max() > SLICE_TOLERANCE * step + 1e-3:
+        raise InvalidVolumeError(f"the slices are unevenly spaced (steps from {steps.min():.3g} to "
+                                 f"{steps.max():.3g} mm); a gap or uneven steps would misplace the labels. "
+                                 f"Upload a series with uniform spacing, or resample it to NIfTI first")
+    span = pos[np.argmax(pos @ normal)] - pos[np.argmin(pos @ normal)]
+    skew = np.linalg.norm(span - (span @ normal) * normal) / max(float(span @ normal), 1e-6)
+    if skew > SLICE_TOLERANCE:
+        raise InvalidVolumeError(f"the slices are not stacked perpendicular to their planes (a tilt of "
+                                 f"{np.degrees(np.arctan(skew)):.1f} degrees, e.g. gantry tilt); resample the "
+                                 f"series to an orthogonal grid (e.g. dcm2niix) and upload the NIfTI")
 
 
 def _first_line(e: Exception) -> str:

@@ -24,7 +24,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -89,8 +89,10 @@ def _sitk_image(arr_ijk: np.ndarray) -> sitk.Image:
     return img
 
 
-def _dicom_slices(depth: int) -> list[tuple[str, bytes]]:
-    """A small int16 DICOM series, one file per slice."""
+def _dicom_slices(depth: int, positions: Sequence[Sequence[float]] | None = None,
+                  orientations: Sequence[str] | None = None) -> list[tuple[str, bytes]]:
+    """A small int16 DICOM series, one file per slice; ``positions``/``orientations`` override the
+    ImagePositionPatient/ImageOrientationPatient of each slice (one series UID either way)."""
     arr = (_ramp((16, 12, depth)) % 300).astype(np.int16)
     img = _sitk_image(arr)
     writer = sitk.ImageFileWriter()
@@ -105,10 +107,11 @@ def _dicom_slices(depth: int) -> list[tuple[str, bytes]]:
                                "0020|0052": "1.2.826.0.1.3680043.2.1125.9.4", "0008|0012": "20240101",
                                "0008|0013": "000000", "0008|0020": "20240101", "0008|0030": "000000",
                                "0020|000e": "1.2.826.0.1.3680043.2.1125.9.2", "0020|0013": str(k + 1),
-                               "0020|0037": "1\\0\\0\\0\\1\\0",
+                               "0020|0037": orientations[k] if orientations else "1\\0\\0\\0\\1\\0",
                                # GDCM writes the rescale tags only once some earlier read has set them: fix them
                                "0028|1052": "0", "0028|1053": "1", "0028|1054": "US",
-                               "0020|0032": "\\".join(f"{v:.3f}" for v in img.TransformIndexToPhysicalPoint((0, 0, k)))
+                               "0020|0032": "\\".join(f"{v:.3f}" for v in (
+                                   positions[k] if positions else img.TransformIndexToPhysicalPoint((0, 0, k))))
                                }.items():
                 sl.SetMetaData(tag, value)
             path = Path(d) / f"slice{k:03d}.dcm"
@@ -313,6 +316,15 @@ def corpus() -> list[HostileInput]:
     add("nifti_zero_sform", "scan.nii", _nifti(_ramp(), zero_sform), (422,), "sform in use and all zero")
     add("nifti_zero_qform", "scan.nii", _nifti(_ramp(), zero_qform), (422,),
         "qform in use, all-zero quaternion, offsets and pixdim")
+    def no_orientation(h):
+        h["sform_code"] = 0
+        h["qform_code"] = 0
+
+    add("nifti_no_orientation", "scan.nii", _nifti(_ramp(), no_orientation), (422,),
+        "sform and qform codes 0: no orientation, so left and right would be a guess (found by review)")
+    add("nifti_sform_qform_flipped", "scan.nii",
+        _nifti(_ramp(), lambda h: h.set_qform(np.diag([-1.2, 1.3, 2.0, 1.0]), code=1)), (422,),
+        "sform RAS, qform LAS: nibabel follows the sform, ITK the qform (found by review)")
     add("nifti_inf_affine", "scan.nii", _nifti(_ramp(), inf_sform), (422,), "sform with an infinite entry")
     add("nifti_bad_quaternion", "scan.nii", _nifti(_ramp(), bad_quaternion), (422,),
         "qform in use with an impossible quaternion")
@@ -378,6 +390,18 @@ def corpus() -> list[HostileInput]:
 
     # -- DICOM and zips ---------------------------------------------------------------------------
     slices = _dicom_slices(3)
+    tilt = np.tan(np.radians(15))
+    for name, series, what in (
+            ("dicom_zip_gap", _dicom_slices(5, [(0, 0, z) for z in (0, 2, 4, 8, 10)]),
+             "slices 2 mm apart with one missing: ITK stacks them at 2 mm and says so only on stderr"),
+            ("dicom_zip_tilt", _dicom_slices(5, [(0, 2 * k * tilt, 2 * k) for k in range(5)]),
+             "a 15 degree gantry tilt: ITK drops the shear"),
+            ("dicom_zip_two_orientations", _dicom_slices(5, [(0, 0, 2 * k) for k in range(5)],
+                                                         ["1\\0\\0\\0\\1\\0"] * 3 + ["1\\0\\0\\0\\0\\1"] * 2),
+             "axial and coronal slices under one series UID (a localizer)"),
+            ("dicom_zip_two_echoes", _dicom_slices(6, [(0, 0, 2 * (k % 3)) for k in range(6)]),
+             "two echoes at the same three positions under one series UID")):
+        add(name, "series.zip", _zip(series), (422,), what + " (found by review)")
     add("zip_path_traversal", "series.zip", _zip([("../evil.dcm", slices[0][1])] + slices[1:]), (422,),
         "zip entry ../evil.dcm")
     add("zip_absolute_path", "series.zip", _zip([("/tmp/evil.dcm", slices[0][1])] + slices[1:]), (422,),

@@ -412,3 +412,33 @@ def test_job_engine_reads_its_input_as_self_contained(tmp_path):
     engine = SegmenterEngine(segmenter=None)  # never reached: the input is refused first
     with pytest.raises(UnsupportedFormatError, match="separate data file"):
         engine.segment_file(tmp_path / "input.nrrd", JobSpec("s3://b/in.nrrd", "s3://b/out"), tmp_path / "out")
+
+
+def _tags(positions, orientation="1\\0\\0\\0\\1\\0"):
+    return [("\\".join(f"{v:.5f}" for v in p), orientation) for p in positions]
+
+
+def test_regular_stacks_pass_the_slice_geometry_check():
+    from serve.volume_io import check_slice_geometry
+
+    c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
+    normal = np.cross([1, 0, 0], [0, c, s])
+    check_slice_geometry(_tags([(10, 20, 30 + 3 * k + 1e-4 * (k % 2)) for k in range(8)]))  # scanner jitter
+    check_slice_geometry(_tags([(10, 20, 30 - 3 * k) for k in range(8)]))  # descending, any file order
+    check_slice_geometry(_tags([np.array([10, 20, 30]) + 3 * k * normal for k in (3, 0, 5, 1, 4, 2)],
+                               f"1\\0\\0\\0\\{c}\\{s}"))  # oblique and orthogonal
+    check_slice_geometry([None, None])  # no positions to check: left to ITK
+
+
+@pytest.mark.parametrize("positions,orientations,says", [
+    ([(0, 0, z) for z in (0, 3, 6, 12)], None, "unevenly spaced"),
+    ([(0, 0.8 * k, 3 * k) for k in range(4)], None, "not stacked perpendicular"),
+    ([(0, 0, 3 * (k % 2)) for k in range(4)], None, "same position"),
+    ([(0, 0, 3 * k) for k in range(4)], ["1\\0\\0\\0\\1\\0"] * 2 + ["1\\0\\0\\0\\0\\1"] * 2, "mixes slice orientations"),
+])
+def test_irregular_stacks_are_refused(positions, orientations, says):
+    from serve.volume_io import check_slice_geometry
+
+    tags = _tags(positions) if orientations is None else [(t[0], o) for t, o in zip(_tags(positions), orientations)]
+    with pytest.raises(InvalidVolumeError, match=says):
+        check_slice_geometry(tags)
