@@ -173,13 +173,17 @@ def cmd_models_import(args) -> int:
     from serve.modelstore import import_totalseg_home
 
     dest = Path(args.dest).expanduser() if args.dest else default_import_dir()
-    imported = import_totalseg_home(Path(args.totalseg_home), dest, link=args.link)
+    skipped: dict[str, str] = {}
+    imported = import_totalseg_home(Path(args.totalseg_home), dest, link=args.link, skipped=skipped)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
     if not imported:
-        print(f"no TotalSegmentator MRI models found under {args.totalseg_home}/nnunet/results", file=sys.stderr)
+        print(f"no usable TotalSegmentator MRI models found under {args.totalseg_home}/nnunet/results",
+              file=sys.stderr)
         return 1
     print(f"imported {', '.join(imported)} into {dest}")
     print(f"use them with: mriseg segment --models {dest} ...")
-    return 0
+    return 1 if skipped else 0
 
 
 def cmd_demo(args) -> int:

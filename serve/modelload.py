@@ -90,7 +90,11 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         # carry other pickled objects; nnU-Net itself loads them this way.
         log.warning("checkpoint %s needs full unpickling (%s); loading it as nnU-Net does",
                     path.name, type(e).__name__)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001 - truncated, not a checkpoint at all, or from another tool
+            raise ModelFolderError(f"{path} cannot be loaded as a PyTorch checkpoint ({type(e2).__name__}); "
+                                   f"the file is damaged or not nnU-Net weights: import the model again") from e2
 
 
 @dataclass

@@ -8,15 +8,18 @@ them out. S3 sources are downloaded once into a local cache and verified.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from serve.cachedir import cache_root
 from serve.catalogue import Catalogue, SubModel, load_catalogue
@@ -112,51 +115,87 @@ class S3ModelCache:
             Bucket=self.bucket, Prefix=self.prefix + dataset_prefix)
         return [o for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
 
-    def _local(self, key: str) -> Path:
-        return self.root / key[len(self.prefix):]
+    def _local(self, key: str, root: Path | None = None) -> Path:
+        """Where ``key`` goes under ``root`` (the cache); a key that would leave it is refused."""
+        rel = key[len(self.prefix):]
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ModelFolderError(f"model source s3://{self.bucket}/{self.prefix} holds an object whose key has "
+                                   f"an empty, '.' or '..' segment; it would be written outside the model cache. "
+                                   f"Remove it from the bucket")
+        return (root or self.root).joinpath(*parts)
 
-    def _cache_matches(self, manifest: dict, wanted: dict) -> bool:
+    def _cache_matches(self, dataset_dir: Path, wanted: dict) -> bool:
         """The cached copy is of the same objects (key, size, ETag) and complete on disk."""
-        if {k: {"size": v["size"], "etag": v["etag"]} for k, v in manifest.items()} != wanted:
+        try:
+            manifest = json.loads((dataset_dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(manifest, dict) or \
+                {k: {"size": v.get("size"), "etag": v.get("etag")} for k, v in manifest.items()} != wanted:
             return False
         return all(self._local(k).is_file() and self._local(k).stat().st_size == v["size"]
                    for k, v in manifest.items())
 
     def fetch(self, sm: SubModel) -> Path | None:
-        """Local copy of the sub-model's dataset folder, or None if S3 has none."""
+        """Local copy of the sub-model's dataset folder, or None if S3 has none.
+
+        Downloads go to a private folder that is renamed into place once complete and verified, so
+        replicas filling one cache at once never see (or delete) each other's half-written files.
+        """
+        from serve.staging import IntegrityError, verify_download
+
         objects = self._listing(sm.folder_prefix)
         if not objects:
             return None
-        rel_first = objects[0]["Key"][len(self.prefix):]
-        dataset_dir = self.root / rel_first.split("/", 1)[0]
-        manifest_path = dataset_dir / MANIFEST
+        name = objects[0]["Key"][len(self.prefix):].split("/", 1)[0]
+        objects = [o for o in objects if o["Key"][len(self.prefix):].split("/", 1)[0] == name]
+        dataset_dir = self.root / name
         wanted = {o["Key"]: {"size": o["Size"], "etag": o["ETag"]} for o in objects}
-        if manifest_path.is_file() and self._cache_matches(json.loads(manifest_path.read_text()), wanted):
+        for key in wanted:
+            self._local(key)  # refuse escaping keys before anything is written
+        if self._cache_matches(dataset_dir, wanted):
             return dataset_dir
-        if dataset_dir.exists():
-            shutil.rmtree(dataset_dir)
-        manifest = {}
-        for key, meta in wanted.items():
-            dest = self._local(key)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".part")
-            head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-            self.client.download_file(self.bucket, key, str(tmp))
-            size = tmp.stat().st_size
-            digest = sha256_file(tmp)
-            if size != meta["size"]:
-                tmp.unlink()
-                raise ModelFolderError(f"s3://{self.bucket}/{key}: downloaded {size} bytes, expected {meta['size']}")
-            remote_sha = head.get("ChecksumSHA256")
-            if remote_sha and "-" not in remote_sha:
-                if base64.b64encode(bytes.fromhex(digest)).decode() != remote_sha:
-                    tmp.unlink()
-                    raise ModelFolderError(f"s3://{self.bucket}/{key}: SHA-256 mismatch after download")
-            os.replace(tmp, dest)
-            manifest[key] = {**meta, "sha256": digest}
-        manifest_path.write_text(json.dumps(manifest, indent=1))
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging_root = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
+        try:
+            manifest = {}
+            for key, meta in wanted.items():
+                dest = self._local(key, staging_root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+                self.client.download_file(self.bucket, key, str(dest))
+                digest = sha256_file(dest)
+                try:
+                    verify_download({**head, "ContentLength": meta["size"]}, digest, dest.stat().st_size,
+                                    self.bucket)
+                except IntegrityError as e:
+                    raise ModelFolderError(f"s3://{self.bucket}/{key}: {e.message}; the download was "
+                                           f"discarded") from e
+                manifest[key] = {**meta, "sha256": digest}
+            (staging_root / name / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            self._install(staging_root / name, dataset_dir, wanted)
+        finally:
+            shutil.rmtree(staging_root, ignore_errors=True)
         log.info("cached %s from s3://%s/%s (%d files)", sm.name, self.bucket, self.prefix, len(manifest))
         return dataset_dir
+
+    def _install(self, complete: Path, dataset_dir: Path, wanted: dict) -> None:
+        """Move a complete download into place; another replica may have got there first."""
+        for _ in range(3):
+            try:
+                os.rename(complete, dataset_dir)
+                return
+            except OSError:
+                if self._cache_matches(dataset_dir, wanted):
+                    return  # an identical copy won the race
+                old = dataset_dir.with_name(f".{dataset_dir.name}.old-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(dataset_dir, old)  # a stale copy: set aside, then removed
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(old, ignore_errors=True)
+        raise ModelFolderError(f"could not install the downloaded model into {dataset_dir}")
 
 
 class ModelStore:
@@ -173,7 +212,12 @@ class ModelStore:
     def _dataset_dir(self, sm: SubModel) -> Path | None:
         for src in self.sources:
             if src in self._caches:
-                found = self._caches[src].fetch(sm)
+                try:
+                    found = self._caches[src].fetch(sm)
+                except (BotoCoreError, ClientError) as e:
+                    code = e.response.get("Error", {}).get("Code") if isinstance(e, ClientError) else None
+                    raise ModelUnavailableError(f"model source {src} cannot be read ({code or type(e).__name__}); "
+                                                f"check the bucket, prefix and credentials") from e
             else:
                 found = find_dataset_dir(Path(src).expanduser(), sm)
             if found is not None:
@@ -183,7 +227,14 @@ class ModelStore:
     def inspect(self, sm: SubModel) -> ModelStatus:
         """Present, missing or mismatched; never raises for a missing model."""
         st = ModelStatus(sm.name, sm.task_id, "missing")
-        ds = self._dataset_dir(sm)
+        try:
+            ds = self._dataset_dir(sm)
+        except ModelUnavailableError as e:
+            st.detail = e.message
+            return st
+        except ModelFolderError as e:
+            st.state, st.detail = "mismatched", e.message
+            return st
         if ds is None:
             st.detail = f"no {sm.folder_prefix}* folder in {', '.join(self.sources) or '(no sources)'}"
             return st
@@ -195,8 +246,14 @@ class ModelStore:
         st.path = str(tf)
         try:
             st.extra_labels = check_labels(sm, json.loads((tf / "dataset.json").read_text()))
-            if not any(tf.glob("fold_*/checkpoint_final.pth")) and not any(tf.glob("fold_*/checkpoint_best.pth")):
+            checkpoints = sorted(tf.glob("fold_*/checkpoint_final.pth")) or sorted(tf.glob("fold_*/checkpoint_best.pth"))
+            if not checkpoints:
                 raise ModelFolderError(f"{tf} has no fold_*/checkpoint_final.pth")
+            for ckpt in checkpoints:
+                with open(ckpt, "rb") as f:
+                    if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+                        raise ModelFolderError(f"{ckpt} is not a PyTorch checkpoint (a zip archive); the file is "
+                                               f"damaged or truncated: import the model again")
         except ModelFolderError as e:
             st.state, st.detail = "mismatched", e.message
             return st
@@ -234,8 +291,12 @@ class ModelStore:
 
 
 def import_totalseg_home(totalseg_home: Path, dest: Path, catalogue: Catalogue | None = None,
-                         link: bool = False) -> list[str]:
-    """Copy (or symlink) ``DIR/nnunet/results/DatasetNNN_*`` of catalogue models into ``dest``."""
+                         link: bool = False, skipped: dict[str, str] | None = None) -> list[str]:
+    """Copy (or symlink) ``DIR/nnunet/results/DatasetNNN_*`` of catalogue models into ``dest``.
+
+    Returns the sub-models imported; broken folders are left out, with the reason in ``skipped``.
+    """
+    skipped = {} if skipped is None else skipped
     catalogue = catalogue or load_catalogue()
     results = Path(totalseg_home).expanduser() / "nnunet" / "results"
     if not results.is_dir():
@@ -248,9 +309,18 @@ def import_totalseg_home(totalseg_home: Path, dest: Path, catalogue: Catalogue |
         if ds is None:
             continue
         tf = find_trainer_folder(ds, sm)
-        if tf is None:
-            raise ModelFolderError(f"{ds}: no trainer folder with plans.json/dataset.json")
-        check_labels(sm, json.loads((tf / "dataset.json").read_text()))
+        try:  # one broken folder must not stop the others: it is reported and skipped
+            if tf is None:
+                raise ModelFolderError(f"{ds}: no trainer folder with plans.json/dataset.json")
+            try:
+                dataset_json = json.loads((tf / "dataset.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ModelFolderError(f"{tf}/dataset.json cannot be read ({type(e).__name__})") from e
+            check_labels(sm, dataset_json)
+        except ModelFolderError as e:
+            log.warning("skipped %s: %s", sm.name, e.message)
+            skipped[sm.name] = e.message
+            continue
         target = dest / ds.name
         if target.exists() or target.is_symlink():
             if target.is_symlink() or target.is_file():

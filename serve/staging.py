@@ -199,7 +199,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify(head: Mapping[str, Any], digest: str, size: int, bucket: str) -> str:
+def verify_download(head: Mapping[str, Any], digest: str, size: int, bucket: str) -> str:
     """Compare what was received with what S3 holds; returns how it was verified."""
     expected_size = head.get("ContentLength")
     if expected_size is not None and int(expected_size) != size:
@@ -250,7 +250,7 @@ def _download(uri: str, sink: Callable[[bytes], None], reset: Callable[[], None]
             h.update(chunk)
             sink(chunk)
         digest = h.hexdigest()
-        how = _verify(head, digest, received, bucket)
+        how = verify_download(head, digest, received, bucket)
         return ObjectInfo(bucket, key, received, head["ETag"], head.get("VersionId"), digest, how)
 
     return with_retries(once, bucket=bucket, action="read an object", deadline_s=deadline_s)

@@ -111,3 +111,25 @@ def test_mismatched_model_is_listed_and_refused(tmp_path):
     seg = Segmenter(store, device="cpu")
     with pytest.raises(ModelUnavailableError, match="mismatched"):
         seg.segment(body_volume(), roi_subset=["liver"])
+
+
+def test_models_import_skips_a_broken_folder_and_imports_the_rest(tmp_path, capsys):
+    home = totalseg_home(tmp_path)
+    results = home / "nnunet" / "results"
+    organs = next(results.glob("Dataset850_*"))
+    shutil.rmtree(organs)
+    (results / organs.name).mkdir()  # an empty (interrupted) download
+    dest = tmp_path / "imported"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 1
+    captured = capsys.readouterr()
+    assert "skipped organs" in captured.err and "Traceback" not in captured.err
+    assert "muscles" in captured.out and any(dest.glob("Dataset851_*")) and not (dest / organs.name).exists()
+
+
+def test_a_checkpoint_that_is_not_one_is_mismatched_not_present(tmp_path):
+    home = totalseg_home(tmp_path)
+    results = home / "nnunet" / "results"
+    ckpt = next(results.glob("Dataset850_*/*/fold_0/checkpoint_final.pth"))
+    ckpt.write_bytes(b"not a zip: a truncated or HTML error page")
+    st = ModelStore([str(results)]).inspect(CAT.submodel("organs"))
+    assert st.state == "mismatched" and "not a PyTorch checkpoint" in st.detail

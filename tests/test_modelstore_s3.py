@@ -11,7 +11,8 @@ from serve.catalogue import load_catalogue
 from serve.modelfolder import UNetSpec, write_model_folder
 from serve.modelload import load_model
 from serve.modelstore import ModelStore
-from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+from serve.s3client import make_client
+from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 
 pytestmark = pytest.mark.s3
 
@@ -92,3 +93,65 @@ def test_changed_object_in_s3_is_downloaded_again(seaweed, s3_models, tmp_path):
     again = store2.locate("organs")
     assert len(gets) >= 1
     assert load_model(again, CAT.submodel("organs"), device="cpu").checksum != old
+
+
+def test_a_key_that_climbs_out_of_the_source_is_refused_and_nothing_escapes(moto, tmp_path, unique_prefix):  # noqa: F811
+    """SeaweedFS refuses such keys; AWS and moto store them literally, so the cache must refuse them."""
+    client = make_client(moto.settings)
+    client.create_bucket(Bucket=unique_prefix)
+    base = f"w/{TS_ORGANS}/nnUNetTrainer__nnUNetPlans__3d_fullres"
+    client.put_object(Bucket=unique_prefix, Key=f"{base}/plans.json", Body=b"{}")
+    client.put_object(Bucket=unique_prefix, Key=f"{base}/../../../../../escaped.txt", Body=b"not yours")
+    store = ModelStore([f"s3://{unique_prefix}/w"], cache_dir=tmp_path / "cache", s3=moto.settings)
+    st = store.inspect(CAT.submodel("organs"))
+    assert st.state == "mismatched" and "'..' segment" in st.detail
+    assert not list(tmp_path.rglob("escaped.txt")) and not list(tmp_path.rglob("plans.json"))
+
+
+def test_a_corrupted_download_is_discarded_by_the_sha256_metadata(seaweed, s3_models, tmp_path):  # noqa: F811
+    """AWS gives multipart objects only a composite checksum; the sha256 metadata staging writes still applies."""
+    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
+    client = store._caches[s3_models].client
+    head, download = client.head_object, client.download_file
+
+    def composite_head(**kw):
+        return {**head(**kw), "ChecksumSHA256": "AAAA-3", "ChecksumType": "COMPOSITE"}
+
+    def corrupting(bucket, key, dest, **kw):
+        download(bucket, key, dest, **kw)
+        with open(dest, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+
+    client.head_object, client.download_file = composite_head, corrupting
+    st = store.inspect(CAT.submodel("organs"))
+    assert st.state == "mismatched" and "sha256 metadata" in st.detail
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-verified is kept
+
+
+def test_two_stores_filling_one_cache_at_once_both_get_the_model(seaweed, s3_models, tmp_path):  # noqa: F811
+    import threading
+    import time
+
+    cache = tmp_path / "cache"
+    stores = [ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings) for _ in range(2)]
+    for store in stores:  # slow each download down, so that the two fills overlap
+        client = store._caches[s3_models].client
+        client.download_file = (lambda real: lambda *a, **kw: (real(*a, **kw), time.sleep(0.2)))(client.download_file)
+    barrier, found, errors = threading.Barrier(2), [], []
+
+    def go(store):
+        barrier.wait()
+        try:
+            found.append(store.locate("organs"))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(found)) == 1
+    assert not [p for p in found[0].parent.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
