@@ -36,7 +36,25 @@ class S3Settings:
         unknown = set(d) - allowed
         if unknown:
             raise MrisegError(f"unknown S3 setting(s): {sorted(unknown)}; allowed: {sorted(allowed)}")
+        for name, ok, what in (
+                ("endpoint_url", lambda v: v is None or (isinstance(v, str) and re.match(r"https?://[^/]", v)),
+                 "an http:// or https:// URL"),
+                ("region", lambda v: isinstance(v, str) and v, "a region name"),
+                ("path_style", lambda v: isinstance(v, bool), "true or false"),  # "false" would be truthy
+                ("access_key_id", lambda v: v is None or isinstance(v, str), "a string"),
+                ("secret_access_key", lambda v: v is None or isinstance(v, str), "a string"),
+                ("max_attempts", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 "an integer >= 1"),
+                ("connect_timeout_s", _positive, "a number > 0"),
+                ("read_timeout_s", _positive, "a number > 0")):
+            if name in d and not ok(d[name]):
+                shown = "(hidden)" if name == "secret_access_key" else repr(d[name])[:80]
+                raise MrisegError(f"S3 setting {name} must be {what}, not {shown}")
         return cls(**d)
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def make_client(settings: S3Settings | None = None):

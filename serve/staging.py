@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, TypeVar
 from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError,
                                  EndpointConnectionError, ReadTimeoutError)
 
-from serve.errors import StorageError, VolumeTooLargeError
+from serve.errors import MrisegError, StorageError, VolumeTooLargeError
 from serve.s3client import S3Settings, make_client, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,8 @@ def verify_download(head: Mapping[str, Any], digest: str, size: int, bucket: str
 def _download(uri: str, sink: Callable[[bytes], None], reset: Callable[[], None], max_bytes: int | None,
               settings, deadline_s: float) -> ObjectInfo:
     bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise MrisegError(f"s3://{bucket}/{key} names a bucket or a folder, not an object; give the volume's key")
     c = client_for(settings)
 
     def once() -> ObjectInfo:
@@ -380,6 +382,9 @@ def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Ma
         (outdir / "job.json").write_text(json.dumps(completion_doc(outdir), indent=1, sort_keys=True))
     files = sorted((p for p in outdir.rglob("*") if p.is_file() and not p.name.endswith(".part")),
                    key=lambda p: (p.relative_to(outdir).as_posix() in last, p.relative_to(outdir).as_posix()))
+    if "job.json" in last and (outdir / "job.json").is_file():
+        # an earlier set's done marker must not vouch for files this upload is replacing
+        _delete(f"s3://{bucket}/{key_prefix}job.json", settings)
     out: dict[str, str] = {}
     for p in files:
         name = layout_name(p.relative_to(outdir).as_posix())
@@ -391,6 +396,13 @@ def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Ma
         if on_uploaded:
             on_uploaded(name)
     return out
+
+
+def _delete(uri: str, settings=None) -> None:
+    """Delete one object; deleting what is not there is not an error in S3."""
+    bucket, key = parse_s3_uri(uri)
+    c = client_for(settings)
+    with_retries(lambda: c.delete_object(Bucket=bucket, Key=key), bucket=bucket, action="delete an object")
 
 
 def object_exists(uri: str, settings=None) -> dict | None:

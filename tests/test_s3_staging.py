@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import hashlib
 import os
+import re
 import threading
 import time
 
@@ -13,7 +14,7 @@ import pytest
 
 from serve import staging
 from serve.embedded_s3 import SeaweedServer
-from serve.errors import StorageError, VolumeTooLargeError
+from serve.errors import MrisegError, StorageError, VolumeTooLargeError
 from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
 pytestmark = pytest.mark.s3
@@ -125,6 +126,38 @@ def test_missing_object_and_bucket_are_404(seaweed, unique_prefix):
     assert ei.value.status == 404
 
 
+def test_a_reupload_that_fails_halfway_leaves_no_done_marker(seaweed, tmp_path, unique_prefix, monkeypatch):
+    """The old set's job.json must not vouch for a mix of old and new files."""
+    from serve.bulk import already_done
+
+    prefix = f"s3://outbox/{unique_prefix}/site-a/case1/"
+
+    def output_set(run: str):
+        d = tmp_path / run
+        d.mkdir()
+        (d / "segmentations.nii.gz").write_bytes(run.encode())
+        (d / "statistics.json").write_text(run)
+        (d / "job.json").write_text('{"status": "done"}')
+        return d
+
+    staging.upload_dir(output_set("run1"), prefix, seaweed.settings)
+    assert already_done(prefix, seaweed.settings)
+    real, calls = staging.upload_file, []
+
+    def second_fails(path, uri, settings=None, **kw):
+        calls.append(uri)
+        if len(calls) == 2:
+            raise staging.S3UnavailableError("simulated outage")
+        return real(path, uri, settings, **kw)
+
+    monkeypatch.setattr(staging, "upload_file", second_fails)
+    with pytest.raises(staging.S3UnavailableError):
+        staging.upload_dir(output_set("run2"), prefix, seaweed.settings)
+    assert staging.download_bytes(prefix + "segmentation.nii.gz", settings=seaweed.settings) == b"run2"
+    assert staging.object_exists(prefix + "job.json", seaweed.settings) is None
+    assert not already_done(prefix, seaweed.settings)  # a resumed bulk run computes it again
+
+
 def test_upload_dir_layout_job_json_last(seaweed, tmp_path, unique_prefix):
     out = tmp_path / "out"
     (out / "segmentations").mkdir(parents=True)
@@ -204,3 +237,25 @@ def test_upload_dir_ends_with_a_done_job_json_when_caller_wrote_none(seaweed, tm
     assert order == ["segmentation.nii.gz", "job.json"]
     doc = json.loads(staging.download_bytes(got["job.json"], settings=seaweed.settings))
     assert doc["status"] == "done" and doc["models"] == {"organs": "c1"} and doc["files"] == ["segmentation.nii.gz"]
+
+
+@pytest.mark.parametrize("uri", ["s3://inbox", "s3://inbox/", "s3://inbox/site-a/"])
+def test_a_bucket_or_folder_is_not_an_object_400_not_an_outage(uri):
+    """It used to reach botocore's parameter validation and read as '502 S3 unavailable, try again'."""
+    with pytest.raises(MrisegError) as ei:
+        staging.download_bytes(uri)
+    assert ei.value.status == 400 and "not an object" in ei.value.message and not ei.value.retryable
+
+
+@pytest.mark.parametrize("setting,says", [
+    ({"path_style": "false"}, "path_style must be true or false"),  # a string would have been truthy
+    ({"max_attempts": "5"}, "max_attempts must be an integer"),
+    ({"connect_timeout_s": 0}, "connect_timeout_s must be a number > 0"),
+    ({"endpoint_url": "minio:9000"}, "endpoint_url must be an http"),
+    ({"secret_access_key": 12345}, "(hidden)"),
+])
+def test_s3_settings_are_type_checked(setting, says):
+    from serve.s3client import S3Settings
+
+    with pytest.raises(MrisegError, match=re.escape(says)):
+        S3Settings.from_mapping(setting)

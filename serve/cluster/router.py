@@ -178,6 +178,8 @@ class JobService:
         options = self.validate_options(site, options)
         if input_uri is not None:
             self.tenancy.check_access(site, input_uri, "read")
+            if input_uri.endswith("/"):
+                raise MrisegError("the input names a folder, not an object; give the volume's key")
         elif upload is None:
             raise MrisegError("a job needs an s3:// input or an uploaded volume")
         job = Job(site=site.name, options=options, input_uri=input_uri)
