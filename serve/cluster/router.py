@@ -67,11 +67,12 @@ def _is_replica_failure(exc: BaseException) -> bool:
 
     kinds = tuple(k for k in (getattr(rex, n, None) for n in (
         "ActorDiedError", "RayActorError", "ActorUnavailableError", "WorkerCrashedError",
-        "NodeDiedError", "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError")) if k)
-    try:
-        from ray.serve.exceptions import DeploymentUnavailableError
+        "NodeDiedError", "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError",
+        "TaskCancelledError")) if k)
+    try:  # a request cancelled under us (a replica draining for shutdown) is not the user's cancel
+        from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
-        kinds += (DeploymentUnavailableError,)
+        kinds += (DeploymentUnavailableError, RequestCancelledError)
     except ImportError:  # pragma: no cover - older Ray
         pass
     return isinstance(exc, kinds)
