@@ -151,3 +151,22 @@ def test_a_journal_record_of_the_wrong_shape_is_set_aside_and_the_rest_resume(tm
 
     asyncio.run(main())
     assert new.jobs[good.id].status == "succeeded"
+
+
+def test_a_request_cancelled_by_a_draining_replica_is_retried_then_503(tmp_path):
+    from ray.serve.exceptions import RequestCancelledError
+
+    calls = []
+
+    async def draining(name, refs, spacing):
+        calls.append(name)
+        raise RequestCancelledError("replica shutting down")
+
+    async def main():
+        svc = _service(tmp_path, draining)
+        job = svc.submit(svc.tenancy.sites["site-a"], SPLEEN, upload=VOLUME)
+        await asyncio.wait_for(svc.wait(job), 60)
+        assert job.status == "failed" and job.error["status"] == 503 and job.error["retryable"]
+        assert calls == ["organs", "organs"]  # submodel_retries = 1
+
+    asyncio.run(main())
