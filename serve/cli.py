@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_models_list)
     pi = msub.add_parser("import", help="import weights downloaded by TotalSegmentator")
     pi.add_argument("--totalseg-home", required=True, help="TotalSegmentator's folder (usually ~/.totalsegmentator)")
-    pi.add_argument("--dest", help="destination model folder (default ~/.cache/mriseg/models/local)")
+    pi.add_argument("--dest", help="destination model folder (default $MRISEG_CACHE/models/local, "
+                                   "else ~/.cache/mriseg/models/local)")
     pi.add_argument("--link", action="store_true", help="symlink instead of copying")
     pi.set_defaults(func=cmd_models_import)
 

@@ -246,7 +246,8 @@ class ModelStore:
         st.path = str(tf)
         try:
             st.extra_labels = check_labels(sm, json.loads((tf / "dataset.json").read_text()))
-            checkpoints = sorted(tf.glob("fold_*/checkpoint_final.pth")) or sorted(tf.glob("fold_*/checkpoint_best.pth"))
+            checkpoints = (sorted(tf.glob("fold_*/checkpoint_final.pth"))
+                           or sorted(tf.glob("fold_*/checkpoint_best.pth")))
             if not checkpoints:
                 raise ModelFolderError(f"{tf} has no fold_*/checkpoint_final.pth")
             for ckpt in checkpoints:

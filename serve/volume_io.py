@@ -508,8 +508,8 @@ def safe_extract_zip(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_ZIP_BY
             if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
                 raise CorruptFileError(f"the zip contains an unsafe path ({name!r}); archives must only hold "
                                        f"relative paths inside the archive")
-            if len(parts) > MAX_ZIP_DEPTH:
-                raise CorruptFileError(f"the zip nests an entry {len(parts)} folders deep, more than "
+            if len(parts) - 1 > MAX_ZIP_DEPTH:
+                raise CorruptFileError(f"the zip nests an entry {len(parts) - 1} folders deep, more than "
                                        f"{MAX_ZIP_DEPTH}; zip the series folder itself")
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
