@@ -122,6 +122,27 @@ def test_preview_png(case, tmp_path):
     assert np.any(np.ptp(rgb, axis=-1) > 0.2)
 
 
+@pytest.mark.parametrize("affine", [np.diag([2.0, 2.0, 2.0, 1.0]), np.diag([-2.0, -2.0, 2.0, 1.0])])
+def test_preview_puts_the_patients_left_on_the_viewers_right(affine, tmp_path):
+    """Radiological convention in axial and coronal rows, anterior on the right in sagittal, whatever the storage."""
+    import matplotlib.image as mpimg
+
+    from serve.outputs.preview import render_preview
+
+    img, lab = np.zeros((40, 40, 40), np.float32), np.zeros((40, 40, 40), np.uint8)
+    img[5:35, 5:35, 5:35] = 20
+    left, anterior = (slice(28, 36), slice(22, 34)) if affine[0, 0] > 0 else (slice(4, 12), slice(6, 18))
+    lab[left, anterior, 15:25] = 1  # the patient's left and front, in either storage order
+    png = render_preview(img, lab, affine, {1: "left_front"}, tmp_path / "p.png", n_slices=1)
+    rgb = mpimg.imread(str(png))[..., :3]
+    h, w = rgb.shape[:2]
+    panel = rgb[:, : int(w * 0.7)]  # left of the legend
+    coloured = (np.ptp(panel, axis=-1) > 0.2) & ~((panel[..., 0] > 0.8) & (panel[..., 2] < 0.3))  # not the letters
+    for row in range(3):
+        xs = np.nonzero(coloured[row * h // 3:(row + 1) * h // 3])[1]
+        assert xs.size and xs.mean() > panel.shape[1] / 2, f"row {row}: the label is drawn on the viewer's left"
+
+
 def test_result_must_be_on_the_volume_grid(case, tmp_path):
     vol, res = case
     res.labels = res.labels[:-1]

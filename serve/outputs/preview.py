@@ -55,6 +55,9 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, st
     cmap = ListedColormap(label_colours())
     sx, sy, sz = zooms
     views = [("axial", 2, (sx, sy)), ("coronal", 1, (sx, sz)), ("sagittal", 0, (sy, sz))]
+    # (left edge, right edge) of each view once drawn, and the RAS axis letters for a slice's position
+    edges = {2: ("R", "L"), 1: ("R", "L"), 0: ("P", "A")}
+    where = {2: ("I", "S"), 1: ("P", "A"), 0: ("R", "L")}
     fig, axes = plt.subplots(3, n_slices, figsize=(3.2 * n_slices + 3.2, 9.6), squeeze=False)
     for row, (name, axis, (h_sp, v_sp)) in enumerate(views):
         slices = _pick_slices(lab, axis, n_slices)
@@ -70,9 +73,14 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, st
                       interpolation="nearest")
             ax.imshow(np.ma.masked_equal(lb2, 0), cmap=cmap, vmin=0, vmax=255, origin="lower",
                       aspect=v_sp / h_sp, interpolation="nearest")
-            if axis != 0:  # radiological convention: patient's right on the viewer's left
-                ax.invert_xaxis()
-            ax.set_title(f"{name} {s}", fontsize=8)
+            # canonical RAS columns grow toward the patient's left, so drawn as they are the patient's right
+            # is on the viewer's left (radiological convention) and anterior on the right in sagittal views
+            for x, letter in zip((0.02, 0.98), edges[axis]):
+                ax.text(x, 0.5, letter, transform=ax.transAxes, color="yellow", fontsize=8, va="center",
+                        ha="left" if x < 0.5 else "right")
+            # the slice's position in scanner millimetres (RAS), which the user's viewer also shows
+            mm = float((can_aff @ np.r_[[s if a == axis else 0 for a in range(3)], 1.0])[axis])
+            ax.set_title(f"{name} {where[axis][mm >= 0]} {abs(mm):.0f} mm", fontsize=8)
     present, counts = np.unique(lab[lab > 0], return_counts=True)
     order = [int(present[i]) for i in np.argsort(-counts)][:MAX_LEGEND]
     cols = label_colours()
