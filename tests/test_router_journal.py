@@ -95,3 +95,13 @@ def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_pat
     assert by_job[lost_upload.id] == ["job.settled"]
     assert all(r["site"] for r in records)
     assert not any(".nii" in r.getMessage() or "s3://" in r.getMessage() for r in caplog.records)
+
+
+def test_a_spooled_upload_no_job_owns_is_removed_at_start(tmp_path):
+    old = _service(tmp_path)
+    queued = Job(site="site-a", options=JobOptions(), status="queued")
+    old.journal.save(queued)
+    (old._incoming / f"{queued.id}.nii.gz").write_bytes(b"kept: its job resumes from it")
+    (old._incoming / "0123456789abcdef0123456789abcdef.nii.gz").write_bytes(b"orphan: died before the journal")
+    new = _service(tmp_path)
+    assert [f.name for f in new._incoming.iterdir()] == [f"{queued.id}.nii.gz"]

@@ -115,6 +115,10 @@ class JobService:
             self.jobs[job.id] = job
             if not job.done:
                 self._interrupted.append(job)
+        waiting = {j.id for j in self._interrupted}
+        for f in self._incoming.iterdir():  # spooled by a router that died before it journalled the job
+            if f.name.split(".", 1)[0] not in waiting:
+                f.unlink(missing_ok=True)
 
     def resume_interrupted(self) -> int:
         """Re-queue the jobs a previous router replica accepted but never settled (call from the event loop).
