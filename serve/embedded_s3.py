@@ -78,6 +78,30 @@ def _which(name: str) -> str:
     return exe
 
 
+def _libc_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not glibc Linux: the owner's stop() is all there is
+        return None
+
+
+_PRCTL = _libc_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel SIGTERMs it when its starter exits.
+
+    The servers run in their own session (so a terminal's Ctrl-C reaches the owner, which stops them
+    in order); without this, an owner killed outright left them running, holding ports and keys.
+    Only a C call happens here (loaded beforehand), which is safe after fork in a threaded parent.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     """SIGTERM the server's whole process group, SIGKILL what is left after ``grace_s``."""
     if proc.poll() is not None:
@@ -194,7 +218,7 @@ class SeaweedServer(_Server):
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.data_dir, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         self._client = None
         self._wait_ready(self.ready_timeout_s)
         log.info("SeaweedFS S3 ready on %s", self.settings.endpoint_url)
@@ -241,6 +265,7 @@ class MotoServer(_Server):
                  log_dir: str | os.PathLike | None = None):
         self.port = port or free_ports(1)[0]
         self.ready_timeout_s = ready_timeout_s
+        self._owns_log_dir = log_dir is None  # a folder it made for itself goes with stop()
         self._log_dir = Path(log_dir or tempfile.mkdtemp(prefix="mriseg-moto-"))
         self._log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self._log_dir / "moto.log"
@@ -251,10 +276,11 @@ class MotoServer(_Server):
     def start(self) -> "MotoServer":
         if self.running:
             return self
+        self._log_dir.mkdir(parents=True, exist_ok=True)  # again after a stop() that removed it
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen([_which("moto_server"), "-H", HOST, "-p", str(self.port)],
                                          stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_ready(self.ready_timeout_s)
         return self
 
@@ -278,3 +304,5 @@ class MotoServer(_Server):
         if self.proc is not None:
             _kill_group(self.proc)
         self.proc = None
+        if self._owns_log_dir:
+            shutil.rmtree(self._log_dir, ignore_errors=True)

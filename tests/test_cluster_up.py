@@ -94,3 +94,18 @@ def test_serve_run_local_yaml(isolated_ray, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_state_of_a_dead_stack_is_removed_keys_and_all(tmp_path, monkeypatch):
+    import json
+
+    from serve.cluster.up import find_running_stack, state_dir
+    from serve.embedded_s3 import free_ports
+
+    monkeypatch.setenv("MRISEG_CACHE", str(tmp_path))
+    state = state_dir() / "stack.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"url": f"http://127.0.0.1:{free_ports(1)[0]}", "api_key": "mrs_secret",
+                                 "site": "local", "pid": 1, "s3_pid": os.getpid()}))  # a pid that is not weed
+    assert find_running_stack() is None
+    assert not state.exists()  # the clear API key does not outlive its stack

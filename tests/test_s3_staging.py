@@ -259,3 +259,33 @@ def test_s3_settings_are_type_checked(setting, says):
 
     with pytest.raises(MrisegError, match=re.escape(says)):
         S3Settings.from_mapping(setting)
+
+
+def test_embedded_servers_die_with_the_process_that_started_them(tmp_path):
+    """They run in their own session; a starter killed outright must not leave them holding ports and keys."""
+    import subprocess
+    import sys
+
+    code = ("from serve.embedded_s3 import MotoServer, SeaweedServer\n"
+            f"s = SeaweedServer({str(tmp_path / 'weed')!r}).start()\n"
+            f"m = MotoServer(log_dir={str(tmp_path / 'moto')!r}).start()\n"
+            "print(s.proc.pid, m.proc.pid, flush=True)\n"
+            "import time; time.sleep(120)\n")
+    starter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    pids = [int(p) for p in starter.stdout.readline().split()]
+    assert len(pids) == 2
+    starter.kill()
+    starter.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids), pids

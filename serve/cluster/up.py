@@ -16,6 +16,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -132,15 +133,35 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
 
 
 def find_running_stack() -> LocalStack | None:
-    """The stack ``mriseg up`` started, if it still answers."""
+    """The stack ``mriseg up`` started, if it still answers; a dead one's state (keys included) is removed."""
     p = state_dir() / "stack.json"
     if not p.is_file():
         return None
     try:
         stack = LocalStack(**json.loads(p.read_text()))
     except (ValueError, TypeError):
+        p.unlink(missing_ok=True)
         return None
-    return stack if _healthy(stack.url) else None
+    if _healthy(stack.url):
+        return stack
+    _kill_stale_s3(stack.s3_pid)
+    p.unlink(missing_ok=True)
+    return None
+
+
+def _kill_stale_s3(pid: int | None) -> None:
+    """The embedded S3 server a dead ``mriseg up`` left behind, if that pid still is one."""
+    if not pid:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return
+    if Path(cmdline.decode(errors="replace")).name == "weed":
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def wait_ready(url: str, timeout: float = 600) -> None:
@@ -181,32 +202,31 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
 
     app_cfg, http = load_serve_config(config)
     args = app_args_from_config(app_cfg)
-    work = Path(tempfile.mkdtemp(prefix="mriseg-up-"))
-    api_key = "mrs_" + secrets.token_urlsafe(24)
-    args["tenants_file"] = str(write_tenants(work / "tenants.yaml", api_key))
-    args.setdefault("router", {})["results_dir"] = str(work / "results")
-    if models:
-        args["model_sources"] = list(models)
     host = http.get("host", "127.0.0.1")
     port = int(port or http.get("port", 8000))
     _check_port_free(host, port)
+    work = Path(tempfile.mkdtemp(prefix="mriseg-up-"))
+    s3_server, ray_tmp = None, None
+    try:  # from here on a failure removes what was made, keys included
+        api_key = "mrs_" + secrets.token_urlsafe(24)
+        args["tenants_file"] = str(write_tenants(work / "tenants.yaml", api_key))
+        args.setdefault("router", {})["results_dir"] = str(work / "results")
+        if models:
+            args["model_sources"] = list(models)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if embedded_s3:
+            from dataclasses import asdict as _asdict
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    s3_server = None
-    if embedded_s3:
-        from dataclasses import asdict as _asdict
+            from serve.embedded_s3 import SeaweedServer
 
-        from serve.embedded_s3 import SeaweedServer
-
-        s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET]).start()
-        args["s3"] = _asdict(s3_server.settings)
-        if args.get("events") is not None:  # pushed events for the local site's inbox (no SQS here)
-            args["events"] = {**args["events"], **local_events(work, api_key)}
-    if args.get("events") is not None:
-        args["events"] = {**args["events"], "api_url": f"http://127.0.0.1:{port}"}
-    ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
-    try:
+            s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET]).start()
+            args["s3"] = _asdict(s3_server.settings)
+            if args.get("events") is not None:  # pushed events for the local site's inbox (no SQS here)
+                args["events"] = {**args["events"], **local_events(work, api_key)}
+        if args.get("events") is not None:
+            args["events"] = {**args["events"], "api_url": f"http://127.0.0.1:{port}"}
+        ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
         ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False, _temp_dir=ray_tmp,
                  log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         rayserve.start(http_options={"host": host, "port": port})
