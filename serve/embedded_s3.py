@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -100,6 +101,12 @@ def _die_with_parent() -> None:
     """
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _death_signal():
+    """``preexec_fn`` for a server started now. The kernel ties the signal to the starting *thread*, so a
+    server (re)started from a worker thread would die when that thread ends: only the main thread's get it."""
+    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
@@ -218,7 +225,7 @@ class SeaweedServer(_Server):
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.data_dir, env=env,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=_death_signal())
         self._client = None
         self._wait_ready(self.ready_timeout_s)
         log.info("SeaweedFS S3 ready on %s", self.settings.endpoint_url)
@@ -280,7 +287,7 @@ class MotoServer(_Server):
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen([_which("moto_server"), "-H", HOST, "-p", str(self.port)],
                                          stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=_death_signal())
         self._wait_ready(self.ready_timeout_s)
         return self
 
