@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, parse_message, volume_events
 from serve.jobs import DONE, FAILED, OUTPUT_KINDS, RUNNING, JobOutcome, JobSpec
-from serve.s3client import S3Settings, parse_s3_uri
+from serve.s3client import S3Settings, has_dot_segments, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class InboxRule:
             return False
         if self.prefix and not self.prefix.endswith("/") and not ev.key[len(self.prefix):].startswith("/"):
             return False  # prefix "site-a" must not take "site-ab/..."
-        return not any(part in (".", "..") for part in ev.key.split("/"))
+        return not has_dot_segments(ev.key)
 
     def spec(self, ev: ObjectEvent) -> JobSpec:
         return JobSpec(ev.uri, self.output_root, self.site, ev.etag, ev.version_id, self.roi_subset, self.fast,
@@ -197,7 +197,7 @@ def specs_for_events(events: Sequence[ObjectEvent], rules: Sequence[InboxRule]) 
         rule = next((r for r in rules if r.matches(ev)), None)
         if rule is None:
             ignored += 1  # not an inbox we serve (e.g. our own outbox in the same bucket)
-            if any(part in (".", "..") for part in ev.key.split("/")):
+            if has_dot_segments(ev.key):
                 log.warning("ignored an event for a key with '.' or '..' segments in bucket %s", ev.bucket)
             continue
         spec = rule.spec(ev)

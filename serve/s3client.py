@@ -78,6 +78,11 @@ def make_client(settings: S3Settings | None = None):
     return boto3.session.Session().client("s3", **kwargs)
 
 
+def has_dot_segments(key: str) -> bool:
+    """A ``.`` or ``..`` path segment: S3 keeps it literally, but a server or a path join may resolve it."""
+    return any(part in (".", "..") for part in key.split("/"))
+
+
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 MAX_KEY_BYTES = 1024  # S3's limit
 

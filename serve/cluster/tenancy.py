@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from serve.errors import AuthenticationError, ForbiddenError, MrisegError
-from serve.s3client import parse_s3_uri
+from serve.s3client import has_dot_segments, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Site:
     def owns(self, uri: str) -> bool:
         """True if ``uri`` lies under one of the site's prefixes (whole path segments only)."""
         bucket, key = parse_s3_uri(uri)
-        if any(part in ("..", ".") for part in key.split("/")):
+        if has_dot_segments(key):
             return False
         for prefix in self.prefixes:
             pbucket, pkey = parse_s3_uri(prefix)
