@@ -32,6 +32,7 @@ from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, parse_message, volume_events
 from serve.jobs import DONE, FAILED, OUTPUT_KINDS, RUNNING, JobOutcome, JobSpec
 from serve.s3client import S3Settings, has_dot_segments, parse_s3_uri
+from serve.settings_checks import checked_number
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,16 @@ class ConsumerConfig:
         if unknown:  # e.g. visibility_timeout for visibility_timeout_s: silently dropped, it would not apply
             raise MrisegError(f"events: unknown SQS setting(s) {unknown}; known: wait_time_s, "
                               f"visibility_timeout_s, heartbeat_s, max_messages")
-        for k, minimum in (("wait_time_s", 0), ("visibility_timeout_s", 1), ("heartbeat_s", 0.1),
-                           ("max_messages", 1)):
-            v = d.get(k, getattr(cls, k))
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= minimum:
-                raise MrisegError(f"events: {k} must be a number >= {minimum}, not {v!r}")
+        # SQS's own limits: a long poll of at most 20 s, 1-10 messages, whole seconds of visibility up to 12 h
+        for k, minimum, maximum, integer in (("wait_time_s", 0, 20, True), ("visibility_timeout_s", 1, 43200, True),
+                                             ("heartbeat_s", 0.1, None, False), ("max_messages", 1, 10, True)):
+            try:
+                d[k] = checked_number(d.get(k, getattr(cls, k)), minimum, integer=integer, maximum=maximum)
+            except ValueError as e:
+                raise MrisegError(f"events: {k} {e}") from None
+        if d["heartbeat_s"] >= d["visibility_timeout_s"]:  # the message would reappear before its first extension
+            raise MrisegError(f"events: heartbeat_s ({d['heartbeat_s']:g}) must be shorter than visibility_timeout_s "
+                              f"({d['visibility_timeout_s']:g})")
         d["rules"] = [InboxRule.from_mapping(r) for r in d.get("rules", [])]
         d["sqs"] = S3Settings.from_mapping(d.get("sqs"))
         return cls(**d)

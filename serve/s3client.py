@@ -16,6 +16,7 @@ import boto3
 from botocore.config import Config
 
 from serve.errors import MrisegError
+from serve.settings_checks import is_number
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,12 @@ class S3Settings:
                 ("secret_access_key", lambda v: v is None or isinstance(v, str), "a string"),
                 ("max_attempts", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  "an integer >= 1"),
-                ("connect_timeout_s", _positive, "a number > 0"),
-                ("read_timeout_s", _positive, "a number > 0")):
+                ("connect_timeout_s", lambda v: is_number(v, 0, above=True), "a finite number > 0"),
+                ("read_timeout_s", lambda v: is_number(v, 0, above=True), "a finite number > 0")):
             if name in d and not ok(d[name]):
                 shown = "(hidden)" if name == "secret_access_key" else repr(d[name])[:80]
                 raise MrisegError(f"S3 setting {name} must be {what}, not {shown}")
         return cls(**d)
-
-
-def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def make_client(settings: S3Settings | None = None):

@@ -146,7 +146,7 @@ def test_inbox_rules_are_checked_when_loaded(change, says):
 @pytest.mark.parametrize("change,says", [
     ({"rules": {"a": RULE}}, "must be a list"),
     ({"site_keys": [["a", "k"]]}, "must map site names"),
-    ({"concurrency": "two"}, "concurrency must be a number"),
+    ({"concurrency": "two"}, "concurrency must be an integer"),
     ({"jobs": "/tmp/jobs"}, "s3://"),
     ({"queue": "http://q"}, "unknown setting"),
     ({"queue_url": "http://q", "sqs_options": {"visibility_timeout": 60}}, "unknown SQS setting"),

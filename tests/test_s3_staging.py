@@ -250,7 +250,7 @@ def test_a_bucket_or_folder_is_not_an_object_400_not_an_outage(uri):
 @pytest.mark.parametrize("setting,says", [
     ({"path_style": "false"}, "path_style must be true or false"),  # a string would have been truthy
     ({"max_attempts": "5"}, "max_attempts must be an integer"),
-    ({"connect_timeout_s": 0}, "connect_timeout_s must be a number > 0"),
+    ({"connect_timeout_s": 0}, "connect_timeout_s must be a finite number > 0"),
     ({"endpoint_url": "minio:9000"}, "endpoint_url must be an http"),
     ({"secret_access_key": 12345}, "(hidden)"),
 ])

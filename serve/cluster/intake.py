@@ -34,6 +34,7 @@ from serve.consumer import Consumer, ConsumerConfig, InboxRule
 from serve.errors import MrisegError, NotFoundError
 from serve.jobs import JobOutcome, JobSpec
 from serve.s3client import S3Settings, parse_s3_uri
+from serve.settings_checks import checked_number
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class IntakeSettings:
         parse_s3_uri(str(d["jobs"]).rstrip("/") + "/")  # a clear error for a jobs prefix that is not s3://
         return cls(api_url=str(d.get("api_url") or cls.api_url), jobs=str(d["jobs"]), rules=parsed,
                    site_keys={str(k): str(v) for k, v in keys.items()}, queue=queue,
-                   concurrency=int(_at_least(d, "concurrency", 2, 1)), lease_s=_at_least(d, "lease_s", 300.0, 1),
-                   max_bytes=int(_at_least(d, "max_bytes", 1 << 30, 1)), s3=S3Settings.from_mapping(s3))
+                   concurrency=int(_at_least(d, "concurrency", 2, 1, True)), lease_s=_at_least(d, "lease_s", 300.0, 1),
+                   max_bytes=int(_at_least(d, "max_bytes", 1 << 30, 1, True)), s3=S3Settings.from_mapping(s3))
 
     def rules_for(self, site: str) -> list[InboxRule]:
         """The inboxes a site may push events for (its own only)."""
@@ -126,11 +127,11 @@ def _mapped(value: Any, what: str) -> dict:
     return dict(value)
 
 
-def _at_least(d: Mapping[str, Any], key: str, default: float, minimum: float) -> float:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= minimum:
-        raise MrisegError(f"events: {key} must be a number >= {minimum:g}, not {v!r}")
-    return float(v)
+def _at_least(d: Mapping[str, Any], key: str, default: float, minimum: float, integer: bool = False) -> float:
+    try:
+        return checked_number(d.get(key, default), minimum, integer=integer)
+    except ValueError as e:
+        raise MrisegError(f"events: {key} {e}") from None
 
 
 def _read_json_or_yaml(path: str | os.PathLike) -> Any:

@@ -31,6 +31,7 @@ from serve.cluster.tenancy import Site, Tenancy
 from serve.errors import (ConflictError, ModelUnavailableError, MrisegError, NotFoundError,
                           ServiceUnavailableError)
 from serve.jobs import OUTPUT_KINDS
+from serve.settings_checks import checked_number
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,24 @@ class RouterSettings:
         unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
         if unknown:  # a typo would otherwise leave the default in force without a word
             raise MrisegError(f"router: unknown setting(s) {unknown}; known: {', '.join(cls.__dataclass_fields__)}")
+        # slots: 0 would accept jobs that never run; "1800" would fail every job at its first sub-model call
+        for key, minimum, integer in (("slots", 1, True), ("max_upload_bytes", 1, True), ("submodel_retries", 0, True),
+                                      ("submodel_timeout_s", 1, False), ("max_jobs_kept", 1, True),
+                                      ("max_resumes", 0, True)):
+            if key in d:
+                try:
+                    d[key] = checked_number(d[key], minimum, integer=integer)
+                except ValueError as e:
+                    raise MrisegError(f"router: {key} {e}") from None
+        if d.get("max_voxels") is not None:
+            try:
+                d["max_voxels"] = checked_number(d["max_voxels"], 1, integer=True)
+            except ValueError as e:
+                raise MrisegError(f"router: max_voxels {e} (or null for the default)") from None
+        if not isinstance(d.get("results_dir", cls.results_dir), str) or not d.get("results_dir", cls.results_dir):
+            raise MrisegError(f"router: results_dir must be a folder path, not {d.get('results_dir')!r:.80}")
+        if d.get("s3") is not None and not isinstance(d["s3"], Mapping):
+            raise MrisegError("s3: expected a mapping of S3 settings")
         return cls(**d)
 
 

@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Iterable, Mapping
 
 from serve.errors import AuthenticationError, ForbiddenError, MrisegError
 from serve.s3client import has_dot_segments, parse_s3_uri
+from serve.settings_checks import checked_number
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,10 @@ def _strings(site: str, cfg: Mapping[str, Any], key: str) -> tuple[str, ...]:
 
 
 def _number(site: str, cfg: Mapping[str, Any], key: str, default: float, minimum: float, integer: bool) -> float:
-    value = cfg.get(key, default)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and value >= minimum and (not integer or float(value).is_integer()))
-    if not ok:
-        raise MrisegError(f"tenants: site {site}: {key} must be {'an integer' if integer else 'a number'} "
-                          f">= {minimum:g}, not {value!r}")
-    return int(value) if integer else float(value)
+    try:
+        return checked_number(cfg.get(key, default), minimum, integer=integer)
+    except ValueError as e:
+        raise MrisegError(f"tenants: site {site}: {key} {e}") from None
 
 
 def _site_from_mapping(name: str, cfg: Any) -> tuple[Site, list[bytes]]:

@@ -1,0 +1,98 @@
+"""Numbers in settings files: every reader refuses what YAML hands over by mistake."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from serve.errors import MrisegError
+from serve.settings_checks import checked_number, is_number
+
+
+@pytest.mark.parametrize("value", [True, "5", None, math.inf, -math.inf, math.nan, [5], 0.5])
+def test_checked_number_refuses_what_is_not_a_whole_number_at_least_one(value):
+    with pytest.raises(ValueError, match=r"must be an integer >= 1, not "):
+        checked_number(value, 1, integer=True)
+
+
+def test_checked_number_converts_and_reports_its_bounds():
+    assert checked_number(5.0, 1, integer=True) == 5 and isinstance(checked_number(5.0, 1, integer=True), int)
+    assert checked_number(2, 0) == 2.0 and isinstance(checked_number(2, 0), float)
+    assert is_number(0.1, 0, above=True) and not is_number(0, 0, above=True)
+    with pytest.raises(ValueError, match=r"must be a number > 0 and <= 20, not 21"):
+        checked_number(21, 0, above=True, maximum=20)
+    with pytest.raises(ValueError, match=r"not 'xxxx"):  # long values are cut, never echoed whole
+        checked_number("x" * 1000, 1)
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"slots": 0}, "router: slots must be an integer >= 1, not 0"),  # jobs accepted, never run
+    ({"slots": "4"}, "router: slots must be an integer"),
+    ({"slots": True}, "router: slots must be an integer"),
+    ({"submodel_timeout_s": ".inf"}, "router: submodel_timeout_s must be a number"),
+    ({"submodel_timeout_s": math.inf}, "router: submodel_timeout_s must be a number >= 1"),
+    ({"submodel_retries": -1}, "router: submodel_retries must be an integer >= 0"),
+    ({"max_upload_bytes": 1.5}, "router: max_upload_bytes must be an integer"),
+    ({"max_voxels": 0}, "router: max_voxels must be an integer >= 1"),
+    ({"max_jobs_kept": 0}, "router: max_jobs_kept"),
+    ({"max_resumes": "2"}, "router: max_resumes"),
+    ({"results_dir": 5}, "router: results_dir must be a folder path"),
+    ({"s3": "http://s3"}, "s3: expected a mapping"),
+    ({"slot": 2}, "router: unknown setting"),
+])
+def test_router_settings_are_checked_when_loaded(change, says):
+    from serve.cluster.router import RouterSettings
+
+    with pytest.raises(MrisegError, match=says):
+        RouterSettings.from_mapping(change)
+
+
+def test_router_settings_in_range_are_taken_as_numbers():
+    from serve.cluster.router import RouterSettings
+
+    s = RouterSettings.from_mapping({"slots": 8.0, "submodel_timeout_s": 60, "max_voxels": None, "max_resumes": 0})
+    assert (s.slots, s.submodel_timeout_s, s.max_voxels, s.max_resumes) == (8, 60.0, None, 0)
+    assert isinstance(s.slots, int) and RouterSettings.from_mapping(None) == RouterSettings()
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"max_messages": 11}, "max_messages must be an integer >= 1 and <= 10"),  # SQS refuses more than 10
+    ({"max_messages": 1.5}, "max_messages must be an integer"),
+    ({"wait_time_s": 21}, "wait_time_s must be an integer >= 0 and <= 20"),
+    ({"visibility_timeout_s": 50_000}, "visibility_timeout_s must be an integer >= 1 and <= 43200"),
+    ({"heartbeat_s": math.nan}, "heartbeat_s must be a number"),
+    ({"heartbeat_s": 120, "visibility_timeout_s": 120}, "heartbeat_s .* must be shorter than visibility_timeout_s"),
+])
+def test_sqs_settings_stay_within_what_sqs_takes(change, says):
+    from serve.consumer import ConsumerConfig
+
+    with pytest.raises(MrisegError, match=says):
+        ConsumerConfig.from_mapping({"queue_url": "http://q", "rules": [], **change})
+    ok = ConsumerConfig.from_mapping({"queue_url": "http://q", "rules": [], "max_messages": 10.0, "wait_time_s": 0})
+    assert (ok.max_messages, ok.wait_time_s) == (10, 0) and isinstance(ok.max_messages, int)
+
+
+@pytest.mark.parametrize("key,value", [("lease_s", math.inf), ("concurrency", 1.5), ("max_bytes", True)])
+def test_event_numbers_are_finite_and_whole_where_they_count(key, value, monkeypatch):
+    from serve.cluster.intake import ENV, IntakeSettings
+
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    rule = {"bucket": "in", "prefix": "a/", "site": "a", "output_root": "s3://out/a/"}
+    with pytest.raises(MrisegError, match=f"events: {key} must be"):
+        IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": [rule], "site_keys": {"a": "k" * 16}, key: value})
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 0, True])
+def test_s3_timeouts_are_finite_and_positive(value):
+    from serve.s3client import S3Settings
+
+    with pytest.raises(MrisegError, match="read_timeout_s must be a finite number > 0"):
+        S3Settings.from_mapping({"read_timeout_s": value})
+
+
+def test_tenant_rates_are_finite():
+    from serve.cluster.tenancy import Tenancy
+
+    with pytest.raises(MrisegError, match=r"tenants: site s: requests_per_second must be a number >= 0, not inf"):
+        Tenancy.from_mapping({"sites": {"s": {"prefixes": ["s3://b/s/"], "requests_per_second": math.inf}}})
