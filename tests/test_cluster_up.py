@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -87,6 +88,62 @@ def test_serve_run_local_yaml(isolated_ray, tmp_path):
         assert out["job"]["status"] == "succeeded"
         assert len(out["job"]["submodels"]) == 6  # a full run uses the six sub-models, not total_fast
         assert nib.load(out["written"]["multilabel"]).shape == vol.data.shape
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+
+
+def _gcs_pids(ray_tmp: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "gcs_server" in cmd and ray_tmp in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads Ray's environment from /proc")
+def test_up_as_users_start_it_leaves_ray_token_auth_on(isolated_ray, tmp_path):
+    """`mriseg up` with RAY_AUTH_MODE unset: Ray's ports (all interfaces) want Ray's token; the stack serves."""
+    import json
+
+    from serve.cluster.cli import run_demo_through_stack
+    from serve.cluster.up import LocalStack, wait_ready
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env.update(HOME=str(tmp_path / "home"), MRISEG_CACHE=str(tmp_path / "cache"), RAY_USAGE_STATS_ENABLED="0")
+    port, log = free_port(), tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("mriseg")), "up", "--port", str(port), "--no-s3"],
+                                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", timeout=400)
+        state_file = tmp_path / "cache" / "up" / "stack.json"
+        for _ in range(120):  # written just after the stack answers /readyz
+            if state_file.exists():
+                break
+            time.sleep(0.5)
+        stack = LocalStack(**json.loads(state_file.read_text()))
+        gcs = _gcs_pids(stack.ray_tmp)
+        assert len(gcs) == 1, gcs
+        assert _environ(gcs[0]).get("RAY_AUTH_MODE") == "token"
+        token = (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()  # Ray's own place for it
+        assert len(token) >= 32
+        assert token not in state_file.read_text() and token not in log.read_text(errors="replace")
+        out = run_demo_through_stack(stack, tmp_path / "demo", quiet=True)
+        assert out["job"]["status"] == "succeeded"
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -214,7 +214,8 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         if models:
             args["model_sources"] = list(models)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # RAY_AUTH_MODE stays as the caller set it. Unset, Ray (2.59+) gives a local cluster a token
+        # (~/.ray/auth_token): its gRPC servers listen on every interface whatever the node address.
         if embedded_s3:
             from dataclasses import asdict as _asdict
 
