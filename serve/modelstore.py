@@ -322,15 +322,44 @@ def import_totalseg_home(totalseg_home: Path, dest: Path, catalogue: Catalogue |
             log.warning("skipped %s: %s", sm.name, e.message)
             skipped[sm.name] = e.message
             continue
-        target = dest / ds.name
-        if target.exists() or target.is_symlink():
-            if target.is_symlink() or target.is_file():
-                target.unlink()
-            else:
-                shutil.rmtree(target)
-        if link:
-            target.symlink_to(ds.resolve(), target_is_directory=True)
-        else:
-            shutil.copytree(ds, target)
+        try:
+            _install_beside(ds, dest / ds.name, link)
+        except OSError as e:  # shutil.Error included: a dangling link or unreadable file in the download
+            log.warning("skipped %s: copying %s failed (%s)", sm.name, ds.name, type(e).__name__)
+            skipped[sm.name] = f"copying {ds} failed ({e.__class__.__name__}: {str(e)[:200]}); an earlier import " \
+                               f"of it, if any, is kept"
+            continue
         imported.append(sm.name)
     return imported
+
+
+def _install_beside(source: Path, target: Path, link: bool) -> None:
+    """Put a copy of (or link to) ``source`` at ``target``, replacing what is there only once the new one is whole.
+
+    The new folder is built under a hidden name beside ``target`` (the store
+    only reads ``Dataset*`` names) and renamed into place, so a copy that fails
+    half-way leaves the earlier import as it was.
+    """
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    new, old = target.with_name(f".{target.name}.new-{tag}"), target.with_name(f".{target.name}.old-{tag}")
+    try:
+        if link:
+            new.symlink_to(source.resolve(), target_is_directory=True)
+        else:
+            shutil.copytree(source, new)
+    except BaseException:
+        _remove(new)
+        raise
+    had_old = target.exists() or target.is_symlink()
+    if had_old:
+        os.replace(target, old)
+    os.replace(new, target)
+    if had_old:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)

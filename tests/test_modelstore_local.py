@@ -133,3 +133,23 @@ def test_a_checkpoint_that_is_not_one_is_mismatched_not_present(tmp_path):
     ckpt.write_bytes(b"not a zip: a truncated or HTML error page")
     st = ModelStore([str(results)]).inspect(CAT.submodel("organs"))
     assert st.state == "mismatched" and "not a PyTorch checkpoint" in st.detail
+
+
+def test_a_reimport_that_fails_half_way_keeps_the_earlier_import(tmp_path, capsys):
+    home = totalseg_home(tmp_path)
+    dest = tmp_path / "imported"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0
+    ckpt = next(dest.glob(f"{TS_ORGANS}/*/fold_0/checkpoint_final.pth"))
+    before = ckpt.read_bytes()
+    src_fold = next((home / "nnunet" / "results").glob(f"{TS_ORGANS}/*/fold_0"))
+    (src_fold / "checkpoint_best.pth").symlink_to(tmp_path / "gone.pth")  # an interrupted download's dangling link
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 1
+    err = capsys.readouterr().err
+    assert "skipped organs" in err and "an earlier import of it, if any, is kept" in err and "Traceback" not in err
+    assert ckpt.read_bytes() == before and ModelStore([dest]).inspect(CAT.submodel("organs")).state == "present"
+    assert sorted(p.name for p in dest.iterdir()) == sorted([TS_ORGANS, "Dataset851_TotalSegMRI_part2_muscles_1088subj"])
+    (src_fold / "checkpoint_best.pth").unlink()
+    (src_fold / "extra.txt").write_text("new")
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0  # a whole copy replaces it
+    assert (ckpt.parent / "extra.txt").read_text() == "new"
+    assert not [p for p in dest.iterdir() if p.name.startswith(".")]
