@@ -221,6 +221,7 @@ def verify_download(head: Mapping[str, Any], digest: str, size: int, bucket: str
 
 
 # -- downloads ----------------------------------------------------------------------
+REPLACED_RETRIES = 2  # an object rewritten faster than it can be read still fails, as a 412
 def _download(uri: str, sink: Callable[[bytes], None], reset: Callable[[], None], max_bytes: int | None,
               settings, deadline_s: float) -> ObjectInfo:
     bucket, key = parse_s3_uri(uri)
@@ -229,6 +230,16 @@ def _download(uri: str, sink: Callable[[bytes], None], reset: Callable[[], None]
     c = client_for(settings)
 
     def once() -> ObjectInfo:
+        for replaced in range(REPLACED_RETRIES + 1):
+            try:
+                return read()
+            except ClientError as e:  # 412: a new version landed between HEAD and GET; read that one instead
+                if _client_error_status(e) != 412 or replaced == REPLACED_RETRIES:
+                    raise
+                log.info("an object in bucket %s was replaced while it was being read; reading it again", bucket)
+        raise AssertionError("unreachable")
+
+    def read() -> ObjectInfo:
         reset()
         head = c.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         size = int(head["ContentLength"])

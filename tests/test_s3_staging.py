@@ -289,3 +289,29 @@ def test_embedded_servers_die_with_the_process_that_started_them(tmp_path):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(p) for p in pids), pids
+
+
+def test_an_object_replaced_between_head_and_get_is_read_again(seaweed, unique_prefix):
+    """A site re-uploading a scan while a job reads it: the job reads the new version, never a mix of two."""
+    key = f"{unique_prefix}/replaced.nii"
+    uri = f"s3://inbox/{key}"
+    staging.put_bytes(b"first version", uri, seaweed.settings)
+    reader, writer = staging.client_for(seaweed.settings), seaweed.client()
+    landed = []
+
+    def another_writer_lands_first(**_):  # runs between our HEAD and our GET, on the real server
+        if len(landed) < limit:
+            landed.append(os.urandom(24))
+            writer.put_object(Bucket="inbox", Key=key, Body=landed[-1])
+
+    reader.meta.events.register("before-call.s3.GetObject", another_writer_lands_first)
+    try:
+        limit = 1
+        assert staging.download_bytes(uri, settings=seaweed.settings) == landed[-1]  # was a 412 job failure
+        landed.clear()
+        limit = 100  # rewritten faster than it can be read: a clear, final 412, not a loop
+        with pytest.raises(staging.S3RequestError, match="412"):
+            staging.download_bytes(uri, settings=seaweed.settings)
+        assert len(landed) == staging.REPLACED_RETRIES + 1
+    finally:
+        reader.meta.events.unregister("before-call.s3.GetObject", another_writer_lands_first)
