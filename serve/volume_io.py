@@ -387,6 +387,7 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
     import SimpleITK as sitk
 
     best: list[str] = []
+    tied: set[str] = set()  # series UIDs holding as many files as the best
     entries = [p for p in folder.rglob("*") if not p.is_symlink()]
     for p in entries:
         if p.is_file():
@@ -396,10 +397,15 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
         for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), sid)
             if len(files) > len(best):
-                best = list(files)
+                best, tied = list(files), {sid}
+            elif files and len(files) == len(best):
+                tied.add(sid)
     if not best:
         raise UnsupportedFormatError("no DICOM series found; give a folder (or a zip) holding the slices of one "
                                      "series, a NIfTI file (.nii/.nii.gz) or an .mha/.nrrd volume")
+    if len(tied) > 1:  # e.g. T1 and T2 of one study: which one was segmented would be GDCM's listing order
+        raise InvalidVolumeError(f"the input holds {len(tied)} DICOM series of {len(best)} file(s) each and none "
+                                 f"is the largest; upload the one series to segment")
     head = sitk.ImageFileReader()
     head.SetFileName(best[0])
     try:

@@ -86,7 +86,8 @@ def test_sitk_geometry_conversion_identity_is_lps():
 
 
 def write_dicom_series(folder: Path, arr_ijk: np.ndarray, spacing=(0.8, 0.9, 2.0), origin=(-50.0, -40.0, 10.0),
-                       direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), compressor: str | None = None) -> sitk.Image:
+                       direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), compressor: str | None = None,
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.1.1") -> sitk.Image:
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk_image(arr_ijk.astype(np.int16), spacing, origin, direction)
     writer = sitk.ImageFileWriter()
@@ -94,7 +95,7 @@ def write_dicom_series(folder: Path, arr_ijk: np.ndarray, spacing=(0.8, 0.9, 2.0
     if compressor:  # explicit VR with encapsulated pixel data: items of undefined and defined length
         writer.SetUseCompression(True)
         writer.SetCompressor(compressor)
-    series_uid, study_uid = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
+    study_uid = "1.2.826.0.1.3680043.2.1125.1.2"
     d = direction
     for k in range(img.GetDepth()):
         sl = img[:, :, k]
@@ -127,6 +128,22 @@ def test_dicom_folder_and_zip(tmp_path):
     assert np.array_equal(zvol.data, arr) and np.allclose(zvol.affine, vol.affine)
     zbytes = read_volume_bytes(zpath.read_bytes(), "upload.zip")
     assert np.array_equal(zbytes.data, arr)
+
+
+def test_two_dicom_series_of_equal_size_are_refused_and_the_larger_one_is_taken(tmp_path):
+    """A zip of one study's T1 and T2: segmenting whichever GDCM lists first would be a silent guess."""
+    arr = (ramp((16, 12, 6)) % 500).astype(np.int16)
+    write_dicom_series(tmp_path / "study" / "t1", arr)
+    write_dicom_series(tmp_path / "study" / "t2", arr[..., ::-1] + 7, series_uid="1.2.826.0.1.3680043.2.1125.1.9")
+    zpath = tmp_path / "study.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted((tmp_path / "study").rglob("*.dcm")):
+            zf.write(f, f.relative_to(tmp_path).as_posix())
+    for source in (tmp_path / "study", zpath):
+        with pytest.raises(InvalidVolumeError, match="2 DICOM series of 6 file"):
+            read_volume(source)
+    (tmp_path / "study" / "t2" / "slice005.dcm").unlink()  # now t1 is the larger: taken, as before
+    assert np.array_equal(read_volume(tmp_path / "study").data, arr)
 
 
 @pytest.mark.parametrize("compressor", ["JPEG2000", "JPEG"])
