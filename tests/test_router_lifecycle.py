@@ -170,3 +170,40 @@ def test_a_request_cancelled_by_a_draining_replica_is_retried_then_503(tmp_path)
         assert calls == ["organs", "organs"]  # submodel_retries = 1
 
     asyncio.run(main())
+
+
+def test_a_job_the_router_cannot_record_is_refused_with_503_and_never_runs(tmp_path):
+    """A full or failing disk under the journal: the client hears 503 and nothing runs unseen."""
+    import shutil
+
+    import pytest
+
+    from serve.errors import ServiceUnavailableError
+
+    calls = []
+
+    async def call(name, refs, spacing):
+        calls.append(name)
+        return await _labels(name, refs, spacing)
+
+    async def main():
+        svc = _service(tmp_path, call)
+        svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})
+        site = svc.tenancy.sites["site-a"]
+        shutil.rmtree(svc.journal.root)
+        svc.journal.root.write_text("")  # a real OSError (not a directory) on every journal write
+        for submit in (lambda: svc.submit(site, SPLEEN, upload=VOLUME),
+                       lambda: svc.submit(site, SPLEEN, input_uri=f"s3://{BUCKET}/site-a/in/v.nii.gz")):
+            with pytest.raises(ServiceUnavailableError, match="nothing was queued"):
+                submit()
+        await asyncio.sleep(0.5)
+        assert calls == [] and svc.scheduler.stats().running == 0 and not svc.jobs
+        assert list(svc._incoming.iterdir()) == []  # no spooled upload left behind
+        svc.journal.root.unlink()
+        svc.journal.root.mkdir()
+        job = svc.submit(site, SPLEEN, upload=VOLUME)  # the disk is back: accepted and run
+        await asyncio.wait_for(svc.wait(job), 60)
+        assert job.status == "succeeded", job.error
+        assert calls == ["organs"] and svc.journal.load()[0].status == "succeeded"
+
+    asyncio.run(main())

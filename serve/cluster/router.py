@@ -213,12 +213,18 @@ class JobService:
             from serve.volume_io import suffix_of
 
             spooled = self._incoming / f"{job.id}{suffix_of(filename)}"
-            spooled.write_bytes(upload)
         try:
+            if spooled is not None:
+                spooled.write_bytes(upload)
             self._schedule(job, spooled, filename)
-        except MrisegError:
+        except (MrisegError, OSError) as e:
             if spooled is not None:
                 spooled.unlink(missing_ok=True)
+            if isinstance(e, OSError):  # a full or failing disk: nothing was queued, the client may try again
+                log.error("job %s not accepted: the router cannot write its spool or journal (%s)",
+                          job.id, type(e).__name__)
+                raise ServiceUnavailableError("the router cannot record the job on its disk right now; nothing "
+                                              "was queued, try again later") from e
             raise
         audit("job.accepted", job=job.id, site=site.name, source="s3" if input_uri else "upload",
               structures="all" if options.roi_subset is None else len(options.roi_subset))
@@ -227,10 +233,15 @@ class JobService:
         return job
 
     def _schedule(self, job: Job, spooled: Path | None, filename: str) -> None:
-        fut = self.scheduler.submit(job.site, job.id, lambda: self._execute(job, spooled, filename))
+        # recorded before it is queued: a job running with no record would be lost to the client and to a restart
+        self.journal.save(job)
+        try:
+            fut = self.scheduler.submit(job.site, job.id, lambda: self._execute(job, spooled, filename))
+        except BaseException:
+            self.journal.remove(job.id)
+            raise
         self._futures[job.id] = fut
         fut.add_done_callback(lambda f, j=job: self._settled(j, f))
-        self.journal.save(job)
 
     async def wait(self, job: Job) -> Job:
         """Wait until the job is settled (its own outcome is on the job, never raised here)."""
