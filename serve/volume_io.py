@@ -244,6 +244,27 @@ def check_nifti_orientation(header) -> None:
         raise InvalidVolumeError(f"the NIfTI header's sform ({''.join(axes[0])}) and qform ({''.join(axes[1])}) "
                                  f"point the axes different ways, so viewers would disagree on left and right; "
                                  f"make them agree and upload again")
+    # Same directions but other voxel sizes or another place: volumes in mL, or where the labels lie over
+    # the scan, would depend on the reader (the outputs carry the sform in both fields).
+    sform, qform = header.get_sform(), header.get_qform()
+    zooms = [np.linalg.norm(a[:3, :3], axis=0) for a in (sform, qform)]
+    if not np.allclose(zooms[0], zooms[1], rtol=SFORM_QFORM_RTOL, atol=0):
+        raise InvalidVolumeError(f"the NIfTI header's sform and qform give different voxel sizes "
+                                 f"({_mm(zooms[0])} vs {_mm(zooms[1])} mm), so readers would measure the "
+                                 f"structures differently; make them agree and upload again")
+    shift = float(np.linalg.norm(sform[:3, 3] - qform[:3, 3]))
+    if shift > SFORM_QFORM_SHIFT_MM:
+        raise InvalidVolumeError(f"the NIfTI header's sform and qform place the volume {shift:.1f} mm apart, so "
+                                 f"labels would not lie over the scan in every viewer; make them agree and upload "
+                                 f"again")
+
+
+SFORM_QFORM_RTOL = 0.01     # the qform's float32 quaternion reproduces a sform's voxel sizes far closer than this
+SFORM_QFORM_SHIFT_MM = 1.0  # under a typical MR voxel
+
+
+def _mm(zooms: np.ndarray) -> str:
+    return " x ".join(f"{z:.3g}" for z in zooms)
 
 
 def _check_pixdim(path: Path, header_class) -> None:

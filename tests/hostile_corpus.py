@@ -325,6 +325,13 @@ def corpus() -> list[HostileInput]:
     add("nifti_sform_qform_flipped", "scan.nii",
         _nifti(_ramp(), lambda h: h.set_qform(np.diag([-1.2, 1.3, 2.0, 1.0]), code=1)), (422,),
         "sform RAS, qform LAS: nibabel follows the sform, ITK the qform (found by review)")
+    add("nifti_sform_qform_spacing", "scan.nii",
+        _nifti(_ramp(), lambda h: h.set_qform(np.diag([1.2, 1.3, 3.0, 1.0]), code=1)), (422,),
+        "sform and qform both RAS, slice thickness 2.0 vs 3.0 mm: volumes in mL would depend on the reader")
+    add("nifti_sform_qform_shift", "scan.nii",
+        _nifti(_ramp(), lambda h: h.set_qform(np.array([[1.2, 0, 0, 0], [0, 1.3, 0, 0], [0, 0, 2.0, 40.0],
+                                                        [0, 0, 0, 1]]), code=1)), (422,),
+        "sform and qform 40 mm apart (a registration written to one field only): labels off the scan in ITK")
     add("nifti_inf_affine", "scan.nii", _nifti(_ramp(), inf_sform), (422,), "sform with an infinite entry")
     add("nifti_bad_quaternion", "scan.nii", _nifti(_ramp(), bad_quaternion), (422,),
         "qform in use with an impossible quaternion")
