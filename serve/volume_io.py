@@ -386,7 +386,7 @@ def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        raise CorruptFileError(f"cannot read the image header ({_first_line(e)}); the file is corrupt or not "
+        raise CorruptFileError(f"cannot read the image header ({_error_reason(e)}); the file is corrupt or not "
                                f"in the format its name says") from e
     size = reader.GetSize()
     check_shape(size, max_voxels)
@@ -396,7 +396,7 @@ def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     try:
         image = reader.Execute()
     except RuntimeError as e:
-        raise CorruptFileError(f"the image data cannot be read ({_first_line(e)}); the file is truncated or "
+        raise CorruptFileError(f"the image data cannot be read ({_error_reason(e)}); the file is truncated or "
                                f"corrupt") from e
     affine = sitk_geometry_to_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     fmt = "dicom" if suffix_of(path.name) in DICOM_SUFFIXES else "sitk"
@@ -432,7 +432,7 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
     try:
         head.ReadImageInformation()
     except RuntimeError as e:
-        raise CorruptFileError(f"cannot read a DICOM header ({_first_line(e)})") from e
+        raise CorruptFileError(f"cannot read a DICOM header ({_error_reason(e)})") from e
     size = list(head.GetSize())
     if len(best) > 1:
         # one slice per file: the number of files is the third dimension
@@ -444,7 +444,7 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
     try:
         image = reader.Execute()
     except RuntimeError as e:
-        raise CorruptFileError(f"the DICOM series cannot be decoded ({_first_line(e)})") from e
+        raise CorruptFileError(f"the DICOM series cannot be decoded ({_error_reason(e)})") from e
     if len(best) > 1:
         check_slice_geometry([_slice_tags(reader, i) for i in range(len(best))])
     affine = sitk_geometry_to_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
@@ -501,7 +501,8 @@ def check_slice_geometry(tags: Sequence[tuple[str, str] | None]) -> None:
                                  f"series to an orthogonal grid (e.g. dcm2niix) and upload the NIfTI")
 
 
-def _first_line(e: Exception) -> str:
+def _error_reason(e: Exception) -> str:
+    """The line of a reader's error that says what went wrong (the last), cut to 300 characters."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     # ITK's messages start with file/line noise; the last line says what went wrong
     return lines[-1][:300] if lines else type(e).__name__
