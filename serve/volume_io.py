@@ -672,14 +672,22 @@ def check_metaimage_header(f: BinaryIO) -> None:
     A NUL byte in a header line is refused too: MetaIO reads keys as C strings, so ``NDims\\0x = -1`` is
     NDims to it (and hung it in the fuzzer) while this check would see another key.
     """
+    seen: set[bytes] = set()
     for line in _header_lines(f, ".mha"):
         if b"\0" in line:
             raise CorruptFileError("the .mha header holds a NUL byte before its voxel data; a MetaImage header "
                                    "is text. The file is corrupt")
         key, _, value = _split_key(line)
+        seen.add(key)
         if key == b"ndims" and not (re.fullmatch(rb"\+?\d{1,3}", value) and 1 <= int(value) <= 10):
             raise CorruptFileError(f"the .mha header has NDims = {value[:20].decode('latin-1')!r}; a MetaImage "
                                    f"has 1 to 10 dimensions. The file is corrupt")
+    # Without them MetaIO reads on past ElementDataFile into the voxel bytes as if they were header lines
+    # (found by the fuzzer: a second, hostile header there killed the process).
+    missing = [k.decode() for k in (b"ndims", b"dimsize", b"elementtype", b"elementdatafile") if k not in seen]
+    if missing:
+        raise CorruptFileError(f"the .mha header lacks {', '.join(missing)} (required before the voxel data); "
+                               f"the file is corrupt or not a MetaImage")
 
 
 def _split_key(line: bytes) -> tuple[bytes, bytes, bytes]:

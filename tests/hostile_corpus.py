@@ -16,6 +16,7 @@ Run as a script to print what each input yields: ``python -m tests.hostile_corpu
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import struct
@@ -371,6 +372,16 @@ def corpus() -> list[HostileInput]:
         _mha_header().replace(b"ElementSpacing", b"NDims\0x = -1\nElementSpacing") + bytes(64), (422,),
         "NDims = -1 behind a NUL in the key (MetaIO reads C strings; found by the fuzzer: hangs or segfaults)")
     mha = _sitk_bytes(_sitk_image(_ramp((20, 20, 20))), ".mha")
+    # the fuzzer's find, byte for byte: a first header without DimSize/ElementType, then another header with
+    # NDims = -1 behind a NUL where the voxels start; MetaIO read on into it and the process died (SIGSEGV)
+    add("mha_second_header_in_data", "scan.mha", base64.b64decode(
+        "T2JqZWN0VHlwZSA9IEltYWdlCk5EaW1zID0gMwpCaW5hcnlEYXRhID0gVHJ1ZQpCaW5hcnlEYXRhQnlfVUNIQVIKRWxlbWVudERh"
+        "dGFGaWxlID0gTE9DQUwKAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABPYmplY3RUeXBlID0g"
+        "SW1hZ2UKTkRpbXMgPSAzCkJpbmFyeURhdGEgPSBUcnVlCkJpbmFyAAAAAHlEYXRhQnl0ZU9yZGVyTVNCID0gRmFsc2UKTkRpbXMA"
+        "eCA9IC0xCkVsZW1lbnRTcGFjaW5nID0gMSAxIDEKRGltU2l6ZSA9IDQgNCA0CkVsZW1lbnRUeXBlID0gTUVUX1VDSEFSCkVsZW1l"
+        "bnREYXRhRmlsZSA9IExPQ0FMCgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        "AAAAAAAAAAAAAAAAAAAAAAAAAgAAAAAAAg=="), (422,),
+        "header without DimSize/ElementType, a hostile one in the voxel bytes (found by the fuzzer: SIGSEGV)")
     add("mha_truncated", "scan.mha", mha[: len(mha) - 5000], (422,), "MetaImage missing its last 5000 bytes")
     add("mha_huge_dims", "scan.mha", _mha_header(DimSize="2000 2000 2000") + bytes(64), (413,),
         "MetaImage header promising 2000^3 voxels")
