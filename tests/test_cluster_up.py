@@ -58,6 +58,16 @@ def test_up_with_embedded_s3_then_demo_through_it(isolated_ray, tmp_path, monkey
     assert not (tmp_path / "cache" / "up" / "stack.json").exists()
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C to the stack's whole process group, as a user would; SIGKILL after a minute."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_serve_run_local_yaml(isolated_ray, tmp_path):
     """Ray's own `serve run` on deployments/local.yaml (only the port and tenants moved for the test)."""
     from serve.cluster.client import ApiClient, segment_file
@@ -89,12 +99,7 @@ def test_serve_run_local_yaml(isolated_ray, tmp_path):
         assert len(out["job"]["submodels"]) == 6  # a full run uses the six sub-models, not total_fast
         assert nib.load(out["written"]["multilabel"]).shape == vol.data.shape
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -145,12 +150,7 @@ def test_up_as_users_start_it_leaves_ray_token_auth_on(isolated_ray, tmp_path):
         out = run_demo_through_stack(stack, tmp_path / "demo", quiet=True)
         assert out["job"]["status"] == "succeeded"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
 
 
 def test_state_of_a_dead_stack_is_removed_keys_and_all(tmp_path, monkeypatch):
