@@ -63,7 +63,7 @@ def zscore(data: np.ndarray) -> np.ndarray:
 class Case:
     image: np.ndarray               # normalised, canonical, model spacing, (z, y, x)
     labels: dict[str, np.ndarray]   # sub-model name -> local ids, (z, y, x)
-    voxels: dict[int, np.ndarray]   # global id -> flat indices of its voxels (for class-balanced sampling)
+    voxels: dict[int, np.ndarray]   # global id -> flat indices (int32) of its voxels, for class-balanced sampling
 
 
 def make_cases(seeds: Sequence[int], spacing_mm: float, submodels: Sequence[SubModel]) -> list[Case]:
@@ -89,8 +89,8 @@ def make_cases(seeds: Sequence[int], spacing_mm: float, submodels: Sequence[SubM
             order = np.argsort(flat, kind="stable")
             ids, starts = np.unique(flat[order], return_index=True)
             for gid, lo, hi in zip(ids, starts, [*starts[1:], flat.size]):
-                if gid:
-                    voxels[int(gid)] = order[lo:hi]
+                if gid:  # a copy: a slice would keep the whole argsort (every voxel, int64) alive per model
+                    voxels[int(gid)] = order[lo:hi].astype(np.int32)
         image = np.ascontiguousarray(zscore(prep.data).transpose(2, 1, 0))
         cases.append(Case(image, labels, voxels))
     return cases
