@@ -105,3 +105,48 @@ def test_a_spooled_upload_no_job_owns_is_removed_at_start(tmp_path):
     (old._incoming / "0123456789abcdef0123456789abcdef.nii.gz").write_bytes(b"orphan: died before the journal")
     new = _service(tmp_path)
     assert [f.name for f in new._incoming.iterdir()] == [f"{queued.id}.nii.gz"]
+
+
+def _break_journal(svc: JobService) -> None:
+    """A real OSError (a file where the journal folder was) on every journal write, as on a failing disk."""
+    import shutil
+
+    shutil.rmtree(svc.journal.root)
+    svc.journal.root.write_text("")
+
+
+def test_a_restart_onto_a_failing_disk_settles_every_interrupted_job_in_memory_and_keeps_going(tmp_path, caplog):
+    old = _service(tmp_path)
+    resumable = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-a/a.nii.gz", status="running")
+    lost_upload = Job(site="site-a", options=JobOptions(), status="running")
+    spooled_job = Job(site="site-b", options=JobOptions(), status="queued")
+    (old._incoming / f"{spooled_job.id}.nii.gz").write_bytes(b"volume bytes")
+    for j in (resumable, lost_upload, spooled_job):
+        old.journal.save(j)
+    new = _service(tmp_path)
+    _break_journal(new)
+    assert new.resume_interrupted() == 0  # nothing can be queued unrecorded, and nothing raises
+    for j in (resumable, lost_upload, spooled_job):
+        job = new.jobs[j.id]
+        assert job.status == "failed" and job.error["status"] == 503, job
+    assert "resubmit" in new.jobs[resumable.id].error["detail"]
+    assert not list(new._incoming.iterdir())
+    assert new.scheduler.stats().running == 0
+    assert sum("journal record could not be written" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_a_job_settling_onto_a_failing_disk_still_settles_and_cleans_its_spool(tmp_path):
+    svc = _service(tmp_path)
+    job = Job(site="site-a", options=JobOptions(), status="running")
+    (svc._incoming / f"{job.id}.nii.gz").write_bytes(b"volume bytes")
+    svc.jobs[job.id] = job
+
+    async def go():
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(job)
+        svc._futures[job.id] = fut
+        _break_journal(svc)
+        svc._settled(job, fut)
+
+    asyncio.run(go())
+    assert job.status == "succeeded" and not list(svc._incoming.iterdir())

@@ -169,12 +169,26 @@ class JobService:
             except Exception as e:  # noqa: BLE001 - one odd record must not stop the others
                 job.fail(e if isinstance(e, MrisegError) else ServiceUnavailableError(
                     f"the job could not be resumed after a router restart ({type(e).__name__}); resubmit it"))
-                self.journal.save(job)
+                self._record(job)
                 audit("job.settled", job=job.id, site=job.site, status="failed", error=job.error["status"],
                       reason="router restart")
                 if spooled is not None:
                     spooled.unlink(missing_ok=True)
         return resumed
+
+    def _record(self, job: Job) -> None:
+        """Journal a settled or cancelled job; a disk that fails now is logged, not raised.
+
+        The outcome is already on the job, which clients read from memory. Raising
+        would abandon the caller half way (the other interrupted jobs of a restart,
+        the spool clean-up of a settled job) over a record whose only loss is that
+        a later restart would see the job unsettled and resume it.
+        """
+        try:
+            self.journal.save(job)
+        except OSError as e:
+            log.error("job %s is %s but its journal record could not be written (%s); a restart would resume it",
+                      job.id, job.status, type(e).__name__)
 
     def _site_limit(self, site: str) -> int:
         return self.tenancy.sites[site].max_concurrent_jobs
@@ -269,7 +283,7 @@ class JobService:
         # set before the task learns of it: a write stage running in a thread checks it before uploading
         job.status, job.finished = "cancelled", time.time()
         self.scheduler.cancel(job_id)
-        self.journal.save(job)
+        self._record(job)
         audit("job.cancelled", job=job.id, site=job.site)
         for f in self._incoming.glob(f"{job.id}*"):
             f.unlink(missing_ok=True)
@@ -490,7 +504,7 @@ class JobService:
                 log.info("job %s failed with %d %s", job.id, status, job.error["title"])
         else:
             job.status, job.finished = "succeeded", time.time()
-        self.journal.save(job)
+        self._record(job)
         for f in self._incoming.glob(f"{job.id}*"):
             f.unlink(missing_ok=True)
         seconds = (job.finished or time.time()) - job.created
