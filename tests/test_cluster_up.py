@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -144,7 +145,9 @@ def test_up_as_users_start_it_leaves_ray_token_auth_on(isolated_ray, tmp_path):
         gcs = _gcs_pids(stack.ray_tmp)
         assert len(gcs) == 1, gcs
         assert _environ(gcs[0]).get("RAY_AUTH_MODE") == "token"
-        token = (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()  # Ray's own place for it
+        token_file = tmp_path / "home" / ".ray" / "auth_token"  # Ray's own place for it
+        token = token_file.read_text().strip()
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600  # Ray writes it world-readable under umask 022
         assert len(token) >= 32
         assert token not in state_file.read_text() and token not in log.read_text(errors="replace")
         out = run_demo_through_stack(stack, tmp_path / "demo", quiet=True)
@@ -166,3 +169,15 @@ def test_state_of_a_dead_stack_is_removed_keys_and_all(tmp_path, monkeypatch):
                                  "site": "local", "pid": 1, "s3_pid": os.getpid()}))  # a pid that is not weed
     assert find_running_stack() is None
     assert not state.exists()  # the clear API key does not outlive its stack
+
+
+def test_a_world_readable_ray_token_is_made_private_and_a_missing_one_is_no_error(tmp_path):
+    from serve.cluster.up import keep_ray_token_private
+
+    token = tmp_path / "auth_token"
+    assert keep_ray_token_private(token) is False
+    token.write_text("x" * 32)
+    token.chmod(0o644)
+    assert keep_ray_token_private(token) is True
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert keep_ray_token_private(token) is False and token.read_text() == "x" * 32

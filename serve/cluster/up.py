@@ -230,6 +230,7 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
         ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False, _temp_dir=ray_tmp,
                  log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        keep_ray_token_private()
         rayserve.start(http_options={"host": host, "port": port})
         rayserve.run(build_app(args), name=app_cfg.get("name", "mriseg"),
                      route_prefix=app_cfg.get("route_prefix", "/"), blocking=False)
@@ -248,6 +249,27 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
     if save_state:
         _save_state(stack)
     return stack
+
+
+def keep_ray_token_private(path: Path | None = None) -> bool:
+    """Make Ray's generated token (``~/.ray/auth_token``) readable by its owner only; True if it was changed.
+
+    Ray writes it with the process umask, usually world-readable, and whoever
+    reads it can run code on this cluster. A token file the user named with
+    ``RAY_AUTH_TOKEN_PATH``, or one owned by someone else, is left as it is.
+    """
+    path = path or Path.home() / ".ray" / "auth_token"
+    try:
+        st = path.stat()
+        if not (st.st_mode & 0o077) or st.st_uid != os.getuid():
+            return False
+        path.chmod(0o600)
+        return True
+    except FileNotFoundError:  # RAY_AUTH_MODE=disabled, or a token given another way
+        return False
+    except OSError as e:
+        log.warning("could not make %s private (%s); run: chmod 600 %s", path, e.strerror, path)
+        return False
 
 
 def _shutdown(ray_tmp: str | None, work: str | None) -> None:
