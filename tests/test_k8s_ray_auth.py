@@ -19,9 +19,9 @@ import sys
 import tempfile
 
 from tests.ray_fixtures import free_port
-from tests.test_k8s_manifests import ALL_DOCS
+from tests.test_k8s_manifests import _pod_specs, _rayservices
 
-RAYSERVICES = [(o, d) for o, d in ALL_DOCS if d["kind"] == "RayService"]
+RAYSERVICES = _rayservices()
 PROBE_URL = re.compile(r"http://localhost:(\d+)(/\S*)")
 # containerPort in the manifests -> the name of the port the local head is started with
 PINNED = {"8265": "dashboard", "52365": "agent", "8080": "metrics"}
@@ -73,10 +73,8 @@ def _probe_urls() -> dict[str, tuple[str, str]]:
     urls = {}
     for _, doc in RAYSERVICES:
         serve_port = str(doc["spec"]["serveService"]["spec"]["ports"][0]["port"])
-        cfg = doc["spec"]["rayClusterConfig"]
-        groups = [cfg["headGroupSpec"], *cfg.get("workerGroupSpecs", [])]
-        for group in groups:
-            for c in group["template"]["spec"]["containers"]:
+        for _, pod in _pod_specs(doc):
+            for c in pod["containers"]:
                 for probe in (c.get("livenessProbe"), c.get("readinessProbe")):
                     for port, path in PROBE_URL.findall(" ".join((probe or {}).get("exec", {}).get("command", []))):
                         if port != serve_port:

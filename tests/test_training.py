@@ -270,18 +270,18 @@ def test_an_unknown_sampler_is_refused_with_the_choices():
 
 
 def test_a_case_holds_only_its_own_voxel_indices_not_every_voxel_of_the_volume():
-    """Each structure's indices are their own int32 array: 768 training phantoms fit in the CI machine's memory
+    """Each structure's indices are their own int32 array: 768 training phantoms fit in a 24 GB machine's memory
     (slices of the per-model argsort kept six int64 copies of every voxel alive, about 43 MB a case)."""
     from serve.training import make_cases
 
     cat = load_catalogue()
     case = make_cases([0], 1.5, [cat.submodel("tissue_types"), cat.submodel("face")])[0]
     flat_truth = {gid: np.flatnonzero(case.labels["face"] == i) for i, gid in
-                  enumerate([load_catalogue().structure_ids[n] for n in model_labels(cat.submodel("face"))], 1)}
+                  enumerate([cat.structure_ids[n] for n in model_labels(cat.submodel("face"))], 1)}
     assert set(flat_truth) & set(case.voxels)
     for gid, idx in case.voxels.items():
         assert idx.dtype == np.int32 and idx.base is None
         if gid in flat_truth:
             np.testing.assert_array_equal(np.sort(idx), flat_truth[gid])
     held = sum(v.nbytes for v in case.voxels.values())
-    assert held < case.image.size * 4  # far less than one int64 index per voxel for each of the two models
+    assert held < case.image.size * 4  # fewer bytes than one int32 per voxel: only structure voxels are indexed
