@@ -150,3 +150,36 @@ def test_a_job_settling_onto_a_failing_disk_still_settles_and_cleans_its_spool(t
 
     asyncio.run(go())
     assert job.status == "succeeded" and not list(svc._incoming.iterdir())
+
+
+_CANCEL_ON_A_FULL_DISK = """
+import pathlib, resource, signal, sys
+from serve.cluster.jobs_state import Job, JobOptions
+from tests.test_router_journal import _service
+svc = _service(pathlib.Path(sys.argv[1]))
+job = Job(site="site-a", options=JobOptions(), input_uri=sys.argv[2], status="running")
+svc.journal.save(job)
+svc.jobs[job.id] = job
+# from here every write that grows a file fails with the kernel's EFBIG, as on a full disk; removing still works
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+svc.cancel(svc.tenancy.sites["site-a"], job.id)
+print(job.id, job.status)
+"""
+
+
+def test_a_cancel_the_disk_cannot_record_is_not_run_again_by_a_restart(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # a child process: the file-size limit must not reach pytest's own capture files
+    done = subprocess.run([sys.executable, "-c", _CANCEL_ON_A_FULL_DISK, str(tmp_path),
+                           f"s3://{BUCKET}/site-a/a.nii.gz"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    job_id, status = done.stdout.split()
+    assert status == "cancelled"
+    assert "could not be written (OSError)" in done.stderr and "restart forgets the job" in done.stderr
+    new = _service(tmp_path)
+    assert job_id not in new.jobs and new.resume_interrupted() == 0

@@ -176,19 +176,38 @@ class JobService:
                     spooled.unlink(missing_ok=True)
         return resumed
 
-    def _record(self, job: Job) -> None:
+    def _record(self, job: Job) -> bool:
         """Journal a settled or cancelled job; a disk that fails now is logged, not raised.
 
         The outcome is already on the job, which clients read from memory. Raising
         would abandon the caller half way (the other interrupted jobs of a restart,
         the spool clean-up of a settled job) over a record whose only loss is that
-        a later restart would see the job unsettled and resume it.
+        a later restart would see the job unsettled and resume it. Returns whether
+        the record was written.
         """
         try:
             self.journal.save(job)
+            return True
         except OSError as e:
             log.error("job %s is %s but its journal record could not be written (%s); a restart would resume it",
                       job.id, job.status, type(e).__name__)
+            return False
+
+    def _forget(self, job: Job) -> None:
+        """Drop the journal record of a cancelled job whose cancellation could not be recorded.
+
+        Its record still says queued or running, and a restart would run the job
+        the user cancelled. Removing a file still works on a full disk, where
+        writing one does not; the cost is that after a restart the job is
+        unknown (404) rather than cancelled.
+        """
+        try:
+            self.journal.remove(job.id)
+            log.error("job %s: its record was removed instead, so a restart forgets the job rather than run it",
+                      job.id)
+        except OSError as e:
+            log.error("job %s: its record could not be removed either (%s); a restart would run it again",
+                      job.id, type(e).__name__)
 
     def _site_limit(self, site: str) -> int:
         return self.tenancy.sites[site].max_concurrent_jobs
@@ -283,7 +302,8 @@ class JobService:
         # set before the task learns of it: a write stage running in a thread checks it before uploading
         job.status, job.finished = "cancelled", time.time()
         self.scheduler.cancel(job_id)
-        self._record(job)
+        if not self._record(job):
+            self._forget(job)
         audit("job.cancelled", job=job.id, site=job.site)
         for f in self._incoming.glob(f"{job.id}*"):
             f.unlink(missing_ok=True)
