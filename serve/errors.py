@@ -67,6 +67,14 @@ class ModelUnavailableError(MrisegError):
     title = "Model unavailable"
 
 
+class ModelSourceUnreachableError(ModelUnavailableError):
+    """The sub-model's source (an S3 bucket) cannot be read right now; retrying later may succeed."""
+
+    status = 503
+    title = "Model source unreachable"
+    retryable = True
+
+
 class ModelFolderError(MrisegError):
     """A model folder is present but does not match the catalogue or cannot load."""
 

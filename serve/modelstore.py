@@ -23,7 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from serve.cachedir import cache_root
 from serve.catalogue import Catalogue, SubModel, load_catalogue
-from serve.errors import ModelFolderError, ModelUnavailableError
+from serve.errors import ModelFolderError, ModelSourceUnreachableError, ModelUnavailableError
 from serve.s3client import S3Settings, make_client, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class ModelStatus:
 
     submodel: str
     task_id: int
-    state: str  # "present" | "missing" | "mismatched"
+    state: str  # "present" | "missing" | "mismatched" | "unreachable" (its source cannot be read now)
     path: str | None = None
     detail: str = ""
     extra_labels: list[str] = field(default_factory=list)
@@ -216,7 +216,7 @@ class ModelStore:
                     found = self._caches[src].fetch(sm)
                 except (BotoCoreError, ClientError) as e:
                     code = e.response.get("Error", {}).get("Code") if isinstance(e, ClientError) else None
-                    raise ModelUnavailableError(f"model source {src} cannot be read ({code or type(e).__name__}); "
+                    raise ModelSourceUnreachableError(f"model source {src} cannot be read ({code or type(e).__name__}); "
                                                 f"check the bucket, prefix and credentials") from e
             else:
                 found = find_dataset_dir(Path(src).expanduser(), sm)
@@ -230,7 +230,7 @@ class ModelStore:
         try:
             ds = self._dataset_dir(sm)
         except ModelUnavailableError as e:
-            st.detail = e.message
+            st.state, st.detail = "unreachable", e.message
             return st
         except ModelFolderError as e:
             st.state, st.detail = "mismatched", e.message
@@ -275,6 +275,8 @@ class ModelStore:
         if isinstance(sm, str):
             sm = self.catalogue.submodel(sm)
         st = self.inspect(sm)
+        if st.state == "unreachable":
+            raise ModelSourceUnreachableError(f"sub-model {sm.name}: {st.detail}")
         if st.state == "missing":
             raise ModelUnavailableError(
                 f"sub-model {sm.name} (Dataset{sm.task_id}, {sm.licence} licence) is not installed: {st.detail}. "

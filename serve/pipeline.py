@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from serve.catalogue import Catalogue, SubModel
-from serve.errors import ModelUnavailableError
+from serve.errors import ModelSourceUnreachableError, ModelUnavailableError
 from serve.merge import MergedSegmentation, merge
 from serve.modelload import LoadedModel, configure_threads, load_model
 from serve.modelstore import ModelStore
@@ -54,17 +54,21 @@ class SegmentationResult:
 def unavailable_error(catalogue: Catalogue, store: ModelStore, sms: Iterable[SubModel],
                       roi_subset: Sequence[str] | None) -> ModelUnavailableError | None:
     """A clear error naming each missing model and the requested structures it owns, or None."""
-    problems = []
+    problems, unreachable = [], False
     for sm in sms:
         st = store.inspect(sm)
         if st.state == "present":
             continue
+        unreachable |= st.state == "unreachable"
         owned = [n for n in (roi_subset or sm.labels) if n in sm.labels]
         shown = ", ".join(owned[:6]) + (f" and {len(owned) - 6} more" if len(owned) > 6 else "")
         problems.append(f"{shown} need(s) sub-model {sm.name} (Dataset{sm.task_id}, {sm.licence} licence), "
                         f"which is {st.state}: {st.detail}")
     if not problems:
         return None
+    if unreachable:  # the weights may well be there: nothing to install, only to wait for
+        return ModelSourceUnreachableError("; ".join(problems) + ". Nothing was segmented; try again once the "
+                                           "model source can be read.")
     return ModelUnavailableError("; ".join(problems) + ". Install the weights with 'mriseg models import "
                                  "--totalseg-home DIR' or point --models at a folder/bucket that has them.")
 
@@ -127,17 +131,29 @@ class Segmenter:
 
         An explicit ``roi_subset`` (or ``fast``) needs every model it names and
         raises :class:`ModelUnavailableError` otherwise; a full run uses
-        whatever is installed and reports the rest as unavailable.
+        whatever is installed and reports the rest as unavailable. A model
+        already loaded is used as is; for any other, a model source that
+        cannot be read raises either way, since skipping its models would pass
+        off a partial segmentation as a full one.
         """
         sms = self.catalogue.plan(roi_subset, fast=fast)
+        # A loaded model is present whatever its source says now: an S3 model
+        # source that cannot be listed for a moment must not drop it from a run.
+        unloaded = [sm for sm in sms if sm.name not in self._models]
         if roi_subset is not None or fast:
-            err = unavailable_error(self.catalogue, self.store, sms, roi_subset)
+            err = unavailable_error(self.catalogue, self.store, unloaded, roi_subset)
             if err:
                 raise err
             return sms, {}
         run, skipped = [], {}
         for sm in sms:
+            if sm.name in self._models:
+                run.append(sm)
+                continue
             st = self.store.inspect(sm)
+            if st.state == "unreachable":
+                raise ModelSourceUnreachableError(f"sub-model {sm.name}: {st.detail}. Nothing was segmented; "
+                                                  f"try again once the model source can be read")
             if st.state == "present":
                 run.append(sm)
             else:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from serve import staging
 from serve.catalogue import load_catalogue
+from serve.errors import ModelSourceUnreachableError
 from serve.modelfolder import UNetSpec, write_model_folder
 from serve.modelload import load_model
 from serve.modelstore import ModelStore
+from serve.pipeline import Segmenter
 from serve.s3client import make_client
+from tests.core_fixtures import body_volume
 from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 
 pytestmark = pytest.mark.s3
@@ -155,3 +159,43 @@ def test_two_stores_filling_one_cache_at_once_both_get_the_model(seaweed, s3_mod
         t.join()
     assert not errors and len(set(found)) == 1
     assert not [p for p in found[0].parent.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_loaded_models_keep_running_when_their_s3_source_cannot_be_read(seaweed, s3_models, tmp_path):  # noqa: F811
+    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
+    seg = Segmenter(store, device="cpu", threads=1)
+    vol = body_volume("RAS", shape=(20, 18, 12), spacing=(1.5, 1.5, 1.5))
+    first = seg.segment(vol)
+    assert set(first.per_model) == {"organs", "muscles"} and "face" in first.unavailable
+    # the source now refuses the store (a real SignatureDoesNotMatch from SeaweedFS), as in a credentials rotation
+    bad = dataclasses.replace(seaweed.settings, secret_access_key="not-the-secret")
+    store._caches[s3_models]._client = make_client(bad)
+    assert store.inspect(CAT.submodel("organs")).state == "unreachable"
+    subset = ["liver", "gluteus_maximus_left"]  # one structure of each loaded model
+    again = seg.segment(vol, roi_subset=subset)
+    assert set(again.per_model) == {"organs", "muscles"}
+    for name in subset:
+        assert (again.mask(name) == first.mask(name)).all()
+    # whether face & co. are in the bucket by now cannot be known: a full run refuses rather than guess, and
+    # a segmenter that has loaded nothing yet refuses even a subset, rather than return a partial segmentation
+    with pytest.raises(ModelSourceUnreachableError, match="SignatureDoesNotMatch.*Nothing was segmented") as ei:
+        seg.segment(vol)
+    assert ei.value.status == 503 and ei.value.retryable  # a bulk job is retried, not failed for good
+    with pytest.raises(ModelSourceUnreachableError, match="cannot be read"):
+        Segmenter(store, device="cpu", threads=1).segment(vol, roi_subset=["liver"])
+    with pytest.raises(ModelSourceUnreachableError, match="cannot be read"):
+        store.locate("organs")
+
+
+def test_a_sub_model_replica_whose_s3_source_cannot_be_read_fails_its_health_check(seaweed, s3_models, tmp_path):  # noqa: F811
+    """Unhealthy, so Serve replaces it and the new replica reads the source again (not 409 for good)."""
+    from serve.cluster.deployments import SubModelRunner, SubModelSettings
+
+    bad = dataclasses.asdict(dataclasses.replace(seaweed.settings, secret_access_key="not-the-secret"))
+    runner = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"), bad))
+    assert runner.state == "broken" and "cannot be read (SignatureDoesNotMatch)" in runner.detail
+    with pytest.raises(RuntimeError, match="unusable"):
+        runner.check_health()
+    good = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"),
+                                           dataclasses.asdict(seaweed.settings)))
+    assert good.state == "ready"

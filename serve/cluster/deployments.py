@@ -8,8 +8,9 @@ from the store, warms it up and predicts.
 A model missing from every store source leaves the replica *unavailable*
 (healthy, answers 409 on use, shown in ``/v1/structures``): TotalSegmentator
 ships some sub-models under a restricted licence, so a site may lack them.
-A model that is present but cannot load or run fails the health check, so
-Ray replaces the replica.
+A model that is present but cannot load or run, or whose S3 source cannot be
+read when the replica starts, fails the health check, so Ray replaces the
+replica (and the new one reads the source again).
 """
 
 from __future__ import annotations
