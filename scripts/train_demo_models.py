@@ -23,7 +23,7 @@ from pathlib import Path
 
 from serve.catalogue import load_catalogue
 from serve.modelload import configure_threads, cpu_model_and_flags, pick_device
-from serve.phantoms import HELDOUT_SEEDS
+from serve.phantoms import HELDOUT_SEEDS, TRAIN_SEEDS
 from serve.training import (DEMO_SPEC, FAST_SPEC, SAMPLERS, compact_checkpoint, evaluate_heldout, make_cases,
                             model_labels, report_markdown, train_models, training_record)
 
@@ -33,7 +33,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="serve/demo_models")
     ap.add_argument("--budget", type=float, default=600, help="total training seconds")
-    ap.add_argument("--cases", type=int, default=48, help="training phantoms (seeds 0..N-1)")
+    ap.add_argument("--cases", type=int, default=48, help="training phantoms (seeds F..F+N-1, F from --first-case)")
+    ap.add_argument("--first-case", type=int, default=0, metavar="F",
+                    help="seed of the first training phantom: a later stage can train on phantoms the trunk has "
+                         "never seen without holding the earlier ones in memory too")
     ap.add_argument("--fast-share", type=float, default=0.15, help="share of the budget for the 3 mm fast model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -54,6 +57,11 @@ def main() -> None:
     ap.add_argument("--evaluate", type=int, default=0, metavar="N",
                     help="after training (or with --budget 0: instead), report Dice on N held-out phantoms")
     args = ap.parse_args()
+    last = args.first_case + args.cases - 1
+    if args.first_case not in TRAIN_SEEDS or last not in TRAIN_SEEDS:
+        ap.error(f"training phantoms {args.first_case}..{last} leave the training seeds "
+                 f"{TRAIN_SEEDS[0]}..{TRAIN_SEEDS[-1]} (held-out and demo seeds lie above them); choose another "
+                 f"--first-case or fewer --cases")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     configure_threads(args.threads)
     if args.budget > 0:
@@ -84,7 +92,7 @@ def train_all(args: argparse.Namespace) -> None:
         share = args.fast_share if fast else 1 - args.fast_share
         secs = args.budget * (share if len(spacings) > 1 else 1.0)
         t = time.time()
-        cases = make_cases(range(args.cases), spacing, group)
+        cases = make_cases(range(args.first_case, args.first_case + args.cases), spacing, group)
         logging.info("%d cases at %g mm in %.0fs", len(cases), spacing, time.time() - t)
         for sm in group:
             for old in out.glob(f"{sm.folder_prefix}*"):
@@ -102,6 +110,8 @@ def train_all(args: argparse.Namespace) -> None:
         logging.info("%s: %d bytes", ckpt, compact_checkpoint(ckpt.parent.parent))
     record = out / "DEMO_MODELS.json"
     how = f"--budget {args.budget:g} --cases {args.cases} --lr {args.lr:g} --seed {args.seed}"
+    if args.first_case:
+        how = f"{how} --first-case {args.first_case}"
     if args.batch != 2 or device.type != "cpu":
         how = f"{how} --batch {args.batch} --device {device}"
     if args.bf16 is not None:
@@ -111,7 +121,7 @@ def train_all(args: argparse.Namespace) -> None:
     if args.init_from:
         how = f"--init-from (previous stage) {how}"
     init_record = _read_record(Path(args.init_from, "DEMO_MODELS.json")) if args.init_from else None
-    record.write_text(json.dumps(training_record(summary, how=how, cases=args.cases, previous=_read_record(record),
+    record.write_text(json.dumps(training_record(summary, how=how, cases=args.cases, first_case=args.first_case, previous=_read_record(record),
                                                  init=init_record, machine=_machine(device, args.threads)),
                                  indent=1))
 

@@ -465,8 +465,8 @@ def report_markdown(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
-def training_record(run: Sequence[dict], *, how: str, cases: int, previous: dict | None = None,
-                    init: dict | None = None, machine: str | None = None) -> dict:
+def training_record(run: Sequence[dict], *, how: str, cases: int, first_case: int = 0,
+                    previous: dict | None = None, init: dict | None = None, machine: str | None = None) -> dict:
     """The ``DEMO_MODELS.json`` record after a training run.
 
     ``run`` is what :func:`train_models` returned (one entry per model, this
@@ -501,7 +501,8 @@ def training_record(run: Sequence[dict], *, how: str, cases: int, previous: dict
     base = previous or init or {}
     kept = [m for m in (previous or {}).get("models", []) if m["model"] not in trained]
     return {**{k: v for k, v in base.items() if k != "models"}, "notice": DEMO_DESCRIPTION,
-            "kind": "trained-on-phantoms", "training_seeds": f"0..{cases - 1}", "models": models + kept}
+            "kind": "trained-on-phantoms", "training_seeds": f"{first_case}..{first_case + cases - 1}",
+            "models": models + kept}
 
 
 def _slashed(features: Sequence[int]) -> str:

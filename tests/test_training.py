@@ -202,7 +202,8 @@ def test_the_training_script_continues_a_committed_model_and_records_the_new_sta
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, "scripts/train_demo_models.py", "--out", str(out), "--only", "face",
-                           "--init-from", str(committed), "--budget", "2", "--cases", "2", "--seed", "11",
+                           "--init-from", str(committed), "--budget", "2", "--cases", "2", "--first-case", "5",
+                           "--seed", "11",
                            "--threads", "1", "--save-every", "1000"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -212,7 +213,7 @@ def test_the_training_script_continues_a_committed_model_and_records_the_new_sta
     assert face["stages"][:-1] == before["stages"]
     assert new["iterations"] >= 1 and new["how"].startswith("--init-from (previous stage)") and "--seed 11" in new["how"]
     assert face["iterations"] == before["iterations"] + new["iterations"]
-    assert record["training_seeds"] == "0..1"
+    assert record["training_seeds"] == "5..6" and "--first-case 5" in new["how"]
     if not torch.cuda.is_available():
         assert new["machine"].startswith("1 CPU thread (")
     # the written folder is a loadable nnU-Net model whose weights moved away from the committed ones
@@ -224,6 +225,20 @@ def test_the_training_script_continues_a_committed_model_and_records_the_new_sta
     moved = [not torch.equal(a, b) for a, b in zip(net.state_dict().values(), old.state_dict().values())]
     assert any(moved)
     assert (committed / "DEMO_MODELS.json").read_text() == committed_record  # --init-from only reads
+
+
+def test_the_training_script_refuses_held_out_phantoms_as_training_data(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "scripts/train_demo_models.py", "--out", str(tmp_path / "out"),
+                           "--cases", "4", "--first-case", "9999998"], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 2 and "leave the training seeds 0..999999" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def _toy_cases() -> list:
