@@ -121,8 +121,9 @@ def train_all(args: argparse.Namespace) -> None:
     if args.init_from:
         how = f"--init-from (previous stage) {how}"
     init_record = _read_record(Path(args.init_from, "DEMO_MODELS.json")) if args.init_from else None
-    record.write_text(json.dumps(training_record(summary, how=how, cases=args.cases, first_case=args.first_case, previous=_read_record(record),
-                                                 init=init_record, machine=_machine(device, args.threads)),
+    record.write_text(json.dumps(training_record(summary, how=how, cases=args.cases, first_case=args.first_case,
+                                                 previous=_read_record(record), init=init_record,
+                                                 machine=_machine(device, args.threads)),
                                  indent=1))
 
 

@@ -216,8 +216,9 @@ class ModelStore:
                     found = self._caches[src].fetch(sm)
                 except (BotoCoreError, ClientError) as e:
                     code = e.response.get("Error", {}).get("Code") if isinstance(e, ClientError) else None
-                    raise ModelSourceUnreachableError(f"model source {src} cannot be read ({code or type(e).__name__}); "
-                                                f"check the bucket, prefix and credentials") from e
+                    raise ModelSourceUnreachableError(
+                        f"model source {src} cannot be read ({code or type(e).__name__}); "
+                        f"check the bucket, prefix and credentials") from e
             else:
                 found = find_dataset_dir(Path(src).expanduser(), sm)
             if found is not None:
