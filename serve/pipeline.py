@@ -21,7 +21,7 @@ from serve.catalogue import Catalogue, SubModel
 from serve.errors import ModelSourceUnreachableError, ModelUnavailableError
 from serve.merge import MergedSegmentation, merge
 from serve.modelload import LoadedModel, configure_threads, load_model
-from serve.modelstore import ModelStore
+from serve.modelstore import ModelStatus, ModelStore
 from serve.predict import predict_labels
 from serve.preprocess import PreparedVolume, prepare
 from serve.restore import to_input_grid
@@ -51,14 +51,11 @@ class SegmentationResult:
         return MergedSegmentation(self.labels, self.per_model, self.structures).mask(structure)
 
 
-def unavailable_error(catalogue: Catalogue, store: ModelStore, sms: Iterable[SubModel],
+def unavailable_error(absent: Iterable[tuple[SubModel, ModelStatus]],
                       roi_subset: Sequence[str] | None) -> ModelUnavailableError | None:
-    """A clear error naming each missing model and the requested structures it owns, or None."""
+    """A clear error naming each absent model and the requested structures it owns, or None."""
     problems, unreachable = [], False
-    for sm in sms:
-        st = store.inspect(sm)
-        if st.state == "present":
-            continue
+    for sm, st in absent:
         unreachable |= st.state == "unreachable"
         owned = [n for n in (roi_subset or sm.labels) if n in sm.labels]
         shown = ", ".join(owned[:6]) + (f" and {len(owned) - 6} more" if len(owned) > 6 else "")
@@ -139,28 +136,13 @@ class Segmenter:
         sms = self.catalogue.plan(roi_subset, fast=fast)
         # A loaded model is present whatever its source says now: an S3 model
         # source that cannot be listed for a moment must not drop it from a run.
-        unloaded = [sm for sm in sms if sm.name not in self._models]
-        if roi_subset is not None or fast:
-            err = unavailable_error(self.catalogue, self.store, unloaded, roi_subset)
-            if err:
-                raise err
-            return sms, {}
-        run, skipped = [], {}
-        for sm in sms:
-            if sm.name in self._models:
-                run.append(sm)
-                continue
-            st = self.store.inspect(sm)
-            if st.state == "unreachable":
-                raise ModelSourceUnreachableError(f"sub-model {sm.name}: {st.detail}. Nothing was segmented; "
-                                                  f"try again once the model source can be read")
-            if st.state == "present":
-                run.append(sm)
-            else:
-                skipped[sm.name] = f"{st.state}: {st.detail}"
-        if not run:
-            raise unavailable_error(self.catalogue, self.store, sms, None) or ModelUnavailableError("no models")
-        return run, skipped
+        statuses = [(sm, self.store.inspect(sm)) for sm in sms if sm.name not in self._models]
+        absent = [(sm, st) for sm, st in statuses if st.state != "present"]
+        strict = roi_subset is not None or fast
+        if absent and (strict or len(absent) == len(sms) or any(st.state == "unreachable" for _, st in absent)):
+            raise unavailable_error(absent, roi_subset)
+        skipped = {sm.name: f"{st.state}: {st.detail}" for sm, st in absent}
+        return [sm for sm in sms if sm.name not in skipped], skipped
 
     def segment(self, volume: Volume, roi_subset: Sequence[str] | None = None, fast: bool = False,
                 progress: Progress | None = None) -> SegmentationResult:
