@@ -128,10 +128,10 @@ class Segmenter:
 
         An explicit ``roi_subset`` (or ``fast``) needs every model it names and
         raises :class:`ModelUnavailableError` otherwise; a full run uses
-        whatever is installed and reports the rest as unavailable. A model
-        already loaded is used as is; for any other, a model source that
-        cannot be read raises either way, since skipping its models would pass
-        off a partial segmentation as a full one.
+        whatever is installed (raising if nothing is) and reports the rest as
+        unavailable. A model already loaded is used as is; for any other, a
+        model source that cannot be read raises either way, since skipping its
+        models would pass off a partial segmentation as a full one.
         """
         sms = self.catalogue.plan(roi_subset, fast=fast)
         # A loaded model is present whatever its source says now: an S3 model
