@@ -52,8 +52,8 @@ class SegmentationResult:
 
 
 def unavailable_error(absent: Iterable[tuple[SubModel, ModelStatus]],
-                      roi_subset: Sequence[str] | None) -> ModelUnavailableError | None:
-    """A clear error naming each absent model and the requested structures it owns, or None."""
+                      roi_subset: Sequence[str] | None) -> ModelUnavailableError:
+    """A clear error naming each absent model and the requested structures it owns."""
     problems, unreachable = [], False
     for sm, st in absent:
         unreachable |= st.state == "unreachable"
@@ -61,8 +61,6 @@ def unavailable_error(absent: Iterable[tuple[SubModel, ModelStatus]],
         shown = ", ".join(owned[:6]) + (f" and {len(owned) - 6} more" if len(owned) > 6 else "")
         problems.append(f"{shown} need(s) sub-model {sm.name} (Dataset{sm.task_id}, {sm.licence} licence), "
                         f"which is {st.state}: {st.detail}")
-    if not problems:
-        return None
     if unreachable:  # the weights may well be there: nothing to install, only to wait for
         return ModelSourceUnreachableError("; ".join(problems) + ". Nothing was segmented; try again once the "
                                            "model source can be read.")
