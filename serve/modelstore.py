@@ -271,11 +271,14 @@ class ModelStore:
         sms = list(self.catalogue.submodels) + (list(self.catalogue.fast_variants) if include_fast else [])
         return [self.inspect(sm) for sm in sms]
 
-    def locate(self, sm: SubModel | str) -> Path:
-        """The trainer folder of a usable model; raises a clear error otherwise."""
+    def locate(self, sm: SubModel | str, status: ModelStatus | None = None) -> Path:
+        """The trainer folder of a usable model; raises a clear error otherwise.
+
+        Pass the ``status`` that :meth:`inspect` just gave to spare an S3 source a second listing.
+        """
         if isinstance(sm, str):
             sm = self.catalogue.submodel(sm)
-        st = self.inspect(sm)
+        st = status if status is not None and status.submodel == sm.name else self.inspect(sm)
         if st.state == "unreachable":
             raise ModelSourceUnreachableError(f"sub-model {sm.name}: {st.detail}")
         if st.state == "missing":

@@ -83,6 +83,20 @@ def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path):  #
     assert o.label_names[5] == "liver" and o.checksum != m.checksum
 
 
+def test_locate_with_inspect_status_lists_the_source_once(seaweed, s3_models, tmp_path):  # noqa: F811
+    """A replica inspects, then locates: the status it already has spares S3 a second listing."""
+    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
+    lists: list[str] = []
+    store._caches[s3_models].client.meta.events.register(
+        "before-call.s3.ListObjectsV2", lambda params, **_: lists.append(params.get("Prefix")))
+    st = store.inspect(CAT.submodel("organs"))
+    assert st.state == "present" and len(lists) == 1
+    assert store.locate("organs", st) == Path(st.path)
+    assert len(lists) == 1
+    store.locate("organs", store.inspect(CAT.submodel("muscles")))  # another model's status is not used
+    assert len(lists) == 3
+
+
 def test_changed_object_in_s3_is_downloaded_again(seaweed, s3_models, tmp_path):  # noqa: F811
     cache = tmp_path / "cache"
     store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)

@@ -94,7 +94,7 @@ class SubModelRunner:
         from serve.modelload import load_model
 
         try:
-            self.model = load_model(store.locate(self.sm), self.sm, device=settings.device,
+            self.model = load_model(store.locate(self.sm, st), self.sm, device=settings.device,
                                     tile_step_size=settings.tile_step_size)
             self._warm_up()
         except Exception as e:  # noqa: BLE001 - recorded; check_health reports it
