@@ -111,7 +111,11 @@ def _from_eventbridge(msg: Mapping[str, Any]) -> ObjectEvent | None:
     return _object_event(bucket, obj, "etag", "version-id", "ObjectCreated:" + str(reason), "detail")
 
 
-def parse_message(body: str | bytes | Mapping[str, Any]) -> list[ObjectEvent]:
+#: SNS wraps an S3 event once; a relay (SNS to SNS) may add a layer. Deeper is not an event.
+MAX_ENVELOPES = 3
+
+
+def parse_message(body: str | bytes | Mapping[str, Any], _envelopes: int = 0) -> list[ObjectEvent]:
     """Every object-created event in one message (any shape above); [] for test and other events."""
     if isinstance(body, (str, bytes)):
         try:
@@ -125,7 +129,10 @@ def parse_message(body: str | bytes | Mapping[str, Any]) -> list[ObjectEvent]:
     if not isinstance(msg, Mapping):
         raise EventFormatError("the message body is not a JSON object")
     if msg.get("Type") == "Notification" and "Message" in msg:  # SNS envelope
-        return parse_message(msg["Message"])
+        if _envelopes >= MAX_ENVELOPES:
+            raise EventFormatError(f"the message wraps more than {MAX_ENVELOPES} SNS envelopes; "
+                                   f"send the S3 event record itself")
+        return parse_message(msg["Message"], _envelopes + 1)
     if msg.get("Event") == "s3:TestEvent":
         return []
     if "Records" in msg:

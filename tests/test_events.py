@@ -100,6 +100,22 @@ def test_deeply_nested_body_is_a_format_error():
         parse_message("[" * 30000 + "]" * 30000)
 
 
+def test_sns_envelopes_nested_past_the_limit_are_a_format_error():
+    """A body that json.loads takes but that wraps envelope in envelope must not overflow the stack."""
+    from serve.events import MAX_ENVELOPES
+
+    inner = json.dumps({"Records": [s3_record("a/x.nii.gz")]})
+    body = inner
+    for _ in range(MAX_ENVELOPES):
+        body = json.dumps({"Type": "Notification", "Message": body})
+    assert [e.key for e in parse_message(body)] == ["a/x.nii.gz"]
+    deep: dict = {"Records": []}
+    for _ in range(5000):
+        deep = {"Type": "Notification", "Message": deep}
+    with pytest.raises(EventFormatError, match="SNS envelopes"):
+        parse_message(deep)
+
+
 def test_a_key_that_cannot_name_an_output_is_ignored_alone(caplog):
     """One bad key must neither stop its neighbours nor become a job that could never record its failure."""
     from serve.consumer import InboxRule, specs_for_events
