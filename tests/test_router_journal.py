@@ -97,6 +97,42 @@ def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_pat
     assert not any(".nii" in r.getMessage() or "s3://" in r.getMessage() for r in caplog.records)
 
 
+def test_a_failed_job_logs_no_object_key_from_its_causes(tmp_path, caplog):
+    """botocore quotes the request URL (bucket and key) in its errors; our 5xx error says enough alone."""
+    import logging
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from serve.staging import storage_error
+
+    caplog.set_level("DEBUG")
+    old = _service(tmp_path)
+    key = "site-a/Jane_Doe_1961-04-02.nii.gz"
+    job = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/{key}", status="running")
+    old.journal.save(job)
+    new = _service(tmp_path)
+
+    async def unreachable(job, spooled, filename):
+        try:
+            raise EndpointConnectionError(endpoint_url=f"http://127.0.0.1:1/{BUCKET}/{key}")
+        except EndpointConnectionError as e:
+            raise storage_error(e, BUCKET, "read the input") from e
+
+    new._execute = unreachable
+
+    async def go():
+        new.resume_interrupted()
+        try:
+            await new.wait(new.jobs[job.id])
+        except Exception:  # noqa: BLE001 - the job's failure is what is checked below
+            pass
+
+    asyncio.run(go())
+    assert new.jobs[job.id].status == "failed" and new.jobs[job.id].error["status"] == 502
+    text = "\n".join(logging.Formatter().format(r) for r in caplog.records)
+    assert "S3UnavailableError" in text and "Jane_Doe" not in text
+
+
 def test_a_spooled_upload_no_job_owns_is_removed_at_start(tmp_path):
     old = _service(tmp_path)
     queued = Job(site="site-a", options=JobOptions(), status="queued")

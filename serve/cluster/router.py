@@ -519,7 +519,10 @@ class JobService:
             status = job.error["status"]
             self.metrics.error(exc, job.site, status)
             if status >= 500:
-                log.error("job %s failed: %s", job.id, type(exc).__name__, exc_info=exc)
+                # our own errors say what failed; their chained causes (botocore's) quote
+                # request URLs, i.e. object keys, which may name a patient
+                log.error("job %s failed: %s", job.id, type(exc).__name__,
+                          exc_info=None if isinstance(exc, MrisegError) else exc)
             else:
                 log.info("job %s failed with %d %s", job.id, status, job.error["title"])
         else:
