@@ -117,6 +117,13 @@ class ConflictError(MrisegError):
     title = "Conflict"
 
 
+class LengthRequiredError(MrisegError):
+    """A chunked body where the size must be known before reading it."""
+
+    status = 411
+    title = "Length required"
+
+
 class TooManyRequestsError(MrisegError):
     status = 429
     title = "Too many requests"

@@ -231,6 +231,16 @@ def test_error_statuses(serve_stack):
         _problem(c.post("/v1/segmentations/upload", content=big, headers={**auth("site-a"), **RAW}), 413)
         _problem(c.post("/v1/segmentations", content=b"{" + b" " * (100 << 10) + b"}",
                         headers={**auth("site-a"), "content-type": "application/json"}), 413)
+        # 411: a chunked body (no Content-Length) where the limit must be checked before reading
+        chunked_json = iter([b"{", b" " * (100 << 10), b"}"])
+        _problem(c.post("/v1/segmentations", content=chunked_json,
+                        headers={**auth("site-a"), "content-type": "application/json"}), 411)
+        form = b"--b\r\ncontent-disposition: form-data; name=file; filename=x.nii\r\n\r\n" + big + b"\r\n--b--\r\n"
+        _problem(c.post("/v1/segmentations/upload", content=iter([form]),
+                        headers={**auth("site-a"), "content-type": "multipart/form-data; boundary=b"}), 411)
+        # ...while a raw upload may stream in chunks, capped as it is read
+        _problem(c.post("/v1/segmentations/upload", content=iter([big[:1 << 20]] * 3),
+                        headers={**auth("site-a"), **RAW}), 413)
         # 415: wrong content type; a file type no reader handles
         _problem(c.post("/v1/segmentations/upload", content=b"hello",
                         headers={**auth("site-a"), "content-type": "text/plain"}), 415)

@@ -25,7 +25,7 @@ from serve.cluster.jobs_state import JobOptions
 from serve.cluster.ratelimit import RateLimiter
 from serve.cluster.router import OUTPUT_KINDS, JobService
 from serve.cluster.tenancy import Site
-from serve.errors import (MrisegError, NotFoundError, ServiceUnavailableError, UnsupportedFormatError,
+from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, ServiceUnavailableError, UnsupportedFormatError,
                           VolumeTooLargeError)
 
 log = logging.getLogger(__name__)
@@ -138,13 +138,26 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
 MAX_JSON_BYTES = 64 << 10
 
 
+UPLOAD_PATH = "/v1/segmentations/upload"
+
+
+def _unbounded(request: Request) -> bool:
+    """A body sent in chunks, without Content-Length: no limit can be checked before it is read."""
+    return "transfer-encoding" in request.headers and not request.headers.get("content-length", "").isdigit()
+
+
 @app.middleware("http")
 async def _limit_body(request: Request, call_next):
     """Only the upload route takes large bodies; anything else over 64 KiB is refused before it is read."""
+    if request.url.path == UPLOAD_PATH:
+        return await call_next(request)
     declared = request.headers.get("content-length", "")
-    if (declared.isdigit() and int(declared) > MAX_JSON_BYTES
-            and request.url.path != "/v1/segmentations/upload"):
+    if declared.isdigit() and int(declared) > MAX_JSON_BYTES:
         return problem(413, "Request too large", f"request bodies here are limited to {MAX_JSON_BYTES} bytes")
+    if _unbounded(request):
+        return problem(LengthRequiredError.status, LengthRequiredError.title,
+                       f"send the request body with a Content-Length header (bodies here are limited to "
+                       f"{MAX_JSON_BYTES} bytes)")
     return await call_next(request)
 
 
@@ -291,6 +304,9 @@ async def upload_segmentation(
     opts = JobOptions(_split(roi_subset), fast, tuple(_split(outputs) or DEFAULT_OUTPUTS), output_prefix)
     svc.validate_options(who, opts)  # fail fast, before reading the body
     if ctype == "multipart/form-data":
+        if _unbounded(request):  # the form parser would spool all of it to disk before the limit applies
+            raise LengthRequiredError("a multipart upload needs a Content-Length header; send it unchunked, "
+                              "or stream it as application/octet-stream")
         data, filename = await _read_multipart(request, limit, filename)
     elif ctype in RAW_UPLOAD_TYPES:
         data = await _read_capped(request, limit)
