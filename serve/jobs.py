@@ -68,15 +68,19 @@ def software_version() -> str:
 MAX_CASE_BYTES = 200
 
 
-def case_name(key: str, input_prefix: str = "") -> str:
+def case_name(key: str, input_prefix: str | None = None) -> str:
     """The output folder name of an input key: its path below the inbox prefix, volume suffix removed.
+
+    ``input_prefix=""`` is an inbox at the bucket's root (the whole key names the
+    case); ``None``, no inbox: the file name alone does.
 
     S3 keys are literal, but tools that sync outputs to disk are not: ``.``/``..``
     and empty segments become ``_``, and a name over ``MAX_CASE_BYTES`` bytes is
     shortened with a digest of the whole (so it stays unique and the output keys
     stay under S3's 1024-byte limit).
     """
-    rel = key[len(input_prefix):] if input_prefix and key.startswith(input_prefix) else PurePosixPath(key).name
+    inside = input_prefix is not None and key.startswith(input_prefix)
+    rel = key[len(input_prefix):] if inside else PurePosixPath(key).name
     low = rel.lower()
     for s in VOLUME_SUFFIXES:
         if low.endswith(s):
@@ -102,7 +106,7 @@ class JobSpec:
     roi_subset: tuple[str, ...] | None = None
     fast: bool = False
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
-    input_prefix: str = ""              # the inbox prefix (case names are relative to it)
+    input_prefix: str | None = None     # the inbox prefix (case names are relative to it; "" is the bucket root)
 
     @property
     def case(self) -> str:

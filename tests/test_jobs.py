@@ -48,6 +48,8 @@ def keys_under(seaweed, bucket, prefix):  # noqa: F811
 def test_case_names():
     assert case_name("p/in/sub/case7.nii.gz", "p/in/") == "sub/case7"
     assert case_name("elsewhere/x.MHA") == "x"
+    # an inbox at the bucket root keeps the folders: p1/scan and p2/scan are two cases, not one
+    assert case_name("p1/scan.nii.gz", "") == "p1/scan" and case_name("p2/scan.nii.gz", "") == "p2/scan"
     # S3 keys are literal; output folders must not climb or collapse when synced to disk
     assert case_name("p/in/../../site-b/x.nii.gz", "p/in/") == "_/_/site-b/x"
     assert case_name("p/in//./a.nii.gz", "p/in/") == "_/a"
