@@ -505,20 +505,22 @@ class JobRunner:
         log.debug("uploaded outputs in %.2fs", time.perf_counter() - t)
         return outputs, meta, info
 
-    def _job_doc(self, spec: JobSpec, rec: JobRecord, state: str, info: staging.ObjectInfo | None, started: float,
-                 *, timings: dict | None = None, meta: dict | None = None, error: dict | None = None) -> dict:
+    def _job_doc(self, spec: JobSpec, rec: JobRecord | None, state: str, info: staging.ObjectInfo | None,
+                 started: float, *, timings: dict | None = None, meta: dict | None = None,
+                 error: dict | None = None) -> dict:
+        """The job.json; ``rec`` is None for a job that failed before it could be claimed."""
         meta = meta or {}
         return {
-            "status": state, "job_key": rec.key, "site": spec.site, "case": spec.case,
+            "status": state, "job_key": rec.key if rec else None, "site": spec.site, "case": spec.case,
             "input": {"uri": spec.input_uri, "etag": (info.etag if info else spec.etag),
                       "version_id": (info.version_id if info else spec.version_id),
                       "size": info.size if info else None, "sha256": info.sha256 if info else None},
             "options": spec.options(),
             "software": {"name": "mriseg-serve", "version": software_version()},
-            "models": meta.get("models") or rec.models, "demo_models": bool(meta.get("demo")),
+            "models": meta.get("models") or (rec.models if rec else {}), "demo_models": bool(meta.get("demo")),
             "structures": meta.get("structures", {}), "unavailable": meta.get("unavailable", {}),
             "timings": {**(timings or {}), "total_s": time.time() - started},
-            "started": started, "finished": time.time(), "attempt": rec.attempts, "error": error,
+            "started": started, "finished": time.time(), "attempt": rec.attempts if rec else 0, "error": error,
         }
 
     def _failed(self, spec: JobSpec, rec: JobRecord, exc: BaseException, started: float) -> JobOutcome:
@@ -549,4 +551,12 @@ class JobRunner:
             prefix = spec.output_prefix
         except MrisegError:  # the input key itself is what is wrong: there is no folder to name
             prefix = ""
+        if prefix and not err["retryable"]:
+            # the message is acknowledged: the reason must outlive this log line. Never over a job.json
+            # already there, which may be an earlier version's result.
+            doc = self._job_doc(spec, None, FAILED, None, time.time(), error=err)
+            try:
+                staging.put_json(doc, prefix + "job.json", self.settings, IfNoneMatch="*")
+            except StorageError:
+                log.info("kept the job.json already in the output folder of a job not started")
         return JobOutcome("", FAILED, prefix, False, err)

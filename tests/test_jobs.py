@@ -167,6 +167,26 @@ def test_corrupt_input_fails_once_with_error_job_json(seaweed, runner, unique_pr
     assert again.state == FAILED and not again.computed and runner.engine.calls == 0
 
 
+def test_a_job_that_cannot_start_leaves_its_reason_but_never_over_a_result(seaweed, runner, unique_prefix,
+                                                                          tmp_path):  # noqa: F811
+    """The input is gone before its event is handled: the message is acknowledged, so job.json keeps the why."""
+    gone = spec_for(unique_prefix, "deleted.nii.gz")
+    out = runner.run(gone)
+    assert out.state == FAILED and not out.retryable and out.error["status"] == 404
+    doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "failed" and doc["error"]["status"] == 404 and doc["job_key"] is None
+    assert doc["input"]["uri"] == gone.input_uri and doc["case"] == "deleted"
+    # a case already done keeps its job.json when a later event for it cannot start
+    done = spec_for(unique_prefix, "case9.nii.gz")
+    put_volume(seaweed.settings, done.input_uri, tmp_path, seed=9)
+    assert runner.run(done).state == DONE
+    seaweed.client().delete_object(Bucket="inbox", Key=f"{unique_prefix}/in/case9.nii.gz")
+    again = runner.run(dataclasses.replace(done, etag=None))
+    assert again.state == FAILED and again.error["status"] == 404
+    doc = json.loads(staging.download_bytes(again.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "done"
+
+
 def test_wrong_credentials_is_a_clear_job_error(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
     spec = spec_for(unique_prefix, "case3.nii.gz")
     put_volume(seaweed.settings, spec.input_uri, tmp_path)

@@ -12,9 +12,13 @@ from serve.errors import MrisegError
 class ApiError(MrisegError):
     """A problem-details answer from the API, re-raised with its status."""
 
-    def __init__(self, status: int, title: str, detail: str):
+    #: statuses worth retrying when the answer does not say (a proxy's own error page, say)
+    TRANSIENT = (429, 502, 503, 504)
+
+    def __init__(self, status: int, title: str, detail: str, retryable: bool | None = None):
         super().__init__(f"{status} {title}: {detail}")
         self.status, self.title = status, title
+        self.retryable = status in self.TRANSIENT if retryable is None else bool(retryable)
 
 
 @dataclass
@@ -34,7 +38,7 @@ class ApiClient:
         if r.status_code >= 400:
             try:
                 p = r.json()
-                raise ApiError(r.status_code, p.get("title", "error"), p.get("detail", r.text))
+                raise ApiError(r.status_code, p.get("title", "error"), p.get("detail", r.text), p.get("retryable"))
             except ValueError:
                 raise ApiError(r.status_code, "error", r.text[:200]) from None
         return r

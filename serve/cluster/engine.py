@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from serve.catalogue import load_catalogue
 from serve.cluster.client import ApiClient
-from serve.errors import ModelUnavailableError, MrisegError
+from serve.errors import ModelUnavailableError, MrisegError, ServiceUnavailableError
 
 #: writer file name for each API output file (serve.outputs.writers' names, which staging maps to the S3 layout)
 FILES = {"statistics": "statistics.json", "preview": "preview.png"}
@@ -46,6 +46,10 @@ class ClusterEngine:
         subs = {m["name"]: m for m in r.json()["submodels"]}
         explicit = bool(roi_subset) or fast
         out, missing = {}, []
+        down = [name for name in plan if subs[name]["state"] == "unreachable"]
+        if down:  # a replica restarting: skipping its model would pass off a partial result as whole
+            raise ServiceUnavailableError(f"sub-model(s) {', '.join(down)} cannot be reached on the cluster "
+                                          f"right now; the job is retried")
         for name in plan:
             m = subs[name]
             if m["state"] == "ready" and m.get("checksum"):
