@@ -489,7 +489,8 @@ class JobRunner:
         bucket, key = parse_s3_uri(spec.input_uri)
         local = tmp / ("input" + next((s for s in VOLUME_SUFFIXES if key.lower().endswith(s)), ""))
         t = time.perf_counter()
-        info = staging.download_file(spec.input_uri, local, self.max_bytes, self.settings)
+        info = staging.download_file(spec.input_uri, local, self.max_bytes, self.settings,
+                                     version_id=spec.version_id)
         if spec.etag and info.etag.strip('"') != spec.etag.strip('"') and not spec.version_id:
             raise staging.S3RequestError(f"the input object in bucket '{bucket}' changed since the event; "
                                          f"the new version gets its own event", 412, "PreconditionFailed")

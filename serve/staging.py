@@ -223,8 +223,10 @@ def verify_download(head: Mapping[str, Any], digest: str, size: int, bucket: str
 # -- downloads ----------------------------------------------------------------------
 REPLACED_RETRIES = 2  # an object rewritten faster than it can be read still fails, as a 412
 def _download(uri: str, sink: Callable[[bytes], None], reset: Callable[[], None], max_bytes: int | None,
-              settings, deadline_s: float) -> ObjectInfo:
+              settings, deadline_s: float, version_id: str | None = None) -> ObjectInfo:
     bucket, key = parse_s3_uri(uri)
+    # "null" is what a bucket without versioning reports: there, the current object is the only one
+    pinned = {"VersionId": version_id} if version_id and version_id != "null" else {}
     if not key or key.endswith("/"):
         raise MrisegError(f"s3://{bucket}/{key} names a bucket or a folder, not an object; give the volume's key")
     c = client_for(settings)
@@ -241,7 +243,7 @@ def _download(uri: str, sink: Callable[[bytes], None], reset: Callable[[], None]
 
     def read() -> ObjectInfo:
         reset()
-        head = c.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        head = c.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED", **pinned)
         size = int(head["ContentLength"])
         if max_bytes is not None and size > max_bytes:
             raise VolumeTooLargeError(f"the object is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.1f} MB. "
@@ -278,8 +280,12 @@ def download_bytes(uri: str, max_bytes: int | None = None,
 
 
 def download_file(uri: str, dest: str | os.PathLike, max_bytes: int | None = None,
-                  settings: S3Settings | Mapping[str, Any] | None = None, deadline_s: float = 60.0) -> ObjectInfo:
-    """Stream the object to ``dest`` (via a ``.part`` file), verified; returns what was read."""
+                  settings: S3Settings | Mapping[str, Any] | None = None, deadline_s: float = 60.0,
+                  version_id: str | None = None) -> ObjectInfo:
+    """Stream the object to ``dest`` (via a ``.part`` file), verified; returns what was read.
+
+    ``version_id`` reads that version of a versioned object, not whichever is current.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
@@ -290,7 +296,7 @@ def download_file(uri: str, dest: str | os.PathLike, max_bytes: int | None = Non
         f.truncate()
 
     try:
-        info = _download(uri, f.write, reset, max_bytes, settings, deadline_s)
+        info = _download(uri, f.write, reset, max_bytes, settings, deadline_s, version_id)
         f.close()
         os.replace(tmp, dest)
         return info

@@ -15,7 +15,7 @@ import pytest
 from serve import staging
 from serve.embedded_s3 import SeaweedServer
 from serve.errors import MrisegError, StorageError, VolumeTooLargeError
-from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 
 pytestmark = pytest.mark.s3
 
@@ -315,3 +315,20 @@ def test_an_object_replaced_between_head_and_get_is_read_again(seaweed, unique_p
         assert len(landed) == staging.REPLACED_RETRIES + 1
     finally:
         reader.meta.events.unregister("before-call.s3.GetObject", another_writer_lands_first)
+
+
+def test_a_pinned_version_is_read_not_the_current_one(moto, tmp_path, unique_prefix):  # noqa: F811
+    """An event names the version it announces; a newer one landing first must not be read in its place."""
+    c = moto.client()
+    c.create_bucket(Bucket="versioned")
+    c.put_bucket_versioning(Bucket="versioned", VersioningConfiguration={"Status": "Enabled"})
+    uri = f"s3://versioned/{unique_prefix}/scan.nii"
+    v1 = staging.put_bytes(b"first version", uri, moto.settings)["VersionId"]
+    staging.put_bytes(b"second version", uri, moto.settings)
+    info = staging.download_file(uri, tmp_path / "v1", settings=moto.settings, version_id=v1)
+    assert (tmp_path / "v1").read_bytes() == b"first version" and info.version_id == v1
+    staging.download_file(uri, tmp_path / "now", settings=moto.settings)
+    assert (tmp_path / "now").read_bytes() == b"second version"
+    # a bucket without versioning reports "null": the current object is read
+    staging.download_file(uri, tmp_path / "null", settings=moto.settings, version_id="null")
+    assert (tmp_path / "null").read_bytes() == b"second version"
