@@ -171,16 +171,21 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
     prefix = parse_s3_uri(inputs_uri)[1]
     specs = [JobSpec(uri, out_uri, site, roi_subset=tuple(roi_subset) if roi_subset else None, fast=fast,
                      outputs=tuple(outputs), input_prefix=prefix) for uri in list_volumes(inputs_uri, settings)]
-    items = {s.input_uri: Item(s.input_uri, s.output_prefix) for s in specs}
+    items: dict[str, Item] = {}
     todo = []
     for s in specs:
+        try:
+            items[s.input_uri] = Item(s.input_uri, s.output_prefix)
+        except MrisegError as e:  # a key that cannot name an output folder fails alone, in the report
+            items[s.input_uri] = Item(s.input_uri, "", FAILED, f"{e.status} {e.title}: {e.message}")
+            continue
         if already_done(s.output_prefix, settings):
             items[s.input_uri].status, items[s.input_uri].reason = SKIPPED, "already done"
         else:
             todo.append(s)
     bar = tqdm(total=len(todo), unit="vol", desc="segmenting", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-    counts = {SUCCEEDED: 0, FAILED: 0, SKIPPED: len(specs) - len(todo)}
+    counts = {status: sum(i.status == status for i in items.values()) for status in (SUCCEEDED, FAILED, SKIPPED)}
     bar.set_postfix(counts)
 
     def one(spec: JobSpec) -> Item:

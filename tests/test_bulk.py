@@ -54,6 +54,25 @@ def test_list_volumes_ignores_other_files(seaweed, inbox):  # noqa: F811
     assert len(got) == N_GOOD + 1 and not any(g.endswith(".txt") for g in got)
 
 
+def test_a_key_that_cannot_name_an_output_fails_alone(seaweed, unique_prefix):  # noqa: F811
+    """S3 lists a key with a tab in it; the other inputs still run and the report names the odd one."""
+    from serve.bulk import FAILED, run_bulk
+
+    inbox = f"s3://inbox/{unique_prefix}/odd/"
+    seaweed.client().put_object(Bucket="inbox", Key=f"{unique_prefix}/odd/a\tb.nii.gz", Body=b"x")
+    staging.put_bytes(b"x", inbox + "fine.nii.gz", seaweed.settings)
+    ran: list[str] = []
+
+    def backend(spec):
+        ran.append(spec.input_uri)
+        return SUCCEEDED, "", "job-1"
+
+    items = run_bulk(inbox, f"s3://outbox/{unique_prefix}/", backend, seaweed.settings, progress=False)
+    status = {i.input.rsplit("/", 1)[1]: (i.status, i.reason) for i in items}
+    assert ran == [inbox + "fine.nii.gz"] and status["fine.nii.gz"][0] == SUCCEEDED
+    assert status["a\tb.nii.gz"][0] == FAILED and "control characters" in status["a\tb.nii.gz"][1]
+
+
 def test_bulk_resumes_after_interruption_with_correct_report(seaweed, inbox, tiny_models, tmp_path,  # noqa: F811
                                                              unique_prefix):
     outs = [f"s3://outbox/{unique_prefix}/site-a/sub/case{i}/" for i in range(N_GOOD)]
