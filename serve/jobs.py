@@ -285,7 +285,9 @@ class JobStore:
             if cur is not None:
                 if cur.state == DONE or (cur.state == FAILED and not cur.retryable):
                     return cur, False
-                if cur.state == RUNNING and (cur.lease_until or 0) > now and cur.owner != self.owner:
+                # a live lease is respected whoever holds it: threads sharing this store (an intake's
+                # pushed jobs and its queue) would otherwise take one job from each other and run it twice
+                if cur.state == RUNNING and (cur.lease_until or 0) > now:
                     return cur, False
             rec = JobRecord(key, RUNNING, spec.to_dict(), dict(models), spec.output_prefix, owner=self.owner,
                             lease_until=now + self.lease_s, attempts=(cur.attempts if cur else 0) + 1,

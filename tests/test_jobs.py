@@ -105,10 +105,13 @@ def test_idempotency_key_covers_models_and_options():
     assert base != idempotency_key(dataclasses.replace(spec, outputs=("multilabel",)), {"organs": "abc"})
 
 
-def test_concurrent_duplicate_claims_have_one_winner(seaweed, unique_prefix):  # noqa: F811
+@pytest.mark.parametrize("shared", [False, True], ids=["8 workers", "8 threads of one worker"])
+def test_concurrent_duplicate_claims_have_one_winner(seaweed, unique_prefix, shared):  # noqa: F811
+    """Also within one process: an intake's pushed jobs and its queue share one store."""
     spec = JobSpec(f"s3://inbox/{unique_prefix}/x.nii", "s3://outbox/o", etag='"1"')
     key = idempotency_key(spec, {"organs": "c"})
-    stores = [JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings) for _ in range(8)]
+    one = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    stores = [one if shared else JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings) for _ in range(8)]
     barrier = threading.Barrier(len(stores))
     wins: list[bool] = []
 
