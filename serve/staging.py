@@ -401,7 +401,7 @@ def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Ma
                    key=lambda p: (p.relative_to(outdir).as_posix() in last, p.relative_to(outdir).as_posix()))
     if "job.json" in last and (outdir / "job.json").is_file():
         # an earlier set's done marker must not vouch for files this upload is replacing
-        _delete(f"s3://{bucket}/{key_prefix}job.json", settings)
+        delete(f"s3://{bucket}/{key_prefix}job.json", settings)
     out: dict[str, str] = {}
     for p in files:
         name = layout_name(p.relative_to(outdir).as_posix())
@@ -415,7 +415,7 @@ def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Ma
     return out
 
 
-def _delete(uri: str, settings=None) -> None:
+def delete(uri: str, settings=None) -> None:
     """Delete one object; deleting what is not there is not an error in S3."""
     bucket, key = parse_s3_uri(uri)
     c = client_for(settings)

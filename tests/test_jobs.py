@@ -213,3 +213,39 @@ def test_moto_honours_the_conditional_writes_too(moto, unique_prefix):  # noqa: 
     a.renew(rec)  # changes the record's ETag
     with pytest.raises(ClaimLost):
         a.finish(stale, DONE)
+
+
+def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
+    """A push answered 202 is held in S3 first: a replica that dies with it queued loses nothing."""
+    from serve.cluster.intake import IntakeSettings, IntakeWorker
+
+    settings = IntakeSettings(jobs=f"s3://jobs/{unique_prefix}", lease_s=4.0, concurrency=1, s3=seaweed.settings)
+
+    def worker() -> IntakeWorker:
+        store = JobStore(settings.jobs, seaweed.settings, lease_s=settings.lease_s)
+        return IntakeWorker(settings, runner=JobRunner(store, SegmenterEngine(segmenter), seaweed.settings,
+                                                       work_dir=tmp_path))
+
+    specs = [spec_for(unique_prefix, f"pushed{i}.nii.gz") for i in range(3)]
+    for i, s in enumerate(specs):
+        put_volume(seaweed.settings, s.input_uri, tmp_path, seed=20 + i)
+    dying = worker()
+    dying.stop.set()  # no sweeps: what it held must be found by the next replica
+    assert dying.submit([s.to_dict() for s in specs]) == 3
+    dying.pool.shutdown(wait=True, cancel_futures=True)  # the replica dies with the rest still queued
+    held = dying.journal.held()
+    assert 2 <= len(held) <= 3
+    seaweed.client().put_object(Bucket="jobs", Key=f"{unique_prefix}/pushed/garbage.json", Body=b"{trunc")
+
+    fresh = worker()
+    try:
+        deadline = time.monotonic() + 300  # hang guard only
+        while fresh.journal.held() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert fresh.journal.held() == []
+    finally:
+        fresh.close()
+    for s in specs:
+        doc = json.loads(staging.download_bytes(s.output_prefix + "job.json", settings=seaweed.settings))
+        assert doc["status"] == "done", s.case
+    assert f"{unique_prefix}/pushed/garbage.json.unreadable" in keys_under(seaweed, "jobs", f"{unique_prefix}/pushed/")

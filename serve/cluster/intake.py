@@ -14,7 +14,9 @@ its own (:mod:`serve.consumer`, :mod:`serve.jobs`, :mod:`serve.cluster.engine`):
 Restart policy: Serve calls :meth:`EventIntake.check_health` every
 ``health_check_period_s``; a dead poll thread fails it, and Serve replaces
 the replica. Messages in flight on a dead replica come back after their
-visibility timeout; job claims expire with their lease.
+visibility timeout; pushed jobs are held in S3 until they settle
+(:mod:`serve.pushes`), and the next replica runs what it finds held; job
+claims expire with their lease.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from ray import serve as rayserve
 
 from serve.consumer import Consumer, ConsumerConfig, InboxRule
 from serve.errors import MrisegError, NotFoundError
-from serve.jobs import JobOutcome, JobSpec
+from serve.jobs import DONE, FAILED, JobOutcome, JobSpec
+from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal
 from serve.s3client import S3Settings, parse_s3_uri
 from serve.settings_checks import checked_number
 
@@ -156,12 +159,16 @@ class IntakeWorker:
         self.settings = settings
         self.stop = threading.Event()
         self.poller: threading.Thread | None = None
+        self.sweeper: threading.Thread | None = None
         self.pushed = 0
         self.pool = ThreadPoolExecutor(max(1, settings.concurrency), thread_name_prefix="mriseg-intake")
+        self._in_flight: set[str] = set()
+        self._lock = threading.Lock()
         if not settings.configured:
             log.info("event intake is off: no events.jobs prefix (MRISEG_EVENTS_JOBS_PREFIX)")
             self.runner = None
             return
+        self.journal = PushJournal(settings.jobs, settings.s3)
         if runner is None:
             engine = ClusterEngine(settings.api_url, settings.site_keys)
             runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), engine,
@@ -174,16 +181,61 @@ class IntakeWorker:
                 consumer.dlq_gauge = dlq_gauge
             self.poller = threading.Thread(target=consumer.run, args=(self.stop,), name="mriseg-sqs", daemon=True)
             self.poller.start()
+        # at once (what a dead replica held), then every sweep_s (what a run left unsettled)
+        self.sweeper = threading.Thread(target=self._sweep, name="mriseg-push-sweep", daemon=True)
+        self.sweeper.start()
+
+    @property
+    def sweep_s(self) -> float:
+        return max(1.0, min(60.0, self.settings.lease_s / 2))
 
     def submit(self, specs: Sequence[Mapping[str, Any]]) -> int:
-        """Queue pushed jobs; each settles as done or failed in its job record (``job.json``)."""
+        """Hold pushed jobs in S3, then queue them; each settles as done or failed (``job.json``).
+
+        Every job is held before this returns: a push that was answered 202 survives this replica.
+        """
         if self.runner is None:
             raise NotFoundError("event intake is not configured on this cluster: set events.jobs "
                                           "(or MRISEG_EVENTS_JOBS_PREFIX) and the inbox rules")
-        for s in specs:
-            self.pool.submit(self._run, JobSpec.from_dict(dict(s)))
+        held = [self.journal.hold(JobSpec.from_dict(dict(s))) for s in specs]
+        for h in held:
+            self._queue(h)
         self.pushed += len(specs)
         return len(specs)
+
+    def _queue(self, held: HeldPush) -> None:
+        with self._lock:
+            if held.id in self._in_flight:
+                return
+            self._in_flight.add(held.id)
+        self.pool.submit(self._run_held, held)
+
+    def _sweep(self) -> None:
+        while not self.stop.is_set():
+            try:
+                for h in self.journal.held():
+                    self._queue(h)
+            except Exception:  # noqa: BLE001 - S3 down for a moment: the next sweep finds them
+                log.warning("could not list the held pushed jobs; trying again in %.0fs", self.sweep_s, exc_info=True)
+            self.stop.wait(self.sweep_s)
+
+    def _run_held(self, held: HeldPush) -> None:
+        try:
+            out = self._run(held.spec)
+            settled = out is not None and (out.state == DONE or (out.state == FAILED and not out.retryable))
+            if settled:
+                self.journal.release(held)
+            elif held.attempts + 1 >= MAX_ATTEMPTS:
+                log.warning("pushed job %s for site %s still unsettled after %d runs; its job record keeps the "
+                            "last reason", out.key[:12] if out else "?", held.spec.site, MAX_ATTEMPTS)
+                self.journal.release(held)
+            else:
+                self.journal.attempted(held)
+        except Exception:  # noqa: BLE001 - the held record stays; the next sweep runs it again
+            log.warning("could not update a held pushed job for site %s", held.spec.site, exc_info=True)
+        finally:
+            with self._lock:
+                self._in_flight.discard(held.id)
 
     def _counted(self, run):
         def counted(spec: JobSpec) -> JobOutcome:
@@ -205,6 +257,8 @@ class IntakeWorker:
     def healthy(self) -> None:
         if self.poller is not None and not self.poller.is_alive():
             raise RuntimeError("the SQS poll thread has stopped")
+        if self.sweeper is not None and not self.sweeper.is_alive():
+            raise RuntimeError("the pushed-job sweep thread has stopped")
 
     def close(self) -> None:
         self.stop.set()

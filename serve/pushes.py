@@ -1,0 +1,96 @@
+"""Pushed event jobs held in S3 until they settle, so a replica that dies loses none.
+
+``POST /v1/events`` answers 202, and a webhook that got a 2xx does not send
+again. So each pushed job is written to ``s3://{jobs prefix}/pushed/<id>.json``
+*before* the answer, and removed only once the job has settled (done, or
+failed for good). What a dead replica held is found by the next one
+(:meth:`PushJournal.held`) and run again; the job's idempotency key makes a
+second run of a finished job a lookup, not a recomputation. This is the
+pushed path's counterpart of an SQS message's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from serve import staging
+from serve.jobs import JobSpec
+from serve.s3client import S3Settings, parse_s3_uri
+
+log = logging.getLogger(__name__)
+
+#: a job still unsettled after this many runs (a retryable failure each time) is let go; its job
+#: record keeps the last failure and its reason
+MAX_ATTEMPTS = 5
+
+
+@dataclass
+class HeldPush:
+    """One pushed job not yet settled."""
+
+    id: str
+    spec: JobSpec
+    attempts: int = 0
+    created: float = 0.0
+
+
+class PushJournal:
+    """Pushed jobs under ``s3://{bucket}/{prefix}/pushed/``, one object each."""
+
+    def __init__(self, jobs_uri: str, settings: S3Settings | Mapping[str, Any] | None = None):
+        self.bucket, self.prefix = parse_s3_uri(jobs_uri.rstrip("/") + "/")
+        self.settings = settings
+
+    def _uri(self, push_id: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}pushed/{push_id}.json"
+
+    def _write(self, held: HeldPush) -> None:
+        staging.put_json({"spec": held.spec.to_dict(), "attempts": held.attempts, "created": held.created},
+                         self._uri(held.id), self.settings)
+
+    def hold(self, spec: JobSpec) -> HeldPush:
+        """Record an accepted push (raises :class:`serve.errors.StorageError` if S3 cannot take it)."""
+        held = HeldPush(uuid.uuid4().hex, spec, 0, time.time())
+        self._write(held)
+        return held
+
+    def attempted(self, held: HeldPush) -> HeldPush:
+        """Count a run that did not settle the job; the record says so should this replica die."""
+        held.attempts += 1
+        self._write(held)
+        return held
+
+    def release(self, held: HeldPush) -> None:
+        staging.delete(self._uri(held.id), self.settings)
+
+    def held(self) -> list[HeldPush]:
+        """Every push not yet settled, oldest first. An unreadable record is set aside, not fatal."""
+        c = staging.client_for(self.settings)
+
+        def listing() -> list[str]:
+            pages = c.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}pushed/")
+            return [o["Key"] for p in pages for o in p.get("Contents", []) if o["Key"].endswith(".json")]
+
+        out = []
+        for key in staging.with_retries(listing, bucket=self.bucket, action="list pushed jobs"):
+            push_id = key.rsplit("/", 1)[1][: -len(".json")]
+            try:
+                raw = staging.download_bytes(f"s3://{self.bucket}/{key}", settings=self.settings)
+            except staging.S3RequestError as e:
+                if e.status == 404:  # released since it was listed
+                    continue
+                raise
+            try:
+                doc = json.loads(raw)
+                out.append(HeldPush(push_id, JobSpec.from_dict(doc["spec"]), int(doc.get("attempts", 0)),
+                                    float(doc.get("created", 0.0))))
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                log.warning("pushed job record %s is unreadable; set aside as .unreadable", push_id)
+                staging.put_bytes(raw, f"s3://{self.bucket}/{key}.unreadable", self.settings)
+                staging.delete(f"s3://{self.bucket}/{key}", self.settings)
+        return sorted(out, key=lambda h: h.created)
