@@ -131,7 +131,11 @@ def test_preview_puts_the_patients_left_on_the_viewers_right(affine, tmp_path):
 
     img, lab = np.zeros((40, 40, 40), np.float32), np.zeros((40, 40, 40), np.uint8)
     img[5:35, 5:35, 5:35] = 20
-    left, anterior = (slice(28, 36), slice(22, 34)) if affine[0, 0] > 0 else (slice(4, 12), slice(6, 18))
+    # RAS+: world x grows toward the patient's right, so the left is at low i for +2 mm columns, high i for -2 mm
+    left, anterior = (slice(4, 12), slice(22, 34)) if affine[0, 0] > 0 else (slice(28, 36), slice(6, 18))
+    centre = affine @ [20, 20, 20, 1]
+    label = affine @ [(left.start + left.stop) / 2, (anterior.start + anterior.stop) / 2, 20, 1]
+    assert label[0] < centre[0] and label[1] > centre[1]  # left of and in front of the body's centre
     lab[left, anterior, 15:25] = 1  # the patient's left and front, in either storage order
     png = render_preview(img, lab, affine, {1: "left_front"}, tmp_path / "p.png", n_slices=1)
     rgb = mpimg.imread(str(png))[..., :3]

@@ -57,7 +57,7 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, st
     views = [("axial", 2, (sx, sy)), ("coronal", 1, (sx, sz)), ("sagittal", 0, (sy, sz))]
     # (left edge, right edge) of each view once drawn, and the RAS axis letters for a slice's position
     edges = {2: ("R", "L"), 1: ("R", "L"), 0: ("P", "A")}
-    where = {2: ("I", "S"), 1: ("P", "A"), 0: ("R", "L")}
+    where = {2: ("I", "S"), 1: ("P", "A"), 0: ("L", "R")}
     fig, axes = plt.subplots(3, n_slices, figsize=(3.2 * n_slices + 3.2, 9.6), squeeze=False)
     for row, (name, axis, (h_sp, v_sp)) in enumerate(views):
         slices = _pick_slices(lab, axis, n_slices)
@@ -73,8 +73,11 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, st
                       interpolation="nearest")
             ax.imshow(np.ma.masked_equal(lb2, 0), cmap=cmap, vmin=0, vmax=255, origin="lower",
                       aspect=v_sp / h_sp, interpolation="nearest")
-            # canonical RAS columns grow toward the patient's left, so drawn as they are the patient's right
-            # is on the viewer's left (radiological convention) and anterior on the right in sagittal views
+            if axis != 0:
+                # canonical RAS columns grow toward the patient's right (RAS+: +x is right); mirrored, the
+                # patient's right is on the viewer's left (radiological convention). Sagittal views keep
+                # anterior on the right.
+                ax.invert_xaxis()
             for x, letter in zip((0.02, 0.98), edges[axis]):
                 ax.text(x, 0.5, letter, transform=ax.transAxes, color="yellow", fontsize=8, va="center",
                         ha="left" if x < 0.5 else "right")
