@@ -1,8 +1,11 @@
 """Synthetic body-like MRI phantoms with ground truth for all 80 catalogue structures.
 
 A phantom is a small body (head, torso, arms, legs; about 13 x 7 x 25 cm)
-built from ellipsoids in RAS world millimetres (patient left = +x, anterior =
-+y, superior = +z). Every voxel gets one *region*: air, subcutaneous fat,
+built from ellipsoids in RAS world millimetres (anterior = +y, superior = +z).
+Its sides are a **mirror image** of real anatomy: ``_left`` structures lie at
++x, which in RAS+ is the patient's right, and the liver at -x. The demo models
+learned that mirror image; the pipeline's own left/right handling does not
+depend on it (see docs/demo-models.md). Every voxel gets one *region*: air, subcutaneous fat,
 visceral (torso) fat, limb muscle filler, head tissue or one named structure;
 later (smaller) structures overwrite earlier ones, so the image and the truth
 always agree. Per case the generator draws size/position jitter, a random
@@ -120,7 +123,7 @@ BODY_EXTENT_MM = ((-66.0, 66.0), (-36.0, 36.0), (-70.0, 198.0))
 
 @lru_cache(maxsize=1)
 def structure_shapes() -> tuple[tuple[str, tuple[tuple[float, ...], ...]], ...]:
-    """Every named structure with its ellipsoids (left = +x), largest first so small ones stay visible."""
+    """Every named structure with its ellipsoids (``_left`` at +x: mirrored), largest first so small ones stay visible."""
     out = []
     for base, ells in _SIDED:
         out.append((f"{base}_left", tuple(ells)))

@@ -61,7 +61,8 @@ def test_truth_on_volume_grid_and_left_is_patient_left(axcodes):
         for side in ("left", "right"):
             ijk = np.argwhere(ph.truth_per_model[owner] == ids[f"{base}_{side}"])
             xs[side] = (ph.volume.affine[:3, :3] @ ijk.mean(0) + ph.volume.affine[:3, 3])[0]
-        assert xs["left"] > 0 > xs["right"], (base, xs)  # RAS: patient left is +x
+        # the phantom's (mirrored) convention: `_left` at +x, which RAS+ calls the patient's right
+        assert xs["left"] > 0 > xs["right"], (base, xs)
 
 
 def test_random_contrast_includes_inverted_fat():
