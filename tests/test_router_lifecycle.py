@@ -20,14 +20,14 @@ VOLUME = nifti_bytes(shape=(16, 16, 16))
 SPLEEN = JobOptions(["spleen"], False, ("statistics",))  # one sub-model: organs
 
 
-def _service(tmp_path, call, **settings) -> JobService:
+async def _ready(name):
+    return {"state": "ready", "model": SimpleNamespace(checksum="c0ffee", dataset_json={})}
+
+
+def _service(tmp_path, call, describe=_ready, deployed=("organs",), **settings) -> JobService:
     tenancy = Tenancy.load(write_tenants(tmp_path / "tenants.yaml"))
-
-    async def describe(name):
-        return {"state": "ready", "model": SimpleNamespace(checksum="c0ffee", dataset_json={})}
-
-    return JobService(tenancy, call, describe, ["organs"], RouterSettings(results_dir=str(tmp_path / "r"), **settings),
-                      put=lambda array: array)
+    return JobService(tenancy, call, describe, list(deployed), RouterSettings(results_dir=str(tmp_path / "r"),
+                                                                             **settings), put=lambda array: array)
 
 
 async def _labels(name, refs, spacing):
@@ -205,5 +205,75 @@ def test_a_job_the_router_cannot_record_is_refused_with_503_and_never_runs(tmp_p
         await asyncio.wait_for(svc.wait(job), 60)
         assert job.status == "succeeded", job.error
         assert calls == ["organs"] and svc.journal.load()[0].status == "succeeded"
+
+    asyncio.run(main())
+
+
+def test_a_sub_model_that_cannot_describe_itself_fails_the_job_with_503(tmp_path):
+    """A deployment whose replicas never start queues the describe call: bounded, then a retryable 503."""
+    async def never(name):
+        await asyncio.Event().wait()
+
+    async def ray_error(name):
+        raise RuntimeError("ActorDiedError: the replica's actor died")
+
+    async def main():
+        for describe, says in ((never, "did not describe itself within 0.5 s"), (ray_error, "cannot be reached")):
+            svc = _service(tmp_path, _labels, describe, slots=1, submodel_timeout_s=0.5)
+            job = svc.submit(svc.tenancy.sites["site-a"], SPLEEN, upload=VOLUME)
+            await asyncio.wait_for(svc.wait(job), 60)
+            assert job.status == "failed" and job.error["status"] == 503 and job.error["retryable"], job.error
+            assert says in job.error["detail"] and svc.scheduler.stats().running == 0
+
+    asyncio.run(main())
+
+
+def test_a_full_run_with_an_unreadable_model_source_is_503_not_a_partial_result(tmp_path):
+    """Skipping a model whose source is down would pass off fewer structures as the full answer."""
+    async def describe(name):
+        if name == "muscles":
+            return {"state": "unreachable", "detail": "model source s3://models/ cannot be read", "model": None}
+        return await _ready(name)
+
+    async def main():
+        svc = _service(tmp_path, _labels, describe, deployed=("organs", "muscles"))
+        full = svc.submit(svc.tenancy.sites["site-a"], JobOptions(None, False, ("statistics",)), upload=VOLUME)
+        await asyncio.wait_for(svc.wait(full), 60)
+        assert full.status == "failed" and full.error["status"] == 503 and "muscles" in full.error["detail"]
+        # a model that is simply not deployed is still skipped and reported
+        svc = _service(tmp_path, _labels, _ready, deployed=("organs",))
+        sms, _, skipped = await svc._plan(Job(site="site-a", options=JobOptions()))
+        assert [sm.name for sm in sms] == ["organs"] and "muscles" in skipped
+
+    asyncio.run(main())
+
+
+def test_cancel_during_a_worker_thread_stage_keeps_the_slot_until_the_thread_ends(tmp_path, monkeypatch):
+    """Otherwise a site could cancel and resubmit past its limit while the orphaned threads pile up."""
+    import serve.preprocess
+
+    started = []
+    real_prepare = serve.preprocess.prepare
+
+    def slow_prepare(volume, spacing):
+        started.append(time.time())
+        time.sleep(0.5)
+        return real_prepare(volume, spacing)
+
+    monkeypatch.setattr(serve.preprocess, "prepare", slow_prepare)
+
+    async def main():
+        svc = _service(tmp_path, _labels, slots=1)
+        site = svc.tenancy.sites["site-a"]
+        job = svc.submit(site, SPLEEN, upload=VOLUME)
+        while not started and not job.done:
+            await asyncio.sleep(0.01)
+        assert started, job.error
+        svc.cancel(site, job.id)
+        await asyncio.sleep(0.1)
+        assert svc.scheduler.stats().running == 1  # the prepare thread still runs: its slot is not lent out
+        await asyncio.wait_for(svc.wait(job), 10)
+        await asyncio.sleep(0.05)
+        assert job.status == "cancelled" and svc.scheduler.stats().running == 0
 
     asyncio.run(main())

@@ -91,6 +91,10 @@ class SubModelRunner:
             self.detail = st.detail
             log.warning("sub-model %s not installed; replica answers 409 until it is", self.sm.name)
             return
+        if st.state == "unreachable":  # the router answers 503; check_health has Serve start a new replica
+            self.state, self.detail = "unreachable", st.detail
+            log.error("sub-model %s: its model source cannot be read: %s", self.sm.name, st.detail)
+            return
         from serve.modelload import load_model
 
         try:
@@ -125,8 +129,8 @@ class SubModelRunner:
             release_free_memory()  # a few ms, against RSS creeping up with every new input size
 
     def check_health(self) -> None:
-        if self.state == "broken":
-            raise RuntimeError(f"sub-model {self.sm.name} is unusable: {self.detail}")
+        if self.state in ("broken", "unreachable"):
+            raise RuntimeError(f"sub-model {self.sm.name} is {self.state}: {self.detail}")
 
     def describe(self) -> dict[str, Any]:
         """State plus the model's metadata without its network (what the router needs to merge)."""

@@ -80,6 +80,17 @@ SubModelCall = Callable[[str, Any, float], Awaitable[dict]]
 Describe = Callable[[str], Awaitable[dict]]
 
 
+async def _in_thread(fn, *args):
+    """Run ``fn`` in a worker thread. A thread cannot be stopped, so a cancelled job keeps its slot (and
+    its site's count) until the thread returns: cancelling cannot start more work than the limits allow."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
 def _is_replica_failure(exc: BaseException) -> bool:
     """Ray errors meaning the replica or its actor went away (worth one retry, then 503)."""
     from ray import exceptions as rex
@@ -327,7 +338,21 @@ class JobService:
                     "model": None}
         d = self._descriptions.get(name)
         if d is None:
-            d = await self._describe(name)
+            limit = self.settings.submodel_timeout_s
+            try:
+                # a deployment with no replica that can start queues this call: bounded like a sub-model call
+                d = await asyncio.wait_for(self._describe(name), limit)
+            except asyncio.TimeoutError as e:
+                raise ServiceUnavailableError(f"sub-model {name} did not describe itself within {limit:g} s "
+                                              f"(router.submodel_timeout_s): no replica could start; the job "
+                                              f"can be resubmitted as is") from e
+            except Exception as e:  # noqa: BLE001 - a Ray failure reaching the deployment, not the job's fault
+                if isinstance(e, MrisegError):
+                    raise
+                if isinstance(_unwrap(e), MrisegError):
+                    raise _unwrap(e) from e
+                raise ServiceUnavailableError(f"sub-model {name} cannot be reached ({type(e).__name__}); the "
+                                              f"job can be resubmitted as is") from e
             if d["state"] == "ready":
                 self._descriptions[name] = d
         return d
@@ -357,6 +382,10 @@ class JobService:
         opts = job.options
         sms = self.catalogue.plan(opts.roi_subset, opts.fast)
         descs = await asyncio.gather(*(self.describe(sm.name) for sm in sms))
+        down = [f"{sm.name} ({d.get('detail', '')})" for sm, d in zip(sms, descs) if d["state"] == "unreachable"]
+        if down:  # skipping them would pass off a partial segmentation as a full one (as Segmenter.plan)
+            raise ServiceUnavailableError("the model source of sub-model(s) " + "; ".join(down) +
+                                          " cannot be read right now; the job can be resubmitted as is")
         run, skipped, problems = [], {}, []
         for sm, d in zip(sms, descs):
             if d["state"] == "ready":
@@ -379,12 +408,12 @@ class JobService:
         job.status, job.started, job.start_seq = "running", time.time(), self._seq
         self._seq += 1
         self._update_gauges()
-        await asyncio.to_thread(self.journal.save, job)
+        await _in_thread(self._save_running, job)
         t0 = time.perf_counter()
 
         async def stage(name: str, fn, *args):
             t = time.perf_counter()
-            out = await asyncio.to_thread(fn, *args)
+            out = await _in_thread(fn, *args)
             job.timings[name] = time.perf_counter() - t
             self.metrics.stage_seconds.labels(name.removesuffix("_s")).observe(job.timings[name])
             return out
@@ -393,7 +422,7 @@ class JobService:
             upload, filename = await stage("stage_in_s", self._download, job.input_uri)
         else:
             # The spooled upload stays until the job settles, so a restarted router can resume it.
-            upload = await asyncio.to_thread(spooled.read_bytes)
+            upload = await _in_thread(spooled.read_bytes)
         self.metrics.bytes_staged.labels("in").inc(len(upload))
         kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
         volume = await stage("decode_s", lambda: read_volume_bytes(upload, filename, **kw))
@@ -424,14 +453,8 @@ class JobService:
         labels, per_model, structures = merged
         job.structures = structures
         outdir = Path(self.settings.results_dir) / job.site / job.id
-        writing = asyncio.ensure_future(stage("write_s", self._write, job, volume, labels, per_model, structures,
-                                              outdir, models))
-        try:
-            job.outputs = await asyncio.shield(writing)
-        except asyncio.CancelledError:
-            # the thread cannot be stopped: keep the slot until it returns (it skips the upload when cancelled)
-            await asyncio.wait([writing])
-            raise
+        # a cancel during the write keeps the slot until the thread returns; it skips the upload when cancelled
+        job.outputs = await stage("write_s", self._write, job, volume, labels, per_model, structures, outdir, models)
         job.timings["total_s"] = time.perf_counter() - t0
         self.metrics.volumes.labels(job.site).inc()
         self.metrics.voxels.labels(job.site).inc(int(np.prod(volume.data.shape)))
@@ -475,6 +498,13 @@ class JobService:
 
         return merge_to_input_grid(volume.shape, sms, prepared, local_maps, models, roi_subset, self.catalogue)
 
+    def _save_running(self, job: Job) -> None:
+        try:
+            self.journal.save(job)
+        except OSError as e:  # the router's disk: not the job's fault, and another replica may manage
+            raise ServiceUnavailableError(f"the router could not record job {job.id} on its disk "
+                                          f"({e.strerror or type(e).__name__}); resubmit it") from e
+
     def _write(self, job: Job, volume, labels, per_model, structures, outdir: Path,
                models: dict) -> dict[str, str]:
         from serve.pipeline import SegmentationResult, is_demo_model
@@ -483,7 +513,11 @@ class JobService:
                                     dict(job.timings), {n: m.checksum for n, m in models.items()},
                                     dict(job.unavailable), job.options.fast,
                                     demo=any(is_demo_model(m) for m in models.values()))
-        outputs = write_result(result, volume, outdir, job.options.outputs)
+        try:
+            outputs = write_result(result, volume, outdir, job.options.outputs)
+        except OSError as e:  # a full or failing results disk
+            raise ServiceUnavailableError(f"the router could not write the results of job {job.id} "
+                                          f"({e.strerror or type(e).__name__}); resubmit it") from e
         if job.options.output_prefix and job.status != "cancelled":
             outputs.update(self._upload(outdir, job.options.output_prefix))
         return outputs
@@ -542,8 +576,8 @@ class JobService:
             if len(self.jobs) <= self.settings.max_jobs_kept:
                 break
             old = self.jobs[old_id]
-            if not old.done:
-                continue  # a long or stuck job must not keep every later one in memory
+            if not old.done or old_id in self._futures:
+                continue  # still running (a cancelled job's thread may still write); never block later ones
             self.jobs.pop(old_id)
             self.journal.remove(old_id)
             shutil.rmtree(Path(self.settings.results_dir) / old.site / old.id, ignore_errors=True)
