@@ -66,7 +66,8 @@ def merge(local_maps: Mapping[str, np.ndarray], models: Mapping[str, LoadedModel
     structures: dict[int, str] = {}
     for name, local in local_maps.items():
         lut, covered = local_to_global_lut(models[name], wanted, catalogue)
-        if local.size and int(local.max()) >= lut.size:
+        top = max([0, *models[name].label_names])  # the lut is padded to 256: check the model's own ids
+        if local.size and int(local.max()) > top:
             raise ValueError(f"{name}: label id {int(local.max())} is not in its dataset.json")
         per_model[name] = lut[local]
         structures.update(covered)

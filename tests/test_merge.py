@@ -77,9 +77,11 @@ def test_roi_subset_keeps_only_requested(odd_models):
     assert m.labels.tolist() == [[[0, IDS["torso_fat"], 0]]]
 
 
-def test_label_outside_dataset_json_is_an_error(odd_models):
+@pytest.mark.parametrize("label", [300, 10])  # 10: past face's few ids but inside the 256-entry lookup table
+def test_label_outside_dataset_json_is_an_error(odd_models, label):
+    assert label > max(odd_models["face"].label_names)
     local = np.zeros((2, 2, 2), np.uint16)
-    local[0, 0, 0] = 300
+    local[0, 0, 0] = label
     with pytest.raises(ValueError, match="not in its dataset.json"):
         merge({"face": local}, {"face": odd_models["face"]})
 
