@@ -245,7 +245,7 @@ def check_nifti_orientation(header) -> None:
                                  f"point the axes different ways, so viewers would disagree on left and right; "
                                  f"make them agree and upload again")
     # Same directions but other voxel sizes or another place: volumes in mL, or where the labels lie over
-    # the scan, would depend on the reader (the outputs carry the sform in both fields).
+    # the scan, would depend on the reader, for the scan and for our outputs alike (they keep its header).
     sform, qform = header.get_sform(), header.get_qform()
     zooms = [np.linalg.norm(a[:3, :3], axis=0) for a in (sform, qform)]
     if not np.allclose(zooms[0], zooms[1], rtol=SFORM_QFORM_RTOL, atol=0):
