@@ -555,11 +555,17 @@ class JobRunner:
         except MrisegError:  # the input key itself is what is wrong: there is no folder to name
             prefix = ""
         if prefix and not err["retryable"]:
-            # the message is acknowledged: the reason must outlive this log line. Never over a job.json
-            # already there, which may be an earlier version's result.
-            doc = self._job_doc(spec, None, FAILED, None, time.time(), error=err)
-            try:
-                staging.put_json(doc, prefix + "job.json", self.settings, IfNoneMatch="*")
-            except StorageError:
-                log.info("kept the job.json already in the output folder of a job not started")
+            # the message is acknowledged: the reason must outlive this log line
+            self.publish_error(spec, err, prefix)
         return JobOutcome("", FAILED, prefix, False, err)
+
+    def publish_error(self, spec: JobSpec, err: dict, prefix: str, key: str | None = None) -> None:
+        """An error job.json where the outputs would have been, for a job nobody will run again.
+
+        Never over a job.json already there, which may be an earlier version's result.
+        """
+        doc = {**self._job_doc(spec, None, FAILED, None, time.time(), error=err), "job_key": key}
+        try:
+            staging.put_json(doc, prefix + "job.json", self.settings, IfNoneMatch="*")
+        except StorageError:
+            log.info("kept the job.json already in the output folder of a failed job")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -13,6 +14,7 @@ from serve.cluster.client import ApiError
 from serve.cluster.engine import ClusterEngine
 from serve.errors import ModelUnavailableError, ServiceUnavailableError
 from serve.jobs import error_dict
+from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
 
 class _Answers(BaseHTTPRequestHandler):
@@ -82,3 +84,33 @@ def test_an_unreachable_sub_model_is_retried_not_skipped(api):
     assert "muscles" not in _engine(api).model_checksums(None, False, "site-a")
     with pytest.raises(ModelUnavailableError, match="muscles"):
         _engine(api).model_checksums(["autochthon_left"], False, "site-a")
+
+
+@pytest.mark.s3
+def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(api, seaweed, unique_prefix,
+                                                                             tmp_path):  # noqa: F811
+    """The cluster answers 503 every time: five runs, then an error job.json the site can read, nothing held."""
+    from serve import staging
+    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.jobs import JobRunner, JobSpec, JobStore
+    from serve.pushes import MAX_ATTEMPTS
+
+    api.answer = _problem(503, True)
+    settings = IntakeSettings(jobs=f"s3://jobs/{unique_prefix}", lease_s=2.0, s3=seaweed.settings)
+    runner = JobRunner(JobStore(settings.jobs, seaweed.settings, lease_s=2.0), _engine(api), seaweed.settings,
+                       work_dir=tmp_path)
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/in/case.nii.gz", f"s3://outbox/{unique_prefix}", site="site-a",
+                   input_prefix=f"{unique_prefix}/in/")
+    staging.put_bytes(b"a volume", spec.input_uri, seaweed.settings)
+    worker = IntakeWorker(settings, runner=runner)
+    try:
+        worker.submit([spec.to_dict()])
+        deadline = time.monotonic() + 120  # hang guard only
+        while (worker.journal.held() or worker._in_flight) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert worker.journal.held() == []
+    finally:
+        worker.close()
+    doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "failed" and doc["error"]["status"] == 503
+    assert f"given up after {MAX_ATTEMPTS} runs" in doc["error"]["detail"]

@@ -226,8 +226,10 @@ class IntakeWorker:
             if settled:
                 self.journal.release(held)
             elif held.attempts + 1 >= MAX_ATTEMPTS:
-                log.warning("pushed job %s for site %s still unsettled after %d runs; its job record keeps the "
-                            "last reason", out.key[:12] if out else "?", held.spec.site, MAX_ATTEMPTS)
+                log.warning("pushed job %s for site %s still unsettled after %d runs; given up",
+                            out.key[:12] if out else "?", held.spec.site, MAX_ATTEMPTS)
+                if out is None or out.state == FAILED:  # (still running elsewhere: that worker settles it)
+                    self._give_up(held, out)
                 self.journal.release(held)
             else:
                 self.journal.attempted(held)
@@ -236,6 +238,18 @@ class IntakeWorker:
         finally:
             with self._lock:
                 self._in_flight.discard(held.id)
+
+    def _give_up(self, held: HeldPush, out: JobOutcome | None) -> None:
+        """No one will run it again: its error job.json tells the site why, as a poison input's does."""
+        err = dict(out.error) if out is not None and out.error else {
+            "status": 500, "title": "Internal error", "detail": "the job crashed on every run; see the intake log"}
+        err.update(retryable=False, detail=f"{err.get('detail', '')} (given up after {MAX_ATTEMPTS} runs; "
+                                           f"push the object again to retry)")
+        try:
+            prefix = out.output_prefix if out is not None and out.output_prefix else held.spec.output_prefix
+        except MrisegError:
+            return
+        self.runner.publish_error(held.spec, err, prefix, key=out.key if out is not None and out.key else None)
 
     def _counted(self, run):
         def counted(spec: JobSpec) -> JobOutcome:
