@@ -34,6 +34,19 @@ async def _labels(name, refs, spacing):
     return {"labels": np.zeros(refs[0].shape, np.uint8), "started": 0.0, "finished": 0.0}
 
 
+async def _cancel_while_its_thread_runs(svc: JobService, site, job: Job, started: list) -> None:
+    """Cancel once a worker-thread stage has started: its slot stays taken until the thread returns."""
+    while not started and not job.done:
+        await asyncio.sleep(0.01)
+    assert started, job.error
+    svc.cancel(site, job.id)
+    await asyncio.sleep(0.1)
+    assert svc.scheduler.stats().running == 1  # the thread still runs: its slot is not lent out
+    await asyncio.wait_for(svc.wait(job), 10)
+    await asyncio.sleep(0.05)
+    assert job.status == "cancelled" and svc.scheduler.stats().running == 0
+
+
 def test_a_sub_model_that_never_answers_fails_the_job_and_frees_the_slot(tmp_path):
     async def hang(name, refs, spacing):
         await asyncio.Event().wait()
@@ -106,15 +119,7 @@ def test_cancel_during_the_write_keeps_the_slot_until_the_thread_ends_and_skips_
         site = svc.tenancy.sites["site-a"]
         opts = JobOptions(["spleen"], False, ("statistics",), f"s3://{BUCKET}/site-a/out/")
         job = svc.submit(site, opts, upload=VOLUME)
-        while not writing and not job.done:
-            await asyncio.sleep(0.01)
-        assert writing, job.error
-        svc.cancel(site, job.id)
-        await asyncio.sleep(0.1)
-        assert svc.scheduler.stats().running == 1  # the write thread still runs: its slot is not lent out
-        await asyncio.wait_for(svc.wait(job), 10)
-        await asyncio.sleep(0.05)
-        assert job.status == "cancelled" and svc.scheduler.stats().running == 0
+        await _cancel_while_its_thread_runs(svc, site, job, writing)
         assert uploads == []  # nothing reaches the site's prefix after it was told "cancelled"
 
     asyncio.run(main())
@@ -266,14 +271,6 @@ def test_cancel_during_a_worker_thread_stage_keeps_the_slot_until_the_thread_end
         svc = _service(tmp_path, _labels, slots=1)
         site = svc.tenancy.sites["site-a"]
         job = svc.submit(site, SPLEEN, upload=VOLUME)
-        while not started and not job.done:
-            await asyncio.sleep(0.01)
-        assert started, job.error
-        svc.cancel(site, job.id)
-        await asyncio.sleep(0.1)
-        assert svc.scheduler.stats().running == 1  # the prepare thread still runs: its slot is not lent out
-        await asyncio.wait_for(svc.wait(job), 10)
-        await asyncio.sleep(0.05)
-        assert job.status == "cancelled" and svc.scheduler.stats().running == 0
+        await _cancel_while_its_thread_runs(svc, site, job, started)
 
     asyncio.run(main())
