@@ -207,8 +207,9 @@ def test_a_sub_model_replica_whose_s3_source_cannot_be_read_fails_its_health_che
 
     bad = dataclasses.asdict(dataclasses.replace(seaweed.settings, secret_access_key="not-the-secret"))
     runner = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"), bad))
-    assert runner.state == "broken" and "cannot be read (SignatureDoesNotMatch)" in runner.detail
-    with pytest.raises(RuntimeError, match="unusable"):
+    # "unreachable", not "broken": the router then answers 503 rather than skip organs in a full run
+    assert runner.state == "unreachable" and "cannot be read (SignatureDoesNotMatch)" in runner.detail
+    with pytest.raises(RuntimeError, match="unreachable"):
         runner.check_health()
     good = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"),
                                            dataclasses.asdict(seaweed.settings)))
