@@ -25,8 +25,8 @@ from serve.cluster.jobs_state import JobOptions
 from serve.cluster.ratelimit import RateLimiter
 from serve.cluster.router import OUTPUT_KINDS, JobService
 from serve.cluster.tenancy import Site
-from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, ServiceUnavailableError, UnsupportedFormatError,
-                          VolumeTooLargeError)
+from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, ServiceUnavailableError,
+                          UnsupportedFormatError, VolumeTooLargeError)
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ async def upload_segmentation(
     if ctype == "multipart/form-data":
         if _unbounded(request):  # the form parser would spool all of it to disk before the limit applies
             raise LengthRequiredError("a multipart upload needs a Content-Length header; send it unchunked, "
-                              "or stream it as application/octet-stream")
+                                      "or stream it as application/octet-stream")
         data, filename = await _read_multipart(request, limit, filename)
     elif ctype in RAW_UPLOAD_TYPES:
         data = await _read_capped(request, limit)
