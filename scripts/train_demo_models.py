@@ -39,6 +39,8 @@ def main() -> None:
                          "never seen without holding the earlier ones in memory too")
     ap.add_argument("--fast-share", type=float, default=0.15, help="share of the budget for the 3 mm fast model")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes that build the training phantoms (the same phantoms, sooner on many cores)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast for the forward pass (default: on for CUDA, off for CPU; on a CPU with "
@@ -92,14 +94,16 @@ def train_all(args: argparse.Namespace) -> None:
         share = args.fast_share if fast else 1 - args.fast_share
         secs = args.budget * (share if len(spacings) > 1 else 1.0)
         t = time.time()
-        cases = make_cases(range(args.first_case, args.first_case + args.cases), spacing, group)
+        cases = make_cases(range(args.first_case, args.first_case + args.cases), spacing, group,
+                           workers=args.workers)
         logging.info("%d cases at %g mm in %.0fs", len(cases), spacing, time.time() - t)
         for sm in group:
             for old in out.glob(f"{sm.folder_prefix}*"):
                 shutil.rmtree(old)
         done = train_models(group, cases, out, seconds=secs, spec=FAST_SPEC if fast else DEMO_SPEC,
                             init_from=init, save_every_s=args.save_every, lr=args.lr, seed=args.seed,
-                            batch=args.batch, device=str(device), bf16=args.bf16, sampler=args.sampler)
+                            batch=args.batch, device=str(device), bf16=args.bf16, sampler=args.sampler,
+                            prefetch=4 if device.type == "cuda" else 0)
         for s in done:
             s["labels"] = len(model_labels(next(sm for sm in group if sm.name == s["model"])))
             logging.info("trained %s", s)
