@@ -53,12 +53,17 @@ EOF
 say "environment and CUDA check done ($(left)s left)"
 
 mkdir -p /tmp/results
-timeout "${BENCH_S:-170}" python3 -m loadtest.bench --target inprocess --device "$dev" --sizes small \
-    --out /tmp/results --note "lent GPU machine, in-process target (Ray does not fit the carry)" >> "$log" 2>&1
-say "bench exit $? ($(left)s left)"
-timeout "${BATCHING_S:-60}" python3 -m loadtest.batching --device "$dev" --precision bf16 --tiles 32 \
-    --batch-sizes 1 2 4 8 --label gpu >> "$log" 2>&1 && cp loadtest/results/batching-gpu.* /tmp/results/
-say "batching exit $? ($(left)s left)"
+# BENCH_S=0 or BATCHING_S=0 skips that step (to leave the lease to training)
+if [ "${BENCH_S:-170}" -gt 0 ]; then
+    timeout "${BENCH_S:-170}" python3 -m loadtest.bench --target inprocess --device "$dev" --sizes small \
+        --out /tmp/results --note "lent GPU machine, in-process target (Ray does not fit the carry)" >> "$log" 2>&1
+    say "bench exit $? ($(left)s left)"
+fi
+if [ "${BATCHING_S:-60}" -gt 0 ]; then
+    timeout "${BATCHING_S:-60}" python3 -m loadtest.batching --device "$dev" --precision bf16 --tiles 32 \
+        --batch-sizes 1 2 4 8 --label gpu >> "$log" 2>&1 && cp loadtest/results/batching-gpu.* /tmp/results/
+    say "batching exit $? ($(left)s left)"
+fi
 tar -cf "$out/results.tar" -C /tmp/results .
 
 if [ $# -gt 0 ]; then
