@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from serve import staging
 from serve.errors import MrisegError
@@ -62,19 +62,30 @@ def list_volumes(prefix_uri: str, settings: S3Settings) -> list[str]:
     return staging.with_retries(once, bucket=bucket, action="list objects")
 
 
-def already_done(output_prefix: str, settings: S3Settings) -> bool:
-    """The output set is complete: its job.json (always written last) says done."""
+def already_done(output_prefix: str, settings: S3Settings, options: dict | None = None) -> bool:
+    """The output set is complete: its job.json (always written last) says done, and, where ``options``
+    (:meth:`JobSpec.options`) are given, was made with them: a run with other options is not done."""
     uri = output_prefix + "job.json"
     if staging.object_exists(uri, settings) is None:
         return False
     try:
         doc = json.loads(staging.download_bytes(uri, settings=settings))
-        return isinstance(doc, dict) and doc.get("status") == DONE
+        return (isinstance(doc, dict) and doc.get("status") == DONE
+                and (options is None or doc.get("options") == options))
     except (ValueError, MrisegError):
         return False
 
 
-Backend = Callable[[JobSpec], tuple[str, str, str]]  # spec -> (status, reason, job id)
+class Outcome(NamedTuple):
+    """What a backend did with one input; ``output_prefix`` where it differs from the spec's."""
+
+    status: str
+    reason: str
+    job_id: str
+    output_prefix: str = ""
+
+
+Backend = Callable[[JobSpec], tuple]  # spec -> Outcome, or a (status, reason, job id) tuple
 
 
 def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 24 * 3600) -> Backend:
@@ -153,8 +164,8 @@ def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, th
             if out.state != RUNNING:
                 break
             time.sleep(min(5.0, lease_s / 2))
-        if out.state == DONE:
-            return SUCCEEDED, "", out.key
+        if out.state == DONE:  # under runs/<key>/ where a set made with other options was there already
+            return Outcome(SUCCEEDED, "", out.key, out.output_prefix)
         err = out.error or {}
         return FAILED, f"{err.get('status', '')} {err.get('title', out.state)}: {err.get('detail', '')}".strip(), \
             out.key
@@ -179,7 +190,7 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
         except MrisegError as e:  # a key that cannot name an output folder fails alone, in the report
             items[s.input_uri] = Item(s.input_uri, "", FAILED, f"{e.status} {e.title}: {e.message}")
             continue
-        if already_done(s.output_prefix, settings):
+        if already_done(s.output_prefix, settings, s.options()):
             items[s.input_uri].status, items[s.input_uri].reason = SKIPPED, "already done"
         else:
             todo.append(s)
@@ -192,7 +203,9 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
         item = items[spec.input_uri]
         t = time.monotonic()
         try:
-            item.status, item.reason, item.job_id = backend(spec)
+            done = Outcome(*backend(spec))
+            item.status, item.reason, item.job_id = done.status, done.reason, done.job_id
+            item.output_prefix = done.output_prefix or item.output_prefix
         except MrisegError as e:
             item.status, item.reason = FAILED, f"{e.status} {e.title}: {e.message}"
         except Exception as e:  # one broken input must not stop the batch; the report says what happened

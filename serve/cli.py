@@ -127,7 +127,7 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
         if bar is not None:
             bar.close()
     written = write_outputs(result, volume, outdir, multilabel=multilabel, per_structure=per_structure,
-                            statistics=statistics, preview=preview)
+                            statistics=statistics, preview=preview, roi_subset=roi_subset)
     stats = None
     if "statistics" in written:
         import json

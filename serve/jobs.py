@@ -361,7 +361,7 @@ class SegmenterEngine:
         result = self.segmenter.segment(volume, list(spec.roi_subset) if spec.roi_subset else None, spec.fast)
         write_outputs(result, volume, outdir, multilabel="multilabel" in spec.outputs,
                       per_structure="per_structure" in spec.outputs, statistics="statistics" in spec.outputs,
-                      preview="preview" in spec.outputs)
+                      preview="preview" in spec.outputs, roi_subset=spec.roi_subset)
         return {"timings": result.timings, "structures": {str(k): v for k, v in result.structures.items()},
                 "models": result.models, "unavailable": result.unavailable, "demo": result.demo}
 

@@ -374,13 +374,18 @@ def layout_name(rel: str) -> str | None:
 
 
 def completion_doc(outdir: Path) -> dict:
-    """A done job.json from the writers' ``mriseg.json`` (structures, models, options, files)."""
-    from serve.jobs import software_version
+    """A done job.json from the writers' ``mriseg.json`` (structures, models, options, files).
+
+    Its ``options`` take the form of :meth:`serve.jobs.JobSpec.options`, as a job's own job.json does.
+    """
+    from serve.jobs import OUTPUT_KINDS, software_version
 
     meta = json.loads((outdir / "mriseg.json").read_text())
+    options = {"roi_subset": meta.get("roi_subset"), "fast": bool(meta.get("fast", False)),
+               "outputs": sorted(set(meta.get("files", {})) & set(OUTPUT_KINDS))}
     return {"status": "done", "software": {"name": "mriseg-serve", "version": software_version()},
             "models": meta.get("models", {}), "structures": meta.get("structures", {}),
-            "unavailable": meta.get("unavailable", {}), "options": {"fast": meta.get("fast", False)},
+            "unavailable": meta.get("unavailable", {}), "options": options,
             "files": sorted(n for n in (layout_name(k) for k in meta.get("files", {}).values()) if n),
             "finished": time.time()}
 

@@ -73,6 +73,57 @@ def test_a_key_that_cannot_name_an_output_fails_alone(seaweed, unique_prefix):  
     assert status["a\tb.nii.gz"][0] == FAILED and "control characters" in status["a\tb.nii.gz"][1]
 
 
+def test_a_set_done_with_other_options_is_not_skipped(seaweed, unique_prefix):  # noqa: F811
+    """Rerunning with ``--fast`` (or other outputs or structures) on the same ``--out`` runs again."""
+    from serve.bulk import run_bulk
+    from serve.jobs import JobSpec
+
+    inbox = f"s3://inbox/{unique_prefix}/opts/"
+    staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)
+    out = f"s3://outbox/{unique_prefix}/"
+    spec = JobSpec(inbox + "case.nii.gz", out, input_prefix=f"{unique_prefix}/opts/")
+    staging.put_json({"status": "done", "options": spec.options()}, spec.output_prefix + "job.json",
+                     seaweed.settings)
+    ran: list[bool] = []
+
+    def backend(s):
+        ran.append(s.fast)
+        return SUCCEEDED, "", "job-1"
+
+    same = run_bulk(inbox, out, backend, seaweed.settings, progress=False)
+    assert [i.status for i in same] == [SKIPPED] and ran == []
+    fast = run_bulk(inbox, out, backend, seaweed.settings, progress=False, fast=True)
+    assert [i.status for i in fast] == [SUCCEEDED] and ran == [True]
+    assert already_done(spec.output_prefix, seaweed.settings)  # without options: any done set
+    assert not already_done(spec.output_prefix, seaweed.settings, {**spec.options(), "roi_subset": ["liver"]})
+
+
+def test_a_local_rerun_with_other_options_reports_where_its_outputs_went(seaweed, tiny_models, tmp_path,  # noqa: F811
+                                                                         unique_prefix):
+    """``--local-models`` never writes over a set made with other options (a job's rule): the rerun's
+    outputs go to ``runs/<key>/`` beside it, and the report says so."""
+    import nibabel as nib
+
+    from serve.bulk import local_backend, run_bulk
+
+    vol = body_volume("RAS", shape=(16, 16, 12), spacing=(1.5, 1.5, 1.5))
+    nib.save(nib.Nifti1Image(vol.data, vol.affine), str(tmp_path / "c.nii.gz"))
+    inbox = f"s3://inbox/{unique_prefix}/rerun/"
+    staging.upload_file(tmp_path / "c.nii.gz", inbox + "case.nii.gz", seaweed.settings)
+    out = f"s3://outbox/{unique_prefix}/"
+    backend = local_backend([str(tiny_models)], f"s3://jobs/{unique_prefix}", seaweed.settings)
+    first = run_bulk(inbox, out, backend, seaweed.settings, progress=False, roi_subset=["liver"])
+    second = run_bulk(inbox, out, backend, seaweed.settings, progress=False, roi_subset=["liver"],
+                      outputs=["multilabel"])
+    assert [i.status for i in first] == [i.status for i in second] == [SUCCEEDED]
+    base = first[0].output_prefix
+    assert base == f"{out}default/case/" and second[0].output_prefix.startswith(base + "runs/")
+    assert already_done(second[0].output_prefix, seaweed.settings,
+                        {"roi_subset": ["liver"], "fast": False, "outputs": ["multilabel"]})
+    again = run_bulk(inbox, out, backend, seaweed.settings, progress=False, roi_subset=["liver"])
+    assert [i.status for i in again] == [SKIPPED]
+
+
 def test_bulk_resumes_after_interruption_with_correct_report(seaweed, inbox, tiny_models, tmp_path,  # noqa: F811
                                                              unique_prefix):
     outs = [f"s3://outbox/{unique_prefix}/site-a/sub/case{i}/" for i in range(N_GOOD)]

@@ -161,3 +161,19 @@ def test_non_nifti_input_gets_a_fresh_header(case, tmp_path):
     img = nib.load(str(out["multilabel"]))
     assert np.allclose(img.affine, vol.affine) and img.header["sform_code"] == 1
     write_nifti(tmp_path / "x.nii.gz", res.labels, vol.affine)
+
+
+def test_an_output_sets_completion_record_names_the_options_that_made_it_as_a_job_does(case, tmp_path):
+    """``completion_doc`` (what the API's uploads end with) and a job's job.json state options alike,
+    so ``mriseg bulk`` can tell a set made with other options from its own."""
+    from serve.jobs import JobSpec
+    from serve.staging import completion_doc
+
+    vol, res = case
+    write_outputs(res, vol, tmp_path / "a", preview=False, roi_subset=["skeletal_muscle", "humerus_left"])
+    write_outputs(res, vol, tmp_path / "b", preview=False, statistics=False, per_structure=True)
+    spec = JobSpec("s3://in/a.nii.gz", "s3://out", roi_subset=("humerus_left", "skeletal_muscle"),
+                   outputs=("statistics", "multilabel"))
+    assert completion_doc(tmp_path / "a")["options"] == spec.options()
+    assert completion_doc(tmp_path / "b")["options"] == JobSpec(
+        "s3://in/a.nii.gz", "s3://out", outputs=("multilabel", "per_structure")).options()

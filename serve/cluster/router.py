@@ -514,7 +514,7 @@ class JobService:
                                     dict(job.unavailable), job.options.fast,
                                     demo=any(is_demo_model(m) for m in models.values()))
         try:
-            outputs = write_result(result, volume, outdir, job.options.outputs)
+            outputs = write_result(result, volume, outdir, job.options.outputs, job.options.roi_subset)
         except OSError as e:  # a full or failing results disk
             raise ServiceUnavailableError(f"the router could not write the results of job {job.id} "
                                           f"({e.strerror or type(e).__name__}); resubmit it") from e
@@ -589,14 +589,14 @@ class JobService:
             self.metrics.queue_depth.labels(site).set(st.queued.get(site, 0))
 
 
-def write_result(result, volume, outdir: Path, outputs) -> dict[str, str]:
+def write_result(result, volume, outdir: Path, outputs, roi_subset=None) -> dict[str, str]:
     """serve.outputs' writers, with the output kinds named as the API names them."""
     from serve.outputs.writers import write_outputs
 
     outdir.mkdir(parents=True, exist_ok=True)
     written = write_outputs(result, volume, outdir, multilabel="multilabel" in outputs,
                             per_structure="per_structure" in outputs, statistics="statistics" in outputs,
-                            preview="preview" in outputs)
+                            preview="preview" in outputs, roi_subset=roi_subset)
     return {str(k): str(v) for k, v in written.items()}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -40,8 +41,13 @@ def _nifti(data: np.ndarray, affine: np.ndarray, header=None):
 
 
 def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True, per_structure: bool = False,
-                  statistics: bool = True, preview: bool = True) -> dict[str, Path]:
-    """Write the selected outputs of ``result`` (a SegmentationResult on ``volume``'s grid)."""
+                  statistics: bool = True, preview: bool = True,
+                  roi_subset: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write the selected outputs of ``result`` (a SegmentationResult on ``volume``'s grid).
+
+    ``roi_subset`` is what was asked for; ``mriseg.json`` records it beside ``fast`` and the files, so
+    an output set says which options made it (``serve.staging.completion_doc``).
+    """
     import nibabel as nib
 
     outdir = Path(outdir)
@@ -72,7 +78,8 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
                                             if getattr(result, "demo", False) else "mriseg")
     meta = {"structures": {str(k): v for k, v in result.structures.items()},
             "models": getattr(result, "models", {}), "unavailable": getattr(result, "unavailable", {}),
-            "fast": getattr(result, "fast", False), "files": {k: v.name for k, v in written.items()}}
+            "fast": getattr(result, "fast", False), "roi_subset": sorted(roi_subset) if roi_subset else None,
+            "files": {k: v.name for k, v in written.items()}}
     (outdir / "mriseg.json").write_text(json.dumps(meta, indent=1))
     written["metadata"] = outdir / "mriseg.json"
     return written
