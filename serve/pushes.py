@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 #: a job still unsettled after this many runs (a retryable failure each time) is let go; its job
 #: record keeps the last failure and its reason
 MAX_ATTEMPTS = 5
+#: the wait before an unsettled job runs again starts at the sweep interval and doubles, up to this
+MAX_RETRY_DELAY_S = 900.0
+
+
+def retry_delay_s(attempts: int, first_s: float) -> float:
+    """The wait after a job's ``attempts``-th unsettled run: ``first_s``, doubling, at most MAX_RETRY_DELAY_S.
+
+    Doubling spreads the 5 runs over minutes (about 15 with the default 60 s sweep), so a site held at
+    its rate limit or a cluster restarting for a while does not use them up at once.
+    """
+    return min(first_s * 2 ** max(0, attempts - 1), MAX_RETRY_DELAY_S)
 
 
 @dataclass
@@ -37,6 +48,7 @@ class HeldPush:
     spec: JobSpec
     attempts: int = 0
     created: float = 0.0
+    not_before: float = 0.0     # (epoch seconds) no run before this: the backoff after an unsettled run
 
 
 class PushJournal:
@@ -50,8 +62,8 @@ class PushJournal:
         return f"s3://{self.bucket}/{self.prefix}pushed/{push_id}.json"
 
     def _write(self, held: HeldPush) -> None:
-        staging.put_json({"spec": held.spec.to_dict(), "attempts": held.attempts, "created": held.created},
-                         self._uri(held.id), self.settings)
+        staging.put_json({"spec": held.spec.to_dict(), "attempts": held.attempts, "created": held.created,
+                          "not_before": held.not_before}, self._uri(held.id), self.settings)
 
     def hold(self, spec: JobSpec) -> HeldPush:
         """Record an accepted push (raises :class:`serve.errors.StorageError` if S3 cannot take it)."""
@@ -59,9 +71,11 @@ class PushJournal:
         self._write(held)
         return held
 
-    def attempted(self, held: HeldPush) -> HeldPush:
-        """Count a run that did not settle the job; the record says so should this replica die."""
+    def attempted(self, held: HeldPush, delay_s: float = 0.0) -> HeldPush:
+        """Count a run that did not settle the job, to run again no sooner than ``delay_s`` from now;
+        the record says so should this replica die."""
         held.attempts += 1
+        held.not_before = time.time() + delay_s
         self._write(held)
         return held
 
@@ -88,7 +102,7 @@ class PushJournal:
             try:
                 doc = json.loads(raw)
                 out.append(HeldPush(push_id, JobSpec.from_dict(doc["spec"]), int(doc.get("attempts", 0)),
-                                    float(doc.get("created", 0.0))))
+                                    float(doc.get("created", 0.0)), float(doc.get("not_before", 0.0))))
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 log.warning("pushed job record %s is unreadable; set aside as .unreadable", push_id)
                 staging.put_bytes(raw, f"s3://{self.bucket}/{key}.unreadable", self.settings)

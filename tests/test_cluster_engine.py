@@ -89,11 +89,12 @@ def test_an_unreachable_sub_model_is_retried_not_skipped(api):
 @pytest.mark.s3
 def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(api, seaweed, unique_prefix,
                                                                              tmp_path):  # noqa: F811
-    """The cluster answers 503 every time: five runs, then an error job.json the site can read, nothing held."""
+    """The cluster answers 503 every time: five runs, each after a wait twice the last, then an error job.json
+    the site can read, nothing held."""
     from serve import staging
     from serve.cluster.intake import IntakeSettings, IntakeWorker
     from serve.jobs import JobRunner, JobSpec, JobStore
-    from serve.pushes import MAX_ATTEMPTS
+    from serve.pushes import MAX_ATTEMPTS, retry_delay_s
 
     api.answer = _problem(503, True)
     settings = IntakeSettings(jobs=f"s3://jobs/{unique_prefix}", lease_s=2.0, s3=seaweed.settings)
@@ -102,6 +103,14 @@ def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(api
     spec = JobSpec(f"s3://inbox/{unique_prefix}/in/case.nii.gz", f"s3://outbox/{unique_prefix}", site="site-a",
                    input_prefix=f"{unique_prefix}/in/")
     staging.put_bytes(b"a volume", spec.input_uri, seaweed.settings)
+    runs: list[float] = []
+    run = runner.run
+
+    def timed(job_spec):
+        runs.append(time.monotonic())
+        return run(job_spec)
+
+    runner.run = timed
     worker = IntakeWorker(settings, runner=runner)
     try:
         worker.submit([spec.to_dict()])
@@ -114,3 +123,13 @@ def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(api
     doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
     assert doc["status"] == "failed" and doc["error"]["status"] == 503
     assert f"given up after {MAX_ATTEMPTS} runs" in doc["error"]["detail"]
+    assert len(runs) == MAX_ATTEMPTS
+    waits = [b - a for a, b in zip(runs, runs[1:])]
+    assert all(w >= 0.95 * retry_delay_s(i, worker.sweep_s) for i, w in enumerate(waits, start=1)), waits
+
+
+def test_the_wait_between_runs_of_an_unsettled_pushed_job_doubles_up_to_a_cap():
+    from serve.pushes import MAX_RETRY_DELAY_S, retry_delay_s
+
+    assert [retry_delay_s(n, 60) for n in range(1, 5)] == [60, 120, 240, 480]
+    assert retry_delay_s(12, 60) == MAX_RETRY_DELAY_S

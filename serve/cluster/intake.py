@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from ray import serve as rayserve
 from serve.consumer import Consumer, ConsumerConfig, InboxRule
 from serve.errors import MrisegError, NotFoundError
 from serve.jobs import DONE, FAILED, JobOutcome, JobSpec
-from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal
+from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.s3client import S3Settings, parse_s3_uri
 from serve.settings_checks import checked_number
 
@@ -213,8 +214,10 @@ class IntakeWorker:
     def _sweep(self) -> None:
         while not self.stop.is_set():
             try:
+                now = time.time()
                 for h in self.journal.held():
-                    self._queue(h)
+                    if h.not_before <= now:  # a job waiting out its backoff is left for a later sweep
+                        self._queue(h)
             except Exception:  # noqa: BLE001 - S3 down for a moment: the next sweep finds them
                 log.warning("could not list the held pushed jobs; trying again in %.0fs", self.sweep_s, exc_info=True)
             self.stop.wait(self.sweep_s)
@@ -232,7 +235,7 @@ class IntakeWorker:
                     self._give_up(held, out)
                 self.journal.release(held)
             else:
-                self.journal.attempted(held)
+                self.journal.attempted(held, retry_delay_s(held.attempts + 1, self.sweep_s))
         except Exception:  # noqa: BLE001 - the held record stays; the next sweep runs it again
             log.warning("could not update a held pushed job for site %s", held.spec.site, exc_info=True)
         finally:
