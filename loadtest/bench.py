@@ -62,6 +62,7 @@ def device_info(requested: str) -> dict:
     info = {"type": dev.type, "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "platform": platform.platform()}
     if dev.type == "cuda":
+        info["autocast"] = "float16, nnU-Net's own, in every run (the precision labels name the setting)"
         info["name"] = torch.cuda.get_device_name(0)
         info["label"] = "gpu-" + info["name"].lower().replace("nvidia", "").strip().replace(" ", "-")
     else:
@@ -76,9 +77,14 @@ def device_info(requested: str) -> dict:
 
 
 def served_precisions(choice: str, device_type: str) -> list[str]:
+    """The served precision settings to measure, in order.
+
+    On CUDA only ``fp32`` (the setting): nnU-Net's predictor runs every CUDA forward under its own fp16
+    autocast, which overrides an outer bf16 one, so a "bf16" run there would time the same computation
+    again (the 2026-12-06 H100 run did, and spent its slot on it).
+    """
     if device_type == "cuda":
-        # nnU-Net autocasts CUDA inference to fp16 by itself; that is the served mode on GPU
-        return {"fp32": ["fp32"], "bf16": ["bf16"], "both": ["fp32", "bf16"]}[choice]
+        return ["fp32"]
     return {"fp32": ["fp32"], "bf16": ["bf16"], "both": ["bf16", "fp32"]}[choice]
 
 

@@ -61,11 +61,15 @@ def tile_count(model, shape: tuple[int, ...]) -> int:
 
 
 def autocast_for(precision: str, device_type: str):
+    """The autocast a served forward runs under. The ``fp32`` setting on CUDA is nnU-Net's fp16
+    autocast, which its predictor enters for every CUDA forward; on the CPU it is plain float32."""
     import contextlib
 
     import torch
 
     if precision == "fp32":
+        if device_type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type, dtype=dtype)

@@ -54,8 +54,8 @@ say "environment and CUDA check done ($(left)s left)"
 
 mkdir -p /tmp/results
 # BENCH_S=0 or BATCHING_S=0 skips that step (to leave the lease to training)
-if [ "${BENCH_S:-170}" -gt 0 ]; then
-    timeout "${BENCH_S:-170}" python3 -m loadtest.bench --target inprocess --device "$dev" --sizes small \
+if [ "${BENCH_S:-240}" -gt 0 ]; then
+    timeout "${BENCH_S:-240}" python3 -m loadtest.bench --target inprocess --device "$dev" --sizes small \
         --out /tmp/results --note "lent GPU machine, in-process target (Ray does not fit the carry)" >> "$log" 2>&1
     say "bench exit $? ($(left)s left)"
 fi

@@ -119,3 +119,25 @@ def test_report_renders_a_result(tmp_path):
     md = write_markdown(result, tmp_path / "b.md", "b.png").read_text()
     assert "**missed** (0.75x the target" in md and "| 0.500 |" in md
     assert write_plot(result, tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_a_gpu_bench_times_nnunets_own_fp16_once_not_again_under_another_label():
+    from loadtest.bench import served_precisions
+
+    assert all(served_precisions(choice, "cuda") == ["fp32"] for choice in ("fp32", "bf16", "both"))
+    assert served_precisions("both", "cpu") == ["bf16", "fp32"] and served_precisions("bf16", "cpu") == ["bf16"]
+
+
+def test_the_floor_on_cuda_runs_under_the_fp16_autocast_the_predictor_uses():
+    import contextlib
+    import warnings
+
+    import torch
+
+    from loadtest.floor import autocast_for
+
+    assert isinstance(autocast_for("fp32", "cpu"), contextlib.nullcontext)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no CUDA here: torch warns that it would disable the context
+        cuda = autocast_for("fp32", "cuda")
+    assert isinstance(cuda, torch.autocast) and cuda.fast_dtype == torch.float16
