@@ -33,8 +33,8 @@ def write_markdown(result: dict, path: Path, plot_name: str) -> Path:
     if result.get("note"):
         lines.append(f"- note: **{result['note']}**")
     if dev.get("type") == "cpu":
-        lines.append("- GPU: results pending (no GPU machine was available to this run); the same command "
-                     "runs unchanged on one and writes bench-gpu-<name>.*")
+        lines.append("- GPU: measured apart, where a GPU machine was lent (bench-gpu-<name>.*; "
+                     "docs/performance.md says what was measured there)")
     if not result.get("complete", True) or not result.get("ratios"):
         lines.append("- **partial run**: completed phases " + ", ".join(result.get("completed_phases", [])))
     lines.append("")
