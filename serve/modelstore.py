@@ -44,12 +44,19 @@ class ModelStatus:
 
 
 def read_dataset_labels(dataset_json: dict) -> dict[str, int]:
-    """nnU-Net's ``labels`` map (name -> id), region-based labels reduced to ints."""
+    """nnU-Net's ``labels`` map (name -> id); a label given as a one-id list is that id.
+
+    Region-based models (a label made of several ids, e.g. ``"whole": [1, 2, 3]``) are refused: their
+    exported ids follow ``regions_class_order``, not the labels map, so reading ids from it would merge
+    wrong structures without a word.
+    """
     labels = {}
     for name, value in dataset_json.get("labels", {}).items():
         if isinstance(value, (list, tuple)):
-            # region-based training: a label is a tuple of ids; keep the first
-            value = value[0] if len(value) == 1 else value[-1]
+            if len(value) != 1:
+                raise ModelFolderError(f"dataset.json gives label {name!r} as the region {list(value)}: region-based "
+                                       f"nnU-Net models are not supported; use a model trained on plain labels")
+            value = value[0]
         labels[name] = int(value)
     return labels
 

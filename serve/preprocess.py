@@ -17,11 +17,14 @@ Hounsfield units, destructive for MRI scaled to small floating-point ranges).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
-from serve.volume_io import Volume
+from serve.errors import InvalidVolumeError, VolumeTooLargeError
+from serve.volume_io import DEFAULT_MAX_VOXELS, Volume
 
 
 @dataclass
@@ -84,8 +87,12 @@ def resampled_affine(affine: np.ndarray, zoom: np.ndarray) -> np.ndarray:
     return out
 
 
-def prepare(volume: Volume, spacing_mm: float) -> PreparedVolume:
-    """Reorient ``volume`` to closest canonical and resample it to ``spacing_mm`` (order 3)."""
+def prepare(volume: Volume, spacing_mm: float, max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedVolume:
+    """Reorient ``volume`` to closest canonical and resample it to ``spacing_mm`` (order 3).
+
+    The resampled grid is held to ``max_voxels`` too: the input's limit alone would let a small volume
+    with huge voxel sizes in its header grow without bound.
+    """
     import time
 
     from scipy import ndimage
@@ -100,6 +107,7 @@ def prepare(volume: Volume, spacing_mm: float) -> PreparedVolume:
         return PreparedVolume(np.ascontiguousarray(can, dtype=np.float32), float(spacing_mm), can_aff, grid,
                               timings={"reorient_s": t1 - t0})
     zoom = zoom_factors(zooms, spacing_mm)
+    check_resampled_shape(can.shape, zoom, zooms, spacing_mm, max_voxels)
     # The spline prefilter and interpolation run in float64 inside scipy;
     # only the stored result is float32 (identical to casting a float64 zoom).
     data = ndimage.zoom(np.ascontiguousarray(can, dtype=np.float32), zoom, order=3, output=np.float32)
@@ -107,6 +115,23 @@ def prepare(volume: Volume, spacing_mm: float) -> PreparedVolume:
     return PreparedVolume(data, float(spacing_mm), resampled_affine(can_aff, zoom), grid,
                           zoom=tuple(float(z) for z in zoom), resampled=True,
                           timings={"reorient_s": t1 - t0, "resample_s": t2 - t1})
+
+
+def check_resampled_shape(shape: Sequence[int], zoom: Sequence[float], zooms: Sequence[float], spacing_mm: float,
+                          max_voxels: int) -> tuple[int, ...]:
+    """The shape ``scipy.ndimage.zoom`` will give, refused before it is allocated when it is empty or too large."""
+    out = tuple(int(round(s * z)) for s, z in zip(shape, zoom))
+    sizes = ", ".join(f"{z:g}" for z in zooms)
+    if min(out) < 1:
+        raise InvalidVolumeError(f"the volume is thinner than one {spacing_mm:g} mm voxel along an axis (shape "
+                                 f"{tuple(shape)}, voxel sizes {sizes} mm): check the voxel sizes in its header")
+    n = math.prod(out)
+    if n > max_voxels:
+        raise VolumeTooLargeError(f"resampled to {spacing_mm:g} mm the volume would have {n} voxels (shape {out}), "
+                                  f"more than the limit of {max_voxels}: its voxel sizes ({sizes} mm) make it "
+                                  f"{n / math.prod(shape):.0f} times its {math.prod(shape)} voxels; check the voxel "
+                                  f"sizes in its header, or crop it")
+    return out
 
 
 def prepare_labels_like(labels: np.ndarray, grid: InputGrid, spacing_mm: float) -> np.ndarray:

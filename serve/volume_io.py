@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import lzma
+import math
 import mmap
 import os
 import re
@@ -102,7 +103,7 @@ def check_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, int, int]:
     if len(sq) < 3 or min(sq) == 1:
         raise InvalidVolumeError(f"the volume has a single slice (shape {tuple(shape)}); a 3D volume with at "
                                  f"least 2 voxels along every axis is needed")
-    n = int(np.prod(sq, dtype=np.int64))
+    n = math.prod(sq)  # Python ints: numpy's int64 product wraps around for a forged header's sizes
     if n > max_voxels:
         raise VolumeTooLargeError(f"the volume has {n} voxels (shape {sq}), more than the limit of {max_voxels}; "
                                   f"crop or downsample it first")
@@ -204,6 +205,7 @@ def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     _check_pixdim(path, type(img.header))
     affine = check_affine(img.affine)
     check_nifti_orientation(img.header)
+    check_nifti_units(img.header)
     try:
         data = img.get_fdata(dtype=np.float32)
     except (EOFError, zlib.error, OSError, ValueError, OverflowError) as e:  # Overflow: a vox_offset of 1e27
@@ -213,6 +215,18 @@ def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
         img.uncache()
     header = img.header.copy()
     return _finish(data, affine, "nifti", max_voxels, header)
+
+
+def check_nifti_units(header) -> None:
+    """Refuse spatial units other than millimetres (or unset, which every reader takes as mm).
+
+    nibabel's affine carries no unit: a file in metres or microns would be segmented a thousand times too
+    small or too large (and ITK scales it where nibabel does not, so readers would disagree).
+    """
+    unit = header.get_xyzt_units()[0]
+    if unit not in ("mm", "unknown"):
+        raise InvalidVolumeError(f"the NIfTI header gives its voxel sizes in {unit}s, not millimetres; save it "
+                                 f"with millimetre units (the affine scaled to mm)")
 
 
 def check_nifti_orientation(header) -> None:
@@ -414,13 +428,22 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
         if p.is_file():
             check_dicom_lengths(p)
     dirs = [folder] + sorted(p for p in entries if p.is_dir())
+    found: dict[str, list[str]] = {}
     for d in dirs:
         for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), sid)
-            if len(files) > len(best):
-                best, tied = list(files), {sid}
-            elif files and len(files) == len(best):
-                tied.add(sid)
+            found.setdefault(sid, []).extend(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), sid))
+    plain = {str(p) for p in entries if p.is_file()}
+    for sid, files in found.items():
+        if len({os.path.dirname(f) for f in files}) > 1:
+            # one series split over folders (CD and PACS exports do): GDCM lists it whole, in slice order,
+            # from the top folder; what it reaches through a symbolic link is left out, as above
+            whole = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid, False, True)
+            files[:] = [f for f in whole if f in plain]
+    for sid, files in found.items():
+        if len(files) > len(best):
+            best, tied = list(files), {sid}
+        elif files and len(files) == len(best):
+            tied.add(sid)
     if not best:
         raise UnsupportedFormatError("no DICOM series found; give a folder (or a zip) holding the slices of one "
                                      "series, a NIfTI file (.nii/.nii.gz) or an .mha/.nrrd volume")

@@ -162,3 +162,17 @@ def test_segmenter_gives_the_same_world_labels_in_every_orientation(segmenter, a
 
 
 from tests.core_fixtures import segmenter, tiny_models  # noqa: E402,F401
+
+
+def test_a_resampled_grid_beyond_the_voxel_limit_or_under_one_voxel_is_refused_before_it_is_built():
+    """A small volume whose header claims huge (or tiny) voxels: the input limit alone would not hold it."""
+    from serve.errors import InvalidVolumeError, VolumeTooLargeError
+    from serve.volume_io import Volume
+
+    huge = Volume(np.ones((8, 8, 8), np.float32), np.diag([60.0, 60.0, 60.0, 1.0]), "nifti")
+    with pytest.raises(VolumeTooLargeError, match="would have 32768000 voxels"):
+        prepare(huge, 1.5, max_voxels=10**6)
+    tiny = Volume(np.ones((40, 40, 40), np.float32), np.diag([0.01, 0.01, 0.01, 1.0]), "nifti")
+    with pytest.raises(InvalidVolumeError, match="thinner than one 1.5 mm voxel"):
+        prepare(tiny, 1.5)
+    assert prepare(Volume(np.ones((8, 8, 8), np.float32), np.diag([3.0, 3.0, 3.0, 1.0]), "nifti"), 1.5).data.shape == (16,) * 3

@@ -153,3 +153,13 @@ def test_a_reimport_that_fails_half_way_keeps_the_earlier_import(tmp_path, capsy
     assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0  # a whole copy replaces it
     assert (ckpt.parent / "extra.txt").read_text() == "new"
     assert not [p for p in dest.iterdir() if p.name.startswith(".")]
+
+
+def test_a_region_based_model_is_refused_rather_than_read_with_wrong_ids():
+    from serve.errors import ModelFolderError
+    from serve.modelstore import read_dataset_labels
+
+    assert read_dataset_labels({"labels": {"background": 0, "liver": [5], "spleen": 1}}) == \
+        {"background": 0, "liver": 5, "spleen": 1}
+    with pytest.raises(ModelFolderError, match="region-based"):
+        read_dataset_labels({"labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "et": [3]}})

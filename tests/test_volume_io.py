@@ -459,3 +459,35 @@ def test_irregular_stacks_are_refused(positions, orientations, says):
     tags = _tags(positions) if orientations is None else [(t[0], o) for t, o in zip(_tags(positions), orientations)]
     with pytest.raises(InvalidVolumeError, match=says):
         check_slice_geometry(tags)
+
+
+def test_a_dicom_series_split_over_folders_is_read_whole_in_slice_order(tmp_path):
+    """CD and PACS exports split long series over folders; a part of one must not pass for the whole."""
+    arr = (ramp((16, 12, 6)) % 500).astype(np.int16)
+    write_dicom_series(tmp_path / "export", arr)
+    (tmp_path / "export" / "A").mkdir()
+    (tmp_path / "export" / "B").mkdir()
+    for k in range(6):  # slices 0, 2, 4 and 5 in A; 1 and 3 in B
+        f = tmp_path / "export" / f"slice{k:03d}.dcm"
+        f.rename(tmp_path / "export" / ("B" if k in (1, 3) else "A") / f.name)
+    vol = read_volume(tmp_path / "export")
+    assert vol.shape == (16, 12, 6) and np.array_equal(vol.data, arr)
+
+
+def test_a_forged_header_whose_voxel_count_overflows_int64_is_refused_as_too_large():
+    from serve.volume_io import check_shape
+
+    with pytest.raises(VolumeTooLargeError):
+        check_shape((2**21, 2**21, 2**22), 10**9)
+
+
+@pytest.mark.parametrize("unit", ["meter", "micron"])
+def test_a_nifti_in_metres_or_microns_is_refused_not_read_as_millimetres(tmp_path, unit):
+    img = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.diag([0.001, 0.001, 0.002, 1]))
+    img.header.set_xyzt_units(unit)
+    nib.save(img, str(tmp_path / "m.nii.gz"))
+    with pytest.raises(InvalidVolumeError, match=f"in {unit}s, not millimetres"):
+        read_volume(tmp_path / "m.nii.gz")
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(tmp_path / "mm.nii.gz"))
+    assert read_volume(tmp_path / "mm.nii.gz").shape == (8, 8, 8)
