@@ -301,22 +301,27 @@ async def upload_segmentation(
     if declared and declared.isdigit() and int(declared) > limit + (64 << 10):
         raise VolumeTooLargeError(f"upload of {int(declared)} bytes exceeds the {limit}-byte limit; "
                                   f"stage large volumes in S3 and POST /v1/segmentations")
-    opts = JobOptions(_split(roi_subset), fast, tuple(_split(outputs) or DEFAULT_OUTPUTS), output_prefix)
+    # an empty ?outputs= names no output (400, as an empty list in the JSON route); absent means the default
+    opts = JobOptions(_split(roi_subset), fast, tuple(DEFAULT_OUTPUTS if outputs is None else _split(outputs)),
+                      output_prefix)
     svc.validate_options(who, opts)  # fail fast, before reading the body
-    if ctype == "multipart/form-data":
-        if _unbounded(request):  # the form parser would spool all of it to disk before the limit applies
-            raise LengthRequiredError("a multipart upload needs a Content-Length header; send it unchunked, "
-                                      "or stream it as application/octet-stream")
-        data, filename = await _read_multipart(request, limit, filename)
-    elif ctype in RAW_UPLOAD_TYPES:
-        data = await _read_capped(request, limit)
-    else:
+    if ctype == "multipart/form-data" and _unbounded(request):
+        # the form parser would spool all of it to disk before the limit applies
+        raise LengthRequiredError("a multipart upload needs a Content-Length header; send it unchunked, "
+                                  "or stream it as application/octet-stream")
+    if ctype != "multipart/form-data" and ctype not in RAW_UPLOAD_TYPES:
         raise UnsupportedFormatError(f"content type {ctype!r} is not accepted; send the file as "
                                      f"application/octet-stream or multipart/form-data (field 'file')")
-    if not data:
-        raise MrisegError("the upload is empty")
-    _check_suffix(filename)
-    job = svc.submit(who, opts, upload=data, filename=filename)
+    with svc.upload_slot(who):  # 429 before the body is read when the site is at its job limit
+        if ctype == "multipart/form-data":
+            data, filename = await _read_multipart(request, limit, filename)
+        else:
+            data = await _read_capped(request, limit)
+        if not data:
+            raise MrisegError("the upload is empty")
+        _check_suffix(filename)
+        job = svc.submit(who, opts, upload=data, filename=filename)
+    del data  # spooled to disk by submit: a client waiting for its result must not hold the body in memory
     return await _finish(svc, job, wait, response)
 
 

@@ -11,13 +11,14 @@ calls. Jobs from different sites share the slots fairly
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from serve.cluster.metrics import IngressMetrics
 from serve.cluster.scheduler import FairScheduler
 from serve.cluster.tenancy import Site, Tenancy
 from serve.errors import (ConflictError, ModelUnavailableError, MrisegError, NotFoundError,
-                          ServiceUnavailableError)
+                          ServiceUnavailableError, TooManyRequestsError)
 from serve.jobs import OUTPUT_KINDS
 from serve.settings_checks import checked_number
 
@@ -136,6 +137,7 @@ class JobService:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.scheduler = FairScheduler(self.settings.slots, self._site_limit)
         self._futures: dict[str, asyncio.Future] = {}
+        self._reading: dict[str, int] = {}  # site -> uploads whose bodies are being read
         self._seq = 0
         self._incoming = Path(self.settings.results_dir) / ".incoming"
         self._incoming.mkdir(parents=True, exist_ok=True)
@@ -239,6 +241,24 @@ class JobService:
         if options.output_prefix:
             self.tenancy.check_access(site, options.output_prefix, "write")
         return options
+
+    @contextlib.contextmanager
+    def upload_slot(self, site: Site) -> Iterator[None]:
+        """Room for one of ``site``'s uploads while its body is read (429 when there is none).
+
+        A site's jobs queued or running plus its uploads still being read stay within its job limit,
+        so no site makes the router hold more upload bodies in memory than it may run jobs, and one
+        that is at its limit is answered before a byte of its body is read.
+        """
+        limit = self._site_limit(site.name)
+        if self.scheduler.active(site.name) + self._reading.get(site.name, 0) >= limit:
+            raise TooManyRequestsError(f"site {site.name} already has {limit} job(s) queued, running or "
+                                       f"uploading, its limit; retry after one finishes")
+        self._reading[site.name] = self._reading.get(site.name, 0) + 1
+        try:
+            yield
+        finally:
+            self._reading[site.name] -= 1
 
     def submit(self, site: Site, options: JobOptions, *, input_uri: str | None = None,
                upload: bytes | None = None, filename: str = "upload.nii.gz") -> Job:
@@ -433,7 +453,7 @@ class JobService:
 
         prepared, refs = {}, {}
         for spacing in sorted({sm.spacing_mm for sm in sms}):
-            prepared[spacing] = await stage(f"prepare_{spacing:g}mm_s", prepare, volume, spacing)
+            prepared[spacing] = await stage(f"prepare_{spacing:g}mm_s", lambda s=spacing: prepare(volume, s, **kw))
             # One copy into the object store, shared by every sub-model at this spacing.
             refs[spacing] = self._put(prepared[spacing].data)
 

@@ -70,6 +70,10 @@ class FairScheduler:
         self._dispatch()
         return fut
 
+    def active(self, site: str) -> int:
+        """The site's jobs queued or running."""
+        return self._active.get(site, 0)
+
     def start_seq(self, job_id: str) -> int | None:
         """The order in which the job got a slot (0 = first ever), None while queued."""
         e = self._entries.get(job_id)
