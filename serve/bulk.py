@@ -89,7 +89,12 @@ Backend = Callable[[JobSpec], tuple]  # spec -> Outcome, or a (status, reason, j
 
 
 def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 24 * 3600) -> Backend:
-    """Submit through the cluster API and poll until the job settles."""
+    """Submit through the cluster API and poll until the job settles.
+
+    429 (the site at its job or request limit), 502-504 (a router restarting) and dropped connections
+    are waited out, honouring ``Retry-After``, until ``timeout_s`` has passed: the job is still queued
+    or running, so none of them is the job's failure.
+    """
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"}
@@ -99,19 +104,17 @@ def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 
                                 "fast": spec.fast, "outputs": list(spec.outputs)}
         if spec.roi_subset:
             body["roi_subset"] = list(spec.roi_subset)
+        deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-            r = _post_with_backoff(c, body)
+            r = _waiting_out(lambda: c.post("/v1/segmentations", json=body), deadline)
             if r.status_code >= 400:
                 return FAILED, _problem(r), ""
             job = r.json()
-            deadline = time.monotonic() + timeout_s
             while job.get("status") not in ("succeeded", "failed", "cancelled"):
                 if time.monotonic() > deadline:
                     return FAILED, "timed out waiting for the cluster", job.get("id", "")
                 time.sleep(poll_s)
-                g = c.get(f"/v1/segmentations/{job['id']}")
-                if g.status_code >= 500:
-                    continue  # a restarting router: ask again
+                g = _waiting_out(lambda: c.get(f"/v1/segmentations/{job['id']}"), deadline)
                 if g.status_code >= 400:
                     return FAILED, _problem(g), job["id"]
                 job = g.json()
@@ -124,15 +127,30 @@ def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 
     return run
 
 
-def _post_with_backoff(c, body: dict, attempts: int = 8):
-    delay = 1.0
-    for i in range(attempts):
-        r = c.post("/v1/segmentations", json=body)
-        if r.status_code not in (429, 502, 503, 504) or i == attempts - 1:
+RETRY_STATUSES = (429, 502, 503, 504)
+
+
+def _waiting_out(send: Callable[[], Any], deadline: float, first_wait_s: float = 1.0):
+    """``send()``'s answer once it is not a retryable status, or the last one (or the connection error)
+    when waiting longer would pass ``deadline``. Waits double up to 30 s; a ``Retry-After`` is honoured."""
+    import httpx
+
+    wait = first_wait_s
+    while True:
+        try:
+            r, error = send(), None
+        except httpx.TransportError as e:  # a router restarting, a proxy dropping the connection
+            r, error = None, e
+        if r is not None and r.status_code not in RETRY_STATUSES:
             return r
-        time.sleep(float(r.headers.get("Retry-After", delay)))
-        delay = min(delay * 2, 30.0)
-    return r
+        retry_after = r.headers.get("Retry-After", "") if r is not None else ""
+        pause = float(retry_after) if retry_after.isdigit() else wait
+        if time.monotonic() + pause > deadline:
+            if error is not None:
+                raise error
+            return r
+        time.sleep(pause)
+        wait = min(wait * 2, 30.0)
 
 
 def _problem(r) -> str:
