@@ -386,6 +386,7 @@ def completion_doc(outdir: Path) -> dict:
     return {"status": "done", "software": {"name": "mriseg-serve", "version": software_version()},
             "models": meta.get("models", {}), "structures": meta.get("structures", {}),
             "unavailable": meta.get("unavailable", {}), "options": options,
+            "demo_models": bool(meta.get("demo", False)),
             "files": sorted(n for n in (layout_name(k) for k in meta.get("files", {}).values()) if n),
             "finished": time.time()}
 

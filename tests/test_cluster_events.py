@@ -71,6 +71,7 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
     s3.put_object(Bucket=inbox, Key="site-a/in/case 1.nii.gz", Body=data)
     doc = wait_job_json(s3, outbox, "results/site-a/case 1/job.json")
     assert doc["status"] == "done", doc
+    assert doc["demo_models"] is True  # the stack runs demo models: the output set must say so
     assert s3.head_object(Bucket=outbox, Key="results/site-a/case 1/segmentation.nii.gz")["ContentLength"] > 0
 
     # 2. pushed: a MinIO-style Records[] body for an object in a push-only inbox

@@ -177,3 +177,14 @@ def test_an_output_sets_completion_record_names_the_options_that_made_it_as_a_jo
     assert completion_doc(tmp_path / "a")["options"] == spec.options()
     assert completion_doc(tmp_path / "b")["options"] == JobSpec(
         "s3://in/a.nii.gz", "s3://out", outputs=("multilabel", "per_structure")).options()
+
+
+def test_an_output_set_from_demo_models_says_so_in_its_completion_record(case, tmp_path):
+    from serve.staging import completion_doc
+
+    vol, res = case
+    write_outputs(res, vol, tmp_path / "real", preview=False)
+    res.demo = True
+    write_outputs(res, vol, tmp_path / "demo", preview=False)
+    assert completion_doc(tmp_path / "real")["demo_models"] is False
+    assert completion_doc(tmp_path / "demo")["demo_models"] is True

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from serve.cluster.jobs_state import Job, JobOptions
 from serve.cluster.journal import JobJournal, job_from_record, job_to_record
 from serve.cluster.router import JobService, RouterSettings
@@ -24,10 +26,13 @@ def _service(tmp_path, **settings) -> JobService:
 def test_record_round_trip_keeps_every_field():
     job = Job(site="site-a", options=JobOptions(["liver"], True, ("multilabel",), "s3://b/site-a/out/"),
               input_uri=f"s3://{BUCKET}/site-a/x.nii.gz", status="succeeded", timings={"total_s": 1.5},
-              structures={5: "liver"}, error=None, resumed=1)
+              structures={5: "liver"}, error=None, resumed=1, demo=True)
     back = job_from_record(job_to_record(job))
     assert back == job
     assert back.structures == {5: "liver"} and back.options.outputs == ("multilabel",)
+    assert back.demo and back.public()["demo_models"] is True
+    with pytest.raises(TypeError, match="demo"):
+        job_from_record({**job_to_record(job), "demo": "yes"})
 
 
 def test_unreadable_record_is_set_aside(tmp_path):

@@ -82,4 +82,4 @@ class ClusterEngine:
         timings.update({f"submodel_{n}_s": v["compute_s"] for n, v in job.get("submodels", {}).items()})
         return {"timings": timings, "structures": job.get("structures", {}),
                 "models": {n: self._checksums.get(n) for n in job.get("submodels", {})}, "unavailable": job.get("unavailable", {}),
-                "demo": False, "cluster_job_id": job["id"]}
+                "demo": bool(job.get("demo_models", False)), "cluster_job_id": job["id"]}

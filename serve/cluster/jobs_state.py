@@ -38,6 +38,7 @@ class Job:
     unavailable: dict[str, str] = field(default_factory=dict)
     error: dict[str, Any] | None = None
     resumed: int = 0                      # router restarts this job was resumed after
+    demo: bool = False                    # made by demo models (NOT FOR CLINICAL USE)
 
     @property
     def done(self) -> bool:
@@ -66,7 +67,7 @@ class Job:
             "unavailable": self.unavailable,
             "outputs": {k: v for k, v in self.outputs.items() if v.startswith("s3://")},
             "error": self.error,
-            "resumed": self.resumed,
+            "resumed": self.resumed, "demo_models": self.demo,
         }
         if self.status == "succeeded" and result_url:
             out["result_url"] = result_url

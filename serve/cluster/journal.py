@@ -57,6 +57,8 @@ def job_from_record(rec: dict[str, Any]) -> Job:
         v = rec.get(name)
         if (name in rec or name in ("site", "id")) and (not isinstance(v, types) or isinstance(v, bool)):
             raise TypeError(f"field {name!r} has the wrong type")
+    if not isinstance(rec.get("demo", False), bool):
+        raise TypeError("field 'demo' has the wrong type")
     if rec.get("status", "queued") not in _STATUSES:
         raise ValueError("unknown status")
     known = {f.name for f in fields(Job)}

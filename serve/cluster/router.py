@@ -529,10 +529,10 @@ class JobService:
                models: dict) -> dict[str, str]:
         from serve.pipeline import SegmentationResult, is_demo_model
 
+        job.demo = any(is_demo_model(m) for m in models.values())
         result = SegmentationResult(labels, per_model, structures, np.array(volume.affine, copy=True),
                                     dict(job.timings), {n: m.checksum for n, m in models.items()},
-                                    dict(job.unavailable), job.options.fast,
-                                    demo=any(is_demo_model(m) for m in models.values()))
+                                    dict(job.unavailable), job.options.fast, demo=job.demo)
         try:
             outputs = write_result(result, volume, outdir, job.options.outputs, job.options.roi_subset)
         except OSError as e:  # a full or failing results disk

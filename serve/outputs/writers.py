@@ -79,6 +79,7 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
     meta = {"structures": {str(k): v for k, v in result.structures.items()},
             "models": getattr(result, "models", {}), "unavailable": getattr(result, "unavailable", {}),
             "fast": getattr(result, "fast", False), "roi_subset": sorted(roi_subset) if roi_subset else None,
+            "demo": bool(getattr(result, "demo", False)),
             "files": {k: v.name for k, v in written.items()}}
     (outdir / "mriseg.json").write_text(json.dumps(meta, indent=1))
     written["metadata"] = outdir / "mriseg.json"
