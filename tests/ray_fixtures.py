@@ -33,15 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_models(root: Path, names=SUBMODELS) -> Path:
-    """Random-init nnU-Net v2 folders small enough for CPU tests (patch 32^3, 3 stages)."""
+def tiny_models(root: Path, names=SUBMODELS, description: str = "") -> Path:
+    """Random-init nnU-Net v2 folders small enough for CPU tests (patch 32^3, 3 stages); a ``description``
+    with "DEMO MODEL" in it makes them demo models."""
     from serve.catalogue import load_catalogue
     from serve.modelfolder import UNetSpec, write_model_folder
 
     cat = load_catalogue()
     spec = UNetSpec(features=(4, 8, 16), patch_size=(32, 32, 32))
     for i, n in enumerate(names):
-        write_model_folder(root, cat.submodel(n), spec, seed=100 + i)
+        write_model_folder(root, cat.submodel(n), spec, seed=100 + i, description=description)
     return root
 
 

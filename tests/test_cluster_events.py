@@ -55,7 +55,7 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
     keys_file.write_text(json.dumps(SITE_KEYS))
     rule = {"bucket": inbox, "site": "site-a", "output_root": f"s3://{outbox}/results", "roi_subset": ROI,
             "outputs": ["multilabel", "statistics"]}
-    models = tiny_models(tmp_path / "models", names=("organs",))
+    models = tiny_models(tmp_path / "models", names=("organs",), description="DEMO MODEL - not for clinical use")
     stack = start_stack(tmp_path, models, num_gpus=0, submodels=("organs",),
                         submodel_options={"ray_actor_options": {"num_cpus": 0.5}},
                         s3=dataclasses.asdict(moto.settings), events={
@@ -71,7 +71,7 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
     s3.put_object(Bucket=inbox, Key="site-a/in/case 1.nii.gz", Body=data)
     doc = wait_job_json(s3, outbox, "results/site-a/case 1/job.json")
     assert doc["status"] == "done", doc
-    assert doc["demo_models"] is True  # the stack runs demo models: the output set must say so
+    assert doc["demo_models"] is True  # this stack runs demo models: the output set must say so
     assert s3.head_object(Bucket=outbox, Key="results/site-a/case 1/segmentation.nii.gz")["ContentLength"] > 0
 
     # 2. pushed: a MinIO-style Records[] body for an object in a push-only inbox
