@@ -100,3 +100,39 @@ def test_up_folds_the_config_into_app_args_and_keeps_only_the_key_digest(tmp_pat
     assert Tenancy.load(path).authenticate(key).name == "local"
     line = LocalStack("http://127.0.0.1:8000", key, "local", 1).curl_line("my scan.nii.gz")
     assert f"Bearer {key}" in line and "'my scan.nii.gz'" in line and "/v1/segmentations/upload?wait=true" in line
+
+
+def test_a_405_keeps_its_allow_header_in_the_problem_answer():
+    from fastapi.testclient import TestClient
+
+    from serve.cluster.api import app
+
+    r = TestClient(app).put("/healthz")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    assert r.headers["content-type"] == "application/problem+json" and r.json()["status"] == 405
+
+
+def test_an_event_intake_that_cannot_be_reached_is_a_503_to_retry_not_a_500():
+    import asyncio
+
+    import pytest
+
+    from serve.cluster.app import _IntakeSink
+    from serve.errors import NotFoundError, ServiceUnavailableError
+
+    class Dead:
+        class submit:  # noqa: N801 - a Serve handle's method, as the sink calls it
+            @staticmethod
+            async def remote(specs):
+                raise RuntimeError("ActorDiedError: the replica died")
+
+    class Refusing:
+        class submit:  # noqa: N801
+            @staticmethod
+            async def remote(specs):
+                raise NotFoundError("event intake is not configured")
+
+    with pytest.raises(ServiceUnavailableError, match="push the events again"):
+        asyncio.run(_IntakeSink(Dead(), None).submit([{}]))
+    with pytest.raises(NotFoundError):  # the intake's own answers pass through
+        asyncio.run(_IntakeSink(Refusing(), None).submit([{}]))

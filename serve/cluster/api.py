@@ -126,7 +126,9 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return problem(exc.status_code, "HTTP error", str(exc.detail))
+    response = problem(exc.status_code, "HTTP error", str(exc.detail))
+    response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+    return response
 
 
 @app.exception_handler(Exception)

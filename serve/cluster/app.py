@@ -24,7 +24,7 @@ from serve.cluster.intake import EventIntake, IntakeSettings
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
 from serve.cluster.router import JobService, RouterSettings
 from serve.cluster.tenancy import Tenancy
-from serve.errors import MrisegError, NotFoundError
+from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,12 @@ class Ingress:
         now = time.monotonic()
         if self._ready_cache and now - self._ready_cache[0] < 1.0:
             return self._ready_cache[1]
-        report = await asyncio.to_thread(_deployment_report, list(self.handles))
+        try:
+            report = await asyncio.to_thread(_deployment_report, list(self.handles))
+        except Exception as e:  # Ray's controller restarting or unreachable: not ready, and not a bug (500)
+            log.warning("cannot read the deployments' status: %s", type(e).__name__)
+            raise ServiceUnavailableError("the cluster cannot report its deployments' status right now; "
+                                          "try again shortly") from e
         self._ready_cache = (now, report)
         return report
 
@@ -101,7 +106,14 @@ class _IntakeSink:
         return self.settings.rules_for(site)
 
     async def submit(self, specs: list[dict]) -> int:
-        return await self.handle.submit.remote(specs)
+        try:
+            return await self.handle.submit.remote(specs)
+        except MrisegError:
+            raise
+        except Exception as e:  # Ray's errors: the intake replica died, is restarting or is being replaced
+            log.warning("event intake unreachable: %s", type(e).__name__)
+            raise ServiceUnavailableError("the event intake is restarting; push the events again shortly (a "
+                                          "job already held is not run twice)") from e
 
 
 # A deployment that is resizing still serves; one at zero replicas with min_replicas 0 is HEALTHY
