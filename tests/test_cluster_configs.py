@@ -136,3 +136,43 @@ def test_an_event_intake_that_cannot_be_reached_is_a_503_to_retry_not_a_500():
         asyncio.run(_IntakeSink(Dead(), None).submit([{}]))
     with pytest.raises(NotFoundError):  # the intake's own answers pass through
         asyncio.run(_IntakeSink(Refusing(), None).submit([{}]))
+
+
+def test_the_api_client_turns_a_dead_cluster_or_a_proxys_json_into_a_retryable_api_error():
+    """``mriseg demo`` and the event engine get an ApiError they handle, not httpx's or a KeyError's traceback."""
+    import json
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pytest
+
+    from serve.cluster.client import ApiClient, ApiError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(ApiError, match="Cluster unreachable") as dead:
+        ApiClient(f"http://127.0.0.1:{closed}", "key", timeout_s=5).job("x")
+    assert dead.value.status == 503 and dead.value.retryable
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = json.dumps(["bad gateway"]).encode()
+            self.send_response(502)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ApiError) as proxied:
+            ApiClient(f"http://127.0.0.1:{server.server_address[1]}", "key", timeout_s=5).job("x")
+        assert proxied.value.status == 502 and proxied.value.retryable
+    finally:
+        server.shutdown()

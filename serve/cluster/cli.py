@@ -52,7 +52,7 @@ def run_demo_through_stack(stack, outdir: Path, quiet: bool = False) -> dict:
     out = segment_file(ApiClient(stack.url, stack.api_key), src, outdir / "result")
     job = out["job"]
     stats = json.loads(out["written"]["statistics"].read_text()) if "statistics" in out["written"] else None
-    meta = SimpleNamespace(unavailable=job.get("unavailable") or {}, demo=True)
+    meta = SimpleNamespace(unavailable=job.get("unavailable") or {}, demo=bool(job.get("demo_models")))
     out["summary"] = summary_table(stats, meta) if stats is not None else ""
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,11 +34,25 @@ class ApiClient:
         return httpx.Client(base_url=self.url, timeout=self.timeout_s,
                             headers={"Authorization": f"Bearer {self.api_key}"})
 
+    @contextlib.contextmanager
+    def _session(self):
+        """An HTTP client whose connection failures are a retryable 503 :class:`ApiError`, not httpx's own."""
+        import httpx
+
+        try:
+            with self._client() as c:
+                yield c
+        except httpx.TransportError as e:  # refused, dropped or timed out: the cluster is down or restarting
+            raise ApiError(503, "Cluster unreachable", f"no answer from {self.url} ({type(e).__name__}); is the "
+                                                       f"stack running ('mriseg up')?", retryable=True) from e
+
     @staticmethod
     def _check(r) -> Any:
         if r.status_code >= 400:
             try:
                 p = r.json()
+                if not isinstance(p, dict):  # a proxy's JSON, not a problem document
+                    raise ValueError
                 raise ApiError(r.status_code, p.get("title", "error"), p.get("detail", r.text), p.get("retryable"))
             except ValueError:
                 raise ApiError(r.status_code, "error", r.text[:200]) from None
@@ -50,19 +65,19 @@ class ApiClient:
                   "outputs": ",".join(outputs)}
         if roi_subset:
             params["roi_subset"] = ",".join(roi_subset)
-        with self._client() as c:
+        with self._session() as c:
             return self._check(c.post("/v1/segmentations/upload", params=params, content=data,
                                       headers={"Content-Type": "application/octet-stream"})).json()
 
     def job(self, job_id: str) -> dict:
-        with self._client() as c:
+        with self._session() as c:
             return self._check(c.get(f"/v1/segmentations/{job_id}")).json()
 
     def download(self, job_id: str, dest: Path, name: str | None = None) -> Path:
         """The multilabel result (``name=None``) or another output file into ``dest``."""
         path = f"/v1/segmentations/{job_id}/result" if name is None else f"/v1/segmentations/{job_id}/files/{name}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with self._client() as c:
+        with self._session() as c:
             dest.write_bytes(self._check(c.get(path)).content)
         return dest
 
