@@ -207,6 +207,7 @@ def test_error_statuses(serve_stack):
         assert "names no structure" in _problem(upload(c, "site-a", roi_subset=" , "), 400)["detail"]
         _problem(c.post("/v1/segmentations", json={"input": "s3://consortium/site-a/x.nii.gz", "outputs": []},
                         headers=auth("site-a")), 400)
+        assert "names no output" in _problem(upload(c, "site-a", outputs=""), 400)["detail"]  # not the default set
         # 401: no key, wrong key (also on the catalogue)
         _problem(c.get("/v1/structures"), 401)
         _problem(c.get("/v1/structures", headers={"X-API-Key": "nope-nope-nope-nope"}), 401)
@@ -245,6 +246,12 @@ def test_error_statuses(serve_stack):
         _problem(c.post("/v1/segmentations/upload", content=b"hello",
                         headers={**auth("site-a"), "content-type": "text/plain"}), 415)
         _problem(upload(c, "site-a", nifti_bytes(), filename="scan.docx"), 415)
+        # ...but ?filename= says what a browser's Blob part (named "blob") is
+        blob = (b"--b\r\ncontent-disposition: form-data; name=file; filename=blob\r\n\r\n" + nifti_bytes()
+                + b"\r\n--b--\r\n")
+        named = c.post("/v1/segmentations/upload", params={"filename": "scan.nii.gz", "wait": "true"}, content=blob,
+                       headers={**auth("site-a"), "content-type": "multipart/form-data; boundary=b"})
+        assert named.status_code == 200 and named.json()["status"] == "succeeded", named.text
         # 422: corrupt NIfTI; a request body that breaks the schema
         corrupt = nifti_bytes()[:300]
         _problem(upload(c, "site-a", corrupt), 422)

@@ -312,3 +312,14 @@ def test_a_site_at_its_job_limit_is_answered_before_its_upload_body_is_read(tmp_
             pass
 
     asyncio.run(main())
+
+
+def test_a_site_flooding_the_router_evicts_its_own_finished_jobs_not_another_sites(tmp_path):
+    svc = _service(tmp_path, _labels, max_jobs_kept=4)
+    theirs = Job(site="site-b", options=SPLEEN, status="succeeded")
+    svc._remember(theirs)
+    flood = [Job(site="site-a", options=SPLEEN, status="failed") for _ in range(10)]
+    for j in flood:
+        svc._remember(j)
+    assert len(svc.jobs) == 4 and theirs.id in svc.jobs
+    assert [j for j in svc.jobs.values() if j.site == "site-a"] == flood[-3:]  # the flood's newest stay

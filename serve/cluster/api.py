@@ -65,6 +65,7 @@ app = FastAPI(
     version=getattr(serve, "__version__", "0.1.0"),
     description="TotalSegmentator MRI's 80 structures from six nnU-Net sub-models on Ray Serve.",
     openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+    swagger_ui_oauth2_redirect_url="/v1/docs/oauth2-redirect",  # one of PUBLIC_PATHS, beside the docs page
 )
 
 
@@ -290,8 +291,9 @@ async def create_segmentation(body: SegmentationRequest, svc: Svc, who: SiteDep,
                   "file": {"type": "string", "format": "binary"}}}}}}})
 async def upload_segmentation(
         request: Request, svc: Svc, who: SiteDep, response: Response,
-        filename: str = Query("upload.nii.gz", max_length=255,
-                              description="name with the file's suffix (.nii.gz, .nii, .mha, .nrrd, .zip)"),
+        filename: str | None = Query(None, max_length=255,
+                                     description="name with the file's suffix (.nii.gz, .nii, .mha, .nrrd, .zip); "
+                                                 "given, it wins over a multipart part's own name"),
         roi_subset: str | None = Query(None, description="comma-separated structure names"),
         fast: bool = Query(False), outputs: str | None = Query(None, description="comma-separated"),
         output_prefix: str | None = Query(None, max_length=2048),
@@ -316,9 +318,11 @@ async def upload_segmentation(
                                      f"application/octet-stream or multipart/form-data (field 'file')")
     with svc.upload_slot(who):  # 429 before the body is read when the site is at its job limit
         if ctype == "multipart/form-data":
-            data, filename = await _read_multipart(request, limit, filename)
+            data, part_name = await _read_multipart(request, limit)
+            filename = filename or part_name  # a browser names a Blob part "blob": ?filename= says what it is
         else:
             data = await _read_capped(request, limit)
+        filename = filename or "upload.nii.gz"
         if not data:
             raise MrisegError("the upload is empty")
         _check_suffix(filename)
@@ -368,7 +372,7 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-async def _read_multipart(request: Request, limit: int, filename: str) -> tuple[bytes, str]:
+async def _read_multipart(request: Request, limit: int) -> tuple[bytes, str | None]:
     form = await request.form(max_files=1, max_fields=10)
     part = form.get("file")
     if part is None or isinstance(part, str):
@@ -377,7 +381,7 @@ async def _read_multipart(request: Request, limit: int, filename: str) -> tuple[
     await form.close()
     if len(data) > limit:
         raise VolumeTooLargeError(f"upload exceeds the {limit}-byte limit")
-    return data, part.filename or filename
+    return data, part.filename or None
 
 
 @app.get("/v1/segmentations/{job_id}", tags=["segmentations"])

@@ -592,15 +592,26 @@ class JobService:
 
     def _remember(self, job: Job) -> None:
         self.jobs[job.id] = job
-        for old_id in list(self.jobs):
-            if len(self.jobs) <= self.settings.max_jobs_kept:
+        while len(self.jobs) > self.settings.max_jobs_kept:
+            old = self._evictable()
+            if old is None:
                 break
-            old = self.jobs[old_id]
-            if not old.done or old_id in self._futures:
-                continue  # still running (a cancelled job's thread may still write); never block later ones
-            self.jobs.pop(old_id)
-            self.journal.remove(old_id)
+            self.jobs.pop(old.id)
+            self.journal.remove(old.id)
             shutil.rmtree(Path(self.settings.results_dir) / old.site / old.id, ignore_errors=True)
+
+    def _evictable(self) -> Job | None:
+        """The oldest settled job of the site keeping the most: a site that floods the router with jobs
+        evicts its own results, not another site's. Running jobs (and a cancelled job whose thread may
+        still write) are never evicted, nor do they block later ones."""
+        counts: dict[str, int] = {}
+        for j in self.jobs.values():
+            counts[j.site] = counts.get(j.site, 0) + 1
+        for site in sorted(counts, key=counts.__getitem__, reverse=True):
+            for j in self.jobs.values():  # oldest first
+                if j.site == site and j.done and j.id not in self._futures:
+                    return j
+        return None
 
     def _update_gauges(self) -> None:
         st = self.scheduler.stats()
