@@ -223,7 +223,11 @@ def check_nifti_units(header) -> None:
     nibabel's affine carries no unit: a file in metres or microns would be segmented a thousand times too
     small or too large (and ITK scales it where nibabel does not, so readers would disagree).
     """
-    unit = header.get_xyzt_units()[0]
+    try:
+        unit = header.get_xyzt_units()[0]
+    except KeyError:  # a code the NIfTI standard does not define
+        raise InvalidVolumeError("the NIfTI header's unit code (xyzt_units) is not one the standard defines; "
+                                 "the file is corrupt, or save it again with millimetre units") from None
     if unit not in ("mm", "unknown"):
         raise InvalidVolumeError(f"the NIfTI header gives its voxel sizes in {unit}s, not millimetres; save it "
                                  f"with millimetre units (the affine scaled to mm)")

@@ -488,6 +488,10 @@ def test_a_nifti_in_metres_or_microns_is_refused_not_read_as_millimetres(tmp_pat
     nib.save(img, str(tmp_path / "m.nii.gz"))
     with pytest.raises(InvalidVolumeError, match=f"in {unit}s, not millimetres"):
         read_volume(tmp_path / "m.nii.gz")
+    img.header["xyzt_units"] = 7  # no unit the standard defines (what the fuzzer found)
+    nib.save(img, str(tmp_path / "odd.nii.gz"))
+    with pytest.raises(InvalidVolumeError, match="unit code"):
+        read_volume(tmp_path / "odd.nii.gz")
     img.header.set_xyzt_units("mm")
     nib.save(img, str(tmp_path / "mm.nii.gz"))
     assert read_volume(tmp_path / "mm.nii.gz").shape == (8, 8, 8)
