@@ -166,6 +166,17 @@ def cmd_models_list(args) -> int:
         unavailable = [n for r in missing for n in store.catalogue.submodel(r.submodel).labels]
         print(f"{len(unavailable)} structure(s) unavailable: {', '.join(unavailable[:10])}"
               + (" ..." if len(unavailable) > 10 else ""))
+    if args.require is not None:  # a gate (the k8s init container): staging that failed must stop the pod
+        wanted = args.require or [s.name for s in store.catalogue.submodels]
+        unknown = sorted(set(wanted) - {r.submodel for r in rows})
+        if unknown:
+            raise MrisegError(f"--require names unknown sub-model(s) {unknown}; known: "
+                              f"{', '.join(r.submodel for r in rows)}")
+        short = [r for r in rows if r.submodel in wanted and r.state != "present"]
+        if short:
+            print(f"required sub-model(s) not present: {', '.join(f'{r.submodel} ({r.state})' for r in short)}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
@@ -242,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     msub = pm.add_subparsers(dest="models_command", metavar="ACTION")
     msub.required = True
     pl = msub.add_parser("list", help="present / missing / mismatched sub-models")
+    pl.add_argument("--require", nargs="*", metavar="SUBMODEL",
+                    help="exit 1 unless these sub-models (none named: the six) are present, e.g. to gate a pod")
     _add_model_args(pl)
     pl.set_defaults(func=cmd_models_list)
     pi = msub.add_parser("import", help="import weights downloaded by TotalSegmentator")

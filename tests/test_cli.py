@@ -142,3 +142,16 @@ def test_every_cache_follows_mriseg_cache(tmp_path, monkeypatch):
     home_cache = os.path.join(os.path.expanduser("~"), ".cache", "mriseg")
     assert all(str(p).startswith(home_cache) for p in
                [default_import_dir(), default_cache_dir(), state_dir(), ModelStore([]).cache_dir])
+
+
+def test_models_list_require_fails_when_a_required_sub_model_is_not_present(tmp_path, capsys):
+    """What the k8s init container runs: weights that could not be staged must stop the pod."""
+    from tests.ray_fixtures import tiny_models as tiny_folders
+
+    models = tiny_folders(tmp_path / "models", names=("organs",))
+    listing = ["models", "list", "--models", str(models)]
+    assert main(listing) == 0  # without --require it only reports
+    assert main([*listing, "--require", "organs"]) == 0
+    assert main([*listing, "--require"]) == 1  # the six: five are missing
+    assert "muscles (missing)" in capsys.readouterr().err
+    assert main([*listing, "--require", "kidneys"]) == 2  # a typo is an error, not a pass

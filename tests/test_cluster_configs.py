@@ -62,6 +62,9 @@ def test_one_gpu_packs_every_submodel_onto_one_card_with_memory_caps():
     assert all(0 < g < 1 for g in gpus) and sum(gpus) <= 1
     for d in subs:
         assert 0 < d.user_config["gpu_memory_fraction"] <= d.ray_actor_options["num_gpus"]
+    # the cap holds from the constructor on: user_config only reaches a replica after its model is loaded
+    cap = app.args["submodel_settings"]["gpu_memory_fraction"]
+    assert all(cap == d.user_config["gpu_memory_fraction"] for d in subs)
 
 
 def test_six_gpu_gives_each_replica_a_gpu_and_scales_each_submodel():

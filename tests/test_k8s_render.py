@@ -92,7 +92,15 @@ def test_overlays_differ_where_they_should(tree: Path):
     stage = [c for g in prod["workerGroupSpecs"] if g["groupName"] == "gpu"
              for c in g["template"]["spec"]["initContainers"]][0]
     # the init container stages exactly the source the replicas load from
-    assert stage["command"][-1] in prod_embedded["applications"][0]["args"]["model_sources"]
+    assert stage["command"][stage["command"].index("--models") + 1] in \
+        prod_embedded["applications"][0]["args"]["model_sources"]
+    assert "--require" in stage["command"]  # a pod whose weights could not be staged stops at its init container
+    # the ingress passes what the router accepts, and no more (it used to pass 1 GiB the router then refused)
+    ingress = next(d for d in render_k8s.render("prod", tree) if d["kind"] == "Ingress")
+    body = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    real = yaml.safe_load((ROOT / "deployments" / "six-gpu.yaml").read_text())  # prod (the tree holds a fixture)
+    limit = real["applications"][0]["args"]["router"]["max_upload_bytes"]
+    assert body.endswith("m") and limit <= int(body[:-1]) << 20 <= limit + (1 << 20)
     assert stage["command"][stage["command"].index("--cache-dir") + 1] == \
         prod_embedded["applications"][0]["args"]["model_cache_dir"]
 
