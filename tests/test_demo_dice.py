@@ -29,9 +29,9 @@ def test_report_covers_all_80_structures(report):
 
 
 # Measured numbers while the requirement is missed (see docs/demo-models.md); thresholds stay as issue 3 says.
-XFAIL_REASON = ("small demo models (features 16-128, widened at stage 8; 64650 CPU iterations of 2 patches, 1400 "
-                "H100 iterations of 16): mean Dice 0.845 on 2 held-out phantoms; every structure of 1000+ voxels is "
-                "above 0.6, small ones (radius and phalanges of the feet 0.48, right sartorius 0.51) are not")
+XFAIL_REASON = ("small demo models (features 16-128, widened at stage 8; 69535 CPU iterations of 2 patches, 1400 "
+                "H100 iterations of 16): mean Dice 0.849 on 2 held-out phantoms; every structure of 1000+ voxels is "
+                "above 0.6, small ones (radius 0.44, phalanges of the feet 0.51, right sartorius 0.52) are not")
 
 
 @pytest.mark.xfail(XFAIL_REASON is not None, reason=XFAIL_REASON or "", strict=True)
