@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from botocore.exceptions import ClientError
 
@@ -118,8 +118,7 @@ class JobSpec:
 
     def options(self) -> dict[str, Any]:
         """The options that change the output, canonical."""
-        return {"roi_subset": sorted(self.roi_subset) if self.roi_subset else None, "fast": bool(self.fast),
-                "outputs": sorted(set(self.outputs))}
+        return output_options(self.roi_subset, self.fast, self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -134,6 +133,12 @@ class JobSpec:
             d["roi_subset"] = tuple(d["roi_subset"])
         d["outputs"] = tuple(d.get("outputs") or DEFAULT_OUTPUTS)
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def output_options(roi_subset: Sequence[str] | None, fast: bool, outputs: Iterable[str]) -> dict[str, Any]:
+    """The options that change an output set, in the one form every job.json records (and bulk compares)."""
+    return {"roi_subset": sorted(roi_subset) if roi_subset else None, "fast": bool(fast),
+            "outputs": sorted(set(outputs))}
 
 
 def idempotency_key(spec: JobSpec, model_checksums: Mapping[str, str]) -> str:

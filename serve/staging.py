@@ -378,11 +378,11 @@ def completion_doc(outdir: Path) -> dict:
 
     Its ``options`` take the form of :meth:`serve.jobs.JobSpec.options`, as a job's own job.json does.
     """
-    from serve.jobs import OUTPUT_KINDS, software_version
+    from serve.jobs import OUTPUT_KINDS, output_options, software_version
 
     meta = json.loads((outdir / "mriseg.json").read_text())
-    options = {"roi_subset": meta.get("roi_subset"), "fast": bool(meta.get("fast", False)),
-               "outputs": sorted(set(meta.get("files", {})) & set(OUTPUT_KINDS))}
+    options = output_options(meta.get("roi_subset"), meta.get("fast", False),
+                             set(meta.get("files", {})) & set(OUTPUT_KINDS))
     return {"status": "done", "software": {"name": "mriseg-serve", "version": software_version()},
             "models": meta.get("models", {}), "structures": meta.get("structures", {}),
             "unavailable": meta.get("unavailable", {}), "options": options,
