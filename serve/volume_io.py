@@ -442,8 +442,7 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
             # one series split over folders (CD and PACS exports do): GDCM lists it whole, in slice order,
             # from the top folder; what it reaches through a symbolic link is left out, as above
             whole = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid, False, True)
-            files[:] = [f for f in whole if f in plain]
-    for sid, files in found.items():
+            files = [f for f in whole if f in plain]
         if len(files) > len(best):
             best, tied = list(files), {sid}
         elif files and len(files) == len(best):
