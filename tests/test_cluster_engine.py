@@ -133,3 +133,22 @@ def test_the_wait_between_runs_of_an_unsettled_pushed_job_doubles_up_to_a_cap():
 
     assert [retry_delay_s(n, 60) for n in range(1, 5)] == [60, 120, 240, 480]
     assert retry_delay_s(12, 60) == MAX_RETRY_DELAY_S
+
+
+def test_the_api_client_turns_a_dead_cluster_or_a_proxys_json_into_a_retryable_api_error(api):
+    """``mriseg demo`` and the event engine get an ApiError they handle, not httpx's or a KeyError's traceback."""
+    import socket
+
+    from serve.cluster.client import ApiClient, ApiError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(ApiError, match="Cluster unreachable") as dead:
+        ApiClient(f"http://127.0.0.1:{closed}", "key", timeout_s=5).job("x")
+    assert dead.value.status == 503 and dead.value.retryable
+
+    api.answer = (502, "application/json", json.dumps(["bad gateway"]).encode())  # a proxy's JSON, not a problem
+    with pytest.raises(ApiError) as proxied:
+        ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=5).job("x")
+    assert proxied.value.status == 502 and proxied.value.retryable
