@@ -35,9 +35,12 @@ def test_up_with_embedded_s3_then_demo_through_it(isolated_ray, tmp_path, monkey
         assert find_running_stack() == stack
         assert (tmp_path / "cache" / "up" / "stack.json").stat().st_mode & 0o077 == 0  # key file is private
 
-        assert main(["demo", "-o", str(tmp_path / "demo")]) == 0
-        out = capsys.readouterr().out
+        assert main(["demo", "-o", str(tmp_path / "demo"), "--threads", "1", "--models", "demo"]) == 0
+        captured = capsys.readouterr()
+        out = captured.out
         assert f"through {stack.url}" in out and "temporary" not in out
+        # the running stack cannot take these, and says so instead of dropping them silently
+        assert "ignoring --threads, --models" in captured.err and "--in-process" in captured.err
         assert "sub-models (ran in parallel)" in out
         seg = nib.load(tmp_path / "demo" / "result" / "segmentations.nii.gz")
         phantom = nib.load(tmp_path / "demo" / "phantom.nii.gz")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +68,11 @@ def cmd_demo(args) -> int:
         return in_process_demo(args)
     outdir = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="mriseg-demo-"))
     stack, temporary = find_running_stack(), False
+    ignored = _ignored_by_stack(args, running=stack is not None)
+    if ignored:
+        print(f"mriseg demo: ignoring {', '.join(ignored)}: the stack runs with its own settings "
+              f"({'the running stack' if stack else 'deployments/local.yaml'}); add --in-process to use them",
+              file=sys.stderr, flush=True)
     if stack is None:
         print("no running stack ('mriseg up'); starting a temporary one for this demo ...", flush=True)
         stack = start_local_stack(models=args.models, port=_free_port(), save_state=False)
@@ -87,6 +93,21 @@ def cmd_demo(args) -> int:
         print(f"preview: {out['written']['preview']}")
     print(f"outputs: {outdir / 'result'}")
     return 0
+
+
+def _ignored_by_stack(args, running: bool) -> list[str]:
+    """The options a demo through the stack cannot honour: device and threads are the Serve
+    config's, and a stack that is already running has its models loaded."""
+    ignored = []
+    if args.device != "auto":
+        ignored.append("--device")
+    if args.threads is not None:
+        ignored.append("--threads")
+    if running and args.models:
+        ignored.append("--models")
+    if running and args.cache_dir:
+        ignored.append("--cache-dir")
+    return ignored
 
 
 def _free_port() -> int:

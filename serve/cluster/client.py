@@ -1,8 +1,15 @@
-"""A small client for the /v1 API, used by ``mriseg demo`` through a running stack."""
+"""A small client for the /v1 API, used by ``mriseg demo`` and the event engine.
+
+A job is submitted without ``?wait=true`` and then polled: a poll that times
+out or meets a restarting cluster is simply repeated, where a long-held
+``wait=true`` request that timed out would leave the job running and tempt the
+caller into submitting it a second time.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,11 +29,18 @@ class ApiError(MrisegError):
         self.retryable = status in self.TRANSIENT if retryable is None else bool(retryable)
 
 
+#: job states after which a job changes no more (serve.cluster.jobs_state.TERMINAL)
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
 @dataclass
 class ApiClient:
+    """``timeout_s`` bounds one HTTP request and, separately, how long :meth:`wait` polls a job."""
+
     url: str
     api_key: str
     timeout_s: float = 900
+    poll_s: float = 0.5
 
     def _client(self):
         import httpx
@@ -65,13 +79,53 @@ class ApiClient:
                   "outputs": ",".join(outputs)}
         if roi_subset:
             params["roi_subset"] = ",".join(roi_subset)
+        params["wait"] = "false"  # waited for by polling, below
         with self._session() as c:
-            return self._check(c.post("/v1/segmentations/upload", params=params, content=data,
-                                      headers={"Content-Type": "application/octet-stream"})).json()
+            job = self._check(c.post("/v1/segmentations/upload", params=params, content=data,
+                                     headers={"Content-Type": "application/octet-stream"})).json()
+        return self.wait(job["id"]) if wait else job
 
     def job(self, job_id: str) -> dict:
         with self._session() as c:
             return self._check(c.get(f"/v1/segmentations/{job_id}")).json()
+
+    def cancel(self, job_id: str) -> dict:
+        with self._session() as c:
+            return self._check(c.delete(f"/v1/segmentations/{job_id}")).json()
+
+    def wait(self, job_id: str) -> dict:
+        """Poll until the job has succeeded; its failure is raised as the API would answer it.
+
+        Polls that meet a retryable answer (a restarting cluster, a proxy's 502)
+        are repeated. A job still unfinished after ``timeout_s`` is cancelled,
+        so that a caller that retries does not leave it running beside the retry.
+        """
+        deadline, delay, last = time.monotonic() + self.timeout_s, self.poll_s, None
+        while True:
+            try:
+                job = self.job(job_id)
+            except ApiError as e:
+                if e.status == 404:  # the router lost it (a new pod, its journal gone): submitting again is right
+                    raise ApiError(503, "Job lost", f"the cluster no longer knows job {job_id}; submit it "
+                                                    f"again", retryable=True) from e
+                if not e.retryable:
+                    raise
+                job, last = None, e
+            if job is not None and job["status"] in TERMINAL:
+                if job["status"] == "succeeded":
+                    return job
+                err = job.get("error") or {"status": 409, "title": "Cancelled",
+                                           "detail": f"job {job_id} was cancelled", "retryable": False}
+                raise ApiError(err["status"], err["title"], err["detail"], err.get("retryable"))
+            if time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 1.5, 5.0)
+        with contextlib.suppress(ApiError):
+            self.cancel(job_id)
+        why = f"; last poll: {last}" if job is None and last else ""
+        raise ApiError(504, "Job timed out", f"job {job_id} did not finish within {self.timeout_s:.0f}s and was "
+                                             f"cancelled{why}", retryable=True)
 
     def download(self, job_id: str, dest: Path, name: str | None = None) -> Path:
         """The multilabel result (``name=None``) or another output file into ``dest``."""
