@@ -23,6 +23,9 @@ An overlay is ``k8s/overlays/<name>/overlay.yaml``::
 Patches are deep merges: mappings merge, ``null`` deletes a key, lists of
 mappings keyed by ``name`` / ``groupName`` merge item by item (new items are
 appended; ``$drop: true`` removes one), any other list is replaced.
+``serveConfigOverrides`` merge the same way, but may only touch deployments the
+serve file lists: Serve takes a listed deployment's ``ray_actor_options`` whole,
+so an override must merge into the file's entry, never stand alone.
 
 Usage: ``python scripts/render_k8s.py`` (write) or ``--check`` (exit 1 on drift).
 """
@@ -149,7 +152,27 @@ def serve_config(spec: dict, root: Path = ROOT) -> dict:
     if not path.is_file():
         raise RenderError(f"serve config {rel} not found; the serving engineer's deployments/ files are the source")
     config = yaml.safe_load(path.read_text())
-    return deep_merge(config, spec.get("serveConfigOverrides") or {})
+    overrides = spec.get("serveConfigOverrides") or {}
+    _check_deployment_overrides(config, overrides, rel)
+    return deep_merge(config, overrides)
+
+
+def _check_deployment_overrides(config: dict, overrides: dict, rel: str) -> None:
+    """Refuse overrides for deployments the serve file does not list.
+
+    deep_merge would append them as entries of their own. Serve rejects options for a
+    deployment the app does not bind, and for one it binds it replaces the code's
+    ``ray_actor_options`` with the entry's, so an entry holding only, say, a custom
+    resource would silently drop the deployment's ``num_cpus``.
+    """
+    apps = {a.get("name"): a for a in config.get("applications") or []}
+    for app in overrides.get("applications") or []:
+        listed = {d.get("name") for d in (apps.get(app.get("name")) or {}).get("deployments") or []}
+        for d in app.get("deployments") or []:
+            if d.get("name") not in listed:
+                raise RenderError(f"serveConfigOverrides: deployment {d.get('name')!r} of application "
+                                  f"{app.get('name')!r} is not listed in {rel}; overrides can only add to the "
+                                  f"file's deployments (listed there: {sorted(listed) or 'none'})")
 
 
 def ports_from_serve_config(config: dict) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -272,6 +273,151 @@ def test_operator_and_prometheus_can_reach_what_they_need():
         assert admitted("kuberay-system", 8265) and admitted("kuberay-system", serve_port), overlay
         assert admitted("monitoring", 8080) and admitted("monitoring", metrics_port), overlay
         assert not admitted("monitoring", 6379), f"{overlay}: GCS must stay internal"
+
+
+# -- where the Router runs: its app-metrics port, the pod it is pinned to ------------------------
+
+PINNED_TO_INGRESS = ("Router", "EventIntake")  # the deployments the `cpu` pod is there for
+DEPRECATED_RAYSERVICE_FIELDS = {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"}
+# What Ray's KubeRay provider calls (ray/autoscaler/_private/kuberay/node_provider.py and
+# v2/instance_manager/cloud_providers/kuberay/cloud_provider.py in Ray 2.60): GET pods/<head>,
+# GET pods?labelSelector= (list), GET and PATCH rayclusters/<name>. Pod patches (in-place resize,
+# annotation ray.io/ippr) and RayCluster delete (idleTerminationOptions) are opt-in features not used here.
+AUTOSCALER_NEEDS = {("", "pods"): {"get", "list"}, ("ray.io", "rayclusters"): {"get", "patch"}}
+
+
+def _deployments(rs: dict) -> dict[str, dict]:
+    return {d["name"]: d for app in _serve_config(rs)["applications"] for d in app.get("deployments", [])}
+
+
+def _ray_node_types(rs: dict) -> dict[str, dict[str, float]]:
+    """Each group's Ray resources as KubeRay's in-tree autoscaler reads them (Ray's own parser, so the
+    custom-resource quoting in rayStartParams is checked too); keys as in _pod_specs ("head", groupName)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _generate_available_node_types_from_ray_cr_spec
+
+    types = _generate_available_node_types_from_ray_cr_spec(rs["spec"]["rayClusterConfig"])
+    return {("head" if name == "headgroup" else name): t["resources"] for name, t in types.items()}
+
+
+def _demand(d: dict) -> dict[str, float]:
+    """What one replica asks Ray for (Serve's default is 1 CPU)."""
+    opts = d.get("ray_actor_options") or {}
+    need = {"CPU": float(opts.get("num_cpus", 1)), "GPU": float(opts.get("num_gpus", 0))}
+    need.update({k: float(v) for k, v in (opts.get("resources") or {}).items()})
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def _groups_that_fit(node_types: dict, demand: dict) -> list[str]:
+    return sorted(g for g, res in node_types.items() if all(res.get(k, 0) >= v for k, v in demand.items()))
+
+
+def _declares_port(spec: dict, name: str) -> bool:
+    return any(p.get("name") == name for c in spec["containers"] for p in c.get("ports", []))
+
+
+def _ingress_group(rs: dict) -> str:
+    """The one group the Router (and EventIntake) can be placed on; fails if there is not exactly one."""
+    deployments, node_types = _deployments(rs), _ray_node_types(rs)
+    hosts = {name: _groups_that_fit(node_types, _demand(deployments[name]))
+             for name in PINNED_TO_INGRESS if name in deployments}
+    assert "Router" in hosts
+    for name, groups in hosts.items():
+        assert len(groups) == 1, (f"{name} can be placed on {groups}: pin it with a Ray resource that only one "
+                                  "group declares (rayStartParams resources) and it requests (serveConfigOverrides)")
+    (group,) = {g for gs in hosts.values() for g in gs}
+    return group
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_app_metrics_is_declared_only_by_the_one_pod_the_router_can_run_on(item):
+    """The PodMonitor's app-metrics endpoint targets every pod declaring that port; only the Router's answers.
+    So: the Router has one possible group, that group alone declares the port, and it has exactly one pod."""
+    overlay, rs = item
+    group = _ingress_group(rs)
+    assert group != "head", f"{overlay}: the head must not host the Router"
+    declaring = [g for g, spec in _pod_specs(rs) if _declares_port(spec, "app-metrics")]
+    assert declaring == [group], f"{overlay}: app-metrics is declared by {declaring}, the Router runs on {group!r}"
+    (spec,) = [g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == group]
+    assert spec["minReplicas"] == spec["maxReplicas"] == 1, \
+        f"{overlay}: {group} must be exactly one pod, else its other pods are app-metrics targets that are down"
+    assert _deployments(rs)["Router"]["num_replicas"] == 1
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_what_can_only_run_on_the_ingress_pod_fits_it_together(item):
+    """Everything whose only possible group is the ingress pod's (prod: Router + EventIntake; dev: the
+    whole CPU app), at its most replicas, fits that one pod's Ray resources -- CPUs from its limit."""
+    overlay, rs = item
+    group = _ingress_group(rs)
+    node_types = _ray_node_types(rs)
+    total: dict[str, float] = {}
+    for name, d in _deployments(rs).items():
+        demand = _demand(d)
+        if _groups_that_fit(node_types, demand) != [group]:
+            continue
+        n = (d.get("autoscaling_config") or {}).get("max_replicas", d.get("num_replicas", 1))
+        for k, v in demand.items():
+            total[k] = total.get(k, 0.0) + n * v
+    assert total.get("CPU", 0) > 0
+    for k, v in total.items():
+        assert v <= node_types[group].get(k, 0) + 1e-9, \
+            f"{overlay}: what must run on {group} needs {v} {k}, its pod gives {node_types[group].get(k, 0)}"
+
+
+def test_custom_resources_reach_ray_start_as_json():
+    """KubeRay puts rayStartParams into `ray start --key=value` under bash; `--resources` must come out as
+    JSON (the quoting KubeRay documents: '"{\"name\": 1}"'), the same that Ray's autoscaler parses."""
+    seen = 0
+    for _, rs in _rayservices():
+        node_types = _ray_node_types(rs)
+        for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+            value = g["rayStartParams"].get("resources")
+            if value is None:
+                continue
+            out = subprocess.run(["bash", "-c", f"printf '%s' --resources={value}"], capture_output=True,
+                                 text=True, check=True).stdout
+            parsed = json.loads(out.removeprefix("--resources="))
+            assert parsed and all(node_types[g["groupName"]][k] == v for k, v in parsed.items()), (g["groupName"], out)
+            seen += 1
+    assert seen >= len(_rayservices())
+
+
+def test_app_metrics_port_is_open_to_prometheus_on_the_ingress_pod_only():
+    for overlay, docs in OVERLAY_DOCS.items():
+        (rs,) = [d for d in docs if d["kind"] == "RayService"]
+        port = int(_serve_config(rs)["applications"][0]["args"]["metrics_port"])
+        rc = rs["spec"]["rayClusterConfig"]
+        # the labels the pods get: the template's plus KubeRay's ray.io/group
+        labels = {"head": {**rc["headGroupSpec"]["template"]["metadata"]["labels"], "ray.io/group": "headgroup"}}
+        labels.update({g["groupName"]: {**g["template"]["metadata"]["labels"], "ray.io/group": g["groupName"]}
+                       for g in rc["workerGroupSpecs"]})
+        open_on = set()
+        for pol in (d for d in docs if d["kind"] == "NetworkPolicy"):
+            selector = pol["spec"]["podSelector"].get("matchLabels", {})
+            for rule in pol["spec"].get("ingress", []):
+                if any(p["port"] <= port <= p.get("endPort", p["port"]) for p in rule.get("ports", [])):
+                    open_on |= {g for g, lab in labels.items() if selector.items() <= lab.items()}
+        assert open_on == {_ingress_group(rs)}, f"{overlay}: port {port} is open on {sorted(open_on)}"
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_no_rayservice_fields_that_kuberay_ignores(item):
+    """KubeRay has not read these since 1.1 (ray-project/kuberay#1685, PRs #1656/#1664/#1665): setting them
+    suggests a protection that does not exist."""
+    overlay, rs = item
+    assert not DEPRECATED_RAYSERVICE_FIELDS & set(rs["spec"]), overlay
+
+
+def test_autoscaler_role_grants_only_what_the_ray_autoscaler_calls():
+    for overlay, docs in OVERLAY_DOCS.items():
+        (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "mriseg-ray-autoscaler"]
+        granted: dict[tuple[str, str], set[str]] = {}
+        for rule in role["rules"]:
+            assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), overlay
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.setdefault((group, resource), set()).update(rule["verbs"])
+        assert granted == AUTOSCALER_NEEDS, f"{overlay}: {granted}"
 
 
 # -- the dev overlay fits one small node --------------------------------------------------------

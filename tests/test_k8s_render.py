@@ -19,7 +19,9 @@ FIXTURE_SERVE = {
     "applications": [{
         "name": "mriseg", "route_prefix": "/", "import_path": "serve.cluster.app:build_app",
         "args": {"model_sources": ["demo"], "metrics_port": 9555, "tenants_file": "/etc/mriseg/tenants.yaml"},
-        "deployments": [{"name": "organs", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}],
+        "deployments": [{"name": "organs", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+                        {"name": "Router", "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
+                        {"name": "EventIntake", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}],
     }],
 }
 
@@ -68,12 +70,24 @@ def test_render_embeds_serve_config_with_overrides_and_derived_ports(tree: Path)
         rs = _rayservice(docs)
         embedded = yaml.safe_load(rs["spec"]["serveConfigV2"])
         assert embedded["http_options"] == {"host": "0.0.0.0", "port": 8123}
-        assert embedded["applications"][0]["deployments"] == FIXTURE_SERVE["applications"][0]["deployments"]
+        got = {d["name"]: d for d in embedded["applications"][0]["deployments"]}
+        want = {d["name"]: d for d in FIXTURE_SERVE["applications"][0]["deployments"]}
+        assert list(got) == list(want), "the overrides must not add deployments"
+        assert got["organs"] == want["organs"]
+        for name in ("Router", "EventIntake"):
+            # the k8s-only pinning is merged into the file's entry: Serve takes ray_actor_options whole,
+            # so losing num_cpus here would silently change the deployment
+            opts = got[name]["ray_actor_options"]
+            assert opts["num_cpus"] == want[name]["ray_actor_options"]["num_cpus"], (overlay, name)
+            assert opts["resources"]["mriseg_ingress"] > 0, (overlay, name)
         assert rs["spec"]["serveService"]["spec"]["ports"][0]["port"] == 8123
-        ports = {p["name"]: p["containerPort"]
-                 for p in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
-        assert ports["serve"] == 8123 and ports["app-metrics"] == 9555
-        scrape = [d for d in docs if d["metadata"]["name"] == "mriseg-allow-metrics-scrape"][0]
+        rc = rs["spec"]["rayClusterConfig"]
+        head_ports = {p["name"]: p["containerPort"] for p in rc["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert head_ports["serve"] == 8123 and "app-metrics" not in head_ports
+        (cpu,) = [g for g in rc["workerGroupSpecs"] if g["groupName"] == "cpu"]
+        cpu_ports = {p["name"]: p["containerPort"] for p in cpu["template"]["spec"]["containers"][0]["ports"]}
+        assert cpu_ports["serve"] == 8123 and cpu_ports["app-metrics"] == 9555
+        scrape = [d for d in docs if d["metadata"]["name"] == "mriseg-allow-app-metrics-scrape"][0]
         assert {"protocol": "TCP", "port": 9555} in scrape["spec"]["ingress"][0]["ports"]
         assert all(d["metadata"]["namespace"] for d in docs)
         assert not render_k8s._VAR.search(yaml.safe_dump(docs)), "an overlay variable was left unset"
@@ -110,6 +124,27 @@ def test_serve_config_without_metrics_port_is_refused(tree: Path):
     (tree / "deployments" / "local.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(render_k8s.RenderError, match="metrics_port"):
         render_k8s.render("dev", tree)
+
+
+def test_an_override_for_a_deployment_the_serve_file_does_not_list_is_refused(tree: Path):
+    """deep_merge would append it as an entry of its own: Serve would refuse it, or replace the code's
+    ray_actor_options with just the override's (dropping num_cpus)."""
+    app = FIXTURE_SERVE["applications"][0]
+    bad = {**FIXTURE_SERVE, "applications": [{**app, "deployments": [d for d in app["deployments"]
+                                                                        if d["name"] != "EventIntake"]}]}
+    (tree / "deployments" / "local.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(render_k8s.RenderError, match="'EventIntake'.*not listed in deployments/local.yaml"):
+        render_k8s.render("dev", tree)
+
+
+def test_ray_custom_resources_stay_out_of_the_serve_files():
+    """The pinning to the `cpu` pod is k8s-only (overlays' serveConfigOverrides): the same files run with
+    `mriseg up` and a plain ray.init, where no node declares the resource and a replica asking for it
+    would never start."""
+    for f in sorted((ROOT / "deployments").glob("*.yaml")):
+        for app in yaml.safe_load(f.read_text())["applications"]:
+            for d in app.get("deployments") or []:
+                assert not (d.get("ray_actor_options") or {}).get("resources"), f"{f.name}: {d['name']}"
 
 
 def test_drift_is_detected(tree: Path):
