@@ -357,13 +357,16 @@ def _ce_dice(logits, y, n: int):
     ce = torch.nn.functional.nll_loss(logp, y)
     prob = logp.exp()
     flat = y.reshape(-1)
-    counts = torch.bincount(flat, minlength=n)[1:]
     hit = prob.gather(1, y[:, None]).reshape(-1)  # each voxel's probability of its true class
-    inter = torch.zeros(n, dtype=prob.dtype, device=prob.device).scatter_add(0, flat, hit)[1:]
+    zeros = torch.zeros(n, dtype=prob.dtype, device=prob.device)
+    # scatter_add, not bincount, for the counts: bincount on CUDA reads the labels' maximum back to the host
+    counts = zeros.scatter_add(0, flat, torch.ones_like(hit))[1:]
+    inter = zeros.scatter_add(0, flat, hit)[1:]
     denom = prob.sum((0, 2, 3, 4))[1:] + counts
-    present = counts > 0  # batch Dice; classes absent from the batch are left out
+    present = (counts > 0).to(prob.dtype)  # batch Dice; classes absent from the batch are left out
     dice = (2 * inter + 1e-5) / (denom + 1e-5)
-    return ce + (1 - dice[present].mean() if bool(present.any()) else ce.new_zeros(()))
+    # a weighted mean, not dice[present]: boolean indexing would wait for the GPU once per head and iteration
+    return ce + ((1 - dice) * present).sum() / present.sum().clamp(min=1)
 
 
 def _trunk(plans: dict, n_out: int):

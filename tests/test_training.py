@@ -89,6 +89,9 @@ def test_ce_dice_equals_the_one_hot_formulation():
     g_want, = torch.autograd.grad(want, logits)
     g_got, = torch.autograd.grad(got, logits)
     torch.testing.assert_close(g_got, g_want)
+    # a batch of background only has no Dice term: the loss is the cross-entropy alone
+    zeros = torch.zeros_like(y)
+    torch.testing.assert_close(_ce_dice(logits, zeros, n), torch.nn.functional.cross_entropy(logits, zeros))
 
 
 def test_exported_folders_rejoin_into_the_shared_network(tmp_path):
