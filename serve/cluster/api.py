@@ -34,6 +34,8 @@ PROBLEM_TYPE = "https://github.com/mriseg-serve/problems/"
 RAW_UPLOAD_TYPES = ("application/octet-stream", "application/gzip", "application/x-gzip",
                     "application/x-nifti", "application/nifti", "application/zip", "application/dicom")
 DEFAULT_OUTPUTS = ["multilabel", "statistics", "preview"]
+#: what a client can do about a volume over the size limit (S3 inputs have the same limit, so not "use S3")
+_TOO_LARGE_HINT = "crop or downsample the volume, or ask the operators to raise the limit"
 
 
 class EventSink(Protocol):
@@ -303,8 +305,8 @@ async def upload_segmentation(
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + (64 << 10):
-        raise VolumeTooLargeError(f"upload of {int(declared)} bytes exceeds the {limit}-byte limit; "
-                                  f"stage large volumes in S3 and POST /v1/segmentations")
+        raise VolumeTooLargeError(f"upload of {int(declared)} bytes exceeds the {limit}-byte limit "
+                                  f"(router.max_upload_bytes, which S3 inputs share); {_TOO_LARGE_HINT}")
     # an empty ?outputs= names no output (400, as an empty list in the JSON route); absent means the default
     opts = JobOptions(_split(roi_subset), fast, tuple(DEFAULT_OUTPUTS if outputs is None else _split(outputs)),
                       output_prefix)
@@ -367,8 +369,8 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         buf += chunk
         if len(buf) > limit:
-            raise VolumeTooLargeError(f"upload exceeds the {limit}-byte limit; stage large volumes in S3 "
-                                      f"and POST /v1/segmentations")
+            raise VolumeTooLargeError(f"upload exceeds the {limit}-byte limit (router.max_upload_bytes, which "
+                                      f"S3 inputs share); {_TOO_LARGE_HINT}")
     return bytes(buf)
 
 

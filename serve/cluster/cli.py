@@ -96,8 +96,8 @@ def cmd_demo(args) -> int:
 
 
 def _ignored_by_stack(args, running: bool) -> list[str]:
-    """The options a demo through the stack cannot honour: device and threads are the Serve
-    config's, and a stack that is already running has its models loaded."""
+    """The options a demo through the stack cannot honour: device, threads and the model cache
+    are the Serve config's, and a stack that is already running has its models loaded."""
     ignored = []
     if args.device != "auto":
         ignored.append("--device")
@@ -105,7 +105,7 @@ def _ignored_by_stack(args, running: bool) -> list[str]:
         ignored.append("--threads")
     if running and args.models:
         ignored.append("--models")
-    if running and args.cache_dir:
+    if args.cache_dir:  # a temporary stack caches S3 models where its config says, too
         ignored.append("--cache-dir")
     return ignored
 

@@ -1,8 +1,8 @@
 """A :class:`serve.jobs.Engine` that segments through the cluster's HTTP API.
 
 ``serve.jobs.JobRunner`` stages the input in, asks the engine for the
-outputs, and publishes them; with this engine the event consumer and bulk
-jobs run on the Ray Serve cluster instead of in their own process. Each
+outputs, and publishes them; with this engine the event consumer's jobs
+run on the Ray Serve cluster instead of in its own process. Each
 site's jobs go out with that site's API key, so tenancy limits and fair
 scheduling apply to them as to interactive requests.
 """
