@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,6 +35,9 @@ from serve.events import EventFormatError, ObjectEvent, parse_message, volume_ev
 from serve.jobs import DONE, FAILED, OUTPUT_KINDS, RUNNING, JobOutcome, JobSpec
 from serve.s3client import S3Settings, has_dot_segments, parse_s3_uri
 from serve.settings_checks import checked_number
+
+#: SQS's longest visibility timeout (12 hours)
+MAX_VISIBILITY_S = 43200
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +132,7 @@ class ConsumerConfig:
             raise MrisegError(f"events: unknown SQS setting(s) {unknown}; known: wait_time_s, "
                               f"visibility_timeout_s, heartbeat_s, max_messages")
         # SQS's own limits: a long poll of at most 20 s, 1-10 messages, whole seconds of visibility up to 12 h
-        for k, minimum, maximum, integer in (("wait_time_s", 0, 20, True), ("visibility_timeout_s", 1, 43200, True),
+        for k, minimum, maximum, integer in (("wait_time_s", 0, 20, True), ("visibility_timeout_s", 1, MAX_VISIBILITY_S, True),
                                              ("heartbeat_s", 0.1, None, False), ("max_messages", 1, 10, True)):
             try:
                 d[k] = checked_number(d.get(k, getattr(cls, k)), minimum, integer=integer, maximum=maximum)
@@ -136,9 +141,37 @@ class ConsumerConfig:
         if d["heartbeat_s"] >= d["visibility_timeout_s"]:  # the message would reappear before its first extension
             raise MrisegError(f"events: heartbeat_s ({d['heartbeat_s']:g}) must be shorter than visibility_timeout_s "
                               f"({d['visibility_timeout_s']:g})")
-        d["rules"] = [InboxRule.from_mapping(r) for r in d.get("rules", [])]
+        d["rules"] = check_rules([InboxRule.from_mapping(r) for r in d.get("rules", [])])
         d["sqs"] = S3Settings.from_mapping(d.get("sqs"))
         return cls(**d)
+
+
+def _inbox(bucket: str, prefix: str) -> str:
+    """``bucket/prefix/`` on whole segments ("" is the whole bucket), for nesting checks."""
+    return f"{bucket}/{prefix}" if not prefix or prefix.endswith("/") else f"{bucket}/{prefix}/"
+
+
+def check_rules(rules: Sequence[InboxRule]) -> list[InboxRule]:
+    """Refuse rules that would hand one site's objects to another.
+
+    Inputs are read with the intake's own credentials, so the rules are the tenancy boundary: an inbox
+    of one site inside another site's would let either push (or, first rule first, be sent) the other's
+    objects, and outputs written inside any inbox would be segmented again as that inbox's site's.
+    """
+    for i, a in enumerate(rules):
+        for b in rules[i + 1:]:
+            ia, ib = _inbox(a.bucket, a.prefix), _inbox(b.bucket, b.prefix)
+            if a.site != b.site and (ia.startswith(ib) or ib.startswith(ia)):
+                raise MrisegError(f"events: the inboxes of sites {a.site!r} ({a.prefix!r}) and {b.site!r} "
+                                  f"({b.prefix!r}) in bucket {a.bucket!r} nest; give each site a prefix of its own")
+    for r in rules:
+        out_bucket, out_key = parse_s3_uri(r.output_root.rstrip("/") + "/")
+        for other in rules:
+            if _inbox(out_bucket, out_key).startswith(_inbox(other.bucket, other.prefix)):
+                raise MrisegError(f"events: site {r.site!r}'s output_root lies inside site {other.site!r}'s "
+                                  f"inbox ({other.prefix!r}), where every output would be segmented again; put "
+                                  f"outputs outside the inboxes")
+    return list(rules)
 
 
 def make_sqs_client(settings: S3Settings):
@@ -218,6 +251,11 @@ def specs_for_events(events: Sequence[ObjectEvent], rules: Sequence[InboxRule]) 
     return specs, ignored
 
 
+def _until(epoch_s: float | None) -> float:
+    """Seconds from now until ``epoch_s`` (plus one, to be past it), 0 if unknown or past."""
+    return max(0.0, epoch_s - time.time() + 1) if epoch_s else 0.0
+
+
 @dataclass
 class MessageResult:
     deleted: bool
@@ -257,9 +295,9 @@ class Consumer:
                     settled = False
                     continue
                 outcomes.append(out)
-                if out.state == RUNNING:  # a duplicate another worker is running: check again later
-                    settled = False
-                    retry_after = max(retry_after, self.config.heartbeat_s)
+                if out.state == RUNNING:  # claimed by another worker, or by one that died: look again
+                    settled = False  # once its lease has lapsed, when a dead holder's job can be claimed
+                    retry_after = max(retry_after, self.config.heartbeat_s, _until(out.lease_until))
                 elif out.state == FAILED and out.retryable:
                     settled = False
                 elif out.state not in (DONE, FAILED):
@@ -268,7 +306,7 @@ class Consumer:
             self.sqs.delete_message(QueueUrl=self.config.queue_url, ReceiptHandle=receipt)
         elif retry_after:
             self.sqs.change_message_visibility(QueueUrl=self.config.queue_url, ReceiptHandle=receipt,
-                                               VisibilityTimeout=int(retry_after))
+                                               VisibilityTimeout=min(MAX_VISIBILITY_S, math.ceil(retry_after)))
         return MessageResult(settled, outcomes, ignored)
 
     def poll_once(self, wait_time_s: int | None = None) -> int:

@@ -337,7 +337,9 @@ class JobStore:
 class Engine(Protocol):
     """What segments: in process (:class:`SegmenterEngine`) or through the Ray cluster."""
 
-    def model_checksums(self, roi_subset: Sequence[str] | None, fast: bool) -> dict[str, str]: ...
+    def model_checksums(self, roi_subset: Sequence[str] | None, fast: bool, site: str) -> dict[str, str]:
+        """Checksums of the sub-models a job with these options would run, asked for as ``site``."""
+        ...
 
     def segment_file(self, path: Path, spec: JobSpec, outdir: Path) -> dict[str, Any]:
         """Write the outputs of ``path`` into ``outdir`` (serve.outputs' writers' names); return
@@ -353,7 +355,7 @@ class SegmenterEngine:
         self.max_voxels = max_voxels
         self.calls = 0  # segmentations actually computed (idempotency is observable)
 
-    def model_checksums(self, roi_subset, fast) -> dict[str, str]:
+    def model_checksums(self, roi_subset, fast, site: str = "default") -> dict[str, str]:
         sms, _ = self.segmenter.plan(list(roi_subset) if roi_subset else None, fast)
         return {sm.name: self.segmenter.model(sm.name).checksum for sm in sms}
 
@@ -371,6 +373,10 @@ class SegmenterEngine:
                 "models": result.models, "unavailable": result.unavailable, "demo": result.demo}
 
 
+class InputChangedError(staging.S3RequestError):
+    """The input was overwritten between its event and its download: this event's job has nothing to do."""
+
+
 @dataclass
 class JobOutcome:
     key: str
@@ -379,6 +385,9 @@ class JobOutcome:
     computed: bool             # False: an existing result (or a running duplicate) was returned
     error: dict | None = None
     outputs: dict[str, str] = field(default_factory=dict)
+    #: (epoch seconds) for ``running``: when the other worker's claim lapses unless it renews it;
+    #: from then on the job can be claimed again (the holder may have died)
+    lease_until: float | None = None
 
     @property
     def retryable(self) -> bool:
@@ -444,7 +453,7 @@ class JobRunner:
 
     def key_for(self, spec: JobSpec) -> tuple[JobSpec, str, dict[str, str]]:
         spec = self._fill_version(spec)
-        models = self.engine.model_checksums(spec.roi_subset, spec.fast)
+        models = self.engine.model_checksums(spec.roi_subset, spec.fast, spec.site)
         return spec, idempotency_key(spec, models), models
 
     def run(self, spec: JobSpec) -> JobOutcome:
@@ -455,7 +464,8 @@ class JobRunner:
             return self._fail_unclaimed(spec, e)
         rec, mine = self.store.claim(key, spec, models)
         if not mine:
-            return JobOutcome(key, rec.state, rec.output_prefix, False, rec.error, rec.outputs)
+            return JobOutcome(key, rec.state, rec.output_prefix, False, rec.error, rec.outputs,
+                              rec.lease_until if rec.state == RUNNING else None)
         audit("job.claimed", job=key[:16], site=spec.site, source="s3-event", attempt=rec.attempts)
         if rec.output_prefix == spec.output_prefix:
             rec.output_prefix = self._free_prefix(spec, key)
@@ -490,6 +500,11 @@ class JobRunner:
             existing = None
         if isinstance(existing, dict) and existing.get("job_key") == key:
             return base
+        if isinstance(existing, dict) and existing.get("status") == FAILED and \
+                (existing.get("input") or {}).get("uri") == spec.input_uri:
+            # only the reason this input failed before (a corrupt upload since replaced, say): the result
+            # of the input as it is now belongs in the case folder, where the site looks for it
+            return base
         return f"{base}runs/{key[:16]}/"
 
     def _compute(self, spec: JobSpec, rec: JobRecord, tmp: Path, started: float):
@@ -499,8 +514,8 @@ class JobRunner:
         info = staging.download_file(spec.input_uri, local, self.max_bytes, self.settings,
                                      version_id=spec.version_id)
         if spec.etag and info.etag.strip('"') != spec.etag.strip('"') and not spec.version_id:
-            raise staging.S3RequestError(f"the input object in bucket '{bucket}' changed since the event; "
-                                         f"the new version gets its own event", 412, "PreconditionFailed")
+            raise InputChangedError(f"the input object in bucket '{bucket}' changed since the event; "
+                                    f"the new version gets its own event", 412, "PreconditionFailed")
         download_s = time.perf_counter() - t
         outdir = tmp / "out"
         outdir.mkdir()
@@ -538,8 +553,9 @@ class JobRunner:
         audit("job.settled", job=rec.key[:16], site=spec.site, source="s3-event", status="failed",
               error=err["status"], retryable=err["retryable"], seconds=round(time.time() - started, 3),
               attempt=rec.attempts)
-        if not err["retryable"]:
-            # a poison input: publish the reason where the outputs would be, so a human sees it
+        if not err["retryable"] and not isinstance(exc, InputChangedError):
+            # a poison input: publish the reason where the outputs would be, so a human sees it (not for a
+            # version overwritten since its event: the new one's job publishes there, and must not be put off)
             doc = self._job_doc(spec, rec, FAILED, None, started, error=err)
             try:
                 staging.put_json(doc, rec.output_prefix + "job.json", self.settings)

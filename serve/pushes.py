@@ -79,6 +79,13 @@ class PushJournal:
         self._write(held)
         return held
 
+    def deferred(self, held: HeldPush, not_before: float) -> HeldPush:
+        """Run again no sooner than ``not_before``, without counting a run: another worker holds
+        the job, and whether it settles it shows only once that worker's claim would have lapsed."""
+        held.not_before = not_before
+        self._write(held)
+        return held
+
     def release(self, held: HeldPush) -> None:
         staging.delete(self._uri(held.id), self.settings)
 

@@ -25,6 +25,7 @@ class _Answers(BaseHTTPRequestHandler):
         if self.headers.get("Content-Length"):
             self.rfile.read(int(self.headers["Content-Length"]))
         self.server.seen.append((self.command, self.path))
+        self.server.keys.append(self.headers.get("Authorization"))
         script = self.server.script.get((self.command, self.path.split("?")[0]))
         answer = (script.pop(0) if len(script) > 1 else script[0]) if script else self.server.answer
         self.send_response(answer[0])
@@ -43,7 +44,7 @@ class _Answers(BaseHTTPRequestHandler):
 def api():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
     server.answer = (200, "application/json", b"{}")
-    server.script, server.seen = {}, []
+    server.script, server.seen, server.keys = {}, [], []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -80,6 +81,34 @@ def _structures(states: dict[str, str]) -> tuple[int, str, bytes]:
     subs = [{"name": sm.name, "state": states.get(sm.name, "ready"), "checksum": f"sha-{sm.name}"}
             for sm in list(load_catalogue().submodels) + list(load_catalogue().fast_variants)]
     return 200, "application/json", json.dumps({"submodels": subs}).encode()
+
+
+@pytest.mark.s3
+def test_a_jobs_models_are_asked_for_with_its_own_sites_key(api, seaweed, unique_prefix, tmp_path):  # noqa: F811
+    """Not the first site's: its rate limit or revoked key would hold up or fail every site's event jobs."""
+    import socket
+
+    from serve import staging
+    from serve.jobs import JobRunner, JobSpec, JobStore
+
+    api.answer = _structures({})
+    engine = ClusterEngine(f"http://127.0.0.1:{api.server_address[1]}", {"site-a": "key-a", "site-b": "key-b"},
+                           timeout_s=10)
+    runner = JobRunner(JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings), engine, seaweed.settings,
+                       work_dir=tmp_path)
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/in/case.nii.gz", f"s3://outbox/{unique_prefix}", site="site-b",
+                   input_prefix=f"{unique_prefix}/in/")
+    staging.put_bytes(b"a volume", spec.input_uri, seaweed.settings)
+    runner.key_for(spec)
+    assert api.keys == ["Bearer key-b"]
+
+    with socket.socket() as s:  # a cluster that is down: a retryable error, not httpx's exception
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(ApiError) as down:
+        ClusterEngine(f"http://127.0.0.1:{closed}", {"site-b": "key-b"}, timeout_s=5).model_checksums(
+            None, False, "site-b")
+    assert down.value.status == 503 and error_dict(down.value)["retryable"]
 
 
 def test_an_unreachable_sub_model_is_retried_not_skipped(api):
@@ -133,6 +162,46 @@ def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(api
     assert len(runs) == MAX_ATTEMPTS
     waits = [b - a for a, b in zip(runs, runs[1:])]
     assert all(w >= 0.95 * retry_delay_s(i, worker.sweep_s) for i, w in enumerate(waits, start=1)), waits
+
+
+@pytest.mark.s3
+def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_up(api, seaweed, unique_prefix,
+                                                                                    tmp_path):  # noqa: F811
+    """A dead worker's claim outlives the five backed-off runs: those looks at a job running elsewhere are no
+    runs of ours, so the pushed job waits for the claim to lapse, then runs and is done -- not let go and lost."""
+    from serve import staging
+    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.jobs import JobRunner, JobSpec, JobStore
+
+    api.script = {
+        ("GET", "/v1/structures"): [_structures({})],
+        ("POST", "/v1/segmentations/upload"): [(202, "application/json", b'{"id": "j1", "status": "queued"}')],
+        ("GET", "/v1/segmentations/j1"): [(200, "application/json", json.dumps(
+            {"id": "j1", "status": "succeeded", "options": {"outputs": ["multilabel"]}, "timings": {},
+             "submodels": {}, "structures": {}, "unavailable": {}}).encode())],
+        ("GET", "/v1/segmentations/j1/result"): [(200, "application/gzip", b"labels")]}
+    settings = IntakeSettings(jobs=f"s3://jobs/{unique_prefix}", lease_s=2.0, s3=seaweed.settings)
+    runner = JobRunner(JobStore(settings.jobs, seaweed.settings, lease_s=2.0), _engine(api), seaweed.settings,
+                       work_dir=tmp_path)
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/in/case.nii.gz", f"s3://outbox/{unique_prefix}", site="site-a",
+                   input_prefix=f"{unique_prefix}/in/", outputs=("multilabel",))
+    staging.put_bytes(b"a volume", spec.input_uri, seaweed.settings)
+    full, key, models = runner.key_for(spec)
+    # longer than the five runs' backoff (1 + 2 + 4 + 8 s with a 1 s sweep)
+    dead = JobStore(settings.jobs, seaweed.settings, owner="dead-worker", lease_s=20.0)
+    assert dead.claim(key, full, models)[1]
+    worker = IntakeWorker(settings, runner=runner)
+    try:
+        worker.submit([spec.to_dict()])
+        deadline = time.monotonic() + 90  # hang guard only
+        while (worker.journal.held() or worker._in_flight) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert worker.journal.held() == []
+    finally:
+        worker.close()
+    doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "done"
+    assert [m for m, p in api.seen if p.startswith("/v1/segmentations/upload")] == ["POST"]
 
 
 def test_the_wait_between_runs_of_an_unsettled_pushed_job_doubles_up_to_a_cap():

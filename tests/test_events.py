@@ -166,6 +166,16 @@ def test_inbox_rules_are_checked_when_loaded(change, says):
     ({"jobs": "/tmp/jobs"}, "s3://"),
     ({"queue": "http://q"}, "unknown setting"),
     ({"queue_url": "http://q", "sqs_options": {"visibility_timeout": 60}}, "unknown SQS setting"),
+    # the API serves no per-structure masks, so every such event job in the cluster would fail
+    ({"rules": [{**RULE, "outputs": ["multilabel", "per_structure"]}]}, "per_structure"),
+    # one site's inbox inside another's: either could push (or be sent) the other's objects
+    ({"rules": [RULE, {**RULE, "prefix": "a/b/", "site": "b"}], "site_keys": {"a": "k" * 16, "b": "k" * 16}},
+     "nest"),
+    ({"rules": [RULE, {**RULE, "prefix": "", "site": "b", "output_root": "s3://out/y"}],
+      "site_keys": {"a": "k" * 16, "b": "k" * 16}}, "nest"),
+    # site a's outputs written into site b's inbox would be segmented again as b's
+    ({"rules": [{**RULE, "output_root": "s3://in/b/out"}, {**RULE, "prefix": "b/", "site": "b"}],
+      "site_keys": {"a": "k" * 16, "b": "k" * 16}}, "inside site 'b'"),
 ])
 def test_event_settings_are_checked_when_loaded(change, says, monkeypatch):
     from serve.cluster.intake import ENV, IntakeSettings
@@ -174,6 +184,17 @@ def test_event_settings_are_checked_when_loaded(change, says, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(MrisegError, match=says):
         IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": [RULE], "site_keys": {"a": "k" * 16}, **change})
+
+
+def test_sites_with_inboxes_side_by_side_or_one_site_with_nested_inboxes_are_accepted(monkeypatch):
+    from serve.cluster.intake import ENV, IntakeSettings
+
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    keys = {"a": "k" * 16, "b": "k" * 16}
+    rules = [RULE, {**RULE, "prefix": "ab/", "site": "b"}, {**RULE, "prefix": "a/deep/", "fast": True},
+             {**RULE, "bucket": "in2", "prefix": "", "site": "b"}]  # "ab/" is not inside "a/"
+    assert len(IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": rules, "site_keys": keys}).rules) == 4
 
 
 def test_unparseable_rules_file_is_a_clear_error(tmp_path, monkeypatch):

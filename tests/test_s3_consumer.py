@@ -263,3 +263,73 @@ def test_standalone_consumer_serves_its_dlq_gauge(moto, tiny_models, tmp_path): 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_job_whose_worker_died_is_run_once_its_claim_lapses_not_sent_to_the_dlq(moto, segmenter, tmp_path):  # noqa: F811
+    """A worker took the message, claimed the job and died. Its message comes back while the dead claim still
+    looks alive: it is hidden until the claim lapses, then the job is claimed again and done -- not moved to
+    the DLQ by looking at a job that stays 'running' for ever."""
+    from serve.consumer import specs_for_events
+    from serve.events import parse_message
+
+    env = make_env(moto, max_receives=3, visibility=2, heartbeat=1.0, outputs=("multilabel",))
+    s3, sqs = moto.client(), moto.sqs()
+    engine = SegmenterEngine(segmenter)
+    runner = JobRunner(JobStore(f"s3://{env.jobs}", moto.settings, lease_s=8.0), engine, moto.settings,
+                       work_dir=tmp_path)
+    consumer = Consumer(env.config, runner.run, sqs)
+    drain(consumer, polls=3)  # the s3:TestEvent
+    s3.put_object(Bucket=env.inbox, Key="site-a/in/case.nii.gz", Body=volume_bytes())
+
+    # the worker that dies: receives the message (not deleted), claims the job, is gone
+    deadline = time.monotonic() + 30
+    msgs: list = []
+    while not msgs and time.monotonic() < deadline:
+        msgs = sqs.receive_message(QueueUrl=env.queue_url, WaitTimeSeconds=1, VisibilityTimeout=2).get("Messages", [])
+    [spec], _ = specs_for_events(parse_message(msgs[0]["Body"]), env.config.rules)
+    spec, key, models = runner.key_for(spec)
+    _, mine = JobStore(f"s3://{env.jobs}", moto.settings, owner="dead-worker", lease_s=8.0).claim(key, spec, models)
+    assert mine
+
+    job_json = "results/site-a/case/job.json"
+    deadline = time.monotonic() + 60  # a hang guard, not a timing assertion
+    while job_json not in keys(s3, env.outbox) and time.monotonic() < deadline:
+        consumer.poll_once(wait_time_s=1)
+    assert queue_counts(sqs, env.dlq_url) == (0, 0), "the message went to the DLQ while the dead claim lasted"
+    assert json.loads(s3.get_object(Bucket=env.outbox, Key=job_json)["Body"].read())["status"] == "done"
+    assert engine.calls == 1
+    drain(consumer, polls=4)
+    assert queue_counts(sqs, env.queue_url) == (0, 0)
+
+
+def test_a_replaced_corrupt_upload_gets_its_result_in_the_case_folder_and_a_stale_event_writes_nothing(
+        moto, segmenter, tmp_path):  # noqa: F811
+    """The error job.json a corrupt upload left is the reason that input failed, not a result to keep: the
+    fixed upload's result replaces it where the site looks (not under runs/). An event whose object was
+    overwritten before it ran leaves the folder to the new version's job."""
+    from serve.jobs import JobSpec
+
+    env = make_env(moto, max_receives=2, outputs=("multilabel",))
+    s3, sqs = moto.client(), moto.sqs()
+    runner = JobRunner(JobStore(f"s3://{env.jobs}", moto.settings), SegmenterEngine(segmenter), moto.settings,
+                       work_dir=tmp_path)
+    consumer = Consumer(env.config, runner.run, sqs)
+    job_json = "results/site-a/case/job.json"
+
+    def status() -> str:
+        return json.loads(s3.get_object(Bucket=env.outbox, Key=job_json)["Body"].read())["status"]
+
+    s3.put_object(Bucket=env.inbox, Key="site-a/in/case.nii.gz", Body=b"\x1f\x8bgarbage, not a volume")
+    drain(consumer)
+    assert status() == "failed"
+    s3.put_object(Bucket=env.inbox, Key="site-a/in/case.nii.gz", Body=volume_bytes())
+    drain(consumer)
+    assert status() == "done"
+    assert keys(s3, env.outbox) == ["results/site-a/case/job.json", "results/site-a/case/segmentation.nii.gz"]
+
+    stale = JobSpec(f"s3://{env.inbox}/site-a/in/other.nii.gz", f"s3://{env.outbox}/results", "site-a",
+                    etag="0" * 32, outputs=("multilabel",), input_prefix="site-a/in/")
+    s3.put_object(Bucket=env.inbox, Key="site-a/in/other.nii.gz", Body=volume_bytes(1))
+    out = runner.run(stale)
+    assert out.state == "failed" and out.error["status"] == 412
+    assert not [k for k in keys(s3, env.outbox) if k.startswith("results/site-a/other/")]

@@ -37,11 +37,15 @@ class ClusterEngine:
             raise MrisegError(f"no API key configured for site {site!r}; add it to the consumer's site keys")
         return ApiClient(self.url, key, self.timeout_s)
 
-    def model_checksums(self, roi_subset: Sequence[str] | None, fast: bool, site: str | None = None) -> dict[str, str]:
-        """Checksums of the sub-models the cluster would run (part of the idempotency key)."""
+    def model_checksums(self, roi_subset: Sequence[str] | None, fast: bool, site: str) -> dict[str, str]:
+        """Checksums of the sub-models the cluster would run (part of the idempotency key).
+
+        Asked with the job's own site's key: another site's rate limit or revoked key must not hold up
+        or fail this site's jobs.
+        """
         plan = [sm.name for sm in load_catalogue().plan(list(roi_subset) if roi_subset else None, fast)]
-        client = self._client(site or next(iter(self.site_keys)))
-        with client._client() as c:
+        client = self._client(site)
+        with client._session() as c:
             r = client._check(c.get("/v1/structures", params={"probe": ",".join(plan)}))
         subs = {m["name"]: m for m in r.json()["submodels"]}
         explicit = bool(roi_subset) or fast

@@ -33,9 +33,9 @@ from typing import Any, Mapping, Sequence
 
 from ray import serve as rayserve
 
-from serve.consumer import Consumer, ConsumerConfig, InboxRule
+from serve.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
 from serve.errors import MrisegError, NotFoundError
-from serve.jobs import DONE, FAILED, JobOutcome, JobSpec
+from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
 from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.s3client import S3Settings, parse_s3_uri
 from serve.settings_checks import checked_number
@@ -91,7 +91,12 @@ class IntakeSettings:
             raise MrisegError(f"events: cannot read {e.filename}: {e.strerror}") from e
         except (ValueError, UnicodeDecodeError) as e:  # JSON and YAML parse errors; their text may quote keys
             raise MrisegError(f"events: a rules or site keys file is not valid JSON/YAML ({type(e).__name__})") from e
-        parsed = [InboxRule.from_mapping(r) for r in rules]
+        parsed = check_rules([InboxRule.from_mapping(r) for r in rules])
+        for r in parsed:
+            if "per_structure" in r.outputs:  # ClusterEngine fetches through the API, which serves no per-structure masks
+                raise MrisegError(f"events: inbox rule for site {r.site!r}: outputs 'per_structure' cannot be made "
+                                  f"for event jobs in the cluster; 'multilabel' holds every structure (its label "
+                                  f"table names them)")
         missing = sorted({r.site for r in parsed} - set(keys))
         if missing:
             raise MrisegError(f"events: no API key for site(s) {missing}; add them to events.site_keys_file")
@@ -228,11 +233,15 @@ class IntakeWorker:
             settled = out is not None and (out.state == DONE or (out.state == FAILED and not out.retryable))
             if settled:
                 self.journal.release(held)
+            elif out is not None and out.state == RUNNING:
+                # another worker holds it: not a run of ours, so it uses up none of MAX_ATTEMPTS (a job
+                # longer than the backoff would otherwise be let go while it runs, and lost if that
+                # worker then died); look again once its claim would have lapsed
+                self.journal.deferred(held, max(time.time() + self.sweep_s, (out.lease_until or 0) + 1))
             elif held.attempts + 1 >= MAX_ATTEMPTS:
                 log.warning("pushed job %s for site %s still unsettled after %d runs; given up",
                             out.key[:12] if out else "?", held.spec.site, MAX_ATTEMPTS)
-                if out is None or out.state == FAILED:  # (still running elsewhere: that worker settles it)
-                    self._give_up(held, out)
+                self._give_up(held, out)
                 self.journal.release(held)
             else:
                 self.journal.attempted(held, retry_delay_s(held.attempts + 1, self.sweep_s))
