@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from botocore.exceptions import ClientError
 
@@ -475,13 +475,18 @@ class JobRunner:
             error: Exception | None = None
             with _Heartbeat(self.store, rec, max(1.0, self.store.lease_s / 3)) as hb:
                 try:
-                    outputs, _, _ = self._compute(spec, rec, tmp, started)
+                    outputs, _, _ = self._compute(spec, rec, tmp, started, lambda: hb.lost)
                 except Exception as e:  # settled below, once the heartbeat no longer writes the record
                     error = e
             rec = hb.rec
+            if hb.lost or isinstance(error, ClaimLost):
+                return self._taken_over(spec, rec)
             if error is not None:
                 return self._failed(spec, rec, error, started)
-            rec = self.store.finish(rec, DONE, outputs=outputs)
+            try:
+                rec = self.store.finish(rec, DONE, outputs=outputs)
+            except ClaimLost:
+                return self._taken_over(spec, rec)
             audit("job.settled", job=key[:16], site=spec.site, source="s3-event", status="succeeded",
                   seconds=round(time.time() - started, 3), attempt=rec.attempts)
             return JobOutcome(key, DONE, rec.output_prefix, True, None, outputs)
@@ -507,7 +512,13 @@ class JobRunner:
             return base
         return f"{base}runs/{key[:16]}/"
 
-    def _compute(self, spec: JobSpec, rec: JobRecord, tmp: Path, started: float):
+    def _taken_over(self, spec: JobSpec, rec: JobRecord) -> JobOutcome:
+        """Our lease lapsed (a stalled worker) and another worker took the job: it is that worker's now."""
+        log.warning("job %s of site %s was taken over by another worker; left to it", rec.key[:12], spec.site)
+        return JobOutcome(rec.key, RUNNING, rec.output_prefix, False)
+
+    def _compute(self, spec: JobSpec, rec: JobRecord, tmp: Path, started: float,
+                 lost: Callable[[], bool] = lambda: False):
         bucket, key = parse_s3_uri(spec.input_uri)
         local = tmp / ("input" + next((s for s in VOLUME_SUFFIXES if key.lower().endswith(s)), ""))
         t = time.perf_counter()
@@ -523,6 +534,8 @@ class JobRunner:
         timings = {"download_s": download_s, **meta.get("timings", {})}
         doc = self._job_doc(spec, rec, DONE, info, started, timings=timings, meta=meta)
         (outdir / "job.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+        if lost():  # the new holder publishes there: replacing its job.json with ours would mix two runs
+            raise ClaimLost("the job was taken over while it ran")
         t = time.perf_counter()
         outputs = staging.upload_dir(outdir, rec.output_prefix, self.settings)
         log.debug("uploaded outputs in %.2fs", time.perf_counter() - t)

@@ -143,6 +143,33 @@ def test_stale_claim_is_taken_over(seaweed, unique_prefix):  # noqa: F811
     assert live.finish(rec_live, DONE).state == DONE
 
 
+def test_a_stalled_worker_whose_job_was_taken_over_publishes_nothing(seaweed, segmenter, unique_prefix,
+                                                                     tmp_path):  # noqa: F811
+    """Its lease lapsed while it computed and another worker took the job: it must not replace the new
+    holder's outputs and job.json with its own, and it reports the job as running elsewhere."""
+    from serve.jobs import RUNNING
+
+    class StallingEngine(SegmenterEngine):
+        def segment_file(self, path, spec, outdir):
+            time.sleep(0.7)  # past the 0.5 s lease, before the first renewal (every 1 s at the least)
+            other = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings, owner="other", lease_s=60.0)
+            assert other.claim(*taken)[1]
+            time.sleep(1.5)  # the stalled worker's renewal meets the new holder's claim
+            return super().segment_file(path, spec, outdir)
+
+    spec = spec_for(unique_prefix, "stall.nii.gz")
+    put_volume(seaweed.settings, spec.input_uri, tmp_path)
+    runner = JobRunner(JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings, lease_s=0.5),
+                       StallingEngine(segmenter), seaweed.settings, work_dir=tmp_path)
+    full, key, models = runner.key_for(spec)
+    taken = (key, full, models)
+    out = runner.run(spec)
+    assert out.state == RUNNING and not out.computed
+    assert keys_under(seaweed, "outbox", f"{unique_prefix}/site-a/stall/") == []
+    [rec] = [r for r in JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings).list() if r.key == key]
+    assert rec.owner == "other" and rec.state == "running"
+
+
 @pytest.mark.parametrize("body", [b'{"key": "k", "sta', b"[]", b"", b'{"key": "k", "state": "running", "spec": {}, '
                                   b'"models": {}, "output_prefix": "s3://o/", "lease_until": "2030-01-01"}'])
 def test_unreadable_record_is_taken_over_not_fatal(seaweed, unique_prefix, body):  # noqa: F811
