@@ -200,10 +200,14 @@ def _dlq_gauge():
 
 
 class _VisibilityHeartbeat:
-    """Keeps one message invisible to other consumers while its jobs run."""
+    """Keeps messages invisible to other consumers while their jobs run (or wait their turn in a batch).
 
-    def __init__(self, sqs, queue_url: str, receipt: str, timeout_s: int, every_s: float):
-        self.sqs, self.queue_url, self.receipt = sqs, queue_url, receipt
+    ``receipts`` is one receipt handle or a set of them, read at each beat (a batch's handled messages
+    leave it)."""
+
+    def __init__(self, sqs, queue_url: str, receipts: str | set[str], timeout_s: int, every_s: float):
+        self.sqs, self.queue_url = sqs, queue_url
+        self.receipts = {receipts} if isinstance(receipts, str) else receipts
         self.timeout_s, self.every_s = timeout_s, every_s
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True, name="sqs-visibility")
@@ -218,11 +222,12 @@ class _VisibilityHeartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            try:
-                self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=self.receipt,
-                                                   VisibilityTimeout=self.timeout_s)
-            except Exception:  # the next beat may get through; worst case the message is redelivered
-                log.warning("could not extend a message's visibility", exc_info=True)
+            for receipt in list(self.receipts):
+                try:
+                    self.sqs.change_message_visibility(QueueUrl=self.queue_url, ReceiptHandle=receipt,
+                                                       VisibilityTimeout=self.timeout_s)
+                except Exception:  # the next beat may get through; worst case the message is redelivered
+                    log.warning("could not extend a message's visibility", exc_info=True)
 
 
 def specs_for_events(events: Sequence[ObjectEvent], rules: Sequence[InboxRule]) -> tuple[list[JobSpec], int]:
@@ -316,8 +321,18 @@ class Consumer:
             WaitTimeSeconds=self.config.wait_time_s if wait_time_s is None else wait_time_s,
             VisibilityTimeout=self.config.visibility_timeout_s, MessageSystemAttributeNames=["ApproximateReceiveCount"])
         msgs = resp.get("Messages", [])
-        for m in msgs:
-            self.handle(m)
+        # the batch's later messages wait while the first run: keep them hidden too, or they would come
+        # back to another consumer (and count a receive) meanwhile
+        waiting = {m["ReceiptHandle"] for m in msgs[1:]}
+        with _VisibilityHeartbeat(self.sqs, self.config.queue_url, waiting, self.config.visibility_timeout_s,
+                                  self.config.heartbeat_s):
+            for m in msgs:
+                waiting.discard(m["ReceiptHandle"])
+                try:
+                    self.handle(m)
+                except Exception:  # SQS refused a delete or visibility change: this message only comes back
+                    log.error("could not settle message %s; it will be redelivered", m.get("MessageId"),
+                              exc_info=True)
         return len(msgs)
 
     def update_dlq_gauge(self) -> None:

@@ -333,3 +333,81 @@ def test_a_replaced_corrupt_upload_gets_its_result_in_the_case_folder_and_a_stal
     out = runner.run(stale)
     assert out.state == "failed" and out.error["status"] == 412
     assert not [k for k in keys(s3, env.outbox) if k.startswith("results/site-a/other/")]
+
+
+def _records_body(bucket: str, key: str) -> str:
+    return json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": bucket},
+                                                                             "object": {"key": key, "eTag": "e"}}}]})
+
+
+def test_the_waiting_messages_of_a_batch_stay_hidden_from_another_poller(moto):  # noqa: F811
+    """Three messages received at once run one after another: the later ones must not come back to a second
+    poller meanwhile, which would run their jobs twice."""
+    import collections
+    import threading
+
+    from serve.jobs import JobOutcome
+
+    env = make_env(moto, max_receives=5, visibility=2, heartbeat=0.5)
+    sqs = moto.sqs()
+    seen: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+
+    def slow(spec):  # a job of 1.5 s: three of them outlast the 2 s visibility timeout
+        with lock:
+            seen[spec.input_uri] += 1
+        time.sleep(1.5)
+        return JobOutcome("k", DONE, spec.output_prefix, True)
+
+    drain(Consumer(env.config, slow, sqs), polls=3)  # the s3:TestEvent
+    for i in range(3):
+        sqs.send_message(QueueUrl=env.queue_url, MessageBody=_records_body(env.inbox, f"site-a/in/c{i}.nii.gz"))
+    first = Consumer(dataclasses.replace(env.config, max_messages=3), slow, sqs)
+    batch = threading.Thread(target=first.poll_once, kwargs={"wait_time_s": 1})
+    batch.start()
+    time.sleep(0.5)  # the batch is received; then a second poller joins
+    stop = threading.Event()
+    second = threading.Thread(target=Consumer(env.config, slow, sqs).run, args=(stop,))
+    second.start()
+    batch.join(timeout=60)
+    deadline = time.monotonic() + 30  # a hang guard
+    while queue_counts(sqs, env.queue_url) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stop.set()
+    second.join(timeout=30)
+    assert len(seen) == 3 and set(seen.values()) == {1}, seen
+
+
+def test_the_intake_runs_as_many_queued_jobs_at_once_as_its_concurrency(moto, tmp_path):  # noqa: F811
+    """One long job must not hold up every other event on the queue."""
+    import threading
+
+    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.jobs import JobOutcome
+
+    env = make_env(moto, max_receives=5, visibility=30, heartbeat=5.0)
+    sqs = moto.sqs()
+    drain(Consumer(env.config, lambda spec: pytest.fail("no job yet"), sqs), polls=3)  # the s3:TestEvent
+    spans: list[tuple[float, float]] = []
+
+    class SlowRunner:
+        def run(self, spec):
+            t = time.monotonic()
+            time.sleep(2.0)
+            spans.append((t, time.monotonic()))
+            return JobOutcome("k", DONE, spec.output_prefix, True)
+
+    for i in range(2):
+        sqs.send_message(QueueUrl=env.queue_url, MessageBody=_records_body(env.inbox, f"site-a/in/c{i}.nii.gz"))
+    settings = IntakeSettings(jobs=f"s3://{env.jobs}", rules=list(env.config.rules), queue=env.config,
+                              concurrency=2, s3=moto.settings)
+    worker = IntakeWorker(settings, runner=SlowRunner())
+    try:
+        deadline = time.monotonic() + 30  # a hang guard
+        while len(spans) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert worker.polling and len(worker.pollers) == 2
+    finally:
+        worker.close()
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 < a1, "the second queued job waited for the first to finish"

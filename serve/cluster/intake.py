@@ -57,7 +57,7 @@ class IntakeSettings:
     rules: list[InboxRule] = field(default_factory=list)
     site_keys: dict[str, str] = field(default_factory=dict)
     queue: ConsumerConfig | None = None      # None: pushed events only
-    concurrency: int = 2                      # jobs in flight per replica
+    concurrency: int = 2                      # pushed jobs in flight per replica, and as many SQS pollers
     lease_s: float = 300.0
     max_bytes: int = 1 << 30
     s3: S3Settings = field(default_factory=S3Settings)
@@ -156,7 +156,7 @@ def _read_json_or_yaml(path: str | os.PathLike) -> Any:
 
 
 class IntakeWorker:
-    """The plain part of the deployment: a JobRunner, a bounded pool, and the optional SQS poller."""
+    """The plain part of the deployment: a JobRunner, a bounded pool, and the optional SQS pollers."""
 
     def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None):
         from serve.cluster.engine import ClusterEngine
@@ -164,7 +164,7 @@ class IntakeWorker:
 
         self.settings = settings
         self.stop = threading.Event()
-        self.poller: threading.Thread | None = None
+        self.pollers: list[threading.Thread] = []
         self.sweeper: threading.Thread | None = None
         self.pushed = 0
         self.pool = ThreadPoolExecutor(max(1, settings.concurrency), thread_name_prefix="mriseg-intake")
@@ -185,8 +185,12 @@ class IntakeWorker:
             consumer = Consumer(settings.queue, self._counted(self.runner.run))
             if dlq_gauge is not None:
                 consumer.dlq_gauge = dlq_gauge
-            self.poller = threading.Thread(target=consumer.run, args=(self.stop,), name="mriseg-sqs", daemon=True)
-            self.poller.start()
+            # one message at a time per thread, so `concurrency` threads keep that many queued jobs on
+            # the cluster at once: one long job must not hold up every other site's events
+            self.pollers = [threading.Thread(target=consumer.run, args=(self.stop,), name=f"mriseg-sqs-{i}",
+                                             daemon=True) for i in range(max(1, settings.concurrency))]
+            for t in self.pollers:
+                t.start()
         # at once (what a dead replica held), then every sweep_s (what a run left unsettled)
         self.sweeper = threading.Thread(target=self._sweep, name="mriseg-push-sweep", daemon=True)
         self.sweeper.start()
@@ -280,9 +284,13 @@ class IntakeWorker:
             log.error("pushed job for site %s crashed", spec.site, exc_info=True)
             return None
 
+    @property
+    def polling(self) -> bool:
+        return bool(self.pollers) and all(t.is_alive() for t in self.pollers)
+
     def healthy(self) -> None:
-        if self.poller is not None and not self.poller.is_alive():
-            raise RuntimeError("the SQS poll thread has stopped")
+        if self.pollers and not self.polling:
+            raise RuntimeError("an SQS poll thread has stopped")
         if self.sweeper is not None and not self.sweeper.is_alive():
             raise RuntimeError("the pushed-job sweep thread has stopped")
 
@@ -309,7 +317,7 @@ class EventIntake:
 
     def status(self) -> dict[str, Any]:
         w = self.worker
-        return {"configured": w.settings.configured, "polling": w.poller is not None and w.poller.is_alive(),
+        return {"configured": w.settings.configured, "polling": w.polling,
                 "pushed": w.pushed, "rules": len(w.settings.rules)}
 
     def check_health(self) -> None:
