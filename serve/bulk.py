@@ -2,8 +2,10 @@
 
 Each volume ``s3://bucket/prefix/<rel>.nii.gz`` gets its outputs under
 ``{--out}/{site}/<rel>/`` (the S3 layout of docs/s3-and-jobs.md). An input
-whose ``job.json`` there says ``done`` is skipped, so an interrupted run is
-resumed by running the same command again. Jobs go through the cluster's
+whose ``job.json`` there says ``done``, made with the same options from the
+same object (URI and ETag), is skipped, so an interrupted run is resumed by
+running the same command again, and a replaced input runs again. Inputs that
+map to one output folder (``scan.nii`` and ``scan.nii.gz``) all fail unrun. Jobs go through the cluster's
 HTTP API (``POST /v1/segmentations`` with ``output_prefix``, then polling
 ``GET /v1/segmentations/{id}``), or with ``--local-models`` through
 :class:`serve.jobs.JobRunner` in this process (no cluster needed).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -50,30 +53,53 @@ class Item:
     seconds: float = 0.0
 
 
-def list_volumes(prefix_uri: str, settings: S3Settings) -> list[str]:
-    """Every volume object under the prefix (other files are ignored by suffix)."""
+class Listed(NamedTuple):
+    """One input object as the listing showed it."""
+
+    uri: str
+    etag: str
+
+
+def list_volumes(prefix_uri: str, settings: S3Settings) -> list[Listed]:
+    """Every volume object under the prefix with its ETag (other files are ignored by suffix)."""
     bucket, prefix = parse_s3_uri(prefix_uri)
     c = staging.client_for(settings)
 
-    def once() -> list[str]:
+    def once() -> list[Listed]:
         pages = c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return [f"s3://{bucket}/{o['Key']}" for p in pages for o in p.get("Contents", []) if is_volume_key(o["Key"])]
+        return [Listed(f"s3://{bucket}/{o['Key']}", o.get("ETag", "")) for p in pages for o in p.get("Contents", [])
+                if is_volume_key(o["Key"])]
 
     return staging.with_retries(once, bucket=bucket, action="list objects")
 
 
-def already_done(output_prefix: str, settings: S3Settings, options: dict | None = None) -> bool:
+def already_done(output_prefix: str, settings: S3Settings, options: dict | None = None,
+                 source: Listed | None = None) -> bool:
     """The output set is complete: its job.json (always written last) says done, and, where ``options``
-    (:meth:`JobSpec.options`) are given, was made with them: a run with other options is not done."""
+    (:meth:`JobSpec.options`) are given, was made with them: a run with other options is not done.
+
+    Where ``source`` is given, the set must also have been made from that object as listed (its ``input``
+    names the same URI and ETag): an input replaced since (a corrected re-upload) is not done, and neither
+    is a set whose job.json does not say what it was made from (written before it did): rerunning those
+    is the safe way, keeping labels of another scan is not.
+    """
     uri = output_prefix + "job.json"
     if staging.object_exists(uri, settings) is None:
         return False
     try:
         doc = json.loads(staging.download_bytes(uri, settings=settings))
         return (isinstance(doc, dict) and doc.get("status") == DONE
-                and (options is None or doc.get("options") == options))
+                and (options is None or doc.get("options") == options)
+                and (source is None or _made_from(doc.get("input"), source)))
     except (ValueError, MrisegError):
         return False
+
+
+def _made_from(record: Any, source: Listed) -> bool:
+    """A job.json's ``input`` is ``source``: same URI, same ETag (quotes aside: stores differ in them)."""
+    if not isinstance(record, dict) or not isinstance(record.get("etag"), str) or not source.etag:
+        return False
+    return record.get("uri") == source.uri and record["etag"].strip('"') == source.etag.strip('"')
 
 
 class Outcome(NamedTuple):
@@ -91,13 +117,18 @@ Backend = Callable[[JobSpec], tuple]  # spec -> Outcome, or a (status, reason, j
 def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 24 * 3600) -> Backend:
     """Submit through the cluster API and poll until the job settles.
 
-    429 (the site at its job or request limit), 502-504 (a router restarting) and dropped connections
-    are waited out, honouring ``Retry-After``, until ``timeout_s`` has passed: the job is still queued
-    or running, so none of them is the job's failure.
+    The POST is sent again only after an answer that proves the job was not taken: 429 (the site at its
+    job or request limit), 503 (the cluster not taking jobs) or no connection made. The API has no
+    idempotency key, so a POST whose answer was lost (a dropped connection, a timeout) or came from a
+    proxy (502, 504) may have queued the job; sending it again would run it twice into one output folder,
+    so the input is reported failed instead, saying so (:func:`_maybe_taken`). While polling, 429,
+    502-504 and dropped connections are waited out, honouring ``Retry-After``, until ``timeout_s`` has
+    passed: the job is still queued or running, so none of them is the job's failure.
     """
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"}
+    not_sent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # no byte reached the cluster
 
     def run(spec: JobSpec) -> tuple[str, str, str]:
         body: dict[str, Any] = {"input": spec.input_uri, "output_prefix": spec.output_prefix,
@@ -106,7 +137,15 @@ def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 
             body["roi_subset"] = list(spec.roi_subset)
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-            r = _waiting_out(lambda: c.post("/v1/segmentations", json=body), deadline)
+            try:
+                r = _waiting_out(lambda: c.post("/v1/segmentations", json=body), deadline, statuses=NOT_TAKEN,
+                                 errors=not_sent)
+            except not_sent as e:
+                return FAILED, f"could not reach the cluster ({type(e).__name__}); the job was not submitted", ""
+            except httpx.TransportError as e:  # sent, but the answer was lost
+                return FAILED, _maybe_taken(type(e).__name__), ""
+            if r.status_code >= 500 and r.status_code not in NOT_TAKEN:
+                return FAILED, _maybe_taken(_problem(r)), ""
             if r.status_code >= 400:
                 return FAILED, _problem(r), ""
             job = r.json()
@@ -128,20 +167,33 @@ def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 
 
 
 RETRY_STATUSES = (429, 502, 503, 504)
+#: answers to POST /v1/segmentations that prove the job was not queued: the site at a limit, the cluster not
+#: taking jobs (the API's own 503s say "nothing was queued"; a proxy's 503 means no replica to send it to)
+NOT_TAKEN = (429, 503)
 
 
-def _waiting_out(send: Callable[[], Any], deadline: float, first_wait_s: float = 1.0):
-    """``send()``'s answer once it is not a retryable status, or the last one (or the connection error)
-    when waiting longer would pass ``deadline``. Waits double up to 30 s; a ``Retry-After`` is honoured."""
+def _maybe_taken(what: str) -> str:
+    """The reason of an input whose POST may have queued a job although its answer said nothing of it."""
+    return (f"{what}: the cluster may have taken the job, so it was not submitted again (it would run twice "
+            f"into one output folder); once the cluster's jobs have settled, a rerun skips it if it finished "
+            f"and submits it if not")
+
+
+def _waiting_out(send: Callable[[], Any], deadline: float, first_wait_s: float = 1.0,
+                 statuses: tuple[int, ...] = RETRY_STATUSES, errors: tuple[type[BaseException], ...] | None = None):
+    """``send()``'s answer once it is not one of ``statuses``, or the last one (or the connection error)
+    when waiting longer would pass ``deadline``. ``errors`` (default: every ``httpx.TransportError``) are
+    waited out too; others are raised at once. Waits double up to 30 s; a ``Retry-After`` is honoured."""
     import httpx
 
+    errors = errors or (httpx.TransportError,)
     wait = first_wait_s
     while True:
         try:
             r, error = send(), None
-        except httpx.TransportError as e:  # a router restarting, a proxy dropping the connection
+        except errors as e:  # a router restarting, a proxy dropping the connection
             r, error = None, e
-        if r is not None and r.status_code not in RETRY_STATUSES:
+        if r is not None and r.status_code not in statuses:
             return r
         retry_after = r.headers.get("Retry-After", "") if r is not None else ""
         pause = float(retry_after) if retry_after.isdigit() else wait
@@ -182,7 +234,9 @@ def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, th
             if out.state != RUNNING:
                 break
             time.sleep(min(5.0, lease_s / 2))
-        if out.state == DONE:  # under runs/<key>/ where a set made with other options was there already
+        if out.state == DONE:  # under runs/<key>/ where a set made with other options (or input) was there already
+            if not out.computed:  # done before (a replaced input's earlier rerun, another worker): nothing ran now
+                return Outcome(SKIPPED, "already done", out.key, out.output_prefix)
             return Outcome(SUCCEEDED, "", out.key, out.output_prefix)
         err = out.error or {}
         return FAILED, f"{err.get('status', '')} {err.get('title', out.state)}: {err.get('detail', '')}".strip(), \
@@ -198,17 +252,21 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
     from tqdm import tqdm
 
     prefix = parse_s3_uri(inputs_uri)[1]
+    listed = {v.uri: v for v in list_volumes(inputs_uri, settings)}
     specs = [JobSpec(uri, out_uri, site, roi_subset=tuple(roi_subset) if roi_subset else None, fast=fast,
-                     outputs=tuple(outputs), input_prefix=prefix) for uri in list_volumes(inputs_uri, settings)]
+                     outputs=tuple(outputs), input_prefix=prefix) for uri in listed]
     items: dict[str, Item] = {}
-    todo = []
     for s in specs:
         try:
             items[s.input_uri] = Item(s.input_uri, s.output_prefix)
         except MrisegError as e:  # a key that cannot name an output folder fails alone, in the report
             items[s.input_uri] = Item(s.input_uri, "", FAILED, f"{e.status} {e.title}: {e.message}")
+    _fail_shared_folders([items[s.input_uri] for s in specs])
+    todo = []
+    for s in specs:
+        if items[s.input_uri].status:  # failed above
             continue
-        if already_done(s.output_prefix, settings, s.options()):
+        if already_done(s.output_prefix, settings, s.options(), listed[s.input_uri]):
             items[s.input_uri].status, items[s.input_uri].reason = SKIPPED, "already done"
         else:
             todo.append(s)
@@ -238,6 +296,25 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
             bar.update(1)
     bar.close()
     return [items[s.input_uri] for s in specs]
+
+
+def _fail_shared_folders(items: Sequence[Item]) -> None:
+    """Fail every input whose output folder another input maps to (``p1/scan.nii`` and ``p1/scan.nii.gz``
+    are both case ``p1/scan``), before anything runs: their jobs would write over each other in one folder
+    and both pass for done. All of them fail, not all but one, because which is the right scan (a
+    duplicate, a DICOM original, a corrected file) is for the data's owner to say, not for a sort order."""
+    by_folder: dict[str, list[Item]] = {}
+    for it in items:
+        if it.output_prefix:
+            by_folder.setdefault(it.output_prefix, []).append(it)
+    for folder, shared in by_folder.items():
+        if len(shared) < 2:
+            continue
+        for it in shared:
+            others = ", ".join(o.input for o in shared if o is not it)
+            it.status, it.reason = FAILED, (f"409 Output folder shared: {folder} is also the output folder of "
+                                            f"{others}; none of them was run. Rename or move all but one so each "
+                                            f"input has its own case folder")
 
 
 def summary(items: Sequence[Item]) -> dict[str, int]:
@@ -285,6 +362,21 @@ def _check_report_path(path: Path) -> None:
                           f"folder") from e
 
 
+def _print_failures(items: Sequence[Item], report: str | None) -> None:
+    """Failed inputs by position in the report and a digest, never by name: object keys may name patients,
+    and stderr ends up in CI logs and terminals. The report (a file the operator chose) has the URIs."""
+    failed = [(n, it) for n, it in enumerate(items, 1) if it.status == FAILED]
+    if not failed:
+        return
+    where = f"see the report {report}" if report else "rerun with --report FILE to list them"
+    print(f"{len(failed)} input(s) failed; {where} (inputs are not named here: their keys may hold patient data)",
+          file=sys.stderr)
+    for n, it in failed:
+        digest = hashlib.sha256(it.input.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        # the reason's status and title only: a detail may quote other inputs' URIs
+        print(f"  failed: #{n} (sha256 {digest}): {it.reason.split(':', 1)[0][:80]}", file=sys.stderr)
+
+
 def cmd_bulk(args) -> int:
     settings = settings_from_args(args)
     if not args.out.startswith("s3://"):
@@ -312,14 +404,15 @@ def cmd_bulk(args) -> int:
     s = summary(items)
     print(f"{s['total']} volumes: {s[SUCCEEDED]} succeeded, {s[FAILED]} failed, {s[SKIPPED]} skipped"
           + (f"; report: {args.report}" if args.report else ""))
-    for it in items:
-        if it.status == FAILED:
-            print(f"  failed: {it.input}: {it.reason}", file=sys.stderr)
+    unwritten = None
     if args.report:
         try:
             write_report(items, args.report)
-        except OSError as e:  # the outcomes are printed above; the job records keep them too
-            raise MrisegError(f"the report {args.report} could not be written ({e.strerror})") from e
+        except OSError as e:
+            unwritten = e
+    _print_failures(items, None if unwritten else args.report)
+    if unwritten is not None:  # the failures are printed above; the job records keep the outcomes too
+        raise MrisegError(f"the report {args.report} could not be written ({unwritten.strerror})") from unwritten
     return 1 if s[FAILED] else 0
 
 

@@ -274,9 +274,15 @@ def _download(uri: str, sink: Callable[[bytes], None], reset: Callable[[], None]
 def download_bytes(uri: str, max_bytes: int | None = None,
                    settings: S3Settings | Mapping[str, Any] | None = None, deadline_s: float = 60.0) -> bytes:
     """The whole object in memory, verified; :class:`VolumeTooLargeError` past ``max_bytes``."""
+    return download_object(uri, max_bytes, settings, deadline_s)[0]
+
+
+def download_object(uri: str, max_bytes: int | None = None, settings: S3Settings | Mapping[str, Any] | None = None,
+                    deadline_s: float = 60.0) -> tuple[bytes, ObjectInfo]:
+    """:func:`download_bytes`, and which version of the object the bytes are (ETag, version id, SHA-256)."""
     buf = bytearray()
-    _download(uri, buf.extend, buf.clear, max_bytes, settings, deadline_s)
-    return bytes(buf)
+    info = _download(uri, buf.extend, buf.clear, max_bytes, settings, deadline_s)
+    return bytes(buf), info
 
 
 def download_file(uri: str, dest: str | os.PathLike, max_bytes: int | None = None,
@@ -373,10 +379,19 @@ def layout_name(rel: str) -> str | None:
     return f"{first}/{rest}" if rest else first
 
 
-def completion_doc(outdir: Path) -> dict:
+def input_record(source: ObjectInfo | None) -> dict | None:
+    """The ``input`` of a job.json: which object version was read (``None``: not an S3 input)."""
+    if source is None:
+        return None
+    return {"uri": source.uri, "etag": source.etag, "version_id": source.version_id, "size": source.size,
+            "sha256": source.sha256}
+
+
+def completion_doc(outdir: Path, source: ObjectInfo | None = None) -> dict:
     """A done job.json from the writers' ``mriseg.json`` (structures, models, options, files).
 
-    Its ``options`` take the form of :meth:`serve.jobs.JobSpec.options`, as a job's own job.json does.
+    Its ``options`` take the form of :meth:`serve.jobs.JobSpec.options`, and its ``input`` (``source``, the
+    object read) the form of a job's own job.json, so ``mriseg bulk`` can tell a replaced input from this one.
     """
     from serve.jobs import OUTPUT_KINDS, output_options, software_version
 
@@ -384,6 +399,7 @@ def completion_doc(outdir: Path) -> dict:
     options = output_options(meta.get("roi_subset"), meta.get("fast", False),
                              set(meta.get("files", {})) & set(OUTPUT_KINDS))
     return {"status": "done", "software": {"name": "mriseg-serve", "version": software_version()},
+            "input": input_record(source),
             "models": meta.get("models", {}), "structures": meta.get("structures", {}),
             "unavailable": meta.get("unavailable", {}), "options": options,
             "demo_models": bool(meta.get("demo", False)),

@@ -51,7 +51,8 @@ def bulk_env(seaweed) -> dict:  # noqa: F811
 
 def test_list_volumes_ignores_other_files(seaweed, inbox):  # noqa: F811
     got = list_volumes(inbox, seaweed.settings)
-    assert len(got) == N_GOOD + 1 and not any(g.endswith(".txt") for g in got)
+    assert len(got) == N_GOOD + 1 and not any(g.uri.endswith(".txt") for g in got)
+    assert all(g.etag for g in got)  # what a rerun compares with the job.json's input
 
 
 def test_a_key_that_cannot_name_an_output_fails_alone(seaweed, unique_prefix):  # noqa: F811
@@ -79,11 +80,11 @@ def test_a_set_done_with_other_options_is_not_skipped(seaweed, unique_prefix):  
     from serve.jobs import JobSpec
 
     inbox = f"s3://inbox/{unique_prefix}/opts/"
-    staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)
+    etag = staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)["ETag"]
     out = f"s3://outbox/{unique_prefix}/"
     spec = JobSpec(inbox + "case.nii.gz", out, input_prefix=f"{unique_prefix}/opts/")
-    staging.put_json({"status": "done", "options": spec.options()}, spec.output_prefix + "job.json",
-                     seaweed.settings)
+    staging.put_json({"status": "done", "options": spec.options(), "input": {"uri": spec.input_uri, "etag": etag}},
+                     spec.output_prefix + "job.json", seaweed.settings)
     ran: list[bool] = []
 
     def backend(s):
@@ -195,6 +196,15 @@ def test_bulk_through_the_cluster_api_resumes(serve_stack, tmp_path):  # noqa: F
     assert sorted(i.status for i in second) == ["failed", "skipped", "skipped", "skipped"]
     report = json.loads(write_report(second, tmp_path / "r.json").read_text())
     assert report["summary"] == {"succeeded": 0, "failed": 1, "skipped": 3, "total": 4}
+
+    # a corrected case0 under the same key: the router's job.json named the version it read, so it runs again
+    staging.put_bytes(nifti_bytes(shape=(24, 24, 24), seed=50), f"{root}/in/case0.nii.gz", s3)
+    third = {i.input.rsplit("/", 1)[1]: i.status for i in run_bulk(f"{root}/in/", f"{root}/out/", backend, s3, **kw)}
+    assert third == {"case0.nii.gz": "succeeded", "case1.nii.gz": "skipped", "case2.nii.gz": "skipped",
+                     "broken.nii.gz": "failed"}
+    listed = {v.uri: v.etag for v in list_volumes(f"{root}/in/", s3)}
+    doc = json.loads(staging.download_bytes(f"{root}/out/site-a/case0/job.json", settings=s3))
+    assert doc["input"]["etag"] == listed[f"{root}/in/case0.nii.gz"]
 
 
 def test_the_api_backend_waits_out_limits_and_restarts_instead_of_failing_the_job():

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from serve.errors import (ConflictError, ModelUnavailableError, MrisegError, Not
                           ServiceUnavailableError, TooManyRequestsError)
 from serve.jobs import OUTPUT_KINDS
 from serve.settings_checks import checked_number
+
+if TYPE_CHECKING:  # staging (boto3) is optional in a cluster that takes uploads only
+    from serve.staging import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -438,8 +442,9 @@ class JobService:
             self.metrics.stage_seconds.labels(name.removesuffix("_s")).observe(job.timings[name])
             return out
 
+        source = None  # the S3 object version read, for the output set's job.json
         if spooled is None:
-            upload, filename = await stage("stage_in_s", self._download, job.input_uri)
+            upload, filename, source = await stage("stage_in_s", self._download, job.input_uri)
         else:
             # The spooled upload stays until the job settles, so a restarted router can resume it.
             upload = await _in_thread(spooled.read_bytes)
@@ -474,7 +479,8 @@ class JobService:
         job.structures = structures
         outdir = Path(self.settings.results_dir) / job.site / job.id
         # a cancel during the write keeps the slot until the thread returns; it skips the upload when cancelled
-        job.outputs = await stage("write_s", self._write, job, volume, labels, per_model, structures, outdir, models)
+        job.outputs = await stage("write_s", self._write, job, volume, labels, per_model, structures, outdir, models,
+                                  source)
         job.timings["total_s"] = time.perf_counter() - t0
         self.metrics.volumes.labels(job.site).inc()
         self.metrics.voxels.labels(job.site).inc(int(np.prod(volume.data.shape)))
@@ -526,7 +532,7 @@ class JobService:
                                           f"({e.strerror or type(e).__name__}); resubmit it") from e
 
     def _write(self, job: Job, volume, labels, per_model, structures, outdir: Path,
-               models: dict) -> dict[str, str]:
+               models: dict, source: ObjectInfo | None = None) -> dict[str, str]:
         from serve.pipeline import SegmentationResult, is_demo_model
 
         job.demo = any(is_demo_model(m) for m in models.values())
@@ -539,17 +545,25 @@ class JobService:
             raise ServiceUnavailableError(f"the router could not write the results of job {job.id} "
                                           f"({e.strerror or type(e).__name__}); resubmit it") from e
         if job.options.output_prefix and job.status != "cancelled":
+            if source is not None and (outdir / "mriseg.json").is_file():
+                from serve import staging
+
+                # the completion marker names the object version read, so ``mriseg bulk`` reruns a
+                # replaced input instead of taking these outputs for its
+                (outdir / "job.json").write_text(json.dumps(staging.completion_doc(outdir, source), indent=1,
+                                                            sort_keys=True))
             outputs.update(self._upload(outdir, job.options.output_prefix))
         return outputs
 
-    def _download(self, uri: str) -> tuple[bytes, str]:
+    def _download(self, uri: str) -> tuple[bytes, str, ObjectInfo]:
+        """The object's bytes, its file name and which version of it was read (ETag, version id)."""
         try:
             from serve import staging
         except ImportError as e:
             raise ServiceUnavailableError("S3 staging is not installed on this cluster; upload the volume "
                                           "to /v1/segmentations/upload instead") from e
-        data = staging.download_bytes(uri, max_bytes=self.settings.max_upload_bytes, settings=self.settings.s3)
-        return data, uri.rsplit("/", 1)[-1]
+        data, source = staging.download_object(uri, self.settings.max_upload_bytes, self.settings.s3)
+        return data, uri.rsplit("/", 1)[-1], source
 
     def _upload(self, outdir: Path, prefix: str) -> dict[str, str]:
         try:

@@ -1,0 +1,256 @@
+"""``mriseg bulk`` keeps one output set per input version: a replaced input runs again, inputs sharing an
+output folder fail unrun, a POST whose answer was lost is not sent twice, and no key reaches stderr
+(real SeaweedFS; the router without Ray; a scripted HTTP server for the API's answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from serve import staging
+from serve.bulk import FAILED, SKIPPED, SUCCEEDED, already_done, api_backend, list_volumes, run_bulk
+from serve.jobs import JobSpec
+from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
+from tests.ray_fixtures import nifti_bytes
+from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+
+pytestmark = pytest.mark.s3
+
+#: what a job's own job.json records of its input (serve.jobs.JobRunner._job_doc)
+INPUT_FIELDS = {"uri", "etag", "version_id", "size", "sha256"}
+
+
+def _recording_backend(ran: list[str]):
+    def backend(spec: JobSpec):
+        ran.append(spec.input_uri)
+        return SUCCEEDED, "", "job-1"
+
+    return backend
+
+
+# -- 1. a replaced input is not done ------------------------------------------------------------
+def test_the_routers_output_set_names_the_input_version_so_a_replaced_input_runs_again(seaweed, tmp_path,  # noqa: F811
+                                                                                        unique_prefix):
+    """The API path: the router's completion job.json records the object it read (as a job's does);
+    after a corrected re-upload under the same key, bulk runs the input again instead of skipping it."""
+    import yaml
+
+    from serve.cluster.jobs_state import JobOptions
+    from serve.cluster.router import JobService, RouterSettings
+    from serve.cluster.tenancy import Tenancy
+
+    inbox, out = f"s3://inbox/{unique_prefix}/in/", f"s3://outbox/{unique_prefix}/"
+    uri = inbox + "case.nii.gz"
+    staging.put_bytes(nifti_bytes(shape=(16, 16, 16), seed=1), uri, seaweed.settings)
+    spec = JobSpec(uri, out, "site-a", roi_subset=("spleen",), outputs=("statistics",),
+                   input_prefix=f"{unique_prefix}/in/")
+    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump({"sites": {"site-a": {
+        "keys": ["key-site-a-0123456789abcdef"], "prefixes": [inbox, out], "max_concurrent_jobs": 2}}}))
+
+    async def describe(name):
+        from types import SimpleNamespace
+
+        return {"state": "ready", "model": SimpleNamespace(checksum="c0ffee", dataset_json={})}
+
+    async def labels(name, refs, spacing):
+        return {"labels": np.zeros(refs[0].shape, np.uint8), "started": 0.0, "finished": 0.0}
+
+    async def segment() -> None:
+        svc = JobService(Tenancy.load(tmp_path / "tenants.yaml"), labels, describe, ["organs"],
+                         RouterSettings(results_dir=str(tmp_path / "r"), s3=dataclasses.asdict(seaweed.settings)),
+                         put=lambda array: array)
+        svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})  # no label maps
+        job = svc.submit(svc.tenancy.sites["site-a"], JobOptions(["spleen"], False, ("statistics",),
+                                                                 spec.output_prefix), input_uri=uri)
+        await asyncio.wait_for(svc.wait(job), 120)
+        assert job.status == "succeeded", job.error
+
+    asyncio.run(segment())
+    [listed] = list_volumes(inbox, seaweed.settings)
+    doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
+    assert set(doc["input"]) == INPUT_FIELDS and doc["input"]["uri"] == uri
+    assert doc["input"]["etag"].strip('"') == listed.etag.strip('"')
+    assert already_done(spec.output_prefix, seaweed.settings, spec.options(), listed)
+    ran: list[str] = []
+    kw = dict(site="site-a", roi_subset=["spleen"], outputs=["statistics"], progress=False)
+    assert [i.status for i in run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, **kw)] == [SKIPPED]
+
+    staging.put_bytes(nifti_bytes(shape=(16, 16, 16), seed=2), uri, seaweed.settings)  # the corrected scan
+    [replaced] = list_volumes(inbox, seaweed.settings)
+    assert not already_done(spec.output_prefix, seaweed.settings, spec.options(), replaced)
+    again = run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, **kw)
+    assert [i.status for i in again] == [SUCCEEDED] and ran == [uri]
+
+
+def test_a_set_that_does_not_say_which_input_made_it_is_run_again(seaweed, unique_prefix):  # noqa: F811
+    """A done job.json without an ``input`` (older versions), or one naming another object, is not
+    proof that the listed input was segmented: bulk reruns it; one naming the listed object is skipped."""
+    inbox, out = f"s3://inbox/{unique_prefix}/legacy/", f"s3://outbox/{unique_prefix}/"
+    etag = staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)["ETag"]
+    spec = JobSpec(inbox + "case.nii.gz", out, input_prefix=f"{unique_prefix}/legacy/")
+    job_json = spec.output_prefix + "job.json"
+    ran: list[str] = []
+    for record, expected in ((None, SUCCEEDED),
+                             ({"uri": spec.input_uri, "etag": '"0123456789abcdef0123456789abcdef"'}, SUCCEEDED),
+                             ({"uri": "s3://inbox/elsewhere/case.nii.gz", "etag": etag}, SUCCEEDED),
+                             ({"uri": spec.input_uri, "etag": etag.strip('"'), "version_id": None}, SKIPPED)):
+        doc = {"status": "done", "options": spec.options(), **({"input": record} if record else {})}
+        staging.put_json(doc, job_json, seaweed.settings)
+        items = run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, progress=False)
+        assert [i.status for i in items] == [expected], record
+    assert len(ran) == 3
+
+
+def test_a_replaced_input_runs_again_with_local_models(seaweed, tiny_models, tmp_path, unique_prefix):  # noqa: F811
+    """``--local-models``: the skip no longer happens before the job runner sees the new ETag. The new
+    version is segmented (beside the old set, the job runner's rule), and a further rerun computes nothing."""
+    import nibabel as nib
+
+    from serve.bulk import local_backend
+
+    inbox, out = f"s3://inbox/{unique_prefix}/local/", f"s3://outbox/{unique_prefix}/"
+    for seed in (1, 2):
+        vol = body_volume("RAS", shape=(16, 16, 12), spacing=(1.5, 1.5, 1.5), seed=seed)
+        nib.save(nib.Nifti1Image(vol.data, vol.affine), str(tmp_path / f"v{seed}.nii.gz"))
+    staging.upload_file(tmp_path / "v1.nii.gz", inbox + "case.nii.gz", seaweed.settings)
+    backend = local_backend([str(tiny_models)], f"s3://jobs/{unique_prefix}", seaweed.settings)
+    kw = dict(progress=False, roi_subset=["liver"], outputs=["multilabel"])
+    first = run_bulk(inbox, out, backend, seaweed.settings, **kw)
+    assert [i.status for i in first] == [SUCCEEDED]
+
+    info = staging.upload_file(tmp_path / "v2.nii.gz", inbox + "case.nii.gz", seaweed.settings)
+    second = run_bulk(inbox, out, backend, seaweed.settings, **kw)
+    assert [i.status for i in second] == [SUCCEEDED], second[0].reason
+    doc = json.loads(staging.download_bytes(second[0].output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["input"]["etag"] == info.etag and doc["status"] == "done"
+    third = run_bulk(inbox, out, backend, seaweed.settings, **kw)
+    assert [(i.status, i.output_prefix) for i in third] == [(SKIPPED, second[0].output_prefix)]
+
+
+# -- 2. inputs sharing an output folder -----------------------------------------------------------
+def test_inputs_that_map_to_one_output_folder_all_fail_before_anything_runs(seaweed, unique_prefix):  # noqa: F811
+    """``p1/scan.nii``, ``p1/scan.nii.gz`` and ``p1/scan.zip`` are all case ``p1/scan``: none runs (not even
+    where a done set is there from an earlier run), each says which others share its folder; the rest run."""
+    inbox, out = f"s3://inbox/{unique_prefix}/shared/", f"s3://outbox/{unique_prefix}/"
+    shared = [inbox + n for n in ("p1/scan.nii", "p1/scan.nii.gz", "p1/scan.zip")]
+    for uri in shared + [inbox + "p1/other.nii.gz"]:
+        staging.put_bytes(b"x", uri, seaweed.settings)
+    folder = JobSpec(shared[1], out, input_prefix=f"{unique_prefix}/shared/").output_prefix
+    staging.put_json({"status": "done", "options": JobSpec(shared[1], out).options()}, folder + "job.json",
+                     seaweed.settings)
+    ran: list[str] = []
+    items = {i.input: i for i in run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, progress=False)}
+    assert ran == [inbox + "p1/other.nii.gz"] and items[inbox + "p1/other.nii.gz"].status == SUCCEEDED
+    for uri in shared:
+        assert items[uri].status == FAILED and items[uri].reason.startswith("409 Output folder shared")
+        assert all(o in items[uri].reason for o in shared if o != uri) and folder in items[uri].reason
+
+
+# -- 3. a POST whose answer was lost is not sent again ---------------------------------------------
+class _Scripted(BaseHTTPRequestHandler):
+    """POST /v1/segmentations answers from ``server.posts`` (``"drop"``: close without answering);
+    GET answers the job succeeded."""
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.posted += 1
+        answer = self.server.posts.pop(0) if len(self.server.posts) > 1 else self.server.posts[0]
+        if answer == "drop":  # the router took it, then the connection went (a proxy, a restart)
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._send(*answer)
+
+    def do_GET(self):  # noqa: N802
+        self._send(200, {"id": "j1", "status": "succeeded"})
+
+    def _send(self, status: int, doc: dict) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if status in (429, 503):
+            self.send_header("Retry-After", "0")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args):
+        pass
+
+
+def _serve(posts: list, port: int = 0) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", port), _Scripted)
+    server.posts, server.posted = posts, 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("answer", ["drop", (502, {"title": "Bad gateway"}), (504, {"title": "Gateway timeout"})])
+def test_a_post_whose_answer_was_lost_is_not_sent_again(answer):
+    """Without an idempotency key in the API, a second POST after a dropped connection or a proxy's
+    502/504 could run the job twice into one folder: the input fails once, saying why."""
+    server = _serve([answer, (202, {"id": "j1", "status": "queued"})])
+    try:
+        run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
+        status, reason, _ = run(JobSpec("s3://in/a.nii.gz", "s3://out"))
+        assert status == FAILED and "may have taken the job" in reason and "rerun skips it" in reason
+        assert server.posted == 1
+    finally:
+        server.shutdown()
+
+
+def test_a_post_the_cluster_refused_or_never_got_is_sent_again():
+    """429/503 and a refused connection prove nothing was queued: those are waited out and sent again."""
+    server = _serve([(503, {"title": "Service unavailable"}), (429, {"title": "Too many requests"}),
+                     (202, {"id": "j1", "status": "queued"})])
+    try:
+        run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
+        assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (SUCCEEDED, "", "j1") and server.posted == 3
+    finally:
+        server.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    late: list[ThreadingHTTPServer] = []
+    starter = threading.Timer(1.5, lambda: late.append(_serve([(202, {"id": "j1", "status": "queued"})], port)))
+    starter.start()  # connection refused until then
+    try:
+        run = api_backend(f"http://127.0.0.1:{port}", "key", poll_s=0.01, timeout_s=60)
+        t = time.monotonic()
+        assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (SUCCEEDED, "", "j1")
+        assert time.monotonic() - t >= 1.4 and late[0].posted == 1
+    finally:
+        starter.join()
+        for s in late:
+            s.shutdown()
+
+
+# -- 4. no object key on stderr -------------------------------------------------------------------
+def test_failed_inputs_are_not_named_on_stderr_but_the_report_names_them(seaweed, unique_prefix, tmp_path,  # noqa: F811
+                                                                        monkeypatch, capsys):
+    from serve.bulk import main
+
+    inbox = f"s3://inbox/{unique_prefix}/phi/"
+    for name in ("Doe^Jane/scan.nii", "Doe^Jane/scan.nii.gz"):  # keys often carry a patient's name
+        staging.put_bytes(b"x", inbox + name, seaweed.settings)
+    s = seaweed.settings
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s.secret_access_key)
+    monkeypatch.setenv("MRISEG_API_KEY", "key")
+    report = tmp_path / "r.json"
+    rc = main([inbox, "--out", f"s3://outbox/{unique_prefix}/", "--s3-endpoint", s.endpoint_url,
+               "--api", "http://127.0.0.1:9", "--report", str(report), "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 1 and "Doe" not in printed.out + printed.err
+    assert "2 input(s) failed; see the report" in printed.err and "#1 (sha256 " in printed.err
+    assert "409 Output folder shared" in printed.err
+    items = json.loads(report.read_text())["items"]
+    assert {i["input"] for i in items} == {inbox + "Doe^Jane/scan.nii", inbox + "Doe^Jane/scan.nii.gz"}
