@@ -210,40 +210,14 @@ def test_bulk_through_the_cluster_api_resumes(serve_stack, tmp_path):  # noqa: F
 def test_the_api_backend_waits_out_limits_and_restarts_instead_of_failing_the_job():
     """A site at its job limit (429), its request rate (429) or a restarting router (503): the job is still
     queued or running, so bulk waits (honouring Retry-After) and reports what the job did."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from serve.bulk import api_backend
     from serve.jobs import JobSpec
+    from tests.test_bulk_inputs import _serve
 
     posts = [(429, {"title": "Too many requests"}), (202, {"id": "j1", "status": "queued"})]
     gets = [(429, {"title": "Too many requests"}), (503, {"title": "Service unavailable"}),
             (200, {"id": "j1", "status": "running"}), (200, {"id": "j1", "status": "succeeded"})]
-
-    class Scripted(BaseHTTPRequestHandler):
-        def _answer(self, script):
-            status, doc = script.pop(0) if len(script) > 1 else script[0]
-            body = json.dumps(doc).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if status in (429, 503):
-                self.send_header("Retry-After", "0")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):  # noqa: N802 - http.server's name
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self._answer(posts)
-
-        def do_GET(self):  # noqa: N802
-            self._answer(gets)
-
-        def log_message(self, *_args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _serve(posts, gets=gets)
     try:
         run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
         assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (SUCCEEDED, "", "j1")

@@ -156,8 +156,8 @@ def test_inputs_that_map_to_one_output_folder_all_fail_before_anything_runs(seaw
 
 # -- 3. a POST whose answer was lost is not sent again ---------------------------------------------
 class _Scripted(BaseHTTPRequestHandler):
-    """POST /v1/segmentations answers from ``server.posts`` (``"drop"``: close without answering);
-    GET answers the job succeeded."""
+    """POST /v1/segmentations answers from ``server.posts`` (``"drop"``: close without answering), GET
+    from ``server.gets``; each list's last answer repeats."""
 
     def do_POST(self):  # noqa: N802 - http.server's name
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -170,7 +170,8 @@ class _Scripted(BaseHTTPRequestHandler):
         self._send(*answer)
 
     def do_GET(self):  # noqa: N802
-        self._send(200, {"id": "j1", "status": "succeeded"})
+        gets = self.server.gets
+        self._send(*(gets.pop(0) if len(gets) > 1 else gets[0]))
 
     def _send(self, status: int, doc: dict) -> None:
         body = json.dumps(doc).encode()
@@ -186,9 +187,12 @@ class _Scripted(BaseHTTPRequestHandler):
         pass
 
 
-def _serve(posts: list, port: int = 0) -> ThreadingHTTPServer:
+def _serve(posts: list, port: int = 0, gets: list | None = None) -> ThreadingHTTPServer:
+    """A scripted cluster API on 127.0.0.1 (``port`` 0: a free one); GETs answer the job succeeded unless
+    ``gets`` says otherwise."""
     server = ThreadingHTTPServer(("127.0.0.1", port), _Scripted)
     server.posts, server.posted = posts, 0
+    server.gets = gets if gets is not None else [(200, {"id": "j1", "status": "succeeded"})]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 

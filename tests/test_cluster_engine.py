@@ -122,13 +122,30 @@ def test_an_unreachable_sub_model_is_retried_not_skipped(api):
         _engine(api).model_checksums(["autochthon_left"], False, "site-a")
 
 
+def _push_until_settled(settings, runner, spec, s3):
+    """Push ``spec`` to an intake worker, wait until nothing is held; the job.json it published, and the worker."""
+    from serve import staging
+    from serve.cluster.intake import IntakeWorker
+
+    worker = IntakeWorker(settings, runner=runner)
+    try:
+        worker.submit([spec.to_dict()])
+        deadline = time.monotonic() + 120  # hang guard only
+        while (worker.journal.held() or worker._in_flight) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert worker.journal.held() == []
+    finally:
+        worker.close()
+    return json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=s3)), worker
+
+
 @pytest.mark.s3
 def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(api, seaweed, unique_prefix,
                                                                              tmp_path):  # noqa: F811
     """The cluster answers 503 every time: five runs, each after a wait twice the last, then an error job.json
     the site can read, nothing held."""
     from serve import staging
-    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.cluster.intake import IntakeSettings
     from serve.jobs import JobRunner, JobSpec, JobStore
     from serve.pushes import MAX_ATTEMPTS, retry_delay_s
 
@@ -147,16 +164,7 @@ def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(api
         return run(job_spec)
 
     runner.run = timed
-    worker = IntakeWorker(settings, runner=runner)
-    try:
-        worker.submit([spec.to_dict()])
-        deadline = time.monotonic() + 120  # hang guard only
-        while (worker.journal.held() or worker._in_flight) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert worker.journal.held() == []
-    finally:
-        worker.close()
-    doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
+    doc, worker = _push_until_settled(settings, runner, spec, seaweed.settings)
     assert doc["status"] == "failed" and doc["error"]["status"] == 503
     assert f"given up after {MAX_ATTEMPTS} runs" in doc["error"]["detail"]
     assert len(runs) == MAX_ATTEMPTS
@@ -170,7 +178,7 @@ def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_
     """A dead worker's claim outlives the five backed-off runs: those looks at a job running elsewhere are no
     runs of ours, so the pushed job waits for the claim to lapse, then runs and is done -- not let go and lost."""
     from serve import staging
-    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.cluster.intake import IntakeSettings
     from serve.jobs import JobRunner, JobSpec, JobStore
 
     api.script = {
@@ -190,17 +198,7 @@ def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_
     # longer than the five runs' backoff (1 + 2 + 4 + 8 s with a 1 s sweep)
     dead = JobStore(settings.jobs, seaweed.settings, owner="dead-worker", lease_s=20.0)
     assert dead.claim(key, full, models)[1]
-    worker = IntakeWorker(settings, runner=runner)
-    try:
-        worker.submit([spec.to_dict()])
-        deadline = time.monotonic() + 90  # hang guard only
-        while (worker.journal.held() or worker._in_flight) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert worker.journal.held() == []
-    finally:
-        worker.close()
-    doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
-    assert doc["status"] == "done"
+    assert _push_until_settled(settings, runner, spec, seaweed.settings)[0]["status"] == "done"
     assert [m for m, p in api.seen if p.startswith("/v1/segmentations/upload")] == ["POST"]
 
 
