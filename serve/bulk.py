@@ -377,6 +377,20 @@ def _print_failures(items: Sequence[Item], report: str | None) -> None:
         print(f"  failed: #{n} (sha256 {digest}): {it.reason.split(':', 1)[0][:80]}", file=sys.stderr)
 
 
+def _check_reachable(url: str, timeout_s: float = 15.0) -> None:
+    """Fail at once on an API that cannot be reached: each input would otherwise wait for it until its
+    job's deadline (a day), since a cluster that is restarting is waited out."""
+    import httpx
+
+    try:
+        r = httpx.get(url.rstrip("/") + "/healthz", timeout=timeout_s)
+    except httpx.TransportError as e:
+        raise MrisegError(f"cannot reach the cluster API at {url} ({type(e).__name__}); check --api "
+                          f"(or $MRISEG_API) and that the cluster is up") from e
+    if r.status_code == 404:
+        raise MrisegError(f"{url} answers, but not as an mriseg-serve API (no /healthz); check --api")
+
+
 def cmd_bulk(args) -> int:
     settings = settings_from_args(args)
     if not args.out.startswith("s3://"):
@@ -395,6 +409,7 @@ def cmd_bulk(args) -> int:
                                   f"({getattr(e, 'strerror', None) or 'not text'})") from e
         if not key:
             raise MrisegError("no API key: pass --api-key-file FILE or set MRISEG_API_KEY")
+        _check_reachable(args.api)
         backend = api_backend(args.api, key)
     if args.report:
         _check_report_path(Path(args.report))

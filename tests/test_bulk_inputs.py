@@ -250,11 +250,33 @@ def test_failed_inputs_are_not_named_on_stderr_but_the_report_names_them(seaweed
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s.secret_access_key)
     monkeypatch.setenv("MRISEG_API_KEY", "key")
     report = tmp_path / "r.json"
-    rc = main([inbox, "--out", f"s3://outbox/{unique_prefix}/", "--s3-endpoint", s.endpoint_url,
-               "--api", "http://127.0.0.1:9", "--report", str(report), "--no-progress"])
+    api = _serve([(500, {"title": "nothing may be submitted here"})])
+    try:
+        rc = main([inbox, "--out", f"s3://outbox/{unique_prefix}/", "--s3-endpoint", s.endpoint_url,
+                   "--api", f"http://127.0.0.1:{api.server_address[1]}", "--report", str(report), "--no-progress"])
+    finally:
+        api.shutdown()
+    assert api.posted == 0
     printed = capsys.readouterr()
     assert rc == 1 and "Doe" not in printed.out + printed.err
     assert "2 input(s) failed; see the report" in printed.err and "#1 (sha256 " in printed.err
     assert "409 Output folder shared" in printed.err
     items = json.loads(report.read_text())["items"]
     assert {i["input"] for i in items} == {inbox + "Doe^Jane/scan.nii", inbox + "Doe^Jane/scan.nii.gz"}
+
+
+def test_an_api_that_cannot_be_reached_stops_bulk_at_once_with_what_to_check(seaweed, unique_prefix,  # noqa: F811
+                                                                           monkeypatch, capsys):
+    """Not after every input has waited a day for it."""
+    from serve.bulk import main
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("MRISEG_API_KEY", "key")
+    t = time.monotonic()
+    rc = main([f"s3://inbox/{unique_prefix}/in/", "--out", f"s3://outbox/{unique_prefix}/", "--s3-endpoint",
+               seaweed.settings.endpoint_url, "--api", f"http://127.0.0.1:{closed}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot reach the cluster API" in err and "check --api" in err
+    assert time.monotonic() - t < 60  # a hang guard: the point is that it does not wait out a deadline
