@@ -468,7 +468,7 @@ class JobRunner:
                               rec.lease_until if rec.state == RUNNING else None)
         audit("job.claimed", job=key[:16], site=spec.site, source="s3-event", attempt=rec.attempts)
         if rec.output_prefix == spec.output_prefix:
-            rec.output_prefix = self._free_prefix(spec, key)
+            rec.output_prefix = self._free_prefix(spec, key, models)
         started = time.time()
         tmp = Path(tempfile.mkdtemp(prefix="mriseg-job-", dir=self.work_dir))
         try:
@@ -493,8 +493,12 @@ class JobRunner:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _free_prefix(self, spec: JobSpec, key: str) -> str:
-        """``{site}/{case}/`` unless another job (other options or models) already published there."""
+    def _free_prefix(self, spec: JobSpec, key: str, models: Mapping[str, str]) -> str:
+        """``{site}/{case}/`` unless another job (other options or models) already published there.
+
+        Its own earlier failure, and the result of an earlier version of the same input made the same way,
+        are replaced: the case folder shows the input as it is now.
+        """
         base = spec.output_prefix
         head = staging.object_exists(base + "job.json", self.settings)
         if head is None:
@@ -510,7 +514,23 @@ class JobRunner:
             # only the reason this input failed before (a corrupt upload since replaced, say): the result
             # of the input as it is now belongs in the case folder, where the site looks for it
             return base
+        if isinstance(existing, dict) and existing.get("status") == DONE and self._supersedes(existing, spec, models):
+            return base
         return f"{base}runs/{key[:16]}/"
+
+    def _supersedes(self, existing: dict, spec: JobSpec, models: Mapping[str, str]) -> bool:
+        """``existing`` was made from an earlier version of this job's input, with the same options and
+        models, and this job reads the version the object has now (a corrected re-upload): its result
+        belongs in the case folder. A late event for a version already replaced does not qualify."""
+        if (existing.get("input") or {}).get("uri") != spec.input_uri or existing.get("options") != spec.options() \
+                or existing.get("models") != dict(models):
+            return False
+        head = staging.object_exists(spec.input_uri, self.settings)
+        if head is None:
+            return False
+        if spec.version_id:
+            return head.get("VersionId") == spec.version_id
+        return bool(spec.etag) and head["ETag"].strip('"') == spec.etag.strip('"')
 
     def _taken_over(self, spec: JobSpec, rec: JobRecord) -> JobOutcome:
         """Our lease lapsed (a stalled worker) and another worker took the job: it is that worker's now."""

@@ -89,10 +89,19 @@ def test_different_options_never_overwrite(seaweed, runner, unique_prefix, tmp_p
     assert b.state == DONE and b.computed and b.key != a.key and b.output_prefix != a.output_prefix
     assert b.output_prefix.startswith(a.output_prefix + "runs/")
     assert staging.download_bytes(a.output_prefix + "segmentation.nii.gz", settings=seaweed.settings) == before
-    # a new version of the input object is a new job too
+    # a new version of the input object (a corrected re-upload) is a new job too, and its result replaces
+    # the earlier version's in the case folder, where the site looks: the set made with other options stays
     put_volume(seaweed.settings, spec.input_uri, tmp_path, seed=3)
     c = runner.run(spec)
-    assert c.computed and c.key not in (a.key, b.key)
+    assert c.computed and c.key not in (a.key, b.key) and c.output_prefix == a.output_prefix
+    doc = json.loads(staging.download_bytes(a.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["job_key"] == c.key
+    assert staging.object_exists(b.output_prefix + "job.json", seaweed.settings) is not None
+    # a late (redelivered) event for the replaced version is the finished job a: nothing runs or is published
+    late = runner.run(dataclasses.replace(spec, etag=json.loads(staging.download_bytes(
+        b.output_prefix + "job.json", settings=seaweed.settings))["input"]["etag"]))
+    assert late.key == a.key and late.state == DONE and not late.computed
+    assert json.loads(staging.download_bytes(a.output_prefix + "job.json", settings=seaweed.settings))["job_key"] == c.key
 
 
 def test_idempotency_key_covers_models_and_options():
