@@ -409,10 +409,11 @@ def cmd_bulk(args) -> int:
                                   f"({getattr(e, 'strerror', None) or 'not text'})") from e
         if not key:
             raise MrisegError("no API key: pass --api-key-file FILE or set MRISEG_API_KEY")
-        _check_reachable(args.api)
         backend = api_backend(args.api, key)
     if args.report:
         _check_report_path(Path(args.report))
+    if not args.local_models:  # after the local checks: a typo in a path is found without the network
+        _check_reachable(args.api)
     items = run_bulk(args.prefix, args.out, backend, settings, site=args.site, concurrency=args.concurrency,
                      roi_subset=args.roi_subset.split(",") if args.roi_subset else None, fast=args.fast,
                      outputs=args.outputs.split(","), progress=not args.no_progress)
