@@ -22,6 +22,7 @@ in process, or the serving layer's call into the Ray cluster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -88,8 +89,7 @@ class InboxRule:
             raise MrisegError(f"{name}: bucket, prefix, site and output_root must be strings (site not empty)")
         parse_s3_uri(f"s3://{d['bucket']}/")  # a clear error for an invalid bucket name
         out_bucket, out_key = parse_s3_uri(d["output_root"].rstrip("/") + "/")
-        inbox = d["prefix"] if d["prefix"].endswith("/") or not d["prefix"] else d["prefix"] + "/"
-        if out_bucket == d["bucket"] and out_key.startswith(inbox):
+        if _inbox(out_bucket, out_key).startswith(_inbox(d["bucket"], d["prefix"])):
             raise MrisegError(f"{name}: output_root lies inside the inbox, so every output would be segmented "
                               f"again; put outputs outside {d['prefix']!r}")
         if not isinstance(d.get("fast", False), bool):
@@ -325,7 +325,7 @@ class Consumer:
         # back to another consumer (and count a receive) meanwhile
         waiting = {m["ReceiptHandle"] for m in msgs[1:]}
         with _VisibilityHeartbeat(self.sqs, self.config.queue_url, waiting, self.config.visibility_timeout_s,
-                                  self.config.heartbeat_s):
+                                  self.config.heartbeat_s) if waiting else contextlib.nullcontext():
             for m in msgs:
                 waiting.discard(m["ReceiptHandle"])
                 try:

@@ -568,9 +568,9 @@ class JobRunner:
         meta = meta or {}
         return {
             "status": state, "job_key": rec.key if rec else None, "site": spec.site, "case": spec.case,
-            "input": {"uri": spec.input_uri, "etag": (info.etag if info else spec.etag),
-                      "version_id": (info.version_id if info else spec.version_id),
-                      "size": info.size if info else None, "sha256": info.sha256 if info else None},
+            "input": staging.input_record(info) if info else {"uri": spec.input_uri, "etag": spec.etag,
+                                                               "version_id": spec.version_id, "size": None,
+                                                               "sha256": None},
             "options": spec.options(),
             "software": {"name": "mriseg-serve", "version": software_version()},
             "models": meta.get("models") or (rec.models if rec else {}), "demo_models": bool(meta.get("demo")),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from serve.cluster.jobs_state import TERMINAL
 from serve.errors import MrisegError
 
 
@@ -27,10 +28,6 @@ class ApiError(MrisegError):
         super().__init__(f"{status} {title}: {detail}")
         self.status, self.title = status, title
         self.retryable = status in self.TRANSIENT if retryable is None else bool(retryable)
-
-
-#: job states after which a job changes no more (serve.cluster.jobs_state.TERMINAL)
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
