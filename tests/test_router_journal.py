@@ -56,9 +56,12 @@ def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_pat
     lost_upload = Job(site="site-a", options=JobOptions(), status="running")
     looping = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-a/b.nii.gz",
                   status="running", resumed=2)
+    # charged twice while it ran, then re-queued: waiting in the queue, it cannot have crashed the router
+    patient = Job(site="site-b", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-b/c.nii.gz",
+                  status="queued", resumed=2)
     gone_site = Job(site="site-x", options=JobOptions(), input_uri="s3://other/x.nii.gz", status="queued")
     done = Job(site="site-a", options=JobOptions(), status="succeeded", outputs={"multilabel": "/r/x.nii.gz"})
-    for j in (s3_job, spooled_job, lost_upload, looping, gone_site, done):
+    for j in (s3_job, spooled_job, lost_upload, looping, patient, gone_site, done):
         old.journal.save(j)
 
     new = _service(tmp_path)
@@ -73,20 +76,25 @@ def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_pat
     async def go():
         n = new.resume_interrupted()
         assert new.resume_interrupted() == 0  # once only
-        await asyncio.gather(*(new.wait(new.jobs[i]) for i in (s3_job.id, spooled_job.id)))
+        await asyncio.gather(*(new.wait(new.jobs[i]) for i in (s3_job.id, spooled_job.id, patient.id)))
         return n
 
-    assert asyncio.run(go()) == 2
+    assert asyncio.run(go()) == 3
     jobs = new.jobs
-    assert {r[0] for r in ran} == {s3_job.id, spooled_job.id}
+    assert {r[0] for r in ran} == {s3_job.id, spooled_job.id, patient.id}
     assert (spooled_job.id, f"{spooled_job.id}.nii.gz", f"{spooled_job.id}.nii.gz") in ran
-    for j in (s3_job, spooled_job):
-        assert jobs[j.id].status == "succeeded" and jobs[j.id].resumed == 1
+    for j in (s3_job, spooled_job, patient):
+        assert jobs[j.id].status == "succeeded"
+    # only the restart a job was running through is charged
+    assert (jobs[s3_job.id].resumed, jobs[spooled_job.id].resumed, jobs[patient.id].resumed) == (1, 0, 2)
     assert not list(incoming.glob(f"{spooled_job.id}*"))  # the spool goes once the job settles
-    for j, words in ((lost_upload, "upload it again"), (looping, "restarted 3 times"),
+    for j, words in ((lost_upload, "upload it again"), (looping, "restarted 3 times while this job was running"),
                      (gone_site, "no longer configured")):
         assert jobs[j.id].status == "failed", j
         assert jobs[j.id].error["status"] == 503 and words in jobs[j.id].error["detail"]
+    # the give-up reason blames no one's input: another job may have been what crashed the router
+    detail = jobs[looping.id].error["detail"]
+    assert "input" not in detail.lower() and "protect the other jobs" in detail and "resubmit" in detail
     assert jobs[done.id].status == "succeeded" and jobs[done.id].outputs == done.outputs
     # what the new router settled is on disk for the next one
     on_disk = {j.id: j.status for j in JobJournal(tmp_path / "results" / ".jobs").load()}

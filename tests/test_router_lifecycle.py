@@ -323,3 +323,55 @@ def test_a_site_flooding_the_router_evicts_its_own_finished_jobs_not_another_sit
         svc._remember(j)
     assert len(svc.jobs) == 4 and theirs.id in svc.jobs
     assert [j for j in svc.jobs.values() if j.site == "site-a"] == flood[-3:]  # the flood's newest stay
+
+
+def test_router_restarts_are_charged_to_the_running_job_only(tmp_path):
+    """A job that crashes its router every time is running at each restart; another site's job waits behind
+    it in the queue. The runner is charged each restart and given up after max_resumes; the waiting job,
+    through more restarts than max_resumes, is never charged and then runs (before: it was failed too, told
+    to check its own input)."""
+    import shutil
+
+    max_resumes = 2
+    (tmp_path / "life0").mkdir()
+    first = _service(tmp_path / "life0", _labels, slots=1, max_resumes=max_resumes)
+    crasher, waiting = (Job(site=s, options=SPLEEN, status=st) for s, st in (("site-a", "running"),
+                                                                             ("site-b", "queued")))
+    for job in (crasher, waiting):  # the disk as a router that died while the crasher ran left it
+        (first._incoming / f"{job.id}.nii.gz").write_bytes(VOLUME)
+        first.journal.save(job)
+    shutil.copytree(first.settings.results_dir, tmp_path / "life1" / "r")  # life N runs on the disk N-1 left
+
+    for restart in range(1, max_resumes + 2):
+        died = asyncio.Event()
+
+        async def crashes_the_router(name, refs, spacing):
+            died.set()
+            await asyncio.Event().wait()
+
+        svc = _service(tmp_path / f"life{restart}", crashes_the_router, slots=1, max_resumes=max_resumes)
+        svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})
+        if restart == max_resumes + 1:
+            svc._call = _labels  # the crasher is given up below: what runs now answers
+
+        async def one_life(svc=svc, restart=restart):
+            assert svc.resume_interrupted() == (2 if restart <= max_resumes else 1)
+            if restart <= max_resumes:
+                await asyncio.wait_for(died.wait(), 60)
+                assert svc.jobs[waiting.id].status == "queued"  # behind the crasher, which holds the one slot
+                # the router dies here: the next one starts from what is on disk now (a crash settles nothing)
+                shutil.copytree(svc.settings.results_dir, tmp_path / f"life{restart + 1}" / "r")
+                for job_id in (waiting.id, crasher.id):  # this router's memory goes with it, unrun
+                    svc.scheduler.cancel(job_id)
+            else:
+                await asyncio.wait_for(svc.wait(svc.jobs[waiting.id]), 60)
+
+        asyncio.run(one_life())
+        assert svc.jobs[waiting.id].resumed == 0, restart
+
+    gave_up, ran = svc.jobs[crasher.id], svc.jobs[waiting.id]
+    assert ran.status == "succeeded", ran.error
+    assert gave_up.status == "failed" and gave_up.resumed == max_resumes
+    detail = gave_up.error["detail"]
+    assert f"restarted {max_resumes + 1} times while this job was running" in detail
+    assert "input" not in detail.lower() and "resubmit" in detail

@@ -37,7 +37,7 @@ class Job:
     structures: dict[int, str] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     error: dict[str, Any] | None = None
-    resumed: int = 0                      # router restarts this job was resumed after
+    resumed: int = 0                      # router restarts it was running through (what max_resumes bounds)
     demo: bool = False                    # made by demo models (NOT FOR CLINICAL USE)
 
     @property

@@ -159,30 +159,40 @@ class JobService:
     def resume_interrupted(self) -> int:
         """Re-queue the jobs a previous router replica accepted but never settled (call from the event loop).
 
-        A job resumes where its input is still at hand; otherwise, or after
-        ``max_resumes`` restarts (a job that keeps killing its router must not
-        loop), it fails with a reason. Returns the number resumed.
+        A job resumes where its input is still at hand; otherwise it fails with
+        a reason. Only a job that was running when the router died is charged
+        the restart (``job.resumed``): a queued job had not started, so it
+        cannot have brought the router down, and it resumes uncharged however
+        often the router restarts. A job charged ``max_resumes`` times already
+        is given up at the next restart it was running through, so that one
+        job cannot keep taking the router (and every site's jobs) down.
+        Returns the number resumed.
         """
         resumed = 0
         while self._interrupted:
             job = self._interrupted.pop(0)
             spooled = next(iter(self._incoming.glob(f"{job.id}*")), None)
             site = self.tenancy.sites.get(job.site)
+            was_running = job.status == "running"  # as the journal had it when the router died
             try:
                 if site is None:
                     raise ServiceUnavailableError(f"site {job.site} is no longer configured")
-                if job.resumed >= self.settings.max_resumes:
+                if was_running and job.resumed >= self.settings.max_resumes:
+                    # nothing says this job's input is to blame (another job may have crashed the router),
+                    # so the reason names what happened and asks for a resubmission only
                     raise ServiceUnavailableError(
-                        f"the router restarted {job.resumed + 1} times while this job ran; it was given up "
-                        f"so that it cannot take the router down again. Check the input, then resubmit")
+                        f"the router restarted {job.resumed + 1} times while this job was running, so it was "
+                        f"given up to protect the other jobs (router.max_resumes is "
+                        f"{self.settings.max_resumes}); resubmit it")
                 if job.input_uri is None and spooled is None:
                     raise ServiceUnavailableError("the router restarted and the uploaded volume was not kept; "
                                                   "upload it again")
                 job.status, job.started, job.timings, job.submodels = "queued", None, {}, {}
-                job.resumed += 1
+                if was_running:
+                    job.resumed += 1
                 self._schedule(job, spooled, spooled.name if spooled else "upload.nii.gz")
                 resumed += 1
-                audit("job.resumed", job=job.id, site=job.site, resumed=job.resumed)
+                audit("job.resumed", job=job.id, site=job.site, resumed=job.resumed, charged=was_running)
             except Exception as e:  # noqa: BLE001 - one odd record must not stop the others
                 job.fail(e if isinstance(e, MrisegError) else ServiceUnavailableError(
                     f"the job could not be resumed after a router restart ({type(e).__name__}); resubmit it"))
