@@ -593,10 +593,11 @@ def safe_extract_zip(path: Path, dest: Path, max_bytes: int = DEFAULT_MAX_ZIP_BY
                 raise CorruptFileError(f"the zip archive is truncated or corrupt ({type(e).__name__})") from e
 
 
-def read_dicom_zip(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+def read_dicom_zip(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
+                   max_extract_bytes: int = DEFAULT_MAX_ZIP_BYTES) -> Volume:
     tmp = Path(tempfile.mkdtemp(prefix="mriseg-dcm-"))
     try:
-        safe_extract_zip(path, tmp)
+        safe_extract_zip(path, tmp, max_extract_bytes)
         return read_dicom_dir(tmp, max_voxels)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -605,17 +606,19 @@ def read_dicom_zip(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
 # -- entry points -------------------------------------------------------------------
 
 def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
-                self_contained: bool = False) -> Volume:
-    """Read a NIfTI/.mha/.nrrd file, a DICOM series folder or a zip of one.
+                self_contained: bool = False, max_extract_bytes: int = DEFAULT_MAX_ZIP_BYTES) -> Volume:
+    """Read a NIfTI/.mha/.nrrd file, a DICOM series folder or a zip of one, in this process.
 
+    Untrusted inputs go through :func:`serve.sandbox.decode_untrusted`, which calls this in a confined child.
     ``self_contained=True`` is for files from elsewhere (uploads, S3 objects): a header that names a separate
     data file (.mhd, .nhdr, or such a key in .mha/.nrrd) is refused, since it could name any file on this host.
+    ``max_extract_bytes`` bounds what a DICOM zip may expand to.
     """
     path = Path(path)
     try:
         if self_contained:
             check_self_contained(path)
-        return _read_volume(path, max_voxels)
+        return _read_volume(path, max_voxels, max_extract_bytes)
     except MrisegError as e:
         e.message = _without_paths(e.message, path)
         e.args = (e.message,)
@@ -632,7 +635,7 @@ def _without_paths(message: str, path: Path) -> str:
     return _TEMP_PATH.sub("the input", message)
 
 
-def _read_volume(path: Path, max_voxels: int) -> Volume:
+def _read_volume(path: Path, max_voxels: int, max_extract_bytes: int = DEFAULT_MAX_ZIP_BYTES) -> Volume:
     if path.is_dir():
         return read_dicom_dir(path, max_voxels)
     if not path.is_file():
@@ -641,7 +644,7 @@ def _read_volume(path: Path, max_voxels: int) -> Volume:
     if suffix in NIFTI_SUFFIXES:
         return read_nifti(path, max_voxels)
     if suffix in ZIP_SUFFIXES:
-        return read_dicom_zip(path, max_voxels)
+        return read_dicom_zip(path, max_voxels, max_extract_bytes)
     if suffix in SITK_SUFFIXES or suffix in DICOM_SUFFIXES:
         return read_sitk_file(path, max_voxels)
     raise UnsupportedFormatError(f"unsupported file type {suffix or '(none)'!r}; supported: "

@@ -1,0 +1,118 @@
+"""What the decoder child may use: its limits, the files it may touch, the layers that must hold.
+
+One :class:`SandboxPolicy` serves every path that decodes untrusted bytes (the
+router, the event intake, the SQS consumer, ``mriseg bulk --local-models``,
+``mriseg segment``); the settings that build it come from the router's
+``sandbox`` mapping in the Serve config, or the defaults here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from serve.errors import MrisegError
+from serve.settings_checks import checked_number
+
+#: The layers the child applies; each is reported as active or not.
+LAYERS: tuple[str, ...] = ("rlimits", "no_new_privs", "seccomp", "landlock")
+
+
+def default_scratch_dir() -> str:
+    """Where work folders of decoder children go: ``$MRISEG_SCRATCH_DIR``, else the system temp folder."""
+    return os.environ.get("MRISEG_SCRATCH_DIR") or tempfile.gettempdir()
+
+
+@dataclass
+class SandboxPolicy:
+    """Limits of one decoder child (all bytes are bytes, all times seconds).
+
+    ``memory_bytes`` bounds the child's address space (the interpreter and its
+    libraries take about 0.4 GiB of it); ``extract_bytes`` bounds what a DICOM
+    zip may expand to in all. Any one file the child writes (the decoded
+    volume, an extracted slice) is bounded by the float32 size of the largest
+    volume the caller accepts. ``require`` names the layers without
+    which no input is decoded (:data:`LAYERS`).
+    """
+
+    memory_bytes: int = 3 << 30
+    cpu_s: int = 120
+    wall_s: float = 300.0
+    extract_bytes: int = (1 << 30) + (64 << 20)
+    open_files: int = 256
+    scratch_dir: str = field(default_factory=default_scratch_dir)
+    require: tuple[str, ...] = ("rlimits", "no_new_privs", "seccomp")
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> "SandboxPolicy":
+        """Build a policy from a config mapping (the router's ``sandbox`` key).
+
+        Args:
+            d: keys as the fields of this class; missing keys keep their defaults.
+
+        Returns:
+            The validated policy.
+
+        Raises:
+            MrisegError: an unknown key, a number out of range, or an unknown layer name.
+        """
+        d = dict(d or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise MrisegError(f"sandbox: unknown setting(s) {unknown}; known: {', '.join(known)}")
+        for key, minimum, integer in (("memory_bytes", 256 << 20, True), ("cpu_s", 1, True), ("wall_s", 1, False),
+                                      ("extract_bytes", 1 << 20, True),
+                                      ("open_files", 16, True)):
+            if key in d:
+                try:
+                    d[key] = checked_number(d[key], minimum, integer=integer)
+                except ValueError as e:
+                    raise MrisegError(f"sandbox: {key} {e}") from None
+        if "require" in d:
+            req = d["require"]
+            if not isinstance(req, (list, tuple)) or not all(isinstance(x, str) for x in req):
+                raise MrisegError(f"sandbox: require must be a list of layer names from {', '.join(LAYERS)}")
+            bad = [x for x in req if x not in LAYERS]
+            if bad:
+                raise MrisegError(f"sandbox: unknown layer(s) {bad} in require; known: {', '.join(LAYERS)}")
+            d["require"] = tuple(req)
+        if "scratch_dir" in d and (not isinstance(d["scratch_dir"], str) or not d["scratch_dir"]):
+            raise MrisegError("sandbox: scratch_dir must be a folder path")
+        return cls(**d)
+
+    def to_json(self) -> dict[str, Any]:
+        """The policy as JSON-able values (what the parent hands the child)."""
+        out = asdict(self)
+        out["require"] = list(self.require)
+        return out
+
+
+def library_paths() -> list[Path]:
+    """Folders the child may read: the interpreter, its standard library and site-packages, system libraries.
+
+    Called in the child (``python -I``: no current folder or user site on ``sys.path``).
+
+    Returns:
+        Existing folders (and ``/etc/ld.so.cache``), each once.
+    """
+    names = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable))}
+    names.update(v for k, v in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib"))
+    names.update(p for p in sys.path if p and os.path.isdir(p))
+    # an editable install maps the package to the source tree (not on sys.path): the package folder alone
+    names.add(str(Path(__file__).resolve().parents[1]))
+    names.update(("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache",
+                  "/usr/share/zoneinfo"))
+    out, seen = [], set()
+    for n in sorted(names):
+        p = Path(os.path.realpath(n))
+        if p.exists() and p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out

@@ -1,0 +1,64 @@
+"""The sandboxed decoder gives what the in-process reader gives, and reports its layers."""
+
+import numpy as np
+import pytest
+
+from serve.errors import MrisegError
+from serve.sandbox import LAYERS, SandboxedDecoder, SandboxPolicy, SandboxUnavailableError
+from serve.volume_io import read_volume, write_nifti
+
+
+@pytest.fixture
+def decoder(tmp_path):
+    return SandboxedDecoder(SandboxPolicy(scratch_dir=str(tmp_path / "scratch")))
+
+
+def test_decode_equals_the_in_process_reader(decoder, tmp_path):
+    rng = np.random.default_rng(0)
+    path = write_nifti(tmp_path / "scan.nii.gz", rng.normal(size=(12, 10, 8)).astype(np.float32),
+                       np.diag([1.2, 0.9, 3.0, 1.0]))
+    got, want = decoder.decode(path, 10_000), read_volume(path, 10_000, self_contained=True)
+    assert np.array_equal(got.data, want.data) and got.data.dtype == np.float32
+    assert np.array_equal(got.affine, want.affine) and got.source_format == "nifti"
+    assert got.header.binaryblock == want.header.binaryblock
+    assert not list((tmp_path / "scratch").iterdir()), "the work folder was left behind"
+
+
+def test_a_refusal_keeps_its_status_and_message(decoder, tmp_path):
+    bad = tmp_path / "scan.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    with pytest.raises(MrisegError) as e:
+        decoder.decode(bad, 10_000)
+    assert e.value.status == 422 and "NIfTI" in e.value.message
+    assert str(tmp_path) not in e.value.message  # no server-side path in what the user sees
+
+
+def test_probe_reports_every_layer_on_this_host(decoder):
+    layers = decoder.probe()
+    assert set(layers) == set(LAYERS)
+    assert decoder.missing_layers(layers) == []
+
+
+def test_a_missing_required_layer_decodes_nothing(tmp_path):
+    """A child whose sandbox lacks a required layer refuses to open the input: 503, not a weak decode."""
+    import json
+
+    policy = SandboxPolicy(scratch_dir=str(tmp_path))
+    script = ("import json, sys; from pathlib import Path; from serve.sandbox import child; "
+              "child.confine = lambda *a: dict.fromkeys(('rlimits', 'no_new_privs', 'seccomp', 'landlock'), False); "
+              "sys.exit(child.main(sys.argv))")
+    dec = SandboxedDecoder(policy, entry=("-c", script))
+    assert dec.probe() == dict.fromkeys(LAYERS, False)
+    path = write_nifti(tmp_path / "scan.nii.gz", np.ones((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(SandboxUnavailableError) as e:
+        dec.decode(path, 1000)
+    assert e.value.status == 503
+    assert json.dumps(policy.to_json())  # the policy travels as JSON
+
+
+def test_policy_settings_are_checked():
+    with pytest.raises(MrisegError, match="unknown layer"):
+        SandboxPolicy.from_mapping({"require": ["selinux"]})
+    with pytest.raises(MrisegError, match="unknown setting"):
+        SandboxPolicy.from_mapping({"memory": 1})
+    assert SandboxPolicy.from_mapping({"require": ["landlock"]}).require == ("landlock",)
