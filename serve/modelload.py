@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,25 +77,88 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
     return model, set(flags)
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+#: Set to 1 (the operator's decision) to load checkpoints that need full unpickling.
+TRUST_PICKLED_ENV = "MRISEG_TRUST_PICKLED_CHECKPOINTS"
+
+# The only globals a checkpoint of nnU-Net v2's trainer references beyond torch's own
+# weights-only set (tensors, OrderedDict, torch.device, _codecs.encode). nnUNetTrainer.save_checkpoint
+# pickles: network_weights (OrderedDict of tensors), optimizer_state and grad_scaler_state (dicts of
+# tensors, floats, ints, bools, None), logging (lists of Python floats and numpy float32/float64
+# scalars), _best_ema (a numpy scalar or None), current_epoch (int), init_args (plans and
+# dataset_json as plain dicts, configuration str, fold int or str, device a torch.device),
+# trainer_name (str) and inference_allowed_mirroring_axes (a tuple of ints or None).
+# A numpy scalar pickles as scalar(dtype, bytes); numpy 1.x (the TotalSegmentator weights)
+# named the function numpy.core.multiarray.scalar, numpy 2 numpy._core.multiarray.scalar. The
+# dtype is rebuilt through np.dtype and its state set on the dtype's class, hence those classes.
+_NNUNET_GLOBALS = [
+    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    np.dtype,
+    np.dtypes.Float32DType,
+    np.dtypes.Float64DType,
+]
+# torch.serialization.safe_globals changes a process-wide set for its duration: loads
+# in two threads must not add and remove it under each other.
+_SAFE_LOAD_LOCK = threading.Lock()
+
+
+def trust_pickled_checkpoints() -> bool:
+    """Whether the operator allows checkpoints that need full unpickling (``$MRISEG_TRUST_PICKLED_CHECKPOINTS``).
+
+    Returns:
+        True when the variable is ``1``, ``true`` or ``yes`` (any case).
+    """
+    return os.environ.get(TRUST_PICKLED_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def load_checkpoint(path: Path, data: bytes | None = None, *, trust_pickled: bool | None = None) -> dict[str, Any]:
+    """An nnU-Net v2 checkpoint, unpickled with torch's weights-only loader and nothing beyond what
+    nnU-Net's trainer saves.
+
+    A checkpoint that needs anything else (a pickled object of any other class, whose
+    unpickling may run code) is refused unless the operator trusts pickled checkpoints.
+
+    Args:
+        path: The checkpoint file (named in errors; read when ``data`` is None).
+        data: The file's bytes, already read (and checked against a pinned manifest).
+        trust_pickled: Allow full unpickling; None reads ``$MRISEG_TRUST_PICKLED_CHECKPOINTS``.
+
+    Returns:
+        The checkpoint dictionary, tensors on the CPU.
+
+    Raises:
+        ModelFolderError: the file is not a loadable checkpoint, or needs full unpickling
+            without the operator's trust.
+    """
+    import pickle
+
     import torch
 
+    source = io.BytesIO(data) if data is not None else path
     try:
-        # numpy scalars appear in nnU-Net's logging state; allow them and nothing else
-        with torch.serialization.safe_globals([np.core.multiarray.scalar, np.dtype,
-                                               np.dtypes.Float64DType, np.dtypes.Float32DType,
-                                               np.dtypes.Int64DType]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure falls back below
-        # Operator-imported weights (the model store is not user-controlled) may
-        # carry other pickled objects; nnU-Net itself loads them this way.
-        log.warning("checkpoint %s needs full unpickling (%s); loading it as nnU-Net does",
-                    path.name, type(e).__name__)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:  # noqa: BLE001 - truncated, not a checkpoint at all, or from another tool
-            raise ModelFolderError(f"{path} cannot be loaded as a PyTorch checkpoint ({type(e2).__name__}); "
-                                   f"the file is damaged or not nnU-Net weights: import the model again") from e2
+        with _SAFE_LOAD_LOCK, torch.serialization.safe_globals(_NNUNET_GLOBALS):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's refusal of a global or opcode outside the allow-list
+        why = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), type(e).__name__)
+        unsafe = e
+    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint at all, or from another tool
+        raise ModelFolderError(f"{path} cannot be loaded as a PyTorch checkpoint ({type(e).__name__}); "
+                               f"the file is damaged or not nnU-Net weights: import the model again") from e
+    if not (trust_pickled_checkpoints() if trust_pickled is None else trust_pickled):
+        raise ModelFolderError(
+            f"{path} holds pickled objects beyond what nnU-Net's trainer saves ({why[:300]}); unpickling them "
+            f"could run code from the file, so it was not loaded. Use weights saved by nnU-Net, or, only if you "
+            f"trust where this file came from, set {TRUST_PICKLED_ENV}=1 for the processes that load models") \
+            from unsafe
+    log.warning("checkpoint %s needs full unpickling (%s); loading it because %s is set",
+                path.name, why[:200], TRUST_PICKLED_ENV)
+    if data is not None:
+        source.seek(0)
+    try:
+        return torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever the pickled objects raise
+        raise ModelFolderError(f"{path} cannot be loaded as a PyTorch checkpoint ({type(e).__name__}); "
+                               f"the file is damaged or not nnU-Net weights: import the model again") from e
 
 
 @dataclass
@@ -150,7 +214,7 @@ def load_model(folder: str | os.PathLike, submodel: SubModel, *, device: str = "
     trainer_name, configuration, mirror_axes = folder.name.split("__")[0], None, None
     for i, f in enumerate(folds):
         ckpt_path = folder / f"fold_{f}" / checkpoint_name
-        ckpt = _load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)
         digest.update(sha256_file(ckpt_path).encode())
         if i == 0:
             trainer_name = ckpt.get("trainer_name", trainer_name)
