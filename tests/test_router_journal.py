@@ -232,3 +232,51 @@ def test_a_cancel_the_disk_cannot_record_is_not_run_again_by_a_restart(tmp_path)
     assert "could not be written (OSError)" in done.stderr and "restart forgets the job" in done.stderr
     new = _service(tmp_path)
     assert job_id not in new.jobs and new.resume_interrupted() == 0
+
+
+def test_the_journal_counts_the_bytes_of_its_records(tmp_path):
+    j = JobJournal(tmp_path)
+    a, b = Job(site="site-a", options=JobOptions()), Job(site="site-b", options=JobOptions())
+    for job in (a, b):
+        j.save(job)
+    a.status, a.structures = "succeeded", {i: f"structure_{i}" for i in range(80)}
+    j.save(a)  # a record replaced by a bigger one counts once, at its new size
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in tmp_path.glob("*.json"))
+
+    assert j.size(a.id) == (tmp_path / f"{a.id}.json").stat().st_size > j.size(b.id) > 0
+    assert j.total_bytes == on_disk()
+    again = JobJournal(tmp_path)  # a restarted router counts what it finds
+    again.load()
+    assert again.total_bytes == on_disk() and again.size(a.id) == j.size(a.id)
+    j.remove(b.id)
+    assert j.total_bytes == j.size(a.id) == on_disk() and j.size(b.id) == 0
+
+
+def test_the_journal_can_live_in_a_folder_of_its_own(tmp_path):
+    """router.journal_dir: the records go there (in k8s: a volume of their own), apart from the spool and the
+    results, and a restarted router resumes from them as from the default {results_dir}/.jobs."""
+    journal = tmp_path / "journal-volume"
+    old = _service(tmp_path, journal_dir=str(journal))
+    queued = Job(site="site-a", options=JobOptions(), status="queued")
+    (old._incoming / f"{queued.id}.nii.gz").write_bytes(b"volume bytes")
+    old.journal.save(queued)
+    assert [p.name for p in journal.iterdir()] == [f"{queued.id}.json"]
+    assert not (tmp_path / "results" / ".jobs").exists()
+
+    new = _service(tmp_path, journal_dir=str(journal))
+    assert list(new._incoming.iterdir())  # its journalled job owns the spooled upload: kept
+
+    async def quick(job, spooled, filename):
+        return job
+
+    new._execute = quick
+
+    async def go():
+        assert new.resume_interrupted() == 1
+        await new.wait(new.jobs[queued.id])
+
+    asyncio.run(go())
+    assert [j.status for j in JobJournal(journal).load()] == ["succeeded"]
+    assert not list(new._incoming.iterdir())

@@ -375,3 +375,48 @@ def test_router_restarts_are_charged_to_the_running_job_only(tmp_path):
     detail = gave_up.error["detail"]
     assert f"restarted {max_resumes + 1} times while this job was running" in detail
     assert "input" not in detail.lower() and "resubmit" in detail
+
+
+def _kept(svc: JobService, job: Job) -> None:
+    """What submit does with a new job: journal it, then keep it (evicting what the bounds say)."""
+    svc.journal.save(job)
+    svc._remember(job)
+
+
+def test_the_journal_is_bounded_by_bytes_evicting_settled_jobs_oldest_first(tmp_path):
+    svc = _service(tmp_path, _labels)
+    running = [Job(site="site-a", options=SPLEEN, status=s) for s in ("running", "queued")]
+    for j in running:
+        _kept(svc, j)
+    svc.settings.journal_max_bytes = svc.journal.total_bytes * 3  # room for four more records or so
+    settled = [Job(site="site-a", options=SPLEEN, status="succeeded") for _ in range(10)]
+    for j in settled:
+        (tmp_path / "r" / "site-a" / j.id).mkdir(parents=True)  # its local results
+        _kept(svc, j)
+    assert svc.journal.total_bytes <= svc.settings.journal_max_bytes
+    kept = [j for j in settled if j.id in svc.jobs]
+    assert 0 < len(kept) < len(settled) and kept == settled[-len(kept):]  # the newest stay
+    assert all(j.id in svc.jobs for j in running)  # unsettled: never evicted
+    assert sorted(p.stem for p in svc.journal.root.glob("*.json")) == sorted(svc.jobs)
+    assert sorted(p.name for p in (tmp_path / "r" / "site-a").iterdir()) == sorted(j.id for j in kept)
+
+    # only unsettled jobs left over the bound: none is evicted, and accepting goes on
+    svc.settings.journal_max_bytes = 1
+    more = Job(site="site-a", options=SPLEEN, status="queued")
+    _kept(svc, more)
+    assert set(svc.jobs) == {j.id for j in running} | {more.id}
+
+
+def test_a_site_flooding_the_journal_with_bytes_evicts_its_own_finished_jobs(tmp_path):
+    """By bytes the site whose records take the most pays first, though another site keeps more jobs."""
+    svc = _service(tmp_path, _labels)
+    small = [Job(site="site-a", options=SPLEEN, status="succeeded") for _ in range(3)]
+    big = [Job(site="site-b", options=SPLEEN, status="failed",
+               error={"status": 422, "title": "Bad input", "detail": "x" * 4000, "retryable": False})
+           for _ in range(2)]
+    for j in (small[0], big[0], small[1], big[1], small[2]):
+        _kept(svc, j)
+    svc.settings.journal_max_bytes = svc.journal.total_bytes - 1
+    _kept(svc, Job(site="site-a", options=SPLEEN, status="queued"))
+    assert big[0].id not in svc.jobs  # site-b's oldest, though site-a's records are older and more
+    assert all(j.id in svc.jobs for j in small + big[1:])

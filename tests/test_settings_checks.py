@@ -37,6 +37,12 @@ def test_checked_number_converts_and_reports_its_bounds():
     ({"max_jobs_kept": 0}, "router: max_jobs_kept"),
     ({"max_resumes": "2"}, "router: max_resumes"),
     ({"results_dir": 5}, "router: results_dir must be a folder path"),
+    ({"journal_dir": ""}, "router: journal_dir must be a folder path"),
+    ({"journal_dir": 5}, "router: journal_dir must be a folder path"),
+    # the start-up clean-up of the spool would delete the journal's records
+    ({"results_dir": "/r", "journal_dir": "/r/.incoming/jobs"}, "router: journal_dir .* lies in the upload spool"),
+    ({"journal_max_bytes": 4096}, "router: journal_max_bytes must be an integer >= 1048576 \\(1 MiB\\), not 4096"),
+    ({"journal_max_bytes": "64Mi"}, "router: journal_max_bytes must be an integer"),
     ({"s3": "http://s3"}, "s3: expected a mapping"),
     ({"slot": 2}, "router: unknown setting"),
 ])
@@ -53,6 +59,9 @@ def test_router_settings_in_range_are_taken_as_numbers():
     s = RouterSettings.from_mapping({"slots": 8.0, "submodel_timeout_s": 60, "max_voxels": None, "max_resumes": 0})
     assert (s.slots, s.submodel_timeout_s, s.max_voxels, s.max_resumes) == (8, 60.0, None, 0)
     assert isinstance(s.slots, int) and RouterSettings.from_mapping(None) == RouterSettings()
+    s = RouterSettings.from_mapping({"results_dir": "/r", "journal_dir": "/journal", "journal_max_bytes": 2**20})
+    assert (str(s.journal_path()), s.journal_max_bytes) == ("/journal", 2**20)
+    assert str(RouterSettings.from_mapping({"results_dir": "/r"}).journal_path()) == "/r/.jobs"  # as before
 
 
 @pytest.mark.parametrize("change,says", [

@@ -1,15 +1,20 @@
 """The router's job records on disk, so a restarted router replica still knows its jobs.
 
-Each job is one JSON file, ``{results_dir}/.jobs/{id}.json``, replaced
-atomically on every state change (queued, running, settled). A new router
-replica reads them back: settled jobs answer status and result calls as
-before; jobs that were queued or running are resumed where their input is
-still at hand (an ``s3://`` input, or an upload still spooled on disk) and
-failed with a reason otherwise. Nothing accepted is silently forgotten.
+Each job is one JSON file, ``{journal_dir}/{id}.json`` (``router.journal_dir``,
+by default ``{results_dir}/.jobs``), replaced atomically on every state change
+(queued, running, settled). A new router replica reads them back: settled jobs
+answer status and result calls as before; jobs that were queued or running are
+resumed where their input is still at hand (an ``s3://`` input, or an upload
+still spooled on disk) and failed with a reason otherwise. Nothing accepted is
+silently forgotten.
 
-The journal holds job ids, sites, options and outcomes, never voxel data.
-It lives beside the results, so it survives what they survive: a replica
-restart on the same node, or a pod restart where ``results_dir`` is a volume.
+The journal holds job ids, sites, options and outcomes, never voxel data. It
+survives what its folder survives: a replica restart on the same node, or a pod
+restart where the folder is a persistent volume. A folder on a volume of its own
+(as in the k8s overlays) keeps it apart from the spooled uploads and the
+results, so a flood of those cannot fill the journal's disk. The journal counts
+the bytes of its records (:attr:`JobJournal.total_bytes`) so the router can
+bound it by size as well as by job count.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -76,23 +82,45 @@ class JobJournal:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # job id -> bytes of its record; saves come from worker threads as well as the event loop
+        self._sizes: dict[str, int] = {}
+        self._total = 0
+        self._lock = threading.Lock()
 
     def _path(self, job_id: str) -> Path:
         return self.root / f"{job_id}.json"
 
+    def _account(self, job_id: str, size: int) -> None:
+        with self._lock:
+            self._total += size - self._sizes.pop(job_id, 0)
+            if size:
+                self._sizes[job_id] = size
+
+    @property
+    def total_bytes(self) -> int:
+        """The bytes of every record this journal holds (what ``router.journal_max_bytes`` bounds)."""
+        return self._total
+
+    def size(self, job_id: str) -> int:
+        """The bytes of the job's record (0 when it has none)."""
+        return self._sizes.get(job_id, 0)
+
     def save(self, job: Job) -> None:
         """Record the job's current state."""
+        data = json.dumps(job_to_record(job)).encode()
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(job_to_record(job), f)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, self._path(job.id))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._account(job.id, len(data))
 
     def remove(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)
+        self._account(job_id, 0)
 
     def load(self) -> list[Job]:
         """Every recorded job, oldest first. An unreadable record is logged and set aside, not fatal."""
@@ -102,7 +130,10 @@ class JobJournal:
                 p.unlink(missing_ok=True)  # a write that never finished
                 continue
             try:
-                jobs.append(job_from_record(json.loads(p.read_text())))
+                data = p.read_bytes()
+                job = job_from_record(json.loads(data))
+                jobs.append(job)
+                self._account(job.id, len(data))
             except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                 log.error("job record %s is unreadable (%s); moved aside", p.name, type(e).__name__)
                 p.rename(p.with_suffix(".unreadable"))

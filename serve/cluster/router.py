@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections import OrderedDict
@@ -40,6 +41,10 @@ if TYPE_CHECKING:  # staging (boto3) is optional in a cluster that takes uploads
 
 log = logging.getLogger(__name__)
 
+# Below about a megabyte the journal holds a few hundred records: finished jobs would be evicted
+# before their sites have read them.
+_MIN_JOURNAL_BYTES = 1 << 20
+
 
 @dataclass
 class RouterSettings:
@@ -50,8 +55,18 @@ class RouterSettings:
     submodel_retries: int = 1            # re-sends after a replica died mid-call
     submodel_timeout_s: float = 1800.0   # one sub-model call, queueing included; then 503 (resubmit)
     max_jobs_kept: int = 10_000
-    max_resumes: int = 2                 # a job that outlived this many router restarts fails instead
+    max_resumes: int = 2                 # a job running through more router restarts than this is given up
+    journal_dir: str | None = None       # the job journal's folder; None: {results_dir}/.jobs
+    journal_max_bytes: int = 64 << 20    # settled jobs' records beyond this are evicted too (as max_jobs_kept)
     s3: dict | None = None
+
+    def journal_path(self) -> Path:
+        """The job journal's folder: ``journal_dir``, or ``{results_dir}/.jobs`` where it is not set.
+
+        Returns:
+            The folder (on a volume of its own in the k8s overlays, apart from the spool and results).
+        """
+        return Path(self.journal_dir) if self.journal_dir else Path(self.results_dir) / ".jobs"
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "RouterSettings":
@@ -68,6 +83,12 @@ class RouterSettings:
                     d[key] = checked_number(d[key], minimum, integer=integer)
                 except ValueError as e:
                     raise MrisegError(f"router: {key} {e}") from None
+        if "journal_max_bytes" in d:
+            try:
+                d["journal_max_bytes"] = checked_number(d["journal_max_bytes"], _MIN_JOURNAL_BYTES, integer=True)
+            except ValueError:
+                raise MrisegError(f"router: journal_max_bytes must be an integer >= {_MIN_JOURNAL_BYTES} (1 MiB), "
+                                  f"not {d['journal_max_bytes']!r:.80}") from None
         if d.get("max_voxels") is not None:
             try:
                 d["max_voxels"] = checked_number(d["max_voxels"], 1, integer=True)
@@ -75,6 +96,16 @@ class RouterSettings:
                 raise MrisegError(f"router: max_voxels {e} (or null for the default)") from None
         if not isinstance(d.get("results_dir", cls.results_dir), str) or not d.get("results_dir", cls.results_dir):
             raise MrisegError(f"router: results_dir must be a folder path, not {d.get('results_dir')!r:.80}")
+        journal_dir = d.get("journal_dir")
+        if journal_dir is not None:
+            if not isinstance(journal_dir, str) or not journal_dir:
+                raise MrisegError(f"router: journal_dir must be a folder path (or null for "
+                                  f"{{results_dir}}/.jobs), not {journal_dir!r:.80}")
+            # the router removes every spooled file no unsettled job owns at start: that would be the records
+            spool = Path(os.path.abspath(Path(d.get("results_dir", cls.results_dir)) / ".incoming"))
+            if Path(os.path.abspath(journal_dir)).is_relative_to(spool):
+                raise MrisegError(f"router: journal_dir {journal_dir} lies in the upload spool {spool}, whose "
+                                  f"unowned files are removed at start; give the journal a folder of its own")
         if d.get("s3") is not None and not isinstance(d["s3"], Mapping):
             raise MrisegError("s3: expected a mapping of S3 settings")
         return cls(**d)
@@ -145,7 +176,7 @@ class JobService:
         self._seq = 0
         self._incoming = Path(self.settings.results_dir) / ".incoming"
         self._incoming.mkdir(parents=True, exist_ok=True)
-        self.journal = JobJournal(Path(self.settings.results_dir) / ".jobs")
+        self.journal = JobJournal(self.settings.journal_path())
         self._interrupted: list[Job] = []
         for job in self.journal.load():
             self.jobs[job.id] = job
@@ -615,22 +646,29 @@ class JobService:
         self._update_gauges()
 
     def _remember(self, job: Job) -> None:
+        """Keep ``job``, evicting settled jobs while more than ``max_jobs_kept`` are kept or their journal
+        records take more than ``journal_max_bytes``."""
         self.jobs[job.id] = job
-        while len(self.jobs) > self.settings.max_jobs_kept:
-            old = self._evictable()
+        while True:
+            if len(self.jobs) > self.settings.max_jobs_kept:
+                old = self._evictable(lambda j: 1)
+            elif self.journal.total_bytes > self.settings.journal_max_bytes:
+                old = self._evictable(lambda j: self.journal.size(j.id))
+            else:
+                break
             if old is None:
                 break
             self.jobs.pop(old.id)
             self.journal.remove(old.id)
             shutil.rmtree(Path(self.settings.results_dir) / old.site / old.id, ignore_errors=True)
 
-    def _evictable(self) -> Job | None:
-        """The oldest settled job of the site keeping the most: a site that floods the router with jobs
-        evicts its own results, not another site's. Running jobs (and a cancelled job whose thread may
-        still write) are never evicted, nor do they block later ones."""
+    def _evictable(self, weight: Callable[[Job], int]) -> Job | None:
+        """The oldest settled job of the site keeping the most (jobs, or journal bytes: ``weight`` per job):
+        a site that floods the router with jobs evicts its own results, not another site's. Running jobs
+        (and a cancelled job whose thread may still write) are never evicted, nor do they block later ones."""
         counts: dict[str, int] = {}
         for j in self.jobs.values():
-            counts[j.site] = counts.get(j.site, 0) + 1
+            counts[j.site] = counts.get(j.site, 0) + weight(j)
         for site in sorted(counts, key=counts.__getitem__, reverse=True):
             for j in self.jobs.values():  # oldest first
                 if j.site == site and j.done and j.id not in self._futures:
