@@ -108,13 +108,15 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
     from serve.modelstore import ModelStore
     from serve.outputs.writers import write_outputs
     from serve.pipeline import Segmenter
-    from serve.volume_io import read_volume
+    from serve.sandbox import decode_untrusted
 
     try:  # before the work: an unwritable destination found after segmenting wastes it all
         Path(outdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MrisegError(f"cannot create the output folder {outdir} ({e.strerror}); choose a writable one") from e
-    volume = read_volume(input_path)
+    # a scan from elsewhere is as hostile here as on the server: decoded in the sandbox, but a user's own
+    # .mhd/.nhdr may keep its voxels beside it
+    volume = decode_untrusted(input_path, self_contained=False)
     if sources is None:
         from serve.demo import ensure_demo_models
 

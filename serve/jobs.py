@@ -350,9 +350,10 @@ class Engine(Protocol):
 class SegmenterEngine:
     """:class:`serve.pipeline.Segmenter` in this process."""
 
-    def __init__(self, segmenter, max_voxels: int | None = None):
+    def __init__(self, segmenter, max_voxels: int | None = None, sandbox=None):
         self.segmenter = segmenter
         self.max_voxels = max_voxels
+        self.sandbox = sandbox  # a serve.sandbox.SandboxPolicy; None: its defaults
         self.calls = 0  # segmentations actually computed (idempotency is observable)
 
     def model_checksums(self, roi_subset, fast, site: str = "default") -> dict[str, str]:
@@ -361,9 +362,9 @@ class SegmenterEngine:
 
     def segment_file(self, path: Path, spec: JobSpec, outdir: Path) -> dict[str, Any]:
         from serve.outputs.writers import write_outputs
-        from serve.volume_io import DEFAULT_MAX_VOXELS, read_volume
+        from serve.sandbox import decode_untrusted
 
-        volume = read_volume(path, self.max_voxels or DEFAULT_MAX_VOXELS, self_contained=True)
+        volume = decode_untrusted(path, self.max_voxels, self.sandbox)
         self.calls += 1
         result = self.segmenter.segment(volume, list(spec.roi_subset) if spec.roi_subset else None, spec.fast)
         write_outputs(result, volume, outdir, multilabel="multilabel" in spec.outputs,

@@ -25,6 +25,7 @@ from serve.cluster.metrics import IngressMetrics, start_metrics_server
 from serve.cluster.router import JobService, RouterSettings
 from serve.cluster.tenancy import Tenancy
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
+from serve.sandbox import SandboxedDecoder, SandboxPolicy
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,18 @@ class Ingress:
         self.settings = settings
         tenancy = Tenancy.load(settings.get("tenants_file"))
         metrics = IngressMetrics()
+        decoder = SandboxedDecoder(SandboxPolicy.from_mapping(settings.get("sandbox")))
+        self.sandbox_layers = decoder.probe()
+        self.sandbox_missing = decoder.missing_layers(self.sandbox_layers)
+        log.info("decoder sandbox layers: %s", ", ".join(f"{k}={'on' if v else 'OFF'}"
+                                                        for k, v in self.sandbox_layers.items()))
+        if self.sandbox_missing:
+            log.error("the decoder sandbox lacks required layer(s) %s: not ready, nothing is decoded",
+                      ", ".join(self.sandbox_missing))
         self.service = JobService(tenancy, self._call, self._describe, list(submodels),
                                   RouterSettings.from_mapping({**(settings.get("router") or {}),
                                                                "s3": settings.get("s3")}),
-                                  metrics, running_replicas=self._running_replicas)
+                                  metrics, running_replicas=self._running_replicas, decoder=decoder)
         self.metrics_port = start_metrics_server(metrics, int(settings.get("metrics_port") or 0),
                                                  settings.get("metrics_host", "0.0.0.0"))
         self._ready_cache: tuple[float, dict] | None = None
@@ -85,6 +94,11 @@ class Ingress:
             log.warning("cannot read the deployments' status: %s", type(e).__name__)
             raise ServiceUnavailableError("the cluster cannot report its deployments' status right now; "
                                           "try again shortly") from e
+        report["sandbox"] = self.sandbox_layers
+        if self.sandbox_missing:
+            report["ready"] = False
+            report["detail"] = (f"the decoder sandbox lacks the required layer(s) {', '.join(self.sandbox_missing)} "
+                                f"on this host (see the router's log and docs/reliability.md)")
         self._ready_cache = (now, report)
         return report
 
@@ -150,7 +164,7 @@ def _resolve_sources(sources: list[str]) -> list[str]:
 
 
 APP_ARGS = {"model_sources", "model_cache_dir", "s3", "submodels", "submodel_settings", "tenants_file",
-            "router", "metrics_port", "metrics_host", "deployment_options", "events"}
+            "router", "metrics_port", "metrics_host", "deployment_options", "events", "sandbox"}
 
 
 def validate_args(args: dict[str, Any] | None) -> dict[str, Any]:
@@ -175,7 +189,8 @@ def build_app(args: dict[str, Any]) -> rayserve.Application:
     ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
     ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options),
     ``events`` (S3 event intake: :class:`serve.cluster.intake.IntakeSettings`; adds the
-    ``EventIntake`` deployment and ``POST /v1/events``).
+    ``EventIntake`` deployment and ``POST /v1/events``), ``sandbox`` (the decoder sandbox:
+    :class:`serve.sandbox.SandboxPolicy`; its ``require`` list decides readiness).
     """
     args = validate_args(args)
     sources = _resolve_sources(list(args.get("model_sources") or [DEMO_SOURCE]))
@@ -188,7 +203,7 @@ def build_app(args: dict[str, Any]) -> rayserve.Application:
     bound = {n: SubModelDeployment.options(name=n, **{**opts.get("submodel_defaults", {}), **opts.get(n, {})})
              .bind(n, common) for n in names}
     ingress_settings = {k: args.get(k) for k in ("tenants_file", "router", "metrics_port", "metrics_host", "s3",
-                                                 "events") if args.get(k) is not None}
+                                                 "events", "sandbox") if args.get(k) is not None}
     intake = None
     if args.get("events"):
         intake = EventIntake.options(**opts.get("EventIntake", {})).bind(args["events"], args.get("s3"))

@@ -34,7 +34,9 @@ from serve.cluster.tenancy import Site, Tenancy
 from serve.errors import (ConflictError, ModelUnavailableError, MrisegError, NotFoundError,
                           ServiceUnavailableError, TooManyRequestsError)
 from serve.jobs import OUTPUT_KINDS
+from serve.sandbox import SandboxedDecoder
 from serve.settings_checks import checked_number
+from serve.volume_io import DEFAULT_MAX_VOXELS
 
 if TYPE_CHECKING:  # staging (boto3) is optional in a cluster that takes uploads only
     from serve.staging import ObjectInfo
@@ -159,9 +161,13 @@ class JobService:
                  deployed: list[str], settings: RouterSettings | None = None,
                  metrics: IngressMetrics | None = None, catalogue: Catalogue | None = None,
                  put: Callable[[np.ndarray], Any] | None = None,
-                 running_replicas: Callable[[], Awaitable[dict[str, int]]] | None = None):
+                 running_replicas: Callable[[], Awaitable[dict[str, int]]] | None = None,
+                 decoder: SandboxedDecoder | None = None):
         self.tenancy = tenancy
         self.settings = settings or RouterSettings()
+        # every input is decoded in a confined child (serve.sandbox), never in this process
+        self.decoder = decoder or SandboxedDecoder()
+        self._max_voxels = self.settings.max_voxels or DEFAULT_MAX_VOXELS
         self.catalogue = catalogue or load_catalogue()
         self.metrics = metrics or IngressMetrics()
         self.deployed = list(deployed)
@@ -468,7 +474,6 @@ class JobService:
     # -- execution ----------------------------------------------------------
     async def _execute(self, job: Job, spooled: Path | None, filename: str) -> Job:
         from serve.preprocess import prepare
-        from serve.volume_io import read_volume_bytes
 
         job.status, job.started, job.start_seq = "running", time.time(), self._seq
         self._seq += 1
@@ -486,13 +491,14 @@ class JobService:
         source = None  # the S3 object version read, for the output set's job.json
         if spooled is None:
             upload, filename, source = await stage("stage_in_s", self._download, job.input_uri)
+            self.metrics.bytes_staged.labels("in").inc(len(upload))
+            volume = await stage("decode_s", self.decoder.decode_bytes, upload, filename, self._max_voxels)
+            del upload
         else:
             # The spooled upload stays until the job settles, so a restarted router can resume it.
-            upload = await _in_thread(spooled.read_bytes)
-        self.metrics.bytes_staged.labels("in").inc(len(upload))
+            self.metrics.bytes_staged.labels("in").inc(spooled.stat().st_size)
+            volume = await stage("decode_s", self.decoder.decode, spooled, self._max_voxels)
         kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
-        volume = await stage("decode_s", lambda: read_volume_bytes(upload, filename, **kw))
-        del upload
         sms, descs, skipped = await self._plan(job)
         job.unavailable = skipped
         models = {n: d["model"] for n, d in descs.items()}

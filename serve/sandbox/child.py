@@ -7,7 +7,7 @@ before numpy, nibabel or ITK are imported, while this process has a single
 thread (Landlock binds the calling thread and those it creates later).
 
 ``REQUEST`` is JSON: ``{"input": path, "workdir": path, "max_voxels": int,
-"policy": SandboxPolicy fields}``; ``"input": null`` only probes the layers.
+"self_contained": bool, "policy": SandboxPolicy fields}``; ``"input": null`` only probes the layers.
 Exit codes: 0 reply written, 3 input refused (``error.json``), 4 a required
 layer is missing, anything else (or a signal) a crash.
 """
@@ -77,11 +77,14 @@ def _no_new_privs() -> bool:
 
 
 def main(argv: list[str]) -> int:
-    request = json.loads(argv[1])
+    request = json.loads(argv[-1])
     policy, workdir = request["policy"], Path(request["workdir"])
     out = workdir / "out"
-    src = request.get("input")
-    layers = confine(policy, [src] if src else [], [str(workdir)])
+    src, self_contained = request.get("input"), request.get("self_contained", True) is not False
+    readable = [src] if src else []
+    if src and not self_contained and src.lower().endswith((".mhd", ".nhdr")):
+        readable.append(str(Path(src).parent))  # a detached header's data file: its own folder, nothing else
+    layers = confine(policy, readable, [str(workdir)])
     missing = [name for name in policy["require"] if not layers.get(name)]
     from serve.sandbox import reply
 
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> int:
     from serve.volume_io import read_volume
 
     try:
-        volume = read_volume(src, int(request["max_voxels"]), self_contained=True,
+        volume = read_volume(src, int(request["max_voxels"]), self_contained=self_contained,
                              max_extract_bytes=int(policy["extract_bytes"]))
     except MrisegError as e:
         reply.write_error(out, e.status, e.title, e.message)

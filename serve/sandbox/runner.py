@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.errors import ServiceUnavailableError
+from serve.errors import CorruptFileError, ServiceUnavailableError, UnsupportedFormatError
 from serve.sandbox import reply
 from serve.sandbox.child import EXIT_LAYER_MISSING, EXIT_OK, EXIT_REFUSED
 from serve.sandbox.policy import LAYERS, SandboxPolicy
@@ -71,12 +71,14 @@ class SandboxedDecoder:
         """The layers :attr:`policy` requires that ``layers`` lacks."""
         return [name for name in self.policy.require if not layers.get(name)]
 
-    def decode(self, path: str | os.PathLike, max_voxels: int):
+    def decode(self, path: str | os.PathLike, max_voxels: int, self_contained: bool = True):
         """Decode the file or DICOM folder at ``path`` in a confined child.
 
         Args:
             path: the input (read-only to the child; it never learns any other path of ours).
             max_voxels: the most voxels accepted (also bounds the reply's size).
+            self_contained: refuse headers that keep their voxels in another file (.mhd, .nhdr). False is for
+                a user's own files (``mriseg segment``): the child may then read the header's folder, and only it.
 
         Returns:
             The :class:`serve.volume_io.Volume`, validated again on this side.
@@ -87,7 +89,7 @@ class SandboxedDecoder:
         """
         src = Path(path).resolve()
         with self._workdir() as work:
-            code = self._run(work, src, max_voxels)
+            code = self._run(work, src, max_voxels, self_contained)
             out = work / "out"
             if code == EXIT_OK and (out / reply.META).is_file():
                 return reply.read_volume(out, max_voxels)
@@ -102,6 +104,30 @@ class SandboxedDecoder:
                 f"built to crash or exhaust it, or one too large to decode within its limits. Check that it is "
                 f"an intact, supported volume")
 
+    def decode_bytes(self, data: bytes, filename: str, max_voxels: int):
+        """Decode an uploaded or downloaded file held in memory; only ``filename``'s suffix is used.
+
+        Args:
+            data: the file's bytes.
+            filename: its name (never logged or kept: it may hold PHI).
+            max_voxels: the most voxels accepted.
+
+        Returns:
+            The :class:`serve.volume_io.Volume`.
+        """
+        from serve.volume_io import SUPPORTED, suffix_of
+
+        suffix = suffix_of(filename)
+        if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):
+            raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; upload .nii, .nii.gz, "
+                                         f".mha, .nrrd or a .zip of one DICOM series")
+        if not data:
+            raise CorruptFileError("the upload is empty")
+        with self._workdir() as work:
+            path = work / f"input{suffix}"
+            path.write_bytes(data)
+            return self.decode(path, max_voxels)
+
     # -- internals --------------------------------------------------------------
 
     def _workdir(self):
@@ -114,14 +140,14 @@ class SandboxedDecoder:
                                           f"the job can be resubmitted as is") from e
         return _Cleanup(work)
 
-    def _run(self, work: Path, src: Path | None, max_voxels: int) -> int:
+    def _run(self, work: Path, src: Path | None, max_voxels: int, self_contained: bool = True) -> int:
         (work / "out").mkdir()
         (work / "tmp").mkdir()
         pol = self.policy.to_json()
         # any one file the child writes: at most the float32 reply of the largest accepted volume
         pol["file_bytes"] = max_voxels * 4 + (16 << 20)
         request = {"input": None if src is None else str(src), "workdir": str(work), "max_voxels": max_voxels,
-                   "policy": pol}
+                   "self_contained": self_contained, "policy": pol}
         env = dict(_CHILD_ENV, TMPDIR=str(work / "tmp"))
         with open(work / "stderr.txt", "wb") as err:  # never logged: ITK quotes header text, which may be PHI
             try:
@@ -174,18 +200,20 @@ class _Cleanup:
 
 
 def decode_untrusted(path: str | os.PathLike, max_voxels: int | None = None,
-                     policy: SandboxPolicy | None = None):
+                     policy: SandboxPolicy | None = None, self_contained: bool = True):
     """Decode one input in a confined child under ``policy`` (the defaults when None).
 
     Args:
         path: a volume file, a DICOM zip or a DICOM folder.
         max_voxels: the most voxels accepted (serve.volume_io's default when None).
         policy: the sandbox limits.
+        self_contained: see :meth:`SandboxedDecoder.decode`.
 
     Returns:
         The :class:`serve.volume_io.Volume`.
     """
     from serve.volume_io import DEFAULT_MAX_VOXELS
 
-    return SandboxedDecoder(policy or SandboxPolicy()).decode(path, max_voxels or DEFAULT_MAX_VOXELS)
+    return SandboxedDecoder(policy or SandboxPolicy()).decode(path, max_voxels or DEFAULT_MAX_VOXELS,
+                                                              self_contained)
 
