@@ -364,6 +364,29 @@ def test_what_can_only_run_on_the_ingress_pod_fits_it_together(item):
             f"{overlay}: what must run on {group} needs {v} {k}, its pod gives {node_types[group].get(k, 0)}"
 
 
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_the_router_journal_is_on_a_volume_of_its_own(item):
+    """Spooled uploads and results fill ray-tmp (/tmp); the Router's journal must not share that disk: its
+    journal_dir is a tmpfs of its own on the Router's pod, with room for the journal's byte bound."""
+    from serve.cluster.router import RouterSettings
+
+    overlay, rs = item
+    settings = RouterSettings.from_mapping(_serve_config(rs)["applications"][0]["args"]["router"])
+    spec = dict(_pod_specs(rs))[_ingress_group(rs)]
+    (container,) = [c for c in spec["containers"] if c["name"] == "ray-worker"]
+
+    def volume_holding(path: Path) -> str:  # the deepest mount at or above path
+        mounts = [m for m in container["volumeMounts"] if Path(m["mountPath"]) in (path, *path.parents)]
+        return max(mounts, key=lambda m: len(Path(m["mountPath"]).parts))["name"]
+
+    journal = volume_holding(settings.journal_path())
+    assert journal != volume_holding(Path(settings.results_dir)) == volume_holding(Path("/tmp")), overlay
+    (vol,) = [v for v in spec["volumes"] if v["name"] == journal]
+    assert vol["emptyDir"]["medium"] == "Memory", f"{overlay}: {journal} must be a filesystem of its own"
+    assert _quantity(vol["emptyDir"]["sizeLimit"]) >= 2 * settings.journal_max_bytes, \
+        f"{overlay}: {journal} needs room for journal_max_bytes of settled records plus the unsettled ones"
+
+
 def test_custom_resources_reach_ray_start_as_json():
     """KubeRay puts rayStartParams into `ray start --key=value` under bash; `--resources` must come out as
     JSON (the quoting KubeRay documents: '"{\"name\": 1}"'), the same that Ray's autoscaler parses."""
