@@ -26,6 +26,7 @@ import numpy as np
 
 from serve.audit import audit
 from serve.catalogue import Catalogue, SubModel, load_catalogue
+from serve.cluster.admission import MemoryBudget, job_bytes, max_admissible_voxels
 from serve.cluster.jobs_state import Job, JobOptions
 from serve.cluster.journal import JobJournal
 from serve.cluster.metrics import IngressMetrics
@@ -60,6 +61,7 @@ class RouterSettings:
     max_resumes: int = 2                 # a job running through more router restarts than this is given up
     journal_dir: str | None = None       # the job journal's folder; None: {results_dir}/.jobs
     journal_max_bytes: int = 64 << 20    # settled jobs' records beyond this are evicted too (as max_jobs_kept)
+    memory_budget_bytes: int = 8 << 30   # router memory for running jobs' volumes (serve.cluster.admission)
     s3: dict | None = None
 
     def journal_path(self) -> Path:
@@ -79,7 +81,7 @@ class RouterSettings:
         # slots: 0 would accept jobs that never run; "1800" would fail every job at its first sub-model call
         for key, minimum, integer in (("slots", 1, True), ("max_upload_bytes", 1, True), ("submodel_retries", 0, True),
                                       ("submodel_timeout_s", 1, False), ("max_jobs_kept", 1, True),
-                                      ("max_resumes", 0, True)):
+                                      ("max_resumes", 0, True), ("memory_budget_bytes", 64 << 20, True)):
             if key in d:
                 try:
                     d[key] = checked_number(d[key], minimum, integer=integer)
@@ -167,7 +169,10 @@ class JobService:
         self.settings = settings or RouterSettings()
         # every input is decoded in a confined child (serve.sandbox), never in this process
         self.decoder = decoder or SandboxedDecoder()
-        self._max_voxels = self.settings.max_voxels or DEFAULT_MAX_VOXELS
+        self.budget = MemoryBudget(self.settings.memory_budget_bytes)
+        # the decoder refuses, from the header, a volume that the memory budget could never admit
+        self._max_voxels = min(self.settings.max_voxels or DEFAULT_MAX_VOXELS,
+                               max_admissible_voxels(self.settings.memory_budget_bytes))
         self.catalogue = catalogue or load_catalogue()
         self.metrics = metrics or IngressMetrics()
         self.deployed = list(deployed)
@@ -473,8 +478,6 @@ class JobService:
 
     # -- execution ----------------------------------------------------------
     async def _execute(self, job: Job, spooled: Path | None, filename: str) -> Job:
-        from serve.preprocess import prepare
-
         job.status, job.started, job.start_seq = "running", time.time(), self._seq
         self._seq += 1
         self._update_gauges()
@@ -498,8 +501,18 @@ class JobService:
             # The spooled upload stays until the job settles, so a restarted router can resume it.
             self.metrics.bytes_staged.labels("in").inc(spooled.stat().st_size)
             volume = await stage("decode_s", self.decoder.decode, spooled, self._max_voxels)
-        kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
         sms, descs, skipped = await self._plan(job)
+        spacings = sorted({sm.spacing_mm for sm in sms})
+        # admission by memory: wait until this job's bytes fit beside the running jobs' (413 if they never can)
+        async with self.budget.reserve(job_bytes(volume.shape, volume.affine, spacings)):
+            return await self._compute(job, volume, sms, descs, skipped, source, stage, t0)
+
+    async def _compute(self, job: Job, volume, sms: list[SubModel], descs: dict[str, dict], skipped: dict[str, str],
+                       source, stage, t0: float) -> Job:
+        """Preprocess, run the sub-models, merge and write: everything after the decode, within the budget."""
+        from serve.preprocess import prepare
+
+        kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
         job.unavailable = skipped
         models = {n: d["model"] for n, d in descs.items()}
 
