@@ -507,3 +507,14 @@ def test_dashboard_and_alerts_use_metrics_that_exist():
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("request rate", "latency", "replicas", "gpu utilisation", "queue depth", "errors by site"):
         assert topic in titles
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_every_overlay_requires_every_sandbox_layer(item):
+    """The pods' kernels have Landlock: a router whose decoder lacks any layer must not become ready."""
+    from serve.sandbox import LAYERS, SandboxPolicy
+
+    overlay, rs = item
+    policy = SandboxPolicy.from_mapping(_serve_config(rs)["applications"][0]["args"].get("sandbox"))
+    assert set(policy.require) == set(LAYERS), overlay
+    assert Path(policy.scratch_dir).is_relative_to("/tmp"), f"{overlay}: scratch belongs on ray-tmp, not the journal"
