@@ -91,6 +91,11 @@ class Stack:
         return httpx.Client(base_url=self.url, timeout=timeout)
 
 
+#: The test stacks' router memory budget and decoder zip budget (serve.cluster.admission, serve.sandbox).
+ROUTER_MEMORY_BUDGET = 512 << 20
+SANDBOX_EXTRACT_BYTES = 64 << 20
+
+
 def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options: dict,
                 router: dict | None = None, per_model: dict | None = None, tenant_limits=None,
                 submodels=SUBMODELS, s3: dict | None = None, events: dict | None = None,
@@ -131,7 +136,10 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         "submodel_settings": {"threads": 1, "device": "cpu"},
         "tenants_file": str(write_tenants(tmp / "tenants.yaml", tenant_limits)),
         "router": {"results_dir": str(tmp / "results"), "slots": 2, "max_upload_bytes": 2 << 20,
-                   **(router or {})},
+                   "memory_budget_bytes": ROUTER_MEMORY_BUDGET, **(router or {})},
+        # every layer required, as in the k8s overlays; a small zip budget that tests can exceed cheaply
+        "sandbox": {"scratch_dir": str(tmp / "scratch"), "extract_bytes": SANDBOX_EXTRACT_BYTES,
+                    "require": ["rlimits", "no_new_privs", "seccomp", "landlock"]},
         "metrics_port": free_port(),
         "metrics_host": "127.0.0.1",
         **({"s3": s3} if s3 else {}),
