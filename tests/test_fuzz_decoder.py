@@ -25,6 +25,8 @@ FUZZ_SECONDS = int(os.environ.get("MRISEG_FUZZ_SECONDS", "45"))
 FUZZ_SEED = int(os.environ.get("MRISEG_FUZZ_SEED", "20261123"))
 #: Far below what a healthy run does (thousands); a target that hangs or never starts stays under it.
 MIN_RUNS = 50
+#: The sandboxed target starts a child per input (about 2 inputs a second on 2 cores).
+SANDBOXED_FUZZ_SECONDS = int(os.environ.get("MRISEG_SANDBOXED_FUZZ_SECONDS", "20"))
 
 
 def _report(log: str, artifacts: list[Path]) -> str:
@@ -32,26 +34,44 @@ def _report(log: str, artifacts: list[Path]) -> str:
     return "\n".join([log[-6000:], *found])
 
 
-@pytest.mark.slow
-def test_fuzz_volume_decoder_finds_nothing(tmp_path):
+def _fuzz(tmp_path: Path, seconds: int, min_runs: int, min_seeds: int = 40, **env_extra: str) -> None:
+    """Run the target for ``seconds``; fail with libFuzzer's report on a finding or too few runs."""
     import atheris  # noqa: F401  (a dev dependency: missing, the test must fail rather than skip)
 
     corpus, artifacts = tmp_path / "corpus", tmp_path / "artifacts"
     corpus.mkdir()
     artifacts.mkdir()
-    env = {**os.environ, "MRISEG_FUZZ_SEED_DIR": str(tmp_path / "seeds"), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(TARGET), f"-max_total_time={FUZZ_SECONDS}", f"-seed={FUZZ_SEED}", "-timeout=20", "-rss_limit_mb=2048",
-           f"-artifact_prefix={artifacts}/", "-print_final_stats=1", str(corpus)]
+    env = {**os.environ, "MRISEG_FUZZ_SEED_DIR": str(tmp_path / "seeds"), "PYTHONUNBUFFERED": "1", **env_extra}
+    cmd = [sys.executable, str(TARGET), f"-max_total_time={seconds}", f"-seed={FUZZ_SEED}", "-timeout=40",
+           "-rss_limit_mb=2048", f"-artifact_prefix={artifacts}/", "-print_final_stats=1", str(corpus)]
     with open(tmp_path / "fuzz.log", "wb") as out:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=FUZZ_SECONDS + 180)
+                              timeout=seconds + 180)
     log = (tmp_path / "fuzz.log").read_text(errors="replace")
     found = sorted(artifacts.iterdir())
     assert proc.returncode == 0 and not found, _report(log, found)
 
     seeds = re.search(r"fuzz_volume_decoder: (\d+) seeds", log)
-    assert seeds and int(seeds.group(1)) >= 40, _report(log, [])
+    assert seeds and int(seeds.group(1)) >= min_seeds, _report(log, [])
     runs = re.search(r"stat::number_of_executed_units: (\d+)", log)
     done = re.search(r"Done (\d+) runs in (\d+) second", log)
     assert runs and done, _report(log, [])
-    assert int(runs.group(1)) >= MIN_RUNS, _report(log, [])
+    assert int(runs.group(1)) >= min_runs, _report(log, [])
+
+
+@pytest.mark.slow
+def test_fuzz_volume_decoder_finds_nothing(tmp_path):
+    _fuzz(tmp_path, FUZZ_SECONDS, MIN_RUNS)
+
+
+@pytest.mark.slow
+def test_fuzz_sandboxed_decoder_finds_nothing(tmp_path):
+    """The same target through the real sandbox, one confined child per input, as the router decodes."""
+    _fuzz(tmp_path, SANDBOXED_FUZZ_SECONDS, 5, min_seeds=12, MRISEG_FUZZ_SANDBOXED="1")
+
+
+@pytest.mark.slow
+def test_fuzz_sandboxed_injected_crash_is_a_422(tmp_path):
+    """Every child segfaults after confining itself: each input must come back as a 422 naming the crash
+    (the target raises, and libFuzzer reports a finding, for anything else)."""
+    _fuzz(tmp_path, 6, 3, min_seeds=12, MRISEG_FUZZ_SANDBOXED="1", MRISEG_FUZZ_INJECT_CRASH="1")
