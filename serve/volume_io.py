@@ -2,9 +2,12 @@
 
 NIfTI goes through nibabel, other single-file volumes (.mha, .mhd, .nrrd)
 through SimpleITK, and DICOM series (a folder, or a zip of one) through
-SimpleITK's GDCM series reader. Every reader checks the voxel count from the
-header *before* decoding the data, so a decompression bomb costs nothing, and
-every failure a user can cause becomes a :class:`serve.errors.MrisegError`.
+SimpleITK's GDCM series reader. A .mha or .nrrd is first checked by our own
+strict header reader (:mod:`serve.formats`), which writes a canonical copy that
+SimpleITK then reads instead of the original. Every reader checks the voxel
+count from the header *before* decoding the data, so a decompression bomb costs
+nothing, and every failure a user can cause becomes a
+:class:`serve.errors.MrisegError`.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from serve.errors import (CorruptFileError, InvalidVolumeError, MrisegError, UnsupportedFormatError,
                           VolumeTooLargeError)
+from serve.formats import metaimage, nrrd
 
 log = logging.getLogger(__name__)
 
@@ -392,15 +396,53 @@ def _walk_dicom(m: mmap.mmap, pos: int, size: int) -> None:
         pos += header if descend else header + length
 
 
-def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+#: The formats we read ourselves first, their canonicaliser, and the ITK reader of the canonical copy.
+_CANONICAL = {".mha": (metaimage.canonicalise, "MetaImageIO"), ".nrrd": (nrrd.canonicalise, "NrrdImageIO")}
+
+
+def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
+                   scratch_dir: str | os.PathLike | None = None) -> Volume:
+    """Read a single-file volume (.mha, .mhd, .nrrd, .nhdr, or one DICOM file) through SimpleITK.
+
+    A .mha or .nrrd never reaches SimpleITK as it is: :mod:`serve.formats` checks its header and data
+    strictly and writes a canonical copy into a new folder under ``scratch_dir``, which SimpleITK reads
+    (with that format's reader only) and which is removed afterwards. A .mhd (trusted, local: uploads refuse
+    it) gets the same header check and is then read by SimpleITK with its data file.
+
+    Args:
+        path: the file.
+        max_voxels: the largest voxel count accepted, checked from the header before any data is read.
+        scratch_dir: where the canonical copy's folder goes (default: the system's temporary folder); the copy
+            is as large as the uncompressed voxel data.
+
+    Returns:
+        The volume.
+    """
+    suffix = suffix_of(path.name)
+    if suffix in _CANONICAL:
+        canonicalise, image_io = _CANONICAL[suffix]
+        tmp = Path(tempfile.mkdtemp(prefix="mriseg-canon-", dir=scratch_dir))
+        try:
+            return _read_sitk(canonicalise(path, tmp, max_voxels), max_voxels, "sitk", image_io)
+        except MrisegError as e:  # ITK's messages quote the copy's path, which the caller never gave
+            e.message = e.message.replace(str(tmp), "the input")
+            e.args = (e.message,)
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    check_dicom_lengths(path)
+    if suffix == ".mhd":
+        metaimage.check_detached_header(path, max_voxels)
+    return _read_sitk(path, max_voxels, "dicom" if suffix in DICOM_SUFFIXES else "sitk")
+
+
+def _read_sitk(path: Path, max_voxels: int, fmt: str, image_io: str = "") -> Volume:
     import SimpleITK as sitk
 
-    check_dicom_lengths(path)
-    if suffix_of(path.name) in (".mha", ".mhd"):
-        with open(path, "rb") as f:
-            check_metaimage_header(f)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    if image_io:  # the canonical copy's own reader: no other ImageIO may claim the file
+        reader.SetImageIO(image_io)
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
@@ -417,7 +459,6 @@ def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
         raise CorruptFileError(f"the image data cannot be read ({_error_reason(e)}); the file is truncated or "
                                f"corrupt") from e
     affine = sitk_geometry_to_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    fmt = "dicom" if suffix_of(path.name) in DICOM_SUFFIXES else "sitk"
     return _finish(_sitk_array(image), affine, fmt, max_voxels)
 
 
@@ -610,8 +651,10 @@ def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
     """Read a NIfTI/.mha/.nrrd file, a DICOM series folder or a zip of one, in this process.
 
     Untrusted inputs go through :func:`serve.sandbox.decode_untrusted`, which calls this in a confined child.
-    ``self_contained=True`` is for files from elsewhere (uploads, S3 objects): a header that names a separate
-    data file (.mhd, .nhdr, or such a key in .mha/.nrrd) is refused, since it could name any file on this host.
+    ``self_contained=True`` is for files from elsewhere (uploads, S3 objects): a .mhd or .nhdr header, whose
+    voxels are in a separate file, is refused, since it could name any file on this host. A .mha or .nrrd is
+    always read by the strict readers of :mod:`serve.formats`, which refuse a separate data file whatever
+    ``self_contained`` says.
     ``max_extract_bytes`` bounds what a DICOM zip may expand to.
     """
     path = Path(path)
@@ -651,106 +694,16 @@ def _read_volume(path: Path, max_voxels: int, max_extract_bytes: int = DEFAULT_M
                                  f"{', '.join(SUPPORTED)}, or a DICOM folder")
 
 
-#: Longer header lines are refused: a check that cut them into pieces could miss a key a reader still sees.
-MAX_HEADER_LINE = 1 << 20
-_NRRD_LINE_END = re.compile(rb"\r\n|\r|\n")
-_METAIO_LINE_END = re.compile(rb"\n")
-
-
-def _text_lines(f: BinaryIO, line_end: re.Pattern) -> Iterator[bytes]:
-    """Whole lines of ``f`` without their ends, each at most :data:`MAX_HEADER_LINE` bytes."""
-    buf, pos, eof = b"", 0, False
-    while True:
-        m = line_end.search(buf, pos)
-        end = m.start() if m else len(buf)
-        if end - pos > MAX_HEADER_LINE:
-            raise CorruptFileError(f"a header line is over {MAX_HEADER_LINE >> 20} MiB; the file is corrupt")
-        # a \r ending the buffer may be the first half of \r\n: read on before deciding
-        if m and (eof or m.end() < len(buf) or not buf.endswith(b"\r")):
-            yield buf[pos:end]
-            pos = m.end()
-            continue
-        if eof:
-            if pos < len(buf):
-                yield buf[pos:]
-            return
-        chunk = f.read(1 << 16)
-        buf, pos, eof = buf[pos:] + chunk, 0, not chunk
-
-
-def _header_lines(f: BinaryIO, suffix: str) -> Iterator[bytes]:
-    """The header lines of a MetaImage or NRRD file, stripped and lower-cased, split as its reader splits them.
-
-    NRRD's reader (teem) ends a line at \\n, \\r\\n or a lone \\r; MetaIO only at \\n. Splitting a NRRD header
-    at \\n alone would read a \\r-separated one as a single line and miss every key in it.
-    """
-    nrrd = suffix in (".nrrd", ".nhdr")
-    for raw in _text_lines(f, _NRRD_LINE_END if nrrd else _METAIO_LINE_END):
-        if nrrd and not raw:
-            return  # a blank line ends a NRRD header
-        line = raw.strip().lower()
-        yield line
-        if not nrrd and line.startswith(b"elementdatafile"):
-            return  # MetaImage: the data starts after this line
-
-
-def check_metaimage_header(f: BinaryIO) -> None:
-    """Refuse a MetaImage NDims outside 1..10: ITK's MetaIO indexes fixed-size arrays with it unchecked,
-    so a negative or large value corrupts the heap and kills the process.
-
-    A NUL byte in a header line is refused too: MetaIO reads keys as C strings, so ``NDims\\0x = -1`` is
-    NDims to it (and hung it in the fuzzer) while this check would see another key.
-    """
-    seen: set[bytes] = set()
-    for line in _header_lines(f, ".mha"):
-        if b"\0" in line:
-            raise CorruptFileError("the .mha header holds a NUL byte before its voxel data; a MetaImage header "
-                                   "is text. The file is corrupt")
-        key, _, value = _split_key(line)
-        seen.add(key)
-        if key == b"ndims" and not (re.fullmatch(rb"\+?\d{1,3}", value) and 1 <= int(value) <= 10):
-            raise CorruptFileError(f"the .mha header has NDims = {value[:20].decode('latin-1')!r}; a MetaImage "
-                                   f"has 1 to 10 dimensions. The file is corrupt")
-    # Without them MetaIO reads on past ElementDataFile into the voxel bytes as if they were header lines
-    # (found by the fuzzer: a second, hostile header there killed the process).
-    missing = [k.decode() for k in (b"ndims", b"dimsize", b"elementtype", b"elementdatafile") if k not in seen]
-    if missing:
-        raise CorruptFileError(f"the .mha header lacks {', '.join(missing)} (required before the voxel data); "
-                               f"the file is corrupt or not a MetaImage")
-
-
-def _split_key(line: bytes) -> tuple[bytes, bytes, bytes]:
-    """``key = value`` (MetaIO also accepts ``key: value``) as (key, separator, value), each stripped."""
-    m = re.match(rb"([^=:]*)([=:])(.*)", line, re.S)
-    return (m.group(1).strip(), m.group(2), m.group(3).strip()) if m else (line.strip(), b"", b"")
-
-
-_NRRD_DATA_FILE = re.compile(rb"data\s*file\s*:")
-
-
 def check_self_contained(path: Path) -> None:
-    """Refuse a volume file whose voxels are in another file (on a server that could be any local file)."""
+    """Refuse a volume file whose voxels are in another file (on a server that could be any local file).
+
+    Only .mhd and .nhdr are refused here: a .mha or .nrrd that names another file is refused by its strict
+    reader (:mod:`serve.formats`), which every read of those formats goes through.
+    """
     suffix = suffix_of(path.name)
     if suffix in (".mhd", ".nhdr"):
         raise UnsupportedFormatError(f"a {suffix} header keeps its voxels in a separate file, which cannot come "
                                      f"with it; convert it to a single {'.mha' if suffix == '.mhd' else '.nrrd'}")
-    if suffix in (".mha", ".nrrd") and path.is_file():
-        with open(path, "rb") as f:
-            check_attached_data(f, suffix)
-
-
-def check_attached_data(f: BinaryIO, suffix: str) -> None:
-    """Refuse .mha/.nrrd headers that point at another file."""
-    # the whole header: a window of the first bytes is bypassed by padding the header with comments
-    for line in _header_lines(f, suffix):
-        if suffix == ".mha" and line.startswith(b"elementdatafile"):
-            if _split_key(line)[2] != b"local":
-                raise UnsupportedFormatError("the .mha header points at a separate data file; upload a "
-                                             "self-contained .mha (ElementDataFile = LOCAL)")
-            return
-        if suffix == ".nrrd" and _NRRD_DATA_FILE.match(line):
-            raise UnsupportedFormatError("the .nrrd header points at a separate data file; upload a "
-                                         "self-contained .nrrd")
 
 
 def read_volume_bytes(data: bytes, filename: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:

@@ -362,8 +362,28 @@ def corpus() -> list[HostileInput]:
     padding = "".join(f"Comment{i} = {'x' * 100}\n" for i in range(800))  # ~85 KB of header before the bad line
     add("mha_detached_padded", "scan.mha",
         _mha_header().replace(b"ElementDataFile", padding.encode() + b"ElementDataFile").replace(
-            b"= LOCAL", b"= /etc/passwd"), (415,),
-        "detached data file hidden behind 85 KB of header lines")
+            b"= LOCAL", b"= /etc/passwd"), (422,),
+        "detached data file hidden behind 85 KB of header lines (refused at the first key MetaIO does not define)")
+    # issue #33: a check matching keys case-insensitively stopped at the decoy; MetaIO (case-sensitive, later
+    # line wins) read /etc/passwd as the voxels, and the job succeeded with the file in its preview
+    add("mha_case_confused_data_file", "scan.mha",
+        _mha_header().replace(b"ElementDataFile = LOCAL", b"elementdatafile = LOCAL\nElementDataFile = /etc/passwd"),
+        (422,), "a lower-case 'elementdatafile = LOCAL' decoy before 'ElementDataFile = /etc/passwd' (issue #33)")
+    add("mha_header_size", "scan.mha", _mha_header(HeaderSize="-1") + bytes(64), (415,),
+        "HeaderSize = -1: MetaIO reads the voxels from the end of the file (any offset of any file it opens)")
+    add("mha_data_file_list", "scan.mha", _mha_header(ElementDataFile="LIST") + b"/etc/passwd\n", (415,),
+        "ElementDataFile = LIST, then a server path per slice")
+    add("mha_data_file_pattern", "scan.mha", _mha_header(ElementDataFile="/proc/self/fd/%d 0 3 1"), (415,),
+        "ElementDataFile with a %d pattern over /proc/self/fd")
+    stream = zlib.compress(bytes(range(256)) * 250)
+    for name, cut, what in (("mha_compressed_truncated", stream[: len(stream) // 3], "cut to a third"),
+                            ("mha_compressed_garbage", stream[:2] + random_bytes[: len(stream) - 2], "garbage")):
+        add(name, "scan.mha", _mha_header(DimSize="40 40 40", CompressedData="True",
+                                          CompressedDataSize=str(len(cut))) + cut, (422,),
+            f"compressed voxel data {what}: MetaIO printed 'Uncompress failed' and returned its buffer as it was, "
+            f"so heap memory became voxels (issue #33)")
+    add("mha_compressed_no_size", "scan.mha", _mha_header(CompressedData="True") + zlib.compress(bytes(64)),
+        (422,), "compressed without CompressedDataSize: ITK takes the header for the stream and returns garbage")
     add("mha_ndims_99", "scan.mha", _mha_header(NDims="99") + bytes(64), (422,),
         "NDims = 99 (ITK's MetaIO corrupts its heap)")
     add("mha_ndims_negative", "scan.mha", _mha_header(NDims="-1") + bytes(64), (422,),
@@ -401,6 +421,16 @@ def corpus() -> list[HostileInput]:
         b"NRRD0004\rtype: uint8\rdimension: 3\rsizes: 4 4 4\rencoding: raw\rdata file: /etc/passwd\r\r", (415,),
         "NRRD detached data file in a header whose lines end in a lone CR (teem splits there; a check "
         "splitting at LF only saw one line, and the server read /etc/passwd as voxels)")
+    add("nrrd_case_confused_data_file", "scan.nrrd",
+        b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nencoding: raw\nData File: /etc/passwd\n\n", (415,),
+        "'Data File' in another case (teem matches field names case-insensitively)")
+    add("nrrd_byte_skip_from_end", "scan.nrrd",
+        b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nencoding: raw\nbyte skip: -1\n\n" + bytes(64), (415,),
+        "byte skip -1: teem reads the voxels from the end of the file")
+    nrrd_gz = gzip.compress(bytes(range(256)) * 250, mtime=0)
+    add("nrrd_gzip_truncated", "scan.nrrd",
+        b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 40 40 40\nencoding: gzip\n\n" + nrrd_gz[: len(nrrd_gz) // 3],
+        (422,), "gzip voxel data cut to a third")
     add("nrrd_huge_dims", "scan.nrrd",
         b"NRRD0004\ntype: float\ndimension: 3\nsizes: 2000 2000 2000\nendian: little\nencoding: raw\n\n"
         + bytes(64), (413,),

@@ -404,7 +404,9 @@ def test_crlf_across_a_read_boundary_is_not_a_blank_line():
 
 
 def test_header_line_over_the_limit_is_corrupt():
-    data = b"NRRD0004\n# " + b"x" * (volume_io.MAX_HEADER_LINE + 10) + b"\ndata file: /etc/passwd\n\n"
+    from serve.formats import nrrd
+
+    data = b"NRRD0004\n# " + b"x" * (nrrd.MAX_LINE + 10) + b"\ndata file: /etc/passwd\n\n"
     with pytest.raises(CorruptFileError, match="header line"):
         read_volume_bytes(data, "x.nrrd")
 

@@ -1,0 +1,1 @@
+"""Tests of the strict header readers in serve/formats/."""
