@@ -98,12 +98,12 @@ def main(argv: list[str]) -> int:
         volume = read_volume(src, int(request["max_voxels"]), self_contained=self_contained,
                              max_extract_bytes=int(policy["extract_bytes"]))
     except MrisegError as e:
-        reply.write_error(out, e.status, e.title, e.message)
+        reply.write_error(out, e.status, e.title, e.message, type(e).__name__)
         return EXIT_REFUSED
     except MemoryError:
         reply.write_error(out, 413, "Volume too large",
                           f"decoding the input needs more than the decoder's memory limit of "
-                          f"{policy['memory_bytes'] >> 20} MiB; crop or downsample it first")
+                          f"{policy['memory_bytes'] >> 20} MiB; crop or downsample it first", "VolumeTooLargeError")
         return EXIT_REFUSED
     reply.write_volume(out, volume, layers)
     return EXIT_OK

@@ -35,8 +35,8 @@ class SandboxPolicy:
     ``memory_bytes`` bounds the child's address space (the interpreter and its
     libraries take about 0.4 GiB of it); ``extract_bytes`` bounds what a DICOM
     zip may expand to in all. Any one file the child writes (the decoded
-    volume, an extracted slice) is bounded by the float32 size of the largest
-    volume the caller accepts. ``require`` names the layers without
+    volume, a canonical .mha/.nrrd copy, an extracted slice) is bounded by 8
+    bytes a voxel of the largest volume the caller accepts. ``require`` names the layers without
     which no input is decoded (:data:`LAYERS`).
     """
 

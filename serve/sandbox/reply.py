@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from serve.errors import CorruptFileError, MrisegError
+from serve.errors import (CorruptFileError, InvalidVolumeError, MrisegError, UnsupportedFormatError,
+                          VolumeTooLargeError)
 
 VOLUME, META, ERROR = "volume.npy", "meta.json", "error.json"
 MAX_JSON_BYTES = 64 << 10
@@ -34,6 +35,11 @@ _NIFTI_HEADER_SIZES = {348: "Nifti1Header", 540: "Nifti2Header"}
 
 class SandboxReplyError(CorruptFileError):
     """The decoder child ended without a valid reply (it crashed, hit a limit or broke the format)."""
+
+
+#: The error classes a child's refusal may name (all 4xx input errors).
+_ERROR_KINDS = {c.__name__: c for c in (CorruptFileError, InvalidVolumeError, UnsupportedFormatError,
+                                        VolumeTooLargeError)}
 
 
 # -- child side ----------------------------------------------------------------------
@@ -55,9 +61,10 @@ def write_volume(out: Path, volume: Any, layers: dict[str, bool]) -> None:
     _write_json(out / META, meta)
 
 
-def write_error(out: Path, status: int, title: str, message: str) -> None:
-    """Write a refusal as the reply (child side)."""
-    _write_json(out / ERROR, {"status": int(status), "title": str(title), "message": str(message)[:4000]})
+def write_error(out: Path, status: int, title: str, message: str, kind: str = "MrisegError") -> None:
+    """Write a refusal as the reply (child side); ``kind`` names its :mod:`serve.errors` class."""
+    _write_json(out / ERROR, {"status": int(status), "title": str(title), "message": str(message)[:4000],
+                              "kind": str(kind)})
 
 
 def _write_json(path: Path, doc: dict) -> None:
@@ -89,11 +96,14 @@ def read_error(path: Path) -> MrisegError:
     status, message = doc.get("status"), doc.get("message")
     if not isinstance(message, str) or not isinstance(status, int) or isinstance(status, bool):
         raise SandboxReplyError("the decoder's error reply is malformed")
-    err = MrisegError(message)
+    cls = _ERROR_KINDS.get(doc.get("kind"), MrisegError)  # only input errors; never a class the child names freely
+    err = cls.__new__(cls)
+    MrisegError.__init__(err, message)
     # the child can only refuse the input: a 5xx (or anything outside 4xx) from it would blame the service
-    err.status = status if 400 <= status < 500 else 422
-    title = doc.get("title")
-    err.title = title if isinstance(title, str) and len(title) < 100 else "Unreadable input"
+    if err.status != status or not 400 <= status < 500:
+        err.status = status if 400 <= status < 500 else 422
+        title = doc.get("title")
+        err.title = title if isinstance(title, str) and len(title) < 100 else "Unreadable input"
     return err
 
 

@@ -144,8 +144,9 @@ class SandboxedDecoder:
         (work / "out").mkdir()
         (work / "tmp").mkdir()
         pol = self.policy.to_json()
-        # any one file the child writes: at most the float32 reply of the largest accepted volume
-        pol["file_bytes"] = max_voxels * 4 + (16 << 20)
+        # any one file the child writes: the float32 reply, or the canonical copy of a .mha/.nrrd (up to
+        # 8 bytes a voxel), of the largest accepted volume
+        pol["file_bytes"] = max_voxels * 8 + (16 << 20)
         request = {"input": None if src is None else str(src), "workdir": str(work), "max_voxels": max_voxels,
                    "self_contained": self_contained, "policy": pol}
         env = dict(_CHILD_ENV, TMPDIR=str(work / "tmp"))

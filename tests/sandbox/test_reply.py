@@ -72,3 +72,14 @@ def test_an_error_reply_cannot_claim_a_server_error(tmp_path):
     (tmp_path / reply.ERROR).write_bytes(b"{" + b" " * (reply.MAX_JSON_BYTES + 1) + b"}")
     with pytest.raises(reply.SandboxReplyError, match="over"):
         reply.read_error(tmp_path / reply.ERROR)
+
+
+def test_a_refusal_keeps_its_error_class_but_never_gains_another(tmp_path):
+    from serve.errors import MrisegError, UnsupportedFormatError
+
+    reply.write_error(tmp_path, 415, "Unsupported media type", "convert it", "UnsupportedFormatError")
+    err = reply.read_error(tmp_path / reply.ERROR)
+    assert type(err) is UnsupportedFormatError and err.status == 415 and err.title == "Unsupported media type"
+    reply.write_error(tmp_path, 409, "x", "y", "ModelUnavailableError")  # not an input error: a plain 4xx
+    err = reply.read_error(tmp_path / reply.ERROR)
+    assert type(err) is MrisegError and err.status == 409
