@@ -12,6 +12,7 @@ nothing, and every failure a user can cause becomes a
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import lzma
 import math
@@ -114,6 +115,32 @@ def check_shape(shape: Sequence[int], max_voxels: int) -> tuple[int, int, int]:
     return sq  # type: ignore[return-value]
 
 
+#: The memory one decode may take (read_volume's max_decode_bytes), for the readers below it.
+_DECODE_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("decode_budget", default=None)
+#: Bytes per voxel a reader's array costs beyond its source type: the float32 copy and its contiguous copy.
+DECODE_OVERHEAD_PER_VOXEL = 8
+
+
+def check_decode_memory(shape: Sequence[int], itemsize: int) -> None:
+    """Refuse, from the header, a volume whose decoding would take more than the decode budget.
+
+    Args:
+        shape: the header's shape.
+        itemsize: bytes per voxel of the stored type (8 for float64: a small gzip can hold gigabytes of it).
+
+    Raises:
+        VolumeTooLargeError: over the budget set by :func:`read_volume`'s ``max_decode_bytes``.
+    """
+    budget = _DECODE_BUDGET.get()
+    if budget is None:
+        return
+    need = math.prod(int(s) for s in shape) * (int(itemsize) + DECODE_OVERHEAD_PER_VOXEL)
+    if need > budget:
+        raise VolumeTooLargeError(f"decoding the volume ({tuple(int(s) for s in shape)} voxels of {itemsize} bytes) "
+                                  f"needs about {need >> 20} MiB, more than the decoder's {budget >> 20} MiB; "
+                                  f"crop or downsample it, or save it with a smaller voxel type (e.g. int16)")
+
+
 def check_affine(affine: np.ndarray) -> np.ndarray:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
@@ -202,6 +229,7 @@ def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
         raise UnsupportedFormatError(f"the file is a {type(img).__name__}, not NIfTI; convert it to NIfTI")
     check_shape(img.shape, max_voxels)  # header only: nothing decoded yet
     dtype = img.get_data_dtype()
+    check_decode_memory(img.shape, dtype.itemsize)
     if dtype.kind not in "iuf":  # casting complex drops the imaginary part; RGB has no single grey value
         raise InvalidVolumeError(f"the voxels are {img.header.get_value_label('datatype')} values; a scalar, "
                                  f"real-valued (grey-value) volume is needed: save the magnitude image, or convert "
@@ -436,6 +464,15 @@ def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
     return _read_sitk(path, max_voxels, "dicom" if suffix in DICOM_SUFFIXES else "sitk")
 
 
+def _sitk_itemsize(pixel_id: int) -> int:
+    """Bytes per voxel of a SimpleITK scalar pixel type (8 for any other: the most a scalar takes)."""
+    import SimpleITK as sitk
+
+    sizes = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+             sitk.sitkInt32: 4, sitk.sitkFloat32: 4}
+    return sizes.get(pixel_id, 8)
+
+
 def _read_sitk(path: Path, max_voxels: int, fmt: str, image_io: str = "") -> Volume:
     import SimpleITK as sitk
 
@@ -450,6 +487,7 @@ def _read_sitk(path: Path, max_voxels: int, fmt: str, image_io: str = "") -> Vol
                                f"in the format its name says") from e
     size = reader.GetSize()
     check_shape(size, max_voxels)
+    check_decode_memory(size, _sitk_itemsize(reader.GetPixelID()))
     if reader.GetNumberOfComponents() != 1:
         raise InvalidVolumeError(f"the volume has {reader.GetNumberOfComponents()} components per voxel; "
                                  f"a scalar (grey-value) volume is needed")
@@ -505,6 +543,7 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
         # one slice per file: the number of files is the third dimension
         size = size[:2] + [len(best) * (size[2] if len(size) > 2 else 1)]
     check_shape(size, max_voxels)
+    check_decode_memory(size, _sitk_itemsize(head.GetPixelID()))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(best)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -647,7 +686,8 @@ def read_dicom_zip(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
 # -- entry points -------------------------------------------------------------------
 
 def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
-                self_contained: bool = False, max_extract_bytes: int = DEFAULT_MAX_ZIP_BYTES) -> Volume:
+                self_contained: bool = False, max_extract_bytes: int = DEFAULT_MAX_ZIP_BYTES,
+                max_decode_bytes: int | None = None) -> Volume:
     """Read a NIfTI/.mha/.nrrd file, a DICOM series folder or a zip of one, in this process.
 
     Untrusted inputs go through :func:`serve.sandbox.decode_untrusted`, which calls this in a confined child.
@@ -655,13 +695,18 @@ def read_volume(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
     voxels are in a separate file, is refused, since it could name any file on this host. A .mha or .nrrd is
     always read by the strict readers of :mod:`serve.formats`, which refuse a separate data file whatever
     ``self_contained`` says.
-    ``max_extract_bytes`` bounds what a DICOM zip may expand to.
+    ``max_extract_bytes`` bounds what a DICOM zip may expand to; ``max_decode_bytes`` (None: unbounded)
+    the memory decoding may take, computed from the header's shape and voxel type before anything is decoded.
     """
     path = Path(path)
     try:
         if self_contained:
             check_self_contained(path)
-        return _read_volume(path, max_voxels, max_extract_bytes)
+        token = _DECODE_BUDGET.set(max_decode_bytes)
+        try:
+            return _read_volume(path, max_voxels, max_extract_bytes)
+        finally:
+            _DECODE_BUDGET.reset(token)
     except MrisegError as e:
         e.message = _without_paths(e.message, path)
         e.args = (e.message,)

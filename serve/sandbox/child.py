@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_REFUSED, EXIT_LAYER_MISSING = 0, 3, 4
+#: What the interpreter and the readers' libraries take of the address-space limit before any decoding.
+INTERPRETER_BYTES = 512 << 20
 
 
 def apply_rlimits(policy: dict) -> None:
@@ -96,7 +98,8 @@ def main(argv: list[str]) -> int:
 
     try:
         volume = read_volume(src, int(request["max_voxels"]), self_contained=self_contained,
-                             max_extract_bytes=int(policy["extract_bytes"]))
+                             max_extract_bytes=int(policy["extract_bytes"]),
+                             max_decode_bytes=int(policy["memory_bytes"]) - INTERPRETER_BYTES)
     except MrisegError as e:
         reply.write_error(out, e.status, e.title, e.message, type(e).__name__)
         return EXIT_REFUSED

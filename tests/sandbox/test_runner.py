@@ -62,3 +62,23 @@ def test_policy_settings_are_checked():
     with pytest.raises(MrisegError, match="unknown setting"):
         SandboxPolicy.from_mapping({"memory": 1})
     assert SandboxPolicy.from_mapping({"require": ["landlock"]}).require == ("landlock",)
+
+
+def test_a_float64_volume_over_the_decode_memory_is_refused_from_its_header(tmp_path):
+    """The same voxel count passes as uint8 and is refused as float64: the budget counts the stored type,
+    before anything is decoded (the gzip of zeros would otherwise inflate to 8 bytes a voxel)."""
+    import nibabel as nib
+
+    decoder = SandboxedDecoder(SandboxPolicy(scratch_dir=str(tmp_path / "s"), memory_bytes=768 << 20))
+    shape = (256, 256, 260)  # 17 M voxels: 260 MiB to decode as float64 (+8 a voxel), 146 MiB as uint8
+    for dtype, ok in ((np.uint8, True), (np.float64, False)):
+        img = nib.Nifti1Image(np.zeros(shape, dtype), np.eye(4))
+        img.set_qform(np.eye(4), 1)
+        path = tmp_path / f"{np.dtype(dtype).name}.nii.gz"
+        nib.save(img, path)
+        if ok:
+            assert decoder.decode(path, 1 << 25).shape == shape
+        else:
+            with pytest.raises(MrisegError) as e:
+                decoder.decode(path, 1 << 25)
+            assert e.value.status == 413 and "float64" not in e.value.message and "8 bytes" in e.value.message
