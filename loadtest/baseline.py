@@ -110,7 +110,6 @@ def resample_to_shape(data: np.ndarray, affine: np.ndarray, target_shape, order:
 def load_models(models_root: str | Path, names: Iterable[str], device: str = "auto") -> dict:
     """Load sub-models by name, as the cached-models loop keeps them."""
     from serve.catalogue import load_catalogue
-    from serve.modelload import load_model
     from serve.modelstore import ModelStore
 
     cat = load_catalogue()
@@ -118,7 +117,7 @@ def load_models(models_root: str | Path, names: Iterable[str], device: str = "au
     out = {}
     for name in names:
         sm = cat.submodel(name)
-        out[name] = load_model(store.locate(sm), sm, device=device, use_mirroring=False)
+        out[name] = store.load(sm, device=device, use_mirroring=False)
     return out
 
 

@@ -52,7 +52,8 @@ def _model_sources(args) -> list[str]:
 def _store(args):
     from serve.modelstore import ModelStore
 
-    return ModelStore(_model_sources(args), cache_dir=getattr(args, "cache_dir", None))
+    return ModelStore(_model_sources(args), cache_dir=getattr(args, "cache_dir", None),
+                      pins=getattr(args, "model_pins", None))
 
 
 def _progress_bar(total_hint: int = 1):
@@ -103,8 +104,12 @@ def summary_table(stats: dict[str, dict] | None, result, max_rows: int = 20) -> 
 def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence[str] | None = None,
                 roi_subset: Sequence[str] | None = None, fast: bool = False, statistics: bool = True,
                 preview: bool = True, multilabel: bool = True, per_structure: bool = False,
-                device: str = "auto", threads: int | None = None, quiet: bool = False) -> dict:
-    """Read, segment and write; returns the written paths and the summary text."""
+                device: str = "auto", threads: int | None = None, quiet: bool = False,
+                model_pins: str | None = None) -> dict:
+    """Read, segment and write; returns the written paths and the summary text.
+
+    ``model_pins`` is the operator's pinned model manifest (default ``$MRISEG_MODEL_PINS``).
+    """
     from serve.modelstore import ModelStore
     from serve.outputs.writers import write_outputs
     from serve.pipeline import Segmenter
@@ -121,7 +126,7 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
         from serve.demo import ensure_demo_models
 
         sources = [str(ensure_demo_models())]
-    seg = Segmenter(ModelStore(list(sources)), device=device, threads=threads)
+    seg = Segmenter(ModelStore(list(sources), pins=model_pins), device=device, threads=threads)
     bar, progress = (None, None) if quiet else _progress_bar()
     try:
         result = seg.segment(volume, roi_subset=roi_subset, fast=fast, progress=progress)
@@ -144,7 +149,7 @@ def cmd_segment(args) -> int:
     roi = args.roi_subset
     out = run_segment(args.input, args.output, sources=_model_sources(args), roi_subset=roi, fast=args.fast,
                       statistics=args.statistics, preview=args.preview, multilabel=True, per_structure=not args.ml,
-                      device=args.device, threads=args.threads, quiet=args.quiet)
+                      device=args.device, threads=args.threads, quiet=args.quiet, model_pins=args.model_pins)
     print(out["summary"])
     for kind, path in out["written"].items():
         print(f"{kind}: {path}")
@@ -211,7 +216,7 @@ def cmd_demo(args) -> int:
     vol = demo_volume()
     src = write_nifti(outdir / "phantom.nii.gz", vol.data, vol.affine)
     out = run_segment(src, outdir / "result", sources=_model_sources(args), device=args.device,
-                      threads=args.threads, quiet=args.quiet)
+                      threads=args.threads, quiet=args.quiet, model_pins=args.model_pins)
     print(out["summary"])
     print(f"preview: {out['written']['preview']}")
     print(f"outputs: {outdir / 'result'}")
@@ -224,6 +229,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", metavar="DIR_OR_S3",
                    help="model sources: local folders or s3://bucket/prefix holding DatasetNNN_* folders "
                         "(default: $MRISEG_MODELS, else the bundled demo models)")
+    p.add_argument("--model-pins", metavar="FILE",
+                   help="pinned model manifest (the mriseg-pins.json 'models import' writes) that every source's "
+                        "checkpoints, plans.json and dataset.json must match; required for s3:// sources "
+                        "(default: $MRISEG_MODEL_PINS, else a local folder's own mriseg-pins.json)")
     p.add_argument("--cache-dir", help="where S3 model folders are cached")
 
 

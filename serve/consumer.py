@@ -370,14 +370,16 @@ def local_submit(cfg: Mapping[str, Any]) -> Submit:
     """A :class:`serve.jobs.JobRunner` over an in-process Segmenter.
 
     ``cfg``: ``models`` (sources), ``jobs`` (s3:// prefix of job records), ``s3``
-    (S3Settings mapping), optional ``cache_dir``, ``lease_s``, ``threads``, ``max_bytes``.
+    (S3Settings mapping), optional ``cache_dir``, ``model_pins`` (the operator's pinned model
+    manifest; else ``$MRISEG_MODEL_PINS``; required for s3:// model sources), ``lease_s``,
+    ``threads``, ``max_bytes``.
     """
     from serve.jobs import JobRunner, JobStore, SegmenterEngine
     from serve.modelstore import ModelStore
     from serve.pipeline import Segmenter
 
     s3 = S3Settings.from_mapping(cfg.get("s3"))
-    store = ModelStore(list(cfg["models"]), cache_dir=cfg.get("cache_dir"), s3=s3)
+    store = ModelStore(list(cfg["models"]), cache_dir=cfg.get("cache_dir"), s3=s3, pins=cfg.get("model_pins"))
     seg = Segmenter(store, device=cfg.get("device", "auto"), threads=cfg.get("threads", 1))
     jobs = JobStore(cfg["jobs"], s3, lease_s=float(cfg.get("lease_s", 300.0)))
     return JobRunner(jobs, SegmenterEngine(seg), s3, max_bytes=cfg.get("max_bytes", 1 << 30)).run

@@ -12,6 +12,7 @@ architecture from its plans (true for every TotalSegmentator MRI model).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -19,13 +20,13 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from serve.catalogue import SubModel
 from serve.errors import ModelFolderError
-from serve.modelstore import check_labels, read_dataset_labels, sha256_file
+from serve.modelstore import check_labels, read_dataset_labels
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +181,53 @@ class LoadedModel:
         return self.predictor.allowed_mirroring_axes if self.predictor.use_mirroring else None
 
 
+def _read_pinned(folder: Path, rel: str, pinned: Mapping[str, str] | None) -> tuple[bytes, str]:
+    """A model file's bytes and sha256; with ``pinned``, refused unless the sha256 is the pinned one.
+
+    The bytes checked are the bytes then parsed, so a file swapped after the store inspected it
+    is caught here.
+    """
+    path = folder / rel
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if pinned is not None:
+        want = pinned.get(rel)
+        if want is None:
+            raise ModelFolderError(f"{path} is not in the model's pinned manifest; it was not loaded: import the "
+                                   f"model again")
+        if want != digest:
+            raise ModelFolderError(f"{path} does not match its pinned sha256 (got {digest[:16]}..., pinned "
+                                   f"{want[:16]}...); it was not loaded: import the model again")
+    return data, digest
+
+
 def load_model(folder: str | os.PathLike, submodel: SubModel, *, device: str = "auto",
                tile_step_size: float | None = None, folds: tuple[str, ...] | None = None,
-               use_mirroring: bool = True, checkpoint_name: str = "checkpoint_final.pth") -> LoadedModel:
+               use_mirroring: bool = True, checkpoint_name: str = "checkpoint_final.pth",
+               pinned: Mapping[str, str] | None = None) -> LoadedModel:
     """Build ``submodel``'s predictor from an nnU-Net trainer folder.
 
-    ``use_mirroring`` applies only where the checkpoint allows it; the
-    TotalSegmentator MRI models were trained without mirroring and so never
-    mirror. ``tile_step_size`` defaults to the catalogue's (0.8 or 0.5).
-    """
-    import hashlib
+    Args:
+        folder: The ``Trainer__Plans__config`` folder.
+        submodel: The catalogue's sub-model these weights must be.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        tile_step_size: Sliding-window step; defaults to the catalogue's (0.8 or 0.5).
+        folds: Folds to ensemble; default every ``fold_*`` with ``checkpoint_name`` (with
+            ``pinned``: every pinned one).
+        use_mirroring: Mirror at test time, only where the checkpoint allows it; the
+            TotalSegmentator MRI models were trained without mirroring and so never mirror.
+        checkpoint_name: The checkpoint file in each fold.
+        pinned: sha256 of the folder's files by path inside it (``ModelStatus.pinned``); every
+            file read must match its pin. ``ModelStore.load`` passes it.
 
+    Returns:
+        The loaded model.
+
+    Raises:
+        ModelFolderError: a file is unreadable, unpinned or differs from its pin, a checkpoint is
+            damaged or needs full unpickling without the operator's trust, or the weights do not
+            fit the plans.
+    """
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -198,13 +235,16 @@ def load_model(folder: str | os.PathLike, submodel: SubModel, *, device: str = "
 
     folder = Path(folder)
     try:
-        dataset_json = json.loads((folder / "dataset.json").read_text())
-        plans = json.loads((folder / "plans.json").read_text())
+        dataset_json = json.loads(_read_pinned(folder, "dataset.json", pinned)[0])
+        plans = json.loads(_read_pinned(folder, "plans.json", pinned)[0])
     except (OSError, ValueError) as e:
         raise ModelFolderError(f"{folder}: cannot read dataset.json/plans.json ({e})") from e
     dropped = check_labels(submodel, dataset_json)
 
-    if folds is None:
+    if folds is None and pinned is not None:  # a pinned fold that went missing fails below, not silently
+        folds = tuple(sorted(k[len("fold_"):-len(checkpoint_name) - 1] for k in pinned
+                             if k.startswith("fold_") and k.endswith("/" + checkpoint_name)))
+    elif folds is None:
         folds = tuple(sorted(p.name[len("fold_"):] for p in folder.glob("fold_*")
                              if (p / checkpoint_name).is_file()))
     if not folds:
@@ -214,8 +254,13 @@ def load_model(folder: str | os.PathLike, submodel: SubModel, *, device: str = "
     trainer_name, configuration, mirror_axes = folder.name.split("__")[0], None, None
     for i, f in enumerate(folds):
         ckpt_path = folder / f"fold_{f}" / checkpoint_name
-        ckpt = load_checkpoint(ckpt_path)
-        digest.update(sha256_file(ckpt_path).encode())
+        try:
+            data, sha = _read_pinned(folder, f"fold_{f}/{checkpoint_name}", pinned)
+        except OSError as e:
+            raise ModelFolderError(f"{ckpt_path} cannot be read ({e.strerror}); import the model again") from e
+        ckpt = load_checkpoint(ckpt_path, data)
+        del data
+        digest.update(sha.encode())
         if i == 0:
             trainer_name = ckpt.get("trainer_name", trainer_name)
             configuration = ckpt.get("init_args", {}).get("configuration")

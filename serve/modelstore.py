@@ -4,6 +4,15 @@ A *source* is a local directory or an ``s3://bucket/prefix``. Either holds
 ``DatasetNNN_*/<Trainer>__<Plans>__<config>/`` folders exactly as nnU-Net
 (and TotalSegmentator, under ``~/.totalsegmentator/nnunet/results``) lays
 them out. S3 sources are downloaded once into a local cache and verified.
+
+A *pinned manifest* (``mriseg-pins.json``, written by ``mriseg models import``) holds the sha256
+of every checkpoint, ``plans.json`` and ``dataset.json`` of each model. The operator's manifest
+(``pins``, else ``$MRISEG_MODEL_PINS``) applies to every source; without one a local folder's own
+``mriseg-pins.json`` applies, a local folder without either is loaded as it is (the operator put
+it there) with a warning, and an S3 source is refused. A file that differs from its pin, or a
+loadable file without one, makes the model ``mismatched``; :meth:`ModelStore.load` checks the
+bytes it loads against the pins once more. The S3 cache's ``.mriseg-manifest.json`` only records
+what was downloaded (to spare a second download) and proves nothing about the weights.
 """
 
 from __future__ import annotations
@@ -14,10 +23,11 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -26,9 +36,17 @@ from serve.catalogue import Catalogue, SubModel, load_catalogue
 from serve.errors import ModelFolderError, ModelSourceUnreachableError, ModelUnavailableError
 from serve.s3client import S3Settings, make_client, parse_s3_uri
 
+if TYPE_CHECKING:
+    from serve.modelload import LoadedModel
+
 log = logging.getLogger(__name__)
 
 MANIFEST = ".mriseg-manifest.json"
+#: The pinned manifest ``mriseg models import`` writes at the top of its destination.
+PINS = "mriseg-pins.json"
+#: The operator's pinned manifest (a file path), for every source; required for S3 sources.
+PINS_ENV = "MRISEG_MODEL_PINS"
+PINS_FORMAT = "mriseg-pins/1"
 
 
 @dataclass
@@ -41,6 +59,8 @@ class ModelStatus:
     path: str | None = None
     detail: str = ""
     extra_labels: list[str] = field(default_factory=list)
+    #: sha256 of each loadable file, by its path in the trainer folder; None for an unpinned local folder
+    pinned: dict[str, str] | None = None
 
 
 def read_dataset_labels(dataset_json: dict) -> dict[str, int]:
@@ -101,6 +121,151 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_HASHES: dict[str, tuple[tuple[int, ...], str]] = {}
+_HASHES_LOCK = threading.Lock()
+
+
+def _sha256_seen(path: Path) -> str:
+    """``sha256_file``, remembered while the file's inode, size, mtime and ctime stay the same.
+
+    For listing (every request inspects its models); :func:`serve.modelload.load_model` hashes
+    the bytes it loads, so a file changed without a trace in its stat is still caught there.
+    """
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _HASHES_LOCK:
+        hit = _HASHES.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    digest = sha256_file(path)
+    with _HASHES_LOCK:
+        _HASHES[str(path)] = (key, digest)
+    return digest
+
+
+def loadable_files(trainer_folder: Path) -> list[Path]:
+    """The files of a trainer folder that loading reads: plans.json, dataset.json, every fold's checkpoints."""
+    return [p for p in [trainer_folder / "plans.json", trainer_folder / "dataset.json",
+                        *sorted(trainer_folder.glob("fold_*/*.pth"))] if p.is_file()]
+
+
+def pin_dataset(dataset_dir: Path) -> dict[str, str]:
+    """sha256 of every loadable file of every trainer folder in ``dataset_dir``.
+
+    Args:
+        dataset_dir: A ``DatasetNNN_*`` folder.
+
+    Returns:
+        ``{"<trainer folder>/<file>": sha256}``, paths relative to ``dataset_dir``.
+    """
+    return {p.relative_to(dataset_dir).as_posix(): sha256_file(p)
+            for tf in sorted(q for q in dataset_dir.iterdir() if q.is_dir()) for p in loadable_files(tf)}
+
+
+@dataclass(frozen=True)
+class PinnedManifest:
+    """sha256 pins of model files: ``models[dataset folder name][path in it] = sha256``."""
+
+    path: Path
+    models: dict[str, dict[str, str]]
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "PinnedManifest":
+        """Read and check a pinned manifest.
+
+        Args:
+            path: A ``mriseg-pins.json`` (written by ``mriseg models import``).
+
+        Returns:
+            The manifest.
+
+        Raises:
+            ModelFolderError: the file cannot be read or is not a pinned manifest.
+        """
+        path = Path(path).expanduser()
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) else f"not JSON: {e}"
+            raise ModelFolderError(f"the pinned model manifest {path} cannot be read ({why}); pass the "
+                                   f"{PINS} that 'mriseg models import' wrote") from e
+        models = doc.get("models") if isinstance(doc, dict) and doc.get("format") == PINS_FORMAT else None
+        if not isinstance(models, dict) or not all(
+                isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
+                                                for k, v in files.items()) for files in models.values()):
+            raise ModelFolderError(f"{path} is not a pinned model manifest (format {PINS_FORMAT}: "
+                                   f'{{"models": {{"DatasetNNN_...": {{"<file>": "<sha256>"}}}}}}); pass the '
+                                   f"{PINS} that 'mriseg models import' wrote")
+        return cls(path, {name: dict(files) for name, files in models.items()})
+
+    def dataset(self, sm: SubModel, dataset: str) -> dict[str, str]:
+        """The pins of one dataset folder, by path inside it.
+
+        Raises:
+            ModelFolderError: the dataset folder is not pinned at all.
+        """
+        files = self.models.get(dataset)
+        if files is None:
+            raise ModelFolderError(f"{sm.name}: {dataset} is not in the pinned model manifest {self.path}, so "
+                                   f"its weights are not trusted; import it with 'mriseg models import' and use "
+                                   f"the {PINS} that writes")
+        return files
+
+    def for_trainer(self, sm: SubModel, dataset: str, trainer: str) -> dict[str, str]:
+        """The pins of one trainer folder, by path inside it.
+
+        Raises:
+            ModelFolderError: the dataset folder is not pinned at all.
+        """
+        return {k[len(trainer) + 1:]: v for k, v in self.dataset(sm, dataset).items() if k.startswith(trainer + "/")}
+
+
+def check_pins(sm: SubModel, trainer_folder: Path, pinned: Mapping[str, str], manifest: Path) -> None:
+    """Every loadable file of the trainer folder is pinned, present and unchanged.
+
+    Raises:
+        ModelFolderError: naming the model and the first file that is not.
+    """
+    tf = trainer_folder
+    unpinned = [p for p in loadable_files(tf) if p.relative_to(tf).as_posix() not in pinned]
+    if unpinned:
+        raise ModelFolderError(f"{sm.name}: {unpinned[0]} is not in the pinned model manifest {manifest}; "
+                               f"import the model again (or remove the file)")
+    for rel, want in sorted(pinned.items()):
+        path = tf / rel
+        if not path.is_file():
+            raise ModelFolderError(f"{sm.name}: {path} is pinned in {manifest} but missing; import the model again")
+        got = _sha256_seen(path)
+        if got != want:
+            raise ModelFolderError(f"{sm.name}: {path} does not match the pinned model manifest {manifest} "
+                                   f"(sha256 {got[:16]}..., pinned {want[:16]}...): it changed after it was "
+                                   f"pinned; import the model again")
+
+
+def write_pins(root: Path, pins: Mapping[str, Mapping[str, str]]) -> Path:
+    """Add (or replace) models' pins in ``root``'s ``mriseg-pins.json``; the other models' pins stay.
+
+    Args:
+        root: The model folder (``models import``'s destination).
+        pins: ``{dataset folder name: pin_dataset(...)}``.
+
+    Returns:
+        The manifest's path.
+    """
+    path = root / PINS
+    models: dict[str, dict[str, str]] = {}
+    if path.is_file():
+        try:
+            models = PinnedManifest.read(path).models
+        except ModelFolderError as e:
+            log.warning("replacing a pinned manifest that cannot be read: %s", e.message)
+    models.update({k: dict(v) for k, v in pins.items()})
+    tmp = path.with_name(f".{PINS}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({"format": PINS_FORMAT, "models": models}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 class S3ModelCache:
     """Mirror ``s3://bucket/prefix/DatasetNNN_*`` into a local cache, once, verified."""
 
@@ -144,11 +309,13 @@ class S3ModelCache:
         return all(self._local(k).is_file() and self._local(k).stat().st_size == v["size"]
                    for k, v in manifest.items())
 
-    def fetch(self, sm: SubModel) -> Path | None:
+    def fetch(self, sm: SubModel, pins: PinnedManifest | None = None) -> Path | None:
         """Local copy of the sub-model's dataset folder, or None if S3 has none.
 
         Downloads go to a private folder that is renamed into place once complete and verified, so
         replicas filling one cache at once never see (or delete) each other's half-written files.
+        With ``pins``, a dataset folder they do not name is not downloaded, and a download whose
+        sha256 differs from its pin is discarded.
         """
         from serve.staging import IntegrityError, verify_download
 
@@ -161,6 +328,7 @@ class S3ModelCache:
         wanted = {o["Key"]: {"size": o["Size"], "etag": o["ETag"]} for o in objects}
         for key in wanted:
             self._local(key)  # refuse escaping keys before anything is written
+        pinned = pins.dataset(sm, name) if pins is not None else None  # an unpinned dataset: nothing downloaded
         if self._cache_matches(dataset_dir, wanted):
             return dataset_dir
         self.root.mkdir(parents=True, exist_ok=True)
@@ -179,6 +347,11 @@ class S3ModelCache:
                 except IntegrityError as e:
                     raise ModelFolderError(f"s3://{self.bucket}/{key}: {e.message}; the download was "
                                            f"discarded") from e
+                want = (pinned or {}).get(key[len(self.prefix) + len(name) + 1:])
+                if want is not None and want != digest:
+                    raise ModelFolderError(f"{sm.name}: s3://{self.bucket}/{key} does not match the pinned model "
+                                           f"manifest {pins.path} (sha256 {digest[:16]}..., pinned {want[:16]}...); "
+                                           f"the download was discarded")
                 manifest[key] = {**meta, "sha256": digest}
             (staging_root / name / MANIFEST).write_text(json.dumps(manifest, indent=1))
             self._install(staging_root / name, dataset_dir, wanted)
@@ -209,18 +382,45 @@ class ModelStore:
     """Resolves each sub-model to a verified local nnU-Net trainer folder."""
 
     def __init__(self, sources: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
-                 s3: S3Settings | None = None, catalogue: Catalogue | None = None):
+                 s3: S3Settings | None = None, catalogue: Catalogue | None = None,
+                 pins: str | os.PathLike | None = None):
+        """
+        Args:
+            sources: Local folders and ``s3://bucket/prefix`` URIs, searched in order.
+            cache_dir: Where S3 sources are copied (default ``$MRISEG_CACHE/models``).
+            s3: S3 client settings for S3 sources.
+            catalogue: The sub-model catalogue (default the packaged one).
+            pins: The operator's pinned manifest for every source, else ``$MRISEG_MODEL_PINS``;
+                an S3 source needs one.
+
+        Raises:
+            ModelFolderError: ``pins`` names a file that is not a readable pinned manifest.
+        """
         self.catalogue = catalogue or load_catalogue()
         self.cache_dir = Path(cache_dir or cache_root() / "models")
         self.sources = [str(s) for s in sources]
         self._s3 = s3
         self._caches = {s: S3ModelCache(s, self.cache_dir, s3) for s in self.sources if str(s).startswith("s3://")}
+        pins = pins if pins is not None else (os.environ.get(PINS_ENV) or None)
+        self.pins = PinnedManifest.read(pins) if pins else None
 
-    def _dataset_dir(self, sm: SubModel) -> Path | None:
+    def _pins_of(self, src: str) -> PinnedManifest | None:
+        """The pins that apply to ``src``: the operator's, else a local folder's own ``mriseg-pins.json``."""
+        if self.pins is not None:
+            return self.pins
+        if src in self._caches:
+            raise ModelFolderError(f"model source {src} has no pinned manifest, so nothing in it is trusted: pass "
+                                   f"the {PINS} that 'mriseg models import' wrote (--model-pins, the serve "
+                                   f"config's model_pins, or ${PINS_ENV})")
+        own = Path(src).expanduser() / PINS
+        return PinnedManifest.read(own) if own.is_file() else None
+
+    def _dataset_dir(self, sm: SubModel) -> tuple[Path, PinnedManifest | None] | None:
         for src in self.sources:
+            pins = self._pins_of(src)
             if src in self._caches:
                 try:
-                    found = self._caches[src].fetch(sm)
+                    found = self._caches[src].fetch(sm, pins)
                 except (BotoCoreError, ClientError) as e:
                     code = e.response.get("Error", {}).get("Code") if isinstance(e, ClientError) else None
                     raise ModelSourceUnreachableError(
@@ -228,24 +428,27 @@ class ModelStore:
                         f"check the bucket, prefix and credentials") from e
             else:
                 found = find_dataset_dir(Path(src).expanduser(), sm)
+                if found is not None and pins is None:
+                    _warn_unpinned(src)
             if found is not None:
-                return found
+                return found, pins
         return None
 
     def inspect(self, sm: SubModel) -> ModelStatus:
         """Present, missing or mismatched; never raises for a missing model."""
         st = ModelStatus(sm.name, sm.task_id, "missing")
         try:
-            ds = self._dataset_dir(sm)
+            found = self._dataset_dir(sm)
         except ModelUnavailableError as e:
             st.state, st.detail = "unreachable", e.message
             return st
         except ModelFolderError as e:
             st.state, st.detail = "mismatched", e.message
             return st
-        if ds is None:
+        if found is None:
             st.detail = f"no {sm.folder_prefix}* folder in {', '.join(self.sources) or '(no sources)'}"
             return st
+        ds, pins = found
         tf = find_trainer_folder(ds, sm)
         if tf is None:
             st.state, st.path = "mismatched", str(ds)
@@ -263,6 +466,10 @@ class ModelStore:
                     if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
                         raise ModelFolderError(f"{ckpt} is not a PyTorch checkpoint (a zip archive); the file is "
                                                f"damaged or truncated: import the model again")
+            if pins is not None:
+                pinned = pins.for_trainer(sm, ds.name, tf.name)
+                check_pins(sm, tf, pinned, pins.path)
+                st.pinned = pinned
         except ModelFolderError as e:
             st.state, st.detail = "mismatched", e.message
             return st
@@ -270,8 +477,10 @@ class ModelStore:
             st.state, st.detail = "mismatched", f"cannot read {tf}/dataset.json: {e}"
             return st
         st.state = "present"
-        if sm.trainer_folder != tf.name:
-            st.detail = f"non-standard trainer folder {tf.name}"
+        notes = [f"non-standard trainer folder {tf.name}"] if sm.trainer_folder != tf.name else []
+        if pins is None:
+            notes.append(f"unpinned: no {PINS}, the folder's files are trusted as they are")
+        st.detail = "; ".join(notes)
         return st
 
     def status(self, include_fast: bool = True) -> list[ModelStatus]:
@@ -296,6 +505,28 @@ class ModelStore:
             raise ModelFolderError(st.detail)
         return Path(st.path)
 
+    def load(self, sm: SubModel | str, status: ModelStatus | None = None, **load_kwargs) -> "LoadedModel":
+        """Locate and load a sub-model, its files checked against their pins as they are read.
+
+        Args:
+            sm: The sub-model or its name.
+            status: What :meth:`inspect` just gave for it, if anything (spares a second look).
+            **load_kwargs: Passed to :func:`serve.modelload.load_model` (device, tile_step_size, ...).
+
+        Returns:
+            The loaded model.
+
+        Raises:
+            ModelUnavailableError: the model is missing or its source cannot be read.
+            ModelFolderError: the model is mismatched, or a file changed since it was inspected.
+        """
+        from serve.modelload import load_model
+
+        if isinstance(sm, str):
+            sm = self.catalogue.submodel(sm)
+        st = status if status is not None and status.submodel == sm.name else self.inspect(sm)
+        return load_model(self.locate(sm, st), sm, pinned=st.pinned, **load_kwargs)
+
     def available(self, names: Iterable[str] | None = None) -> dict[str, Path]:
         out = {}
         for st in self.status():
@@ -304,9 +535,22 @@ class ModelStore:
         return out
 
 
+_WARNED_UNPINNED: set[str] = set()
+
+
+def _warn_unpinned(src: str) -> None:
+    if src not in _WARNED_UNPINNED:
+        _WARNED_UNPINNED.add(src)
+        log.warning("model source %s has no %s: its weights are loaded as they are, unverified; "
+                    "'mriseg models import' writes one", src, PINS)
+
+
 def import_totalseg_home(totalseg_home: Path, dest: Path, catalogue: Catalogue | None = None,
                          link: bool = False, skipped: dict[str, str] | None = None) -> list[str]:
-    """Copy (or symlink) ``DIR/nnunet/results/DatasetNNN_*`` of catalogue models into ``dest``.
+    """Copy (or symlink) ``DIR/nnunet/results/DatasetNNN_*`` of catalogue models into ``dest`` and pin them.
+
+    Each imported model's checkpoints, plans.json and dataset.json are pinned (sha256) in
+    ``dest/mriseg-pins.json``; the store refuses them once they differ.
 
     Returns the sub-models imported; broken folders are left out, with the reason in ``skipped``.
     """
@@ -341,6 +585,13 @@ def import_totalseg_home(totalseg_home: Path, dest: Path, catalogue: Catalogue |
             log.warning("skipped %s: copying %s failed (%s)", sm.name, ds.name, type(e).__name__)
             skipped[sm.name] = f"copying {ds} failed ({e.__class__.__name__}: {str(e)[:200]}); an earlier import " \
                                f"of it, if any, is kept"
+            continue
+        try:  # pinned as installed: these are the bytes the store will load
+            write_pins(dest, {ds.name: pin_dataset(dest / ds.name)})
+        except OSError as e:  # the copy stays, refused by its old pins (if any) until an import pins it
+            log.warning("skipped %s: pinning %s failed (%s)", sm.name, ds.name, type(e).__name__)
+            skipped[sm.name] = f"pinning {dest / ds.name} failed ({e.__class__.__name__}: {str(e)[:200]}); " \
+                               f"import it again"
             continue
         imported.append(sm.name)
     return imported

@@ -20,7 +20,7 @@ import numpy as np
 from serve.catalogue import Catalogue, SubModel
 from serve.errors import ModelSourceUnreachableError, ModelUnavailableError
 from serve.merge import MergedSegmentation, merge
-from serve.modelload import LoadedModel, configure_threads, load_model
+from serve.modelload import LoadedModel, configure_threads
 from serve.modelstore import ModelStatus, ModelStore
 from serve.predict import predict_labels
 from serve.preprocess import PreparedVolume, prepare
@@ -117,8 +117,7 @@ class Segmenter:
         with self._lock:
             if name not in self._models:
                 sm = self.catalogue.submodel(name)
-                self._models[name] = load_model(self.store.locate(sm), sm, device=self.device,
-                                                tile_step_size=self.tile_step_size)
+                self._models[name] = self.store.load(sm, device=self.device, tile_step_size=self.tile_step_size)
             return self._models[name]
 
     def plan(self, roi_subset: Sequence[str] | None = None, fast: bool = False) -> tuple[list[SubModel], dict[str, str]]:

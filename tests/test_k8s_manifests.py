@@ -174,6 +174,27 @@ def test_tenants_file_is_the_mounted_secret(item):
         assert vol["secret"]["secretName"] == "mriseg-tenants", group
 
 
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_an_s3_model_source_comes_with_the_mounted_pinned_manifest(item):
+    """serve.modelstore refuses an s3:// model source without the operator's pinned manifest: the serve config's
+    model_pins and the stage-models gate name the file that ConfigMap mriseg-model-pins mounts in every pod."""
+    overlay, rs = item
+    args = _serve_config(rs)["applications"][0]["args"]
+    if not any(str(s).startswith("s3://") for s in args.get("model_sources") or []):
+        assert overlay == "dev", f"{overlay}: expected an S3 model source"
+        return
+    pins = Path(args["model_pins"])
+    for group, spec in _pod_specs(rs):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            (mount,) = [m for m in c["volumeMounts"] if Path(m["mountPath"]) == pins.parent]
+            cm = volumes[mount["name"]]["configMap"]
+            assert cm["name"] == "mriseg-model-pins" and {"key": "model-pins.json", "path": pins.name} in cm["items"], \
+                f"{overlay}/{group}/{c['name']}"
+    (stage,) = [c for _, spec in _pod_specs(rs) for c in spec.get("initContainers", []) if c["name"] == "stage-models"]
+    assert stage["command"][stage["command"].index("--model-pins") + 1] == str(pins), overlay
+
+
 # -- pod templates (checkov does not look inside RayService) -----------------------------------
 
 def _pod_specs(rs: dict) -> list[tuple[str, dict]]:

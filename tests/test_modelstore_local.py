@@ -147,7 +147,8 @@ def test_a_reimport_that_fails_half_way_keeps_the_earlier_import(tmp_path, capsy
     err = capsys.readouterr().err
     assert "skipped organs" in err and "an earlier import of it, if any, is kept" in err and "Traceback" not in err
     assert ckpt.read_bytes() == before and ModelStore([dest]).inspect(CAT.submodel("organs")).state == "present"
-    assert sorted(p.name for p in dest.iterdir()) == sorted([TS_ORGANS, "Dataset851_TotalSegMRI_part2_muscles_1088subj"])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([TS_ORGANS, "Dataset851_TotalSegMRI_part2_muscles_1088subj",
+                                                             "mriseg-pins.json"])
     (src_fold / "checkpoint_best.pth").unlink()
     (src_fold / "extra.txt").write_text("new")
     assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0  # a whole copy replaces it
@@ -163,3 +164,112 @@ def test_a_region_based_model_is_refused_rather_than_read_with_wrong_ids():
         {"background": 0, "liver": 5, "spleen": 1}
     with pytest.raises(ModelFolderError, match="region-based"):
         read_dataset_labels({"labels": {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "et": [3]}})
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_models_import_pins_every_checkpoint_plans_and_dataset_json(tmp_path, capsys):
+    import json
+
+    home = totalseg_home(tmp_path)
+    dest = tmp_path / "imported"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0
+    pins = json.loads((dest / "mriseg-pins.json").read_text())
+    organs_tf = f"{ODD_TRAINER}__nnUNetPlans__3d_fullres"
+    assert pins["format"] == "mriseg-pins/1"
+    assert set(pins["models"]) == {TS_ORGANS, "Dataset851_TotalSegMRI_part2_muscles_1088subj"}
+    organs = pins["models"][TS_ORGANS]
+    assert set(organs) == {f"{organs_tf}/plans.json", f"{organs_tf}/dataset.json",
+                           f"{organs_tf}/fold_0/checkpoint_final.pth"}
+    for rel, sha in organs.items():
+        assert _sha256(dest / TS_ORGANS / rel) == sha
+    st = ModelStore([dest]).inspect(CAT.submodel("organs"))
+    assert st.state == "present" and "unpinned" not in st.detail
+    assert st.pinned == {k[len(organs_tf) + 1:]: v for k, v in organs.items()}
+
+
+@pytest.mark.parametrize("victim", ["fold_0/checkpoint_final.pth", "plans.json", "dataset.json"])
+def test_a_file_changed_after_import_is_mismatched_and_never_loaded(tmp_path, capsys, victim):
+    import json
+
+    home = totalseg_home(tmp_path)
+    dest = tmp_path / "imported"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0
+    path = next(dest.glob(f"{TS_ORGANS}/*/{victim}"))
+    if victim.endswith(".json"):  # still valid, still the organs model: only the pin tells
+        doc = json.loads(path.read_text())
+        doc["tampered"] = True
+        path.write_text(json.dumps(doc))
+    else:  # other weights of the same shape, as a swapped-in checkpoint would be
+        other = write_model_folder(tmp_path / "other", CAT.submodel("organs"), SPEC, seed=5)
+        shutil.copyfile(other / "fold_0" / "checkpoint_final.pth", path)
+    capsys.readouterr()
+    assert main(["models", "list", "--models", str(dest)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("organs "))
+    assert "mismatched" in line and victim in line and "pinned model manifest" in line
+    seg = Segmenter(ModelStore([dest]), device="cpu")
+    with pytest.raises(ModelUnavailableError, match="mismatched"):
+        seg.segment(body_volume(), roi_subset=["liver"])
+    assert seg.model("muscles").label_names  # the untouched model still loads
+
+
+def test_a_file_swapped_between_inspect_and_load_is_refused_at_load(tmp_path, capsys):
+    """The store hashes what it lists; loading checks the bytes it actually parses once more."""
+    from serve.errors import ModelFolderError
+
+    home = totalseg_home(tmp_path)
+    dest = tmp_path / "imported"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0
+    store = ModelStore([dest])
+    st = store.inspect(CAT.submodel("organs"))
+    assert st.state == "present"
+    ckpt = Path(st.path) / "fold_0" / "checkpoint_final.pth"
+    other = write_model_folder(tmp_path / "other", CAT.submodel("organs"), SPEC, seed=5)
+    shutil.copyfile(other / "fold_0" / "checkpoint_final.pth", ckpt)
+    with pytest.raises(ModelFolderError, match="does not match its pinned sha256"):
+        store.load("organs", st, device="cpu")
+
+
+def test_a_model_added_beside_pinned_ones_is_not_trusted(tmp_path, capsys):
+    home = totalseg_home(tmp_path)
+    dest = tmp_path / "imported"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0
+    write_model_folder(dest, CAT.submodel("face"), SPEC)  # copied in by hand, never imported
+    st = ModelStore([dest]).inspect(CAT.submodel("face"))
+    assert st.state == "mismatched" and "not in the pinned model manifest" in st.detail
+    ckpt = next(dest.glob(f"{TS_ORGANS}/*/fold_0"))
+    shutil.copyfile(ckpt / "checkpoint_final.pth", ckpt / "checkpoint_best.pth")  # an unpinned extra checkpoint
+    st = ModelStore([dest]).inspect(CAT.submodel("organs"))
+    assert st.state == "mismatched" and "checkpoint_best.pth is not in the pinned model manifest" in st.detail
+
+
+def test_a_local_folder_without_pins_is_loaded_as_it_is_with_a_warning(tmp_path, caplog):
+    write_model_folder(tmp_path / "mine", CAT.submodel("organs"), SPEC)
+    store = ModelStore([tmp_path / "mine"])
+    st = store.inspect(CAT.submodel("organs"))
+    assert st.state == "present" and st.pinned is None and "unpinned" in st.detail
+    assert "no mriseg-pins.json" in caplog.text
+    assert store.load("organs", st, device="cpu").label_names[5] == "liver"
+
+
+def test_the_operators_pins_apply_to_a_local_folder_and_a_bad_file_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from serve.errors import ModelFolderError
+
+    home = totalseg_home(tmp_path)
+    dest = tmp_path / "imported"
+    assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0
+    pins = tmp_path / "operator-pins.json"
+    (dest / "mriseg-pins.json").rename(pins)
+    assert ModelStore([dest], pins=pins).inspect(CAT.submodel("organs")).pinned is not None
+    monkeypatch.setenv("MRISEG_MODEL_PINS", str(pins))
+    assert ModelStore([dest]).inspect(CAT.submodel("muscles")).pinned is not None
+    with pytest.raises(ModelFolderError, match="cannot be read"):
+        ModelStore([dest], pins=tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text('{"models": []}')
+    capsys.readouterr()
+    assert main(["models", "list", "--models", str(dest), "--model-pins", str(tmp_path / "bad.json")]) == 2
+    assert "not a pinned model manifest" in capsys.readouterr().err

@@ -9,10 +9,10 @@ import pytest
 
 from serve import staging
 from serve.catalogue import load_catalogue
-from serve.errors import ModelSourceUnreachableError
+from serve.errors import ModelFolderError, ModelSourceUnreachableError
 from serve.modelfolder import UNetSpec, write_model_folder
 from serve.modelload import load_model
-from serve.modelstore import ModelStore
+from serve.modelstore import ModelStore, pin_dataset, write_pins
 from serve.pipeline import Segmenter
 from serve.s3client import make_client
 from tests.core_fixtures import body_volume
@@ -48,6 +48,13 @@ def s3_models(seaweed, tmp_path, unique_prefix):  # noqa: F811
     return uri
 
 
+@pytest.fixture
+def s3_pins(s3_models, tmp_path) -> Path:
+    """The operator's pinned manifest for ``s3_models``, as 'mriseg models import' writes it."""
+    (tmp_path / "pins").mkdir()
+    return write_pins(tmp_path / "pins", {d.name: pin_dataset(d) for d in (tmp_path / "results").iterdir()})
+
+
 def _count_gets(store: ModelStore, uri: str) -> list[str]:
     """Record every GetObject the store's own S3 client sends (botocore's event hooks)."""
     calls: list[str] = []
@@ -56,9 +63,9 @@ def _count_gets(store: ModelStore, uri: str) -> list[str]:
     return calls
 
 
-def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path):  # noqa: F811
+def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     cache = tmp_path / "cache"
-    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)
+    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
     gets = _count_gets(store, s3_models)
     organs = store.locate("organs")
     muscles = store.locate("muscles")
@@ -72,7 +79,7 @@ def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path):  #
     assert len(gets) == 6  # ...and not again when asked again
 
     # a fresh store on the same cache downloads nothing
-    store2 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)
+    store2 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
     gets2 = _count_gets(store2, s3_models)
     assert store2.locate("organs") == organs and store2.locate("muscles") == muscles
     assert gets2 == []
@@ -83,9 +90,9 @@ def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path):  #
     assert o.label_names[5] == "liver" and o.checksum != m.checksum
 
 
-def test_locate_with_inspect_status_lists_the_source_once(seaweed, s3_models, tmp_path):  # noqa: F811
+def test_locate_with_inspect_status_lists_the_source_once(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     """A replica inspects, then locates: the status it already has spares S3 a second listing."""
-    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
+    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
     lists: list[str] = []
     store._caches[s3_models].client.meta.events.register(
         "before-call.s3.ListObjectsV2", lambda params, **_: lists.append(params.get("Prefix")))
@@ -97,38 +104,92 @@ def test_locate_with_inspect_status_lists_the_source_once(seaweed, s3_models, tm
     assert len(lists) == 3
 
 
-def test_changed_object_in_s3_is_downloaded_again(seaweed, s3_models, tmp_path):  # noqa: F811
+def test_changed_object_in_s3_is_refused_until_the_operator_pins_it(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     cache = tmp_path / "cache"
-    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)
-    organs = store.locate("organs")
-    old = load_model(organs, CAT.submodel("organs"), device="cpu").checksum
+    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
+    old = store.load("organs", device="cpu").checksum
     # replace the organs weights in S3 with a differently seeded network
     fresh = tmp_path / "fresh"
     write_model_folder(fresh, CAT.submodel("organs"), SPEC, dataset_name=TS_ORGANS, seed=7)
     upload_tree(fresh, s3_models, seaweed.settings)
-    store2 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings)
+    store2 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
     gets = _count_gets(store2, s3_models)
-    again = store2.locate("organs")
-    assert len(gets) >= 1
-    assert load_model(again, CAT.submodel("organs"), device="cpu").checksum != old
+    st = store2.inspect(CAT.submodel("organs"))
+    assert len(gets) >= 1  # the change was seen and downloaded...
+    assert st.state == "mismatched" and "organs" in st.detail and "checkpoint_final.pth" in st.detail
+    assert "does not match the pinned model manifest" in st.detail and "discarded" in st.detail  # ...and refused
+    with pytest.raises(ModelFolderError, match="pinned model manifest"):
+        store2.load("organs", device="cpu")
+    # pinned anew by the operator, the new weights load
+    (tmp_path / "pins2").mkdir()
+    pins2 = write_pins(tmp_path / "pins2", {TS_ORGANS: pin_dataset(fresh / TS_ORGANS)})
+    store3 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=pins2)
+    assert store3.load("organs", device="cpu").checksum != old
+
+
+def test_a_cached_copy_changed_on_disk_is_mismatched_and_never_loaded(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
+    """The cache's own manifest records sizes and ETags of what was downloaded: it proves nothing about the bytes."""
+    cache = tmp_path / "cache"
+    organs = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins).locate("organs")
+    ckpt = organs / "fold_0" / "checkpoint_final.pth"
+    other = write_model_folder(tmp_path / "other", CAT.submodel("organs"), SPEC, dataset_name=TS_ORGANS, seed=9)
+    swapped = (other / "fold_0" / "checkpoint_final.pth").read_bytes()
+    assert len(swapped) == ckpt.stat().st_size  # same size: the cache's record still matches
+    ckpt.write_bytes(swapped)
+    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
+    gets = _count_gets(store, s3_models)
+    st = store.inspect(CAT.submodel("organs"))
+    assert gets == []
+    assert st.state == "mismatched" and str(ckpt) in st.detail and "pinned model manifest" in st.detail
+    with pytest.raises(ModelFolderError, match="pinned"):
+        store.load("organs", device="cpu")
+    assert store.inspect(CAT.submodel("muscles")).state == "present"
+
+
+def test_an_s3_source_without_pins_is_refused_before_anything_is_downloaded(seaweed, s3_models, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    from serve.cluster.deployments import SubModelRunner, SubModelSettings
+
+    monkeypatch.delenv("MRISEG_MODEL_PINS", raising=False)
+    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
+    gets = _count_gets(store, s3_models)
+    states = {s.submodel: s for s in store.status()}
+    assert {s.state for s in states.values()} == {"mismatched"}
+    assert "has no pinned manifest" in states["organs"].detail and "--model-pins" in states["organs"].detail
+    assert gets == [] and not (tmp_path / "cache").exists()
+    with pytest.raises(ModelFolderError, match="no pinned manifest"):
+        Segmenter(store, device="cpu").model("organs")
+    runner = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"),
+                                             dataclasses.asdict(seaweed.settings)))
+    assert runner.state == "broken" and "no pinned manifest" in runner.detail
+    # a pinned manifest that does not name the model: refused before the download too
+    (tmp_path / "pins-other").mkdir()
+    muscles_only = write_pins(tmp_path / "pins-other", {TS_MUSCLES: pin_dataset(tmp_path / "results" / TS_MUSCLES)})
+    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=muscles_only)
+    gets = _count_gets(store, s3_models)
+    st = store.inspect(CAT.submodel("organs"))
+    assert st.state == "mismatched" and f"{TS_ORGANS} is not in the pinned model manifest" in st.detail
+    assert gets == []
+    assert store.inspect(CAT.submodel("muscles")).state == "present"
 
 
 def test_a_key_that_climbs_out_of_the_source_is_refused_and_nothing_escapes(moto, tmp_path, unique_prefix):  # noqa: F811
+    pins = write_pins(tmp_path, {})
     """SeaweedFS refuses such keys; AWS and moto store them literally, so the cache must refuse them."""
     client = make_client(moto.settings)
     client.create_bucket(Bucket=unique_prefix)
     base = f"w/{TS_ORGANS}/nnUNetTrainer__nnUNetPlans__3d_fullres"
     client.put_object(Bucket=unique_prefix, Key=f"{base}/plans.json", Body=b"{}")
     client.put_object(Bucket=unique_prefix, Key=f"{base}/../../../../../escaped.txt", Body=b"not yours")
-    store = ModelStore([f"s3://{unique_prefix}/w"], cache_dir=tmp_path / "cache", s3=moto.settings)
+    store = ModelStore([f"s3://{unique_prefix}/w"], cache_dir=tmp_path / "cache", s3=moto.settings, pins=pins)
     st = store.inspect(CAT.submodel("organs"))
     assert st.state == "mismatched" and "'..' segment" in st.detail
     assert not list(tmp_path.rglob("escaped.txt")) and not list(tmp_path.rglob("plans.json"))
 
 
-def test_a_corrupted_download_is_discarded_by_the_sha256_metadata(seaweed, s3_models, tmp_path):  # noqa: F811
+def test_a_corrupted_download_is_discarded_by_the_sha256_metadata(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     """AWS gives multipart objects only a composite checksum; the sha256 metadata staging writes still applies."""
-    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
+    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
     client = store._caches[s3_models].client
     head, download = client.head_object, client.download_file
 
@@ -148,12 +209,12 @@ def test_a_corrupted_download_is_discarded_by_the_sha256_metadata(seaweed, s3_mo
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-verified is kept
 
 
-def test_two_stores_filling_one_cache_at_once_both_get_the_model(seaweed, s3_models, tmp_path):  # noqa: F811
+def test_two_stores_filling_one_cache_at_once_both_get_the_model(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     import threading
     import time
 
     cache = tmp_path / "cache"
-    stores = [ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings) for _ in range(2)]
+    stores = [ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins) for _ in range(2)]
     for store in stores:  # slow each download down, so that the two fills overlap
         client = store._caches[s3_models].client
         client.download_file = (lambda real: lambda *a, **kw: (real(*a, **kw), time.sleep(0.2)))(client.download_file)
@@ -175,8 +236,8 @@ def test_two_stores_filling_one_cache_at_once_both_get_the_model(seaweed, s3_mod
     assert not [p for p in found[0].parent.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
-def test_loaded_models_keep_running_when_their_s3_source_cannot_be_read(seaweed, s3_models, tmp_path):  # noqa: F811
-    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
+def test_loaded_models_keep_running_when_their_s3_source_cannot_be_read(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
+    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
     seg = Segmenter(store, device="cpu", threads=1)
     vol = body_volume("RAS", shape=(20, 18, 12), spacing=(1.5, 1.5, 1.5))
     first = seg.segment(vol)
@@ -201,16 +262,18 @@ def test_loaded_models_keep_running_when_their_s3_source_cannot_be_read(seaweed,
         store.locate("organs")
 
 
-def test_a_sub_model_replica_whose_s3_source_cannot_be_read_fails_its_health_check(seaweed, s3_models, tmp_path):  # noqa: F811
+def test_a_sub_model_replica_whose_s3_source_cannot_be_read_fails_its_health_check(seaweed, s3_models, tmp_path,  # noqa: F811
+                                                                                    s3_pins):
     """Unhealthy, so Serve replaces it and the new replica reads the source again (not 409 for good)."""
     from serve.cluster.deployments import SubModelRunner, SubModelSettings
 
     bad = dataclasses.asdict(dataclasses.replace(seaweed.settings, secret_access_key="not-the-secret"))
-    runner = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"), bad))
+    runner = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"), bad,
+                                             model_pins=str(s3_pins)))
     # "unreachable", not "broken": the router then answers 503 rather than skip organs in a full run
     assert runner.state == "unreachable" and "cannot be read (SignatureDoesNotMatch)" in runner.detail
     with pytest.raises(RuntimeError, match="unreachable"):
         runner.check_health()
     good = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"),
-                                           dataclasses.asdict(seaweed.settings)))
+                                           dataclasses.asdict(seaweed.settings), model_pins=str(s3_pins)))
     assert good.state == "ready"

@@ -163,7 +163,7 @@ def _resolve_sources(sources: list[str]) -> list[str]:
     return out
 
 
-APP_ARGS = {"model_sources", "model_cache_dir", "s3", "submodels", "submodel_settings", "tenants_file",
+APP_ARGS = {"model_sources", "model_pins", "model_cache_dir", "s3", "submodels", "submodel_settings", "tenants_file",
             "router", "metrics_port", "metrics_host", "deployment_options", "events", "sandbox"}
 
 
@@ -183,7 +183,8 @@ def validate_args(args: dict[str, Any] | None) -> dict[str, Any]:
 def build_app(args: dict[str, Any]) -> rayserve.Application:
     """Application builder for ``serve run serve.cluster.app:build_app`` and Serve config files.
 
-    args: ``model_sources`` (dirs, s3:// URIs or "demo"), ``model_cache_dir``, ``s3``,
+    args: ``model_sources`` (dirs, s3:// URIs or "demo"), ``model_pins`` (the operator's pinned
+    model manifest, a path; required for s3:// sources), ``model_cache_dir``, ``s3``,
     ``submodels`` (names to deploy; default all six + total_fast), ``submodel_settings``
     (device, threads, precision, gpu_memory_fraction, tile_step_size), ``tenants_file``,
     ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
@@ -195,7 +196,7 @@ def build_app(args: dict[str, Any]) -> rayserve.Application:
     args = validate_args(args)
     sources = _resolve_sources(list(args.get("model_sources") or [DEMO_SOURCE]))
     names = list(args.get("submodels") or default_submodels())
-    common = {**(args.get("submodel_settings") or {}), "model_sources": sources,
+    common = {**(args.get("submodel_settings") or {}), "model_sources": sources, "model_pins": args.get("model_pins"),
               "model_cache_dir": args.get("model_cache_dir"), "s3": args.get("s3")}
     # Serve config files set these per deployment in their `deployments:` list (which wins);
     # `deployment_options` does the same for Python callers (`mriseg up`, tests).

@@ -40,6 +40,7 @@ class SubModelSettings:
     model_sources: list[str]
     model_cache_dir: str | None = None
     s3: dict | None = None
+    model_pins: str | None = None  # the operator's pinned model manifest (a path); required for s3:// sources
     device: str = "auto"
     threads: int = 1
     gpu_memory_fraction: float | None = None
@@ -81,11 +82,17 @@ class SubModelRunner:
         self.sm = load_catalogue().submodel(settings.submodel)
         configure_threads(settings.threads)
         cap_gpu_memory(settings.gpu_memory_fraction)
-        store = ModelStore(settings.model_sources, settings.model_cache_dir,
-                           S3Settings.from_mapping(settings.s3) if settings.s3 else None)
         self.model = None
         self.state, self.detail = "unavailable", ""
         self.calls = 0
+        try:
+            store = ModelStore(settings.model_sources, settings.model_cache_dir,
+                               S3Settings.from_mapping(settings.s3) if settings.s3 else None,
+                               pins=settings.model_pins)
+        except MrisegError as e:  # an unreadable pinned manifest: reported by check_health like a bad model
+            self.state, self.detail = "broken", e.message
+            log.error("sub-model %s: %s", self.sm.name, e.message)
+            return
         st = store.inspect(self.sm)
         if st.state == "missing":
             self.detail = st.detail
@@ -95,11 +102,8 @@ class SubModelRunner:
             self.state, self.detail = "unreachable", st.detail
             log.error("sub-model %s: its model source cannot be read: %s", self.sm.name, st.detail)
             return
-        from serve.modelload import load_model
-
         try:
-            self.model = load_model(store.locate(self.sm, st), self.sm, device=settings.device,
-                                    tile_step_size=settings.tile_step_size)
+            self.model = store.load(self.sm, st, device=settings.device, tile_step_size=settings.tile_step_size)
             self._warm_up()
         except Exception as e:  # noqa: BLE001 - recorded; check_health reports it
             self.state, self.detail = "broken", f"{type(e).__name__}: {e}"
