@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -120,13 +122,16 @@ SubModelCall = Callable[[str, Any, float], Awaitable[dict]]
 Describe = Callable[[str], Awaitable[dict]]
 
 
-async def _in_thread(fn, *args):
+async def _in_thread(fn, *args, on_cancel: threading.Event | None = None):
     """Run ``fn`` in a worker thread. A thread cannot be stopped, so a cancelled job keeps its slot (and
-    its site's count) until the thread returns: cancelling cannot start more work than the limits allow."""
+    its site's count) until the thread returns: cancelling cannot start more work than the limits allow.
+    ``on_cancel`` is set when the job is cancelled, for work that can stop early (the decoder child)."""
     task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel.set()
         await asyncio.wait([task])
         raise
 
@@ -484,23 +489,26 @@ class JobService:
         await _in_thread(self._save_running, job)
         t0 = time.perf_counter()
 
-        async def stage(name: str, fn, *args):
+        async def stage(name: str, fn, *args, on_cancel: threading.Event | None = None):
             t = time.perf_counter()
-            out = await _in_thread(fn, *args)
+            out = await _in_thread(fn, *args, on_cancel=on_cancel)
             job.timings[name] = time.perf_counter() - t
             self.metrics.stage_seconds.labels(name.removesuffix("_s")).observe(job.timings[name])
             return out
 
         source = None  # the S3 object version read, for the output set's job.json
+        cancel = threading.Event()  # a cancelled job's decoder child is killed, so its slot frees at once
         if spooled is None:
             upload, filename, source = await stage("stage_in_s", self._download, job.input_uri)
             self.metrics.bytes_staged.labels("in").inc(len(upload))
-            volume = await stage("decode_s", self.decoder.decode_bytes, upload, filename, self._max_voxels)
+            volume = await stage("decode_s", functools.partial(self.decoder.decode_bytes, cancel=cancel), upload,
+                                 filename, self._max_voxels, on_cancel=cancel)
             del upload
         else:
             # The spooled upload stays until the job settles, so a restarted router can resume it.
             self.metrics.bytes_staged.labels("in").inc(spooled.stat().st_size)
-            volume = await stage("decode_s", self.decoder.decode, spooled, self._max_voxels)
+            volume = await stage("decode_s", functools.partial(self.decoder.decode, cancel=cancel), spooled,
+                                 self._max_voxels, on_cancel=cancel)
         sms, descs, skipped = await self._plan(job)
         spacings = sorted({sm.spacing_mm for sm in sms})
         # admission by memory: wait until this job's bytes fit beside the running jobs' (413 if they never can)

@@ -22,6 +22,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 #: Single-threaded numeric libraries (each child is one decode; the parent's cores are shared).
 _CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "LC_ALL": "C.UTF-8"}
+
+
+class DecodeCancelled(Exception):
+    """The caller cancelled the decode; the child was killed."""
 
 
 class SandboxUnavailableError(ServiceUnavailableError):
@@ -71,7 +77,8 @@ class SandboxedDecoder:
         """The layers :attr:`policy` requires that ``layers`` lacks."""
         return [name for name in self.policy.require if not layers.get(name)]
 
-    def decode(self, path: str | os.PathLike, max_voxels: int, self_contained: bool = True):
+    def decode(self, path: str | os.PathLike, max_voxels: int, self_contained: bool = True,
+               cancel: threading.Event | None = None):
         """Decode the file or DICOM folder at ``path`` in a confined child.
 
         Args:
@@ -79,6 +86,8 @@ class SandboxedDecoder:
             max_voxels: the most voxels accepted (also bounds the reply's size).
             self_contained: refuse headers that keep their voxels in another file (.mhd, .nhdr). False is for
                 a user's own files (``mriseg segment``): the child may then read the header's folder, and only it.
+            cancel: set by another thread to stop the child early (a cancelled job); the decode then raises
+                :class:`DecodeCancelled`.
 
         Returns:
             The :class:`serve.volume_io.Volume`, validated again on this side.
@@ -89,7 +98,7 @@ class SandboxedDecoder:
         """
         src = Path(path).resolve()
         with self._workdir() as work:
-            code = self._run(work, src, max_voxels, self_contained)
+            code = self._run(work, src, max_voxels, self_contained, cancel)
             out = work / "out"
             if code == EXIT_OK and (out / reply.META).is_file():
                 return reply.read_volume(out, max_voxels)
@@ -104,13 +113,14 @@ class SandboxedDecoder:
                 f"built to crash or exhaust it, or one too large to decode within its limits. Check that it is "
                 f"an intact, supported volume")
 
-    def decode_bytes(self, data: bytes, filename: str, max_voxels: int):
+    def decode_bytes(self, data: bytes, filename: str, max_voxels: int, cancel: threading.Event | None = None):
         """Decode an uploaded or downloaded file held in memory; only ``filename``'s suffix is used.
 
         Args:
             data: the file's bytes.
             filename: its name (never logged or kept: it may hold PHI).
             max_voxels: the most voxels accepted.
+            cancel: see :meth:`decode`.
 
         Returns:
             The :class:`serve.volume_io.Volume`.
@@ -126,7 +136,7 @@ class SandboxedDecoder:
         with self._workdir() as work:
             path = work / f"input{suffix}"
             path.write_bytes(data)
-            return self.decode(path, max_voxels)
+            return self.decode(path, max_voxels, cancel=cancel)
 
     # -- internals --------------------------------------------------------------
 
@@ -140,7 +150,8 @@ class SandboxedDecoder:
                                           f"the job can be resubmitted as is") from e
         return _Cleanup(work)
 
-    def _run(self, work: Path, src: Path | None, max_voxels: int, self_contained: bool = True) -> int:
+    def _run(self, work: Path, src: Path | None, max_voxels: int, self_contained: bool = True,
+             cancel: threading.Event | None = None) -> int:
         (work / "out").mkdir()
         (work / "tmp").mkdir()
         pol = self.policy.to_json()
@@ -158,11 +169,18 @@ class SandboxedDecoder:
             except OSError as e:
                 raise ServiceUnavailableError(f"the decoder could not be started ({e.strerror}); the job can be "
                                               f"resubmitted as is") from e
+            deadline = time.monotonic() + self.policy.wall_s
             try:
-                return proc.wait(timeout=self.policy.wall_s)
-            except subprocess.TimeoutExpired:
-                _kill(proc)
-                return -int(signal.SIGKILL)
+                while True:
+                    try:  # short waits, so that a cancel is seen within a tenth of a second
+                        return proc.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+                    except subprocess.TimeoutExpired:
+                        if cancel is not None and cancel.is_set():
+                            _kill(proc)
+                            raise DecodeCancelled("the job was cancelled while its input was decoded") from None
+                        if time.monotonic() >= deadline:
+                            _kill(proc)
+                            return -int(signal.SIGKILL)
             except BaseException:  # a cancelled job: the child must not outlive it
                 _kill(proc)
                 raise

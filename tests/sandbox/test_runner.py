@@ -82,3 +82,31 @@ def test_a_float64_volume_over_the_decode_memory_is_refused_from_its_header(tmp_
             with pytest.raises(MrisegError) as e:
                 decoder.decode(path, 1 << 25)
             assert e.value.status == 413 and "float64" not in e.value.message and "8 bytes" in e.value.message
+
+
+def test_readiness_is_withheld_while_a_required_layer_is_missing():
+    from serve.cluster.app import with_sandbox
+
+    layers = dict.fromkeys(LAYERS, True) | {"landlock": False}
+    report = {"ready": True, "submodels": {}}
+    assert with_sandbox(report, layers, [])["ready"] is True
+    down = with_sandbox(report, layers, ["landlock"])
+    assert down["ready"] is False and "landlock" in down["detail"] and down["sandbox"]["landlock"] is False
+    assert report["ready"] is True  # the deployments' report is not changed in place
+
+
+def test_a_cancel_kills_the_child_at_once(tmp_path):
+    import threading
+    import time
+
+    from serve.sandbox.runner import DecodeCancelled
+
+    cancel = threading.Event()
+    dec = SandboxedDecoder(SandboxPolicy(scratch_dir=str(tmp_path), wall_s=60),
+                           entry=("-c", "import time; time.sleep(60)"))
+    threading.Timer(0.5, cancel.set).start()
+    t = time.monotonic()
+    with pytest.raises(DecodeCancelled):
+        dec.decode(tmp_path, 1000, cancel=cancel)
+    assert time.monotonic() - t < 5
+    assert not list(tmp_path.iterdir())
