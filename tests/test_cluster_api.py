@@ -172,6 +172,8 @@ def test_structures_readiness_openapi_and_metrics(serve_stack):
         assert avail["total_fast"] == "unavailable"  # not deployed in this stack
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"]
+        # the decoder sandbox's layers, as probed when the router started (all required on the test stack)
+        assert ready.json()["sandbox"] == {"rlimits": True, "no_new_privs": True, "seccomp": True, "landlock": True}
         spec = c.get("/v1/openapi.json").json()
         assert {"/v1/segmentations", "/v1/segmentations/upload", "/v1/segmentations/{job_id}",
                 "/v1/segmentations/{job_id}/result", "/v1/structures"} <= set(spec["paths"])

@@ -94,17 +94,32 @@ class Ingress:
             log.warning("cannot read the deployments' status: %s", type(e).__name__)
             raise ServiceUnavailableError("the cluster cannot report its deployments' status right now; "
                                           "try again shortly") from e
-        report["sandbox"] = self.sandbox_layers
-        if self.sandbox_missing:
-            report["ready"] = False
-            report["detail"] = (f"the decoder sandbox lacks the required layer(s) {', '.join(self.sandbox_missing)} "
-                                f"on this host (see the router's log and docs/reliability.md)")
+        report = with_sandbox(report, self.sandbox_layers, self.sandbox_missing)
         self._ready_cache = (now, report)
         return report
 
     def check_health(self) -> None:
         if self.service is None:
             raise RuntimeError("job service missing")
+
+
+def with_sandbox(report: dict, layers: dict[str, bool], missing: list[str]) -> dict:
+    """The readiness report with the decoder sandbox's layers; not ready while a required one is missing.
+
+    Args:
+        report: the deployments' readiness report.
+        layers: the layers the router's probe found active.
+        missing: the required layers among those not active.
+
+    Returns:
+        A new report.
+    """
+    report = {**report, "sandbox": dict(layers)}
+    if missing:
+        report["ready"] = False
+        report["detail"] = (f"the decoder sandbox lacks the required layer(s) {', '.join(missing)} on this host "
+                            f"(see the router's log and docs/reliability.md); nothing is decoded until it has them")
+    return report
 
 
 class _IntakeSink:
