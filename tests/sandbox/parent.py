@@ -15,10 +15,13 @@ from serve.sandbox import SandboxedDecoder, SandboxPolicy
 
 def main() -> None:
     attack, target, policy = sys.argv[1], sys.argv[2], SandboxPolicy.from_mapping(json.loads(sys.argv[3]))
-    decoder = SandboxedDecoder(policy, entry=(str(Path(__file__).with_name("attack_child.py")), attack))
+    if attack == "decode":  # no attack: the real child decodes the target, as the router would
+        decoder = SandboxedDecoder(policy)
+    else:
+        decoder = SandboxedDecoder(policy, entry=(str(Path(__file__).with_name("attack_child.py")), attack))
     try:
-        decoder.decode(target, max_voxels=1 << 20)
-        print(json.dumps({"status": 200}))
+        volume = decoder.decode(target, max_voxels=1 << 20)
+        print(json.dumps({"status": 200, "shape": list(volume.shape)}))
     except MrisegError as e:
         print(json.dumps({"status": e.status, "message": e.message}))
 

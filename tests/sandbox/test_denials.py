@@ -80,7 +80,7 @@ def run_attack(request):
         lines = proc.stdout.strip().splitlines()
         return proc.returncode, (json.loads(lines[-1]) if lines else None), proc.stderr[-2000:]
 
-    run.state = state
+    run.state, run.base = state, base
     with reachable_by_others(needed):
         yield run
 
@@ -134,3 +134,35 @@ def test_wall_clock_limit_stops_a_child_that_sleeps(tmp_path):
         dec.decode(tmp_path, 1000)
     assert e.value.status == 422 and "SIGKILL" in e.value.message
     assert not list(tmp_path.iterdir()), "the child's work folder was left behind"
+
+
+def test_every_format_decodes_in_the_sandbox(run_attack):
+    """The limits (no new threads for a non-root uid, the file-size limit) leave the readers working:
+    NIfTI, .mha, .nrrd (canonical copies) and a DICOM zip decode as root and as the unprivileged uid."""
+    import io
+    import zipfile
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from serve.volume_io import write_nifti
+    from tests.hostile_corpus import _dicom_slices
+
+    folder = run_attack.base / "inputs"
+    folder.mkdir(mode=0o755)
+    arr = (np.arange(16 * 18 * 20) % 97).astype(np.int16).reshape(16, 18, 20)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.2, 1.1, 2.0))
+    for suffix in (".mha", ".nrrd"):
+        sitk.WriteImage(img, str(folder / f"v{suffix}"), True)
+    write_nifti(folder / "v.nii.gz", arr.astype(np.float32), np.diag([1.2, 1.1, 2.0, 1.0]))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, payload in _dicom_slices(4):
+            zf.writestr(f"series/{name}", payload)
+    (folder / "v.zip").write_bytes(buf.getvalue())
+    for name in ("v.nii.gz", "v.mha", "v.nrrd", "v.zip"):
+        os.chmod(folder / name, 0o644)
+        code, report, stderr = run_attack("decode", str(folder / name))
+        assert code == 0 and report and report["status"] == 200, (name, report, stderr)
+
