@@ -751,14 +751,28 @@ def check_self_contained(path: Path) -> None:
                                      f"with it; convert it to a single {'.mha' if suffix == '.mhd' else '.nrrd'}")
 
 
-def read_volume_bytes(data: bytes, filename: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
-    """Read an uploaded file; only ``filename``'s suffix is used (never its name, which may hold PHI)."""
+def check_upload(data: bytes, filename: str) -> str:
+    """Refuse an upload by its name's suffix or its emptiness, before anything decodes it.
+
+    Args:
+        data: the upload's bytes.
+        filename: its name; only the suffix is used (never the name, which may hold PHI).
+
+    Returns:
+        The suffix.
+    """
     suffix = suffix_of(filename)
     if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):
         raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; upload .nii, .nii.gz, "
                                      f".mha, .nrrd or a .zip of one DICOM series")
     if not data:
         raise CorruptFileError("the upload is empty")
+    return suffix
+
+
+def read_volume_bytes(data: bytes, filename: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """Read an uploaded file in this process; only ``filename``'s suffix is used."""
+    suffix = check_upload(data, filename)
     fd, name = tempfile.mkstemp(prefix="mriseg-upload-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.errors import CorruptFileError, ServiceUnavailableError, UnsupportedFormatError
+from serve.errors import ServiceUnavailableError
 from serve.sandbox import reply
 from serve.sandbox.child import EXIT_LAYER_MISSING, EXIT_OK, EXIT_REFUSED
 from serve.sandbox.policy import LAYERS, SandboxPolicy
@@ -125,14 +125,9 @@ class SandboxedDecoder:
         Returns:
             The :class:`serve.volume_io.Volume`.
         """
-        from serve.volume_io import SUPPORTED, suffix_of
+        from serve.volume_io import check_upload
 
-        suffix = suffix_of(filename)
-        if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):
-            raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; upload .nii, .nii.gz, "
-                                         f".mha, .nrrd or a .zip of one DICOM series")
-        if not data:
-            raise CorruptFileError("the upload is empty")
+        suffix = check_upload(data, filename)
         with self._workdir() as work:
             path = work / f"input{suffix}"
             path.write_bytes(data)

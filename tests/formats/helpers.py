@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from hypothesis import strategies as st
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,27 @@ def rotation(angles: tuple[float, float, float]) -> np.ndarray:
     ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
     rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def damage_edits(tokens: list[bytes]):
+    """Up to three edits of a header: replace, insert or delete a token (or two random bytes), or flip case."""
+    piece = st.lists(st.sampled_from(tokens) | st.binary(min_size=1, max_size=2), min_size=1, max_size=2)
+    return st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete", "flip"]), st.integers(0, 10**6),
+                              piece), min_size=1, max_size=3)
+
+
+def mutate(head: bytes, edits) -> bytes:
+    """``head`` with ``edits`` (from :func:`damage_edits`) applied."""
+    buf = bytearray(head)
+    for op, at, payload in edits:
+        at %= len(buf) or 1
+        piece = b"".join(payload)
+        if op == "replace":
+            buf[at: at + len(piece)] = piece
+        elif op == "insert":
+            buf[at:at] = piece
+        elif op == "delete":
+            del buf[at: at + len(piece)]
+        elif chr(buf[at]).isalpha():
+            buf[at] ^= 0x20
+    return bytes(buf)

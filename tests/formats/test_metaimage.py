@@ -24,7 +24,7 @@ from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormat
 from serve.formats import metaimage
 from serve.formats.common import OUT_CHUNK
 from serve.volume_io import read_sitk_file, read_volume, read_volume_bytes, sitk_geometry_to_affine
-from tests.formats.helpers import rotation, sitk_image, sitk_view
+from tests.formats.helpers import damage_edits, mutate, rotation, sitk_image, sitk_view
 
 MAX_VOXELS = 10**6
 SHAPE = (6, 5, 4)
@@ -444,29 +444,10 @@ _TOKENS = [b"=", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\0", b"0", b"1", b"
            b"Position", b"ElementSpacing", b"MET_UCHAR", b"MET_DOUBLE", b"HeaderSize = 0\n",
            b"ElementDataFile = LOCAL\n", b"elementdatafile = LOCAL\n", b"CompressedData = True\n",
            b"ElementSize = 2 2 2\n", b"NDims = 4\n"]
-_EDITS = st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete", "flip"]), st.integers(0, 10**6),
-                            st.lists(st.sampled_from(_TOKENS) | st.binary(min_size=1, max_size=2),
-                                     min_size=1, max_size=2)), min_size=1, max_size=3)
-
-
-def mutate(head: bytes, edits) -> bytes:
-    buf = bytearray(head)
-    for op, at, payload in edits:
-        at %= len(buf) or 1
-        piece = b"".join(payload)
-        if op == "replace":
-            buf[at: at + len(piece)] = piece
-        elif op == "insert":
-            buf[at:at] = piece
-        elif op == "delete":
-            del buf[at: at + len(piece)]
-        elif chr(buf[at]).isalpha():
-            buf[at] ^= 0x20
-    return bytes(buf)
 
 
 @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=_EDITS, compressed=st.booleans())
+@given(edits=damage_edits(_TOKENS), compressed=st.booleans())
 def test_damaged_headers_are_refused_or_read_exactly_as_simpleitk_reads_them(tmp_path, edits, compressed):
     lines, data = written("int16", compressed)
     head = join(lines, b"")

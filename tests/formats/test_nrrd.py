@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
 from serve.formats import nrrd
 from serve.volume_io import read_volume, read_volume_bytes, sitk_geometry_to_affine
-from tests.formats.helpers import rotation, sitk_image, sitk_view
+from tests.formats.helpers import damage_edits, mutate, rotation, sitk_image, sitk_view
 
 MAX_VOXELS = 10**6
 SHAPE = (6, 5, 4)
@@ -331,29 +331,10 @@ _TOKENS = [b":", b": ", b":=", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\0", b"#", 
            b"space", b"sizes", b"data file: /etc/hostname\n", b"Data File: x\n", b"byte skip: -1\n",
            b"line skip: 1\n", b"kinds: vector domain domain\n", b"space dimension: 3\n", b"\n\n",
            b"right-anterior-superior", b"short", b"double", b"dimension: 4\n"]
-_EDITS = st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete", "flip"]), st.integers(0, 10**6),
-                            st.lists(st.sampled_from(_TOKENS) | st.binary(min_size=1, max_size=2),
-                                     min_size=1, max_size=2)), min_size=1, max_size=3)
-
-
-def mutate(head: bytes, edits) -> bytes:
-    buf = bytearray(head)
-    for op, at, payload in edits:
-        at %= len(buf) or 1
-        piece = b"".join(payload)
-        if op == "replace":
-            buf[at: at + len(piece)] = piece
-        elif op == "insert":
-            buf[at:at] = piece
-        elif op == "delete":
-            del buf[at: at + len(piece)]
-        elif chr(buf[at]).isalpha():
-            buf[at] ^= 0x20
-    return bytes(buf)
 
 
 @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=_EDITS, compressed=st.booleans())
+@given(edits=damage_edits(_TOKENS), compressed=st.booleans())
 def test_damaged_headers_are_refused_or_read_exactly_as_simpleitk_reads_them(tmp_path, edits, compressed):
     lines, data = written("int16", compressed)
     head = join(lines, b"")
