@@ -154,3 +154,42 @@ def test_cross_site_access_is_403_and_logged_without_the_key(caplog):
     assert "Smith" not in e.value.message
     assert caplog.records and all("Smith" not in r.getMessage() for r in caplog.records)
     assert "site-a" in caplog.text
+
+
+def _sites(**prefixes):
+    return {"sites": {name.replace("_", "-"): {"prefixes": list(p)} for name, p in prefixes.items()}}
+
+
+@pytest.mark.parametrize("a,b", [
+    (["s3://b/x/"], ["s3://b/x/y/"]),            # one inside the other
+    (["s3://b/x/y/"], ["s3://b/x/"]),            # either order
+    (["s3://b/x/"], ["s3://b/x/"]),              # the same prefix twice
+    (["s3://b/x"], ["s3://b/x/"]),               # the same prefix, written without its slash
+    (["s3://b"], ["s3://b/x/"]),                 # a whole bucket beside a prefix in it
+    (["s3://c/own/", "s3://b/x/"], ["s3://b/x/deep/er/"]),  # any pair of the sites' prefixes
+])
+def test_overlapping_prefixes_of_two_sites_are_refused_naming_both(a, b):
+    with pytest.raises(MrisegError, match="overlap") as e:
+        Tenancy.from_mapping(_sites(site_a=a, site_b=b))
+    assert "site-a" in e.value.message and "site-b" in e.value.message
+
+
+@pytest.mark.parametrize("a,b", [
+    (["s3://b/x/"], ["s3://b/xy/"]),             # a longer sibling is not inside
+    (["s3://b/x"], ["s3://b/xy"]),
+    (["s3://b/x/"], ["s3://c/x/"]),              # another bucket
+    (["s3://b"], ["s3://bb/x/"]),
+])
+def test_disjoint_prefixes_are_accepted(a, b):
+    t = Tenancy.from_mapping(_sites(site_a=a, site_b=b))
+    assert set(t.sites) == {"site-a", "site-b"}
+
+
+def test_one_sites_own_prefixes_may_nest():
+    t = Tenancy.from_mapping(_sites(site_a=["s3://b/x/", "s3://b/x/y/", "s3://b/x/"]))
+    assert t.sites["site-a"].owns("s3://b/x/y/z.nii.gz")
+
+
+def test_a_prefix_with_dot_segments_is_refused():
+    with pytest.raises(MrisegError, match="'.' or '..'"):
+        Tenancy.from_mapping(_sites(site_a=["s3://b/site-b/../site-a/"]))

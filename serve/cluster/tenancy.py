@@ -52,10 +52,8 @@ class Site:
         if has_dot_segments(key):
             return False
         for prefix in self.prefixes:
-            pbucket, pkey = parse_s3_uri(prefix)
-            if bucket != pbucket:
-                continue
-            if not pkey or key.startswith(pkey if pkey.endswith("/") else pkey + "/"):
+            pbucket, pkey = prefix_key(prefix)
+            if bucket == pbucket and key.startswith(pkey):
                 return True
         return False
 
@@ -91,7 +89,10 @@ def _site_from_mapping(name: str, cfg: Any) -> tuple[Site, list[bytes]]:
         raise MrisegError(f"tenants: site {name}: unknown setting(s) {unknown}; known: {', '.join(SITE_SETTINGS)}")
     prefixes = _strings(name, cfg, "prefixes")
     for p in prefixes:
-        parse_s3_uri(p)  # raises a clear error for a non-s3 prefix
+        _, key = parse_s3_uri(p)  # raises a clear error for a non-s3 prefix
+        if has_dot_segments(key):  # Site.owns never matches under it: a prefix that grants nothing is a typo
+            raise MrisegError(f"tenants: site {name}: prefix {p!r} has a '.' or '..' path segment; "
+                              f"write the prefix as it is stored")
     site = Site(name, prefixes,
                 int(_number(name, cfg, "max_concurrent_jobs", Site.max_concurrent_jobs, 1, True)),
                 _number(name, cfg, "requests_per_second", Site.requests_per_second, 0, False),
@@ -110,6 +111,39 @@ def _site_from_mapping(name: str, cfg: Any) -> tuple[Site, list[bytes]]:
             raise MrisegError(f"tenants: site {name}: key_sha256 entries must be 64 hex characters")
         digests.append(d)
     return site, digests
+
+
+def prefix_key(prefix: str) -> tuple[str, str]:
+    """A prefix as :meth:`Site.owns` matches it: ``(bucket, key)``, the key ``""`` or ending in ``/``.
+
+    Args:
+        prefix: an ``s3://bucket/key-prefix`` URI (``s3://b/x`` and ``s3://b/x/`` are the same prefix).
+
+    Returns:
+        The bucket and the key prefix on whole path segments.
+    """
+    bucket, key = parse_s3_uri(prefix)
+    return bucket, key if not key or key.endswith("/") else key + "/"
+
+
+def _check_disjoint(sites: Iterable[Site]) -> None:
+    """Refuse two sites whose prefixes overlap (one equal to or inside the other).
+
+    An object under both would belong to either site: each could read, overwrite and
+    publish into the other's data, and which site an event's object belongs to
+    would depend on rule order. One site's own prefixes may nest.
+    """
+    seen: list[tuple[str, str, str, str]] = []  # (bucket, key prefix, site, prefix as written)
+    for site in sites:
+        for prefix in site.prefixes:
+            bucket, key = prefix_key(prefix)
+            for other_bucket, other_key, other, other_prefix in seen:
+                if other != site.name and bucket == other_bucket and (key.startswith(other_key)
+                                                                      or other_key.startswith(key)):
+                    raise MrisegError(f"tenants: the prefixes of sites {other} ({other_prefix}) and {site.name} "
+                                      f"({prefix}) overlap, so objects there would belong to both; give each "
+                                      f"site prefixes of its own that do not nest")
+            seen.append((bucket, key, site.name, prefix))
 
 
 def hash_key(key: str) -> bytes:
@@ -143,6 +177,7 @@ class Tenancy:
                     raise MrisegError(f"tenants: sites {digests[d]} and {site.name} share an API key; "
                                       f"give each site its own")
                 digests[d] = site.name
+        _check_disjoint(sites)
         return cls(sites, digests)
 
     @classmethod
