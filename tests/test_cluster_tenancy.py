@@ -193,3 +193,144 @@ def test_one_sites_own_prefixes_may_nest():
 def test_a_prefix_with_dot_segments_is_refused():
     with pytest.raises(MrisegError, match="'.' or '..'"):
         Tenancy.from_mapping(_sites(site_a=["s3://b/site-b/../site-a/"]))
+
+
+# -- the tenants file is re-read when it changes ----------------------------------------------------------
+KEY_A2 = "alpha-key-2-0123456789abcdef"
+KEY_C = "charlie-key-0123456789abcdef"
+
+
+def _write(path, cfg) -> None:
+    """As an operator or a Kubernetes Secret update does: a new file renamed over the old one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cfg))
+    tmp.replace(path)
+
+
+def _without_key_a():
+    cfg = _cfg()
+    cfg["sites"]["site-a"]["keys"] = [KEY_A2]
+    return cfg
+
+
+def test_a_key_removed_from_the_file_is_refused_once_the_interval_has_passed(tmp_path, caplog):
+    import time
+
+    f = tmp_path / "tenants.json"
+    f.write_text(json.dumps(_cfg()))
+    t = Tenancy.load(f, reload_interval_s=1.0)
+    assert t.authenticate(KEY_A).name == "site-a"
+    f.write_text(json.dumps(_without_key_a()))  # rewritten in place: the same inode
+    caplog.set_level(logging.INFO, logger="mriseg.audit")
+    assert t.authenticate(KEY_A).name == "site-a"  # looked at no more often than the interval
+    time.sleep(1.05)
+    with pytest.raises(AuthenticationError):
+        t.authenticate(KEY_A)
+    assert t.authenticate(KEY_A2).name == "site-a" and t.authenticate(KEY_B).name == "site-b"
+    record = json.loads(next(r.getMessage() for r in caplog.records if "tenants.reloaded" in r.getMessage()))
+    assert record["keys_removed"] == 1 and record["keys_added"] == 1 and record["removed"] == []
+    assert KEY_A not in caplog.text and hashlib.sha256(KEY_A.encode()).hexdigest() not in caplog.text
+
+
+def test_the_default_interval_refuses_a_removed_key_within_30_seconds(tmp_path):
+    assert tenancy_mod.RELOAD_INTERVAL_S <= 10
+    f = tmp_path / "tenants.json"
+    f.write_text(json.dumps(_cfg()))
+    assert Tenancy.load(f).reload_interval_s == tenancy_mod.RELOAD_INTERVAL_S
+
+
+def test_a_removed_site_is_refused_and_a_narrowed_prefix_applies(tmp_path):
+    import time
+
+    f = tmp_path / "tenants.json"
+    f.write_text(json.dumps(_cfg()))
+    t = Tenancy.load(f, reload_interval_s=0.05)
+    cfg = _cfg()
+    del cfg["sites"]["site-b"]
+    cfg["sites"]["site-a"]["prefixes"] = ["s3://consortium/site-a/in/"]
+    _write(f, cfg)
+    time.sleep(0.1)
+    a = t.authenticate(KEY_A)
+    with pytest.raises(AuthenticationError):
+        t.authenticate(KEY_B)
+    assert set(t.sites) == {"site-a"}
+    t.check_access(a, "s3://consortium/site-a/in/x.nii.gz", "read")
+    with pytest.raises(ForbiddenError):
+        t.check_access(a, "s3://consortium/site-a/out/x.nii.gz", "write")
+
+
+@pytest.mark.parametrize("bad", [
+    "sites:\n  a: {keys: [" + KEY_C,                                                   # does not parse
+    "",                                                                                # empty
+    json.dumps({"sites": {**_without_key_a()["sites"], "site-c": {"keys": [KEY_C], "prefix": ["s3://c/"]}}}),
+    json.dumps({"sites": {**_without_key_a()["sites"],                                 # overlapping prefixes
+                          "site-c": {"keys": [KEY_C], "prefixes": ["s3://consortium/site-a/x/"]}}}),
+    None,                                                                              # the file removed
+])
+def test_a_file_that_turns_bad_keeps_the_last_good_tenants_and_logs_once(tmp_path, caplog, bad):
+    import time
+
+    f = tmp_path / "tenants.json"
+    f.write_text(json.dumps(_cfg()))
+    t = Tenancy.load(f, reload_interval_s=0.05)
+    if bad is None:
+        f.unlink()
+    else:
+        f.write_text(bad)
+    caplog.set_level(logging.ERROR, logger="serve.cluster.tenancy")
+    for _ in range(3):
+        time.sleep(0.06)
+        assert t.authenticate(KEY_A).name == "site-a"  # neither a new key nor lost access: nothing changed
+        with pytest.raises(AuthenticationError):
+            t.authenticate(KEY_C)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "stay in force" in errors[0].getMessage(), caplog.text
+    assert KEY_C not in caplog.text
+    _write(f, _without_key_a())  # fixed: the new content applies
+    time.sleep(0.06)
+    with pytest.raises(AuthenticationError):
+        t.authenticate(KEY_A)
+    assert t.authenticate(KEY_A2).name == "site-a"
+
+
+def test_tenants_from_the_environment_are_not_reloaded(monkeypatch):
+    monkeypatch.delenv(tenancy_mod.TENANTS_FILE_ENV, raising=False)
+    monkeypatch.setenv(tenancy_mod.TENANTS_JSON_ENV, json.dumps(_cfg()))
+    t = Tenancy.load(reload_interval_s=0)
+    assert t.refresh() is False and t.authenticate(KEY_A).name == "site-a"
+
+
+def test_the_api_refuses_a_revoked_key_without_a_restart(tmp_path):
+    """Through the API's own authentication (FastAPI's TestClient, no Ray): 404 for an unknown job, then 401."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from serve.cluster import api
+    from serve.cluster.router import JobService, RouterSettings
+
+    f = tmp_path / "tenants.json"
+    f.write_text(json.dumps(_cfg()))
+
+    async def never(*_a, **_k):  # no sub-model is reached
+        raise AssertionError("no sub-model call expected")
+
+    async def ready() -> dict:
+        return {"ready": True}
+
+    svc = JobService(Tenancy.load(f, reload_interval_s=0.1), never, never, [],
+                     RouterSettings(results_dir=str(tmp_path / "results")))
+    saved = (api._STATE.service, api._STATE.readiness, api._STATE.events)
+    api.install(svc, ready)
+    try:
+        client = TestClient(api.app)
+        headers = {"Authorization": f"Bearer {KEY_A}"}
+        assert client.get("/v1/segmentations/no-such-job", headers=headers).status_code == 404
+        _write(f, _without_key_a())
+        time.sleep(0.15)
+        r = client.get("/v1/segmentations/no-such-job", headers=headers)
+        assert r.status_code == 401 and r.json()["status"] == 401, r.text
+        assert client.get("/v1/segmentations/no-such-job",
+                          headers={"X-API-Key": KEY_A2}).status_code == 404
+    finally:
+        api.install(*saved)

@@ -4,7 +4,9 @@ The tenants file (YAML or JSON) is given by path in the app args or in the
 ``MRISEG_TENANTS_FILE`` environment variable; its content may instead come
 whole from ``MRISEG_TENANTS_JSON`` (e.g. a Kubernetes Secret). Keys may be
 written in clear (``keys``) or as SHA-256 hex digests (``key_sha256``); only
-the digests are kept in memory::
+the digests are kept in memory. A file is re-read when its content changes
+(looked at, at most every :data:`RELOAD_INTERVAL_S`, on authentication); a
+change that cannot be read or is refused leaves the tenants in force::
 
     sites:
       site-a:
@@ -22,10 +24,13 @@ import hmac
 import json
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from serve.audit import audit
 from serve.errors import AuthenticationError, ForbiddenError, MrisegError
 from serve.s3client import has_dot_segments, parse_s3_uri
 from serve.settings_checks import checked_number
@@ -34,6 +39,8 @@ log = logging.getLogger(__name__)
 
 TENANTS_FILE_ENV = "MRISEG_TENANTS_FILE"
 TENANTS_JSON_ENV = "MRISEG_TENANTS_JSON"
+#: the least seconds between two looks at the tenants file for changes (a revoked key's grace)
+RELOAD_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -151,16 +158,40 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """One version of the tenants: replaced whole on reload, so a reader never sees half of two."""
+
+    sites: Mapping[str, Site]
+    digests: tuple[tuple[bytes, str], ...]  # a sequence, so authentication compares every digest
+
+
 class Tenancy:
-    """Authenticates API keys to sites and checks S3 access."""
+    """Authenticates API keys to sites and checks S3 access.
+
+    Loaded from a file, it re-reads the file when its content changes (checked at
+    most every ``reload_interval_s``, on the next authentication), so a revoked key
+    or a removed site is refused within seconds without a router restart. A file
+    that becomes unreadable or invalid leaves the last good tenants in force.
+    """
 
     def __init__(self, sites: Iterable[Site], key_digests: Mapping[bytes, str]):
-        self.sites = {s.name: s for s in sites}
-        unknown = {v for v in key_digests.values() if v not in self.sites}
+        by_name = {s.name: s for s in sites}
+        unknown = {v for v in key_digests.values() if v not in by_name}
         if unknown:
             raise MrisegError(f"tenants: keys refer to undefined site(s) {sorted(unknown)}")
-        # A list, so authentication can compare against every digest without early exit.
-        self._digests = list(key_digests.items())
+        self._state = _Snapshot(by_name, tuple(key_digests.items()))
+        self._path: Path | None = None  # the file re-read on change; None: fixed (a mapping or the env JSON)
+        self.reload_interval_s = RELOAD_INTERVAL_S
+        self._fingerprint = b""   # SHA-256 of the content in force
+        self._refused = b""       # SHA-256 of the last content refused, so its error is logged once
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def sites(self) -> Mapping[str, Site]:
+        """The sites now in force, by name."""
+        return self._state.sites
 
     # -- loading ------------------------------------------------------------
     @classmethod
@@ -180,16 +211,20 @@ class Tenancy:
         _check_disjoint(sites)
         return cls(sites, digests)
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Tenancy":
-        import yaml
-
-        p = Path(path)
+    @staticmethod
+    def _read(p: Path) -> bytes:
         try:
-            text = p.read_text(encoding="utf-8")
+            return p.read_bytes()
         except OSError as e:
             raise MrisegError(f"tenants file {p} cannot be read ({e.strerror}); set tenants_file or "
                               f"{TENANTS_FILE_ENV} to an existing YAML/JSON file") from e
+
+    @classmethod
+    def _parse(cls, p: Path, data: bytes) -> "Tenancy":
+        import yaml
+
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise MrisegError(f"tenants file {p} is not UTF-8 text") from e
         try:
@@ -199,11 +234,39 @@ class Tenancy:
         return cls.from_mapping(raw)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None) -> "Tenancy":
-        """From ``path``, else ``$MRISEG_TENANTS_FILE``, else ``$MRISEG_TENANTS_JSON``."""
+    def from_file(cls, path: str | os.PathLike, reload_interval_s: float | None = None) -> "Tenancy":
+        """The tenants in a YAML/JSON file, re-read when it changes.
+
+        Args:
+            path: the tenants file.
+            reload_interval_s: the least time between two looks at the file (default
+                :data:`RELOAD_INTERVAL_S`).
+
+        Returns:
+            The tenants, which :meth:`refresh` keeps up to date with the file.
+        """
+        p = Path(path)
+        data = cls._read(p)
+        t = cls._parse(p, data)
+        t._path, t._fingerprint = p, hashlib.sha256(data).digest()
+        t.reload_interval_s = RELOAD_INTERVAL_S if reload_interval_s is None else float(reload_interval_s)
+        t._next_check = time.monotonic() + t.reload_interval_s
+        return t
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, reload_interval_s: float | None = None) -> "Tenancy":
+        """From ``path``, else ``$MRISEG_TENANTS_FILE``, else ``$MRISEG_TENANTS_JSON``.
+
+        Args:
+            path: the tenants file; None to look at the environment.
+            reload_interval_s: for a file, the least time between two looks at it.
+
+        Returns:
+            The tenants; from a file, re-read when it changes (the environment's JSON is fixed).
+        """
         path = path or os.environ.get(TENANTS_FILE_ENV)
         if path:
-            return cls.from_file(path)
+            return cls.from_file(path, reload_interval_s)
         if os.environ.get(TENANTS_JSON_ENV):
             try:
                 raw = json.loads(os.environ[TENANTS_JSON_ENV])
@@ -213,19 +276,69 @@ class Tenancy:
         raise MrisegError(f"no tenants configured: pass tenants_file in the app args or set "
                           f"{TENANTS_FILE_ENV} / {TENANTS_JSON_ENV}")
 
+    def refresh(self) -> bool:
+        """Re-read the tenants file if ``reload_interval_s`` has passed since the last look and it changed.
+
+        A file that cannot be read or is refused (any check of loading) leaves the
+        tenants in force as they are: a broken edit must neither open access nor stop
+        the router. Its error is logged once per content.
+
+        Returns:
+            True when new tenants took effect.
+        """
+        now = time.monotonic()
+        if self._path is None or now < self._next_check or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._next_check = now + self.reload_interval_s
+            try:
+                data = self._read(self._path)
+            except MrisegError as e:
+                return self._refuse(b"unreadable", e)
+            fingerprint = hashlib.sha256(data).digest()
+            if fingerprint in (self._fingerprint, self._refused):
+                return False
+            try:
+                new = self._parse(self._path, data)
+            except MrisegError as e:
+                return self._refuse(fingerprint, e)
+            old = self._state
+            self._state, self._fingerprint, self._refused = new._state, fingerprint, b""
+        finally:
+            self._lock.release()
+        keys_before = {d for d, _ in old.digests}
+        keys_after = {d for d, _ in new._state.digests}
+        audit("tenants.reloaded", sites=len(new.sites), added=sorted(set(new.sites) - set(old.sites)),
+              removed=sorted(set(old.sites) - set(new.sites)), keys_added=len(keys_after - keys_before),
+              keys_removed=len(keys_before - keys_after))
+        return True
+
+    def _refuse(self, fingerprint: bytes, e: MrisegError) -> bool:
+        if fingerprint != self._refused:
+            self._refused = fingerprint
+            log.error("the tenants file changed but cannot be used: %s. The tenants loaded before stay in "
+                      "force until the file is fixed", e.message)
+        return False
+
     # -- checks -------------------------------------------------------------
     def authenticate(self, api_key: str | None) -> Site:
-        """The site owning ``api_key``; 401 otherwise. Compares every digest in constant time."""
+        """The site owning ``api_key``; 401 otherwise. Compares every digest in constant time.
+
+        Looks at the tenants file first (:meth:`refresh`), so a key removed from it is refused
+        within ``reload_interval_s``.
+        """
+        self.refresh()
         if not api_key:
             raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         presented = hash_key(api_key)
+        state = self._state  # one version for the whole check, whatever a reload does meanwhile
         found = None
-        for digest, site in self._digests:
+        for digest, site in state.digests:
             if hmac.compare_digest(digest, presented):
                 found = site
         if found is None:
             raise AuthenticationError("API key not recognised; ask the consortium operator for your site's key")
-        return self.sites[found]
+        return state.sites[found]
 
     def check_access(self, site: Site, uri: str, action: str) -> None:
         """403 unless ``uri`` lies under one of ``site``'s prefixes. Logs the refusal without the key."""
