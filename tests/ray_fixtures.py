@@ -46,11 +46,14 @@ def tiny_models(root: Path, names=SUBMODELS, description: str = "") -> Path:
     return root
 
 
-def write_tenants(path: Path, limits: dict[str, int] | None = None) -> Path:
+def write_tenants(path: Path, limits: dict[str, int] | None = None,
+                  extra_prefixes: dict[str, list[str]] | None = None) -> Path:
+    """The test sites' tenants file: each site owns ``s3://{BUCKET}/{site}/`` and its ``extra_prefixes``."""
     import yaml
 
     limits = {"site-a": 12, "site-b": 12, "site-c": 1, "site-d": 1, **(limits or {})}
-    sites = {s: {"keys": [k], "prefixes": [f"s3://{BUCKET}/{s}/"], "max_concurrent_jobs": limits[s]}
+    extra = extra_prefixes or {}
+    sites = {s: {"keys": [k], "prefixes": [f"s3://{BUCKET}/{s}/", *extra.get(s, ())], "max_concurrent_jobs": limits[s]}
              for s, k in SITE_KEYS.items()}
     sites["site-d"].update(requests_per_second=0.5, burst=3)  # a tight request rate limit
     path.write_text(yaml.safe_dump({"sites": sites}))
@@ -99,7 +102,7 @@ SANDBOX_EXTRACT_BYTES = 64 << 20
 def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options: dict,
                 router: dict | None = None, per_model: dict | None = None, tenant_limits=None,
                 submodels=SUBMODELS, s3: dict | None = None, events: dict | None = None,
-                worker_nodes: list[dict] | None = None) -> Stack:
+                worker_nodes: list[dict] | None = None, tenant_prefixes: dict[str, list[str]] | None = None) -> Stack:
     """Start Ray and the app. ``worker_nodes`` (e.g. ``[{"num_cpus": 1, "num_gpus": 1}]``) makes it a
     multi-node ``ray.cluster_utils.Cluster`` whose head has no GPU, so GPU replicas land on the workers."""
     import ray
@@ -134,7 +137,7 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         "model_sources": [str(model_dir)],
         "submodels": list(submodels),
         "submodel_settings": {"threads": 1, "device": "cpu"},
-        "tenants_file": str(write_tenants(tmp / "tenants.yaml", tenant_limits)),
+        "tenants_file": str(write_tenants(tmp / "tenants.yaml", tenant_limits, tenant_prefixes)),
         "router": {"results_dir": str(tmp / "results"), "slots": 2, "max_upload_bytes": 2 << 20,
                    "memory_budget_bytes": ROUTER_MEMORY_BUDGET, **(router or {})},
         # every layer required, as in the k8s overlays; a small zip budget that tests can exceed cheaply

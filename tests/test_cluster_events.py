@@ -56,8 +56,10 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
     rule = {"bucket": inbox, "site": "site-a", "output_root": f"s3://{outbox}/results", "roi_subset": ROI,
             "outputs": ["multilabel", "statistics"]}
     models = tiny_models(tmp_path / "models", names=("organs",), description="DEMO MODEL - not for clinical use")
+    # the rules' inboxes and outputs lie inside site-a's prefixes, as the router checks at start
     stack = start_stack(tmp_path, models, num_gpus=0, submodels=("organs",),
                         submodel_options={"ray_actor_options": {"num_cpus": 0.5}},
+                        tenant_prefixes={"site-a": [f"s3://{inbox}/site-a/", f"s3://{outbox}/results/site-a/"]},
                         s3=dataclasses.asdict(moto.settings), events={
                             "jobs": f"s3://{jobs}/records", "site_keys_file": str(keys_file),
                             "rules": [{**rule, "prefix": "site-a/in/"}, {**rule, "prefix": "site-a/push/"}],

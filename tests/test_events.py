@@ -205,3 +205,37 @@ def test_unparseable_rules_file_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "rules.yaml").write_text("- {bucket: in\n")
     with pytest.raises(MrisegError, match="not valid JSON/YAML"):
         IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules_file": str(tmp_path / "rules.yaml")})
+
+
+# sites a and b of a tenants file: the intake's rules must lie inside what it grants them
+TENANTS = {"sites": {"a": {"keys": ["a" * 16], "prefixes": ["s3://in/a/", "s3://out/x/a/"]},
+                     "b": {"keys": ["b" * 16], "prefixes": ["s3://in/b", "s3://out/x/b/", "s3://in2"]}}}
+
+
+@pytest.mark.parametrize("rule,says", [
+    ({**RULE, "site": "c"}, "no such site"),                                   # a site the tenants do not know
+    ({**RULE, "prefix": "b/"}, "the inbox s3://in/b/ is not inside"),           # another site's inbox
+    ({**RULE, "prefix": "ab/"}, "the inbox s3://in/ab/ is not inside"),         # a sibling is not inside
+    ({**RULE, "prefix": ""}, "the inbox s3://in/ is not inside"),               # the whole bucket
+    ({**RULE, "prefix": "a"}, None),                                           # "a" is "a/": inside
+    ({**RULE, "bucket": "in3"}, "the inbox s3://in3/a/ is not inside"),         # a bucket the site has nothing in
+    ({**RULE, "output_root": "s3://out/y"}, "outputs would go under s3://out/y/a/"),
+    ({**RULE, "output_root": "s3://out/x/a/../b"}, "outputs would go under"),   # no way out by '..'
+    ({**RULE, "site": "b", "prefix": "b/", "output_root": "s3://out/x/"}, None),  # out/x/b/ is b's
+    ({**RULE, "site": "b", "bucket": "in2", "prefix": "", "output_root": "s3://out/x"}, None),  # b has all of in2
+])
+def test_rules_are_checked_against_the_tenants_at_start(rule, says, monkeypatch):
+    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.cluster.tenancy import Tenancy
+
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    settings = {"jobs": "s3://j/p", "rules": [rule], "site_keys": {rule["site"]: "k" * 16}}
+    tenancy = Tenancy.from_mapping(TENANTS)
+    if says is None:
+        assert IntakeSettings.from_mapping(settings, tenancy=tenancy).rules[0].site == rule["site"]
+        return
+    with pytest.raises(MrisegError, match=says) as e:
+        IntakeSettings.from_mapping(settings, tenancy=tenancy)
+    assert f"site {rule['site']!r}" in e.value.message
+    assert IntakeSettings.from_mapping(settings).rules  # without the tenants nothing more is checked

@@ -280,3 +280,63 @@ def test_the_journal_can_live_in_a_folder_of_its_own(tmp_path):
     asyncio.run(go())
     assert [j.status for j in JobJournal(journal).load()] == ["succeeded"]
     assert not list(new._incoming.iterdir())
+
+
+def test_a_restart_re_authorises_each_job_against_the_tenants_file_as_it_now_is(tmp_path, caplog):
+    """The tenants file changed while the router was down: only jobs the sites may still run are resumed."""
+    import yaml
+
+    caplog.set_level("INFO", logger="mriseg.audit")
+    old = _service(tmp_path)
+    inside = Job(site="site-a", options=JobOptions(output_prefix=f"s3://{BUCKET}/site-a/in/out/"),
+                 input_uri=f"s3://{BUCKET}/site-a/in/a.nii.gz", status="running")
+    input_out = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-a/old/b.nii.gz",
+                    status="queued")
+    output_out = Job(site="site-a", options=JobOptions(output_prefix=f"s3://{BUCKET}/site-a/old/out/"),
+                     input_uri=f"s3://{BUCKET}/site-a/in/c.nii.gz", status="running", resumed=1)
+    upload_out = Job(site="site-a", options=JobOptions(output_prefix=f"s3://{BUCKET}/site-a/old/out/"),
+                     status="queued")
+    (old._incoming / f"{upload_out.id}.nii.gz").write_bytes(b"volume bytes")
+    gone = Job(site="site-b", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-b/d.nii.gz", status="queued")
+    for j in (inside, input_out, output_out, upload_out, gone):
+        old.journal.save(j)
+
+    # site-a now owns only its in/ folder; site-b is gone
+    doc = yaml.safe_load((tmp_path / "tenants.yaml").read_text())
+    doc["sites"]["site-a"]["prefixes"] = [f"s3://{BUCKET}/site-a/in/"]
+    del doc["sites"]["site-b"]
+    (tmp_path / "now.yaml").write_text(yaml.safe_dump(doc))
+
+    async def never(*_a, **_k):
+        raise AssertionError("no sub-model call expected")
+
+    new = JobService(Tenancy.load(tmp_path / "now.yaml"), never, never, [],
+                     RouterSettings(results_dir=str(tmp_path / "results")))
+    ran: list[str] = []
+
+    async def fake_execute(job, spooled, filename):
+        ran.append(job.id)
+        return job
+
+    new._execute = fake_execute
+
+    async def go():
+        n = new.resume_interrupted()
+        await new.wait(new.jobs[inside.id])
+        return n
+
+    assert asyncio.run(go()) == 1 and ran == [inside.id]
+    assert new.jobs[inside.id].status == "succeeded" and new.jobs[inside.id].resumed == 1
+    for j, what in ((input_out, "its input"), (output_out, "its output_prefix"), (upload_out, "its output_prefix")):
+        job = new.jobs[j.id]
+        assert job.status == "failed" and job.error["status"] == 403 and not job.error["retryable"], job
+        assert what in job.error["detail"] and "no longer inside site site-a's prefixes" in job.error["detail"]
+        assert "s3://" not in job.error["detail"]
+    assert new.jobs[output_out.id].resumed == 1  # refused, not charged another restart
+    assert new.jobs[gone.id].status == "failed" and "no longer configured" in new.jobs[gone.id].error["detail"]
+    assert not list(new._incoming.iterdir())  # the refused upload's spooled volume goes with it
+    on_disk = {j.id: j.status for j in JobJournal(tmp_path / "results" / ".jobs").load()}
+    assert on_disk[input_out.id] == on_disk[output_out.id] == on_disk[upload_out.id] == "failed"
+    settled = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mriseg.audit"]
+    assert {r["job"] for r in settled if r["event"] == "job.settled" and r.get("error") == 403} == {
+        input_out.id, output_out.id, upload_out.id}

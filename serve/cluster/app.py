@@ -71,7 +71,9 @@ class Ingress:
         self._ready_cache: tuple[float, dict] | None = None
         events = None
         if intake is not None:
-            events = _IntakeSink(intake, IntakeSettings.from_mapping(settings.get("events") or {}, settings.get("s3")))
+            # the rules are checked against the tenants here, where both are at hand: a bad rule stops the start
+            events = _IntakeSink(intake, IntakeSettings.from_mapping(settings.get("events") or {}, settings.get("s3"),
+                                                                     tenancy=tenancy))
         install(self.service, self.readiness, events)
 
     async def _call(self, name: str, data: Any, spacing_mm: float) -> dict:

@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ray import serve as rayserve
 
@@ -39,6 +39,9 @@ from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
 from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.s3client import S3Settings, parse_s3_uri
 from serve.settings_checks import checked_number
+
+if TYPE_CHECKING:
+    from serve.cluster.tenancy import Tenancy
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,19 @@ class IntakeSettings:
         return bool(self.jobs)
 
     @classmethod
-    def from_mapping(cls, d: Mapping[str, Any], s3: Mapping[str, Any] | None = None) -> "IntakeSettings":
+    def from_mapping(cls, d: Mapping[str, Any], s3: Mapping[str, Any] | None = None,
+                     tenancy: "Tenancy | None" = None) -> "IntakeSettings":
         """Parse the ``events`` app arg. Without ``jobs`` (or ``MRISEG_EVENTS_JOBS_PREFIX``) intake is off
-        and the rules/keys files are not read, so one Serve config fits clusters with and without it."""
+        and the rules/keys files are not read, so one Serve config fits clusters with and without it.
+
+        Args:
+            d: the ``events`` app arg.
+            s3: the app's ``s3`` settings.
+            tenancy: the tenants; given, every rule is checked against them (:func:`check_rules_in_tenancy`).
+
+        Returns:
+            The checked settings.
+        """
         d = dict(d or {})
         for k, var in ENV.items():
             if not d.get(k) and os.environ.get(var):
@@ -92,6 +105,8 @@ class IntakeSettings:
         except (ValueError, UnicodeDecodeError) as e:  # JSON and YAML parse errors; their text may quote keys
             raise MrisegError(f"events: a rules or site keys file is not valid JSON/YAML ({type(e).__name__})") from e
         parsed = check_rules([InboxRule.from_mapping(r) for r in rules])
+        if tenancy is not None:
+            check_rules_in_tenancy(parsed, tenancy)
         for r in parsed:
             if "per_structure" in r.outputs:  # ClusterEngine fetches through the API, which serves no per-structure masks
                 raise MrisegError(f"events: inbox rule for site {r.site!r}: outputs 'per_structure' cannot be made "
@@ -114,6 +129,39 @@ class IntakeSettings:
     def rules_for(self, site: str) -> list[InboxRule]:
         """The inboxes a site may push events for (its own only)."""
         return [r for r in self.rules if r.site == site]
+
+
+def check_rules_in_tenancy(rules: Sequence[InboxRule], tenancy: "Tenancy") -> None:
+    """Refuse inbox rules the tenants file does not back.
+
+    The intake reads inboxes and writes outputs with its own credentials, not through the
+    API's prefix checks, so a rule is itself a grant: an inbox or output root outside its
+    site's prefixes would hand the site (or the site's outputs) data of another.
+
+    Args:
+        rules: the parsed inbox rules.
+        tenancy: the tenants loaded from the tenants file.
+
+    Raises:
+        MrisegError: naming the rule's site and what lies outside: a site that is not in the
+            tenants file, an inbox, or ``{output_root}/{site}/`` (where its outputs go).
+    """
+    for r in rules:
+        name = f"events: inbox rule for site {r.site!r}"
+        site = tenancy.sites.get(r.site)
+        if site is None:
+            raise MrisegError(f"{name}: the tenants file has no such site (its sites: {sorted(tenancy.sites)}); "
+                              f"name a site of the tenants file")
+        inbox = f"s3://{r.bucket}/{r.prefix}"
+        if not site.owns(inbox if not r.prefix or inbox.endswith("/") else inbox + "/"):
+            raise MrisegError(f"{name}: the inbox {inbox} is not inside the site's prefixes in the tenants file "
+                              f"({', '.join(site.prefixes)}); give the site that prefix, or the rule one inside "
+                              f"its prefixes")
+        outputs = f"{r.output_root.rstrip('/')}/{r.site}/"
+        if not site.owns(outputs):
+            raise MrisegError(f"{name}: its outputs would go under {outputs}, which is not inside the site's "
+                              f"prefixes in the tenants file ({', '.join(site.prefixes)}); choose an output_root "
+                              f"whose {{output_root}}/{r.site}/ lies inside them")
 
 
 EVENTS_SETTINGS = ("jobs", "rules", "rules_file", "site_keys", "site_keys_file", "queue_url", "dlq_url", "sqs",

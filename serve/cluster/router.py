@@ -34,7 +34,7 @@ from serve.cluster.journal import JobJournal
 from serve.cluster.metrics import IngressMetrics
 from serve.cluster.scheduler import FairScheduler
 from serve.cluster.tenancy import Site, Tenancy
-from serve.errors import (ConflictError, ModelUnavailableError, MrisegError, NotFoundError,
+from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
                           ServiceUnavailableError, TooManyRequestsError)
 from serve.jobs import OUTPUT_KINDS
 from serve.sandbox import SandboxedDecoder
@@ -206,8 +206,12 @@ class JobService:
     def resume_interrupted(self) -> int:
         """Re-queue the jobs a previous router replica accepted but never settled (call from the event loop).
 
-        A job resumes where its input is still at hand; otherwise it fails with
-        a reason. Only a job that was running when the router died is charged
+        A job resumes where its input is still at hand and its site may still
+        have it run: the tenants file may have changed while the router was
+        down, so a job whose site is gone (503), or whose input or
+        ``output_prefix`` is no longer inside the site's prefixes (403), fails
+        as a new submission would be refused. Otherwise it fails with a
+        reason. Only a job that was running when the router died is charged
         the restart (``job.resumed``): a queued job had not started, so it
         cannot have brought the router down, and it resumes uncharged however
         often the router restarts. A job charged ``max_resumes`` times already
@@ -223,7 +227,12 @@ class JobService:
             was_running = job.status == "running"  # as the journal had it when the router died
             try:
                 if site is None:
-                    raise ServiceUnavailableError(f"site {job.site} is no longer configured")
+                    raise ServiceUnavailableError(f"site {job.site} is no longer configured in the tenants file, "
+                                                  f"so its job was not resumed after a router restart")
+                for uri, what in ((job.input_uri, "input"), (job.options.output_prefix, "output_prefix")):
+                    if uri is not None and not site.owns(uri):
+                        raise ForbiddenError(f"the job was not resumed after a router restart: its {what} is no "
+                                             f"longer inside site {site.name}'s prefixes in the tenants file")
                 if was_running and job.resumed >= self.settings.max_resumes:
                     # nothing says this job's input is to blame (another job may have crashed the router),
                     # so the reason names what happened and asks for a resubmission only
