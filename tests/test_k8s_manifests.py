@@ -296,6 +296,29 @@ def test_operator_and_prometheus_can_reach_what_they_need():
         assert not admitted("monitoring", 6379), f"{overlay}: GCS must stay internal"
 
 
+def test_egress_goes_only_to_the_networks_the_overlay_lists():
+    """Every egress rule names its peers (no `to` = every destination); in-cluster peers by selector, the rest
+    by a CIDR from the overlay's *_CIDRS vars, none of them all of IPv4 or IPv6."""
+    import ipaddress
+
+    for overlay, docs in OVERLAY_DOCS.items():
+        listed = {c for k, v in render_k8s.load_overlay(overlay)["vars"].items() if k.endswith("_CIDRS") for c in v}
+        seen = set()
+        for pol in (d for d in docs if d["kind"] == "NetworkPolicy"):
+            for i, rule in enumerate(pol["spec"].get("egress", [])):
+                where = f"{overlay}/{pol['metadata']['name']} egress rule {i + 1}"
+                assert rule.get("to"), f"{where}: no `to` allows every destination"
+                for peer in rule["to"]:
+                    if "ipBlock" not in peer:
+                        assert peer.get("podSelector") is not None, f"{where}: {peer} is not an in-cluster pod"
+                        continue
+                    cidr = peer["ipBlock"]["cidr"]
+                    assert ipaddress.ip_network(cidr).prefixlen > 0, f"{where}: {cidr} is every address"
+                    assert cidr in listed, f"{where}: {cidr} is not in the overlay's *_CIDRS vars"
+                    seen.add(cidr)
+        assert seen, f"{overlay}: no egress CIDRs at all (the S3 endpoint and the API server are outside the cluster)"
+
+
 # -- where the Router runs: its app-metrics port, the pod it is pinned to ------------------------
 
 PINNED_TO_INGRESS = ("Router", "EventIntake")  # the deployments the `cpu` pod is there for

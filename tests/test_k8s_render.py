@@ -164,3 +164,84 @@ def test_committed_rendering_matches_sources():
         pytest.skip(f"deployments/ files for overlays {missing} are not in the tree yet (serving engineer's)")
     problems = render_k8s.drift()
     assert not problems, "k8s/rendered is stale; run `python scripts/render_k8s.py`:\n" + "\n".join(problems)
+
+
+# -- egress: only to the networks the overlay lists ----------------------------------------------
+
+PROD_OVERLAYS = ("prod", "prod-one-gpu", "prod-ha")
+
+
+def _set_vars(tree: Path, overlay: str, **values) -> None:
+    path = tree / "k8s" / "overlays" / overlay / "overlay.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["vars"] = {**(spec.get("vars") or {}), **values}
+    path.write_text(yaml.safe_dump(spec))
+
+
+def test_substitute_splices_a_list_var_into_its_list():
+    peers = [{"ipBlock": {"cidr": "198.51.100.0/24"}}]
+    out = render_k8s.substitute({"to": [{"podSelector": {}}, "${P}", "${NONE}"], "src": ["${S}"]},
+                                {"P": peers, "NONE": [], "S": "s3://b/"}, "t")
+    assert out == {"to": [{"podSelector": {}}, *peers], "src": ["s3://b/"]}, "an empty list adds nothing"
+
+
+def test_cidr_vars_become_peers_and_bad_ones_are_named():
+    got = render_k8s.cidr_peers({"S3_CIDRS": ["198.51.100.0/24", "2001:db8::/32"], "S3_PORT": 443}, "t")
+    assert got == {"S3_PEERS": [{"ipBlock": {"cidr": "198.51.100.0/24"}}, {"ipBlock": {"cidr": "2001:db8::/32"}}]}
+    for bad, why in (("198.51.100.0/24", "must be a list"), (["s3.example.org"], "not a network"),
+                     (["198.51.100.7/24"], "not a network")):  # host bits set: a typo for /32 or .0/24
+        with pytest.raises(render_k8s.RenderError, match=f"vars.S3_CIDRS.*{why}|{why}.*vars.S3_CIDRS"):
+            render_k8s.cidr_peers({"S3_CIDRS": bad}, "t")
+
+
+@pytest.mark.parametrize("overlay", PROD_OVERLAYS)
+@pytest.mark.parametrize("var,cidrs", [("S3_CIDRS", ["0.0.0.0/0"]), ("APISERVER_CIDRS", ["::/0"]),
+                                       ("DNS_CIDRS", ["0.0.0.0/1", "128.0.0.0/1"]),
+                                       ("CLOUD_API_CIDRS", ["198.51.100.0/24", "0.0.0.0/0"])])
+def test_a_prod_overlay_that_opens_egress_to_every_address_does_not_render(tree: Path, overlay, var, cidrs):
+    _set_vars(tree, overlay, **{var: cidrs})
+    with pytest.raises(render_k8s.RenderError, match=r"every (address|IPv4 address)") as e:
+        render_k8s.render(overlay, tree)
+    policy = "mriseg-head-to-apiserver" if var == "APISERVER_CIDRS" else "mriseg-allow-egress"
+    assert f"overlay {overlay}: " in str(e.value) and policy in str(e.value), "the message says where"
+    assert "S3_CIDRS" in str(e.value) and "docs/kubernetes.md" in str(e.value), "and what to change"
+
+
+def test_open_egress_is_refused_wherever_it_comes_from(tree: Path):
+    """Not only the vars: a patch or an overlay's own manifest opening egress is refused too."""
+    path = tree / "k8s" / "overlays" / "prod-ha" / "overlay.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["patches"].append({"kind": "NetworkPolicy", "name": "mriseg-head-to-apiserver",
+                            "patch": {"spec": {"egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}})
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(render_k8s.RenderError, match="mriseg-head-to-apiserver egress rule 1 allows 0.0.0.0/0"):
+        render_k8s.render("prod-ha", tree)
+
+
+def test_an_egress_rule_left_without_peers_is_refused(tree: Path):
+    """Kubernetes reads an egress rule with no `to` as "every destination": empty lists must not open it."""
+    _set_vars(tree, "prod", S3_CIDRS=[], CLOUD_API_CIDRS=[])
+    with pytest.raises(render_k8s.RenderError, match="mriseg-allow-egress egress rule 2 has no `to`"):
+        render_k8s.render("prod", tree)
+    _set_vars(tree, "prod", S3_CIDRS=["198.51.100.0/24"], APISERVER_CIDRS=[])
+    with pytest.raises(render_k8s.RenderError, match="mriseg-head-to-apiserver egress rule 1 has no `to`"):
+        render_k8s.render("prod", tree)
+
+
+def test_egress_goes_to_the_listed_networks_only(tree: Path):
+    _set_vars(tree, "prod", S3_CIDRS=["198.51.100.0/25", "2001:db8:1::/48"], DNS_CIDRS=["169.254.20.10/32"],
+              CLOUD_API_CIDRS=[], APISERVER_CIDRS=["192.0.2.16/28"])
+    docs = {d["metadata"]["name"]: d for d in render_k8s.render("prod", tree) if d["kind"] == "NetworkPolicy"}
+    dns, https = docs["mriseg-allow-egress"]["spec"]["egress"]
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+    assert dns["to"][1:] == [{"ipBlock": {"cidr": "169.254.20.10/32"}}]
+    assert https["to"] == [{"ipBlock": {"cidr": "198.51.100.0/25"}}, {"ipBlock": {"cidr": "2001:db8:1::/48"}}]
+    assert docs["mriseg-head-to-apiserver"]["spec"]["egress"][0]["to"] == [{"ipBlock": {"cidr": "192.0.2.16/28"}}]
+
+
+def test_documentation_placeholders_are_flagged_and_real_networks_are_not():
+    flagged = render_k8s.placeholder_cidrs({"S3_CIDRS": ["198.51.100.0/24", "52.219.0.0/20"],
+                                            "APISERVER_CIDRS": ["192.0.2.0/28"], "X_CIDRS": ["2001:db8:5::/48"],
+                                            "DNS_CIDRS": [], "S3_PORT": 443})
+    assert flagged == ["S3_CIDRS: 198.51.100.0/24", "APISERVER_CIDRS: 192.0.2.0/28", "X_CIDRS: 2001:db8:5::/48"]
+    assert render_k8s.placeholder_cidrs({"S3_CIDRS": ["52.219.0.0/20", "10.0.0.0/8", "2600:1f00::/24"]}) == []
