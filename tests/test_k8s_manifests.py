@@ -6,6 +6,7 @@ schemas from ../shared/k8s-schemas, Ray's own ServeDeploySchema.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import re
@@ -317,6 +318,247 @@ def test_egress_goes_only_to_the_networks_the_overlay_lists():
                     assert cidr in listed, f"{where}: {cidr} is not in the overlay's *_CIDRS vars"
                     seen.add(cidr)
         assert seen, f"{overlay}: no egress CIDRs at all (the S3 endpoint and the API server are outside the cluster)"
+
+
+# -- Pod Security: the namespace enforces "restricted", and every pod meets it ---------------------
+# The controls of the Pod Security Standards (kubernetes.io/docs/concepts/security/pod-security-standards),
+# Baseline and Restricted, for Linux pods. Checked here because no PodSecurity admission runs offline, and
+# checkov does not look inside RayService pod templates.
+
+PSS_LABELS = {"enforce": "restricted", "audit": "restricted", "warn": "restricted"}
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                         "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+RESTRICTED_CAPABILITIES = {"NET_BIND_SERVICE"}  # the only one Restricted lets a container add back
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+SECCOMP_TYPES = {"RuntimeDefault", "Localhost"}
+APPARMOR_TYPES = {"RuntimeDefault", "Localhost"}
+
+
+def restricted_violations(spec: dict, annotations: dict | None = None) -> list[str]:
+    """Every way the pod ``spec`` (with its template's ``annotations``) breaks the Restricted profile.
+
+    Args:
+        spec: a pod spec (a template's ``spec``).
+        annotations: the pod template's metadata.annotations (AppArmor's older form lives there).
+
+    Returns:
+        One line per violation, naming the field; empty if the pod would be admitted.
+    """
+    bad: list[str] = []
+    pod = spec.get("securityContext") or {}
+    containers = [(f"{kind}/{c['name']}", c) for kind in ("initContainers", "containers", "ephemeralContainers")
+                  for c in spec.get(kind) or []]
+
+    def security_options(where: str, sc: dict) -> None:  # fields the pod and its containers share
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            bad.append(f"{where}: windowsOptions.hostProcess")
+        se = sc.get("seLinuxOptions") or {}
+        if se.get("type", "") not in SELINUX_TYPES or se.get("user") or se.get("role"):
+            bad.append(f"{where}: seLinuxOptions {se}")
+        if sc.get("appArmorProfile") and sc["appArmorProfile"].get("type") not in APPARMOR_TYPES:
+            bad.append(f"{where}: appArmorProfile {sc['appArmorProfile']}")
+        if sc.get("seccompProfile") and sc["seccompProfile"].get("type") not in SECCOMP_TYPES:
+            bad.append(f"{where}: seccompProfile {sc['seccompProfile']}")
+        if sc.get("runAsUser") == 0:
+            bad.append(f"{where}: runAsUser 0")
+
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            bad.append(f"pod: {field}")
+    security_options("pod", pod)
+    if pod.get("runAsNonRoot") is False:
+        bad.append("pod: runAsNonRoot false")
+    for sysctl in pod.get("sysctls") or []:
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            bad.append(f"pod: sysctl {sysctl['name']}")
+    for key, value in (annotations or {}).items():
+        if key.startswith("container.apparmor.security.beta.kubernetes.io/") and \
+                value != "runtime/default" and not value.startswith("localhost/"):
+            bad.append(f"pod: annotation {key}: {value}")
+    for v in spec.get("volumes") or []:
+        types = set(v) - {"name"}
+        if len(types) != 1 or not types <= RESTRICTED_VOLUME_TYPES:  # hostPath, nfs, ... and no type at all
+            bad.append(f"volume {v['name']}: {sorted(types)}, not one of {sorted(RESTRICTED_VOLUME_TYPES)}")
+
+    for where, c in containers:
+        sc = c.get("securityContext") or {}
+        security_options(where, sc)
+        if sc.get("privileged"):
+            bad.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{where}: allowPrivilegeEscalation must be false")
+        if sc.get("procMount", "Default") != "Default":
+            bad.append(f"{where}: procMount {sc['procMount']}")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            bad.append(f"{where}: capabilities.drop lacks ALL")
+        for cap in caps.get("add") or []:
+            if cap not in RESTRICTED_CAPABILITIES:
+                kind = "Baseline" if cap not in BASELINE_CAPABILITIES else "Restricted"
+                bad.append(f"{where}: capabilities.add {cap} (not allowed by {kind})")
+        if sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
+            bad.append(f"{where}: runAsNonRoot must be true (container or pod)")
+        if "seccompProfile" not in sc and (pod.get("seccompProfile") or {}).get("type") not in SECCOMP_TYPES:
+            bad.append(f"{where}: no seccompProfile RuntimeDefault/Localhost (container or pod)")
+        for p in c.get("ports") or []:
+            if p.get("hostPort"):
+                bad.append(f"{where}: hostPort {p['hostPort']}")
+        handlers = [c.get(k) for k in ("livenessProbe", "readinessProbe", "startupProbe")]
+        handlers += list((c.get("lifecycle") or {}).values())
+        for h in filter(None, handlers):
+            for action in ("httpGet", "tcpSocket"):
+                if (h.get(action) or {}).get("host"):
+                    bad.append(f"{where}: {action}.host {h[action]['host']}")
+    return bad
+
+
+def _admitted_pods(doc: dict) -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, annotations) of each pod ``doc`` makes, as the API server will see it.
+
+    For a RayService that is KubeRay's pods: the head with the autoscaler sidecar KubeRay adds (its
+    securityContext from autoscalerOptions), each worker group with the wait-gcs-ready init container
+    KubeRay injects (a copy of the Ray container's securityContext).
+    """
+    kind, name = doc["kind"], doc["metadata"]["name"]
+    if kind == "RayService":
+        rc = doc["spec"]["rayClusterConfig"]
+        out = []
+        head = copy.deepcopy(rc["headGroupSpec"]["template"])
+        if rc.get("enableInTreeAutoscaling"):
+            head["spec"]["containers"].append({"name": "autoscaler", **copy.deepcopy(rc.get("autoscalerOptions") or {})})
+        out.append((f"RayService/{name}/head", head["spec"], (head.get("metadata") or {}).get("annotations")))
+        for g in rc["workerGroupSpecs"]:
+            t = copy.deepcopy(g["template"])
+            ray = t["spec"]["containers"][0]
+            wait = {"name": "wait-gcs-ready", "securityContext": copy.deepcopy(ray.get("securityContext"))}
+            t["spec"]["initContainers"] = [wait] + (t["spec"].get("initContainers") or [])
+            out.append((f"RayService/{name}/{g['groupName']}", t["spec"], (t.get("metadata") or {}).get("annotations")))
+        return out
+    template = {"Deployment": lambda s: s["template"], "StatefulSet": lambda s: s["template"],
+                "DaemonSet": lambda s: s["template"], "ReplicaSet": lambda s: s["template"],
+                "Job": lambda s: s["template"], "CronJob": lambda s: s["jobTemplate"]["spec"]["template"],
+                "Pod": lambda s: {"spec": s, "metadata": doc["metadata"]}}.get(kind)
+    if template is None:
+        return []
+    t = template(doc["spec"])
+    return [(f"{kind}/{name}", t["spec"], (t.get("metadata") or {}).get("annotations"))]
+
+
+def test_every_overlay_renders_its_namespace_enforcing_restricted_pod_security():
+    for overlay, docs in OVERLAY_DOCS.items():
+        (ns,) = [d for d in docs if d["kind"] == "Namespace"]
+        assert ns["metadata"]["name"] == render_k8s.load_overlay(overlay)["namespace"], overlay
+        labels = ns["metadata"]["labels"]
+        for mode, level in PSS_LABELS.items():
+            assert labels.get(f"pod-security.kubernetes.io/{mode}") == level, f"{overlay}: {mode}"
+            assert re.fullmatch(r"latest|v1\.\d+", labels.get(f"pod-security.kubernetes.io/{mode}-version", "")), \
+                f"{overlay}: {mode}-version"
+        # enforced as of the oldest Kubernetes we support: a cluster upgrade cannot start refusing the pods
+        assert labels["pod-security.kubernetes.io/enforce-version"] == "v" + K8S_VERSION.rsplit(".", 1)[0], overlay
+        others = [d for d in docs if d is not ns]
+        assert {d["metadata"]["namespace"] for d in others} == {ns["metadata"]["name"]}, overlay
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAY_DOCS))
+def test_every_pod_meets_the_restricted_pod_security_standard(overlay):
+    pods = [p for d in OVERLAY_DOCS[overlay] for p in _admitted_pods(d)]
+    groups = len(_pod_specs(next(d for d in OVERLAY_DOCS[overlay] if d["kind"] == "RayService")))
+    assert len(pods) >= groups, f"{overlay}: found {len(pods)} pod templates"
+    problems = [f"{where}: {v}" for where, spec, annotations in pods for v in restricted_violations(spec, annotations)]
+    assert not problems, f"{overlay}: the namespace enforces Restricted; these pods would be refused:\n" + \
+        "\n".join(problems)
+
+
+def _gpu_pod() -> dict:
+    """A compliant pod with init containers, volumes and probes: prod's GPU worker as admitted."""
+    (rs,) = [d for d in OVERLAY_DOCS["prod"] if d["kind"] == "RayService"]
+    (pod,) = [p for w, p, _ in _admitted_pods(rs) if w.endswith("/gpu")]
+    return copy.deepcopy(pod)
+
+
+def _stage(pod: dict) -> dict:
+    return next(c for c in pod["initContainers"] if c["name"] == "stage-models")
+
+
+def _allow_root(pod: dict) -> None:
+    """runAsNonRoot neither on the pod nor on its containers (the init containers keep theirs)."""
+    pod["securityContext"].pop("runAsNonRoot")
+    for c in pod["containers"]:
+        c["securityContext"].pop("runAsNonRoot")
+
+
+BREAKS = {  # each mutation breaks exactly the control named by the expected substring
+    "hostNetwork": (lambda p: p.update(hostNetwork=True), "hostNetwork"),
+    "hostPID": (lambda p: p.update(hostPID=True), "hostPID"),
+    "hostIPC": (lambda p: p.update(hostIPC=True), "hostIPC"),
+    "privileged init": (lambda p: _stage(p)["securityContext"].update(privileged=True), "privileged"),
+    "baseline cap": (lambda p: _stage(p)["securityContext"]["capabilities"].update(add=["NET_RAW"]), "NET_RAW"),
+    "restricted cap": (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["CHOWN"]),
+                       "CHOWN (not allowed by Restricted)"),
+    "drop not ALL": (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+                     "lacks ALL"),
+    "hostPath": (lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+    "nfs": (lambda p: p["volumes"].append({"name": "n", "nfs": {"server": "x", "path": "/"}}), "'nfs'"),
+    "hostPort": (lambda p: p["containers"][0]["ports"][0].update(hostPort=8000), "hostPort"),
+    "probe host": (lambda p: p["containers"][0].update(startupProbe={"tcpSocket": {"port": 1, "host": "10.0.0.1"}}),
+                   "tcpSocket.host"),
+    "apparmor": (lambda p: p["securityContext"].update(appArmorProfile={"type": "Unconfined"}), "appArmorProfile"),
+    "selinux": (lambda p: _stage(p)["securityContext"].update(seLinuxOptions={"type": "spc_t"}), "seLinuxOptions"),
+    "procMount": (lambda p: p["containers"][0]["securityContext"].update(procMount="Unmasked"), "procMount"),
+    "seccomp unconfined": (lambda p: _stage(p)["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+                           "seccompProfile"),
+    "seccomp absent": (lambda p: p["securityContext"].pop("seccompProfile"), "no seccompProfile"),
+    "sysctl": (lambda p: p["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]), "sysctl"),
+    "escalation unset": (lambda p: p["initContainers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+                         "allowPrivilegeEscalation"),
+    "root allowed": (_allow_root, "containers/ray-worker: runAsNonRoot"),
+    "root container": (lambda p: p["containers"][0]["securityContext"].update(runAsNonRoot=False), "runAsNonRoot"),
+    "uid 0": (lambda p: _stage(p)["securityContext"].update(runAsUser=0), "runAsUser 0"),
+    "hostProcess": (lambda p: p["securityContext"].update(windowsOptions={"hostProcess": True}), "hostProcess"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BREAKS))
+def test_the_restricted_check_catches_each_control(name):
+    """The checker is not vacuous: each control of the profile, broken once in a compliant pod, is reported."""
+    pod = _gpu_pod()
+    assert restricted_violations(pod) == []
+    mutate, expected = BREAKS[name]
+    mutate(pod)
+    found = restricted_violations(pod)
+    assert any(expected in v for v in found), found
+
+
+def test_the_restricted_check_passes_what_the_profile_allows():
+    pod = _gpu_pod()
+    pod["containers"][0]["securityContext"]["capabilities"]["add"] = ["NET_BIND_SERVICE"]
+    _stage(pod)["securityContext"]["seccompProfile"] = {"type": "Localhost", "localhostProfile": "p.json"}
+    pod["securityContext"]["sysctls"] = [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
+    pod["securityContext"]["appArmorProfile"] = {"type": "RuntimeDefault"}
+    pod["volumes"].append({"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}})
+    assert restricted_violations(pod, {"container.apparmor.security.beta.kubernetes.io/x": "localhost/p"}) == []
+    pod["securityContext"].pop("seccompProfile")  # the pod-level profile may go when every container sets one
+    for c in pod["containers"] + pod["initContainers"]:
+        c["securityContext"]["seccompProfile"] = {"type": "RuntimeDefault"}
+    assert restricted_violations(pod) == []
+
+
+def test_kuberays_injected_containers_are_checked_too():
+    """The autoscaler sidecar takes its securityContext from autoscalerOptions, the workers' wait-gcs-ready init
+    container from the Ray container: a gap in either must show up as that container's violation."""
+    (rs,) = [copy.deepcopy(d) for d in OVERLAY_DOCS["prod"] if d["kind"] == "RayService"]
+    rs["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"].pop("allowPrivilegeEscalation")
+    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["securityContext"][
+        "capabilities"] = {"drop": ["NET_RAW"]}
+    found = [f"{w}: {v}" for w, spec, ann in _admitted_pods(rs) for v in restricted_violations(spec, ann)]
+    assert any("head: containers/autoscaler: allowPrivilegeEscalation" in v for v in found), found
+    assert any("cpu: initContainers/wait-gcs-ready: capabilities.drop lacks ALL" in v for v in found), found
 
 
 # -- where the Router runs: its app-metrics port, the pod it is pinned to ------------------------

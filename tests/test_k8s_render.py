@@ -89,7 +89,10 @@ def test_render_embeds_serve_config_with_overrides_and_derived_ports(tree: Path)
         assert cpu_ports["serve"] == 8123 and cpu_ports["app-metrics"] == 9555
         scrape = [d for d in docs if d["metadata"]["name"] == "mriseg-allow-app-metrics-scrape"][0]
         assert {"protocol": "TCP", "port": 9555} in scrape["spec"]["ingress"][0]["ports"]
-        assert all(d["metadata"]["namespace"] for d in docs)
+        (ns,) = [d for d in docs if d["kind"] == "Namespace"]
+        want = render_k8s.load_overlay(overlay, tree / "k8s" / "overlays")["namespace"]
+        assert ns["metadata"]["name"] == want and "namespace" not in ns["metadata"], "a Namespace has no namespace"
+        assert all(d["metadata"]["namespace"] == want for d in docs if d is not ns)
         assert not render_k8s._VAR.search(yaml.safe_dump(docs)), "an overlay variable was left unset"
 
 
@@ -245,3 +248,11 @@ def test_documentation_placeholders_are_flagged_and_real_networks_are_not():
                                             "DNS_CIDRS": [], "S3_PORT": 443})
     assert flagged == ["S3_CIDRS: 198.51.100.0/24", "APISERVER_CIDRS: 192.0.2.0/28", "X_CIDRS: 2001:db8:5::/48"]
     assert render_k8s.placeholder_cidrs({"S3_CIDRS": ["52.219.0.0/20", "10.0.0.0/8", "2600:1f00::/24"]}) == []
+
+
+def test_the_namespace_file_is_applied_first(tree: Path):
+    """`kubectl apply -f k8s/rendered/<overlay>/` applies files in name order: the Namespace must come first."""
+    for overlay in render_k8s.OVERLAYS:
+        files = sorted(render_k8s.rendered_files(overlay, tree))
+        assert files[0] == f"00-namespace-{render_k8s.load_overlay(overlay, tree / 'k8s' / 'overlays')['namespace']}.yaml"
+        assert sum(f.startswith("00-") for f in files) == 1
