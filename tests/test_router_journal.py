@@ -340,3 +340,12 @@ def test_a_restart_re_authorises_each_job_against_the_tenants_file_as_it_now_is(
     settled = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mriseg.audit"]
     assert {r["job"] for r in settled if r["event"] == "job.settled" and r.get("error") == 403} == {
         input_out.id, output_out.id, upload_out.id}
+
+
+def test_a_site_removed_from_the_tenants_file_drains_its_accepted_jobs(tmp_path):
+    """The scheduler asks for the limit of a site whose queued jobs outlived its tenants entry: one at a time,
+    not a KeyError that would stop the scheduler for every site."""
+    svc = _service(tmp_path)
+    assert svc._site_limit("site-a") == svc.tenancy.sites["site-a"].max_concurrent_jobs
+    svc.tenancy.sites.pop("site-a")
+    assert svc._site_limit("site-a") == 1

@@ -293,7 +293,9 @@ class JobService:
                       job.id, type(e).__name__)
 
     def _site_limit(self, site: str) -> int:
-        return self.tenancy.sites[site].max_concurrent_jobs
+        # a site removed from the tenants file while its accepted jobs wait drains them one at a time
+        known = self.tenancy.sites.get(site)
+        return known.max_concurrent_jobs if known is not None else 1
 
     # -- submission ---------------------------------------------------------
     def validate_options(self, site: Site, options: JobOptions) -> JobOptions:
