@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from loadtest.flood import DiskPeak, destructive_inputs
 from loadtest.localcluster import cluster_pids
 from loadtest.soak import role
 from serve.s3client import make_client
@@ -87,120 +88,21 @@ def test_hostile_s3_keys(serve_stack):
 
 # -- issue #33: a site's bytes reach nothing of the router, another site, or its memory and disk ---------
 
-def _mha(header: str, data: bytes) -> bytes:
-    return header.encode() + data
-
-
-def _float64_bomb(shape=(512, 512, 400)) -> bytes:
-    """A gzipped float64 NIfTI of ~100 M voxels (800 MB of zeros) in well under 2 MiB."""
-    import gzip
-    import io
-
-    import nibabel as nib
-    import numpy as np
-
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape(shape)
-    hdr.set_data_dtype(np.float64)
-    hdr.set_sform(np.eye(4), 1)
-    hdr.set_qform(np.eye(4), 1)
-    hdr.set_xyzt_units("mm")
-    hdr.set_data_offset(352)
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9) as g:
-        g.write(hdr.binaryblock + bytes(4))
-        chunk, left = bytes(16 << 20), 8 * shape[0] * shape[1] * shape[2]
-        while left:
-            g.write(chunk[:min(left, len(chunk))])
-            left -= min(left, len(chunk))
-    return buf.getvalue()
-
-
-def _zip_of_zeros(nbytes: int) -> bytes:
-    """A legal zip whose one slice expands to ``nbytes`` (declared truthfully)."""
-    import io
-    import zipfile
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z, z.open("a.dcm", "w") as f:
-        chunk, left = bytes(16 << 20), nbytes
-        while left:
-            f.write(chunk[:min(left, len(chunk))])
-            left -= min(left, len(chunk))
-    return buf.getvalue()
-
-
-def issue_33_payloads() -> list[tuple[str, str, bytes, tuple[int, ...]]]:
-    """(name, filename, bytes, acceptable statuses) for each finding reachable through the API."""
-    import zlib
-
-    base = "ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_UCHAR\n"
-    return [
-        # 1: a lower-case decoy before the exact-case key MetaIO uses: read /etc/passwd into the voxels
-        ("mha_case_decoy_reads_a_file", "scan.mha",
-         _mha(base + "elementdatafile = LOCAL\nElementDataFile = /etc/passwd\n", bytes(512)), (415, 422)),
-        # 1: HeaderSize reads any offset of the named file
-        ("mha_header_size_offset", "scan.mha",
-         _mha(base + "HeaderSize = -1\nElementDataFile = LOCAL\n", bytes(512)), (415, 422)),
-        # 2: the decoy hiding a header MetaIO crashes on (NDims past its fixed arrays)
-        ("mha_decoy_hides_a_crashing_header", "scan.mha",
-         _mha("ObjectType = Image\nndims = 3\nNDims = 4000\nDimSize = 8 8 8\nElementType = MET_UCHAR\n"
-              "ElementDataFile = LOCAL\n", bytes(512)), (415, 422)),
-        # 3: a compressed stream that does not inflate: MetaIO says "Uncompress failed" and returns heap bytes
-        ("mha_corrupt_compressed_data", "scan.mha",
-         _mha(base + "CompressedData = True\nCompressedDataSize = 64\nElementDataFile = LOCAL\n",
-              zlib.compress(bytes(512))[:20] + bytes(44)), (422,)),
-        # 4: a legal zip expanding to 200 MB, past the decoder's extraction budget (64 MiB here)
-        ("zip_past_the_extraction_budget", "series.zip", _zip_of_zeros(200 << 20), (413,)),
-        # 5: 2 MB of gzip that is 800 MB of float64, over the router's memory budget (512 MiB here)
-        ("nifti_float64_memory_bomb", "scan.nii.gz", _float64_bomb(), (413,)),
-    ]
-
-
 def _router_pid() -> int:
     (pid,) = [p for p in cluster_pids() if role(p) == "router"]
     return pid
 
 
-class _DiskPeak:
-    """The most bytes ever seen under ``root`` while the block runs (sampled every 10 ms)."""
-
-    def __init__(self, root):
-        import threading
-
-        self.root, self.peak, self._stop = root, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            total = 0
-            for p in list(self.root.rglob("*")):
-                try:
-                    total += p.stat().st_size if p.is_file() else 0
-                except OSError:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(0.01)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def test_issue_33_findings_stay_with_the_sender(serve_stack):
     """Each finding through the real API: a 4xx for that job, the same router process alive, router memory
     and scratch disk bounded, and another site's job succeeding right after."""
-    payloads = issue_33_payloads()
+    payloads = destructive_inputs(full=False)
     router, before = _router_pid(), _router_rss_mb()
     scratch = serve_stack.tmp / "scratch"
     with serve_stack.client() as c:
         for name, filename, data, statuses in payloads:
             assert len(data) < UPLOAD_LIMIT, (name, len(data))
-            with _DiskPeak(scratch) as disk:
+            with DiskPeak(scratch) as disk:
                 r = c.post("/v1/segmentations/upload", params={"filename": filename, "roi_subset": "liver"},
                            content=data, headers={**auth("site-a"), "content-type": "application/octet-stream"})
                 assert r.status_code == 202, (name, r.text)
