@@ -278,7 +278,13 @@ def test_error_statuses(serve_stack):
         _problem(c.get(f"/v1/segmentations/{cancelled}/result", headers=auth("site-c")), 409)
         # 503: the result file is gone from the router (e.g. a replaced replica)
         assert poll(c, "site-c", cancelled)["status"] == "cancelled"
-        gone = upload(c, "site-c").json()["id"]
+        # a cancelled job keeps its site's one slot until its worker thread returns (the decoder child is
+        # killed at once, a resampling thread runs out): site-c may meet a short 429 first, as a client would
+        deadline, r = time.monotonic() + 60, upload(c, "site-c")
+        while r.status_code == 429 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            r = upload(c, "site-c")
+        gone = r.json()["id"]
         for f in (serve_stack.tmp / "results" / "site-c" / gone).glob("segmentations.nii.gz"):
             f.unlink()
         _problem(c.get(f"/v1/segmentations/{gone}/result", headers=auth("site-c")), 503)
