@@ -284,6 +284,7 @@ def test_error_statuses(serve_stack):
         while r.status_code == 429 and time.monotonic() < deadline:
             time.sleep(0.5)
             r = upload(c, "site-c")
+        assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
         gone = r.json()["id"]
         for f in (serve_stack.tmp / "results" / "site-c" / gone).glob("segmentations.nii.gz"):
             f.unlink()
