@@ -26,7 +26,7 @@ FUZZ_SEED = int(os.environ.get("MRISEG_FUZZ_SEED", "20261123"))
 #: Far below what a healthy run does (thousands); a target that hangs or never starts stays under it.
 MIN_RUNS = 50
 #: The sandboxed target starts a child per input (about 2 inputs a second on 2 cores).
-SANDBOXED_FUZZ_SECONDS = int(os.environ.get("MRISEG_SANDBOXED_FUZZ_SECONDS", "20"))
+SANDBOXED_FUZZ_SECONDS = int(os.environ.get("MRISEG_SANDBOXED_FUZZ_SECONDS", "12"))
 
 
 def _report(log: str, artifacts: list[Path]) -> str:
