@@ -168,8 +168,6 @@ def read_volume(out: Path, max_voxels: int):
         raise SandboxReplyError("the decoder's meta.json is malformed") from None
     header = _nifti_header(meta.get("nifti_header"))
     with open(out / VOLUME, "rb") as f:
-        np.lib.format.read_magic(f)
-        f.seek(0)
         data = np.load(f, allow_pickle=False)
     check_shape(data.shape, max_voxels)
     return Volume(check_data(np.ascontiguousarray(data)), check_affine(affine), fmt, header)
