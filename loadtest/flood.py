@@ -32,15 +32,20 @@ from pathlib import Path
 MB = 1 << 20
 
 
+def _write_zeros(f, nbytes: int) -> None:
+    """Write ``nbytes`` zero bytes to ``f`` in 16 MiB pieces (never all in memory at once)."""
+    chunk = bytes(16 * MB)
+    while nbytes:
+        n = min(nbytes, len(chunk))
+        f.write(chunk[:n])
+        nbytes -= n
+
+
 def _gzip_zeros(prefix: bytes, nbytes: int) -> bytes:
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as g:
         g.write(prefix)
-        chunk = bytes(16 * MB)
-        while nbytes:
-            n = min(nbytes, len(chunk))
-            g.write(chunk[:n])
-            nbytes -= n
+        _write_zeros(g, nbytes)
     return buf.getvalue()
 
 
@@ -63,11 +68,7 @@ def zip_of_zeros(nbytes: int) -> bytes:
     """A legal zip whose one slice truly expands to ``nbytes`` (and says so)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z, z.open("a.dcm", "w") as f:
-        chunk = bytes(16 * MB)
-        while nbytes:
-            n = min(nbytes, len(chunk))
-            f.write(chunk[:n])
-            nbytes -= n
+        _write_zeros(f, nbytes)
     return buf.getvalue()
 
 
