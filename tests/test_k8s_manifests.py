@@ -6,6 +6,7 @@ schemas from ../shared/k8s-schemas, Ray's own ServeDeploySchema.
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib
 import json
@@ -173,6 +174,41 @@ def test_tenants_file_is_the_mounted_secret(item):
     for group, spec in _pod_specs(rs):
         (vol,) = [v for v in spec["volumes"] if v["name"] == "tenants"]
         assert vol["secret"]["secretName"] == "mriseg-tenants", group
+
+
+# Names of the event intake's old per-site API key file: its setting, env variable, file and Secret.
+SITE_KEY_NAMES = re.compile(r"site_keys|SITE_KEYS|site-keys|mriseg-event-keys", re.IGNORECASE)
+
+
+def _strings_in(obj) -> list[str]:
+    """Every string in a manifest, a Secret's base64 ``data`` decoded and the embedded serve config included."""
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in [str(k), *_strings_in(v)]]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings_in(v)]
+    return [str(obj)]
+
+
+def _secret_texts(doc: dict) -> dict[str, str]:
+    if doc["kind"] != "Secret":
+        return {}
+    out = {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
+    return {**out, **(doc.get("stringData") or {})}
+
+
+@pytest.mark.parametrize("item", ALL_DOCS + [("examples", d) for d in EXAMPLES], ids=_id)
+def test_no_object_holds_or_names_a_site_api_key(item):
+    """One site's key in every pod let that site's attacker act as every site (issue #34): no setting, env
+    variable, mount or Secret for the intake's site keys, and a tenants file holds key digests only."""
+    where, doc = item
+    named = sorted({m.group(0) for s in _strings_in(doc) for m in SITE_KEY_NAMES.finditer(s)})
+    assert not named, f"{_id(item)} names the event intake's site API keys: {named}"
+    for key, text in _secret_texts(doc).items():
+        if key != "tenants.yaml":
+            continue
+        for site, cfg in (yaml.safe_load(text).get("sites") or {}).items():
+            assert "keys" not in cfg, (f"{_id(item)}: site {site} has a clear API key; store its SHA-256 "
+                                       "digest as key_sha256")
 
 
 @pytest.mark.parametrize("item", _rayservices(), ids=_id)
