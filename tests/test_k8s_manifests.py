@@ -686,6 +686,75 @@ def test_what_can_only_run_on_the_ingress_pod_fits_it_together(item):
             f"{overlay}: what must run on {group} needs {v} {k}, its pod gives {node_types[group].get(k, 0)}"
 
 
+def _gpu_groups(rs: dict) -> set[str]:
+    """Groups whose pods get a GPU, from Kubernetes (nvidia.com/gpu) or from Ray (a GPU resource)."""
+    by_k8s = {g for g, spec in _pod_specs(rs) if "nvidia.com/gpu" in json.dumps(spec["containers"])}
+    return by_k8s | {g for g, res in _ray_node_types(rs).items() if res.get("GPU", 0) > 0}
+
+
+def _check_ingress_pinned_away_from_gpus(rs: dict) -> str:
+    """The Router and EventIntake (the S3 record writers) can be placed on one group only, with no GPU."""
+    missing = set(PINNED_TO_INGRESS) - set(_deployments(rs))
+    assert not missing, f"the serve config lacks {sorted(missing)}"
+    group = _ingress_group(rs)
+    assert group != "head" and group not in _gpu_groups(rs), \
+        f"the Router and EventIntake run on {group!r}; pin them to the CPU group (serveConfigOverrides resources)"
+    return group
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_router_and_intake_are_pinned_to_a_pod_without_gpus(item):
+    """They hold the record key; pinned to the CPU pod, the key need not be on any GPU pod."""
+    _check_ingress_pinned_away_from_gpus(item[1])
+
+
+def test_an_intake_that_could_land_on_a_gpu_pod_is_caught():
+    """Without its Ray resource EventIntake fits the GPU pods' CPUs too: the pin check must say so."""
+    (rs,) = [copy.deepcopy(d) for d in OVERLAY_DOCS["prod"] if d["kind"] == "RayService"]
+    config = _serve_config(rs)
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] == "EventIntake":
+            d["ray_actor_options"].pop("resources")
+    rs["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    with pytest.raises(AssertionError, match="EventIntake can be placed on"):
+        _check_ingress_pinned_away_from_gpus(rs)
+
+
+RECORD_KEY_SECRET, RECORD_KEY_FILE = "mriseg-record-key", Path("/etc/mriseg/record-key/record.key")
+RECORD_KEY_ENV = {"name": "MRISEG_RECORD_KEY_FILE", "value": str(RECORD_KEY_FILE)}
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_the_record_key_is_only_where_the_router_and_intake_run(item):
+    """Secret mriseg-record-key (the S3 records' MAC key) and MRISEG_RECORD_KEY_FILE: in the Router/EventIntake
+    pod, mounted read-only at the shared path; in no other pod (no GPU pod, not the head or its sidecar)."""
+    overlay, rs = item
+    group = _check_ingress_pinned_away_from_gpus(rs)
+    pods = dict(_pod_specs(rs))
+    pods["head"] = {**pods["head"], "autoscaler": rs["spec"]["rayClusterConfig"]["autoscalerOptions"]}
+    holders = {g for g, spec in pods.items() if RECORD_KEY_SECRET in json.dumps(spec)
+               or RECORD_KEY_ENV["name"] in json.dumps(spec)}
+    assert holders == {group}, f"{overlay}: the record key is in {sorted(holders)}, the Router runs on {group!r}"
+    assert not holders & _gpu_groups(rs), overlay
+    spec = pods[group]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for c in spec["containers"]:
+        assert RECORD_KEY_ENV in c["env"], f"{overlay}/{group}/{c['name']}: env"
+        mounts = [m for m in c["volumeMounts"] if Path(m["mountPath"]) in (RECORD_KEY_FILE, *RECORD_KEY_FILE.parents)]
+        mount = max(mounts, key=lambda m: len(Path(m["mountPath"]).parts))
+        secret = volumes[mount["name"]].get("secret") or {}
+        assert mount.get("readOnly") is True and secret.get("secretName") == RECORD_KEY_SECRET, \
+            f"{overlay}/{group}/{c['name']}: {RECORD_KEY_FILE} is not the read-only Secret {RECORD_KEY_SECRET}"
+        assert {"key": "record.key", "path": str(RECORD_KEY_FILE.relative_to(mount["mountPath"]))} in secret["items"]
+        # the pod's env is every pod's (the head's) plus the key's path: nothing else may drift apart
+        head_env = pods["head"]["containers"][0]["env"]
+        assert [e for e in c["env"] if e != RECORD_KEY_ENV] == head_env, f"{overlay}/{group}: env drifted"
+    committed = [d for d in OVERLAY_DOCS[overlay] + EXAMPLES
+                 if d["kind"] == "Secret" and d["metadata"]["name"] == RECORD_KEY_SECRET]
+    assert all(set(_secret_texts(d).values()) <= {"<placeholder>"} for d in committed), \
+        f"a value for {RECORD_KEY_SECRET} is committed: create it out of band (docs/kubernetes.md, section 4)"
+
+
 @pytest.mark.parametrize("item", _rayservices(), ids=_id)
 def test_the_router_journal_is_on_a_volume_of_its_own(item):
     """Spooled uploads and results fill ray-tmp (/tmp); the Router's journal must not share that disk: its
