@@ -1,0 +1,144 @@
+"""The embedded SeaweedFS is locked down: no unauthenticated HTTP or gRPC.
+
+One server for the module; the attacker holds no keys and may connect to
+every port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+from botocore.exceptions import ClientError
+
+from serve.embedded_s3 import HOST, SEAWEED_OPEN_PORTS, SeaweedServer
+
+pytestmark = pytest.mark.s3
+
+BUCKET = "mriseg"
+SECRET = b"site-b's scan: not for site-a " * 4
+GRPC_PORTS = ("master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc")
+# the client's connection preface and an empty SETTINGS frame (RFC 9113 3.4); a gRPC server answers SETTINGS
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = SeaweedServer(tmp_path_factory.mktemp("weed-locked"), buckets=[BUCKET])
+    s.start()
+    admin = s.client()
+    admin.put_object(Bucket=BUCKET, Key="site-b/inbox/scan.nii.gz", Body=SECRET)
+    admin.put_object(Bucket=BUCKET, Key="_jobs/jobs/job.json", Body=b"{}")
+    yield s
+    s.cleanup()
+
+
+def _code(call) -> str:
+    """The S3 error code of ``call``, or "ok"."""
+    try:
+        call()
+        return "ok"
+    except ClientError as e:
+        return e.response["Error"]["Code"]
+
+
+def _file_ids(data_dir: Path, collection: str) -> list[str]:
+    """The file id of the first needle of each of a collection's volumes, read from its ``.dat`` file.
+
+    A volume file is an 8-byte superblock (bytes 6-7: the length of an extra block after it), then
+    needles aligned to 8 bytes, each starting with its cookie (4 bytes) and id (8 bytes), big-endian;
+    a file id is ``<volume>,<id hex><cookie as 8 hex digits>``.
+    """
+    fids = []
+    for dat in sorted(data_dir.glob(f"{collection}_*.dat")):
+        raw = dat.read_bytes()
+        start = 8 + int.from_bytes(raw[6:8], "big")
+        start += -start % 8
+        if len(raw) >= start + 12:
+            cookie, needle = int.from_bytes(raw[start:start + 4], "big"), int.from_bytes(raw[start + 4:start + 12], "big")
+            fids.append(f"{dat.stem.rsplit('_', 1)[1]},{needle:x}{cookie:08x}")
+    return fids
+
+
+def test_filer_master_and_volume_http_refuse_requests_without_credentials(server):
+    def url(flag: str, path: str) -> str:
+        return f"http://{HOST}:{server.ports[flag]}{path}"
+
+    r = httpx.get(url("filer.port", f"/buckets/{BUCKET}/site-b/inbox/scan.nii.gz"))
+    assert r.status_code != 200 and SECRET not in r.content, r.status_code
+    r = httpx.get(url("filer.port", f"/buckets/{BUCKET}/site-b/inbox/"), headers={"Accept": "application/json"})
+    assert r.status_code != 200 and b"scan.nii.gz" not in r.content
+    r = httpx.put(url("filer.port", f"/buckets/{BUCKET}/_jobs/jobs/forged.json"), content=b"{}")
+    assert r.status_code >= 400
+    assert _code(lambda: server.client().head_object(Bucket=BUCKET, Key="_jobs/jobs/forged.json")) == "404"
+
+    r = httpx.get(url("master.port", "/dir/assign"))  # would hand out a file id to write
+    assert r.status_code != 200 and b"fid" not in r.content, r.text
+    fids = _file_ids(server.data_dir / "data", BUCKET)
+    assert fids, "no volume of the bucket on disk?"
+    r = httpx.get(url("master.port", f"/dir/lookup?volumeId={fids[0].split(',')[0]}"))
+    assert r.status_code != 200 and b"locations" not in r.content, r.text
+    for fid in fids:
+        r = httpx.get(url("volume.port", f"/{fid}"))
+        assert r.status_code == 401 and SECRET not in r.content, (fid, r.status_code)
+        r = httpx.post(url("volume.port", f"/{fid}"), files={"file": ("x", b"overwritten")})
+        assert r.status_code == 401, (fid, r.status_code)
+    assert server.client().get_object(Bucket=BUCKET, Key="site-b/inbox/scan.nii.gz")["Body"].read() == SECRET
+
+    # what stays open is what SEAWEED_OPEN_PORTS says (so the banner and the docs stay true)
+    for path, flag in (("/cluster/status", "master.port"), ("/status", "volume.port"), ("/health", "admin.port")):
+        assert flag in {p.flag for p in SEAWEED_OPEN_PORTS}
+        assert httpx.get(url(flag, path)).status_code == 200, (flag, path)
+
+
+def _h2_answer(sock) -> bytes:
+    """Send the HTTP/2 preface; the first bytes of the answer (b"" when the server closed or refused)."""
+    try:
+        sock.sendall(H2_PREFACE)
+        return sock.recv(64)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+
+
+def _is_settings_frame(data: bytes) -> bool:
+    return len(data) >= 9 and data[3] == 0x04  # frame type 4: SETTINGS
+
+
+def test_grpc_ports_want_a_client_certificate_the_server_issued(server):
+    for flag in GRPC_PORTS:
+        addr = (HOST, server.ports[flag])
+        with socket.create_connection(addr, timeout=5) as plain:  # plaintext gRPC
+            assert not _is_settings_frame(_h2_answer(plain)), f"{flag} speaks gRPC without TLS"
+
+        def tls(cert: bool) -> bytes:
+            ctx = ssl.create_default_context(cafile=str(server.tls_dir / "ca.crt"))
+            ctx.set_alpn_protocols(["h2"])
+            if cert:
+                ctx.load_cert_chain(server.tls_dir / "client.crt", server.tls_dir / "client.key")
+            with socket.create_connection(addr, timeout=5) as raw:
+                try:
+                    with ctx.wrap_socket(raw, server_hostname=HOST) as s:
+                        return _h2_answer(s)
+                except (ssl.SSLError, ConnectionError):
+                    return b""
+
+        assert not _is_settings_frame(tls(cert=False)), f"{flag} answers without a client certificate"
+        # the refusal is for the missing certificate: with the issued one, the same port answers
+        assert _is_settings_frame(tls(cert=True)), flag
+
+
+def test_keys_certificates_and_configs_are_the_owners_only(server):
+    d = server.data_dir
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    secret_files = [d / "s3.json", d / "security.toml", *sorted(server.tls_dir.iterdir())]
+    assert {p.name for p in secret_files} >= {"s3.json", "security.toml", "ca.crt", "client.key", "filer.key"}
+    for p in secret_files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert not [p for p in server.tls_dir.iterdir() if p.name.startswith("ca") and p.suffix == ".key"]
+    sec = (d / "security.toml").read_text()
+    for section in ("[jwt.signing]", "[jwt.signing.read]", "[jwt.filer_signing]", "[jwt.filer_signing.read]"):
+        assert section in sec
