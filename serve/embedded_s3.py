@@ -6,7 +6,8 @@ chosen here (every port SeaweedFS opens is set explicitly, so nothing falls
 back to a default port or to 0.0.0.0), and hand out an
 :class:`serve.s3client.S3Settings` for clients.
 
-- :class:`SeaweedServer` does real SigV4 auth with static keys (``-s3.config``).
+- :class:`SeaweedServer` does real SigV4 auth with static keys (``-s3.config``):
+  a server identity and, per site, an identity limited to the site's prefixes.
   Its other ports are locked (JWTs on volume and filer reads and writes,
   mutual TLS on gRPC, HTTP APIs off); :data:`SEAWEED_OPEN_PORTS` is what
   still answers without credentials. It refuses unknown buckets
@@ -32,10 +33,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from serve.errors import MrisegError
-from serve.s3client import S3Settings, make_client
+from serve.s3client import S3Settings, has_dot_segments, make_client, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,14 @@ class _Server:
     log_path: Path
 
 
+#: The S3 actions a site identity gets, each scoped to the site's own prefixes. ``Write`` covers
+#: PutObject, DeleteObject and multipart uploads; ``List`` is checked against the listing's prefix.
+IDENTITY_ACTIONS = ("Read", "Write", "List", "Tagging")
+
+#: SeaweedFS identity names of the server identity and of the scoped ones (``id-<name>``), so that no
+#: name given to :class:`SeaweedServer` can become the server's or SeaweedFS's "anonymous" identity.
+_SERVER_IDENTITY = "server"
+
 #: The weed mini components that serve gRPC (all behind mutual TLS) and the gRPC client role.
 _GRPC_ROLES = ("master", "volume", "filer", "s3", "admin", "worker", "client")
 
@@ -204,6 +213,25 @@ SEAWEED_OPEN_PORTS = (
              "weed mini always starts its admin server (-admin.port=0 stops it creating buckets); "
              "its UI and API are off"),
 )
+
+
+def _scoped_actions(prefixes: Sequence[str]) -> list[str]:
+    """SeaweedFS actions granting :data:`IDENTITY_ACTIONS` under ``prefixes`` only.
+
+    ``Action:bucket`` grants the whole bucket; ``Action:bucket/key-prefix/*`` grants keys (and listings)
+    starting with the key prefix, which is always whole path segments (it ends in ``/``), so
+    ``s3://b/site-a/`` does not reach ``s3://b/site-ab/``.
+    """
+    actions: list[str] = []
+    for uri in prefixes:
+        bucket, key = parse_s3_uri(uri)
+        if has_dot_segments(key) or "*" in key:
+            raise MrisegError(f"embedded S3: prefix {uri!r} has a '.'/'..' segment or a '*'; "
+                              f"give the prefix as objects are stored under it")
+        if key and not key.endswith("/"):
+            key += "/"
+        actions += [f"{a}:{bucket}/{key}*" if key else f"{a}:{bucket}" for a in IDENTITY_ACTIONS]
+    return actions
 
 
 def _private_file(path: Path, data: bytes) -> None:
@@ -262,7 +290,9 @@ def _toml_str(value: str) -> str:
 class SeaweedServer(_Server):
     """``weed mini`` on 127.0.0.1, locked down; restartable on the same ports and data dir.
 
-    - S3 needs SigV4 with the static keys of :attr:`settings`.
+    - S3 needs SigV4 with a configured identity: the server identity (:attr:`settings`, every bucket,
+      bucket admin) and one per entry of ``identities``, limited to its prefixes for read, write, list
+      and tagging (:meth:`identity_settings`).
     - ``security.toml`` in the data dir: JWTs signed with fresh keys for every volume and filer read
       and write, mutual TLS on every gRPC port with certificates issued at each start, the volume and
       filer UIs off; with ``-disableHttp`` the master's and filer's HTTP APIs are off. What still
@@ -273,7 +303,8 @@ class SeaweedServer(_Server):
     READY_BUCKET = "mriseg-ready"
 
     def __init__(self, data_dir: str | os.PathLike | None = None, buckets: Sequence[str] = (),
-                 access_key: str | None = None, secret_key: str | None = None, ready_timeout_s: float = 90.0):
+                 access_key: str | None = None, secret_key: str | None = None, ready_timeout_s: float = 90.0,
+                 identities: Mapping[str, Sequence[str]] | None = None):
         """
         Args:
             data_dir: where weed keeps its data, configs and keys (default: a new temporary dir,
@@ -282,6 +313,8 @@ class SeaweedServer(_Server):
             access_key: the server identity's access key (default: a random one).
             secret_key: its secret key (default: a random one).
             ready_timeout_s: how long :meth:`start` waits for a PUT to succeed.
+            identities: name -> ``s3://bucket/prefix/`` URIs: one S3 identity each, with keys of its own,
+                that may read, write, list and tag objects under those prefixes only.
         """
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="mriseg-weed-"))
@@ -294,19 +327,49 @@ class SeaweedServer(_Server):
         self.ports = dict(zip(SEAWEED_PORT_FLAGS, free_ports(len(SEAWEED_PORT_FLAGS))))
         self.log_path = self.data_dir / "weed.log"
         self.settings = self._settings_for(self.access_key, self.secret_key)
+        self._identities: dict[str, tuple[list[str], S3Settings]] = {}
+        for name, prefixes in (identities or {}).items():
+            if isinstance(prefixes, str):
+                raise MrisegError(f"embedded S3: identity {name!r}: give a list of prefixes, not one string")
+            keys = ("mriseg" + secrets.token_hex(6), secrets.token_urlsafe(24))
+            self._identities[str(name)] = (_scoped_actions(list(prefixes)), self._settings_for(*keys))
+
     def _settings_for(self, access_key: str, secret_key: str) -> S3Settings:
         return S3Settings(endpoint_url=f"http://{HOST}:{self.ports['s3.port']}", region="us-east-1",
                           path_style=True, access_key_id=access_key, secret_access_key=secret_key, max_attempts=3)
+
+    @property
+    def identities(self) -> list[str]:
+        """The names of the scoped identities."""
+        return list(self._identities)
+
+    def identity_settings(self, name: str) -> S3Settings:
+        """S3 settings with the keys of identity ``name`` (limited to its prefixes).
+
+        Args:
+            name: a key of the ``identities`` the server was made with.
+
+        Returns:
+            The settings; a :class:`MrisegError` naming the known identities for an unknown name.
+        """
+        try:
+            return self._identities[name][1]
+        except KeyError:
+            raise MrisegError(f"embedded S3: no identity {name!r}; known: {sorted(self._identities)}") from None
 
     def open_ports(self) -> list[tuple[int, OpenPort]]:
         """The ports of this server that answer without credentials, with what they serve."""
         return [(self.ports[p.flag], p) for p in SEAWEED_OPEN_PORTS]
 
     def _write_config(self) -> Path:
-        """``s3.json``: the server identity (bucket admin)."""
-        ids = [{"name": "mriseg",
+        """``s3.json``: the server identity (bucket admin) and the scoped ones."""
+        ids = [{"name": _SERVER_IDENTITY,
                 "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]
+        for name, (actions, s) in self._identities.items():
+            ids.append({"name": f"id-{name}",
+                        "credentials": [{"accessKey": s.access_key_id, "secretKey": s.secret_access_key}],
+                        "actions": actions})
         path = self.data_dir / "s3.json"
         _private_file(path, json.dumps({"identities": ids}).encode())
         return path

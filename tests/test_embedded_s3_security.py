@@ -1,7 +1,7 @@
-"""The embedded SeaweedFS is locked down: no unauthenticated HTTP or gRPC.
+"""The embedded SeaweedFS is locked down: per-site S3 identities, no unauthenticated HTTP or gRPC.
 
-One server for the module; the attacker holds no keys and may connect to
-every port on 127.0.0.1.
+One server for the module, with two site identities; the attacker holds
+site-a's S3 keys (or none) and may connect to every port on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import pytest
 from botocore.exceptions import ClientError
 
 from serve.embedded_s3 import HOST, SEAWEED_OPEN_PORTS, SeaweedServer
+from serve.s3client import make_client
 
 pytestmark = pytest.mark.s3
 
 BUCKET = "mriseg"
+SHARED = "shared"  # a bucket one identity has whole
 SECRET = b"site-b's scan: not for site-a " * 4
 GRPC_PORTS = ("master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port.grpc")
 # the client's connection preface and an empty SETTINGS frame (RFC 9113 3.4); a gRPC server answers SETTINGS
@@ -28,11 +30,14 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = SeaweedServer(tmp_path_factory.mktemp("weed-locked"), buckets=[BUCKET])
+    s = SeaweedServer(tmp_path_factory.mktemp("weed-locked"), buckets=[BUCKET, SHARED],
+                      identities={"site-a": [f"s3://{BUCKET}/site-a/"], "site-b": [f"s3://{BUCKET}/site-b/"],
+                                  "whole": [f"s3://{SHARED}/"]})
     s.start()
     admin = s.client()
     admin.put_object(Bucket=BUCKET, Key="site-b/inbox/scan.nii.gz", Body=SECRET)
     admin.put_object(Bucket=BUCKET, Key="_jobs/jobs/job.json", Body=b"{}")
+    admin.put_object(Bucket=BUCKET, Key="site-a/outbox/site-a/case/job.json", Body=b"{\"by\": \"server\"}")
     yield s
     s.cleanup()
 
@@ -44,6 +49,61 @@ def _code(call) -> str:
         return "ok"
     except ClientError as e:
         return e.response["Error"]["Code"]
+
+
+def test_a_sites_keys_reach_its_own_prefix_and_nothing_else(server):
+    a = make_client(server.identity_settings("site-a"))
+    admin = server.client()
+    # its own prefix: write, read, list, delete; and read what the server published there
+    assert _code(lambda: a.put_object(Bucket=BUCKET, Key="site-a/inbox/mine.nii.gz", Body=b"mine")) == "ok"
+    assert a.get_object(Bucket=BUCKET, Key="site-a/inbox/mine.nii.gz")["Body"].read() == b"mine"
+    listed = [o["Key"] for o in a.list_objects_v2(Bucket=BUCKET, Prefix="site-a/").get("Contents", [])]
+    assert "site-a/inbox/mine.nii.gz" in listed and "site-a/outbox/site-a/case/job.json" in listed
+    assert a.get_object(Bucket=BUCKET, Key="site-a/outbox/site-a/case/job.json")["Body"].read() == b'{"by": "server"}'
+    assert _code(lambda: a.delete_object(Bucket=BUCKET, Key="site-a/inbox/mine.nii.gz")) == "ok"
+
+    # another site's prefix, the jobs prefix, a sibling that only starts alike, and the bucket root
+    for prefix, existing in (("site-b/inbox/", "site-b/inbox/scan.nii.gz"), ("_jobs/jobs/", "_jobs/jobs/job.json"),
+                             ("site-ab/", None), ("", None)):
+        key = existing or prefix + "x.nii.gz"
+        assert _code(lambda: a.get_object(Bucket=BUCKET, Key=key)) == "AccessDenied", key
+        assert _code(lambda: a.put_object(Bucket=BUCKET, Key=prefix + "planted.json", Body=b"{}")) == "AccessDenied"
+        assert _code(lambda: a.list_objects_v2(Bucket=BUCKET, Prefix=prefix)) == "AccessDenied", prefix
+        assert _code(lambda: a.list_objects(Bucket=BUCKET, Prefix=prefix)) == "AccessDenied", prefix
+        assert _code(lambda: a.delete_object(Bucket=BUCKET, Key=key)) == "AccessDenied", key
+        assert _code(lambda: a.copy_object(Bucket=BUCKET, Key="site-a/stolen", CopySource={
+            "Bucket": BUCKET, "Key": key})) == "AccessDenied", key
+    batch = a.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": "site-b/inbox/scan.nii.gz"}]})
+    assert [e["Code"] for e in batch.get("Errors", [])] == ["AccessDenied"] and not batch.get("Deleted")
+    # a dot segment does not walk out of the prefix
+    assert _code(lambda: a.get_object(Bucket=BUCKET, Key="site-a/../site-b/inbox/scan.nii.gz")) != "ok"
+    assert _code(lambda: a.create_bucket(Bucket="site-a-own")) == "AccessDenied"
+
+    assert admin.get_object(Bucket=BUCKET, Key="site-b/inbox/scan.nii.gz")["Body"].read() == SECRET
+    assert admin.get_object(Bucket=BUCKET, Key="_jobs/jobs/job.json")["Body"].read() == b"{}"
+    everything = [o["Key"] for o in admin.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert not [k for k in everything if "planted" in k or "stolen" in k], everything
+    # and site-b's own keys do reach its object
+    b = make_client(server.identity_settings("site-b"))
+    assert b.get_object(Bucket=BUCKET, Key="site-b/inbox/scan.nii.gz")["Body"].read() == SECRET
+
+
+def test_an_identity_may_have_a_whole_bucket_and_nothing_beyond_it(server):
+    whole = make_client(server.identity_settings("whole"))
+    whole.put_object(Bucket=SHARED, Key="top.json", Body=b"{}")
+    assert [o["Key"] for o in whole.list_objects_v2(Bucket=SHARED)["Contents"]] == ["top.json"]
+    assert _code(lambda: whole.get_object(Bucket=BUCKET, Key="site-b/inbox/scan.nii.gz")) == "AccessDenied"
+    assert _code(lambda: whole.list_objects_v2(Bucket=BUCKET)) == "AccessDenied"
+
+
+@pytest.mark.parametrize("prefix", ["s3://b/site-a/../site-b/", "s3://b/site-*/", "b/site-a/"])
+def test_an_identity_prefix_that_would_grant_more_than_it_says_is_refused(tmp_path, prefix):
+    from serve.errors import MrisegError
+
+    with pytest.raises(MrisegError):
+        SeaweedServer(tmp_path, identities={"x": [prefix]})
+    with pytest.raises(MrisegError, match="known: \\['x'\\]"):
+        SeaweedServer(tmp_path, identities={"x": ["s3://b/x/"]}).identity_settings("y")
 
 
 def _file_ids(data_dir: Path, collection: str) -> list[str]:
