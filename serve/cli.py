@@ -27,7 +27,7 @@ from serve.errors import MrisegError
 log = logging.getLogger("mriseg")
 
 #: Modules that may register subcommands (skipped when not importable).
-PLUGINS = ("serve.cluster.cli", "serve.bulk_cli")
+PLUGINS = ("serve.cluster.cli", "serve.bulk_cli", "serve.records")
 
 
 def default_import_dir() -> Path:
