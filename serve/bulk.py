@@ -218,13 +218,15 @@ def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, th
     """Run jobs in this process through :class:`serve.jobs.JobRunner` (idempotent, durable).
 
     A job another (possibly dead) worker holds is waited for: it finishes there, or
-    its lease runs out (``lease_s`` after its last renewal) and it runs here."""
+    its lease runs out (``lease_s`` after its last renewal) and it runs here. The job records are
+    signed with the key ``$MRISEG_RECORD_KEY_FILE`` names (serve/records.py)."""
     from serve.jobs import JobRunner, JobStore, SegmenterEngine
     from serve.modelstore import ModelStore
     from serve.pipeline import Segmenter
 
+    store = JobStore(jobs_uri, settings, lease_s=lease_s)  # first: without a record key, stop before loading models
     seg = Segmenter(ModelStore(list(models), s3=settings), device="auto", threads=threads)
-    runner = JobRunner(JobStore(jobs_uri, settings, lease_s=lease_s), SegmenterEngine(seg), settings)
+    runner = JobRunner(store, SegmenterEngine(seg), settings)
     lock = threading.Lock()  # one Segmenter: one job at a time (torch uses the threads)
 
     def run(spec: JobSpec) -> tuple[str, str, str]:

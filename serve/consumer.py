@@ -372,16 +372,20 @@ def local_submit(cfg: Mapping[str, Any]) -> Submit:
     ``cfg``: ``models`` (sources), ``jobs`` (s3:// prefix of job records), ``s3``
     (S3Settings mapping), optional ``cache_dir``, ``model_pins`` (the operator's pinned model
     manifest; else ``$MRISEG_MODEL_PINS``; required for s3:// model sources), ``lease_s``,
-    ``threads``, ``max_bytes``.
+    ``threads``, ``max_bytes``, ``record_key_file`` (the key that signs job records, serve/records.py;
+    else ``$MRISEG_RECORD_KEY_FILE``).
     """
     from serve.jobs import JobRunner, JobStore, SegmenterEngine
     from serve.modelstore import ModelStore
     from serve.pipeline import Segmenter
+    from serve.records import RecordSigner
 
     s3 = S3Settings.from_mapping(cfg.get("s3"))
+    # before the models load: a missing key is a configuration error to report at once
+    signer = RecordSigner.from_file(cfg["record_key_file"]) if cfg.get("record_key_file") else RecordSigner.from_env()
     store = ModelStore(list(cfg["models"]), cache_dir=cfg.get("cache_dir"), s3=s3, pins=cfg.get("model_pins"))
     seg = Segmenter(store, device=cfg.get("device", "auto"), threads=cfg.get("threads", 1))
-    jobs = JobStore(cfg["jobs"], s3, lease_s=float(cfg.get("lease_s", 300.0)))
+    jobs = JobStore(cfg["jobs"], s3, lease_s=float(cfg.get("lease_s", 300.0)), signer=signer)
     return JobRunner(jobs, SegmenterEngine(seg), s3, max_bytes=cfg.get("max_bytes", 1 << 30)).run
 
 

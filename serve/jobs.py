@@ -11,9 +11,11 @@ or models make a different key and never overwrite another job's outputs.
 The record ``s3://{jobs bucket}/{prefix}/jobs/{key}.json`` moves
 queued -> running -> done | failed. Claims are atomic conditional writes:
 ``IfNoneMatch="*"`` creates a record only if none exists, ``IfMatch=<ETag>``
-takes over a queued record, a failed-retryable one or a ``running`` claim
-whose lease expired (its worker died). Both SeaweedFS 4.48 and moto honour
-these headers (answering 412), as AWS S3 does since 2024.
+takes over a queued record, a failed-retryable one, a ``running`` claim
+whose lease expired (its worker died), or a record this server did not sign.
+Both SeaweedFS 4.48 and moto honour these headers (answering 412), as AWS S3
+does since 2024. Records are signed (:mod:`serve.records`): one that does not
+verify reads as absent, so a forged ``running`` record cannot block a job.
 
 :class:`JobRunner` runs one job end to end: claim, stage the input in,
 segment (an :class:`Engine`), stage the outputs out with ``job.json`` last,
@@ -44,6 +46,7 @@ from botocore.exceptions import ClientError
 from serve import staging
 from serve.audit import audit
 from serve.errors import MrisegError, StorageError
+from serve.records import ForgedRecord, RecordSigner, rejected
 from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -219,7 +222,8 @@ class ClaimLost(MrisegError):
     title = "Job claimed elsewhere"
 
 
-def _precondition_failed(e: BaseException) -> bool:
+def precondition_failed(e: BaseException) -> bool:
+    """``e`` is (or was caused by) S3's answer to a conditional request whose condition did not hold."""
     inner = e
     while inner is not None and not isinstance(inner, ClientError):
         inner = inner.__cause__ or inner.__context__
@@ -231,43 +235,76 @@ def _precondition_failed(e: BaseException) -> bool:
     return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
+
+def conditions(etag: str | None) -> dict[str, str]:
+    """The condition that replaces exactly the object last seen: ``If-Match`` its ETag, or
+    ``If-None-Match: *`` where there was none."""
+    return {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+
+
 class JobStore:
-    """Job records under ``s3://{bucket}/{prefix}/jobs/`` with atomic claims."""
+    """Job records under ``s3://{bucket}/{prefix}/jobs/`` with atomic claims.
+
+    Every record is signed (:mod:`serve.records`, the envelope layout). One that does not verify (forged,
+    unsigned from before signing, copied from another key) is audited and read as absent: a claim
+    replaces it with ``If-Match`` on its ETag, so it can neither block nor finish a job.
+    """
 
     def __init__(self, uri: str, settings: S3Settings | Mapping[str, Any] | None = None,
-                 owner: str | None = None, lease_s: float = 300.0):
+                 owner: str | None = None, lease_s: float = 300.0, signer: RecordSigner | None = None):
         self.bucket, prefix = parse_s3_uri(uri.rstrip("/") + "/")
         self.prefix = prefix
         self.settings = settings
         self.client = staging.client_for(settings)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease_s = lease_s
+        self.signer = signer or RecordSigner.from_env()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}jobs/{key}.json"
 
     def _uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self.prefix}jobs/{key}.json"
+        return f"s3://{self.bucket}/{self._key(key)}"
 
-    def get(self, key: str) -> JobRecord | None:
-        def once():
+    def _read(self, key: str) -> tuple[JobRecord | None, str | None]:
+        """The stored record, verified (None when there is none or it does not verify), and the ETag of
+        whatever object is stored there (None when there is none)."""
+        okey = self._key(key)
+
+        def once() -> tuple[bytes | None, str | None]:
             try:
-                r = self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}jobs/{key}.json")
+                r = self.client.get_object(Bucket=self.bucket, Key=okey)
             except ClientError as e:
                 if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                    return None
+                    return None, None
                 raise
-            body = r["Body"].read()
-            try:
-                return JobRecord.from_json(json.loads(body), r["ETag"])
-            except (ValueError, RecursionError) as e:  # UnreadableRecord and JSONDecodeError are ValueErrors
-                return JobRecord.unreadable(key, str(e) if isinstance(e, UnreadableRecord) else "not JSON", r["ETag"])
+            return r["Body"].read(), r["ETag"]
 
-        return staging.with_retries(once, bucket=self.bucket, action="read a job record")
+        body, etag = staging.with_retries(once, bucket=self.bucket, action="read a job record")
+        if etag is None:
+            return None, None
+        try:
+            _, doc = self.signer.unseal(json.loads(body), bucket=self.bucket, key=okey)
+        except (ValueError, RecursionError, ForgedRecord) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+            rejected("job", self.bucket, okey, e.reason if isinstance(e, ForgedRecord) else "unsigned")
+            return None, etag
+        try:
+            return JobRecord.from_json(doc, etag), etag
+        except UnreadableRecord as e:  # signed here, but not in this version's format
+            return JobRecord.unreadable(key, str(e), etag), etag
+
+    def get(self, key: str) -> JobRecord | None:
+        """The job's record; None when there is none, or none this server signed."""
+        return self._read(key)[0]
 
     def _put(self, rec: JobRecord, **cond: str) -> JobRecord:
         rec.updated = time.time()
+        okey = self._key(rec.key)
+        doc = self.signer.seal(rec.to_json(), bucket=self.bucket, key=okey, site=str(rec.spec.get("site", "")))
         try:
-            resp = staging.put_json(rec.to_json(), self._uri(rec.key), self.settings, **cond)
+            resp = staging.put_json(doc, self._uri(rec.key), self.settings, **cond)
         except StorageError as e:
-            if _precondition_failed(e):
+            if precondition_failed(e):
                 raise ClaimLost(f"job {rec.key} was changed by another worker") from e
             raise
         rec.etag = resp["ETag"]
@@ -283,9 +320,13 @@ class JobStore:
 
     def claim(self, key: str, spec: JobSpec, models: Mapping[str, str]) -> tuple[JobRecord, bool]:
         """Try to own the job. Returns ``(record, True)`` when this worker must run it,
-        ``(record, False)`` when it is done, failed for good, or running elsewhere under a live lease."""
+        ``(record, False)`` when it is done, failed for good, or running elsewhere under a live lease.
+
+        A record that does not verify counts as none, but the write that replaces it is conditional on
+        its ETag (``If-Match``), not ``If-None-Match``: that would fail for as long as the forgery stays.
+        """
         for _ in range(5):
-            cur = self.get(key)
+            cur, etag = self._read(key)
             now = time.time()
             if cur is not None:
                 if cur.state == DONE or (cur.state == FAILED and not cur.retryable):
@@ -298,13 +339,14 @@ class JobStore:
                             lease_until=now + self.lease_s, attempts=(cur.attempts if cur else 0) + 1,
                             created=cur.created if cur else now)
             try:
-                if cur is None:
-                    return self._put(rec, IfNoneMatch="*"), True
-                return self._put(rec, IfMatch=cur.etag), True
+                return self._put(rec, **conditions(etag)), True
             except ClaimLost:
                 continue  # someone else changed it in between: look again
         cur = self.get(key)
-        return cur, False  # type: ignore[return-value]
+        if cur is None:  # the record kept changing, and what is there now is no claim of ours
+            raise StorageError(f"the record of job {key[:16]} kept changing while this worker claimed it; "
+                               f"the job is tried again later")
+        return cur, False
 
     def renew(self, rec: JobRecord) -> JobRecord:
         """Extend the lease of a claim this worker holds (raises :class:`ClaimLost` if taken over)."""
@@ -320,7 +362,7 @@ class JobStore:
         return self._put(rec, IfMatch=rec.etag)
 
     def list(self) -> list[JobRecord]:
-        """Every job record (for reports and the bulk CLI)."""
+        """Every job record this server signed (for reports and the bulk CLI); others are audited and left out."""
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                       Prefix=f"{self.prefix}jobs/")
         out = []

@@ -7,6 +7,12 @@ failed for good). What a dead replica held is found by the next one
 (:meth:`PushJournal.held`) and run again; the job's idempotency key makes a
 second run of a finished job a lookup, not a recomputation. This is the
 pushed path's counterpart of an SQS message's visibility timeout.
+
+Records are signed (:mod:`serve.records`, envelope layout, bound to their
+key). One that does not verify is never run: it is audited
+(``record.rejected``) and set aside as ``<id>.json.unsigned`` (no MAC: a
+record written before signing, or by someone else) or ``<id>.json.forged``
+(a MAC that does not verify), and removed from ``pushed/``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from serve import staging
-from serve.jobs import JobSpec
+from serve.errors import StorageError, VolumeTooLargeError
+from serve.jobs import JobSpec, precondition_failed
+from serve.records import ForgedRecord, RecordSigner, rejected
 from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -51,19 +59,34 @@ class HeldPush:
     not_before: float = 0.0     # (epoch seconds) no run before this: the backoff after an unsettled run
 
 
-class PushJournal:
-    """Pushed jobs under ``s3://{bucket}/{prefix}/pushed/``, one object each."""
+#: a held record larger than this is none this server wrote (and is not read into memory)
+MAX_RECORD_BYTES = 1 << 20
 
-    def __init__(self, jobs_uri: str, settings: S3Settings | Mapping[str, Any] | None = None):
+
+class PushJournal:
+    """Pushed jobs under ``s3://{bucket}/{prefix}/pushed/``, one signed object each.
+
+    ``signer`` None: :meth:`serve.records.RecordSigner.from_env`.
+    """
+
+    def __init__(self, jobs_uri: str, settings: S3Settings | Mapping[str, Any] | None = None,
+                 signer: RecordSigner | None = None):
         self.bucket, self.prefix = parse_s3_uri(jobs_uri.rstrip("/") + "/")
         self.settings = settings
+        self.signer = signer or RecordSigner.from_env()
+
+    def _key(self, push_id: str) -> str:
+        return f"{self.prefix}pushed/{push_id}.json"
 
     def _uri(self, push_id: str) -> str:
-        return f"s3://{self.bucket}/{self.prefix}pushed/{push_id}.json"
+        return f"s3://{self.bucket}/{self._key(push_id)}"
 
     def _write(self, held: HeldPush) -> None:
-        staging.put_json({"spec": held.spec.to_dict(), "attempts": held.attempts, "created": held.created,
-                          "not_before": held.not_before}, self._uri(held.id), self.settings)
+        """Store ``held``, signed."""
+        body = {"spec": held.spec.to_dict(), "attempts": held.attempts, "created": held.created,
+                "not_before": held.not_before}
+        doc = self.signer.seal(body, bucket=self.bucket, key=self._key(held.id), site=held.spec.site)
+        staging.put_json(doc, self._uri(held.id), self.settings)
 
     def hold(self, spec: JobSpec) -> HeldPush:
         """Record an accepted push (raises :class:`serve.errors.StorageError` if S3 cannot take it)."""
@@ -89,8 +112,18 @@ class PushJournal:
     def release(self, held: HeldPush) -> None:
         staging.delete(self._uri(held.id), self.settings)
 
+    def _delete(self, key: str, etag: str | None) -> None:
+        c = staging.client_for(self.settings)
+        cond = {"IfMatch": etag} if etag else {}
+        try:
+            staging.with_retries(lambda: c.delete_object(Bucket=self.bucket, Key=key, **cond), bucket=self.bucket,
+                                 action="delete a held pushed job")
+        except StorageError as e:
+            if not (precondition_failed(e) or getattr(e, "status", None) == 404):
+                raise
+
     def held(self) -> list[HeldPush]:
-        """Every push not yet settled, oldest first. An unreadable record is set aside, not fatal."""
+        """Every push not yet settled, oldest first. A record that does not verify is set aside, never run."""
         c = staging.client_for(self.settings)
 
         def listing() -> list[str]:
@@ -100,18 +133,36 @@ class PushJournal:
         out = []
         for key in staging.with_retries(listing, bucket=self.bucket, action="list pushed jobs"):
             push_id = key.rsplit("/", 1)[1][: -len(".json")]
+            uri = f"s3://{self.bucket}/{key}"
             try:
-                raw = staging.download_bytes(f"s3://{self.bucket}/{key}", settings=self.settings)
+                raw, info = staging.download_object(uri, MAX_RECORD_BYTES, self.settings)
             except staging.S3RequestError as e:
                 if e.status == 404:  # released since it was listed
                     continue
                 raise
+            except VolumeTooLargeError:
+                head = staging.object_exists(uri, self.settings)
+                rejected("push", self.bucket, key, "oversized")
+                if head is not None:
+                    self._delete(key, head["ETag"])
+                continue
             try:
-                doc = json.loads(raw)
+                _, doc = self.signer.unseal(json.loads(raw), bucket=self.bucket, key=key)
+            except (ValueError, RecursionError, ForgedRecord) as e:
+                reason = e.reason if isinstance(e, ForgedRecord) else "unsigned"
+                rejected("push", self.bucket, key, reason)
+                self._set_aside(raw, key, info.etag, "unsigned" if reason == "unsigned" else "forged")
+                continue
+            try:
                 out.append(HeldPush(push_id, JobSpec.from_dict(doc["spec"]), int(doc.get("attempts", 0)),
                                     float(doc.get("created", 0.0)), float(doc.get("not_before", 0.0))))
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 log.warning("pushed job record %s is unreadable; set aside as .unreadable", push_id)
-                staging.put_bytes(raw, f"s3://{self.bucket}/{key}.unreadable", self.settings)
-                staging.delete(f"s3://{self.bucket}/{key}", self.settings)
+                self._set_aside(raw, key, info.etag, "unreadable")
         return sorted(out, key=lambda h: h.created)
+
+    def _set_aside(self, raw: bytes, key: str, etag: str, suffix: str) -> None:
+        """Keep a copy of a record that is not run for a person to look at, and remove it from ``pushed/``
+        (unless a push replaced it meanwhile)."""
+        staging.put_bytes(raw, f"s3://{self.bucket}/{key}.{suffix}", self.settings)
+        self._delete(key, etag)

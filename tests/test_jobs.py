@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import threading
 import time
 
 import pytest
 
 from serve import staging
-from serve.jobs import (DONE, FAILED, ClaimLost, JobRunner, JobSpec, JobStore, SegmenterEngine, case_name,
+from serve.jobs import (DONE, FAILED, ClaimLost, JobRecord, JobRunner, JobSpec, JobStore, SegmenterEngine, case_name,
                         idempotency_key)
+from serve.pushes import PushJournal
+from serve.records import RecordSigner
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 
@@ -20,13 +24,13 @@ pytestmark = pytest.mark.s3
 ROI = ("liver", "spleen")
 
 
-def put_volume(settings, uri: str, tmp_path, seed: int = 0) -> None:
+def put_volume(settings, uri: str, tmp_path, seed: int = 0) -> staging.ObjectInfo:
     import nibabel as nib
 
     vol = body_volume("RAS", shape=(20, 18, 12), spacing=(1.5, 1.5, 1.5), seed=seed)
     path = tmp_path / f"v{seed}.nii.gz"
     nib.save(nib.Nifti1Image(vol.data, vol.affine), str(path))
-    staging.upload_file(path, uri, settings)
+    return staging.upload_file(path, uri, settings)
 
 
 @pytest.fixture
@@ -182,17 +186,68 @@ def test_a_stalled_worker_whose_job_was_taken_over_publishes_nothing(seaweed, se
 @pytest.mark.parametrize("body", [b'{"key": "k", "sta', b"[]", b"", b'{"key": "k", "state": "running", "spec": {}, '
                                   b'"models": {}, "output_prefix": "s3://o/", "lease_until": "2030-01-01"}'])
 def test_unreadable_record_is_taken_over_not_fatal(seaweed, unique_prefix, body):  # noqa: F811
-    """A truncated, edited or foreign job record must not crash every claim: it reads as failed, retryable."""
+    """A truncated, edited or foreign job record must not crash every claim: it reads as absent (it carries
+    no MAC of this server), and a claim replaces it."""
     spec = JobSpec(f"s3://inbox/{unique_prefix}/z.nii", "s3://outbox/o", etag='"1"')
     key = idempotency_key(spec, {})
     store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
     store.client.put_object(Bucket="jobs", Key=f"{unique_prefix}/jobs/{key}.json", Body=body)
+    assert store.get(key) is None and store.list() == []
+    rec, won = store.claim(key, spec, {})
+    assert won and rec.attempts == 1 and store.finish(rec, DONE).state == DONE
+    assert store.get(key).state == DONE
+
+
+def test_a_signed_record_of_another_format_is_taken_over_not_fatal(seaweed, unique_prefix):  # noqa: F811
+    """Signed here but not in this version's format (a field of the wrong type): failed and retryable."""
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/z.nii", "s3://outbox/o", etag='"1"')
+    key = idempotency_key(spec, {})
+    store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    okey = f"{unique_prefix}/jobs/{key}.json"
+    body = {"key": key, "state": "running", "spec": {}, "models": {}, "output_prefix": "s3://o/",
+            "lease_until": "2030-01-01"}
+    staging.put_json(store.signer.seal(body, bucket="jobs", key=okey, site=""), f"s3://jobs/{okey}", seaweed.settings)
     seen = store.get(key)
     assert seen.state == FAILED and seen.retryable and "unreadable" in seen.error["detail"]
     assert [r.state for r in store.list()] == [FAILED]
     rec, won = store.claim(key, spec, {})
     assert won and rec.attempts == 1 and store.finish(rec, DONE).state == DONE
-    assert store.get(key).state == DONE
+
+
+def audited(caplog, event: str) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records
+            if r.name == "mriseg.audit" and json.loads(r.getMessage())["event"] == event]
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "other key", "replayed"])
+def test_a_forged_running_record_does_not_block_the_job(seaweed, unique_prefix, forgery, caplog):  # noqa: F811
+    """Issue #34: job keys are predictable, and a site that can write in the jobs prefix planted a
+    ``running`` record with a day-long lease at another site's job key. Unsigned (as records were before),
+    signed with another key, or a genuine record of another job copied there: it reads as absent, is
+    audited, and the claim replaces it (If-Match on its ETag)."""
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/victim.nii", "s3://outbox/o", "site-b", etag='"1"')
+    key = idempotency_key(spec, {})
+    store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    okey = f"{unique_prefix}/jobs/{key}.json"
+    body = JobRecord(key, "running", spec.to_dict(), {}, spec.output_prefix, owner="site-a",
+                     lease_until=time.time() + 86400).to_json()
+    if forgery == "unsigned":
+        doc = body
+    elif forgery == "other key":
+        doc = RecordSigner(os.urandom(32)).seal(body, bucket="jobs", key=okey, site="site-b")
+    else:  # a live claim of the forger's own job, its bytes copied to the victim's key
+        own = dataclasses.replace(spec, input_uri=f"s3://inbox/{unique_prefix}/own.nii", site="site-a")
+        own_key = idempotency_key(own, {})
+        assert store.claim(own_key, own, {})[1]
+        doc = json.loads(store.client.get_object(Bucket="jobs", Key=f"{unique_prefix}/jobs/{own_key}.json")["Body"]
+                         .read())
+    staging.put_json(doc, f"s3://jobs/{okey}", seaweed.settings)
+    with caplog.at_level(logging.INFO, logger="mriseg.audit"):
+        rec, won = store.claim(key, spec, {})
+    assert won and rec.owner == store.owner and rec.attempts == 1
+    assert store.get(key).owner == store.owner  # what is stored now is the real, signed claim
+    [line] = audited(caplog, "record.rejected")[:1]
+    assert line["kind"] == "job" and line["bucket"] == "jobs" and unique_prefix not in json.dumps(line)
 
 
 def test_corrupt_input_fails_once_with_error_job_json(seaweed, runner, unique_prefix):  # noqa: F811
@@ -284,4 +339,33 @@ def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, 
     for s in specs:
         doc = json.loads(staging.download_bytes(s.output_prefix + "job.json", settings=seaweed.settings))
         assert doc["status"] == "done", s.case
-    assert f"{unique_prefix}/pushed/garbage.json.unreadable" in keys_under(seaweed, "jobs", f"{unique_prefix}/pushed/")
+    assert f"{unique_prefix}/pushed/garbage.json.unsigned" in keys_under(seaweed, "jobs", f"{unique_prefix}/pushed/")
+
+
+# -- issue #34: forged held pushes ------------------------------------------------------------------------
+@pytest.mark.parametrize("forgery", ["unsigned", "forged"])
+def test_a_forged_held_push_is_set_aside_never_run(seaweed, unique_prefix, forgery, caplog):  # noqa: F811
+    """Issue #34: a held push written by a site (naming another site's object) was run by the intake.
+    Unsigned (as held pushes were before), signed with another key, or a genuine one of another object
+    copied to another id: set aside, audited, never returned to run."""
+    journal = PushJournal(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    mine = journal.hold(spec_for(unique_prefix, "mine.nii.gz"))
+    theirs = JobSpec("s3://inbox/site-b/in/secret.nii.gz", f"s3://outbox/{unique_prefix}", "site-a")
+    body = {"spec": theirs.to_dict(), "attempts": 0, "created": 0.0, "not_before": 0.0}
+    pushed = f"{unique_prefix}/pushed/"
+    if forgery == "unsigned":
+        staging.put_json(body, f"s3://jobs/{pushed}planted.json", seaweed.settings)
+    else:
+        staging.put_json(RecordSigner(os.urandom(32)).seal(body, bucket="jobs", key=f"{pushed}planted.json",
+                                                           site="site-a"), f"s3://jobs/{pushed}planted.json",
+                         seaweed.settings)
+        genuine = seaweed.client().get_object(Bucket="jobs", Key=f"{pushed}{mine.id}.json")["Body"].read()
+        seaweed.client().put_object(Bucket="jobs", Key=f"{pushed}replayed.json", Body=genuine)
+    with caplog.at_level(logging.INFO, logger="mriseg.audit"):
+        assert [(h.id, h.spec.input_uri) for h in journal.held()] == [(mine.id, mine.spec.input_uri)]
+    left = keys_under(seaweed, "jobs", pushed)
+    aside = ["planted"] if forgery == "unsigned" else ["planted", "replayed"]
+    assert left == sorted([f"{pushed}{mine.id}.json"] + [f"{pushed}{n}.json.{forgery}" for n in aside])
+    reasons = sorted(line["reason"] for line in audited(caplog, "record.rejected"))
+    assert reasons == (["unsigned"] if forgery == "unsigned" else ["bad mac", "bad mac"])
+
