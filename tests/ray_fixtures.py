@@ -146,8 +146,8 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         "metrics_port": free_port(),
         "metrics_host": "127.0.0.1",
         **({"s3": s3} if s3 else {}),
-        # the intake reaches the cluster through its own API
-        **({"events": {"api_url": f"http://127.0.0.1:{port}", **events}} if events else {}),
+        # the intake hands its jobs to the Router by Ray handle, naming each job's site
+        **({"events": dict(events)} if events is not None else {}),
         "deployment_options": {"submodel_defaults": submodel_options, **(per_model or {}),
                                "Router": {"ray_actor_options": {"num_cpus": 1}}},
     }

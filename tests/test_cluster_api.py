@@ -334,17 +334,20 @@ def test_s3_input_and_output_prefix(serve_stack):
 
 @pytest.mark.s3
 def test_durable_jobs_run_through_the_cluster_once(serve_stack):
-    """serve.jobs' runner with the cluster engine: outputs in S3, a resubmission does not recompute."""
+    """serve.jobs' runner with the intake's engine, which hands each job to the Router by Ray handle naming its
+    site (no API key): outputs in S3, a resubmission does not recompute, a site the tenants lack is refused."""
     from serve import staging
-    from serve.cluster.engine import ClusterEngine
+    from serve.cluster.intake import RouterEngine, RouterJobError
     from serve.jobs import JobRunner, JobSpec, JobStore
-    from tests.ray_fixtures import SITE_KEYS
 
     s3 = serve_stack.extra["s3"]
     staging.put_bytes(nifti_bytes(shape=(32, 36, 32), seed=31), "s3://consortium/site-a/inbox/case-31.nii.gz", s3)
-    engine = ClusterEngine(serve_stack.url, {"site-a": SITE_KEYS["site-a"]})
+    engine = RouterEngine(app_name=serve_stack.app_name)
+    with pytest.raises(RouterJobError, match="not in the tenants file") as refused:
+        engine.model_checksums(["liver"], False, "site-z")
+    assert refused.value.status == 403 and not refused.value.retryable
     runner = JobRunner(JobStore("s3://consortium/mriseg-jobs/", s3), engine, s3)
-    spec = JobSpec("s3://consortium/site-a/inbox/case-31.nii.gz", "s3://consortium/results", site="site-a",
+    spec = JobSpec("s3://consortium/site-a/inbox/case-31.nii.gz", "s3://consortium/site-a/results", site="site-a",
                    roi_subset=("liver", "spleen"), input_prefix="site-a/inbox/")
     first = runner.run(spec)
     assert first.state == "done" and first.computed, first.error
@@ -353,3 +356,9 @@ def test_durable_jobs_run_through_the_cluster_once(serve_stack):
     again = runner.run(spec)
     assert again.state == "done" and not again.computed and again.key == first.key
     assert engine.calls == 1
+    # a job naming site-b but reading site-a's object (a forged record, say): the router refuses to run it
+    theirs = JobSpec("s3://consortium/site-a/inbox/case-31.nii.gz", "s3://consortium/site-b/results", site="site-b",
+                     roi_subset=("liver", "spleen"), input_prefix="site-a/inbox/")
+    refused = runner.run(theirs)
+    assert refused.state == "failed" and refused.error["status"] == 403, refused.error
+    assert "site site-b may not read" in refused.error["detail"] and engine.calls == 1

@@ -39,7 +39,7 @@ def test_config_is_a_valid_serve_config_for_the_app(name):
     args = validate_args(app.args)
     deployments = {d.name: d for d in app.deployments}
     # names match what build_app binds: the router, one deployment per sub-model, the event intake
-    assert set(deployments) == {"Router", *args["submodels"], *(["EventIntake"] if args.get("events") else [])}
+    assert set(deployments) == {"Router", *args["submodels"], *(["EventIntake"] if args.get("events") is not None else [])}
     assert set(SIX) <= set(args["submodels"])
     for d in deployments.values():
         assert d.ray_actor_options["num_cpus"] > 0, f"{d.name}: num_cpus must be explicit"

@@ -1,5 +1,6 @@
 """S3 event intake inside the Ray cluster: the EventIntake deployment polls SQS (moto_server's real
-S3 -> SQS notifications) and takes pushed events at POST /v1/events; jobs run through the cluster API."""
+S3 -> SQS notifications) and takes pushed events at POST /v1/events; it hands each job to the Router by
+Ray handle, naming the job's site, and holds no site's API key."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 import pytest
 
 from serve.consumer import configure_notifications, create_queue_with_dlq
-from tests.ray_fixtures import (SITE_KEYS, _shared_stack_owner, auth, isolated_ray, nifti_bytes,  # noqa: F401
+from tests.ray_fixtures import (_shared_stack_owner, auth, isolated_ray, nifti_bytes,  # noqa: F401
                                  start_stack, tiny_models)
 from tests.s3_fixtures import moto  # noqa: F401
 
@@ -51,8 +52,6 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
         s3.create_bucket(Bucket=b)
     queue_url, dlq_url = create_queue_with_dlq(sqs, f"intake-{tag}", max_receives=3, visibility_timeout_s=60)
     configure_notifications(s3, sqs, inbox, queue_url, ["site-a/in/"])
-    keys_file = tmp_path / "site-keys.json"
-    keys_file.write_text(json.dumps(SITE_KEYS))
     rule = {"bucket": inbox, "site": "site-a", "output_root": f"s3://{outbox}/results", "roi_subset": ROI,
             "outputs": ["multilabel", "statistics"]}
     models = tiny_models(tmp_path / "models", names=("organs",), description="DEMO MODEL - not for clinical use")
@@ -61,7 +60,7 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
                         submodel_options={"ray_actor_options": {"num_cpus": 0.5}},
                         tenant_prefixes={"site-a": [f"s3://{inbox}/site-a/", f"s3://{outbox}/results/site-a/"]},
                         s3=dataclasses.asdict(moto.settings), events={
-                            "jobs": f"s3://{jobs}/records", "site_keys_file": str(keys_file),
+                            "jobs": f"s3://{jobs}/records",
                             "rules": [{**rule, "prefix": "site-a/in/"}, {**rule, "prefix": "site-a/push/"}],
                             "queue_url": queue_url, "dlq_url": dlq_url,
                             "sqs_options": {"wait_time_s": 1, "heartbeat_s": 5, "visibility_timeout_s": 60}})

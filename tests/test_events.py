@@ -161,7 +161,6 @@ def test_inbox_rules_are_checked_when_loaded(change, says):
 
 @pytest.mark.parametrize("change,says", [
     ({"rules": {"a": RULE}}, "must be a list"),
-    ({"site_keys": [["a", "k"]]}, "must map site names"),
     ({"concurrency": "two"}, "concurrency must be an integer"),
     ({"jobs": "/tmp/jobs"}, "s3://"),
     ({"queue": "http://q"}, "unknown setting"),
@@ -169,13 +168,10 @@ def test_inbox_rules_are_checked_when_loaded(change, says):
     # the API serves no per-structure masks, so every such event job in the cluster would fail
     ({"rules": [{**RULE, "outputs": ["multilabel", "per_structure"]}]}, "per_structure"),
     # one site's inbox inside another's: either could push (or be sent) the other's objects
-    ({"rules": [RULE, {**RULE, "prefix": "a/b/", "site": "b"}], "site_keys": {"a": "k" * 16, "b": "k" * 16}},
-     "nest"),
-    ({"rules": [RULE, {**RULE, "prefix": "", "site": "b", "output_root": "s3://out/y"}],
-      "site_keys": {"a": "k" * 16, "b": "k" * 16}}, "nest"),
+    ({"rules": [RULE, {**RULE, "prefix": "a/b/", "site": "b"}]}, "nest"),
+    ({"rules": [RULE, {**RULE, "prefix": "", "site": "b", "output_root": "s3://out/y"}]}, "nest"),
     # site a's outputs written into site b's inbox would be segmented again as b's
-    ({"rules": [{**RULE, "output_root": "s3://in/b/out"}, {**RULE, "prefix": "b/", "site": "b"}],
-      "site_keys": {"a": "k" * 16, "b": "k" * 16}}, "inside site 'b'"),
+    ({"rules": [{**RULE, "output_root": "s3://in/b/out"}, {**RULE, "prefix": "b/", "site": "b"}]}, "inside site 'b'"),
 ])
 def test_event_settings_are_checked_when_loaded(change, says, monkeypatch):
     from serve.cluster.intake import ENV, IntakeSettings
@@ -183,7 +179,7 @@ def test_event_settings_are_checked_when_loaded(change, says, monkeypatch):
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(MrisegError, match=says):
-        IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": [RULE], "site_keys": {"a": "k" * 16}, **change})
+        IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": [RULE], **change})
 
 
 def test_sites_with_inboxes_side_by_side_or_one_site_with_nested_inboxes_are_accepted(monkeypatch):
@@ -191,10 +187,9 @@ def test_sites_with_inboxes_side_by_side_or_one_site_with_nested_inboxes_are_acc
 
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)
-    keys = {"a": "k" * 16, "b": "k" * 16}
     rules = [RULE, {**RULE, "prefix": "ab/", "site": "b"}, {**RULE, "prefix": "a/deep/", "fast": True},
              {**RULE, "bucket": "in2", "prefix": "", "site": "b"}]  # "ab/" is not inside "a/"
-    assert len(IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": rules, "site_keys": keys}).rules) == 4
+    assert len(IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": rules}).rules) == 4
 
 
 def test_unparseable_rules_file_is_a_clear_error(tmp_path, monkeypatch):
@@ -230,7 +225,7 @@ def test_rules_are_checked_against_the_tenants_at_start(rule, says, monkeypatch)
 
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)
-    settings = {"jobs": "s3://j/p", "rules": [rule], "site_keys": {rule["site"]: "k" * 16}}
+    settings = {"jobs": "s3://j/p", "rules": [rule]}
     tenancy = Tenancy.from_mapping(TENANTS)
     if says is None:
         assert IntakeSettings.from_mapping(settings, tenancy=tenancy).rules[0].site == rule["site"]
@@ -239,3 +234,19 @@ def test_rules_are_checked_against_the_tenants_at_start(rule, says, monkeypatch)
         IntakeSettings.from_mapping(settings, tenancy=tenancy)
     assert f"site {rule['site']!r}" in e.value.message
     assert IntakeSettings.from_mapping(settings).rules  # without the tenants nothing more is checked
+
+
+def test_the_site_keys_of_earlier_versions_are_ignored_with_a_warning(monkeypatch, caplog):
+    """The intake reaches the router by Ray handle; a config still naming the keys starts, and says to remove them."""
+    from serve.cluster.intake import ENV, IntakeSettings
+
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MRISEG_EVENTS_SITE_KEYS_FILE", "/nonexistent/site-keys.json")  # not read any more
+    with caplog.at_level("WARNING", logger="serve.cluster.intake"):
+        settings = IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": [RULE], "api_url": "http://x:8000",
+                                                "site_keys_file": "/nonexistent/site-keys.json",
+                                                "site_keys": {"a": "k" * 16}})
+    assert settings.rules[0].site == "a" and not hasattr(settings, "site_keys")
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "api_url, site_keys, site_keys_file are no longer used" in warned and "k" * 16 not in warned

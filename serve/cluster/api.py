@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import serve
 from serve.cluster.jobs_state import JobOptions
 from serve.cluster.ratelimit import RateLimiter
-from serve.cluster.router import OUTPUT_KINDS, JobService
+from serve.cluster.router import OUTPUT_KINDS, JobService, check_upload_name
 from serve.cluster.tenancy import Site
 from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, ServiceUnavailableError,
                           UnsupportedFormatError, VolumeTooLargeError)
@@ -327,7 +327,7 @@ async def upload_segmentation(
         filename = filename or "upload.nii.gz"
         if not data:
             raise MrisegError("the upload is empty")
-        _check_suffix(filename)
+        check_upload_name(filename)
         job = svc.submit(who, opts, upload=data, filename=filename)
     del data  # spooled to disk by submit: a client waiting for its result must not hold the body in memory
     return await _finish(svc, job, wait, response)
@@ -353,15 +353,6 @@ async def push_events(request: Request, who: SiteDep) -> dict:
     log.info("site %s pushed %d event(s): %d job(s) accepted, %d ignored", who.name, len(events), accepted, ignored)
     return {"accepted": accepted, "ignored": ignored,
             "jobs": [{"input": s.input_uri, "output_prefix": s.output_prefix} for s in specs]}
-
-
-def _check_suffix(filename: str) -> None:
-    from serve.volume_io import SUPPORTED, suffix_of
-
-    suffix = suffix_of(filename)
-    if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):
-        raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; name the upload "
-                                     f".nii, .nii.gz, .mha, .nrrd or .zip (a DICOM series) via ?filename=")
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:

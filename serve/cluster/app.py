@@ -62,6 +62,11 @@ class Ingress:
         if self.sandbox_missing:
             log.error("the decoder sandbox lacks required layer(s) %s: not ready, nothing is decoded",
                       ", ".join(self.sandbox_missing))
+        events = None
+        if intake is not None:
+            # the rules are checked against the tenants here, where both are at hand: a bad rule stops the start
+            events = _IntakeSink(intake, IntakeSettings.from_mapping(settings.get("events") or {}, settings.get("s3"),
+                                                                     tenancy=tenancy))
         self.service = JobService(tenancy, self._call, self._describe, list(submodels),
                                   RouterSettings.from_mapping({**(settings.get("router") or {}),
                                                                "s3": settings.get("s3")}),
@@ -69,11 +74,6 @@ class Ingress:
         self.metrics_port = start_metrics_server(metrics, int(settings.get("metrics_port") or 0),
                                                  settings.get("metrics_host", "0.0.0.0"))
         self._ready_cache: tuple[float, dict] | None = None
-        events = None
-        if intake is not None:
-            # the rules are checked against the tenants here, where both are at hand: a bad rule stops the start
-            events = _IntakeSink(intake, IntakeSettings.from_mapping(settings.get("events") or {}, settings.get("s3"),
-                                                                     tenancy=tenancy))
         install(self.service, self.readiness, events)
 
     async def _call(self, name: str, data: Any, spacing_mm: float) -> dict:
@@ -103,6 +103,18 @@ class Ingress:
     def check_health(self) -> None:
         if self.service is None:
             raise RuntimeError("job service missing")
+
+    # -- the event intake's calls (by Ray handle: the intake holds no site's API key) --------------------
+    async def run_site_job(self, site: str, data: bytes, filename: str, roi_subset: list[str] | None, fast: bool,
+                           outputs: list[str], input_uri: str, output_prefix: str) -> dict:
+        """One event job of ``site``, run as that site's job: :meth:`JobService.run_event_job`."""
+        self.service.resume_interrupted()
+        return await self.service.run_event_job(site, data, filename, roi_subset, fast, outputs, input_uri,
+                                                output_prefix)
+
+    async def submodel_checksums(self, site: str, roi_subset: list[str] | None, fast: bool) -> dict:
+        """The sub-model checksums of an event job of ``site``: :meth:`JobService.event_checksums`."""
+        return await self.service.event_checksums(site, roi_subset, fast)
 
 
 def with_sandbox(report: dict, layers: dict[str, bool], missing: list[str]) -> dict:
@@ -223,6 +235,6 @@ def build_app(args: dict[str, Any]) -> rayserve.Application:
     ingress_settings = {k: args.get(k) for k in ("tenants_file", "router", "metrics_port", "metrics_host", "s3",
                                                  "events", "sandbox") if args.get(k) is not None}
     intake = None
-    if args.get("events"):
+    if args.get("events") is not None:  # an empty mapping deploys the intake, idle until a job prefix is set
         intake = EventIntake.options(**opts.get("EventIntake", {})).bind(args["events"], args.get("s3"))
     return Ingress.options(**opts.get("Router", {})).bind(bound, ingress_settings, intake)

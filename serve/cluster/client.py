@@ -1,4 +1,4 @@
-"""A small client for the /v1 API, used by ``mriseg demo`` and the event engine.
+"""A small client for the /v1 API, used by ``mriseg demo``.
 
 A job is submitted without ``?wait=true`` and then polled: a poll that times
 out or meets a restarting cluster is simply repeated, where a long-held

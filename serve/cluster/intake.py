@@ -1,15 +1,17 @@
 """Event intake inside the Ray cluster: the SQS consumer and pushed events, as one Serve deployment.
 
 ``EventIntake`` is a thin deployment around plain code that is tested on
-its own (:mod:`serve.consumer`, :mod:`serve.jobs`, :mod:`serve.cluster.engine`):
+its own (:mod:`serve.consumer`, :mod:`serve.jobs`, :class:`IntakeWorker`):
 
-- with a queue configured, a thread long-polls SQS (:class:`serve.consumer.Consumer`);
+- with a queue configured, threads long-poll SQS (:class:`serve.consumer.Consumer`);
 - :meth:`EventIntake.submit` takes jobs that the ingress's ``POST /v1/events``
   parsed from pushed S3 ``Records[]``/SNS/EventBridge bodies;
 - every job runs through :class:`serve.jobs.JobRunner` (durable records in
-  S3, idempotency, atomic claims) with :class:`~serve.cluster.engine.ClusterEngine`,
-  i.e. through the cluster's own API with the site's key, so tenancy and
-  fair scheduling apply to event jobs as to interactive ones.
+  S3, idempotency, atomic claims) with :class:`RouterEngine`, which hands the
+  input to the Router deployment by Ray handle, naming the job's site. The
+  router runs it as that site's job (its job limit, fair share, admission,
+  sandboxed decoding) and refuses a site the tenants file no longer has. No
+  pod holds a site's API key for this.
 
 Restart policy: Serve calls :meth:`EventIntake.check_health` every
 ``health_check_period_s``; a dead poll thread fails it, and Serve replaces
@@ -29,12 +31,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ray import serve as rayserve
 
 from serve.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
-from serve.errors import MrisegError, NotFoundError
+from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
 from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
 from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.s3client import S3Settings, parse_s3_uri
@@ -45,20 +47,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: environment fallbacks, so Kubernetes can fill them from a ConfigMap/Secret
+#: environment fallbacks, so Kubernetes can fill them from a ConfigMap
 ENV = {"queue_url": "MRISEG_EVENTS_QUEUE_URL", "dlq_url": "MRISEG_EVENTS_DLQ_URL",
-       "rules_file": "MRISEG_EVENTS_RULES_FILE", "site_keys_file": "MRISEG_EVENTS_SITE_KEYS_FILE",
-       "jobs": "MRISEG_EVENTS_JOBS_PREFIX"}
+       "rules_file": "MRISEG_EVENTS_RULES_FILE", "jobs": "MRISEG_EVENTS_JOBS_PREFIX"}
+
+#: settings of earlier versions that are ignored (with a warning) rather than refused, so a config still
+#: naming them starts; the intake reaches the router by Ray handle, without the sites' API keys
+RETIRED_SETTINGS = ("site_keys", "site_keys_file", "api_url")
 
 
 @dataclass
 class IntakeSettings:
     """The ``events`` app arg of a Serve config (each field may come from its ``ENV`` variable)."""
 
-    api_url: str = "http://127.0.0.1:8000"   # the cluster's own API (the Serve proxy)
     jobs: str = ""                            # s3:// prefix of the durable job records
     rules: list[InboxRule] = field(default_factory=list)
-    site_keys: dict[str, str] = field(default_factory=dict)
     queue: ConsumerConfig | None = None      # None: pushed events only
     concurrency: int = 2                      # pushed jobs in flight per replica, and as many SQS pollers
     lease_s: float = 300.0
@@ -74,7 +77,7 @@ class IntakeSettings:
     def from_mapping(cls, d: Mapping[str, Any], s3: Mapping[str, Any] | None = None,
                      tenancy: "Tenancy | None" = None) -> "IntakeSettings":
         """Parse the ``events`` app arg. Without ``jobs`` (or ``MRISEG_EVENTS_JOBS_PREFIX``) intake is off
-        and the rules/keys files are not read, so one Serve config fits clusters with and without it.
+        and the rules file is not read, so one Serve config fits clusters with and without it.
 
         Args:
             d: the ``events`` app arg.
@@ -85,44 +88,44 @@ class IntakeSettings:
             The checked settings.
         """
         d = dict(d or {})
+        retired = sorted(k for k in RETIRED_SETTINGS if k in d)
+        if retired:
+            log.warning("events: setting(s) %s are no longer used: the intake reaches the router by Ray handle, "
+                        "naming each job's site, without API keys; remove them (and any site keys file)",
+                        ", ".join(retired))
+            for k in retired:
+                del d[k]
         for k, var in ENV.items():
             if not d.get(k) and os.environ.get(var):
                 d[k] = os.environ[var]
         if not d.get("jobs"):
-            return cls(api_url=str(d.get("api_url") or cls.api_url), s3=S3Settings.from_mapping(s3))
+            return cls(s3=S3Settings.from_mapping(s3))
         unknown = sorted(str(k) for k in d if k not in EVENTS_SETTINGS)
         if unknown:
             raise MrisegError(f"events: unknown setting(s) {unknown}; known: {', '.join(EVENTS_SETTINGS)}")
         rules = _listed(d.get("rules"), "rules")
-        keys = _mapped(d.get("site_keys"), "site_keys")
         try:
             if d.get("rules_file"):
                 rules += _listed(_read_json_or_yaml(d["rules_file"]), "the rules file")
-            if d.get("site_keys_file"):
-                keys.update(_mapped(_read_json_or_yaml(d["site_keys_file"]), "the site keys file"))
         except OSError as e:
             raise MrisegError(f"events: cannot read {e.filename}: {e.strerror}") from e
-        except (ValueError, UnicodeDecodeError) as e:  # JSON and YAML parse errors; their text may quote keys
-            raise MrisegError(f"events: a rules or site keys file is not valid JSON/YAML ({type(e).__name__})") from e
+        except (ValueError, UnicodeDecodeError) as e:  # JSON and YAML parse errors
+            raise MrisegError(f"events: the rules file is not valid JSON/YAML ({type(e).__name__})") from e
         parsed = check_rules([InboxRule.from_mapping(r) for r in rules])
+        parse_s3_uri(str(d["jobs"]).rstrip("/") + "/")  # a clear error for a jobs prefix that is not s3://
         if tenancy is not None:
             check_rules_in_tenancy(parsed, tenancy)
         for r in parsed:
-            if "per_structure" in r.outputs:  # ClusterEngine fetches through the API, which serves no per-structure masks
+            if "per_structure" in r.outputs:  # the router hands back the multilabel, statistics and preview only
                 raise MrisegError(f"events: inbox rule for site {r.site!r}: outputs 'per_structure' cannot be made "
                                   f"for event jobs in the cluster; 'multilabel' holds every structure (its label "
                                   f"table names them)")
-        missing = sorted({r.site for r in parsed} - set(keys))
-        if missing:
-            raise MrisegError(f"events: no API key for site(s) {missing}; add them to events.site_keys_file")
         queue = None
         if d.get("queue_url"):
             q = dict(d.get("sqs_options") or {})
             queue = ConsumerConfig.from_mapping({**q, "queue_url": d["queue_url"], "dlq_url": d.get("dlq_url"),
                                                  "sqs": d.get("sqs") or s3 or {}, "rules": rules})
-        parse_s3_uri(str(d["jobs"]).rstrip("/") + "/")  # a clear error for a jobs prefix that is not s3://
-        return cls(api_url=str(d.get("api_url") or cls.api_url), jobs=str(d["jobs"]), rules=parsed,
-                   site_keys={str(k): str(v) for k, v in keys.items()}, queue=queue,
+        return cls(jobs=str(d["jobs"]), rules=parsed, queue=queue,
                    concurrency=int(_at_least(d, "concurrency", 2, 1, True)), lease_s=_at_least(d, "lease_s", 300.0, 1),
                    max_bytes=int(_at_least(d, "max_bytes", 1 << 30, 1, True)), s3=S3Settings.from_mapping(s3))
 
@@ -164,8 +167,8 @@ def check_rules_in_tenancy(rules: Sequence[InboxRule], tenancy: "Tenancy") -> No
                               f"whose {{output_root}}/{r.site}/ lies inside them")
 
 
-EVENTS_SETTINGS = ("jobs", "rules", "rules_file", "site_keys", "site_keys_file", "queue_url", "dlq_url", "sqs",
-                   "sqs_options", "api_url", "concurrency", "lease_s", "max_bytes")
+EVENTS_SETTINGS = ("jobs", "rules", "rules_file", "queue_url", "dlq_url", "sqs", "sqs_options", "concurrency",
+                   "lease_s", "max_bytes")
 
 
 def _listed(value: Any, what: str) -> list:
@@ -174,14 +177,6 @@ def _listed(value: Any, what: str) -> list:
     if not isinstance(value, list):
         raise MrisegError(f"events: {what} must be a list of inbox rules")
     return list(value)
-
-
-def _mapped(value: Any, what: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise MrisegError(f"events: {what} must map site names to API keys")
-    return dict(value)
 
 
 def _at_least(d: Mapping[str, Any], key: str, default: float, minimum: float, integer: bool = False) -> float:
@@ -203,11 +198,126 @@ def _read_json_or_yaml(path: str | os.PathLike) -> Any:
     return json.loads(text)
 
 
-class IntakeWorker:
-    """The plain part of the deployment: a JobRunner, a bounded pool, and the optional SQS pollers."""
+#: how long one call to the router may take (a job with its queueing; the checksums, which may start a
+#: sub-model scaled to zero) before the intake stops waiting
+JOB_TIMEOUT_S = 1800.0
+#: writer file names the router hands back (serve.outputs.writers' names, which staging maps to the S3 layout)
+ROUTER_FILES = ("segmentations.nii.gz", "statistics.json", "preview.png")
 
-    def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None):
-        from serve.cluster.engine import ClusterEngine
+
+class RouterJobError(MrisegError):
+    """An event job the router refused or that failed there, with the router's status and reason."""
+
+    def __init__(self, error: Mapping[str, Any]):
+        super().__init__(str(error.get("detail") or "the router gave no reason"))
+        self.status = int(error.get("status") or 500)
+        self.title = str(error.get("title") or "Router error")
+        self.retryable = bool(error.get("retryable"))
+
+
+class RouterEngine:
+    """A :class:`serve.jobs.Engine` that runs each job on the Router deployment, as the job's site's.
+
+    The input's bytes go to ``Router.run_site_job`` by Ray handle with the site's
+    name; the router checks the site against the tenants file and runs the job
+    under that site's tenancy, and hands back the output files. The handle is got
+    lazily (the router holds this deployment's handle, so it starts after it).
+
+    Args:
+        app_name: the Serve application; None: this replica's own.
+        timeout_s: how long one call may take on the router (a job, with its queueing).
+    """
+
+    def __init__(self, app_name: str | None = None, timeout_s: float = JOB_TIMEOUT_S):
+        self.app_name = app_name
+        self.timeout_s = timeout_s
+        self.calls = 0  # jobs the router ran (idempotency is observable)
+        self._handle = None
+
+    def _router(self):
+        if self._handle is None:
+            app = self.app_name or rayserve.get_replica_context().app_name
+            self._handle = rayserve.get_deployment_handle("Router", app_name=app)
+        return self._handle
+
+    def _call(self, method: str, *args: Any, timeout_s: float) -> Any:
+        from serve.cluster.router import _is_replica_failure
+
+        response = getattr(self._router(), method).remote(*args)
+        try:
+            reply = response.result(timeout_s=timeout_s)
+        except TimeoutError as e:
+            response.cancel()  # the router cancels the job, freeing the site's slot
+            raise ServiceUnavailableError(f"the router did not answer within {timeout_s:g} s; the job is "
+                                          f"retried") from e
+        except Exception as e:
+            if _is_replica_failure(e):  # the router restarting or replaced: a later run can succeed
+                raise ServiceUnavailableError(f"the router cannot be reached right now ({type(e).__name__}); "
+                                              f"the job is retried") from e
+            raise
+        if isinstance(reply, Mapping) and reply.get("error"):
+            raise RouterJobError(reply["error"])
+        return reply
+
+    def model_checksums(self, roi_subset: Sequence[str] | None, fast: bool, site: str) -> dict[str, str]:
+        """Checksums of the sub-models the router would run for ``site`` (part of the idempotency key).
+
+        Args:
+            roi_subset: the structures wanted, None for all.
+            fast: the 3 mm model.
+            site: the job's site (refused when the tenants file no longer has it).
+
+        Returns:
+            Sub-model name -> checksum.
+        """
+        reply = self._call("submodel_checksums", site, list(roi_subset) if roi_subset else None, bool(fast),
+                           timeout_s=self.timeout_s)
+        return dict(reply["checksums"])
+
+    def segment_file(self, path: Path, spec: JobSpec, outdir: Path) -> dict[str, Any]:
+        """Run ``path`` on the router as ``spec.site``'s job and write the files it hands back into ``outdir``.
+
+        Args:
+            path: the input the runner downloaded.
+            spec: the job (its site, options, input and output prefix).
+            outdir: where the runner publishes from.
+
+        Returns:
+            The engine's metadata: timings, structures, models, unavailable, demo.
+        """
+        if "per_structure" in spec.outputs:
+            raise MrisegError("per-structure masks are not made for event jobs in the cluster; request "
+                              "'multilabel' (the label table holds every structure)")
+        t = time.perf_counter()
+        reply = self._call("run_site_job", spec.site, Path(path).read_bytes(), Path(path).name,
+                           list(spec.roi_subset) if spec.roi_subset else None, spec.fast, list(spec.outputs),
+                           spec.input_uri, spec.output_prefix, timeout_s=self.timeout_s)
+        self.calls += 1
+        outdir.mkdir(parents=True, exist_ok=True)
+        for name, content in reply["files"].items():
+            if name not in ROUTER_FILES:  # a name is never a path: nothing lands outside outdir
+                raise ServiceUnavailableError(f"the router handed back an unexpected file {name[:60]!r}")
+            (outdir / name).write_bytes(content)
+        timings = {**reply.get("timings", {}), "cluster_roundtrip_s": time.perf_counter() - t}
+        timings.update({f"submodel_{n}_s": v["compute_s"] for n, v in reply.get("submodels", {}).items()})
+        return {"timings": timings, "structures": reply.get("structures", {}), "models": reply.get("models", {}),
+                "unavailable": reply.get("unavailable", {}), "demo": bool(reply.get("demo")),
+                "cluster_job_id": reply.get("id")}
+
+
+class IntakeWorker:
+    """The plain part of the deployment: a JobRunner, a bounded pool, and the optional SQS pollers.
+
+    Args:
+        settings: the intake settings.
+        runner: the job runner; None: a :class:`serve.jobs.JobRunner` with a :class:`RouterEngine`.
+        dlq_gauge: the dead-letter queue gauge to set.
+        job_counter: counts jobs by outcome.
+        app_name: the Serve application whose Router runs the jobs; None: this replica's.
+    """
+
+    def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None,
+                 app_name: str | None = None):
         from serve.jobs import JobRunner, JobStore
 
         self.settings = settings
@@ -224,8 +334,7 @@ class IntakeWorker:
             return
         self.journal = PushJournal(settings.jobs, settings.s3)
         if runner is None:
-            engine = ClusterEngine(settings.api_url, settings.site_keys)
-            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), engine,
+            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), RouterEngine(app_name),
                                settings.s3, max_bytes=settings.max_bytes)
         self.runner = runner
         self.job_counter = job_counter
@@ -358,7 +467,8 @@ class EventIntake:
 
         dlq = Gauge("mriseg_dlq_messages", description="Messages in the S3 event dead-letter queue")
         jobs = Counter("mriseg_event_jobs_total", description="Event jobs by outcome", tag_keys=("state",))
-        self.worker = IntakeWorker(IntakeSettings.from_mapping(settings, s3), dlq_gauge=dlq, job_counter=jobs)
+        self.worker = IntakeWorker(IntakeSettings.from_mapping(settings, s3), dlq_gauge=dlq, job_counter=jobs,
+                                   app_name=rayserve.get_replica_context().app_name)
 
     def submit(self, specs: list[dict[str, Any]]) -> int:
         return self.worker.submit(specs)

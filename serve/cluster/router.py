@@ -35,8 +35,8 @@ from serve.cluster.metrics import IngressMetrics
 from serve.cluster.scheduler import FairScheduler
 from serve.cluster.tenancy import Site, Tenancy
 from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
-                          ServiceUnavailableError, TooManyRequestsError)
-from serve.jobs import OUTPUT_KINDS
+                          ServiceUnavailableError, TooManyRequestsError, UnsupportedFormatError, VolumeTooLargeError)
+from serve.jobs import OUTPUT_KINDS, error_dict
 from serve.sandbox import SandboxedDecoder
 from serve.settings_checks import checked_number
 from serve.volume_io import DEFAULT_MAX_VOXELS
@@ -333,8 +333,9 @@ class JobService:
             self._reading[site.name] -= 1
 
     def submit(self, site: Site, options: JobOptions, *, input_uri: str | None = None,
-               upload: bytes | None = None, filename: str = "upload.nii.gz") -> Job:
-        """Queue a job; raises 403/400/429 before anything is queued."""
+               upload: bytes | None = None, filename: str = "upload.nii.gz", source: str | None = None) -> Job:
+        """Queue a job; raises 403/400/429 before anything is queued. ``source`` names it in the audit log
+        (default: "s3" or "upload")."""
         options = self.validate_options(site, options)
         if input_uri is not None:
             self.tenancy.check_access(site, input_uri, "read")
@@ -362,7 +363,7 @@ class JobService:
                 raise ServiceUnavailableError("the router cannot record the job on its disk right now; nothing "
                                               "was queued, try again later") from e
             raise
-        audit("job.accepted", job=job.id, site=site.name, source="s3" if input_uri else "upload",
+        audit("job.accepted", job=job.id, site=site.name, source=source or ("s3" if input_uri else "upload"),
               structures="all" if options.roi_subset is None else len(options.roi_subset))
         self._remember(job)
         self._update_gauges()
@@ -421,6 +422,114 @@ class JobService:
         if not path or (kind == "per_structure"):
             raise NotFoundError(f"job {job_id} has no {kind} output (ask for it in 'outputs')")
         return Path(path)
+
+    # -- event jobs: the intake names the site (by Ray handle, holding no key) ---------------------------
+    def event_site(self, name: str) -> Site:
+        """The site an event job is for, as the tenants file has it now.
+
+        The event intake holds no site's API key: it names each job's site, and the
+        router runs the job as that site's (its job limit, fair share, admission,
+        sandboxed decoding). The tenants file is looked at first, so a site removed
+        from it has its event jobs refused.
+
+        Args:
+            name: the site of the job's inbox rule.
+
+        Returns:
+            The site.
+
+        Raises:
+            ForbiddenError: the tenants file has no such site.
+        """
+        self.tenancy.refresh()
+        site = self.tenancy.sites.get(name)
+        if site is None:
+            raise ForbiddenError(f"site {name!r} is not in the tenants file (any more), so its event jobs are "
+                                 f"refused; add the site back, or remove its inbox rules")
+        return site
+
+    async def event_checksums(self, site_name: str, roi_subset: list[str] | None, fast: bool) -> dict[str, Any]:
+        """The checksums of the sub-models an event job of ``site_name`` would run (its idempotency key's).
+
+        Args:
+            site_name: the job's site.
+            roi_subset: the structures wanted, None for all.
+            fast: the 3 mm model.
+
+        Returns:
+            ``{"checksums": {sub-model: sha256}}``, or ``{"error": {status, title, detail, retryable}}``.
+        """
+        try:
+            site = self.event_site(site_name)
+            opts = self.validate_options(site, JobOptions(list(roi_subset) if roi_subset else None, bool(fast)))
+            plan = [sm.name for sm in self.catalogue.plan(opts.roi_subset, opts.fast)]
+            subs = await self.availability(plan)
+            down = [n for n in plan if subs[n]["state"] == "unreachable"]
+            if down:  # a replica restarting: skipping its model would pass off a partial result as whole
+                raise ServiceUnavailableError(f"sub-model(s) {', '.join(down)} cannot be reached on the cluster "
+                                              f"right now; the job is retried")
+            explicit = opts.roi_subset is not None or opts.fast
+            out, missing = {}, []
+            for n in plan:
+                if subs[n]["state"] == "ready" and subs[n].get("checksum"):
+                    out[n] = subs[n]["checksum"]
+                elif explicit:
+                    missing.append(f"{n} ({subs[n]['state']})")
+            if missing or not out:
+                raise ModelUnavailableError("the cluster cannot run " + (", ".join(missing) or "any sub-model"))
+            return {"checksums": out}
+        except MrisegError as e:
+            return {"error": error_dict(e)}
+
+    async def run_event_job(self, site_name: str, data: bytes, filename: str, roi_subset: list[str] | None,
+                            fast: bool, outputs: list[str], input_uri: str, output_prefix: str) -> dict[str, Any]:
+        """Run one event job of ``site_name`` as that site's job, and hand back its output files.
+
+        The intake read the input from ``input_uri`` and publishes the outputs under
+        ``output_prefix`` itself; both must lie inside the site's prefixes now. The
+        job is an upload of that site's: the same job limit (429 at it), fair share,
+        memory admission and sandboxed decoding as one sent to the API with its key.
+        If the caller stops waiting (its timeout, its replica gone), the job is cancelled.
+
+        Args:
+            site_name: the job's site.
+            data: the input file's bytes.
+            filename: its name, with the volume's suffix.
+            roi_subset: the structures wanted, None for all.
+            fast: the 3 mm model.
+            outputs: of ``multilabel``, ``statistics``, ``preview``.
+            input_uri: where the intake read it.
+            output_prefix: where the intake will publish the outputs.
+
+        Returns:
+            ``{"id", "files": {writer's file name: bytes}, "models", "timings", "submodels", "structures",
+            "unavailable", "demo"}``, or ``{"error": {status, title, detail, retryable}}``.
+        """
+        try:
+            site = self.event_site(site_name)
+            self.tenancy.check_access(site, input_uri, "read")
+            self.tenancy.check_access(site, output_prefix, "write")
+            bad = [o for o in outputs if o not in EVENT_OUTPUTS]
+            if bad:
+                raise MrisegError(f"event jobs in the cluster make {list(EVENT_OUTPUTS)}, not {bad}")
+            check_upload_name(filename)
+            if len(data) > self.settings.max_upload_bytes:
+                raise VolumeTooLargeError(f"the input has {len(data)} bytes, over the {self.settings.max_upload_bytes}"
+                                          f"-byte limit (router.max_upload_bytes)")
+            job = self.submit(site, JobOptions(list(roi_subset) if roi_subset else None, bool(fast), tuple(outputs)),
+                              upload=data, filename=filename, source="event")
+        except MrisegError as e:
+            return {"error": error_dict(e)}
+        del data
+        try:
+            await self.wait(job)
+        except asyncio.CancelledError:
+            # nobody waits for its outputs any more: free the site's slot for its next job
+            if not job.done:
+                with contextlib.suppress(MrisegError):
+                    self.cancel(site, job.id)
+            raise
+        return await asyncio.to_thread(_event_reply, job)
 
     # -- availability -------------------------------------------------------
     async def describe(self, name: str) -> dict:
@@ -718,6 +827,47 @@ class JobService:
         self.metrics.running.set(st.running)
         for site in self.tenancy.sites:
             self.metrics.queue_depth.labels(site).set(st.queued.get(site, 0))
+
+
+#: the outputs an event job in the cluster hands back (per-structure masks stay on the router)
+EVENT_OUTPUTS = ("multilabel", "statistics", "preview")
+
+
+def _event_reply(job: Job) -> dict[str, Any]:
+    """A settled event job as :meth:`JobService.run_event_job` answers it: its files, or its error."""
+    if job.status == "cancelled":
+        return {"error": {"status": 409, "title": "Job cancelled", "retryable": False,
+                          "detail": f"job {job.id} was cancelled on the router before it finished"}}
+    if job.status != "succeeded":
+        return {"error": dict(job.error or {"status": 500, "title": "Internal error", "retryable": True,
+                                            "detail": f"job {job.id} ended {job.status}"})}
+    try:
+        files = {Path(job.outputs[kind]).name: Path(job.outputs[kind]).read_bytes()
+                 for kind in EVENT_OUTPUTS if kind in job.options.outputs}
+        meta = json.loads(Path(job.outputs["metadata"]).read_text())
+    except (OSError, KeyError, ValueError) as e:  # evicted meanwhile (max_jobs_kept): running it again helps
+        return {"error": error_dict(ServiceUnavailableError(
+            f"the outputs of job {job.id} are no longer on the router ({type(e).__name__}); the job is retried"))}
+    return {"id": job.id, "files": files, "models": dict(meta.get("models") or {}), "timings": dict(job.timings),
+            "submodels": dict(job.submodels), "structures": {str(k): v for k, v in job.structures.items()},
+            "unavailable": dict(job.unavailable), "demo": bool(job.demo)}
+
+
+def check_upload_name(filename: str) -> None:
+    """Refuse an upload whose name does not end in a suffix the decoder takes alone.
+
+    Args:
+        filename: the upload's name.
+
+    Raises:
+        UnsupportedFormatError: 415, naming the suffixes to use.
+    """
+    from serve.volume_io import SUPPORTED, suffix_of
+
+    suffix = suffix_of(filename)
+    if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):  # a header whose data file cannot come along
+        raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; name the upload "
+                                     f".nii, .nii.gz, .mha, .nrrd or .zip (a DICOM series) via ?filename=")
 
 
 def write_result(result, volume, outdir: Path, outputs, roi_subset=None) -> dict[str, str]:

@@ -1,0 +1,126 @@
+"""The /v1 API client of ``mriseg demo`` against a real HTTP server on 127.0.0.1: a dead cluster, a proxy's
+answer, polling instead of one long request, and which ends of a polled job say to retry."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from serve.cluster.client import ApiError
+
+
+class _Answers(BaseHTTPRequestHandler):
+    """Answers ``server.answer``, or for a scripted ``(method, path)`` the next answer of its list (the last one
+    repeats); every request is recorded in ``server.seen``."""
+
+    def _answer(self):
+        if self.headers.get("Content-Length"):
+            self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.seen.append((self.command, self.path))
+        self.server.keys.append(self.headers.get("Authorization"))
+        script = self.server.script.get((self.command, self.path.split("?")[0]))
+        answer = (script.pop(0) if len(script) > 1 else script[0]) if script else self.server.answer
+        self.send_response(answer[0])
+        self.send_header("Content-Type", answer[1])
+        self.send_header("Content-Length", str(len(answer[2])))
+        self.end_headers()
+        self.wfile.write(answer[2])
+
+    do_GET = do_POST = do_DELETE = _answer
+
+    def log_message(self, *_args):
+        pass
+
+
+@pytest.fixture
+def api():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    server.answer = (200, "application/json", b"{}")
+    server.script, server.seen, server.keys = {}, [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _problem(status: int, retryable: bool | None) -> tuple[int, str, bytes]:
+    body = {"type": "about:blank", "title": "t", "status": status, "detail": "d"}
+    if retryable is not None:
+        body["retryable"] = retryable
+    return status, "application/problem+json", json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("answer,retryable", [
+    (_problem(429, True), True),                       # the site is at its job or request-rate limit
+    (_problem(503, True), True),                       # a sub-model down
+    (_problem(409, False), False),                     # a model not installed: retrying cannot help
+    (_problem(400, None), False),
+    ((502, "text/html", b"<html>Bad Gateway</html>"), True),  # a proxy's page, not the API's
+])
+def test_api_errors_keep_whether_a_retry_can_help(api, answer, retryable):
+    from serve.cluster.client import ApiClient
+    from serve.jobs import error_dict
+
+    api.answer = answer
+    with pytest.raises(ApiError) as e:
+        ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=5).job("x")
+    assert e.value.status == answer[0] and error_dict(e.value)["retryable"] is retryable
+
+
+def test_the_api_client_turns_a_dead_cluster_or_a_proxys_json_into_a_retryable_api_error(api):
+    """``mriseg demo`` gets an ApiError it handles, not httpx's or a KeyError's traceback."""
+    import socket
+
+    from serve.cluster.client import ApiClient, ApiError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(ApiError, match="Cluster unreachable") as dead:
+        ApiClient(f"http://127.0.0.1:{closed}", "key", timeout_s=5).job("x")
+    assert dead.value.status == 503 and dead.value.retryable
+
+    api.answer = (502, "application/json", json.dumps(["bad gateway"]).encode())  # a proxy's JSON, not a problem
+    with pytest.raises(ApiError) as proxied:
+        ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=5).job("x")
+    assert proxied.value.status == 502 and proxied.value.retryable
+
+
+def _job(status: str, error: dict | None = None) -> tuple[int, str, bytes]:
+    return 200, "application/json", json.dumps({"id": "j1", "status": status, "error": error}).encode()
+
+
+def test_the_api_client_polls_a_job_it_submitted_instead_of_holding_one_request_open(api):
+    """A poll meeting a restarting cluster is repeated; the upload itself is never sent twice."""
+    from serve.cluster.client import ApiClient
+
+    api.script = {("POST", "/v1/segmentations/upload"): [(202, "application/json", b'{"id": "j1", "status": "queued"}')],
+                  ("GET", "/v1/segmentations/j1"): [_problem(503, True), _job("running"), _job("succeeded")]}
+    client = ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=30, poll_s=0.01)
+    assert client.segment_upload(b"x", "a.nii.gz")["status"] == "succeeded"
+    posts = [path for method, path in api.seen if method == "POST"]
+    assert len(posts) == 1 and "wait=false" in posts[0]
+    assert [m for m, _ in api.seen].count("GET") == 3
+
+
+@pytest.mark.parametrize("answers,status,retryable,cancelled", [
+    ([_job("failed", {"status": 422, "title": "Unreadable volume", "detail": "d", "retryable": False})],
+     422, False, False),                                    # the job's own failure, as the API would answer it
+    ([_job("cancelled")], 409, False, False),               # cancelled by its site: not retried
+    ([_problem(404, False)], 503, True, False),             # the router lost it: submitting again is right
+    ([_job("running")], 504, True, True),                   # never finishes: cancelled before the caller retries
+])
+def test_a_polled_job_that_does_not_succeed_is_an_api_error_that_says_whether_to_retry(
+        api, answers, status, retryable, cancelled):
+    from serve.cluster.client import ApiClient
+
+    api.script = {("GET", "/v1/segmentations/j1"): answers, ("DELETE", "/v1/segmentations/j1"): [_job("cancelled")]}
+    client = ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=0.5, poll_s=0.05)
+    with pytest.raises(ApiError) as e:
+        client.wait("j1")
+    assert (e.value.status, e.value.retryable) == (status, retryable)
+    assert (("DELETE", "/v1/segmentations/j1") in api.seen) is cancelled

@@ -1,0 +1,133 @@
+"""The event intake's worker: what it does with pushed jobs that do not settle (real SeaweedFS S3 for the held
+pushes and job records; the segmenting engine is a stand-in that writes a file, since these tests are about the
+intake's queueing, not about segmentation)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serve.errors import ServiceUnavailableError
+from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+
+
+class _Engine:
+    """A :class:`serve.jobs.Engine` that records which site's job runs when, and waits for ``gate`` first."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.ran: list[str] = []          # sites, in the order their jobs started
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls = 0
+
+    def model_checksums(self, roi_subset, fast, site: str) -> dict[str, str]:
+        if self.fail:  # as the router answers while a sub-model restarts
+            raise ServiceUnavailableError("sub-model(s) organs cannot be reached on the cluster right now")
+        return {"organs": "sha-organs"}
+
+    def segment_file(self, path: Path, spec, outdir: Path) -> dict:
+        self.ran.append(spec.site)
+        self.gate.wait(60)
+        self.calls += 1
+        outdir.mkdir(parents=True, exist_ok=True)
+        (outdir / "segmentations.nii.gz").write_bytes(b"labels")
+        return {"timings": {}, "structures": {}, "models": {"organs": "sha-organs"}, "unavailable": {}, "demo": True}
+
+
+# -- the worker, on real S3 ---------------------------------------------------------------------------------
+def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0):  # noqa: F811
+    from serve.cluster.intake import IntakeSettings
+    from serve.jobs import JobRunner, JobStore
+
+    settings = IntakeSettings(jobs=f"s3://jobs/{prefix}", lease_s=lease_s, concurrency=1, s3=seaweed.settings)
+    runner = JobRunner(JobStore(settings.jobs, seaweed.settings, lease_s=lease_s), engine, seaweed.settings,
+                       work_dir=tmp_path)
+    return settings, runner
+
+
+def _spec(prefix: str, site: str, case: str, s3):
+    from serve import staging
+    from serve.jobs import JobSpec
+
+    spec = JobSpec(f"s3://inbox/{prefix}/{site}/in/{case}.nii.gz", f"s3://outbox/{prefix}", site=site,
+                   input_prefix=f"{prefix}/{site}/in/", outputs=("multilabel",))
+    staging.put_bytes(f"a volume of {site}".encode(), spec.input_uri, s3)
+    return spec
+
+
+def _settled(worker, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout  # hang guard only
+    while (worker.journal.held() or worker._in_flight) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker.journal.held() == []
+
+
+@pytest.mark.s3
+def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(seaweed, unique_prefix,
+                                                                             tmp_path):  # noqa: F811
+    """The router answers 503 every time: five runs, each after a wait twice the last, then an error job.json the
+    site can read, nothing held."""
+    from serve import staging
+    from serve.cluster.intake import IntakeWorker
+    from serve.pushes import MAX_ATTEMPTS, retry_delay_s
+
+    settings, runner = _setup(seaweed, unique_prefix, tmp_path, _Engine(fail=True), lease_s=2.0)
+    spec = _spec(unique_prefix, "site-a", "case", seaweed.settings)
+    runs: list[float] = []
+    run = runner.run
+
+    def timed(job_spec):
+        runs.append(time.monotonic())
+        return run(job_spec)
+
+    runner.run = timed
+    worker = IntakeWorker(settings, runner=runner)
+    try:
+        worker.submit([spec.to_dict()])
+        _settled(worker)
+    finally:
+        worker.close()
+    doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "failed" and doc["error"]["status"] == 503
+    assert f"given up after {MAX_ATTEMPTS} runs" in doc["error"]["detail"]
+    assert len(runs) == MAX_ATTEMPTS
+    waits = [b - a for a, b in zip(runs, runs[1:])]
+    assert all(w >= 0.95 * retry_delay_s(i, worker.sweep_s) for i, w in enumerate(waits, start=1)), waits
+
+
+@pytest.mark.s3
+def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_up(seaweed, unique_prefix,
+                                                                                    tmp_path):  # noqa: F811
+    """A dead worker's claim outlives the five backed-off runs: those looks at a job running elsewhere are no
+    runs of ours, so the pushed job waits for the claim to lapse, then runs and is done -- not let go and lost."""
+    from serve import staging
+    from serve.cluster.intake import IntakeWorker
+    from serve.jobs import JobStore
+
+    engine = _Engine()
+    settings, runner = _setup(seaweed, unique_prefix, tmp_path, engine, lease_s=2.0)
+    spec = _spec(unique_prefix, "site-a", "case", seaweed.settings)
+    full, key, models = runner.key_for(spec)
+    # longer than the five runs' backoff (1 + 2 + 4 + 8 s with a 1 s sweep)
+    dead = JobStore(settings.jobs, seaweed.settings, owner="dead-worker", lease_s=20.0)
+    assert dead.claim(key, full, models)[1]
+    worker = IntakeWorker(settings, runner=runner)
+    try:
+        worker.submit([spec.to_dict()])
+        _settled(worker)
+    finally:
+        worker.close()
+    doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "done" and engine.calls == 1
+
+
+def test_the_wait_between_runs_of_an_unsettled_pushed_job_doubles_up_to_a_cap():
+    from serve.pushes import MAX_RETRY_DELAY_S, retry_delay_s
+
+    assert [retry_delay_s(n, 60) for n in range(1, 5)] == [60, 120, 240, 480]
+    assert retry_delay_s(12, 60) == MAX_RETRY_DELAY_S
