@@ -8,6 +8,12 @@ failed for good). What a dead replica held is found by the next one
 second run of a finished job a lookup, not a recomputation. This is the
 pushed path's counterpart of an SQS message's visibility timeout.
 
+One record per object: ``<id>`` is a digest of (site, bucket, key), so N
+pushes for one object (N made-up ETags, say) hold one job, the latest push's.
+Each update of a record is conditional on the ETag this replica last saw, so
+a run of an earlier push never removes or rewrites the record of a later one
+(that one runs at the next sweep).
+
 Records are signed (:mod:`serve.records`, envelope layout, bound to their
 key). One that does not verify is never run: it is audited
 (``record.rejected``) and set aside as ``<id>.json.unsigned`` (no MAC: a
@@ -17,10 +23,10 @@ record written before signing, or by someone else) or ``<id>.json.forged``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -57,6 +63,13 @@ class HeldPush:
     attempts: int = 0
     created: float = 0.0
     not_before: float = 0.0     # (epoch seconds) no run before this: the backoff after an unsettled run
+    etag: str | None = None     # of the stored record as this replica last wrote or read it
+
+
+def push_id(spec: JobSpec) -> str:
+    """The held record's id of a pushed object: one per (site, bucket, key), whatever the ETag."""
+    bucket, key = parse_s3_uri(spec.input_uri)
+    return hashlib.sha256(json.dumps([spec.site, bucket, key]).encode()).hexdigest()[:32]
 
 
 #: a held record larger than this is none this server wrote (and is not read into memory)
@@ -64,7 +77,7 @@ MAX_RECORD_BYTES = 1 << 20
 
 
 class PushJournal:
-    """Pushed jobs under ``s3://{bucket}/{prefix}/pushed/``, one signed object each.
+    """Pushed jobs under ``s3://{bucket}/{prefix}/pushed/``, one signed object per pushed object.
 
     ``signer`` None: :meth:`serve.records.RecordSigner.from_env`.
     """
@@ -81,36 +94,48 @@ class PushJournal:
     def _uri(self, push_id: str) -> str:
         return f"s3://{self.bucket}/{self._key(push_id)}"
 
-    def _write(self, held: HeldPush) -> None:
-        """Store ``held``, signed."""
+    def _write(self, held: HeldPush, **cond: str) -> bool:
+        """Store ``held`` (signed); False when ``cond`` did not hold (a later push replaced the record)."""
         body = {"spec": held.spec.to_dict(), "attempts": held.attempts, "created": held.created,
                 "not_before": held.not_before}
         doc = self.signer.seal(body, bucket=self.bucket, key=self._key(held.id), site=held.spec.site)
-        staging.put_json(doc, self._uri(held.id), self.settings)
+        try:
+            held.etag = staging.put_json(doc, self._uri(held.id), self.settings, **cond)["ETag"]
+        except StorageError as e:
+            if cond and precondition_failed(e):
+                log.info("held pushed job %s was replaced by a later push of its object; that one runs", held.id[:12])
+                return False
+            raise
+        return True
+
+    def _if_unchanged(self, held: HeldPush) -> dict[str, str]:
+        return {"IfMatch": held.etag} if held.etag else {}
 
     def hold(self, spec: JobSpec) -> HeldPush:
-        """Record an accepted push (raises :class:`serve.errors.StorageError` if S3 cannot take it)."""
-        held = HeldPush(uuid.uuid4().hex, spec, 0, time.time())
+        """Record an accepted push, in place of any held one of the same object (raises
+        :class:`serve.errors.StorageError` if S3 cannot take it)."""
+        held = HeldPush(push_id(spec), spec, 0, time.time())
         self._write(held)
         return held
 
     def attempted(self, held: HeldPush, delay_s: float = 0.0) -> HeldPush:
         """Count a run that did not settle the job, to run again no sooner than ``delay_s`` from now;
-        the record says so should this replica die."""
+        the record says so should this replica die (unless a later push replaced it: that one stays)."""
         held.attempts += 1
         held.not_before = time.time() + delay_s
-        self._write(held)
+        self._write(held, **self._if_unchanged(held))
         return held
 
     def deferred(self, held: HeldPush, not_before: float) -> HeldPush:
         """Run again no sooner than ``not_before``, without counting a run: another worker holds
         the job, and whether it settles it shows only once that worker's claim would have lapsed."""
         held.not_before = not_before
-        self._write(held)
+        self._write(held, **self._if_unchanged(held))
         return held
 
     def release(self, held: HeldPush) -> None:
-        staging.delete(self._uri(held.id), self.settings)
+        """Remove a settled job's record, unless a later push of the object has replaced it."""
+        self._delete(self._key(held.id), held.etag)
 
     def _delete(self, key: str, etag: str | None) -> None:
         c = staging.client_for(self.settings)
@@ -155,7 +180,7 @@ class PushJournal:
                 continue
             try:
                 out.append(HeldPush(push_id, JobSpec.from_dict(doc["spec"]), int(doc.get("attempts", 0)),
-                                    float(doc.get("created", 0.0)), float(doc.get("not_before", 0.0))))
+                                    float(doc.get("created", 0.0)), float(doc.get("not_before", 0.0)), info.etag))
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 log.warning("pushed job record %s is unreadable; set aside as .unreadable", push_id)
                 self._set_aside(raw, key, info.etag, "unreadable")

@@ -342,7 +342,7 @@ def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, 
     assert f"{unique_prefix}/pushed/garbage.json.unsigned" in keys_under(seaweed, "jobs", f"{unique_prefix}/pushed/")
 
 
-# -- issue #34: forged held pushes ------------------------------------------------------------------------
+# -- issue #34: held pushes ------------------------------------------------------------------------------
 @pytest.mark.parametrize("forgery", ["unsigned", "forged"])
 def test_a_forged_held_push_is_set_aside_never_run(seaweed, unique_prefix, forgery, caplog):  # noqa: F811
     """Issue #34: a held push written by a site (naming another site's object) was run by the intake.
@@ -369,3 +369,22 @@ def test_a_forged_held_push_is_set_aside_never_run(seaweed, unique_prefix, forge
     reasons = sorted(line["reason"] for line in audited(caplog, "record.rejected"))
     assert reasons == (["unsigned"] if forgery == "unsigned" else ["bad mac", "bad mac"])
 
+
+def test_pushes_of_one_object_hold_one_job_the_latest(seaweed, unique_prefix):  # noqa: F811
+    """Issue #34: N pushes with N made-up ETags for one object made N held jobs (each then claimed and each
+    downloading the object). Now they hold one, the latest push's; a run of an earlier push that settles
+    (or not) neither removes nor rewrites it, so it runs at the next sweep."""
+    spec = spec_for(unique_prefix, "flood.nii.gz")
+    journal = PushJournal(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    pushes = [journal.hold(dataclasses.replace(spec, etag=f'"{i:032x}"')) for i in range(12)]
+    [held] = journal.held()
+    assert held.spec.etag == pushes[-1].spec.etag and held.id == pushes[0].id
+    assert journal.hold(dataclasses.replace(spec, site="site-b")).id != held.id  # per site, bucket and key
+    journal.attempted(pushes[0], 60.0)
+    journal.deferred(pushes[0], time.time() + 60.0)
+    journal.release(pushes[0])
+    [again] = [h for h in journal.held() if h.id == held.id]
+    assert (again.spec.etag, again.attempts, again.not_before) == (pushes[-1].spec.etag, 0, 0.0)
+    journal.attempted(again, 60.0)  # the latest push's own run: counted
+    journal.release(again)
+    assert [h.spec.site for h in journal.held()] == ["site-b"]
