@@ -343,6 +343,7 @@ def test_durable_jobs_run_through_the_cluster_once(serve_stack):
     s3 = serve_stack.extra["s3"]
     staging.put_bytes(nifti_bytes(shape=(32, 36, 32), seed=31), "s3://consortium/site-a/inbox/case-31.nii.gz", s3)
     engine = RouterEngine(app_name=serve_stack.app_name)
+    assert engine.site_limits() == {"site-a": 12, "site-b": 12, "site-c": 1, "site-d": 1}
     with pytest.raises(RouterJobError, match="not in the tenants file") as refused:
         engine.model_checksums(["liver"], False, "site-z")
     assert refused.value.status == 403 and not refused.value.retryable

@@ -1,6 +1,6 @@
-"""The event intake's worker: what it does with pushed jobs that do not settle (real SeaweedFS S3 for the held
-pushes and job records; the segmenting engine is a stand-in that writes a file, since these tests are about the
-intake's queueing, not about segmentation)."""
+"""The event intake's worker: per-site fair scheduling of pushed jobs, and what it does with jobs that do not
+settle (real SeaweedFS S3 for the held pushes and job records; the segmenting engine is a stand-in that writes
+a file, since these tests are about the intake's queueing, not about segmentation)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,85 @@ class _Engine:
         return {"timings": {}, "structures": {}, "models": {"organs": "sha-organs"}, "unavailable": {}, "demo": True}
 
 
+# -- the scheduler alone ------------------------------------------------------------------------------------
+def test_a_sites_flood_waits_behind_itself_not_in_front_of_another_sites_job():
+    from serve.cluster.intake import SiteScheduler
+
+    order: list[str] = []
+    gate = threading.Event()
+
+    def job(name: str):
+        def run():
+            order.append(name)
+            gate.wait(10)
+        return run
+
+    sched = SiteScheduler(1, lambda: {"a": 4, "b": 4})
+    try:
+        futures = [sched.submit("a", job(f"a{i}")) for i in range(6)]
+        while not order:  # a's first job holds the one worker; the rest of its flood waits
+            time.sleep(0.01)
+        futures.append(sched.submit("b", job("b0")))
+        gate.set()
+        for f in futures:
+            f.result(10)
+    finally:
+        sched.close()
+    assert order[:3] == ["a0", "b0", "a1"], order  # b's one job runs second, not after a's backlog
+    assert order == ["a0", "b0", "a1", "a2", "a3", "a4", "a5"]
+
+
+def test_a_site_runs_at_most_its_limit_while_other_sites_use_the_free_workers():
+    from serve.cluster.intake import SiteScheduler
+
+    running: dict[str, int] = {"a": 0, "b": 0}
+    most: dict[str, int] = {"a": 0, "b": 0}
+    lock = threading.Lock()
+
+    def job(site: str):
+        def run():
+            with lock:
+                running[site] += 1
+                most[site] = max(most[site], running[site])
+            time.sleep(0.05)
+            with lock:
+                running[site] -= 1
+        return run
+
+    sched = SiteScheduler(4, lambda: {"a": 1})  # b is not named: the default limit, 1
+    try:
+        futures = [sched.submit(s, job(s)) for s in ["a"] * 6 + ["b"] * 3]
+        for f in futures:
+            f.result(10)
+        assert most == {"a": 1, "b": 1}
+        more = SiteScheduler(4, lambda: {"a": 3, "b": 1})
+        try:
+            futures = [more.submit("a", job("a")) for _ in range(9)]
+            for f in futures:
+                f.result(10)
+        finally:
+            more.close()
+        assert most["a"] == 3
+    finally:
+        sched.close()
+
+
+def test_jobs_still_waiting_when_the_scheduler_closes_are_cancelled_not_run():
+    from serve.cluster.intake import SiteScheduler
+
+    gate = threading.Event()
+    sched = SiteScheduler(1, dict)
+    first = sched.submit("a", lambda: gate.wait(10))
+    later = sched.submit("a", lambda: pytest.fail("ran after close"))
+    while not first.running():
+        time.sleep(0.01)
+    sched.close()
+    gate.set()
+    assert first.result(10) is True and later.cancelled()
+    with pytest.raises(RuntimeError, match="closed"):
+        sched.submit("a", lambda: None)
+
+
 # -- the worker, on real S3 ---------------------------------------------------------------------------------
 def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0):  # noqa: F811
     from serve.cluster.intake import IntakeSettings
@@ -65,6 +144,28 @@ def _settled(worker, timeout: float = 120) -> None:
     while (worker.journal.held() or worker._in_flight) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert worker.journal.held() == []
+
+
+@pytest.mark.s3
+def test_one_sites_pushed_jobs_do_not_delay_another_sites_push(seaweed, unique_prefix, tmp_path):  # noqa: F811
+    """Site a pushes five jobs, then site b one: b's runs second, not after a's backlog (before: one FIFO pool)."""
+    from serve.cluster.intake import IntakeWorker
+
+    engine = _Engine()
+    engine.gate.clear()  # a's first job holds the one worker while the pushes arrive
+    settings, runner = _setup(seaweed, unique_prefix, tmp_path, engine)
+    worker = IntakeWorker(settings, runner=runner, site_limits=lambda: {"site-a": 4, "site-b": 4})
+    try:
+        worker.submit([_spec(unique_prefix, "site-a", f"case{i}", seaweed.settings).to_dict() for i in range(5)])
+        deadline = time.monotonic() + 60
+        while not engine.ran and time.monotonic() < deadline:  # a's first job holds the one worker
+            time.sleep(0.05)
+        worker.submit([_spec(unique_prefix, "site-b", "case0", seaweed.settings).to_dict()])
+        engine.gate.set()
+        _settled(worker)
+    finally:
+        worker.close()
+    assert engine.ran == ["site-a", "site-b", "site-a", "site-a", "site-a", "site-a"], engine.ran
 
 
 @pytest.mark.s3

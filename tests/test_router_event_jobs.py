@@ -127,6 +127,7 @@ def test_a_site_removed_from_the_tenants_file_has_its_event_jobs_refused(tmp_pat
     reply = _run(svc, site="site-b", input_uri=f"s3://{BUCKET}/site-b/in/c.nii.gz",
                  output_prefix=f"s3://{BUCKET}/site-b/out/site-b/c/")
     assert reply["error"]["status"] == 403 and "'site-b' is not in the tenants file" in reply["error"]["detail"]
+    assert "site-b" not in svc.site_limits() and svc.site_limits()["site-c"] == 1
 
 
 def test_an_event_job_counts_against_its_sites_job_limit_and_its_wait_cancelled_frees_the_slot(tmp_path):

@@ -116,6 +116,10 @@ class Ingress:
         """The sub-model checksums of an event job of ``site``: :meth:`JobService.event_checksums`."""
         return await self.service.event_checksums(site, roi_subset, fast)
 
+    def site_limits(self) -> dict[str, int]:
+        """Each site's job limit from the tenants file, for the intake's per-site scheduling."""
+        return self.service.site_limits()
+
 
 def with_sandbox(report: dict, layers: dict[str, bool], missing: list[str]) -> dict:
     """The readiness report with the decoder sandbox's layers; not ready while a required one is missing.

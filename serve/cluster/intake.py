@@ -12,6 +12,10 @@ its own (:mod:`serve.consumer`, :mod:`serve.jobs`, :class:`IntakeWorker`):
   router runs it as that site's job (its job limit, fair share, admission,
   sandboxed decoding) and refuses a site the tenants file no longer has. No
   pod holds a site's API key for this.
+- jobs wait in one queue per site and run round-robin over the sites with
+  work, at most each site's ``max_concurrent_jobs`` at once
+  (:class:`SiteScheduler`): one site's flood of events does not hold up
+  another site's.
 
 Restart policy: Serve calls :meth:`EventIntake.check_health` every
 ``health_check_period_s``; a dead poll thread fails it, and Serve replaces
@@ -28,7 +32,8 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict, deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -63,7 +68,7 @@ class IntakeSettings:
     jobs: str = ""                            # s3:// prefix of the durable job records
     rules: list[InboxRule] = field(default_factory=list)
     queue: ConsumerConfig | None = None      # None: pushed events only
-    concurrency: int = 2                      # pushed jobs in flight per replica, and as many SQS pollers
+    concurrency: int = 2                      # event jobs in flight per replica (all sites), and as many SQS pollers
     lease_s: float = 300.0
     max_bytes: int = 1 << 30
     s3: S3Settings = field(default_factory=S3Settings)
@@ -259,6 +264,14 @@ class RouterEngine:
             raise RouterJobError(reply["error"])
         return reply
 
+    def site_limits(self) -> dict[str, int]:
+        """Each site's ``max_concurrent_jobs`` from the router's tenants file.
+
+        Returns:
+            Site name -> job limit.
+        """
+        return {str(k): int(v) for k, v in self._call("site_limits", timeout_s=10.0).items()}
+
     def model_checksums(self, roi_subset: Sequence[str] | None, fast: bool, site: str) -> dict[str, str]:
         """Checksums of the sub-models the router would run for ``site`` (part of the idempotency key).
 
@@ -305,27 +318,167 @@ class RouterEngine:
                 "cluster_job_id": reply.get("id")}
 
 
+class SiteScheduler:
+    """Runs callables on ``workers`` threads: round-robin over the sites with work, each site's at most its limit.
+
+    Each site has a FIFO queue. A free worker takes the next job of the site served
+    least recently among those with a job waiting and fewer than their limit running,
+    so a site that queues a thousand jobs waits behind itself, not in front of another
+    site's one.
+
+    Args:
+        workers: threads (jobs running at once, all sites).
+        limits: each site's limit of jobs running at once (looked at by each worker before it picks;
+            a site it does not name gets ``default_limit``).
+        default_limit: the limit of a site ``limits`` does not name.
+        name: the threads' name prefix.
+    """
+
+    def __init__(self, workers: int, limits: Callable[[], Mapping[str, int]], default_limit: int = 1,
+                 name: str = "mriseg-intake"):
+        self._limits = limits
+        self.default_limit = max(1, default_limit)
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[str, deque[tuple[Callable[[], Any], Future]]] = OrderedDict()
+        self._running: dict[str, int] = {}
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, site: str, fn: Callable[[], Any]) -> Future:
+        """Queue ``fn`` for ``site``.
+
+        Args:
+            site: whose job it is.
+            fn: the job.
+
+        Returns:
+            A future of its result (cancelled if the scheduler closes first).
+        """
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the intake's scheduler is closed")
+            if site not in self._queues:
+                self._queues[site] = deque()
+                self._queues.move_to_end(site, last=False)  # never served: first in the round
+            self._queues[site].append((fn, fut))
+            self._cond.notify()
+        return fut
+
+    def queued(self) -> dict[str, int]:
+        """Jobs waiting, by site."""
+        with self._cond:
+            return {s: len(q) for s, q in self._queues.items() if q}
+
+    def running(self) -> dict[str, int]:
+        """Jobs running, by site."""
+        with self._cond:
+            return {s: n for s, n in self._running.items() if n}
+
+    def _pick(self, limits: Mapping[str, int]) -> tuple[str, Callable[[], Any], Future] | None:
+        for site, q in self._queues.items():
+            if q and self._running.get(site, 0) < max(1, int(limits.get(site, self.default_limit))):
+                self._queues.move_to_end(site)  # served: to the back of the round
+                fn, fut = q.popleft()
+                self._running[site] = self._running.get(site, 0) + 1
+                return site, fn, fut
+        return None
+
+    def _work(self) -> None:
+        while True:
+            try:
+                limits = self._limits()  # outside the lock: it may ask the router
+            except Exception:  # noqa: BLE001 - a limit look-up must not kill a worker
+                log.warning("could not look up the sites' job limits", exc_info=True)
+                limits = {}
+            with self._cond:
+                if self._closed:
+                    return
+                picked = self._pick(limits)
+                if picked is None:
+                    # woken by a new job or a finished one; the timeout sees a limit raised meanwhile
+                    self._cond.wait(1.0)
+                    continue
+            site, fn, fut = picked
+            try:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to whoever waits on it
+                        fut.set_exception(e)
+            finally:
+                with self._cond:
+                    self._running[site] -= 1
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop taking jobs; jobs still waiting are cancelled (pushed ones stay held in S3)."""
+        with self._cond:
+            self._closed = True
+            for q in self._queues.values():
+                while q:
+                    q.popleft()[1].cancel()
+            self._cond.notify_all()
+
+
+class SiteLimits:
+    """The sites' job limits from ``fetch``, asked for at most every ``ttl_s``; the last answer while it fails.
+
+    Args:
+        fetch: returns site name -> limit (the router's tenants file).
+        ttl_s: how long an answer is used.
+    """
+
+    def __init__(self, fetch: Callable[[], Mapping[str, int]], ttl_s: float = 5.0):
+        self._fetch, self.ttl_s = fetch, ttl_s
+        self._limits: dict[str, int] = {}
+        self._next = 0.0
+        self._failing = False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Mapping[str, int]:
+        now = time.monotonic()
+        if now >= self._next and self._lock.acquire(blocking=False):  # one thread asks; the others use the last
+            try:
+                self._next = now + self.ttl_s
+                self._limits = dict(self._fetch())
+                self._failing = False
+            except Exception as e:  # noqa: BLE001 - the router starting or restarting
+                if not self._failing:
+                    log.warning("could not read the sites' job limits from the router (%s); using the last "
+                                "known (1 for a site not known yet)", type(e).__name__)
+                self._failing = True
+            finally:
+                self._lock.release()
+        return self._limits
+
+
 class IntakeWorker:
-    """The plain part of the deployment: a JobRunner, a bounded pool, and the optional SQS pollers.
+    """The plain part of the deployment: a JobRunner, the per-site scheduler, and the optional SQS pollers.
 
     Args:
         settings: the intake settings.
         runner: the job runner; None: a :class:`serve.jobs.JobRunner` with a :class:`RouterEngine`.
         dlq_gauge: the dead-letter queue gauge to set.
         job_counter: counts jobs by outcome.
+        site_limits: returns each site's job limit; None: the router's (``RouterEngine.site_limits``),
+            or 1 for every site with a ``runner`` given.
         app_name: the Serve application whose Router runs the jobs; None: this replica's.
     """
 
     def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None,
-                 app_name: str | None = None):
+                 site_limits: Callable[[], Mapping[str, int]] | None = None, app_name: str | None = None):
         from serve.jobs import JobRunner, JobStore
 
         self.settings = settings
         self.stop = threading.Event()
         self.pollers: list[threading.Thread] = []
         self.sweeper: threading.Thread | None = None
+        self.scheduler: SiteScheduler | None = None
         self.pushed = 0
-        self.pool = ThreadPoolExecutor(max(1, settings.concurrency), thread_name_prefix="mriseg-intake")
         self._in_flight: set[str] = set()
         self._lock = threading.Lock()
         if not settings.configured:
@@ -334,16 +487,19 @@ class IntakeWorker:
             return
         self.journal = PushJournal(settings.jobs, settings.s3)
         if runner is None:
-            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), RouterEngine(app_name),
+            engine = RouterEngine(app_name)
+            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), engine,
                                settings.s3, max_bytes=settings.max_bytes)
+            site_limits = site_limits or engine.site_limits
         self.runner = runner
         self.job_counter = job_counter
+        # every event job, pushed or polled, waits its site's turn: one site's flood holds up only itself
+        self.scheduler = SiteScheduler(settings.concurrency, SiteLimits(site_limits or dict))
         if settings.queue is not None:
-            consumer = Consumer(settings.queue, self._counted(self.runner.run))
+            consumer = Consumer(settings.queue, self._run_polled)
             if dlq_gauge is not None:
                 consumer.dlq_gauge = dlq_gauge
-            # one message at a time per thread, so `concurrency` threads keep that many queued jobs on
-            # the cluster at once: one long job must not hold up every other site's events
+            # one message at a time per thread, each waiting for its jobs' turns in the scheduler
             self.pollers = [threading.Thread(target=consumer.run, args=(self.stop,), name=f"mriseg-sqs-{i}",
                                              daemon=True) for i in range(max(1, settings.concurrency))]
             for t in self.pollers:
@@ -375,7 +531,11 @@ class IntakeWorker:
             if held.id in self._in_flight:
                 return
             self._in_flight.add(held.id)
-        self.pool.submit(self._run_held, held)
+        try:
+            self.scheduler.submit(held.spec.site, lambda: self._run_held(held))
+        except RuntimeError:  # closing: the record stays held for the next replica
+            with self._lock:
+                self._in_flight.discard(held.id)
 
     def _sweep(self) -> None:
         while not self.stop.is_set():
@@ -432,6 +592,10 @@ class IntakeWorker:
             return out
         return counted
 
+    def _run_polled(self, spec: JobSpec) -> JobOutcome:
+        """An SQS message's job, run in its site's turn (the poller waits; its message stays invisible)."""
+        return self.scheduler.submit(spec.site, lambda: self._counted(self.runner.run)(spec)).result()
+
     def _run(self, spec: JobSpec) -> JobOutcome | None:
         try:
             out = self._counted(self.runner.run)(spec)
@@ -453,7 +617,8 @@ class IntakeWorker:
 
     def close(self) -> None:
         self.stop.set()
-        self.pool.shutdown(wait=False, cancel_futures=False)
+        if self.scheduler is not None:
+            self.scheduler.close()
 
 
 @rayserve.deployment(name="EventIntake", num_replicas=1, ray_actor_options={"num_cpus": 0.1},
@@ -475,8 +640,8 @@ class EventIntake:
 
     def status(self) -> dict[str, Any]:
         w = self.worker
-        return {"configured": w.settings.configured, "polling": w.polling,
-                "pushed": w.pushed, "rules": len(w.settings.rules)}
+        return {"configured": w.settings.configured, "polling": w.polling, "pushed": w.pushed,
+                "rules": len(w.settings.rules), "queued": w.scheduler.queued() if w.scheduler else {}}
 
     def check_health(self) -> None:
         self.worker.healthy()

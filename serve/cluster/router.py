@@ -531,6 +531,15 @@ class JobService:
             raise
         return await asyncio.to_thread(_event_reply, job)
 
+    def site_limits(self) -> dict[str, int]:
+        """Each site's ``max_concurrent_jobs``, as the tenants file has it now (the intake's per-site limits).
+
+        Returns:
+            Site name -> its job limit.
+        """
+        self.tenancy.refresh()
+        return {name: site.max_concurrent_jobs for name, site in self.tenancy.sites.items()}
+
     # -- availability -------------------------------------------------------
     async def describe(self, name: str) -> dict:
         """What a sub-model deployment reports about its model (cached once ready)."""
