@@ -17,10 +17,12 @@ Both SeaweedFS 4.48 and moto honour these headers (answering 412), as AWS S3
 does since 2024. Records are signed (:mod:`serve.records`): one that does not
 verify reads as absent, so a forged ``running`` record cannot block a job.
 
-:class:`JobRunner` runs one job end to end: claim, stage the input in,
-segment (an :class:`Engine`), stage the outputs out with ``job.json`` last,
-mark the record done. Errors a user caused (corrupt file, 4xx from S3) end the
-job ``failed`` with the reason in the record and in an error ``job.json``;
+:class:`JobRunner` runs one job end to end: look at the input (HEAD: an
+event naming a version the object does not have is refused with 412 before
+anything is claimed or read), claim, stage the input in, segment (an
+:class:`Engine`), stage the outputs out with ``job.json`` last, mark the
+record done. Errors a user caused (corrupt file, 4xx from S3) end the job
+``failed`` with the reason in the record and in an error ``job.json``;
 retryable errors leave it ``failed`` with ``retryable`` so a redelivery may
 claim it again.
 """
@@ -485,14 +487,37 @@ class JobRunner:
         self.max_bytes = max_bytes
         self.work_dir = Path(work_dir or tempfile.gettempdir())
 
-    def _fill_version(self, spec: JobSpec) -> JobSpec:
+    def _fill_version(self, spec: JobSpec, head: Mapping[str, Any] | None = None) -> JobSpec:
+        """``spec`` with the ETag and version id of the object as it is now, where it names neither."""
         if spec.etag or spec.version_id:
             return spec
-        head = staging.object_exists(spec.input_uri, self.settings)
+        head = head or self._input_head(spec)
         if head is None:
-            bucket, _ = parse_s3_uri(spec.input_uri)
-            raise staging.S3RequestError(f"the input object does not exist in bucket '{bucket}'", 404, "NoSuchKey")
+            raise self._missing(spec)
         return JobSpec.from_dict({**spec.to_dict(), "etag": head["ETag"], "version_id": head.get("VersionId")})
+
+    def _input_head(self, spec: JobSpec) -> dict | None:
+        return staging.object_exists(spec.input_uri, self.settings)
+
+    @staticmethod
+    def _is_version(spec: JobSpec, head: Mapping[str, Any] | None) -> bool:
+        """``head`` (the object as it is now) is the version ``spec`` names."""
+        if head is None:
+            return False
+        if spec.version_id and spec.version_id != "null":
+            return head.get("VersionId") == spec.version_id
+        return bool(spec.etag) and head["ETag"].strip('"') == spec.etag.strip('"')
+
+    @staticmethod
+    def _missing(spec: JobSpec) -> staging.S3RequestError:
+        bucket, _ = parse_s3_uri(spec.input_uri)
+        return staging.S3RequestError(f"the input object does not exist in bucket '{bucket}'", 404, "NoSuchKey")
+
+    @staticmethod
+    def _changed(spec: JobSpec, what: str) -> InputChangedError:
+        bucket, _ = parse_s3_uri(spec.input_uri)
+        return InputChangedError(f"the input object in bucket '{bucket}' {what}; the version there now gets its "
+                                 f"own event", 412, "PreconditionFailed")
 
     def key_for(self, spec: JobSpec) -> tuple[JobSpec, str, dict[str, str]]:
         spec = self._fill_version(spec)
@@ -500,11 +525,24 @@ class JobRunner:
         return spec, idempotency_key(spec, models), models
 
     def run(self, spec: JobSpec) -> JobOutcome:
-        """Claim, compute and publish; or return the existing result."""
+        """Claim, compute and publish; or return the existing result.
+
+        The input is looked at (HEAD) first: an event naming a version the object does not have now
+        (replaced since, or a made-up ETag) gets that version's finished result if there is one, and
+        otherwise fails with 412 before anything is claimed or downloaded.
+        """
         try:
-            spec, key, models = self.key_for(spec)
+            head = self._input_head(spec)
+            if head is None:
+                raise self._missing(spec)
+            spec, key, models = self.key_for(self._fill_version(spec, head))
         except MrisegError as e:
             return self._fail_unclaimed(spec, e)
+        if not self._is_version(spec, head):
+            rec = self.store.get(key)
+            if rec is not None and (rec.state == DONE or (rec.state == FAILED and not rec.retryable)):
+                return JobOutcome(key, rec.state, rec.output_prefix, False, rec.error, rec.outputs)
+            return self._fail_unclaimed(spec, self._changed(spec, "is not the version its event names"))
         rec, mine = self.store.claim(key, spec, models)
         if not mine:
             return JobOutcome(key, rec.state, rec.output_prefix, False, rec.error, rec.outputs,
@@ -588,8 +626,7 @@ class JobRunner:
         info = staging.download_file(spec.input_uri, local, self.max_bytes, self.settings,
                                      version_id=spec.version_id)
         if spec.etag and info.etag.strip('"') != spec.etag.strip('"') and not spec.version_id:
-            raise InputChangedError(f"the input object in bucket '{bucket}' changed since the event; "
-                                    f"the new version gets its own event", 412, "PreconditionFailed")
+            raise self._changed(spec, "changed since the event")
         download_s = time.perf_counter() - t
         outdir = tmp / "out"
         outdir.mkdir()
@@ -644,15 +681,17 @@ class JobRunner:
         return JobOutcome(rec.key, FAILED, rec.output_prefix, True, err)
 
     def _fail_unclaimed(self, spec: JobSpec, exc: MrisegError) -> JobOutcome:
-        """The job could not even be identified (input gone, models missing): nothing to claim."""
+        """The job could not even be identified (input gone, models missing), or its event names a version
+        the object does not have: nothing to claim."""
         err = error_dict(exc)
         log.info("job not started: %d %s", err["status"], err["title"])
         try:
             prefix = spec.output_prefix
         except MrisegError:  # the input key itself is what is wrong: there is no folder to name
             prefix = ""
-        if prefix and not err["retryable"]:
-            # the message is acknowledged: the reason must outlive this log line
+        if prefix and not err["retryable"] and not isinstance(exc, InputChangedError):
+            # the message is acknowledged: the reason must outlive this log line (but a made-up or replaced
+            # version's event leaves the folder to the version there now)
             self.publish_error(spec, err, prefix)
         return JobOutcome("", FAILED, prefix, False, err)
 

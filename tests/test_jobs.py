@@ -342,7 +342,7 @@ def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, 
     assert f"{unique_prefix}/pushed/garbage.json.unsigned" in keys_under(seaweed, "jobs", f"{unique_prefix}/pushed/")
 
 
-# -- issue #34: held pushes ------------------------------------------------------------------------------
+# -- issue #34: held pushes, made-up ETags ---------------------------------------------------------------
 @pytest.mark.parametrize("forgery", ["unsigned", "forged"])
 def test_a_forged_held_push_is_set_aside_never_run(seaweed, unique_prefix, forgery, caplog):  # noqa: F811
     """Issue #34: a held push written by a site (naming another site's object) was run by the intake.
@@ -388,3 +388,33 @@ def test_pushes_of_one_object_hold_one_job_the_latest(seaweed, unique_prefix):  
     journal.attempted(again, 60.0)  # the latest push's own run: counted
     journal.release(again)
     assert [h.spec.site for h in journal.held()] == ["site-b"]
+
+
+def _counting_gets(settings, key: str) -> tuple[object, list[str]]:
+    """Settings of a client of their own whose GetObject calls of ``key`` are counted (real requests to the
+    real server, observed through botocore's event hooks)."""
+    own = dataclasses.replace(settings, read_timeout_s=settings.read_timeout_s + 0.5)
+    gets: list[str] = []
+    staging.client_for(own).meta.events.register(
+        "provide-client-params.s3.GetObject",
+        lambda params, **_: gets.append(params["Key"]) if params.get("Key") == key else None)
+    return own, gets
+
+
+def test_a_made_up_etag_is_never_claimed_or_read(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
+    """Issue #34: each push with a made-up ETag was claimed and downloaded the object (up to 1 GiB) before
+    the ETag check. Now the run HEADs the object first, finds another ETag and fails 412: no claim, no GET,
+    nothing published."""
+    spec = spec_for(unique_prefix, "fake.nii.gz")
+    put_volume(seaweed.settings, spec.input_uri, tmp_path)
+    settings, gets = _counting_gets(seaweed.settings, f"{unique_prefix}/in/fake.nii.gz")
+    store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    engine = SegmenterEngine(segmenter)
+    runner = JobRunner(store, engine, settings, work_dir=tmp_path)
+    out = runner.run(dataclasses.replace(spec, etag=f'"{1:032x}"'))
+    assert out.state == FAILED and out.error["status"] == 412 and not out.retryable and not out.computed
+    assert gets == [] and engine.calls == 0
+    assert keys_under(seaweed, "jobs", f"{unique_prefix}/jobs/") == []  # nothing was claimed
+    assert keys_under(seaweed, "outbox", f"{unique_prefix}/") == []      # nor published
+    # the object's real version runs (and is read once)
+    assert runner.run(spec).state == DONE and len(gets) == 1
