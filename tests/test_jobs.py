@@ -323,7 +323,10 @@ def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, 
     dying = worker()
     dying.stop.set()  # no sweeps: what it held must be found by the next replica
     assert dying.submit([s.to_dict() for s in specs]) == 3
-    dying.pool.shutdown(wait=True, cancel_futures=True)  # the replica dies with the rest still queued
+    dying.scheduler.close()  # the replica dies with the rest still queued
+    deadline = time.monotonic() + 120  # hang guard only: the job it was running finishes (or not) first
+    while dying.scheduler.running() and time.monotonic() < deadline:
+        time.sleep(0.1)
     held = dying.journal.held()
     assert 2 <= len(held) <= 3
     seaweed.client().put_object(Bucket="jobs", Key=f"{unique_prefix}/pushed/garbage.json", Body=b"{trunc")
