@@ -20,11 +20,13 @@ verify reads as absent, so a forged ``running`` record cannot block a job.
 :class:`JobRunner` runs one job end to end: look at the input (HEAD: an
 event naming a version the object does not have is refused with 412 before
 anything is claimed or read), claim, stage the input in, segment (an
-:class:`Engine`), stage the outputs out with ``job.json`` last, mark the
-record done. Errors a user caused (corrupt file, 4xx from S3) end the job
-``failed`` with the reason in the record and in an error ``job.json``;
-retryable errors leave it ``failed`` with ``retryable`` so a redelivery may
-claim it again.
+:class:`Engine`), then publish: look at the input again (a result of a
+version replaced meanwhile is not published) and stage the outputs out with
+a signed ``job.json`` last, each ``job.json`` write conditional on the one
+last seen there; mark the record done. Errors a user caused (corrupt file,
+4xx from S3) end the job ``failed`` with the reason in the record and in an
+error ``job.json``; retryable errors leave it ``failed`` with ``retryable``
+so a redelivery may claim it again.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from botocore.exceptions import ClientError
 
 from serve import staging
 from serve.audit import audit
-from serve.errors import MrisegError, StorageError
+from serve.errors import MrisegError, StorageError, VolumeTooLargeError
 from serve.records import ForgedRecord, RecordSigner, rejected
 from serve.s3client import S3Settings, parse_s3_uri
 
@@ -476,8 +478,24 @@ class _Heartbeat:
                 log.warning("could not renew a job lease", exc_info=True)
 
 
+#: the status of a job.json while a job replaces the set in its folder: not ``done``, so no reader takes the
+#: files for a whole set; it names the job, so the folder's next job can tell whose it is
+PUBLISHING = "publishing"
+#: a job.json larger than this is none this server wrote (and is not read into memory)
+MAX_JOB_JSON_BYTES = 1 << 20
+
+
+class _FolderChanged(Exception):
+    """The output folder's job.json is no longer the one this job last saw (another job publishes there)."""
+
+
 class JobRunner:
-    """Runs :class:`JobSpec` s exactly once in effect: ``runner.run(spec)`` is the consumer's ``submit``."""
+    """Runs :class:`JobSpec` s exactly once in effect: ``runner.run(spec)`` is the consumer's ``submit``.
+
+    The job.json it publishes is signed (:mod:`serve.records`, inline layout, with the store's signer): it
+    lies in a folder the site may write to, so one that does not verify is someone else's, never replaced
+    or trusted on its word.
+    """
 
     def __init__(self, store: JobStore, engine: Engine, settings: S3Settings | Mapping[str, Any] | None = None,
                  max_bytes: int | None = 1 << 30, work_dir: str | os.PathLike | None = None):
@@ -486,6 +504,7 @@ class JobRunner:
         self.settings = settings
         self.max_bytes = max_bytes
         self.work_dir = Path(work_dir or tempfile.gettempdir())
+        self.signer = store.signer
 
     def _fill_version(self, spec: JobSpec, head: Mapping[str, Any] | None = None) -> JobSpec:
         """``spec`` with the ETag and version id of the object as it is now, where it names neither."""
@@ -548,15 +567,13 @@ class JobRunner:
             return JobOutcome(key, rec.state, rec.output_prefix, False, rec.error, rec.outputs,
                               rec.lease_until if rec.state == RUNNING else None)
         audit("job.claimed", job=key[:16], site=spec.site, source="s3-event", attempt=rec.attempts)
-        if rec.output_prefix == spec.output_prefix:
-            rec.output_prefix = self._free_prefix(spec, key, models)
         started = time.time()
         tmp = Path(tempfile.mkdtemp(prefix="mriseg-job-", dir=self.work_dir))
         try:
             error: Exception | None = None
             with _Heartbeat(self.store, rec, max(1.0, self.store.lease_s / 3)) as hb:
                 try:
-                    outputs, _, _ = self._compute(spec, rec, tmp, started, lambda: hb.lost)
+                    outputs, _, _ = self._compute(spec, rec, models, tmp, started, lambda: hb.lost)
                 except Exception as e:  # settled below, once the heartbeat no longer writes the record
                     error = e
             rec = hb.rec
@@ -574,30 +591,51 @@ class JobRunner:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _free_prefix(self, spec: JobSpec, key: str, models: Mapping[str, str]) -> str:
-        """``{site}/{case}/`` unless another job (other options or models) already published there.
+    def _read_job_json(self, uri: str) -> tuple[dict | None, str | None]:
+        """The job.json at ``uri`` if this server signed it for that place (else None, audited), and the
+        ETag of whatever is there (None: nothing)."""
+        bucket, key = parse_s3_uri(uri)
+        try:
+            raw, info = staging.download_object(uri, MAX_JOB_JSON_BYTES, self.settings)
+        except staging.S3RequestError as e:
+            if e.status == 404:
+                return None, None
+            raise
+        except (VolumeTooLargeError, staging.IntegrityError) as e:  # not ours: too large, or its checksum lies
+            head = staging.object_exists(uri, self.settings)
+            rejected("job.json", bucket, key, "oversized" if isinstance(e, VolumeTooLargeError) else "checksum")
+            return None, (head["ETag"] if head else None)
+        try:
+            return self.signer.check(json.loads(raw), bucket=bucket, key=key), info.etag
+        except (ValueError, RecursionError, ForgedRecord) as e:
+            rejected("job.json", bucket, key, e.reason if isinstance(e, ForgedRecord) else "unsigned")
+            return None, info.etag
 
-        Its own earlier failure, and the result of an earlier version of the same input made the same way,
-        are replaced: the case folder shows the input as it is now.
+    def _placement(self, spec: JobSpec, key: str, models: Mapping[str, str]) -> tuple[str, str | None]:
+        """Where the job publishes, and the ETag of the job.json there now (None: none).
+
+        ``{site}/{case}/`` unless another job (other options or models) published there, or what is there
+        was not signed by this server for that folder (a site may write in its output folders, and what it
+        wrote is never replaced on its word): then ``runs/<key16>/``. Its own earlier attempt, the reason
+        its input failed before, and the set (or the ``publishing`` marker) of an earlier version of the
+        same input made the same way are replaced: the case folder shows the input as it is now.
         """
         base = spec.output_prefix
-        head = staging.object_exists(base + "job.json", self.settings)
-        if head is None:
-            return base
-        try:
-            existing = json.loads(staging.download_bytes(base + "job.json", settings=self.settings))
-        except ValueError:  # unreadable: whose it is cannot be told, so it is not overwritten
-            existing = None
-        if isinstance(existing, dict) and existing.get("job_key") == key:
-            return base
-        if isinstance(existing, dict) and existing.get("status") == FAILED and \
-                (existing.get("input") or {}).get("uri") == spec.input_uri:
-            # only the reason this input failed before (a corrupt upload since replaced, say): the result
-            # of the input as it is now belongs in the case folder, where the site looks for it
-            return base
-        if isinstance(existing, dict) and existing.get("status") == DONE and self._supersedes(existing, spec, models):
-            return base
-        return f"{base}runs/{key[:16]}/"
+        existing, etag = self._read_job_json(base + "job.json")
+        if etag is None:
+            return base, None
+        if existing is not None:
+            if existing.get("job_key") == key:
+                return base, etag
+            if existing.get("status") == FAILED and (existing.get("input") or {}).get("uri") == spec.input_uri:
+                # only the reason this input failed before (a corrupt upload since replaced, say): the result
+                # of the input as it is now belongs in the case folder, where the site looks for it
+                return base, etag
+            if existing.get("status") in (DONE, PUBLISHING) and self._supersedes(existing, spec, models):
+                return base, etag
+        runs = f"{base}runs/{key[:16]}/"
+        head = staging.object_exists(runs + "job.json", self.settings)
+        return runs, (head["ETag"] if head else None)
 
     def _supersedes(self, existing: dict, spec: JobSpec, models: Mapping[str, str]) -> bool:
         """``existing`` was made from an earlier version of this job's input, with the same options and
@@ -606,19 +644,14 @@ class JobRunner:
         if (existing.get("input") or {}).get("uri") != spec.input_uri or existing.get("options") != spec.options() \
                 or existing.get("models") != dict(models):
             return False
-        head = staging.object_exists(spec.input_uri, self.settings)
-        if head is None:
-            return False
-        if spec.version_id:
-            return head.get("VersionId") == spec.version_id
-        return bool(spec.etag) and head["ETag"].strip('"') == spec.etag.strip('"')
+        return self._is_version(spec, self._input_head(spec))
 
     def _taken_over(self, spec: JobSpec, rec: JobRecord) -> JobOutcome:
         """Our lease lapsed (a stalled worker) and another worker took the job: it is that worker's now."""
         log.warning("job %s of site %s was taken over by another worker; left to it", rec.key[:12], spec.site)
         return JobOutcome(rec.key, RUNNING, rec.output_prefix, False)
 
-    def _compute(self, spec: JobSpec, rec: JobRecord, tmp: Path, started: float,
+    def _compute(self, spec: JobSpec, rec: JobRecord, models: Mapping[str, str], tmp: Path, started: float,
                  lost: Callable[[], bool] = lambda: False):
         bucket, key = parse_s3_uri(spec.input_uri)
         local = tmp / ("input" + next((s for s in VOLUME_SUFFIXES if key.lower().endswith(s)), ""))
@@ -633,13 +666,66 @@ class JobRunner:
         meta = self.engine.segment_file(local, spec, outdir)
         timings = {"download_s": download_s, **meta.get("timings", {})}
         doc = self._job_doc(spec, rec, DONE, info, started, timings=timings, meta=meta)
-        (outdir / "job.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
-        if lost():  # the new holder publishes there: replacing its job.json with ours would mix two runs
-            raise ClaimLost("the job was taken over while it ran")
         t = time.perf_counter()
-        outputs = staging.upload_dir(outdir, rec.output_prefix, self.settings)
+        outputs = self._publish(spec, rec, models, outdir, doc, lost)
         log.debug("uploaded outputs in %.2fs", time.perf_counter() - t)
         return outputs, meta, info
+
+    def _publish(self, spec: JobSpec, rec: JobRecord, models: Mapping[str, str], outdir: Path, doc: dict,
+                 lost: Callable[[], bool]) -> dict[str, str]:
+        """Upload the outputs, then the signed job.json, where :meth:`_placement` says; returns the URIs.
+
+        Just before, the input is looked at again: a job whose input was replaced (or deleted) while it ran
+        publishes nothing (:class:`InputChangedError`, 412), so an older version's result never replaces a
+        newer one's; the version there now has its own job. The folder's job.json is first replaced by a
+        signed ``publishing`` marker, conditionally on the one the placement read (``If-Match``, or
+        ``If-None-Match`` where there was none); the uploads stop once the marker is replaced, and the
+        done job.json is written ``If-Match`` the marker. Of two jobs publishing into one folder at once,
+        the later marker wins and the other decides again.
+        """
+        for _ in range(3):
+            prefix, etag = self._placement(spec, rec.key, models)
+            if not self._is_version(spec, self._input_head(spec)):
+                raise self._changed(spec, "was replaced or deleted while its job ran")
+            if lost():  # the new holder publishes there: replacing its job.json with ours would mix two runs
+                raise ClaimLost("the job was taken over while it ran")
+            rec.output_prefix = prefix
+            try:
+                return self._publish_at(prefix, etag, outdir, doc, lost)
+            except _FolderChanged:
+                log.info("the output folder of job %s changed while it published; deciding again", rec.key[:12])
+        raise StorageError(f"the output folder of job {rec.key[:16]} kept changing while it published; "
+                           f"the job is tried again later")
+
+    def _publish_at(self, prefix: str, etag: str | None, outdir: Path, doc: dict,
+                    lost: Callable[[], bool]) -> dict[str, str]:
+        uri = prefix + "job.json"
+        marker = self._put_job_json({**doc, "status": PUBLISHING}, uri, etag)
+
+        def still_ours(_name: str) -> None:
+            if lost():
+                raise ClaimLost("the job was taken over while it published")
+            head = staging.object_exists(uri, self.settings)
+            if head is None or head["ETag"].strip('"') != marker.strip('"'):
+                raise _FolderChanged()
+
+        outputs = staging.upload_dir(outdir, prefix, self.settings, on_uploaded=still_ours, last=())
+        self._put_job_json(doc, uri, marker)
+        outputs["job.json"] = uri
+        return outputs
+
+    def _put_job_json(self, doc: dict, uri: str, etag: str | None) -> str:
+        """Write ``doc`` signed at ``uri`` in place of exactly the job.json last seen there (``etag``; None:
+        none); returns the new ETag, or raises :class:`_FolderChanged` when another has landed since."""
+        bucket, key = parse_s3_uri(uri)
+        try:
+            resp = staging.put_json(self.signer.stamp(doc, bucket=bucket, key=key), uri, self.settings,
+                                    **conditions(etag))
+        except StorageError as e:
+            if precondition_failed(e):
+                raise _FolderChanged() from e
+            raise
+        return resp["ETag"]
 
     def _job_doc(self, spec: JobSpec, rec: JobRecord | None, state: str, info: staging.ObjectInfo | None,
                  started: float, *, timings: dict | None = None, meta: dict | None = None,
@@ -671,8 +757,10 @@ class JobRunner:
             # version overwritten since its event: the new one's job publishes there, and must not be put off)
             doc = self._job_doc(spec, rec, FAILED, None, started, error=err)
             try:
-                staging.put_json(doc, rec.output_prefix + "job.json", self.settings)
-            except StorageError:
+                prefix, etag = self._placement(spec, rec.key, rec.models)
+                rec.output_prefix = prefix
+                self._put_job_json(doc, prefix + "job.json", etag)
+            except (MrisegError, _FolderChanged):
                 log.warning("could not write the error job.json of job %s", rec.key[:12])
         try:
             rec = self.store.finish(rec, FAILED, error=err)
@@ -696,12 +784,12 @@ class JobRunner:
         return JobOutcome("", FAILED, prefix, False, err)
 
     def publish_error(self, spec: JobSpec, err: dict, prefix: str, key: str | None = None) -> None:
-        """An error job.json where the outputs would have been, for a job nobody will run again.
+        """An error job.json (signed) where the outputs would have been, for a job nobody will run again.
 
         Never over a job.json already there, which may be an earlier version's result.
         """
         doc = {**self._job_doc(spec, None, FAILED, None, time.time(), error=err), "job_key": key}
         try:
-            staging.put_json(doc, prefix + "job.json", self.settings, IfNoneMatch="*")
-        except StorageError:
+            self._put_job_json(doc, prefix + "job.json", None)
+        except (StorageError, _FolderChanged):
             log.info("kept the job.json already in the output folder of a failed job")

@@ -345,7 +345,7 @@ def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, 
     assert f"{unique_prefix}/pushed/garbage.json.unsigned" in keys_under(seaweed, "jobs", f"{unique_prefix}/pushed/")
 
 
-# -- issue #34: held pushes, made-up ETags ---------------------------------------------------------------
+# -- issue #34: held pushes, made-up ETags, stale results ------------------------------------------------
 @pytest.mark.parametrize("forgery", ["unsigned", "forged"])
 def test_a_forged_held_push_is_set_aside_never_run(seaweed, unique_prefix, forgery, caplog):  # noqa: F811
     """Issue #34: a held push written by a site (naming another site's object) was run by the intake.
@@ -421,3 +421,58 @@ def test_a_made_up_etag_is_never_claimed_or_read(seaweed, segmenter, unique_pref
     assert keys_under(seaweed, "outbox", f"{unique_prefix}/") == []      # nor published
     # the object's real version runs (and is read once)
     assert runner.run(spec).state == DONE and len(gets) == 1
+
+
+def test_an_older_versions_result_never_replaces_a_newer_ones(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
+    """Issue #34: version 1's job was slow; the object was re-uploaded and version 2's job published; then
+    version 1's job finished and published over it. Now it publishes nothing (412) and the case folder
+    shows version 2."""
+    spec = spec_for(unique_prefix, "race.nii.gz")
+    v1 = put_volume(seaweed.settings, spec.input_uri, tmp_path, seed=1)
+    entered, go = threading.Event(), threading.Event()
+
+    class Gated(SegmenterEngine):
+        def segment_file(self, path, job, outdir):
+            if job.etag == v1.etag:  # version 1's job waits here, its input already read
+                entered.set()
+                assert go.wait(120)
+            return super().segment_file(path, job, outdir)
+
+    runner = JobRunner(JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings), Gated(segmenter),
+                       seaweed.settings, work_dir=tmp_path)
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(runner.run(dataclasses.replace(spec, etag=v1.etag))))
+    t.start()
+    try:
+        assert entered.wait(120)
+        v2 = put_volume(seaweed.settings, spec.input_uri, tmp_path, seed=2)
+        second = runner.run(dataclasses.replace(spec, etag=v2.etag))
+        assert second.state == DONE and second.output_prefix == spec.output_prefix
+        seg = staging.download_bytes(spec.output_prefix + "segmentation.nii.gz", settings=seaweed.settings)
+    finally:
+        go.set()
+        t.join()
+    [late] = first
+    assert late.state == FAILED and late.error["status"] == 412 and not late.retryable
+    doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "done" and doc["input"]["etag"] == v2.etag and doc["job_key"] == second.key
+    assert staging.download_bytes(spec.output_prefix + "segmentation.nii.gz", settings=seaweed.settings) == seg
+    assert not [k for k in keys_under(seaweed, "outbox", f"{unique_prefix}/") if "/runs/" in k]
+
+
+def test_a_job_json_this_server_did_not_sign_is_never_replaced(seaweed, runner, unique_prefix, tmp_path,
+                                                               caplog):  # noqa: F811
+    """The case folder lies where the site may write: a job.json there without a valid MAC (written before
+    records were signed, or by the site) is someone else's, whatever it says; the job publishes beside it."""
+    spec = spec_for(unique_prefix, "planted.nii.gz")
+    put_volume(seaweed.settings, spec.input_uri, tmp_path)
+    full, key, _ = runner.key_for(spec)
+    planted = {"status": "failed", "job_key": key, "site": "site-a", "input": {"uri": spec.input_uri}}
+    staging.put_json(planted, spec.output_prefix + "job.json", seaweed.settings)
+    with caplog.at_level(logging.INFO, logger="mriseg.audit"):
+        out = runner.run(spec)
+    assert out.state == DONE and out.output_prefix == f"{spec.output_prefix}runs/{key[:16]}/"
+    assert json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings)) == planted
+    assert [line["kind"] for line in audited(caplog, "record.rejected")] == ["job.json"]
+    doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["status"] == "done" and doc["job_key"] == key and len(doc["mac"]) == 64
