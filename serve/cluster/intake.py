@@ -464,8 +464,8 @@ class IntakeWorker:
         runner: the job runner; None: a :class:`serve.jobs.JobRunner` with a :class:`RouterEngine`.
         dlq_gauge: the dead-letter queue gauge to set.
         job_counter: counts jobs by outcome.
-        site_limits: returns each site's job limit; None: the router's (``RouterEngine.site_limits``),
-            or 1 for every site with a ``runner`` given.
+        site_limits: returns each site's job limit (1 for a site it does not name); None: the router's
+            (``RouterEngine.site_limits``), or, with a ``runner`` given, no limit per site.
         app_name: the Serve application whose Router runs the jobs; None: this replica's.
     """
 
@@ -494,7 +494,8 @@ class IntakeWorker:
         self.runner = runner
         self.job_counter = job_counter
         # every event job, pushed or polled, waits its site's turn: one site's flood holds up only itself
-        self.scheduler = SiteScheduler(settings.concurrency, SiteLimits(site_limits or dict))
+        self.scheduler = SiteScheduler(settings.concurrency, SiteLimits(site_limits or dict),
+                                       default_limit=1 if site_limits is not None else settings.concurrency)
         if settings.queue is not None:
             consumer = Consumer(settings.queue, self._run_polled)
             if dlq_gauge is not None:
