@@ -50,7 +50,7 @@ from botocore.exceptions import ClientError
 from serve import staging
 from serve.audit import audit
 from serve.errors import MrisegError, StorageError, VolumeTooLargeError
-from serve.records import ForgedRecord, RecordSigner, rejected
+from serve.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
 from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -282,11 +282,17 @@ class JobStore:
                 if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                     return None, None
                 raise
+            if int(r.get("ContentLength") or 0) > MAX_RECORD_BYTES:  # not ours, and not read into memory
+                r["Body"].close()
+                return None, r["ETag"]
             return r["Body"].read(), r["ETag"]
 
         body, etag = staging.with_retries(once, bucket=self.bucket, action="read a job record")
         if etag is None:
             return None, None
+        if body is None:
+            rejected("job", self.bucket, okey, "oversized")
+            return None, etag
         try:
             _, doc = self.signer.unseal(json.loads(body), bucket=self.bucket, key=okey)
         except (ValueError, RecursionError, ForgedRecord) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
@@ -481,8 +487,6 @@ class _Heartbeat:
 #: the status of a job.json while a job replaces the set in its folder: not ``done``, so no reader takes the
 #: files for a whole set; it names the job, so the folder's next job can tell whose it is
 PUBLISHING = "publishing"
-#: a job.json larger than this is none this server wrote (and is not read into memory)
-MAX_JOB_JSON_BYTES = 1 << 20
 
 
 class _FolderChanged(Exception):
@@ -596,7 +600,7 @@ class JobRunner:
         ETag of whatever is there (None: nothing)."""
         bucket, key = parse_s3_uri(uri)
         try:
-            raw, info = staging.download_object(uri, MAX_JOB_JSON_BYTES, self.settings)
+            raw, info = staging.download_object(uri, MAX_RECORD_BYTES, self.settings)
         except staging.S3RequestError as e:
             if e.status == 404:
                 return None, None

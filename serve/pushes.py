@@ -33,7 +33,7 @@ from typing import Any, Mapping
 from serve import staging
 from serve.errors import StorageError, VolumeTooLargeError
 from serve.jobs import JobSpec, precondition_failed
-from serve.records import ForgedRecord, RecordSigner, rejected
+from serve.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
 from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,6 @@ def push_id(spec: JobSpec) -> str:
     """The held record's id of a pushed object: one per (site, bucket, key), whatever the ETag."""
     bucket, key = parse_s3_uri(spec.input_uri)
     return hashlib.sha256(json.dumps([spec.site, bucket, key]).encode()).hexdigest()[:32]
-
-
-#: a held record larger than this is none this server wrote (and is not read into memory)
-MAX_RECORD_BYTES = 1 << 20
 
 
 class PushJournal:
@@ -165,9 +161,9 @@ class PushJournal:
                 if e.status == 404:  # released since it was listed
                     continue
                 raise
-            except VolumeTooLargeError:
+            except (VolumeTooLargeError, staging.IntegrityError) as e:  # not ours: not copied aside, removed
                 head = staging.object_exists(uri, self.settings)
-                rejected("push", self.bucket, key, "oversized")
+                rejected("push", self.bucket, key, "oversized" if isinstance(e, VolumeTooLargeError) else "checksum")
                 if head is not None:
                     self._delete(key, head["ETag"])
                 continue

@@ -55,6 +55,8 @@ from serve.errors import MrisegError
 
 ENV = "MRISEG_RECORD_KEY_FILE"
 MIN_KEY_BYTES = 32
+#: a stored record larger than this is none this server wrote; readers do not load it
+MAX_RECORD_BYTES = 1 << 20
 VERSION = 1
 _HOW = "make one with `mriseg record-key generate PATH` (or `python -m serve.records generate PATH`)"
 

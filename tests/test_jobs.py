@@ -373,6 +373,29 @@ def test_a_forged_held_push_is_set_aside_never_run(seaweed, unique_prefix, forge
     assert reasons == (["unsigned"] if forgery == "unsigned" else ["bad mac", "bad mac"])
 
 
+def test_an_oversized_record_or_one_whose_checksum_lies_is_a_forgery_not_fatal(seaweed, unique_prefix,
+                                                                             caplog):  # noqa: F811
+    """Whoever can write in the jobs prefix must not stop every sweep (a held record whose checksum
+    metadata lies failed the verified download of each listing) nor make a worker read gigabytes into
+    memory: both are audited and treated as forgeries."""
+    journal = PushJournal(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    mine = journal.hold(spec_for(unique_prefix, "mine.nii.gz"))
+    pushed = f"{unique_prefix}/pushed/"
+    c = seaweed.client()
+    c.put_object(Bucket="jobs", Key=f"{pushed}lying.json", Body=b"{}", Metadata={"sha256": "0" * 64})
+    c.put_object(Bucket="jobs", Key=f"{pushed}huge.json", Body=b" " * ((1 << 20) + 1))
+    spec = JobSpec(f"s3://inbox/{unique_prefix}/big.nii", "s3://outbox/o", etag='"1"')
+    key = idempotency_key(spec, {})
+    c.put_object(Bucket="jobs", Key=f"{unique_prefix}/jobs/{key}.json", Body=b" " * ((1 << 20) + 1))
+    store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    with caplog.at_level(logging.INFO, logger="mriseg.audit"):
+        assert [h.id for h in journal.held()] == [mine.id]
+        assert store.claim(key, spec, {})[1]
+    assert keys_under(seaweed, "jobs", pushed) == [f"{pushed}{mine.id}.json"]
+    assert sorted((line["kind"], line["reason"]) for line in audited(caplog, "record.rejected")) == [
+        ("job", "oversized"), ("push", "checksum"), ("push", "oversized")]
+
+
 def test_pushes_of_one_object_hold_one_job_the_latest(seaweed, unique_prefix):  # noqa: F811
     """Issue #34: N pushes with N made-up ETags for one object made N held jobs (each then claimed and each
     downloading the object). Now they hold one, the latest push's; a run of an earlier push that settles
