@@ -119,7 +119,8 @@ def _file_ids(data_dir: Path, collection: str) -> list[str]:
         start = 8 + int.from_bytes(raw[6:8], "big")
         start += -start % 8
         if len(raw) >= start + 12:
-            cookie, needle = int.from_bytes(raw[start:start + 4], "big"), int.from_bytes(raw[start + 4:start + 12], "big")
+            cookie = int.from_bytes(raw[start:start + 4], "big")
+            needle = int.from_bytes(raw[start + 4:start + 12], "big")
             fids.append(f"{dat.stem.rsplit('_', 1)[1]},{needle:x}{cookie:08x}")
     return fids
 
