@@ -8,27 +8,26 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve.cluster.up import LocalStack
 
 
 def cmd_up(args) -> int:
     """Start the local stack, print how to use it, and keep it running until Ctrl-C."""
-    from serve.cluster.up import start_local_stack, stop_local_stack
+    from serve.cluster.up import check_site_names, load_site_specs, start_local_stack, stop_local_stack
+    from serve.errors import MrisegError
 
+    if args.sites and args.tenants:
+        raise MrisegError("give --sites or --tenants, not both")
+    sites = (load_site_specs(args.tenants) if args.tenants
+             else check_site_names(args.sites.split(",")) if args.sites else None)
     print(f"starting Ray and mriseg-serve from {args.config} (first start takes a minute) ...", flush=True)
-    stack = start_local_stack(args.config, port=args.port, models=args.models, embedded_s3=not args.no_s3)
+    stack = start_local_stack(args.config, port=args.port, models=args.models, embedded_s3=not args.no_s3,
+                              sites=sites)
     try:
-        print(f"\nmriseg-serve is up at {stack.url}   (API docs: {stack.url}/v1/docs)")
-        print(f"site '{stack.site}', API key: {stack.api_key}")
-        if stack.metrics_url:
-            print(f"metrics: {stack.metrics_url}")
-        print("\nsegment a volume:\n  " + stack.curl_line())
-        if stack.s3:
-            s3 = stack.s3
-            print(f"\nembedded S3 (SeaweedFS) at {s3['endpoint_url']}, bucket s3://mriseg/local/ "
-                  f"(AWS_ACCESS_KEY_ID={s3['access_key_id']} AWS_SECRET_ACCESS_KEY={s3['secret_access_key']}):")
-            print(f"  aws --endpoint-url {s3['endpoint_url']} s3 cp scan.nii.gz s3://mriseg/local/in/scan.nii.gz")
-            print("  " + stack.s3_curl_line())
-        print("\nor run 'mriseg demo' in another shell. Ctrl-C stops the stack.", flush=True)
+        print(banner(stack), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -36,6 +35,38 @@ def cmd_up(args) -> int:
     finally:
         stop_local_stack(stack)
     return 0
+
+
+def banner(stack: "LocalStack") -> str:
+    """What ``mriseg up`` prints once the stack is up.
+
+    Args:
+        stack: the running stack.
+
+    Returns:
+        The text: each site's API key, prefix and S3 keys (never the server identity's), how to segment
+        a volume, and the embedded S3 ports that still answer without credentials.
+    """
+    lines = [f"\nmriseg-serve is up at {stack.url}   (API docs: {stack.url}/v1/docs)"]
+    if stack.metrics_url:
+        lines.append(f"metrics: {stack.metrics_url}")
+    for site in stack.sites:
+        lines.append(f"\nsite '{site.name}': API key {site.api_key}")
+        if site.s3:
+            lines += [f"  S3 prefix {site.prefix} (inbox {site.inbox}, results in {site.outbox}{site.name}/<case>/)",
+                      f"  S3 keys for this prefix only: AWS_ACCESS_KEY_ID={site.s3['access_key_id']} "
+                      f"AWS_SECRET_ACCESS_KEY={site.s3['secret_access_key']}"]
+    lines.append(f"\nsegment a volume (as site '{stack.site}'):\n  " + stack.curl_line())
+    if stack.s3:
+        endpoint = stack.s3["endpoint_url"]
+        lines += [f"\nembedded S3 (SeaweedFS) at {endpoint}; with site '{stack.site}'s S3 keys:",
+                  f"  aws --endpoint-url {endpoint} s3 cp scan.nii.gz s3://mriseg/{stack.site}/in/scan.nii.gz",
+                  "  " + stack.s3_curl_line()]
+    if stack.open_ports:
+        lines.append("\nembedded S3 ports that answer without credentials (127.0.0.1 only; no object data or keys):")
+        lines += [f"  {p}" for p in stack.open_ports]
+    lines.append("\nor run 'mriseg demo' in another shell. Ctrl-C stops the stack.")
+    return "\n".join(lines)
 
 
 def run_demo_through_stack(stack, outdir: Path, quiet: bool = False) -> dict:
@@ -127,6 +158,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
     p.add_argument("--models", nargs="+", metavar="DIR_OR_S3", help="model sources (default: the demo models)")
     p.add_argument("--no-s3", action="store_true", help="do not start the embedded S3 server (uploads only)")
+    p.add_argument("--sites", metavar="A,B", default=None,
+                   help="sites to make, each with its own API key, S3 prefix s3://mriseg/<site>/ (inbox/, outbox/) "
+                        "and S3 keys limited to it (default: one site, 'local')")
+    p.add_argument("--tenants", metavar="FILE", default=None,
+                   help="YAML 'sites:' mapping each site name to max_concurrent_jobs/requests_per_second/burst "
+                        "(keys and prefixes are made as for --sites)")
     p.set_defaults(func=cmd_up)
 
     demo = sub.choices.get("demo")

@@ -1,10 +1,17 @@
 """The embedded default: a whole mriseg-serve stack on this machine.
 
-:func:`start_local_stack` starts a local Ray, a tenants file with one site
-("local") and a fresh API key, and the Serve app from
-``deployments/local.yaml`` (the same file ``serve run`` takes). It records
-the URL and key in a state file readable only by the user, so
-``mriseg demo`` (and :func:`find_running_stack`) can reach it.
+:func:`start_local_stack` starts the embedded S3 server (SeaweedFS, locked
+down: :mod:`serve.embedded_s3`), a local Ray, a tenants file and the Serve
+app from ``deployments/local.yaml`` (the same file ``serve run`` takes).
+Each site (one, ``local``, unless named with ``--sites`` or ``--tenants``)
+gets a fresh API key (only its digest is in the tenants file), its prefix
+``s3://mriseg/<site>/`` with an inbox (``inbox/``) whose pushed volumes are
+segmented into ``outbox/``, and an S3 identity of its own limited to that
+prefix. The job records live in ``s3://mriseg/_jobs/``, outside every site's
+prefix, signed with a record key generated into the stack's private work
+dir. The URL, the sites' keys and the S3 settings go to a state file
+readable only by the user, so ``mriseg demo`` (and
+:func:`find_running_stack`) can reach the stack.
 """
 
 from __future__ import annotations
@@ -13,20 +20,23 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import shutil
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from serve.cachedir import cache_root
 from serve.errors import MrisegError, ServiceUnavailableError
+from serve.records import ENV as RECORD_KEY_ENV
+from serve.records import RecordSigner
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "deployments" / "local.yaml"
 LOCAL_SITE = "local"
 LOCAL_BUCKET = "mriseg"
+#: the job records (held pushes, job claims): outside every site's prefix, which a site's S3 keys reach;
+#: no site can be named "_jobs" (:data:`SITE_NAME`)
+JOBS_PREFIX = f"s3://{LOCAL_BUCKET}/_jobs/"
+#: a site name: lower-case letters, digits and '-', starting with a letter or digit (it is an S3 key segment)
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+#: the per-site settings ``--tenants FILE`` may give; keys and prefixes are ``mriseg up``'s to make
+SITE_SPEC_SETTINGS = ("max_concurrent_jobs", "requests_per_second", "burst")
 
 
 def state_dir() -> Path:
@@ -41,8 +58,28 @@ def state_dir() -> Path:
 
 
 @dataclass
+class LocalSite:
+    """One site of a local stack: its API key, its S3 prefix and its own S3 keys."""
+
+    name: str
+    api_key: str
+    prefix: str                      # s3://mriseg/<site>/, all the site may touch
+    s3: dict | None = None           # S3Settings fields with the site's own keys (None without the embedded S3)
+
+    @property
+    def inbox(self) -> str:
+        """Where the site puts volumes to be segmented when pushed."""
+        return self.prefix + "inbox/"
+
+    @property
+    def outbox(self) -> str:
+        """Where the results of its inbox's volumes land (``<outbox><site>/<case>/``)."""
+        return self.prefix + "outbox/"
+
+
+@dataclass
 class LocalStack:
-    """How to reach a running local stack."""
+    """How to reach a running local stack. ``api_key``, ``site`` and ``s3`` are the first site's."""
 
     url: str
     api_key: str
@@ -51,15 +88,21 @@ class LocalStack:
     metrics_url: str | None = None
     ray_tmp: str | None = None
     work_dir: str | None = None
-    s3: dict | None = None          # embedded S3 server settings (endpoint, static keys), if started
+    s3: dict | None = None          # the first site's S3 settings (its own keys), if the embedded S3 runs
     s3_pid: int | None = None
+    sites: list[LocalSite] = field(default_factory=list)
+    open_ports: list[str] = field(default_factory=list)  # embedded S3 ports answering without credentials
+    record_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        self.sites = [s if isinstance(s, LocalSite) else LocalSite(**s) for s in self.sites]  # from the state file
 
     def s3_curl_line(self, key: str = "in/scan.nii.gz") -> str | None:
         """Segment a volume already in the embedded S3 server (``aws s3 cp`` it there first)."""
         if not self.s3:
             return None
-        body = json.dumps({"input": f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/{key}",
-                           "output_prefix": f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/out/{Path(key).name.split('.')[0]}/"})
+        body = json.dumps({"input": f"s3://{LOCAL_BUCKET}/{self.site}/{key}",
+                           "output_prefix": f"s3://{LOCAL_BUCKET}/{self.site}/out/{Path(key).name.split('.')[0]}/"})
         return (f"curl -sS -H 'Authorization: Bearer {self.api_key}' -H 'Content-Type: application/json' "
                 f"-d '{body}' '{self.url}/v1/segmentations?wait=true'")
 
@@ -67,6 +110,68 @@ class LocalStack:
         return (f"curl -sS -H 'Authorization: Bearer {self.api_key}' -H 'Content-Type: application/octet-stream' "
                 f"--data-binary @{shlex.quote(volume)} '{self.url}/v1/segmentations/upload?wait=true"
                 f"&filename={shlex.quote(Path(volume).name)}'")
+
+
+def check_site_names(names: Sequence[str]) -> list[str]:
+    """``names`` as site names, checked: each a valid S3 key segment, none twice.
+
+    Args:
+        names: the site names (e.g. ``--sites a,b`` split at the commas).
+
+    Returns:
+        The names, in order; a :class:`MrisegError` saying what is wrong otherwise.
+    """
+    names = [str(n).strip() for n in names]
+    if not names or not all(names):
+        raise MrisegError("give at least one site name, e.g. --sites site-a,site-b")
+    for n in names:
+        if not SITE_NAME.fullmatch(n):
+            raise MrisegError(f"site name {n[:80]!r}: use lower-case letters, digits and '-', starting with a "
+                              f"letter or digit, at most 63 characters")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise MrisegError(f"site(s) {dup} named twice; give each site once")
+    return names
+
+
+def load_site_specs(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The sites of a ``--tenants FILE``: ``sites:`` mapping each name to optional settings.
+
+    The settings are :data:`SITE_SPEC_SETTINGS` (a site's job limit and API rate); ``mriseg up``
+    makes every site's API key, prefix and S3 keys itself, so the file holds none.
+
+    Args:
+        path: a YAML or JSON file, e.g. ``sites: {site-a: {max_concurrent_jobs: 4}, site-b: {}}``.
+
+    Returns:
+        Site name -> its settings; a :class:`MrisegError` saying what to change otherwise.
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MrisegError(f"--tenants {path}: cannot be read ({e.strerror})") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise MrisegError(f"--tenants {path}: not valid YAML/JSON ({type(e).__name__})") from e
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("sites"), Mapping) or not raw["sites"]:
+        raise MrisegError(f"--tenants {path}: expected 'sites:' mapping each site name to its settings "
+                          f"({', '.join(SITE_SPEC_SETTINGS)}), e.g. sites: {{site-a: {{}}, site-b: {{}}}}")
+    given = {str(k): v for k, v in raw["sites"].items()}  # YAML may read a name like 2024 as a number
+    specs: dict[str, dict[str, Any]] = {}
+    for name in check_site_names(list(given)):
+        cfg = given[name] or {}
+        if not isinstance(cfg, Mapping):
+            raise MrisegError(f"--tenants {path}: site {name}: expected a mapping of settings")
+        unknown = sorted(str(k) for k in cfg if k not in SITE_SPEC_SETTINGS)
+        if unknown:
+            raise MrisegError(f"--tenants {path}: site {name}: {unknown} cannot be set here (mriseg up makes each "
+                              f"site's API key, prefix and S3 keys); known: {', '.join(SITE_SPEC_SETTINGS)}")
+        specs[name] = dict(cfg)
+    return specs
+
+
+def site_prefix(site: str) -> str:
+    """The S3 prefix a local stack gives ``site``."""
+    return f"s3://{LOCAL_BUCKET}/{site}/"
 
 
 def load_serve_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -92,25 +197,39 @@ def app_args_from_config(app_cfg: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def write_tenants(path: Path, api_key: str) -> Path:
-    """A tenants file holding only the key's digest."""
-    doc = {"sites": {LOCAL_SITE: {"key_sha256": [hashlib.sha256(api_key.encode()).hexdigest()],
-                                  "prefixes": [f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/"],
-                                  "max_concurrent_jobs": 8}}}
+def write_tenants(path: Path, api_keys: str | Mapping[str, str],
+                  settings: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+    """A tenants file holding only the keys' digests, each site with its prefix ``s3://mriseg/<site>/``.
+
+    Args:
+        path: where to write it.
+        api_keys: site name -> its API key; one string is the key of the one site ``local``.
+        settings: site name -> extra settings (:data:`SITE_SPEC_SETTINGS`) for the tenants file.
+
+    Returns:
+        ``path``.
+    """
+    keys = {LOCAL_SITE: api_keys} if isinstance(api_keys, str) else dict(api_keys)
+    doc = {"sites": {site: {"key_sha256": [hashlib.sha256(key.encode()).hexdigest()],
+                            "prefixes": [site_prefix(site)],
+                            "max_concurrent_jobs": 8, **dict((settings or {}).get(site) or {})}
+                     for site, key in keys.items()}}
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
-def local_events(work: Path, api_key: str) -> dict[str, Any]:
+def local_events(work: Path, api_keys: str | Mapping[str, str]) -> dict[str, Any]:
     """Event intake for the embedded default: volumes pushed for ``s3://{bucket}/{site}/inbox/``
-    are segmented into ``s3://{bucket}/{site}/outbox/{site}/{case}/``."""
+    are segmented into ``s3://{bucket}/{site}/outbox/{site}/{case}/``; the job records lie in
+    :data:`JOBS_PREFIX`, outside every site's prefix."""
+    api_keys = {LOCAL_SITE: api_keys} if isinstance(api_keys, str) else dict(api_keys)
     keys = work / "event-site-keys.json"
     fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({LOCAL_SITE: api_key}, f)
-    return {"jobs": f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/_jobs/", "site_keys_file": str(keys),
-            "rules": [{"bucket": LOCAL_BUCKET, "prefix": f"{LOCAL_SITE}/inbox/", "site": LOCAL_SITE,
-                       "output_root": f"s3://{LOCAL_BUCKET}/{LOCAL_SITE}/outbox"}]}
+        json.dump(api_keys, f)
+    return {"jobs": JOBS_PREFIX, "site_keys_file": str(keys),
+            "rules": [{"bucket": LOCAL_BUCKET, "prefix": f"{site}/inbox/", "site": site,
+                       "output_root": site_prefix(site) + "outbox"} for site in api_keys]}
 
 
 def _save_state(stack: LocalStack) -> Path:
@@ -193,38 +312,67 @@ def _check_port_free(host: str, port: int) -> None:
 
 def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int | None = None,
                       models: list[str] | None = None, num_cpus: int | None = None,
-                      save_state: bool = True, embedded_s3: bool = True) -> LocalStack:
-    """Start the embedded S3 server, Ray and the app of ``config``; returns once ``/readyz`` is 200."""
+                      save_state: bool = True, embedded_s3: bool = True,
+                      sites: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None) -> LocalStack:
+    """Start the embedded S3 server, Ray and the app of ``config``; returns once ``/readyz`` is 200.
+
+    Args:
+        config: the Serve config file.
+        port: the HTTP port (default: the config's).
+        models: model sources (default: the config's).
+        num_cpus: CPUs for Ray (default: all).
+        save_state: record the stack in the state file (for ``mriseg demo``).
+        embedded_s3: start the embedded S3 server (with the sites' inboxes).
+        sites: site names, or name -> settings (:func:`load_site_specs`); default one site, ``local``.
+
+    Returns:
+        The stack; its first site is ``api_key``/``site``/``s3``, every site is in ``sites``.
+    """
     import ray
     from ray import serve as rayserve
 
     from serve.cluster.app import build_app
 
+    specs = dict(sites) if isinstance(sites, Mapping) else {n: {} for n in (sites or [LOCAL_SITE])}
+    check_site_names(list(specs))
     app_cfg, http = load_serve_config(config)
     args = app_args_from_config(app_cfg)
     host = http.get("host", "127.0.0.1")
     port = int(port or http.get("port", 8000))
     _check_port_free(host, port)
-    work = Path(tempfile.mkdtemp(prefix="mriseg-up-"))
+    work = Path(tempfile.mkdtemp(prefix="mriseg-up-"))  # 0700: keys, tenants, the S3 server's data
     s3_server, ray_tmp = None, None
+    env_saved: dict[str, str | None] = {}
     try:  # from here on a failure removes what was made, keys included
-        api_key = "mrs_" + secrets.token_urlsafe(24)
-        args["tenants_file"] = str(write_tenants(work / "tenants.yaml", api_key))
+        api_keys = {site: "mrs_" + secrets.token_urlsafe(24) for site in specs}
+        args["tenants_file"] = str(write_tenants(work / "tenants.yaml", api_keys, specs))
         args.setdefault("router", {})["results_dir"] = str(work / "results")
         if models:
             args["model_sources"] = list(models)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # RAY_AUTH_MODE stays as the caller set it. Unset, Ray (2.59+) gives a local cluster a token
         # (~/.ray/auth_token): its gRPC servers listen on every interface whatever the node address.
+        # A fresh key for this stack's job records, set before ray.init so Ray's workers (the intake, the
+        # router) inherit it; the variable's earlier value comes back when the stack stops.
+        record_key = str(RecordSigner.generate(work / "record.key"))
+        env_saved[RECORD_KEY_ENV] = os.environ.get(RECORD_KEY_ENV)
+        os.environ[RECORD_KEY_ENV] = record_key
+        site_s3: dict[str, dict | None] = {site: None for site in specs}
+        open_ports: list[str] = []
         if embedded_s3:
             from dataclasses import asdict as _asdict
 
+            from serve.embedded_s3 import HOST as S3_HOST
             from serve.embedded_s3 import SeaweedServer
 
-            s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET]).start()
-            args["s3"] = _asdict(s3_server.settings)
-            if args.get("events") is not None:  # pushed events for the local site's inbox (no SQS here)
-                args["events"] = {**args["events"], **local_events(work, api_key)}
+            s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET],
+                                      identities={site: [site_prefix(site)] for site in specs}).start()
+            args["s3"] = _asdict(s3_server.settings)  # the server identity: the app's only, never printed
+            site_s3 = {site: _asdict(s3_server.identity_settings(site)) for site in specs}
+            open_ports = [f"{S3_HOST}:{p} ({op.flag.split('.')[0]} HTTP: {op.serves})"
+                          for p, op in s3_server.open_ports()]
+            if args.get("events") is not None:  # pushed events for the sites' inboxes (no SQS here)
+                args["events"] = {**args["events"], **local_events(work, api_keys)}
         if args.get("events") is not None:
             args["events"] = {**args["events"], "api_url": f"http://127.0.0.1:{port}"}
         ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
@@ -240,15 +388,29 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         if s3_server is not None:
             s3_server.stop()
         _shutdown(ray_tmp, str(work))
+        _restore_env(env_saved)
         raise
     metrics_port = args.get("metrics_port")
-    stack = LocalStack(url, api_key, LOCAL_SITE, os.getpid(),
+    local_sites = [LocalSite(site, api_keys[site], site_prefix(site), site_s3[site]) for site in specs]
+    first = local_sites[0]
+    stack = LocalStack(url, first.api_key, first.name, os.getpid(),
                        f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, ray_tmp, str(work),
-                       args.get("s3"), s3_server.proc.pid if s3_server is not None else None)
+                       first.s3, s3_server.proc.pid if s3_server is not None else None, local_sites, open_ports,
+                       record_key)
     _S3_SERVERS[stack.pid] = s3_server
+    _ENV_SAVED[stack.pid] = env_saved
     if save_state:
         _save_state(stack)
     return stack
+
+
+def _restore_env(saved: Mapping[str, str | None]) -> None:
+    """Give the environment variables a stack set their earlier values back (unset where there was none)."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def keep_ray_token_private(path: Path | None = None) -> bool:
@@ -287,6 +449,7 @@ def _shutdown(ray_tmp: str | None, work: str | None) -> None:
 
 
 _S3_SERVERS: dict[int, Any] = {}
+_ENV_SAVED: dict[int, dict[str, str | None]] = {}  # pid -> the variables its stack set, earlier values
 
 
 def stop_local_stack(stack: LocalStack) -> None:
@@ -294,6 +457,7 @@ def stop_local_stack(stack: LocalStack) -> None:
     server = _S3_SERVERS.pop(stack.pid, None)
     if server is not None:
         server.stop()
+    _restore_env(_ENV_SAVED.pop(stack.pid, {}))
     p = state_dir() / "stack.json"
     try:
         if p.is_file() and json.loads(p.read_text()).get("pid") == stack.pid:
