@@ -236,6 +236,30 @@ def test_rules_are_checked_against_the_tenants_at_start(rule, says, monkeypatch)
     assert IntakeSettings.from_mapping(settings).rules  # without the tenants nothing more is checked
 
 
+@pytest.mark.parametrize("jobs,holder", [
+    ("s3://in/a/_jobs/", "a"),       # inside a site's prefix: the site could forge the records the intake trusts
+    ("s3://in/a", "a"),              # the prefix itself
+    ("s3://in/", "a"),               # around a site's prefix: the site's objects would lie among the records
+    ("s3://in2/records/", "b"),      # b holds the whole bucket in2
+    ("s3://out/x/b/jobs", "b"),
+    ("s3://jobs/records/", None),    # a bucket of its own
+    ("s3://out/x/records/", None),   # beside the sites' folders, not inside one
+    ("s3://in/ab/", None),           # "ab/" is not inside "a/" or "b/"
+])
+def test_the_job_record_prefix_lies_outside_every_sites_prefixes(jobs, holder, monkeypatch):
+    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.cluster.tenancy import Tenancy
+
+    for var in ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    tenancy = Tenancy.from_mapping(TENANTS)
+    if holder is None:
+        assert IntakeSettings.from_mapping({"jobs": jobs, "rules": [RULE]}, tenancy=tenancy).jobs == jobs
+        return
+    with pytest.raises(MrisegError, match=f"job-record prefix {jobs} overlaps site '{holder}'"):
+        IntakeSettings.from_mapping({"jobs": jobs, "rules": [RULE]}, tenancy=tenancy)
+
+
 def test_the_site_keys_of_earlier_versions_are_ignored_with_a_warning(monkeypatch, caplog):
     """The intake reaches the router by Ray handle; a config still naming the keys starts, and says to remove them."""
     from serve.cluster.intake import ENV, IntakeSettings

@@ -31,11 +31,11 @@ async def _labels(name, refs, spacing):
     return {"labels": np.zeros(refs[0].shape, np.uint8), "started": 0.0, "finished": 0.0}
 
 
-def _service(tmp_path, call=_labels, **settings) -> JobService:
+def _service(tmp_path, call=_labels, reserved=(), **settings) -> JobService:
     tenancy = Tenancy.load(write_tenants(tmp_path / "tenants.yaml"), reload_interval_s=0.05)
     svc = JobService(tenancy, call, _described, ["organs"], RouterSettings(results_dir=str(tmp_path / "r"),
                                                                             **settings),
-                     put=lambda array: array)
+                     put=lambda array: array, reserved_prefixes=reserved)
     # the stand-in sub-model's labels carry no label map: merge to an empty segmentation on the input grid
     svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})
     return svc
@@ -128,6 +128,16 @@ def test_a_site_removed_from_the_tenants_file_has_its_event_jobs_refused(tmp_pat
                  output_prefix=f"s3://{BUCKET}/site-b/out/site-b/c/")
     assert reply["error"]["status"] == 403 and "'site-b' is not in the tenants file" in reply["error"]["detail"]
     assert "site-b" not in svc.site_limits() and svc.site_limits()["site-c"] == 1
+
+
+def test_event_jobs_stop_while_a_site_holds_the_job_record_prefix(tmp_path):
+    """A tenants file edited to give a site the intake's record prefix: that site could forge records, so the
+    router runs no event job (retryable: the operators fix the file) until the file no longer does."""
+    svc = _service(tmp_path, reserved=[f"s3://{BUCKET}/site-a/_jobs/"])
+    reply = _run(svc)
+    assert reply["error"]["status"] == 503 and reply["error"]["retryable"], reply
+    svc.reserved_prefixes = (f"s3://{BUCKET}-jobs/records/",)
+    assert "error" not in _run(svc)
 
 
 def test_an_event_job_counts_against_its_sites_job_limit_and_its_wait_cancelled_frees_the_slot(tmp_path):

@@ -64,13 +64,15 @@ class Ingress:
                       ", ".join(self.sandbox_missing))
         events = None
         if intake is not None:
-            # the rules are checked against the tenants here, where both are at hand: a bad rule stops the start
+            # the rules and the job-record prefix are checked against the tenants here, where both are at
+            # hand: a bad rule, or a site able to write job records, stops the start
             events = _IntakeSink(intake, IntakeSettings.from_mapping(settings.get("events") or {}, settings.get("s3"),
                                                                      tenancy=tenancy))
         self.service = JobService(tenancy, self._call, self._describe, list(submodels),
                                   RouterSettings.from_mapping({**(settings.get("router") or {}),
                                                                "s3": settings.get("s3")}),
-                                  metrics, running_replicas=self._running_replicas, decoder=decoder)
+                                  metrics, running_replicas=self._running_replicas, decoder=decoder,
+                                  reserved_prefixes=[events.settings.jobs] if events and events.settings.jobs else [])
         self.metrics_port = start_metrics_server(metrics, int(settings.get("metrics_port") or 0),
                                                  settings.get("metrics_host", "0.0.0.0"))
         self._ready_cache: tuple[float, dict] | None = None

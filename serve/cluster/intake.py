@@ -87,7 +87,8 @@ class IntakeSettings:
         Args:
             d: the ``events`` app arg.
             s3: the app's ``s3`` settings.
-            tenancy: the tenants; given, every rule is checked against them (:func:`check_rules_in_tenancy`).
+            tenancy: the tenants; given, every rule is checked against them (:func:`check_rules_in_tenancy`)
+                and the ``jobs`` prefix must lie outside every site's prefixes (:func:`check_jobs_prefix`).
 
         Returns:
             The checked settings.
@@ -120,6 +121,7 @@ class IntakeSettings:
         parse_s3_uri(str(d["jobs"]).rstrip("/") + "/")  # a clear error for a jobs prefix that is not s3://
         if tenancy is not None:
             check_rules_in_tenancy(parsed, tenancy)
+            check_jobs_prefix(str(d["jobs"]), tenancy)
         for r in parsed:
             if "per_structure" in r.outputs:  # the router hands back the multilabel, statistics and preview only
                 raise MrisegError(f"events: inbox rule for site {r.site!r}: outputs 'per_structure' cannot be made "
@@ -137,6 +139,30 @@ class IntakeSettings:
     def rules_for(self, site: str) -> list[InboxRule]:
         """The inboxes a site may push events for (its own only)."""
         return [r for r in self.rules if r.site == site]
+
+
+def check_jobs_prefix(jobs: str, tenancy: "Tenancy") -> None:
+    """Refuse a job-record prefix that any site's prefix contains, equals or lies inside.
+
+    The intake trusts what it finds there (held pushes, job claims); a site that can
+    write there could forge them and have the intake read another site's objects or
+    block its jobs.
+
+    Args:
+        jobs: the ``events.jobs`` prefix.
+        tenancy: the tenants loaded from the tenants file.
+
+    Raises:
+        MrisegError: naming the site and its overlapping prefix.
+    """
+    from serve.cluster.router import sites_holding
+
+    holders = sites_holding(tenancy.sites.values(), jobs)
+    if holders:
+        site, prefix = holders[0]
+        raise MrisegError(f"events: the job-record prefix {jobs} overlaps site {site!r}'s prefix {prefix} in the "
+                          f"tenants file, so that site could write the records the intake trusts; put events.jobs "
+                          f"(MRISEG_EVENTS_JOBS_PREFIX) where no site's prefixes reach, e.g. a bucket of its own")
 
 
 def check_rules_in_tenancy(rules: Sequence[InboxRule], tenancy: "Tenancy") -> None:

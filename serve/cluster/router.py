@@ -33,7 +33,7 @@ from serve.cluster.jobs_state import Job, JobOptions
 from serve.cluster.journal import JobJournal
 from serve.cluster.metrics import IngressMetrics
 from serve.cluster.scheduler import FairScheduler
-from serve.cluster.tenancy import Site, Tenancy
+from serve.cluster.tenancy import Site, Tenancy, prefix_key
 from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
                           ServiceUnavailableError, TooManyRequestsError, UnsupportedFormatError, VolumeTooLargeError)
 from serve.jobs import OUTPUT_KINDS, error_dict
@@ -169,8 +169,10 @@ class JobService:
                  metrics: IngressMetrics | None = None, catalogue: Catalogue | None = None,
                  put: Callable[[np.ndarray], Any] | None = None,
                  running_replicas: Callable[[], Awaitable[dict[str, int]]] | None = None,
-                 decoder: SandboxedDecoder | None = None):
+                 decoder: SandboxedDecoder | None = None, reserved_prefixes: Iterable[str] = ()):
         self.tenancy = tenancy
+        # s3:// prefixes no site may hold (the event intake's job records): event jobs stop while one does
+        self.reserved_prefixes = tuple(reserved_prefixes)
         self.settings = settings or RouterSettings()
         # every input is decoded in a confined child (serve.sandbox), never in this process
         self.decoder = decoder or SandboxedDecoder()
@@ -440,8 +442,17 @@ class JobService:
 
         Raises:
             ForbiddenError: the tenants file has no such site.
+            ServiceUnavailableError: a site's prefixes now cover a reserved prefix (the intake's job
+                records): event jobs wait until the operators fix the tenants file.
         """
         self.tenancy.refresh()
+        for reserved in self.reserved_prefixes:
+            holders = sites_holding(self.tenancy.sites.values(), reserved)
+            if holders:
+                log.error("the tenants file gives site(s) %s prefixes overlapping the event job records' prefix; "
+                          "event jobs are refused until it does not", ", ".join(sorted({s for s, _ in holders})))
+                raise ServiceUnavailableError("the cluster's tenants file overlaps a site's prefixes with the event "
+                                              "job records; event jobs wait until the operators fix it")
         site = self.tenancy.sites.get(name)
         if site is None:
             raise ForbiddenError(f"site {name!r} is not in the tenants file (any more), so its event jobs are "
@@ -877,6 +888,26 @@ def check_upload_name(filename: str) -> None:
     if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):  # a header whose data file cannot come along
         raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; name the upload "
                                      f".nii, .nii.gz, .mha, .nrrd or .zip (a DICOM series) via ?filename=")
+
+
+def sites_holding(sites: Iterable[Site], uri: str) -> list[tuple[str, str]]:
+    """The sites' prefixes that contain, equal or lie inside the prefix ``uri``.
+
+    Args:
+        sites: the tenants' sites.
+        uri: an ``s3://bucket/prefix``.
+
+    Returns:
+        ``(site name, prefix as written)`` for each overlapping prefix.
+    """
+    bucket, key = prefix_key(uri)
+    out = []
+    for site in sites:
+        for p in site.prefixes:
+            pbucket, pkey = prefix_key(p)
+            if pbucket == bucket and (key.startswith(pkey) or pkey.startswith(key)):
+                out.append((site.name, p))
+    return out
 
 
 def write_result(result, volume, outdir: Path, outputs, roi_subset=None) -> dict[str, str]:
