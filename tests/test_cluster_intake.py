@@ -232,3 +232,37 @@ def test_the_wait_between_runs_of_an_unsettled_pushed_job_doubles_up_to_a_cap():
 
     assert [retry_delay_s(n, 60) for n in range(1, 5)] == [60, 120, 240, 480]
     assert retry_delay_s(12, 60) == MAX_RETRY_DELAY_S
+
+
+@pytest.mark.s3
+def test_the_intake_signs_its_records_with_its_record_key_file_where_one_is_set(seaweed, unique_prefix, tmp_path,
+                                                                                monkeypatch):  # noqa: F811
+    """``events.record_key_file`` stands in for $MRISEG_RECORD_KEY_FILE: the held pushes are signed with it, and a
+    key file that cannot be read stops the intake, naming it."""
+    import dataclasses
+
+    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.jobs import JobRunner, JobStore
+    from serve.pushes import PushJournal
+    from serve.records import RecordKeyError, RecordSigner
+
+    monkeypatch.delenv("MRISEG_RECORD_KEY_FILE", raising=False)
+    key = RecordSigner.generate(tmp_path / "record.key")
+    settings = IntakeSettings.from_mapping({"jobs": f"s3://jobs/{unique_prefix}", "record_key_file": str(key)},
+                                           dataclasses.asdict(seaweed.settings))
+    assert settings.record_key_file == str(key)
+    engine = _Engine()
+    engine.gate.clear()  # the job stays held while the test reads its record
+    runner = JobRunner(JobStore(settings.jobs, seaweed.settings, signer=RecordSigner.from_file(key)), engine,
+                       seaweed.settings, work_dir=tmp_path)
+    worker = IntakeWorker(settings, runner=runner)
+    try:
+        worker.submit([_spec(unique_prefix, "site-a", "case", seaweed.settings).to_dict()])
+        held = PushJournal(settings.jobs, seaweed.settings, signer=RecordSigner.from_file(key)).held()
+        assert [h.spec.site for h in held] == ["site-a"]
+        engine.gate.set()
+        _settled(worker)
+    finally:
+        worker.close()
+    with pytest.raises(RecordKeyError, match="cannot read the record key file"):
+        IntakeWorker(dataclasses.replace(settings, record_key_file=str(tmp_path / "missing.key")), runner=runner)

@@ -163,6 +163,7 @@ def test_inbox_rules_are_checked_when_loaded(change, says):
     ({"rules": {"a": RULE}}, "must be a list"),
     ({"concurrency": "two"}, "concurrency must be an integer"),
     ({"jobs": "/tmp/jobs"}, "s3://"),
+    ({"record_key_file": ["/etc/mriseg/record.key"]}, "record_key_file must be a file path"),
     ({"queue": "http://q"}, "unknown setting"),
     ({"queue_url": "http://q", "sqs_options": {"visibility_timeout": 60}}, "unknown SQS setting"),
     # the API serves no per-structure masks, so every such event job in the cluster would fail

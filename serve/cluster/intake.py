@@ -71,6 +71,7 @@ class IntakeSettings:
     concurrency: int = 2                      # event jobs in flight per replica (all sites), and as many SQS pollers
     lease_s: float = 300.0
     max_bytes: int = 1 << 30
+    record_key_file: str | None = None        # the key that signs job records; None: $MRISEG_RECORD_KEY_FILE
     s3: S3Settings = field(default_factory=S3Settings)
 
     @property
@@ -134,7 +135,8 @@ class IntakeSettings:
                                                  "sqs": d.get("sqs") or s3 or {}, "rules": rules})
         return cls(jobs=str(d["jobs"]), rules=parsed, queue=queue,
                    concurrency=int(_at_least(d, "concurrency", 2, 1, True)), lease_s=_at_least(d, "lease_s", 300.0, 1),
-                   max_bytes=int(_at_least(d, "max_bytes", 1 << 30, 1, True)), s3=S3Settings.from_mapping(s3))
+                   max_bytes=int(_at_least(d, "max_bytes", 1 << 30, 1, True)),
+                   record_key_file=_path(d.get("record_key_file"), "record_key_file"), s3=S3Settings.from_mapping(s3))
 
     def rules_for(self, site: str) -> list[InboxRule]:
         """The inboxes a site may push events for (its own only)."""
@@ -199,7 +201,7 @@ def check_rules_in_tenancy(rules: Sequence[InboxRule], tenancy: "Tenancy") -> No
 
 
 EVENTS_SETTINGS = ("jobs", "rules", "rules_file", "queue_url", "dlq_url", "sqs", "sqs_options", "concurrency",
-                   "lease_s", "max_bytes")
+                   "lease_s", "max_bytes", "record_key_file")
 
 
 def _listed(value: Any, what: str) -> list:
@@ -208,6 +210,14 @@ def _listed(value: Any, what: str) -> list:
     if not isinstance(value, list):
         raise MrisegError(f"events: {what} must be a list of inbox rules")
     return list(value)
+
+
+def _path(value: Any, key: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise MrisegError(f"events: {key} must be a file path, not {value!r:.80}")
+    return str(value)
 
 
 def _at_least(d: Mapping[str, Any], key: str, default: float, minimum: float, integer: bool = False) -> float:
@@ -498,6 +508,7 @@ class IntakeWorker:
     def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None,
                  site_limits: Callable[[], Mapping[str, int]] | None = None, app_name: str | None = None):
         from serve.jobs import JobRunner, JobStore
+        from serve.records import RecordSigner
 
         self.settings = settings
         self.stop = threading.Event()
@@ -511,10 +522,12 @@ class IntakeWorker:
             log.info("event intake is off: no events.jobs prefix (MRISEG_EVENTS_JOBS_PREFIX)")
             self.runner = None
             return
-        self.journal = PushJournal(settings.jobs, settings.s3)
+        # None: $MRISEG_RECORD_KEY_FILE; either way a missing key stops the replica, saying what to set
+        signer = RecordSigner.from_file(settings.record_key_file) if settings.record_key_file else None
+        self.journal = PushJournal(settings.jobs, settings.s3, signer=signer)
         if runner is None:
             engine = RouterEngine(app_name)
-            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s), engine,
+            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s, signer=signer), engine,
                                settings.s3, max_bytes=settings.max_bytes)
             site_limits = site_limits or engine.site_limits
         self.runner = runner
