@@ -172,6 +172,8 @@ def test_tenants_file_is_the_mounted_secret(item):
     for app in _serve_config(rs)["applications"]:
         assert app["args"].get("tenants_file") == "/etc/mriseg/tenants.yaml", overlay
     for group, spec in _pod_specs(rs):
+        if group in _gpu_groups(rs):
+            continue  # the sub-models read no tenants file: test_gpu_pods_hold_only_the_model_read_identity
         (vol,) = [v for v in spec["volumes"] if v["name"] == "tenants"]
         assert vol["secret"]["secretName"] == "mriseg-tenants", group
 
@@ -753,6 +755,86 @@ def test_the_record_key_is_only_where_the_router_and_intake_run(item):
                  if d["kind"] == "Secret" and d["metadata"]["name"] == RECORD_KEY_SECRET]
     assert all(set(_secret_texts(d).values()) <= {"<placeholder>"} for d in committed), \
         f"a value for {RECORD_KEY_SECRET} is committed: create it out of band (docs/kubernetes.md, section 4)"
+
+
+# -- what a GPU pod holds (threat model: a compromised GPU worker, issue #34) ------------------------------
+# The sub-model replicas read only the weights (model_sources, boto3's default chain) and the pinned manifest;
+# the Router hands them arrays by Ray handle. Their pods get the model bucket's read-only identity and nothing
+# of the server's: not its S3 identity, the sites' key digests, the record key or the intake's settings.
+
+MODELS_S3_SECRET = "mriseg-models-s3"
+MODEL_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SERVER_ONLY = re.compile(r"mriseg-s3|tenants|mriseg-record-key|record[._-]key|RECORD_KEY|mriseg-events|"
+                         r"MRISEG_EVENTS_|" + SITE_KEY_NAMES.pattern, re.IGNORECASE)
+SERVER_CONFIG_DIR = Path("/etc/mriseg")  # the tenants file and the record key
+
+
+def _secrets_named(obj) -> set[str]:
+    """The Secrets a pod spec uses: secret and projected volumes, env ``secretKeyRef``, ``envFrom`` ``secretRef``."""
+    if isinstance(obj, list):
+        return {n for v in obj for n in _secrets_named(v)}
+    if not isinstance(obj, dict):
+        return set()
+    found = {v.get("secretName") or v.get("name") for k, v in obj.items()
+             if k in ("secret", "secretKeyRef", "secretRef") and isinstance(v, dict)}
+    return found | _secrets_named(list(obj.values()))
+
+
+def _gpu_pod_problems(rs: dict, group: str) -> list[str]:
+    """Everything the GPU group's pods hold beyond the model-read identity; empty if nothing."""
+    spec = dict(_pod_specs(rs))[group]
+    bad = [f"uses Secret {n!r}" for n in sorted(_secrets_named(spec) - {MODELS_S3_SECRET})]
+    bad += sorted({f"names {m.group(0)!r}" for s in _strings_in(spec) for m in SERVER_ONLY.finditer(s)})
+    head_env = dict(_pod_specs(rs))["head"]["containers"][0]["env"]
+    common = [e for e in head_env if "valueFrom" not in e and not e["name"].startswith("MRISEG_EVENTS_")]
+    for c in spec["containers"] + spec.get("initContainers", []):
+        env = {e["name"]: e for e in c.get("env") or []}
+        for name in MODEL_CREDENTIAL_ENV:
+            ref = (env.get(name, {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+            if ref.get("name") != MODELS_S3_SECRET or ref.get("optional") is not True:
+                bad.append(f"{c['name']}: {name} is not the optional Secret {MODELS_S3_SECRET}")
+        if [e for e in c.get("env") or [] if "valueFrom" not in e] != common:
+            bad.append(f"{c['name']}: its plain env drifted from the head's")
+        bad += [f"{c['name']}: mounts {m['mountPath']}" for m in c.get("volumeMounts") or []
+                if SERVER_CONFIG_DIR in (Path(m["mountPath"]), *Path(m["mountPath"]).parents)]
+        bad += [f"{c['name']}: envFrom {e}" for e in c.get("envFrom") or []]
+    # the app args reach every sub-model replica (SubModelSettings.s3): keys there would bypass the pod's identity
+    for app in _serve_config(rs)["applications"]:
+        keys = sorted(k for k in (app["args"].get("s3") or {}) if k in ("access_key_id", "secret_access_key"))
+        bad += [f"the serve config's s3.{k} reaches the sub-models; use the pods' Secrets" for k in keys]
+    return bad
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_gpu_pods_hold_only_the_model_read_identity(item):
+    """A GPU pod's only Secret is mriseg-models-s3 (both AWS_* keys, optional): no mriseg-s3, no tenants file,
+    no record key, no event-intake settings or rules, no site key; its other variables are the head's."""
+    overlay, rs = item
+    groups = _gpu_groups(rs)
+    assert groups or overlay == "dev", f"{overlay}: no GPU group"
+    for group in sorted(groups):
+        problems = _gpu_pod_problems(rs, group)
+        assert not problems, f"{overlay}/{group} holds more than the model weights need:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("leak", ["envFrom", "projected", "tenants-mount", "serve-config-keys"])
+def test_what_a_gpu_pod_must_not_hold_is_caught(leak):
+    """The check sees a Secret however it comes in, a mount of the server's config folder and keys in the args."""
+    (rs,) = [copy.deepcopy(d) for d in OVERLAY_DOCS["prod"] if d["kind"] == "RayService"]
+    assert not _gpu_pod_problems(rs, "gpu")
+    (group,) = [g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    spec, worker = group["template"]["spec"], group["template"]["spec"]["containers"][0]
+    if leak == "envFrom":
+        worker["envFrom"] = [{"secretRef": {"name": "some-secret"}}]
+    elif leak == "projected":
+        spec["volumes"].append({"name": "x", "projected": {"sources": [{"secret": {"name": "some-secret"}}]}})
+    elif leak == "tenants-mount":
+        worker["volumeMounts"].append({"name": "model-cache", "mountPath": "/etc/mriseg"})
+    else:
+        config = _serve_config(rs)
+        config["applications"][0]["args"]["s3"] = {"access_key_id": "a", "secret_access_key": "b"}
+        rs["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    assert _gpu_pod_problems(rs, "gpu")
 
 
 @pytest.mark.parametrize("item", _rayservices(), ids=_id)
