@@ -218,18 +218,21 @@ def write_tenants(path: Path, api_keys: str | Mapping[str, str],
     return path
 
 
-def local_events(work: Path, api_keys: str | Mapping[str, str]) -> dict[str, Any]:
+def local_events(sites: Sequence[str]) -> dict[str, Any]:
     """Event intake for the embedded default: volumes pushed for ``s3://{bucket}/{site}/inbox/``
     are segmented into ``s3://{bucket}/{site}/outbox/{site}/{case}/``; the job records lie in
-    :data:`JOBS_PREFIX`, outside every site's prefix."""
-    api_keys = {LOCAL_SITE: api_keys} if isinstance(api_keys, str) else dict(api_keys)
-    keys = work / "event-site-keys.json"
-    fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(api_keys, f)
-    return {"jobs": JOBS_PREFIX, "site_keys_file": str(keys),
+    :data:`JOBS_PREFIX`, outside every site's prefix.
+
+    Args:
+        sites: the stack's site names.
+
+    Returns:
+        The ``events`` settings. They hold no API key: the intake runs each job on the router by Ray
+        handle, as the rule's site.
+    """
+    return {"jobs": JOBS_PREFIX,
             "rules": [{"bucket": LOCAL_BUCKET, "prefix": f"{site}/inbox/", "site": site,
-                       "output_root": site_prefix(site) + "outbox"} for site in api_keys]}
+                       "output_root": site_prefix(site) + "outbox"} for site in sites]}
 
 
 def _save_state(stack: LocalStack) -> Path:
@@ -372,9 +375,7 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
             open_ports = [f"{S3_HOST}:{p} ({op.flag.split('.')[0]} HTTP: {op.serves})"
                           for p, op in s3_server.open_ports()]
             if args.get("events") is not None:  # pushed events for the sites' inboxes (no SQS here)
-                args["events"] = {**args["events"], **local_events(work, api_keys)}
-        if args.get("events") is not None:
-            args["events"] = {**args["events"], "api_url": f"http://127.0.0.1:{port}"}
+                args["events"] = {**args["events"], **local_events(list(specs))}
         ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
         ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False, _temp_dir=ray_tmp,
                  log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
