@@ -817,6 +817,31 @@ def test_gpu_pods_hold_only_the_model_read_identity(item):
         assert not problems, f"{overlay}/{group} holds more than the model weights need:\n" + "\n".join(problems)
 
 
+IRSA_ROLE = "eks.amazonaws.com/role-arn"
+
+
+@pytest.mark.parametrize("item", _rayservices(), ids=_id)
+def test_gpu_pods_have_a_service_account_and_cloud_role_of_their_own(item):
+    """With IRSA a pod's S3 identity is its ServiceAccount's role: the GPU groups' account is theirs alone
+    (no head or cpu pod runs as it), holds no API token, and names a role other than the server's."""
+    overlay, rs = item
+    accounts = {d["metadata"]["name"]: d for d in OVERLAY_DOCS[overlay] if d["kind"] == "ServiceAccount"}
+    used = {g: spec["serviceAccountName"] for g, spec in _pod_specs(rs)}
+    assert set(used.values()) <= set(accounts), f"{overlay}: pods run as accounts the rendering lacks"
+    gpu = _gpu_groups(rs)
+    assert gpu or overlay == "dev", f"{overlay}: no GPU group"
+    gpu_accounts = {used[g] for g in gpu}
+    assert not gpu_accounts & {a for g, a in used.items() if g not in gpu}, \
+        f"{overlay}: a GPU group shares its ServiceAccount (and IRSA role) with the head or the cpu pod"
+    server_roles = {(accounts[used[g]]["metadata"].get("annotations") or {}).get(IRSA_ROLE) for g in used
+                    if g not in gpu}
+    for name in gpu_accounts:
+        sa = accounts[name]
+        assert sa.get("automountServiceAccountToken") is False, f"{overlay}/{name}"
+        role = (sa["metadata"].get("annotations") or {}).get(IRSA_ROLE)
+        assert role and role not in server_roles, f"{overlay}/{name}: IRSA role {role!r} is the server's or none"
+
+
 @pytest.mark.parametrize("leak", ["envFrom", "projected", "tenants-mount", "serve-config-keys"])
 def test_what_a_gpu_pod_must_not_hold_is_caught(leak):
     """The check sees a Secret however it comes in, a mount of the server's config folder and keys in the args."""
