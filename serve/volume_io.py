@@ -63,6 +63,9 @@ class Volume:
     affine: np.ndarray
     source_format: str  # "nifti" | "sitk" | "dicom"
     header: Any = None  # the nibabel header of NIfTI inputs, copied into NIfTI outputs
+    #: integer voxels on disk with identity scaling (:func:`nifti_integer_valued`, :func:`dicom_integer_valued`):
+    #: only such inputs get TotalSegmentator's int32 cast after resampling (serve.preprocess)
+    integer_valued: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -160,14 +163,72 @@ def check_data(data: np.ndarray) -> np.ndarray:
     return data
 
 
-def _finish(data: np.ndarray, affine: np.ndarray, fmt: str, max_voxels: int, header=None) -> Volume:
+def _finish(data: np.ndarray, affine: np.ndarray, fmt: str, max_voxels: int, header=None,
+            integer_valued: bool = False) -> Volume:
     shape = check_shape(data.shape, max_voxels)
     data = np.asarray(data).reshape(shape)
     if data.dtype != np.float32:
         with np.errstate(over="ignore", invalid="ignore"):
             data = data.astype(np.float32)
     data = np.ascontiguousarray(data)
-    return Volume(check_data(data), check_affine(affine), fmt, header)
+    return Volume(check_data(data), check_affine(affine), fmt, header, integer_valued)
+
+
+# -- integer-valued inputs ------------------------------------------------------------
+# TotalSegmentator casts the resampled image to int32 whatever it holds. We do so only where the input's
+# voxels are integers by construction: an integer type on disk whose scaling keeps them integers. Any other
+# input (float on disk, or scaled by a fraction, as MRI often is) keeps float intensities (docs/inference.md).
+
+def nifti_integer_valued(img) -> bool:
+    """Whether a NIfTI image's voxels, as nibabel scales them, are integers by construction.
+
+    Args:
+        img: a nibabel NIfTI image (header read, data not needed).
+
+    Returns:
+        True for an integer on-disk type whose scaling, as nibabel applies it, is the identity slope (scl_slope 1,
+        or 0 / not finite, which the standard and nibabel read as "unscaled", the intercept then ignored) with an
+        integral intercept.
+    """
+    if img.get_data_dtype().kind not in "iu":
+        return False
+    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    return slope == 1.0 and inter.is_integer()
+
+
+def dicom_integer_valued(pixel_id: int, rescales: Sequence[tuple[str | None, str | None]]) -> bool:
+    """Whether a DICOM image's voxels, as GDCM rescales them, are integers by construction.
+
+    Args:
+        pixel_id: the SimpleITK pixel type ITK chose for the rescaled voxels.
+        rescales: (RescaleSlope, RescaleIntercept) of every file read, None where the tag is absent.
+
+    Returns:
+        True when ITK's type is an integer and every file has RescaleSlope 1 (or none) and an integral
+        RescaleIntercept (or none).
+    """
+    if not sitk_integer_pixels(pixel_id):
+        return False
+    for slope, inter in rescales:
+        try:
+            s = 1.0 if slope is None or not slope.strip() else float(slope.strip())
+            i = 0.0 if inter is None or not inter.strip() else float(inter.strip())
+        except ValueError:  # a multi-valued or garbled DS: nothing to vouch for the values
+            return False
+        if s != 1.0 or not i.is_integer():
+            return False
+    return True
+
+
+def sitk_integer_pixels(pixel_id: int) -> bool:
+    """A SimpleITK scalar pixel type is an integer type."""
+    import SimpleITK as sitk
+
+    return pixel_id in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32,
+                        sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64)
+
+
+_RESCALE_TAGS = ("0028|1053", "0028|1052")  # RescaleSlope, RescaleIntercept
 
 
 # -- NIfTI ----------------------------------------------------------------------
@@ -246,7 +307,7 @@ def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     finally:
         img.uncache()
     header = img.header.copy()
-    return _finish(data, affine, "nifti", max_voxels, header)
+    return _finish(data, affine, "nifti", max_voxels, header, nifti_integer_valued(img))
 
 
 def check_nifti_units(header) -> None:
@@ -497,7 +558,12 @@ def _read_sitk(path: Path, max_voxels: int, fmt: str, image_io: str = "") -> Vol
         raise CorruptFileError(f"the image data cannot be read ({_error_reason(e)}); the file is truncated or "
                                f"corrupt") from e
     affine = sitk_geometry_to_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return _finish(_sitk_array(image), affine, fmt, max_voxels)
+    if fmt == "dicom":
+        integer = dicom_integer_valued(image.GetPixelID(), [tuple(
+            image.GetMetaData(k) if image.HasMetaDataKey(k) else None for k in _RESCALE_TAGS)])
+    else:  # .mha/.nrrd/.mhd have no scaling ITK applies (serve.formats refuses the fields that would)
+        integer = sitk_integer_pixels(image.GetPixelID())
+    return _finish(_sitk_array(image), affine, fmt, max_voxels, integer_valued=integer)
 
 
 def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
@@ -554,7 +620,10 @@ def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume
     if len(best) > 1:
         check_slice_geometry([_slice_tags(reader, i) for i in range(len(best))])
     affine = sitk_geometry_to_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return _finish(_sitk_array(image), affine, "dicom", max_voxels)
+    rescales = [tuple(reader.GetMetaData(i, k) if reader.HasMetaDataKey(i, k) else None for k in _RESCALE_TAGS)
+                for i in range(len(best))]
+    return _finish(_sitk_array(image), affine, "dicom", max_voxels,
+                   integer_valued=dicom_integer_valued(image.GetPixelID(), rescales))
 
 
 def _slice_tags(reader, i: int) -> tuple[str, str] | None:

@@ -497,3 +497,104 @@ def test_a_nifti_in_metres_or_microns_is_refused_not_read_as_millimetres(tmp_pat
     img.header.set_xyzt_units("mm")
     nib.save(img, str(tmp_path / "mm.nii.gz"))
     assert read_volume(tmp_path / "mm.nii.gz").shape == (8, 8, 8)
+
+
+# -- integer-valued inputs (only these get TotalSegmentator's int32 cast after resampling) ---------------
+
+def _nifti_with_raw_scaling(path: Path, data: np.ndarray, slope: float | None, inter: float | None) -> Path:
+    """A .nii whose scl_slope/scl_inter bytes are written as given (nibabel would normalise some away)."""
+    import struct
+
+    nib.save(nib.Nifti1Image(data, np.diag([1.2, 1.3, 2.0, 1.0])), str(path))
+    if slope is not None:
+        raw = bytearray(path.read_bytes())
+        struct.pack_into("<ff", raw, 112, slope, inter)
+        path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("dtype,slope,inter,integer", [
+    (np.int16, None, None, True),        # no scaling written
+    (np.int16, 1.0, 0.0, True),
+    (np.int16, 0.0, 5.0, True),          # slope 0: unscaled, the intercept ignored (the standard, nibabel)
+    (np.int16, float("nan"), 7.0, True),
+    (np.int16, 1.0, -1024.0, True),      # an integral shift keeps integers integers (as DICOM's rule)
+    (np.uint8, None, None, True),
+    (np.uint16, 1.0, 0.0, True),
+    (np.int16, 0.5, 0.0, False),         # scaled MRI: the cast would destroy it
+    (np.int16, 2.0, 0.0, False),
+    (np.int16, 1.0, 0.5, False),
+    (np.float32, None, None, False),     # float on disk, whatever its values
+    (np.float64, 1.0, 0.0, False),
+])
+def test_integer_valued_nifti_is_an_integer_type_with_identity_scaling(tmp_path, dtype, slope, inter, integer):
+    data = (np.arange(60).reshape(5, 4, 3) % 50).astype(dtype)
+    vol = read_volume(_nifti_with_raw_scaling(tmp_path / "s.nii", data, slope, inter))
+    assert vol.integer_valued is integer
+
+
+@pytest.mark.parametrize("dtype,integer", [(np.int16, True), (np.uint8, True), (np.float32, False)])
+def test_integer_valued_mha_and_nrrd_follow_the_pixel_type(tmp_path, dtype, integer):
+    img = sitk_image((ramp() % 100).astype(dtype))
+    for suffix in (".mha", ".nrrd"):
+        sitk.WriteImage(img, str(tmp_path / f"v{suffix}"))
+        assert read_volume(tmp_path / f"v{suffix}").integer_valued is integer, suffix
+
+
+def _rescale(folder: Path, slope: str, intercept: str, only: int | None = None) -> None:
+    """Set RescaleSlope/RescaleIntercept of the series' files (or of file ``only``) with pydicom."""
+    import pydicom
+
+    for k, f in enumerate(sorted(folder.glob("*.dcm"))):
+        if only is not None and k != only:
+            continue
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.save_as(f)
+
+
+def _multiframe(series: Path, arr: np.ndarray, dest: Path) -> Path:
+    """The series' first file made a multi-frame file holding all of ``arr`` (its rescale tags kept)."""
+    import pydicom
+
+    ds = pydicom.dcmread(sorted(series.glob("*.dcm"))[0])
+    ds.NumberOfFrames, ds.SpacingBetweenSlices = arr.shape[2], "2.0"
+    ds.PixelData = np.ascontiguousarray(np.transpose(arr, (2, 1, 0))).astype("<i2").tobytes()
+    ds.save_as(dest)
+    return dest
+
+
+@pytest.mark.parametrize("slope,intercept,integer", [
+    ("1", "0", True), ("1", "-1024", True), ("1.0", "3.000", True),
+    ("0.5", "0", False), ("1", "2.5", False), ("2", "0", False),
+])
+def test_integer_valued_dicom_needs_rescale_slope_1_and_an_integral_intercept(tmp_path, slope, intercept, integer):
+    arr = (ramp((16, 12, 6)) % 500).astype(np.int16)
+    write_dicom_series(tmp_path / "series", arr)
+    _rescale(tmp_path / "series", slope, intercept)
+    vol = read_volume(tmp_path / "series")
+    assert np.allclose(vol.data, arr * float(slope) + float(intercept))
+    assert vol.integer_valued is integer
+    single = read_volume(_multiframe(tmp_path / "series", arr, tmp_path / "volume.dcm"))  # the one-file reader
+    assert single.shape == arr.shape and np.allclose(single.data, arr * float(slope) + float(intercept))
+    assert single.integer_valued is integer
+
+
+def test_one_scaled_dicom_slice_makes_the_series_float(tmp_path):
+    """Scanners may scale slice by slice: one scaled file is enough to keep the series' floats."""
+    arr = (ramp((16, 12, 6)) % 500).astype(np.int16)
+    write_dicom_series(tmp_path / "series", arr)
+    _rescale(tmp_path / "series", "1", "0")
+    assert read_volume(tmp_path / "series").integer_valued is True
+    _rescale(tmp_path / "series", "0.5", "0", only=3)
+    assert read_volume(tmp_path / "series").integer_valued is False
+
+
+def test_integer_valued_rule_reads_garbled_rescale_tags_as_float():
+    import SimpleITK as sitk_
+
+    from serve.volume_io import dicom_integer_valued
+
+    assert dicom_integer_valued(sitk_.sitkInt16, [(None, None), ("1 ", " -7")])
+    assert not dicom_integer_valued(sitk_.sitkInt16, [("1\\2", "0")])
+    assert not dicom_integer_valued(sitk_.sitkFloat32, [("1", "0")])

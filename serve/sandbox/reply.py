@@ -6,7 +6,9 @@ The child writes into ``<workdir>/out/``:
   (NumPy's ``.npy`` format, read back with ``allow_pickle=False`` after its
   header is checked: the byte count must equal the shape's product times 4);
 * ``meta.json``: ``{"affine": 4x4 numbers, "source_format": str,
-  "nifti_header": base64 of the raw NIfTI header or null, "layers": {...}}``;
+  "nifti_header": base64 of the raw NIfTI header or null, "integer_valued": bool,
+  "layers": {...}}`` (``integer_valued``: integer voxels on disk with identity scaling,
+  :attr:`serve.volume_io.Volume.integer_valued`; true only if every voxel is integral);
 
 or, when the input is refused, ``error.json``: ``{"status": int, "title": str,
 "message": str}``. A reply that breaks any of these rules is the child's fault
@@ -57,7 +59,7 @@ def write_volume(out: Path, volume: Any, layers: dict[str, bool]) -> None:
     header = getattr(volume, "header", None)
     block = None if header is None else base64.b64encode(header.binaryblock).decode("ascii")
     meta = {"affine": np.asarray(volume.affine, dtype=np.float64).tolist(), "source_format": volume.source_format,
-            "nifti_header": block, "layers": layers}
+            "nifti_header": block, "integer_valued": bool(volume.integer_valued), "layers": layers}
     _write_json(out / META, meta)
 
 
@@ -161,8 +163,8 @@ def read_volume(out: Path, max_voxels: int):
     meta = read_json(out / META)
     try:
         affine = np.asarray(meta["affine"], dtype=np.float64)
-        fmt = meta["source_format"]
-        if fmt not in ("nifti", "sitk", "dicom") or affine.shape != (4, 4):
+        fmt, integer_valued = meta["source_format"], meta["integer_valued"]
+        if fmt not in ("nifti", "sitk", "dicom") or affine.shape != (4, 4) or not isinstance(integer_valued, bool):
             raise ValueError
     except (KeyError, TypeError, ValueError):
         raise SandboxReplyError("the decoder's meta.json is malformed") from None
@@ -170,7 +172,15 @@ def read_volume(out: Path, max_voxels: int):
     with open(out / VOLUME, "rb") as f:
         data = np.load(f, allow_pickle=False)
     check_shape(data.shape, max_voxels)
-    return Volume(check_data(np.ascontiguousarray(data)), check_affine(affine), fmt, header)
+    data = check_data(np.ascontiguousarray(data))
+    if integer_valued and not _all_integral(data):  # the flag decides a cast: it must not lie about the voxels
+        raise SandboxReplyError("the decoder's reply calls the voxels integers, and some are not")
+    return Volume(data, check_affine(affine), fmt, header, integer_valued)
+
+
+def _all_integral(data: np.ndarray) -> bool:
+    """Every voxel is a whole number (checked a slab at a time: no volume-sized temporary)."""
+    return all(np.array_equal(slab, np.trunc(slab)) for slab in data)
 
 
 def _nifti_header(block: Any):

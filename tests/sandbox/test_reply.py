@@ -13,7 +13,8 @@ def _reply(out, data, meta=None):
     out.mkdir(exist_ok=True)
     np.save(out / reply.VOLUME, data, allow_pickle=True)
     (out / reply.META).write_text(json.dumps(meta if meta is not None else {"affine": np.eye(4).tolist(), "source_format": "nifti",
-                                                      "nifti_header": None, "layers": {}}))
+                                                      "nifti_header": None, "integer_valued": False,
+                                                      "layers": {}}))
     return out
 
 
@@ -49,7 +50,8 @@ def test_non_finite_voxels_and_broken_affines_are_refused_again(tmp_path):
     data[0, 0, 0] = np.nan
     with pytest.raises(InvalidVolumeError):
         reply.read_volume(_reply(tmp_path / "a", data), 1000)
-    meta = {"affine": np.zeros((4, 4)).tolist(), "source_format": "nifti", "nifti_header": None}
+    meta = {"affine": np.zeros((4, 4)).tolist(), "source_format": "nifti", "nifti_header": None,
+            "integer_valued": False}
     with pytest.raises(InvalidVolumeError):
         reply.read_volume(_reply(tmp_path / "b", np.ones((3, 4, 5), "<f4"), meta), 1000)
 
@@ -60,6 +62,36 @@ def test_non_finite_voxels_and_broken_affines_are_refused_again(tmp_path):
 def test_malformed_meta_is_refused(tmp_path, meta):
     with pytest.raises(reply.SandboxReplyError):
         reply.read_volume(_reply(tmp_path / "out", np.ones((3, 4, 5), "<f4"), meta), 1000)
+
+
+def test_the_integer_valued_flag_travels_from_child_to_parent(tmp_path):
+    from serve.volume_io import Volume
+
+    for flag in (True, False):
+        out = tmp_path / str(flag)
+        out.mkdir()
+        reply.write_volume(out, Volume(np.arange(60, dtype=np.float32).reshape(3, 4, 5), np.eye(4), "nifti",
+                                       integer_valued=flag), {})
+        assert reply.read_volume(out, 100).integer_valued is flag
+
+
+@pytest.mark.parametrize("flag", [None, "true", 1, 0, "MISSING"])
+def test_an_integer_valued_flag_that_is_not_a_boolean_is_refused(tmp_path, flag):
+    meta = {"affine": np.eye(4).tolist(), "source_format": "nifti", "nifti_header": None, "layers": {}}
+    if flag != "MISSING":
+        meta["integer_valued"] = flag
+    with pytest.raises(reply.SandboxReplyError, match="malformed"):
+        reply.read_volume(_reply(tmp_path / "out", np.ones((3, 4, 5), "<f4"), meta), 1000)
+
+
+def test_a_reply_calling_fractional_voxels_integers_is_refused(tmp_path):
+    """The flag decides TotalSegmentator's int32 cast, which would truncate them: a lie is a malformed reply."""
+    meta = {"affine": np.eye(4).tolist(), "source_format": "nifti", "nifti_header": None, "integer_valued": True}
+    data = np.ones((3, 4, 5), "<f4")
+    assert reply.read_volume(_reply(tmp_path / "a", data, meta), 1000).integer_valued is True
+    data[2, 3, 4] = 1.5
+    with pytest.raises(reply.SandboxReplyError, match="integers"):
+        reply.read_volume(_reply(tmp_path / "b", data, meta), 1000)
 
 
 def test_an_error_reply_cannot_claim_a_server_error(tmp_path):

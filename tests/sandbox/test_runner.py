@@ -24,6 +24,22 @@ def test_decode_equals_the_in_process_reader(decoder, tmp_path):
     assert not list((tmp_path / "scratch").iterdir()), "the work folder was left behind"
 
 
+def test_the_sandbox_says_which_inputs_are_integer_valued(decoder, tmp_path):
+    """An int16 scan is; the same voxels scaled by 0.5 (as MRI often is) or stored as float are not."""
+    import nibabel as nib
+
+    data = (np.arange(960) % 300).reshape(12, 10, 8).astype(np.int16)
+    plain = write_nifti(tmp_path / "int16.nii.gz", data, np.diag([1.2, 0.9, 3.0, 1.0]))
+    img = nib.Nifti1Image(data, np.diag([1.2, 0.9, 3.0, 1.0]))
+    img.header.set_slope_inter(0.5, 0)
+    nib.save(img, str(tmp_path / "scaled.nii.gz"))
+    floats = write_nifti(tmp_path / "float.nii.gz", data.astype(np.float32), np.diag([1.2, 0.9, 3.0, 1.0]))
+    assert decoder.decode(plain, 10_000).integer_valued is True
+    scaled = decoder.decode(tmp_path / "scaled.nii.gz", 10_000)
+    assert scaled.integer_valued is False and np.array_equal(scaled.data, data * 0.5)
+    assert decoder.decode(floats, 10_000).integer_valued is False
+
+
 def test_a_refusal_keeps_its_status_and_message(decoder, tmp_path):
     bad = tmp_path / "scan.nii.gz"
     bad.write_bytes(b"not a nifti")
