@@ -24,5 +24,13 @@ pip install "${q[@]}" -c requirements/constraints.txt -r requirements/base.txt
 pip install "${q[@]}" --no-deps -c requirements/constraints.txt -r requirements/nnunet-nodeps.txt
 # 4. checkov (manifest policy checks in tests) in its own venv: its pins clash with ours.
 [[ -x .venv-tools/bin/checkov ]] || { "$PY" -m venv .venv-tools && .venv-tools/bin/pip install "${q[@]}" checkov==3.3.30; }
+# 5. The real TotalSegmentator for the parity tests (tests/parity/) in a side venv, without its
+#    dependencies: a .pth file adds .venv's site-packages, so it runs on the very torch, nnunetv2,
+#    nibabel and scipy that mriseg runs on. Only what its MR path imports and .venv lacks is added.
+python -m venv --clear .venv-ts
+.venv-ts/bin/pip install "${q[@]}" --no-deps -r requirements/totalseg-parity.txt
+python -c 'import sysconfig; print("\n".join(sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})))' \
+  > "$(.venv-ts/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/mriseg-venv.pth"
+.venv-ts/bin/python -c 'import totalsegmentator.nnunet, totalsegmentator.bin.TotalSegmentator'
 python -c 'import serve, nnunetv2, ray, torch; print("mriseg-serve ready: torch", torch.__version__, "ray", ray.__version__)'
 echo "$want" > "$stamp"
