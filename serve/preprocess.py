@@ -1,18 +1,24 @@
 """Bring a volume into the orientation and spacing the sub-models were trained on.
 
-This is TotalSegmentator's own path, done once per distinct target spacing
-and shared by every sub-model that uses it:
+This is TotalSegmentator 2.18's own path (``nnUNet_predict_image`` and
+``resampling.change_spacing``), done once per distinct target spacing and
+shared by every sub-model that uses it:
 
 1. ``nibabel.as_closest_canonical``: permute/flip voxel axes to RAS+ (no
    interpolation, so oblique scans keep their obliquity in the affine);
-2. ``scipy.ndimage.zoom(order=3)`` to isotropic ``spacing_mm``, with the zoom
-   factors, output shape and affine computed exactly as TotalSegmentator's
-   ``resampling.change_spacing`` does (voxel sizes read from the NIfTI header,
-   i.e. rounded to float32; columns of the affine divided by the zoom).
+2. ``scipy.ndimage.zoom(order=resampling_order, mode="nearest")`` to isotropic
+   ``spacing_mm`` (TotalSegmentator's ``-ro``, default 1), with the zoom factors,
+   output shape and affine computed exactly as ``change_spacing`` does (voxel
+   sizes read from the NIfTI header, i.e. rounded to float32; columns of the
+   affine divided by the zoom);
+3. the resampled values cast to int32 (truncation toward zero), as
+   ``change_spacing(dtype=np.int32)`` does, for integer-valued inputs
+   (:attr:`serve.volume_io.Volume.integer_valued`). Where the header zooms already
+   equal the target, ``change_spacing`` returns its input: no zoom, no cast.
 
-The one departure, documented in docs/inference.md: the resampled intensities
-stay float32, where TotalSegmentator casts them to int32 (harmless for CT
-Hounsfield units, destructive for MRI scaled to small floating-point ranges).
+The departure, documented in docs/inference.md: inputs that are not
+integer-valued (float on disk, or scaled by a fraction) keep float intensities,
+where TotalSegmentator casts them too (which destroys MRI scaled to small ranges).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from serve.errors import InvalidVolumeError, VolumeTooLargeError
+from serve.errors import InvalidVolumeError, MrisegError, VolumeTooLargeError
 from serve.volume_io import DEFAULT_MAX_VOXELS, Volume
 
 
@@ -45,9 +51,21 @@ class InputGrid:
         return tuple(nib.aff2axcodes(self.affine))
 
 
+#: TotalSegmentator 2.18's ``-ro/--resampling_order`` default.
+DEFAULT_RESAMPLING_ORDER = 1
+#: The spline orders ``scipy.ndimage.zoom`` (and TotalSegmentator's ``-ro``) accept.
+RESAMPLING_ORDERS = range(0, 6)
+#: ``input_cast`` values: what was done to the resampled intensities.
+CAST_NONE, CAST_INT32 = "none", "int32"
+
+
 @dataclass
 class PreparedVolume:
-    """Canonical (RAS) orientation, resampled (order 3) to isotropic ``spacing_mm``; float32 (x, y, z)."""
+    """Canonical (RAS) orientation, resampled to isotropic ``spacing_mm``; float32 (x, y, z).
+
+    ``input_cast`` is ``"int32"`` where the resampled values were truncated to integers (TotalSegmentator's
+    cast, integer-valued inputs only), else ``"none"`` (not resampled, or float intensities kept).
+    """
 
     data: np.ndarray
     spacing_mm: float
@@ -56,6 +74,8 @@ class PreparedVolume:
     zoom: tuple[float, float, float] = (1.0, 1.0, 1.0)
     resampled: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    resampling_order: int = DEFAULT_RESAMPLING_ORDER
+    input_cast: str = CAST_NONE
 
 
 def to_canonical(data: np.ndarray, affine: np.ndarray):
@@ -87,16 +107,37 @@ def resampled_affine(affine: np.ndarray, zoom: np.ndarray) -> np.ndarray:
     return out
 
 
-def prepare(volume: Volume, spacing_mm: float, max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedVolume:
-    """Reorient ``volume`` to closest canonical and resample it to ``spacing_mm`` (order 3).
+def check_resampling_order(order: object) -> int:
+    """``order`` as a spline order TotalSegmentator's ``-ro`` accepts (an int 0..5, not a bool).
 
-    The resampled grid is held to ``max_voxels`` too: the input's limit alone would let a small volume
-    with huge voxel sizes in its header grow without bound.
+    Raises:
+        MrisegError: anything else (400), saying what to give.
+    """
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or int(order) not in RESAMPLING_ORDERS:
+        raise MrisegError(f"resampling_order must be a whole number from 0 to 5 (the spline order of the input's "
+                          f"resampling, TotalSegmentator's -ro; default {DEFAULT_RESAMPLING_ORDER}), not {order!r}")
+    return int(order)
+
+
+def prepare(volume: Volume, spacing_mm: float, max_voxels: int = DEFAULT_MAX_VOXELS,
+            resampling_order: int = DEFAULT_RESAMPLING_ORDER) -> PreparedVolume:
+    """Reorient ``volume`` to closest canonical and resample it to ``spacing_mm``, as TotalSegmentator 2.18.
+
+    Args:
+        volume: the decoded input.
+        spacing_mm: the sub-models' isotropic spacing.
+        max_voxels: the most voxels the resampled grid may have: the input's limit alone would let a small
+            volume with huge voxel sizes in its header grow without bound.
+        resampling_order: the spline order of the zoom (TotalSegmentator's ``-ro``, 0..5).
+
+    Returns:
+        The prepared float32 array with its grid; ``input_cast`` says whether the int32 cast was applied.
     """
     import time
 
     from scipy import ndimage
 
+    order = check_resampling_order(resampling_order)
     t0 = time.perf_counter()
     can, can_aff, zooms, ornt = to_canonical(volume.data, volume.affine)
     grid = InputGrid(shape=tuple(int(s) for s in volume.data.shape), affine=np.array(volume.affine, copy=True),
@@ -104,17 +145,37 @@ def prepare(volume: Volume, spacing_mm: float, max_voxels: int = DEFAULT_MAX_VOX
                      canonical_affine=can_aff, canonical_zooms=zooms)
     t1 = time.perf_counter()
     if not needs_resampling(zooms, spacing_mm):
+        # change_spacing returns its input here: neither zoomed nor cast
         return PreparedVolume(np.ascontiguousarray(can, dtype=np.float32), float(spacing_mm), can_aff, grid,
-                              timings={"reorient_s": t1 - t0})
+                              timings={"reorient_s": t1 - t0}, resampling_order=order)
     zoom = zoom_factors(zooms, spacing_mm)
     check_resampled_shape(can.shape, zoom, zooms, spacing_mm, max_voxels)
-    # The spline prefilter and interpolation run in float64 inside scipy;
-    # only the stored result is float32 (identical to casting a float64 zoom).
-    data = ndimage.zoom(np.ascontiguousarray(can, dtype=np.float32), zoom, order=3, output=np.float32)
+    # TotalSegmentator zooms get_fdata()'s float64 array. Our float32 voxels hold the same values wherever
+    # float32 holds them exactly (every integer-valued input up to 2**24), and scipy reads any input type
+    # into float64 (spline coefficients included), so the interpolated float64 values are the same.
+    src = np.ascontiguousarray(can, dtype=np.float32)
+    if volume.integer_valued:
+        # float64 out, then truncated: a float32 result could round 4.9999999 up to 5 before the cast
+        zoomed = ndimage.zoom(src, zoom, order=order, mode="nearest", output=np.float64)
+        data, cast = _int32_as_float32(zoomed), CAST_INT32
+        del zoomed
+    else:
+        # float intensities kept (the departure); one rounding of scipy's float64 result to float32
+        data, cast = ndimage.zoom(src, zoom, order=order, mode="nearest", output=np.float32), CAST_NONE
     t2 = time.perf_counter()
     return PreparedVolume(data, float(spacing_mm), resampled_affine(can_aff, zoom), grid,
                           zoom=tuple(float(z) for z in zoom), resampled=True,
-                          timings={"reorient_s": t1 - t0, "resample_s": t2 - t1})
+                          timings={"reorient_s": t1 - t0, "resample_s": t2 - t1},
+                          resampling_order=order, input_cast=cast)
+
+
+def _int32_as_float32(values: np.ndarray) -> np.ndarray:
+    """``values.astype(np.int32)`` (truncation toward zero, as TotalSegmentator) as the float32 the models get
+    (nnU-Net reads the int32 file as float32); a slab at a time, so no int32 copy of the whole grid is held."""
+    out = np.empty(values.shape, dtype=np.float32)
+    for i in range(values.shape[0]):
+        out[i] = values[i].astype(np.int32)
+    return out
 
 
 def check_resampled_shape(shape: Sequence[int], zoom: Sequence[float], zooms: Sequence[float], spacing_mm: float,
@@ -135,10 +196,11 @@ def check_resampled_shape(shape: Sequence[int], zoom: Sequence[float], zooms: Se
 
 
 def prepare_labels_like(labels: np.ndarray, grid: InputGrid, spacing_mm: float) -> np.ndarray:
-    """Bring a label map on the input grid to the prepared grid (order 0); used by tests and training."""
+    """Bring a label map on the input grid to the prepared grid (order 0, ``mode="nearest"`` as TotalSegmentator's
+    ``change_spacing`` resamples label maps); used by tests and training."""
     from scipy import ndimage
 
     can, _, zooms, _ = to_canonical(labels, grid.affine)
     if not needs_resampling(zooms, spacing_mm):
         return np.ascontiguousarray(can)
-    return ndimage.zoom(np.ascontiguousarray(can), zoom_factors(zooms, spacing_mm), order=0)
+    return ndimage.zoom(np.ascontiguousarray(can), zoom_factors(zooms, spacing_mm), order=0, mode="nearest")

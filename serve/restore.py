@@ -1,7 +1,8 @@
 """Return label maps from the prepared grid to the input's exact voxel grid.
 
-The inverse of :func:`serve.preprocess.prepare`, as TotalSegmentator does
-it: nearest-neighbour (order 0) zoom back to the canonical input shape, then
+The inverse of :func:`serve.preprocess.prepare`, as TotalSegmentator 2.18 does
+it (``change_spacing(order=0, target_shape=...)``): nearest-neighbour (order 0,
+``mode="nearest"``) zoom back to the canonical input shape, then
 the axis permutation/flips of ``as_closest_canonical`` undone. Both steps only
 move voxels, so no label value is ever invented, and the result has exactly
 the input's shape; its affine is the input's affine.
@@ -21,7 +22,9 @@ def zoom_to_shape(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
     if tuple(labels.shape) == tuple(shape):
         return labels
     zoom = np.array(shape) / np.array(labels.shape)
-    out = ndimage.zoom(labels, zoom, order=0)
+    # mode="nearest" as TotalSegmentator: the last plane's coordinate can land a rounding error past the
+    # input's edge, where scipy's default mode ("constant") would give it label 0
+    out = ndimage.zoom(labels, zoom, order=0, mode="nearest")
     if tuple(out.shape) != tuple(shape):  # pragma: no cover - guards scipy's rounding of the output shape
         raise RuntimeError(f"order-0 zoom produced {out.shape}, expected {shape}")
     return out
