@@ -1,6 +1,7 @@
-"""A local Ray Serve deployment of the mriseg app for the benchmark and the Locust smoke test.
+"""A local Ray Serve deployment of the mriseg app for the benchmark, the soak and the flood.
 
 Same application builder as ``deployments/local.yaml`` (``serve.cluster.app:build_app``),
+started by the same starter as ``mriseg up`` (:func:`serve.cluster.up.start_cluster`),
 on loopback, with the given model folder, one replica per sub-model.
 """
 
@@ -10,7 +11,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,23 +50,13 @@ def start(model_dir: str | Path, *, submodels: list[str], precision: str = "fp32
           threads: int = 1, num_cpus: int | None = None, num_gpus: float = 0, gpu_fraction: float | None = None,
           slots: int = 4, s3: dict | None = None, max_upload_bytes: int = 512 << 20,
           ready_timeout: float = 600) -> LocalCluster:
-    """Start Ray + Serve on loopback and deploy the app; returns when ``/readyz`` says ready."""
-    import ray
-    from ray import serve as rayserve
-
-    from serve.cluster.app import build_app
+    """Start Ray + Serve on loopback and deploy the app with :func:`serve.cluster.up.start_cluster`
+    (``mriseg up``'s starter); returns when ``/readyz`` says ready."""
+    from serve.cluster.up import start_cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     workdir = Path(tempfile.mkdtemp(prefix="mriseg-lt-"))
-    ray_tmp = tempfile.mkdtemp(prefix="rlt", dir="/tmp")
-    # Ray's CPUs are scheduling tokens: one per sub-model replica plus the router,
-    # while torch threads (``threads`` per replica) decide what the cores do.
-    ray.init(num_cpus=num_cpus or len(submodels) + 2, num_gpus=num_gpus, include_dashboard=False,
-             _temp_dir=ray_tmp, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "nnUNet_def_n_proc": str(threads)}})
-    port = free_port()
-    rayserve.start(http_options={"host": "127.0.0.1", "port": port})
     actor = {"num_cpus": 1}
     if num_gpus:
         actor["num_gpus"] = gpu_fraction or 1
@@ -86,38 +76,27 @@ def start(model_dir: str | Path, *, submodels: list[str], precision: str = "fp32
     }
     if s3:
         args["s3"] = s3
-    rayserve.run(build_app(args), name="mriseg", route_prefix="/", blocking=False)
-    session_dir = ray._private.worker._global_node.get_session_dir_path()  # for finding our processes
-    cluster = LocalCluster(f"http://127.0.0.1:{port}", workdir, ray_tmp, session_dir, {"args": args})
-    wait_ready(cluster.url, ready_timeout)
-    return cluster
-
-
-def wait_ready(url: str, timeout: float) -> None:
-    import httpx
-
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(url + "/readyz", timeout=10)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except httpx.HTTPError as e:
-            last = repr(e)
-        time.sleep(0.5)
-    raise RuntimeError(f"cluster not ready after {timeout:.0f}s: {last}")
+    try:
+        # Ray's CPUs are scheduling tokens: one per sub-model replica plus the router,
+        # while torch threads (``threads`` per replica) decide what the cores do.
+        handle = start_cluster(args, port=free_port(), num_cpus=num_cpus or len(submodels) + 2, num_gpus=num_gpus,
+                               runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads),
+                                                         "nnUNet_def_n_proc": str(threads)}},
+                               ray_tmp_prefix="rlt", ready_timeout=ready_timeout)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return LocalCluster(handle.url, workdir, handle.ray_tmp or "", handle.session_dir,
+                        {"args": args, "handle": handle})
 
 
 def stop(cluster: LocalCluster | None) -> None:
-    import ray
-    from ray import serve as rayserve
+    """Stop Serve and Ray (also with no cluster: whatever this process runs) and remove the cluster's files."""
+    from serve.cluster.up import stop_cluster
 
     try:
-        if ray.is_initialized():
-            rayserve.shutdown()
+        stop_cluster(cluster.extra.get("handle") if cluster is not None else None)
     finally:
-        ray.shutdown()
         if cluster is not None:
             shutil.rmtree(cluster.workdir, ignore_errors=True)
             shutil.rmtree(cluster.ray_tmp, ignore_errors=True)

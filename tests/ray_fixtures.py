@@ -14,7 +14,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,37 +101,27 @@ SANDBOX_EXTRACT_BYTES = 64 << 20
 def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options: dict,
                 router: dict | None = None, per_model: dict | None = None, tenant_limits=None,
                 submodels=SUBMODELS, s3: dict | None = None, events: dict | None = None,
-                worker_nodes: list[dict] | None = None, tenant_prefixes: dict[str, list[str]] | None = None) -> Stack:
-    """Start Ray and the app. ``worker_nodes`` (e.g. ``[{"num_cpus": 1, "num_gpus": 1}]``) makes it a
-    multi-node ``ray.cluster_utils.Cluster`` whose head has no GPU, so GPU replicas land on the workers."""
-    import ray
-    from ray import serve as rayserve
-
-    from serve.cluster.app import build_app
+                worker_nodes: list[dict] | None = None, tenant_prefixes: dict[str, list[str]] | None = None,
+                ready_timeout: float = 240) -> Stack:
+    """Start Ray and the app with :func:`serve.cluster.up.start_cluster` (``mriseg up``'s starter).
+    ``worker_nodes`` (e.g. ``[{"num_cpus": 1, "num_gpus": 1}]``) makes it a multi-node
+    ``ray.cluster_utils.Cluster`` whose head has no GPU, so GPU replicas land on the workers."""
+    from serve.cluster.up import start_cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1"}}
-    cluster = None
-    if worker_nodes is None:
-        ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, _temp_dir=ray_tmp,
-                 log_to_driver=False, runtime_env=runtime_env)
-    else:
+    cluster, ray_tmp = None, None
+    if worker_nodes is not None:
         from ray._common.utils import get_default_ray_temp_dir
         from ray.cluster_utils import Cluster
 
         # Cluster records the head's address in Ray's default temp dir whatever temp_dir says,
         # and fails where no earlier Ray run has created that folder
         os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
+        ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 6, "num_gpus": 0, "include_dashboard": False, "temp_dir": ray_tmp})
-        for node in worker_nodes:
-            cluster.add_node(**node)
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
-    port = free_port()
-    # One HTTP proxy, on the head: simulated nodes share this machine's ports.
-    rayserve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model_sources": [str(model_dir)],
         "submodels": list(submodels),
@@ -151,39 +140,30 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         "deployment_options": {"submodel_defaults": submodel_options, **(per_model or {}),
                                "Router": {"ray_actor_options": {"num_cpus": 1}}},
     }
-    rayserve.run(build_app(args), name="mriseg", route_prefix="/", blocking=False)
-    stack = Stack(f"http://127.0.0.1:{port}", tmp, model_dir,
-                  extra={"args": args, "ray_tmp": ray_tmp, "cluster": cluster})
-    _wait_ready(stack)
-    return stack
-
-
-def _wait_ready(stack: Stack, timeout: float = 240) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(stack.url + "/readyz", timeout=10)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except httpx.HTTPError as e:
-            last = repr(e)
-        time.sleep(0.5)
-    raise RuntimeError(f"stack not ready after {timeout}s: {last}")
+    try:
+        if cluster is not None:
+            for node in worker_nodes:
+                cluster.add_node(**node)
+        # One HTTP proxy, on the head: simulated nodes share this machine's ports.
+        handle = start_cluster(args, port=free_port(), num_cpus=8, num_gpus=num_gpus, runtime_env=runtime_env,
+                               address=cluster.address if cluster is not None else None,
+                               proxy_location="HeadOnly", ray_tmp_prefix="r", ready_timeout=ready_timeout)
+    except BaseException:  # start_cluster stopped its own part; the simulated nodes are ours
+        if cluster is not None:
+            cluster.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        raise
+    return Stack(handle.url, tmp, model_dir,
+                 extra={"args": args, "ray_tmp": handle.ray_tmp or ray_tmp, "cluster": cluster, "handle": handle})
 
 
 def stop_stack(stack: Stack | None) -> None:
-    import ray
-    from ray import serve as rayserve
+    """Stop Serve and Ray (also with no stack: whatever this process runs), and a multi-node stack's nodes."""
+    from serve.cluster.up import stop_cluster
 
     try:
-        if ray.is_initialized():
-            rayserve.shutdown()
+        stop_cluster(stack.extra.get("handle") if stack is not None else None)
     finally:
-        ray.shutdown()
         if stack is not None:
             if stack.extra.get("cluster") is not None:
                 stack.extra["cluster"].shutdown()

@@ -105,6 +105,35 @@ def test_serve_run_local_yaml(isolated_ray, tmp_path):
         _stop(proc)
 
 
+def test_a_failed_start_stops_its_ray_and_a_start_beside_a_running_ray_is_refused(isolated_ray):
+    """The one starter (`mriseg up`, the test stacks, the load tests) leaves no Ray behind when it fails, so
+    the next start is not refused as a second ray.init; it never tears down a Ray it did not start."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from serve.cluster.up import start_cluster
+    from serve.errors import MrisegError
+
+    prefix = f"mrt{os.getpid()}-"  # this test's Ray temp dirs (other runs may share /tmp)
+    with pytest.raises(MrisegError, match="unknown sub-model"):  # fails after ray.init and serve.start
+        start_cluster({"submodels": ["no-such-model"]}, port=free_port(), num_cpus=1, ray_tmp_prefix=prefix)
+    assert not ray.is_initialized()
+    assert not list(Path("/tmp").glob(prefix + "*"))
+
+    theirs = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        ray.init(num_cpus=1, include_dashboard=False, _temp_dir=theirs, log_to_driver=False)
+        with pytest.raises(MrisegError, match="already connected to a Ray cluster"):
+            start_cluster({}, port=free_port(), num_cpus=1, ray_tmp_prefix=prefix)
+        assert ray.is_initialized()  # still theirs
+        assert [str(p) for p in Path("/tmp").glob(prefix + "*")] == [theirs]
+    finally:
+        ray.shutdown()
+        shutil.rmtree(theirs, ignore_errors=True)
+
+
 def test_state_of_a_dead_stack_is_removed_keys_and_all(tmp_path, monkeypatch):
     import json
 

@@ -12,6 +12,10 @@ prefix, signed with a record key generated into the stack's private work
 dir. The URL, the sites' keys and the S3 settings go to a state file
 readable only by the user, so ``mriseg demo`` (and
 :func:`find_running_stack`) can reach the stack.
+
+:func:`start_cluster` / :func:`stop_cluster` start and stop Ray, Serve and the
+app for ``mriseg up`` and equally for the test stacks (``tests/ray_fixtures.py``)
+and the load tests (``loadtest/localcluster.py``), which choose their own args.
 """
 
 from __future__ import annotations
@@ -287,6 +291,15 @@ def _kill_stale_s3(pid: int | None) -> None:
 
 
 def wait_ready(url: str, timeout: float = 600) -> None:
+    """Return once ``url``'s ``/readyz`` answers 200.
+
+    Args:
+        url: the app's base URL.
+        timeout: seconds to wait.
+
+    Returns:
+        None; a :class:`ServiceUnavailableError` with the last answer's detail after ``timeout``.
+    """
     import httpx
 
     deadline, detail = time.monotonic() + timeout, "no answer"
@@ -298,8 +311,99 @@ def wait_ready(url: str, timeout: float = 600) -> None:
             detail = r.json().get("detail", r.text)
         except (httpx.HTTPError, ValueError) as e:
             detail = type(e).__name__
-        time.sleep(1)
+        time.sleep(0.5)
     raise ServiceUnavailableError(f"the stack at {url} did not become ready in {timeout:.0f}s: {detail}")
+
+
+@dataclass
+class ClusterHandle:
+    """A Ray cluster running the mriseg app, as :func:`start_cluster` left it."""
+
+    url: str
+    ray_tmp: str | None = None   # the Ray temp dir start_cluster made; None where it joined a cluster by address
+    session_dir: str = ""        # this Ray session's folder (logs, sockets)
+    app_name: str = "mriseg"
+
+
+def start_cluster(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 8000,
+                  num_cpus: float | None = None, num_gpus: float = 0, runtime_env: Mapping[str, Any] | None = None,
+                  address: str | None = None, proxy_location: str | None = None, app_name: str = "mriseg",
+                  route_prefix: str = "/", ray_tmp_prefix: str = "mr", ready_timeout: float = 600) -> ClusterHandle:
+    """Start Ray (or join the cluster at ``address``), Serve and the app of ``args``; returns once ``/readyz`` is 200.
+
+    The one starter of ``mriseg up``, the test stacks and the load tests, so that what they run is
+    started the same way. ``RAY_AUTH_MODE`` is left as the caller set it (``mriseg up`` leaves
+    Ray's token authentication on; the tests and load tests turn it off). A failed start stops
+    what it started, so the next start in this process is not refused as a second ``ray.init``.
+
+    Args:
+        args: the app's args (:func:`serve.cluster.app.build_app`).
+        host: the HTTP host Serve listens on.
+        port: the HTTP port.
+        num_cpus: CPUs a fresh Ray declares (default: all); ignored with ``address``.
+        num_gpus: GPUs a fresh Ray declares; ignored with ``address``.
+        runtime_env: Ray's runtime env for the app's workers (e.g. ``{"env_vars": {"OMP_NUM_THREADS": "1"}}``).
+        address: a running Ray cluster to join (e.g. ``ray.cluster_utils.Cluster().address``) instead
+            of starting one; its owner stops it.
+        proxy_location: Serve's proxy placement (e.g. ``"HeadOnly"`` where simulated nodes share one
+            machine's ports); default Serve's.
+        app_name: the Serve application's name.
+        route_prefix: the application's route prefix.
+        ray_tmp_prefix: prefix of the fresh Ray temp dir under /tmp (short: Ray's socket paths
+            must fit in 107 bytes).
+        ready_timeout: seconds to wait for ``/readyz``.
+
+    Returns:
+        The running cluster; :func:`stop_cluster` stops it.
+    """
+    import ray
+    from ray import serve as rayserve
+
+    from serve.cluster.app import build_app
+
+    if ray.is_initialized():  # one driver holds one Ray connection; tearing down the other one is not ours to do
+        raise MrisegError("this process is already connected to a Ray cluster; stop it first (stop_cluster)")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray_tmp = None
+    try:
+        if address is None:
+            ray_tmp = tempfile.mkdtemp(prefix=ray_tmp_prefix, dir="/tmp")
+            ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, include_dashboard=False,
+                     _temp_dir=ray_tmp, log_to_driver=False, runtime_env=dict(runtime_env or {}))
+        else:
+            ray.init(address=address, log_to_driver=False, runtime_env=dict(runtime_env or {}))
+        keep_ray_token_private()
+        # Ray has no public call for it; the load tests find the cluster's processes by it
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+        rayserve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
+        rayserve.run(build_app(args), name=app_name, route_prefix=route_prefix, blocking=False)
+        cluster = ClusterHandle(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", ray_tmp,
+                                session_dir, app_name)
+        wait_ready(cluster.url, ready_timeout)
+    except BaseException:
+        stop_cluster(ClusterHandle("", ray_tmp))
+        raise
+    return cluster
+
+
+def stop_cluster(cluster: ClusterHandle | None = None) -> None:
+    """Shut down Serve and this process's Ray, and remove the Ray temp dir :func:`start_cluster` made.
+
+    Args:
+        cluster: what :func:`start_cluster` returned; None still shuts down Serve and whatever Ray
+            this process runs. The nodes of a cluster joined by address keep running: their owner
+            stops them.
+    """
+    import ray
+    from ray import serve as rayserve
+
+    try:
+        if ray.is_initialized():
+            rayserve.shutdown()
+    finally:
+        ray.shutdown()
+        if cluster is not None and cluster.ray_tmp:
+            shutil.rmtree(cluster.ray_tmp, ignore_errors=True)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -331,11 +435,6 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
     Returns:
         The stack; its first site is ``api_key``/``site``/``s3``, every site is in ``sites``.
     """
-    import ray
-    from ray import serve as rayserve
-
-    from serve.cluster.app import build_app
-
     specs = dict(sites) if isinstance(sites, Mapping) else {n: {} for n in (sites or [LOCAL_SITE])}
     check_site_names(list(specs))
     app_cfg, http = load_serve_config(config)
@@ -344,7 +443,7 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
     port = int(port or http.get("port", 8000))
     _check_port_free(host, port)
     work = Path(tempfile.mkdtemp(prefix="mriseg-up-"))  # 0700: keys, tenants, the S3 server's data
-    s3_server, ray_tmp = None, None
+    s3_server = None
     env_saved: dict[str, str | None] = {}
     try:  # from here on a failure removes what was made, keys included
         api_keys = {site: "mrs_" + secrets.token_urlsafe(24) for site in specs}
@@ -352,7 +451,6 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         args.setdefault("router", {})["results_dir"] = str(work / "results")
         if models:
             args["model_sources"] = list(models)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # RAY_AUTH_MODE stays as the caller set it. Unset, Ray (2.59+) gives a local cluster a token
         # (~/.ray/auth_token): its gRPC servers listen on every interface whatever the node address.
         # A fresh key for this stack's job records, set before ray.init so Ray's workers (the intake, the
@@ -376,26 +474,21 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
                           for p, op in s3_server.open_ports()]
             if args.get("events") is not None:  # pushed events for the sites' inboxes (no SQS here)
                 args["events"] = {**args["events"], **local_events(list(specs))}
-        ray_tmp = tempfile.mkdtemp(prefix="mr", dir="/tmp")
-        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=0, include_dashboard=False, _temp_dir=ray_tmp,
-                 log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        keep_ray_token_private()
-        rayserve.start(http_options={"host": host, "port": port})
-        rayserve.run(build_app(args), name=app_cfg.get("name", "mriseg"),
-                     route_prefix=app_cfg.get("route_prefix", "/"), blocking=False)
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-        wait_ready(url)
-    except BaseException:
+        cluster = start_cluster(args, host=host, port=port, num_cpus=num_cpus, num_gpus=0,
+                                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+                                app_name=app_cfg.get("name", "mriseg"), route_prefix=app_cfg.get("route_prefix", "/"))
+    except BaseException:  # start_cluster has stopped Ray already
         if s3_server is not None:
             s3_server.stop()
-        _shutdown(ray_tmp, str(work))
+        shutil.rmtree(work, ignore_errors=True)
         _restore_env(env_saved)
         raise
     metrics_port = args.get("metrics_port")
     local_sites = [LocalSite(site, api_keys[site], site_prefix(site), site_s3[site]) for site in specs]
     first = local_sites[0]
-    stack = LocalStack(url, first.api_key, first.name, os.getpid(),
-                       f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, ray_tmp, str(work),
+    stack = LocalStack(cluster.url, first.api_key, first.name, os.getpid(),
+                       f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, cluster.ray_tmp,
+                       str(work),
                        first.s3, s3_server.proc.pid if s3_server is not None else None, local_sites, open_ports,
                        record_key)
     _S3_SERVERS[stack.pid] = s3_server
@@ -435,20 +528,6 @@ def keep_ray_token_private(path: Path | None = None) -> bool:
         return False
 
 
-def _shutdown(ray_tmp: str | None, work: str | None) -> None:
-    import ray
-    from ray import serve as rayserve
-
-    try:
-        if ray.is_initialized():
-            rayserve.shutdown()
-    finally:
-        ray.shutdown()
-        for d in (ray_tmp, work):
-            if d:
-                shutil.rmtree(d, ignore_errors=True)
-
-
 _S3_SERVERS: dict[int, Any] = {}
 _ENV_SAVED: dict[int, dict[str, str | None]] = {}  # pid -> the variables its stack set, earlier values
 
@@ -465,4 +544,8 @@ def stop_local_stack(stack: LocalStack) -> None:
             p.unlink()
     except (OSError, ValueError):
         pass
-    _shutdown(stack.ray_tmp, stack.work_dir)
+    try:
+        stop_cluster(ClusterHandle(stack.url, stack.ray_tmp))
+    finally:
+        if stack.work_dir:
+            shutil.rmtree(stack.work_dir, ignore_errors=True)
