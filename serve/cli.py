@@ -105,16 +105,20 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
                 roi_subset: Sequence[str] | None = None, fast: bool = False, statistics: bool = True,
                 preview: bool = True, multilabel: bool = True, per_structure: bool = False,
                 device: str = "auto", threads: int | None = None, quiet: bool = False,
-                model_pins: str | None = None) -> dict:
+                model_pins: str | None = None, resampling_order: int | None = None) -> dict:
     """Read, segment and write; returns the written paths and the summary text.
 
-    ``model_pins`` is the operator's pinned model manifest (default ``$MRISEG_MODEL_PINS``).
+    ``model_pins`` is the operator's pinned model manifest (default ``$MRISEG_MODEL_PINS``);
+    ``resampling_order`` the input's spline order (TotalSegmentator's ``-ro``, 0..5; None: its default, 1).
     """
     from serve.modelstore import ModelStore
     from serve.outputs.writers import write_outputs
     from serve.pipeline import Segmenter
+    from serve.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
     from serve.sandbox import decode_untrusted
 
+    resampling_order = check_resampling_order(DEFAULT_RESAMPLING_ORDER if resampling_order is None
+                                              else resampling_order)
     try:  # before the work: an unwritable destination found after segmenting wastes it all
         Path(outdir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -129,7 +133,8 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
     seg = Segmenter(ModelStore(list(sources), pins=model_pins), device=device, threads=threads)
     bar, progress = (None, None) if quiet else _progress_bar()
     try:
-        result = seg.segment(volume, roi_subset=roi_subset, fast=fast, progress=progress)
+        result = seg.segment(volume, roi_subset=roi_subset, fast=fast, progress=progress,
+                             resampling_order=resampling_order)
     finally:
         if bar is not None:
             bar.close()
@@ -149,7 +154,8 @@ def cmd_segment(args) -> int:
     roi = args.roi_subset
     out = run_segment(args.input, args.output, sources=_model_sources(args), roi_subset=roi, fast=args.fast,
                       statistics=args.statistics, preview=args.preview, multilabel=True, per_structure=not args.ml,
-                      device=args.device, threads=args.threads, quiet=args.quiet, model_pins=args.model_pins)
+                      device=args.device, threads=args.threads, quiet=args.quiet, model_pins=args.model_pins,
+                      resampling_order=args.resampling_order)
     print(out["summary"])
     for kind, path in out["written"].items():
         print(f"{kind}: {path}")
@@ -225,6 +231,28 @@ def cmd_demo(args) -> int:
 
 # -- parser ----------------------------------------------------------------------
 
+def resampling_order_arg(value: str) -> int:
+    """``-ro``'s argparse type: a whole number 0..5, as TotalSegmentator's ``resampling_order``."""
+    try:
+        order = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid resampling order {value!r}: give a whole number from 0 to 5")
+    if not 0 <= order <= 5:
+        raise argparse.ArgumentTypeError(f"resampling order {order} is outside 0 to 5")
+    return order
+
+
+def add_resampling_order_arg(p: argparse.ArgumentParser) -> None:
+    """``-ro/--resampling_order/--resampling-order`` (segment and bulk)."""
+    from serve.resampling import DEFAULT_RESAMPLING_ORDER
+
+    p.add_argument("-ro", "--resampling_order", "--resampling-order", dest="resampling_order",
+                   type=resampling_order_arg, default=DEFAULT_RESAMPLING_ORDER, metavar="0-5",
+                   help="spline order of the input's resampling to the model spacing, TotalSegmentator's -ro "
+                        f"(default {DEFAULT_RESAMPLING_ORDER}, as TotalSegmentator 2.18); integer-valued inputs are "
+                        "then cast to int32 as there, others keep float intensities (docs/inference.md)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", metavar="DIR_OR_S3",
                    help="model sources: local folders or s3://bucket/prefix holding DatasetNNN_* folders "
@@ -257,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", "-d", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", "-nr", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_resampling_order_arg(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_segment)
 

@@ -23,7 +23,7 @@ from serve.merge import MergedSegmentation, merge
 from serve.modelload import LoadedModel, configure_threads
 from serve.modelstore import ModelStatus, ModelStore
 from serve.predict import predict_labels
-from serve.preprocess import PreparedVolume, prepare
+from serve.preprocess import CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER, PreparedVolume, prepare
 from serve.restore import to_input_grid
 from serve.volume_io import Volume
 
@@ -46,6 +46,8 @@ class SegmentationResult:
     unavailable: dict[str, str] = field(default_factory=dict)   # sub-model not run -> why
     fast: bool = False
     demo: bool = False  # produced by demo models (not for clinical use)
+    resampling_order: int = DEFAULT_RESAMPLING_ORDER  # the input's spline order (TotalSegmentator's -ro)
+    input_cast: str = CAST_NONE  # "int32" where the resampled intensities were cast (serve.preprocess)
 
     def mask(self, structure: str) -> np.ndarray:
         return MergedSegmentation(self.labels, self.per_model, self.structures).mask(structure)
@@ -91,6 +93,18 @@ def merge_to_input_grid(shape, sms: Sequence[SubModel], prepared: Mapping[float,
     for n in sorted(per_model, key=catalogue.precedence_rank):
         np.copyto(labels, per_model[n], where=per_model[n] > 0)
     return labels, per_model, dict(sorted(structures.items()))
+
+
+def input_cast(prepared: Iterable[PreparedVolume]) -> str:
+    """``"int32"`` where any prepared grid had TotalSegmentator's int32 cast, else ``"none"``.
+
+    Args:
+        prepared: the grids one segmentation used.
+
+    Returns:
+        The ``input_cast`` that mriseg.json and job.json record.
+    """
+    return CAST_INT32 if any(p.input_cast == CAST_INT32 for p in prepared) else CAST_NONE
 
 
 def is_demo_model(model: LoadedModel) -> bool:
@@ -142,8 +156,23 @@ class Segmenter:
         return [sm for sm in sms if sm.name not in skipped], skipped
 
     def segment(self, volume: Volume, roi_subset: Sequence[str] | None = None, fast: bool = False,
-                progress: Progress | None = None) -> SegmentationResult:
-        """Segment ``volume``; labels come back on its exact grid."""
+                progress: Progress | None = None,
+                resampling_order: int = DEFAULT_RESAMPLING_ORDER) -> SegmentationResult:
+        """Segment ``volume``; labels come back on its exact grid.
+
+        Args:
+            volume: the decoded input.
+            roi_subset: the structures wanted (None: all the installed models give).
+            fast: the 3 mm model.
+            progress: called after each step.
+            resampling_order: the spline order of the input's resampling (TotalSegmentator's ``-ro``, 0..5).
+
+        Returns:
+            The labels, per-model maps and what made them.
+        """
+        from serve.resampling import check_resampling_order
+
+        resampling_order = check_resampling_order(resampling_order)  # before any model loads
         if roi_subset is not None:
             roi_subset = self.catalogue.validate_structures(roi_subset)
         sms, skipped = self.plan(roi_subset, fast)
@@ -163,7 +192,7 @@ class Segmenter:
         for sm in sms:
             if sm.spacing_mm not in prepared:
                 t = time.perf_counter()
-                prepared[sm.spacing_mm] = prepare(volume, sm.spacing_mm)
+                prepared[sm.spacing_mm] = prepare(volume, sm.spacing_mm, resampling_order=resampling_order)
                 timings[f"prepare_{sm.spacing_mm:g}mm_s"] = time.perf_counter() - t
                 tick(f"prepare {sm.spacing_mm:g} mm")
             t = time.perf_counter()
@@ -183,4 +212,5 @@ class Segmenter:
         return SegmentationResult(labels, per_model, structures,
                                   np.array(volume.affine, copy=True), timings,
                                   {n: m.checksum for n, m in models.items()}, skipped, fast,
-                                  demo=any(is_demo_model(m) for m in models.values()))
+                                  demo=any(is_demo_model(m) for m in models.values()),
+                                  resampling_order=resampling_order, input_cast=input_cast(prepared.values()))

@@ -29,7 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
-from serve.errors import InvalidVolumeError, MrisegError, VolumeTooLargeError
+from serve.errors import InvalidVolumeError, VolumeTooLargeError
+from serve.resampling import (CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER,  # noqa: F401 - re-exported
+                              RESAMPLING_ORDERS, check_resampling_order)
 from serve.volume_io import DEFAULT_MAX_VOXELS, Volume
 
 
@@ -49,14 +51,6 @@ class InputGrid:
         import nibabel as nib
 
         return tuple(nib.aff2axcodes(self.affine))
-
-
-#: TotalSegmentator 2.18's ``-ro/--resampling_order`` default.
-DEFAULT_RESAMPLING_ORDER = 1
-#: The spline orders ``scipy.ndimage.zoom`` (and TotalSegmentator's ``-ro``) accept.
-RESAMPLING_ORDERS = range(0, 6)
-#: ``input_cast`` values: what was done to the resampled intensities.
-CAST_NONE, CAST_INT32 = "none", "int32"
 
 
 @dataclass
@@ -105,18 +99,6 @@ def resampled_affine(affine: np.ndarray, zoom: np.ndarray) -> np.ndarray:
     for i in range(3):
         out[:3, i] = out[:3, i] / zoom[i]
     return out
-
-
-def check_resampling_order(order: object) -> int:
-    """``order`` as a spline order TotalSegmentator's ``-ro`` accepts (an int 0..5, not a bool).
-
-    Raises:
-        MrisegError: anything else (400), saying what to give.
-    """
-    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or int(order) not in RESAMPLING_ORDERS:
-        raise MrisegError(f"resampling_order must be a whole number from 0 to 5 (the spline order of the input's "
-                          f"resampling, TotalSegmentator's -ro; default {DEFAULT_RESAMPLING_ORDER}), not {order!r}")
-    return int(order)
 
 
 def prepare(volume: Volume, spacing_mm: float, max_voxels: int = DEFAULT_MAX_VOXELS,

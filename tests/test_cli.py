@@ -62,6 +62,40 @@ def test_segment_fast_uses_the_3mm_model(phantom, tiny_models, tmp_path, capsys)
     assert np.asarray(nib.load(str(out / "segmentations.nii.gz")).dataobj).max() <= 50
 
 
+def test_segment_resampling_order_flag_is_used_and_recorded(tiny_models, tmp_path):  # noqa: F811
+    """-ro reaches the resampling (the labels are those of that order's array) and mriseg.json says which, with
+    the int32 cast an int16 input gets; the default is TotalSegmentator's order 1."""
+    from serve.modelload import load_model
+    from serve.modelstore import ModelStore
+    from serve.predict import predict_labels
+    from serve.preprocess import prepare
+    from serve.restore import to_input_grid
+    from serve.volume_io import read_volume
+
+    vol = body_volume("LPS", shape=(26, 22, 14), spacing=(1.4, 1.6, 2.0), rotation_deg=5)
+    src = write_nifti(tmp_path / "int16.nii.gz", np.round(vol.data).astype(np.int16), vol.affine)
+    store = ModelStore([tiny_models])
+    model = load_model(store.locate("tissue_types"), store.catalogue.submodel("tissue_types"), device="cpu")
+    for argv, order in (([], 1), (["-ro", "3"], 3), (["--resampling_order", "0"], 0)):
+        out = tmp_path / f"out{order}"
+        assert main(["segment", "-i", str(src), "-o", str(out), "--ml", "--roi-subset", "subcutaneous_fat",
+                     "--device", "cpu", "-q", "--models", str(tiny_models), *argv]) == 0
+        meta = json.loads((out / "mriseg.json").read_text())
+        assert (meta["resampling_order"], meta["input_cast"]) == (order, "int32")
+        prep = prepare(read_volume(src), 1.5, resampling_order=order)
+        want = to_input_grid(predict_labels(model, prep.data, 1.5), prep)
+        got = np.asarray(nib.load(str(out / "segmentations.nii.gz")).dataobj)
+        sub = {v: k for k, v in model.label_names.items()}["subcutaneous_fat"]
+        assert np.array_equal(got > 0, want == sub), argv
+
+
+@pytest.mark.parametrize("value", ["6", "-1", "1.5", "cubic"])
+def test_segment_refuses_a_resampling_order_outside_0_to_5(phantom, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "-i", str(phantom), "-o", str(tmp_path / "o"), "-ro", value])
+    assert e.value.code == 2 and "resampling order" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv_tail,message", [
     (["--roi-subset", "livr"], "unknown structure(s): livr"),
     (["--fast", "--roi-subset", "face"], "fast mode only covers"),

@@ -188,3 +188,15 @@ def test_an_output_set_from_demo_models_says_so_in_its_completion_record(case, t
     write_outputs(res, vol, tmp_path / "demo", preview=False)
     assert completion_doc(tmp_path / "real")["demo_models"] is False
     assert completion_doc(tmp_path / "demo")["demo_models"] is True
+
+
+def test_mriseg_json_records_the_resampling_order_and_the_input_cast(case, tmp_path):
+    """What was done to the input's intensities (TotalSegmentator's -ro and int32 cast) travels with the labels."""
+    vol, res = case
+    write_outputs(res, vol, tmp_path / "default", preview=False, statistics=False)
+    meta = json.loads((tmp_path / "default" / "mriseg.json").read_text())
+    assert (meta["resampling_order"], meta["input_cast"]) == (1, "none")
+    res.resampling_order, res.input_cast = 3, "int32"
+    write_outputs(res, vol, tmp_path / "ro3", preview=False, statistics=False)
+    meta = json.loads((tmp_path / "ro3" / "mriseg.json").read_text())
+    assert (meta["resampling_order"], meta["input_cast"]) == (3, "int32")

@@ -45,8 +45,9 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
                   roi_subset: Sequence[str] | None = None) -> dict[str, Path]:
     """Write the selected outputs of ``result`` (a SegmentationResult on ``volume``'s grid).
 
-    ``roi_subset`` is what was asked for; ``mriseg.json`` records it beside ``fast`` and the files, so
-    an output set says which options made it (``serve.staging.completion_doc``).
+    ``roi_subset`` is what was asked for; ``mriseg.json`` records it beside ``fast``, the result's
+    ``resampling_order`` and ``input_cast`` and the files, so an output set says which options made it
+    (``serve.staging.completion_doc``).
     """
     import nibabel as nib
 
@@ -80,6 +81,8 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
             "models": getattr(result, "models", {}), "unavailable": getattr(result, "unavailable", {}),
             "fast": getattr(result, "fast", False), "roi_subset": sorted(roi_subset) if roi_subset else None,
             "demo": bool(getattr(result, "demo", False)),
+            # what was done to the input's intensities (docs/inference.md): TotalSegmentator's -ro and int32 cast
+            "resampling_order": int(result.resampling_order), "input_cast": str(result.input_cast),
             "files": {k: v.name for k, v in written.items()}}
     (outdir / "mriseg.json").write_text(json.dumps(meta, indent=1))
     written["metadata"] = outdir / "mriseg.json"
