@@ -2,8 +2,8 @@
 
 Each volume ``s3://bucket/prefix/<rel>.nii.gz`` gets its outputs under
 ``{--out}/{site}/<rel>/`` (the S3 layout of docs/s3-and-jobs.md). An input
-whose ``job.json`` there says ``done``, made with the same options from the
-same object (URI and ETag), is skipped, so an interrupted run is resumed by
+whose ``job.json`` there says ``done``, made with the same options (resampling
+order included) from the same object (URI and ETag), is skipped, so an interrupted run is resumed by
 running the same command again, and a replaced input runs again. Inputs that
 map to one output folder (``scan.nii`` and ``scan.nii.gz``) all fail unrun. Jobs go through the cluster's
 HTTP API (``POST /v1/segmentations`` with ``output_prefix``, then polling
@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from serve import staging
+from serve.cli import add_resampling_order_arg
 from serve.errors import MrisegError
 from serve.events import is_volume_key
 from serve.jobs import DEFAULT_OUTPUTS, DONE, RUNNING, JobSpec
+from serve.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -249,14 +251,19 @@ def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, th
 
 def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settings, *, site: str = "default",
              concurrency: int = 4, roi_subset: Sequence[str] | None = None, fast: bool = False,
-             outputs: Sequence[str] = DEFAULT_OUTPUTS, progress: bool = True) -> list[Item]:
-    """Segment every volume under ``inputs_uri``; returns one :class:`Item` per input."""
+             outputs: Sequence[str] = DEFAULT_OUTPUTS, progress: bool = True,
+             resampling_order: int = DEFAULT_RESAMPLING_ORDER) -> list[Item]:
+    """Segment every volume under ``inputs_uri``; returns one :class:`Item` per input.
+
+    ``resampling_order`` (TotalSegmentator's ``-ro``) is one of the options a done set must have been made with.
+    """
     from tqdm import tqdm
 
     prefix = parse_s3_uri(inputs_uri)[1]
     listed = {v.uri: v for v in list_volumes(inputs_uri, settings)}
     specs = [JobSpec(uri, out_uri, site, roi_subset=tuple(roi_subset) if roi_subset else None, fast=fast,
-                     outputs=tuple(outputs), input_prefix=prefix) for uri in listed]
+                     outputs=tuple(outputs), input_prefix=prefix, resampling_order=resampling_order)
+             for uri in listed]
     items: dict[str, Item] = {}
     for s in specs:
         try:
@@ -418,7 +425,8 @@ def cmd_bulk(args) -> int:
         _check_reachable(args.api)
     items = run_bulk(args.prefix, args.out, backend, settings, site=args.site, concurrency=args.concurrency,
                      roi_subset=args.roi_subset.split(",") if args.roi_subset else None, fast=args.fast,
-                     outputs=args.outputs.split(","), progress=not args.no_progress)
+                     outputs=args.outputs.split(","), progress=not args.no_progress,
+                     resampling_order=args.resampling_order)
     s = summary(items)
     print(f"{s['total']} volumes: {s[SUCCEEDED]} succeeded, {s[FAILED]} failed, {s[SKIPPED]} skipped"
           + (f"; report: {args.report}" if args.report else ""))
@@ -446,6 +454,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="the 3 mm model (first 50 structures)")
     p.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
                    help="comma-separated: multilabel, per_structure, statistics, preview")
+    add_resampling_order_arg(p)
     p.add_argument("--local-models", nargs="+", metavar="SOURCE",
                    help="run jobs in this process with these model sources instead of the cluster")
     p.add_argument("--jobs", help="s3:// prefix for durable job records (with --local-models)")

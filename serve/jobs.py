@@ -2,8 +2,8 @@
 
 A job is identified by its *idempotency key*: a hash of the input object
 (bucket, key, ETag or version id), the options that change the output
-(``roi_subset`` sorted, ``fast``, the outputs wanted) and the checksums of the
-sub-models that would run. The same input with the same options and models
+(``roi_subset`` sorted, ``fast``, the outputs wanted, ``resampling_order``) and
+the checksums of the sub-models that would run. The same input with the same options and models
 is the same job: a redelivered event or a resubmission finds the finished
 record and gets the existing result without recomputing. Different options
 or models make a different key and never overwrite another job's outputs.
@@ -51,6 +51,7 @@ from serve import staging
 from serve.audit import audit
 from serve.errors import MrisegError, StorageError, VolumeTooLargeError
 from serve.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
+from serve.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
 from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,10 @@ class JobSpec:
     fast: bool = False
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     input_prefix: str | None = None     # the inbox prefix (case names are relative to it; "" is the bucket root)
+    resampling_order: int = DEFAULT_RESAMPLING_ORDER  # the input's spline order (TotalSegmentator's -ro, 0..5)
+
+    def __post_init__(self) -> None:
+        check_resampling_order(self.resampling_order)  # a record or rule naming another is refused, never guessed
 
     @property
     def case(self) -> str:
@@ -125,7 +130,7 @@ class JobSpec:
 
     def options(self) -> dict[str, Any]:
         """The options that change the output, canonical."""
-        return output_options(self.roi_subset, self.fast, self.outputs)
+        return output_options(self.roi_subset, self.fast, self.outputs, self.resampling_order)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,10 +147,22 @@ class JobSpec:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def output_options(roi_subset: Sequence[str] | None, fast: bool, outputs: Iterable[str]) -> dict[str, Any]:
-    """The options that change an output set, in the one form every job.json records (and bulk compares)."""
+def output_options(roi_subset: Sequence[str] | None, fast: bool, outputs: Iterable[str],
+                   resampling_order: int | None) -> dict[str, Any]:
+    """The options that change an output set, in the one form every job.json records (and bulk compares).
+
+    Args:
+        roi_subset: the structures asked for (None: all).
+        fast: the 3 mm model.
+        outputs: the output kinds.
+        resampling_order: the input's spline order; None for a set that does not record one (made before
+            the option existed, with another resampling), which therefore never equals a new job's options.
+
+    Returns:
+        ``{"roi_subset", "fast", "outputs", "resampling_order"}``.
+    """
     return {"roi_subset": sorted(roi_subset) if roi_subset else None, "fast": bool(fast),
-            "outputs": sorted(set(outputs))}
+            "outputs": sorted(set(outputs)), "resampling_order": resampling_order}
 
 
 def idempotency_key(spec: JobSpec, model_checksums: Mapping[str, str]) -> str:
@@ -394,8 +411,9 @@ class Engine(Protocol):
         ...
 
     def segment_file(self, path: Path, spec: JobSpec, outdir: Path) -> dict[str, Any]:
-        """Write the outputs of ``path`` into ``outdir`` (serve.outputs' writers' names); return
-        ``{"timings": ..., "structures": ..., "models": ..., "demo": ...}``."""
+        """Write the outputs of ``path`` into ``outdir`` (serve.outputs' writers' names), its input resampled
+        with ``spec.resampling_order``; return ``{"timings": ..., "structures": ..., "models": ..., "demo": ...,
+        "input_cast": ...}``."""
         ...
 
 
@@ -418,12 +436,14 @@ class SegmenterEngine:
 
         volume = decode_untrusted(path, self.max_voxels, self.sandbox)
         self.calls += 1
-        result = self.segmenter.segment(volume, list(spec.roi_subset) if spec.roi_subset else None, spec.fast)
+        result = self.segmenter.segment(volume, list(spec.roi_subset) if spec.roi_subset else None, spec.fast,
+                                        resampling_order=spec.resampling_order)
         write_outputs(result, volume, outdir, multilabel="multilabel" in spec.outputs,
                       per_structure="per_structure" in spec.outputs, statistics="statistics" in spec.outputs,
                       preview="preview" in spec.outputs, roi_subset=spec.roi_subset)
         return {"timings": result.timings, "structures": {str(k): v for k, v in result.structures.items()},
-                "models": result.models, "unavailable": result.unavailable, "demo": result.demo}
+                "models": result.models, "unavailable": result.unavailable, "demo": result.demo,
+                "input_cast": result.input_cast}
 
 
 class InputChangedError(staging.S3RequestError):
@@ -741,7 +761,7 @@ class JobRunner:
             "input": staging.input_record(info) if info else {"uri": spec.input_uri, "etag": spec.etag,
                                                                "version_id": spec.version_id, "size": None,
                                                                "sha256": None},
-            "options": spec.options(),
+            "options": spec.options(), "input_cast": meta.get("input_cast"),
             "software": {"name": "mriseg-serve", "version": software_version()},
             "models": meta.get("models") or (rec.models if rec else {}), "demo_models": bool(meta.get("demo")),
             "structures": meta.get("structures", {}), "unavailable": meta.get("unavailable", {}),

@@ -397,11 +397,11 @@ def completion_doc(outdir: Path, source: ObjectInfo | None = None) -> dict:
 
     meta = json.loads((outdir / "mriseg.json").read_text())
     options = output_options(meta.get("roi_subset"), meta.get("fast", False),
-                             set(meta.get("files", {})) & set(OUTPUT_KINDS))
+                             set(meta.get("files", {})) & set(OUTPUT_KINDS), meta.get("resampling_order"))
     return {"status": "done", "software": {"name": "mriseg-serve", "version": software_version()},
             "input": input_record(source),
             "models": meta.get("models", {}), "structures": meta.get("structures", {}),
-            "unavailable": meta.get("unavailable", {}), "options": options,
+            "unavailable": meta.get("unavailable", {}), "options": options, "input_cast": meta.get("input_cast"),
             "demo_models": bool(meta.get("demo", False)),
             "files": sorted(n for n in (layout_name(k) for k in meta.get("files", {}).values()) if n),
             "finished": time.time()}

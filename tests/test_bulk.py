@@ -99,6 +99,37 @@ def test_a_set_done_with_other_options_is_not_skipped(seaweed, unique_prefix):  
     assert not already_done(spec.output_prefix, seaweed.settings, {**spec.options(), "roi_subset": ["liver"]})
 
 
+def test_a_set_made_with_another_resampling_order_or_before_it_was_recorded_is_not_skipped(seaweed,  # noqa: F811
+                                                                                            unique_prefix):
+    """Old outputs never pass for new ones: a set of -ro 3 is not one of -ro 1, and a set whose job.json has no
+    resampling_order (made before the option, with another resampling) is no set of any order."""
+    from serve.bulk import run_bulk
+    from serve.jobs import JobSpec
+
+    inbox = f"s3://inbox/{unique_prefix}/ro/"
+    etag = staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)["ETag"]
+    out = f"s3://outbox/{unique_prefix}/"
+    spec = JobSpec(inbox + "case.nii.gz", out, input_prefix=f"{unique_prefix}/ro/", resampling_order=3)
+    record = {"status": "done", "input": {"uri": spec.input_uri, "etag": etag}}
+    staging.put_json({**record, "options": spec.options()}, spec.output_prefix + "job.json", seaweed.settings)
+    ran: list[int] = []
+
+    def backend(s):
+        ran.append(s.resampling_order)
+        return SUCCEEDED, "", "job-1"
+
+    assert [i.status for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False,
+                                       resampling_order=3)] == [SKIPPED]
+    assert [i.status for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False)] == [SUCCEEDED]
+    assert ran == [1]
+    old = {k: v for k, v in spec.options().items() if k != "resampling_order"}
+    staging.put_json({**record, "options": old}, spec.output_prefix + "job.json", seaweed.settings)
+    for order in (1, 3):
+        assert [i.status for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False,
+                                           resampling_order=order)] == [SUCCEEDED]
+    assert ran == [1, 1, 3]
+
+
 def test_a_local_rerun_with_other_options_reports_where_its_outputs_went(seaweed, tiny_models, tmp_path,  # noqa: F811
                                                                          unique_prefix):
     """``--local-models`` never writes over a set made with other options (a job's rule): the rerun's
@@ -120,7 +151,7 @@ def test_a_local_rerun_with_other_options_reports_where_its_outputs_went(seaweed
     base = first[0].output_prefix
     assert base == f"{out}default/case/" and second[0].output_prefix.startswith(base + "runs/")
     assert already_done(second[0].output_prefix, seaweed.settings,
-                        {"roi_subset": ["liver"], "fast": False, "outputs": ["multilabel"]})
+                        {"roi_subset": ["liver"], "fast": False, "outputs": ["multilabel"], "resampling_order": 1})
     again = run_bulk(inbox, out, backend, seaweed.settings, progress=False, roi_subset=["liver"])
     assert [i.status for i in again] == [SKIPPED]
 

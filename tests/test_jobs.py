@@ -118,6 +118,51 @@ def test_idempotency_key_covers_models_and_options():
     assert base != idempotency_key(dataclasses.replace(spec, outputs=("multilabel",)), {"organs": "abc"})
 
 
+def test_idempotency_key_differs_by_resampling_order_and_from_keys_before_it():
+    """Outputs resampled another way are another job: never returned for this one, never overwritten by it."""
+    import hashlib
+
+    spec = JobSpec("s3://b/k.nii", "s3://o", etag='"e1"')
+    assert spec.resampling_order == 1 and spec.options()["resampling_order"] == 1
+    keys = {o: idempotency_key(dataclasses.replace(spec, resampling_order=o), {"organs": "abc"}) for o in range(6)}
+    assert len(set(keys.values())) == 6 and keys[1] == idempotency_key(spec, {"organs": "abc"})
+    # the key a job had before the option existed (order 3, scipy's "constant" mode, no cast) is none of them
+    before = {"bucket": "b", "key": "k.nii", "version": "e1", "options": {"roi_subset": None, "fast": False,
+              "outputs": sorted(spec.outputs)}, "models": {"organs": "abc"}, "output_root": "s3://o", "site": "default"}
+    assert hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:32] not in keys.values()
+
+
+@pytest.mark.parametrize("order", [-1, 6, 1.0, "1", True, None])
+def test_a_job_spec_with_another_resampling_order_is_refused(order):
+    from serve.errors import MrisegError
+
+    with pytest.raises(MrisegError, match="0 to 5"):
+        JobSpec("s3://b/k.nii", "s3://o", resampling_order=order)
+    with pytest.raises(MrisegError, match="0 to 5"):
+        JobSpec.from_dict({**JobSpec("s3://b/k.nii", "s3://o").to_dict(), "resampling_order": order})
+    assert JobSpec.from_dict({"input_uri": "s3://b/k.nii", "output_root": "s3://o"}).resampling_order == 1
+
+
+def test_job_json_records_the_resampling_order_and_the_input_cast(seaweed, runner, unique_prefix,  # noqa: F811
+                                                                  tmp_path):
+    import nibabel as nib
+
+    vol = body_volume("LPS", shape=(20, 18, 12), spacing=(1.2, 1.2, 2.0))
+    path = tmp_path / "int16.nii.gz"
+    nib.save(nib.Nifti1Image(vol.data.round().astype("int16"), vol.affine), str(path))
+    spec = spec_for(unique_prefix, "int16.nii.gz", resampling_order=3)
+    staging.upload_file(path, spec.input_uri, seaweed.settings)
+    out = runner.run(spec)
+    assert out.state == DONE
+    doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["options"]["resampling_order"] == 3 and doc["input_cast"] == "int32"
+    spec1 = spec_for(unique_prefix, "int16.nii.gz")  # the default order is another job, in its own folder
+    again = runner.run(spec1)
+    assert again.computed and again.key != out.key and again.output_prefix != out.output_prefix
+    doc = json.loads(staging.download_bytes(again.output_prefix + "job.json", settings=seaweed.settings))
+    assert doc["options"]["resampling_order"] == 1 and doc["input_cast"] == "int32"
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["8 workers", "8 threads of one worker"])
 def test_concurrent_duplicate_claims_have_one_winner(seaweed, unique_prefix, shared):  # noqa: F811
     """Also within one process: an intake's pushed jobs and its queue share one store."""

@@ -200,3 +200,25 @@ def test_mriseg_json_records_the_resampling_order_and_the_input_cast(case, tmp_p
     write_outputs(res, vol, tmp_path / "ro3", preview=False, statistics=False)
     meta = json.loads((tmp_path / "ro3" / "mriseg.json").read_text())
     assert (meta["resampling_order"], meta["input_cast"]) == (3, "int32")
+
+
+def test_a_completion_record_states_the_resampling_order_and_none_for_an_old_set(case, tmp_path):
+    """An API output set says how its input was resampled, as a job's job.json does; one whose mriseg.json
+    predates the option has none, so its options never equal a new job's."""
+    from serve.jobs import JobSpec
+    from serve.staging import completion_doc
+
+    vol, res = case
+    res.resampling_order, res.input_cast = 3, "int32"
+    write_outputs(res, vol, tmp_path / "a", preview=False, statistics=False)
+    doc = completion_doc(tmp_path / "a")
+    assert doc["options"] == JobSpec("s3://in/a.nii.gz", "s3://out", outputs=("multilabel",),
+                                     resampling_order=3).options()
+    assert doc["input_cast"] == "int32"
+    meta = json.loads((tmp_path / "a" / "mriseg.json").read_text())
+    del meta["resampling_order"], meta["input_cast"]
+    (tmp_path / "a" / "mriseg.json").write_text(json.dumps(meta))
+    old = completion_doc(tmp_path / "a")
+    assert old["options"]["resampling_order"] is None and old["input_cast"] is None
+    assert all(old["options"] != JobSpec("s3://in/a.nii.gz", "s3://out", outputs=("multilabel",),
+                                         resampling_order=o).options() for o in range(6))
