@@ -134,7 +134,8 @@ def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 
 
     def run(spec: JobSpec) -> tuple[str, str, str]:
         body: dict[str, Any] = {"input": spec.input_uri, "output_prefix": spec.output_prefix,
-                                "fast": spec.fast, "outputs": list(spec.outputs)}
+                                "fast": spec.fast, "outputs": list(spec.outputs),
+                                "resampling_order": spec.resampling_order}
         if spec.roi_subset:
             body["roi_subset"] = list(spec.roi_subset)
         deadline = time.monotonic() + timeout_s

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, parse_message, volume_events
 from serve.jobs import DONE, FAILED, OUTPUT_KINDS, RUNNING, JobOutcome, JobSpec
+from serve.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
 from serve.s3client import S3Settings, has_dot_segments, parse_s3_uri
 from serve.settings_checks import checked_number
 
@@ -56,6 +57,7 @@ class InboxRule:
     roi_subset: tuple[str, ...] | None = None
     fast: bool = False
     outputs: tuple[str, ...] = ("multilabel", "statistics", "preview")
+    resampling_order: int = DEFAULT_RESAMPLING_ORDER  # the input's spline order (TotalSegmentator's -ro, 0..5)
 
     def matches(self, ev: ObjectEvent) -> bool:
         """The object lies under the inbox prefix, on whole path segments, with no ``.`` or ``..`` segment.
@@ -71,7 +73,7 @@ class InboxRule:
 
     def spec(self, ev: ObjectEvent) -> JobSpec:
         return JobSpec(ev.uri, self.output_root, self.site, ev.etag, ev.version_id, self.roi_subset, self.fast,
-                       self.outputs, self.prefix)
+                       self.outputs, self.prefix, self.resampling_order)
 
     @classmethod
     def from_mapping(cls, d: Any) -> "InboxRule":
@@ -94,6 +96,11 @@ class InboxRule:
                               f"again; put outputs outside {d['prefix']!r}")
         if not isinstance(d.get("fast", False), bool):
             raise MrisegError(f"{name}: fast must be true or false, not {d['fast']!r}")
+        if "resampling_order" in d:
+            try:
+                check_resampling_order(d["resampling_order"])
+            except MrisegError as e:
+                raise MrisegError(f"{name}: {e.message}") from None
         for k in ("roi_subset", "outputs"):
             v = d.get(k)
             if v is not None and (isinstance(v, str) or not isinstance(v, (list, tuple))

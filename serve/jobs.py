@@ -144,7 +144,10 @@ class JobSpec:
         if d.get("roi_subset") is not None:
             d["roi_subset"] = tuple(d["roi_subset"])
         d["outputs"] = tuple(d.get("outputs") or DEFAULT_OUTPUTS)
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        except MrisegError as e:  # a stored spec no request could have made: unreadable, as its readers expect
+            raise ValueError(e.message) from None
 
 
 def output_options(roi_subset: Sequence[str] | None, fast: bool, outputs: Iterable[str],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,6 +86,79 @@ def test_merged_output_equals_in_process_segmenter(serve_stack, spacing):
     assert served.shape == local.labels.shape
     np.testing.assert_array_equal(served, local.labels)
     assert local.labels.any()  # random-init models still label something, so equality is not vacuous
+
+
+def int16_nifti_bytes(shape=(30, 28, 24), spacing=(1.2, 1.4, 2.0), seed: int = 5) -> bytes:
+    """nifti_bytes' blob stored as int16, as MR scanners (and dcm2niix) write: an integer-valued input."""
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(nifti_bytes(shape=shape, spacing=spacing, seed=seed)))
+    out = nib.Nifti1Image(np.round(img.get_fdata()).astype(np.int16), img.affine)
+    return gzip.compress(out.to_bytes(), compresslevel=1)
+
+
+@pytest.mark.parametrize("order", [None, 3])
+def test_the_resampling_order_reaches_the_router_and_is_recorded(serve_stack, order):
+    """Resampled as asked (TotalSegmentator's -ro; its 1 when not asked): the served labels equal the in-process
+    Segmenter's at that order, and the job and its mriseg.json say which order, and that the int16 input got the
+    int32 cast."""
+    from serve.modelstore import ModelStore
+    from serve.pipeline import Segmenter
+    from serve.volume_io import read_volume_bytes
+
+    data = int16_nifti_bytes()
+    want = 1 if order is None else order
+    with serve_stack.client() as c:
+        r = upload(c, "site-a", data, roi_subset="subcutaneous_fat,torso_fat,liver", resampling_order=order)
+        assert r.status_code == 200, r.text
+        job = r.json()
+        served = result_labels(c, "site-a", job["id"])
+        meta = c.get(f"/v1/segmentations/{job['id']}/files/mriseg.json", headers=auth("site-a")).json()
+    assert job["options"]["resampling_order"] == want and job["input_cast"] == "int32"
+    assert (meta["resampling_order"], meta["input_cast"]) == (want, "int32")
+    seg = Segmenter(ModelStore([serve_stack.model_dir]), device="cpu", threads=1)
+    local = seg.segment(read_volume_bytes(data, "x.nii.gz"), ["subcutaneous_fat", "torso_fat", "liver"],
+                        resampling_order=want)
+    np.testing.assert_array_equal(served, local.labels)
+    other = seg.segment(read_volume_bytes(data, "x.nii.gz"), ["subcutaneous_fat", "torso_fat", "liver"],
+                        resampling_order=3 if want == 1 else 1)
+    assert not np.array_equal(other.labels, local.labels)  # the order shows in the labels: the check can fail
+
+
+@pytest.mark.parametrize("value", [6, -1, True, 1.5, "3"])
+def test_a_resampling_order_outside_0_to_5_is_refused_before_anything_runs(serve_stack, value):
+    with serve_stack.client() as c:
+        body = _problem(c.post("/v1/segmentations", json={"input": "s3://consortium/site-a/x.nii.gz",
+                                                          "resampling_order": value}, headers=auth("site-a")), 422)
+        assert body["errors"][0]["loc"][-1] == "resampling_order"
+        if not isinstance(value, bool) and value not in (1.5, "3"):
+            _problem(upload(c, "site-a", resampling_order=value), 422)
+
+
+@pytest.mark.s3
+def test_an_event_jobs_resampling_order_reaches_the_router(serve_stack):
+    """The intake's engine hands the job's -ro to the router by Ray handle: the published labels are the
+    in-process Segmenter's at that order, and job.json records it with the int16 input's int32 cast."""
+    from serve import staging
+    from serve.cluster.intake import RouterEngine
+    from serve.jobs import JobRunner, JobSpec, JobStore
+    from serve.modelstore import ModelStore
+    from serve.pipeline import Segmenter
+    from serve.volume_io import read_volume_bytes
+
+    s3 = serve_stack.extra["s3"]
+    data = int16_nifti_bytes(seed=33)
+    staging.put_bytes(data, "s3://consortium/site-a/inbox/case-33.nii.gz", s3)
+    runner = JobRunner(JobStore("s3://consortium/mriseg-jobs/", s3), RouterEngine(app_name=serve_stack.app_name), s3)
+    roi = ("liver", "subcutaneous_fat")
+    out = runner.run(JobSpec("s3://consortium/site-a/inbox/case-33.nii.gz", "s3://consortium/site-a/results",
+                             site="site-a", roi_subset=roi, input_prefix="site-a/inbox/", resampling_order=3))
+    assert out.state == "done" and out.computed, out.error
+    doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=s3))
+    assert doc["options"]["resampling_order"] == 3 and doc["input_cast"] == "int32"
+    got = staging.download_bytes(out.output_prefix + "segmentation.nii.gz", settings=s3)
+    labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(got)).dataobj)
+    seg = Segmenter(ModelStore([serve_stack.model_dir]), device="cpu", threads=1)
+    np.testing.assert_array_equal(labels, seg.segment(read_volume_bytes(data, "x.nii.gz"), list(roi),
+                                                      resampling_order=3).labels)
 
 
 def test_roi_subset_calls_only_the_needed_deployments(serve_stack):
@@ -357,9 +432,14 @@ def test_durable_jobs_run_through_the_cluster_once(serve_stack):
     again = runner.run(spec)
     assert again.state == "done" and not again.computed and again.key == first.key
     assert engine.calls == 1
+    # another resampling order is another job, run by the router at that order, recorded in its job.json
+    ro3 = runner.run(dataclasses.replace(spec, resampling_order=3))
+    assert ro3.state == "done" and ro3.computed and ro3.key != first.key and engine.calls == 2, ro3.error
+    doc = json.loads(staging.download_bytes(ro3.output_prefix + "job.json", settings=s3))
+    assert doc["options"]["resampling_order"] == 3 and doc["input_cast"] == "none"  # float32, already at 1.5 mm
     # a job naming site-b but reading site-a's object (a forged record, say): the router refuses to run it
     theirs = JobSpec("s3://consortium/site-a/inbox/case-31.nii.gz", "s3://consortium/site-b/results", site="site-b",
                      roi_subset=("liver", "spleen"), input_prefix="site-a/inbox/")
     refused = runner.run(theirs)
     assert refused.state == "failed" and refused.error["status"] == 403, refused.error
-    assert "site site-b may not read" in refused.error["detail"] and engine.calls == 1
+    assert "site site-b may not read" in refused.error["detail"] and engine.calls == 2

@@ -146,6 +146,9 @@ RULE = {"bucket": "in", "prefix": "a/", "site": "a", "output_root": "s3://out/x"
     ({"roi_subset": "liver"}, "list of names"),                    # a string would have become letters
     ({"roi_subset": ["livr"]}, "livr"),
     ({"outputs": ["preveiw"]}, "outputs must name some of"),
+    ({"resampling_order": 6}, "resampling_order must be a whole number from 0 to 5"),
+    ({"resampling_order": "3"}, "resampling_order must be a whole number from 0 to 5"),
+    ({"resampling_order": True}, "resampling_order must be a whole number from 0 to 5"),
     ({"output_root": "/tmp/out"}, "s3://"),
     ({"prefix": "", "output_root": "s3://in/results"}, "inside the inbox"),  # outputs would be ingested again
     ({"output_root": "s3://in/a/out"}, "inside the inbox"),
@@ -275,3 +278,13 @@ def test_the_site_keys_of_earlier_versions_are_ignored_with_a_warning(monkeypatc
     assert settings.rules[0].site == "a" and not hasattr(settings, "site_keys")
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "api_url, site_keys, site_keys_file are no longer used" in warned and "k" * 16 not in warned
+
+
+def test_an_inbox_rule_names_the_resampling_order_of_its_jobs():
+    """A site's event jobs are resampled as its rule says (TotalSegmentator's -ro), TotalSegmentator's 1 unless."""
+    from serve.consumer import InboxRule
+
+    ev = volume_events(parse_message({"Records": [s3_record("a/scan.nii.gz", bucket="in")]}))[0]
+    assert InboxRule.from_mapping(RULE).spec(ev).resampling_order == 1
+    spec = InboxRule.from_mapping({**RULE, "resampling_order": 3}).spec(ev)
+    assert spec.resampling_order == 3 and spec.options()["resampling_order"] == 3

@@ -35,6 +35,24 @@ def test_record_round_trip_keeps_every_field():
         job_from_record({**job_to_record(job), "demo": "yes"})
 
 
+def test_the_resampling_order_and_input_cast_survive_a_restart():
+    """A resumed job is resampled as it was asked to be; a record from before the option runs at the default;
+    a record with an order no request could give is not trusted."""
+    job = Job(site="site-a", options=JobOptions(["liver"], False, ("multilabel",), None, 3), input_cast="int32")
+    back = job_from_record(job_to_record(job))
+    assert back.options.resampling_order == 3 and back.input_cast == "int32" and back == job
+    assert back.public()["options"]["resampling_order"] == 3 and back.public()["input_cast"] == "int32"
+    old = job_to_record(job)
+    del old["options"]["resampling_order"], old["input_cast"]
+    assert job_from_record(old).options.resampling_order == 1 and job_from_record(old).input_cast is None
+    for bad in (6, True, "3", None):
+        with pytest.raises(ValueError, match="resampling_order"):
+            job_from_record({**job_to_record(job), "options": {**job_to_record(job)["options"],
+                                                               "resampling_order": bad}})
+    with pytest.raises(TypeError, match="input_cast"):
+        job_from_record({**job_to_record(job), "input_cast": 32})
+
+
 def test_unreadable_record_is_set_aside(tmp_path):
     j = JobJournal(tmp_path)
     j.save(Job(site="site-a", options=JobOptions()))

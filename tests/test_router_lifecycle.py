@@ -260,10 +260,10 @@ def test_cancel_during_a_worker_thread_stage_keeps_the_slot_until_the_thread_end
     started = []
     real_prepare = serve.preprocess.prepare
 
-    def slow_prepare(volume, spacing):
+    def slow_prepare(volume, spacing, **kw):
         started.append(time.time())
         time.sleep(0.5)
-        return real_prepare(volume, spacing)
+        return real_prepare(volume, spacing, **kw)
 
     monkeypatch.setattr(serve.preprocess, "prepare", slow_prepare)
 

@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import serve
@@ -27,6 +27,7 @@ from serve.cluster.router import OUTPUT_KINDS, JobService, check_upload_name
 from serve.cluster.tenancy import Site
 from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, ServiceUnavailableError,
                           UnsupportedFormatError, VolumeTooLargeError)
+from serve.resampling import DEFAULT_RESAMPLING_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,11 @@ def _split(value: str | None) -> list[str] | None:
 
 
 # -- models ---------------------------------------------------------------------
+_RESAMPLING_ORDER_DOC = (f"spline order (0-5) of the input's resampling to the model spacing, TotalSegmentator's -ro "
+                         f"(default {DEFAULT_RESAMPLING_ORDER}, as TotalSegmentator 2.18); integer-valued inputs are "
+                         f"then cast to int32 as there, others keep float intensities")
+
+
 class SegmentationRequest(BaseModel):
     """A volume already in the site's S3 prefix."""
 
@@ -239,6 +245,7 @@ class SegmentationRequest(BaseModel):
                                description=f"any of {list(OUTPUT_KINDS)}")
     output_prefix: str | None = Field(None, description="s3:// prefix (inside the site's) to copy outputs to",
                                       max_length=2048)
+    resampling_order: StrictInt = Field(DEFAULT_RESAMPLING_ORDER, ge=0, le=5, description=_RESAMPLING_ORDER_DOC)
 
 
 def _job_response(job, status_code: int, response: Response) -> dict:
@@ -281,7 +288,7 @@ async def readyz() -> JSONResponse:
 async def create_segmentation(body: SegmentationRequest, svc: Svc, who: SiteDep, response: Response,
                               wait: bool = Query(False, description="answer when the job has finished")):
     """Segment a volume from S3. 202 with a job id; ``?wait=true`` answers when done."""
-    opts = JobOptions(body.roi_subset, body.fast, tuple(body.outputs), body.output_prefix)
+    opts = JobOptions(body.roi_subset, body.fast, tuple(body.outputs), body.output_prefix, body.resampling_order)
     job = svc.submit(who, opts, input_uri=body.input)
     return await _finish(svc, job, wait, response)
 
@@ -299,6 +306,7 @@ async def upload_segmentation(
         roi_subset: str | None = Query(None, description="comma-separated structure names"),
         fast: bool = Query(False), outputs: str | None = Query(None, description="comma-separated"),
         output_prefix: str | None = Query(None, max_length=2048),
+        resampling_order: int = Query(DEFAULT_RESAMPLING_ORDER, ge=0, le=5, description=_RESAMPLING_ORDER_DOC),
         wait: bool = Query(False)):
     """Segment an uploaded volume (raw body or multipart ``file``), up to the size limit (413 beyond)."""
     limit = svc.settings.max_upload_bytes
@@ -309,7 +317,7 @@ async def upload_segmentation(
                                   f"(router.max_upload_bytes, which S3 inputs share); {_TOO_LARGE_HINT}")
     # an empty ?outputs= names no output (400, as an empty list in the JSON route); absent means the default
     opts = JobOptions(_split(roi_subset), fast, tuple(DEFAULT_OUTPUTS if outputs is None else _split(outputs)),
-                      output_prefix)
+                      output_prefix, resampling_order)
     svc.validate_options(who, opts)  # fail fast, before reading the body
     if ctype == "multipart/form-data" and _unbounded(request):
         # the form parser would spool all of it to disk before the limit applies

@@ -25,6 +25,7 @@ from serve.cluster.metrics import IngressMetrics, start_metrics_server
 from serve.cluster.router import JobService, RouterSettings
 from serve.cluster.tenancy import Tenancy
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
+from serve.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.sandbox import SandboxedDecoder, SandboxPolicy
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,12 @@ class Ingress:
 
     # -- the event intake's calls (by Ray handle: the intake holds no site's API key) --------------------
     async def run_site_job(self, site: str, data: bytes, filename: str, roi_subset: list[str] | None, fast: bool,
-                           outputs: list[str], input_uri: str, output_prefix: str) -> dict:
+                           outputs: list[str], input_uri: str, output_prefix: str,
+                           resampling_order: int = DEFAULT_RESAMPLING_ORDER) -> dict:
         """One event job of ``site``, run as that site's job: :meth:`JobService.run_event_job`."""
         self.service.resume_interrupted()
         return await self.service.run_event_job(site, data, filename, roi_subset, fast, outputs, input_uri,
-                                                output_prefix)
+                                                output_prefix, resampling_order)
 
     async def submodel_checksums(self, site: str, roi_subset: list[str] | None, fast: bool) -> dict:
         """The sub-model checksums of an event job of ``site``: :meth:`JobService.event_checksums`."""

@@ -332,7 +332,7 @@ class RouterEngine:
             outdir: where the runner publishes from.
 
         Returns:
-            The engine's metadata: timings, structures, models, unavailable, demo.
+            The engine's metadata: timings, structures, models, unavailable, demo, input_cast.
         """
         if "per_structure" in spec.outputs:
             raise MrisegError("per-structure masks are not made for event jobs in the cluster; request "
@@ -340,7 +340,7 @@ class RouterEngine:
         t = time.perf_counter()
         reply = self._call("run_site_job", spec.site, Path(path).read_bytes(), Path(path).name,
                            list(spec.roi_subset) if spec.roi_subset else None, spec.fast, list(spec.outputs),
-                           spec.input_uri, spec.output_prefix, timeout_s=self.timeout_s)
+                           spec.input_uri, spec.output_prefix, spec.resampling_order, timeout_s=self.timeout_s)
         self.calls += 1
         outdir.mkdir(parents=True, exist_ok=True)
         for name, content in reply["files"].items():
@@ -351,7 +351,7 @@ class RouterEngine:
         timings.update({f"submodel_{n}_s": v["compute_s"] for n, v in reply.get("submodels", {}).items()})
         return {"timings": timings, "structures": reply.get("structures", {}), "models": reply.get("models", {}),
                 "unavailable": reply.get("unavailable", {}), "demo": bool(reply.get("demo")),
-                "cluster_job_id": reply.get("id")}
+                "input_cast": reply.get("input_cast"), "cluster_job_id": reply.get("id")}
 
 
 class SiteScheduler:

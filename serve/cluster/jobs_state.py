@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve.errors import MrisegError
+from serve.resampling import DEFAULT_RESAMPLING_ORDER
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -18,6 +19,7 @@ class JobOptions:
     fast: bool = False
     outputs: tuple[str, ...] = ("multilabel", "statistics", "preview")
     output_prefix: str | None = None
+    resampling_order: int = DEFAULT_RESAMPLING_ORDER  # the input's spline order (TotalSegmentator's -ro, 0..5)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Job:
     error: dict[str, Any] | None = None
     resumed: int = 0                      # router restarts it was running through (what max_resumes bounds)
     demo: bool = False                    # made by demo models (NOT FOR CLINICAL USE)
+    input_cast: str | None = None         # "int32" | "none" once prepared (serve.preprocess), else None
 
     @property
     def done(self) -> bool:
@@ -59,7 +62,9 @@ class Job:
             "id": self.id, "status": self.status, "site": self.site,
             "input": self.input_uri or "upload",
             "options": {"roi_subset": self.options.roi_subset, "fast": self.options.fast,
-                        "outputs": list(self.options.outputs), "output_prefix": self.options.output_prefix},
+                        "outputs": list(self.options.outputs), "output_prefix": self.options.output_prefix,
+                        "resampling_order": self.options.resampling_order},
+            "input_cast": self.input_cast,
             "created": self.created, "started": self.started, "finished": self.finished,
             "start_seq": self.start_seq,
             "timings": self.timings, "submodels": self.submodels,

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from serve.cluster.jobs_state import Job, JobOptions
+from serve.errors import MrisegError
+from serve.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "site": (str,), "id": (str,), "status": (str,), "input_uri": (str, _NONE), "created": _NUM,
     "started": (*_NUM, _NONE), "finished": (*_NUM, _NONE), "start_seq": (int, _NONE), "timings": (dict,),
     "submodels": (dict,), "outputs": (dict,), "structures": (dict,), "unavailable": (dict,),
-    "error": (dict, _NONE), "resumed": (int,), "options": (dict, _NONE)}
+    "error": (dict, _NONE), "resumed": (int,), "options": (dict, _NONE), "input_cast": (str, _NONE)}
 _STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -69,8 +71,12 @@ def job_from_record(rec: dict[str, Any]) -> Job:
         raise ValueError("unknown status")
     known = {f.name for f in fields(Job)}
     opts = dict(rec.get("options") or {})
+    try:  # a record from before the option ran at the default once resumed; any other value is refused
+        order = check_resampling_order(opts.get("resampling_order", DEFAULT_RESAMPLING_ORDER))
+    except MrisegError as e:
+        raise ValueError(e.message) from None
     options = JobOptions(opts.get("roi_subset"), bool(opts.get("fast", False)),
-                         tuple(opts.get("outputs") or JobOptions().outputs), opts.get("output_prefix"))
+                         tuple(opts.get("outputs") or JobOptions().outputs), opts.get("output_prefix"), order)
     kw = {k: v for k, v in rec.items() if k in known and k != "options"}
     kw["structures"] = {int(k): v for k, v in (rec.get("structures") or {}).items()}
     return Job(options=options, **kw)

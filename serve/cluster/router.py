@@ -37,6 +37,7 @@ from serve.cluster.tenancy import Site, Tenancy, prefix_key
 from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
                           ServiceUnavailableError, TooManyRequestsError, UnsupportedFormatError, VolumeTooLargeError)
 from serve.jobs import OUTPUT_KINDS, error_dict
+from serve.resampling import CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order
 from serve.sandbox import SandboxedDecoder
 from serve.settings_checks import checked_number
 from serve.volume_io import DEFAULT_MAX_VOXELS
@@ -314,6 +315,7 @@ class JobService:
             raise MrisegError(f"unknown output(s) {bad}; choose from {list(OUTPUT_KINDS)}")
         if options.output_prefix:
             self.tenancy.check_access(site, options.output_prefix, "write")
+        options.resampling_order = check_resampling_order(options.resampling_order)
         return options
 
     @contextlib.contextmanager
@@ -493,7 +495,8 @@ class JobService:
             return {"error": error_dict(e)}
 
     async def run_event_job(self, site_name: str, data: bytes, filename: str, roi_subset: list[str] | None,
-                            fast: bool, outputs: list[str], input_uri: str, output_prefix: str) -> dict[str, Any]:
+                            fast: bool, outputs: list[str], input_uri: str, output_prefix: str,
+                            resampling_order: int = DEFAULT_RESAMPLING_ORDER) -> dict[str, Any]:
         """Run one event job of ``site_name`` as that site's job, and hand back its output files.
 
         The intake read the input from ``input_uri`` and publishes the outputs under
@@ -511,10 +514,11 @@ class JobService:
             outputs: of ``multilabel``, ``statistics``, ``preview``.
             input_uri: where the intake read it.
             output_prefix: where the intake will publish the outputs.
+            resampling_order: the input's spline order (TotalSegmentator's ``-ro``, 0..5).
 
         Returns:
             ``{"id", "files": {writer's file name: bytes}, "models", "timings", "submodels", "structures",
-            "unavailable", "demo"}``, or ``{"error": {status, title, detail, retryable}}``.
+            "unavailable", "demo", "input_cast"}``, or ``{"error": {status, title, detail, retryable}}``.
         """
         try:
             site = self.event_site(site_name)
@@ -527,7 +531,8 @@ class JobService:
             if len(data) > self.settings.max_upload_bytes:
                 raise VolumeTooLargeError(f"the input has {len(data)} bytes, over the {self.settings.max_upload_bytes}"
                                           f"-byte limit (router.max_upload_bytes)")
-            job = self.submit(site, JobOptions(list(roi_subset) if roi_subset else None, bool(fast), tuple(outputs)),
+            job = self.submit(site, JobOptions(list(roi_subset) if roi_subset else None, bool(fast), tuple(outputs),
+                                               resampling_order=resampling_order),
                               upload=data, filename=filename, source="event")
         except MrisegError as e:
             return {"error": error_dict(e)}
@@ -658,6 +663,7 @@ class JobService:
     async def _compute(self, job: Job, volume, sms: list[SubModel], descs: dict[str, dict], skipped: dict[str, str],
                        source, stage, t0: float) -> Job:
         """Preprocess, run the sub-models, merge and write: everything after the decode, within the budget."""
+        from serve.pipeline import input_cast
         from serve.preprocess import prepare
 
         kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
@@ -665,10 +671,13 @@ class JobService:
         models = {n: d["model"] for n, d in descs.items()}
 
         prepared, refs = {}, {}
+        order = job.options.resampling_order
         for spacing in sorted({sm.spacing_mm for sm in sms}):
-            prepared[spacing] = await stage(f"prepare_{spacing:g}mm_s", lambda s=spacing: prepare(volume, s, **kw))
+            prepared[spacing] = await stage(f"prepare_{spacing:g}mm_s",
+                                            lambda s=spacing: prepare(volume, s, resampling_order=order, **kw))
             # One copy into the object store, shared by every sub-model at this spacing.
             refs[spacing] = self._put(prepared[spacing].data)
+        job.input_cast = input_cast(prepared.values())
 
         t = time.perf_counter()
         results = await asyncio.gather(*(self._call_with_retry(job, sm, refs[sm.spacing_mm]) for sm in sms),
@@ -746,7 +755,9 @@ class JobService:
         job.demo = any(is_demo_model(m) for m in models.values())
         result = SegmentationResult(labels, per_model, structures, np.array(volume.affine, copy=True),
                                     dict(job.timings), {n: m.checksum for n, m in models.items()},
-                                    dict(job.unavailable), job.options.fast, demo=job.demo)
+                                    dict(job.unavailable), job.options.fast, demo=job.demo,
+                                    resampling_order=job.options.resampling_order,
+                                    input_cast=job.input_cast or CAST_NONE)
         try:
             outputs = write_result(result, volume, outdir, job.options.outputs, job.options.roi_subset)
         except OSError as e:  # a full or failing results disk
@@ -870,7 +881,7 @@ def _event_reply(job: Job) -> dict[str, Any]:
             f"the outputs of job {job.id} are no longer on the router ({type(e).__name__}); the job is retried"))}
     return {"id": job.id, "files": files, "models": dict(meta.get("models") or {}), "timings": dict(job.timings),
             "submodels": dict(job.submodels), "structures": {str(k): v for k, v in job.structures.items()},
-            "unavailable": dict(job.unavailable), "demo": bool(job.demo)}
+            "unavailable": dict(job.unavailable), "demo": bool(job.demo), "input_cast": meta.get("input_cast")}
 
 
 def check_upload_name(filename: str) -> None:
