@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from tests.ray_fixtures import _shared_stack_owner, free_port, isolated_ray  # noqa: F401
+from tests.security.upstack import _stop
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,16 +59,6 @@ def test_up_with_embedded_s3_then_demo_through_it(isolated_ray, tmp_path, monkey
         stop_local_stack(stack)
     assert find_running_stack() is None
     assert not (tmp_path / "cache" / "up" / "stack.json").exists()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C to the stack's whole process group, as a user would; SIGKILL after a minute."""
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_serve_run_local_yaml(isolated_ray, tmp_path):

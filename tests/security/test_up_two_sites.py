@@ -16,35 +16,28 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
 
 
-def _gcs_pids(ray_tmp: str) -> list[int]:
+def _pids(match) -> list[int]:
+    """Processes whose command line (NULs as spaces) ``match`` accepts; ones that vanish meanwhile are skipped."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            if d.name.isdigit() and match(cmd, int(d.name)):
+                pids.append(int(d.name))
+        except OSError:  # gone since it was listed
             continue
-        if "gcs_server" in cmd and ray_tmp in cmd:
-            pids.append(int(d.name))
     return pids
+
+
+def _gcs_pids(ray_tmp: str) -> list[int]:
+    return _pids(lambda cmd, _: "gcs_server" in cmd and ray_tmp in cmd)
 
 
 def _replica_pids(deployment: str, home: Path) -> list[int]:
     """Processes of ``deployment``'s Serve replicas (Ray names them ``ray::ServeReplica:<app>:<deployment>``)
     in the stack whose HOME is ``home`` (other tests' clusters may run beside it)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if not cmd.startswith(f"ray::ServeReplica:mriseg:{deployment}"):
-            continue
-        try:
-            if _environ(int(d.name)).get("HOME") == str(home):
-                pids.append(int(d.name))
-        except OSError:  # gone since it was listed
-            continue
-    return pids
+    return _pids(lambda cmd, pid: cmd.startswith(f"ray::ServeReplica:mriseg:{deployment}")
+                 and _environ(pid).get("HOME") == str(home))
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads Ray's environment from /proc")
