@@ -9,6 +9,10 @@ DEMO MODELS - NOT FOR CLINICAL USE. Usage:
 sub-models train together (one shared trunk, one output head each; see
 ``serve.training.train_models``) and get ``--fast-share`` less of it than the
 budget; the 3 mm fast model trains on its own with the rest.
+
+``--mirror-from DIR`` trains nothing: it writes DIR's models mirrored along the
+network's left-right axis (``serve.training.mirror_models``), their stride-2
+kernels refitted on patches of the ``--cases`` training phantoms.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from serve.catalogue import load_catalogue
 from serve.modelload import configure_threads, cpu_model_and_flags, pick_device
 from serve.phantoms import HELDOUT_SEEDS, TRAIN_SEEDS
 from serve.training import (DEMO_SPEC, FAST_SPEC, SAMPLERS, compact_checkpoint, evaluate_heldout, make_cases,
-                            model_labels, report_markdown, train_models, training_record)
-
+                            mirror_models, mirrored_record, model_labels, report_markdown, train_models,
+                            training_record)
 
 
 def main() -> None:
@@ -56,6 +60,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of patch sampling and augmentation (use a new one when continuing a training)")
     ap.add_argument("--save-every", type=float, default=900, metavar="S", help="write the model folders every S seconds")
+    ap.add_argument("--mirror-from", metavar="DIR",
+                    help="instead of training, write DIR's models mirrored along the network's left-right axis, "
+                         "their stride-2 kernels refitted on patches of the --cases training phantoms")
+    ap.add_argument("--patches", type=int, default=96, help="patches the --mirror-from refit sees")
     ap.add_argument("--evaluate", type=int, default=0, metavar="N",
                     help="after training (or with --budget 0: instead), report Dice on N held-out phantoms")
     args = ap.parse_args()
@@ -66,7 +74,9 @@ def main() -> None:
                  f"--first-case or fewer --cases")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     configure_threads(args.threads)
-    if args.budget > 0:
+    if args.mirror_from:
+        mirror_all(args)
+    elif args.budget > 0:
         train_all(args)
     if args.evaluate:
         t = time.time()
@@ -129,6 +139,47 @@ def train_all(args: argparse.Namespace) -> None:
                                                  previous=_read_record(record), init=init_record,
                                                  machine=_machine(device, args.threads)),
                                  indent=1))
+
+
+def mirror_all(args: argparse.Namespace) -> None:
+    """``--mirror-from``: every model of ``args.mirror_from`` (or those of ``--only``) mirrored into ``--out``."""
+    cat = load_catalogue()
+    sms = [sm for sm in list(cat.submodels) + list(cat.fast_variants) if not args.only or sm.name in args.only]
+    record = _read_record(Path(args.mirror_from, "DEMO_MODELS.json"))
+    if record is None:
+        raise SystemExit(f"{args.mirror_from} has no DEMO_MODELS.json: only recorded demo models are mirrored")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = Path(tempfile.mkdtemp(prefix="mriseg-mirror-"))  # a copy: --out may be the same folder
+    shutil.copytree(args.mirror_from, src, dirs_exist_ok=True)
+    run = []
+    for spacing in sorted({sm.spacing_mm for sm in sms}):
+        group = [sm for sm in sms if sm.spacing_mm == spacing]
+        fast = all(sm.is_fast_variant for sm in group)
+        t = time.time()
+        cases = make_cases(range(args.first_case, args.first_case + args.cases), spacing, group,
+                           workers=args.workers)
+        logging.info("%d cases at %g mm in %.0fs", len(cases), spacing, time.time() - t)
+        for sm in group:
+            for old in out.glob(f"{sm.folder_prefix}*"):
+                shutil.rmtree(old)
+        done = mirror_models(group, cases, out, init_from=src, spec=FAST_SPEC if fast else DEMO_SPEC,
+                             patches=args.patches, seed=args.seed)
+        for d in done:
+            logging.info("mirrored %s: %s", d["model"], d["refit"])
+        run.extend(done)
+    for ckpt in out.glob("Dataset*/*/fold_0/checkpoint_final.pth"):
+        logging.info("%s: %d bytes", ckpt, compact_checkpoint(ckpt.parent.parent))
+    shutil.rmtree(src)
+    how = (f"--mirror-from (previous stage) --cases {args.cases} --first-case {args.first_case} --patches "
+           f"{args.patches} --seed {args.seed}: no training; every kernel flipped along the network's x "
+           f"(left-right) axis for phantoms whose left and right were fixed, the stride-2 kernels moved one voxel "
+           f"and refitted by least squares to the exact mirror on {args.patches} patches of training phantoms "
+           f"{args.first_case}..{args.first_case + args.cases - 1}")
+    previous = _read_record(out / "DEMO_MODELS.json")
+    (out / "DEMO_MODELS.json").write_text(json.dumps(
+        mirrored_record(record, run, how=how, machine=_machine(pick_device("cpu"), args.threads), previous=previous),
+        indent=1))
 
 
 def _machine(device, threads: int) -> str:

@@ -351,3 +351,104 @@ def test_a_failure_while_cutting_patches_ahead_reaches_the_training_loop():
     assert next(items) == 1
     with pytest.raises(ValueError, match="bad patch"):
         next(items)
+
+
+# -- mirroring the trained weights (issue 35: the phantoms' left and right were fixed) --------------------------
+def _mirror_test_net(strides=None):
+    torch.manual_seed(0)
+    spec = UNetSpec(features=(4, 8, 16), patch_size=(16, 16, 32), strides=strides)
+    return build_network(make_plans("Dataset850_mirror", 1.5, spec), make_dataset_json(["a", "b", "c"])).eval()
+
+
+def _smooth_inputs(n: int, seed: int) -> np.ndarray:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)  # smooth, as images and feature maps are, so a voxel's neighbours say much of it
+    return np.stack([ndimage.gaussian_filter(rng.normal(size=(16, 16, 32)), 1.5) * 5 for _ in range(n)]
+                    )[:, None].astype(np.float32)
+
+
+def test_flipped_kernels_mirror_a_network_without_strides_exactly_and_twice_restore_it():
+    import copy
+
+    from serve.training import mirror_kernels_
+
+    net = _mirror_test_net(strides=[[1, 1, 1]] * 3)
+    flipped = copy.deepcopy(net)
+    mirror_kernels_(flipped, 2)
+    x = torch.from_numpy(_smooth_inputs(2, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(flipped(x.flip(4)).flip(4), net(x), atol=1e-4, rtol=1e-4)
+    mirror_kernels_(flipped, 2)
+    for a, b in zip(flipped.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_mirror_network_follows_the_exact_mirror_where_flipping_alone_does_not():
+    """With stride-2 downsampling, flipped kernels alone put each coarser level a voxel off; moving and
+    refitting the stride-2 kernels (only those) brings the output close to the exact mirror."""
+    import copy
+
+    from serve.training import _strided_convs, mirror_kernels_, mirror_network
+
+    net = _mirror_test_net()
+    mirrored, fits = mirror_network(net, _smooth_inputs(16, 2))
+    flipped = copy.deepcopy(net)
+    mirror_kernels_(flipped, 2)
+    assert len(fits) == 2 and all(f["mse_after"] < f["mse_before"] for f in fits), fits
+    x = torch.from_numpy(_smooth_inputs(4, 3))  # not the patches of the fit
+    with torch.no_grad():
+        exact = net(x.flip(4)).flip(4)
+        err = {name: float(((n(x) - exact) ** 2).mean() / exact.var())
+               for name, n in (("flipped", flipped), ("mirrored", mirrored))}
+        agree = {name: float((n(x).argmax(1) == exact.argmax(1)).float().mean())
+                 for name, n in (("flipped", flipped), ("mirrored", mirrored))}
+    assert err["mirrored"] < 0.5 * err["flipped"], err
+    assert agree["mirrored"] > agree["flipped"] + 0.05, agree
+    # every other layer is exactly the flipped one
+    refit = {id(m) for m in _strided_convs(mirrored, 2)}
+    for (name, a), b in zip(mirrored.named_modules(), flipped.modules()):
+        if isinstance(a, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) and id(a) not in refit:
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias), name
+
+
+def test_the_training_script_mirrors_a_committed_model_and_records_a_stage_without_training(tmp_path):
+    """``scripts/train_demo_models.py --mirror-from``, end to end on the committed face model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serve.modelload import load_model
+    from serve.training import _strided_convs
+
+    root = Path(__file__).resolve().parents[1]
+    committed = root / "serve" / "demo_models"
+    committed_record = (committed / "DEMO_MODELS.json").read_text()
+    before = {m["model"]: m for m in json.loads(committed_record)["models"]}["face"]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "scripts/train_demo_models.py", "--out", str(out), "--only", "face",
+                           "--mirror-from", str(committed), "--cases", "2", "--first-case", "5", "--patches", "4",
+                           "--seed", "3", "--threads", "1"],
+                          cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (face,) = json.loads((out / "DEMO_MODELS.json").read_text())["models"]
+    new = face["stages"][-1]
+    assert face["stages"][:-1] == before["stages"]
+    assert new["iterations"] == 0 and new["final_loss"] is None and new["how"].startswith("--mirror-from")
+    assert face["iterations"] == before["iterations"] and face["final_loss"] == before["final_loss"]
+    assert len(new["refit"]) == 3 and all(f["mse_after"] <= f["mse_before"] for f in new["refit"]), new["refit"]
+    sm = load_catalogue().submodel("face")
+    (folder,) = out.glob(f"{sm.folder_prefix}{sm.name}/*")
+    (old_folder,) = committed.glob(f"{sm.folder_prefix}{sm.name}/*")
+    net = load_model(folder, sm, device="cpu").predictor.network
+    old = load_model(old_folder, sm, device="cpu").predictor.network
+    refit = {id(m) for m in _strided_convs(net, 2)}
+    for (name, a), b in zip(net.named_modules(), old.modules()):
+        if isinstance(a, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) and id(a) not in refit:
+            assert torch.equal(a.weight, b.weight.flip(4)), name  # float16 weights flip exactly
+    size = lambda f: (f / "fold_0" / "checkpoint_final.pth").stat().st_size  # noqa: E731
+    assert abs(size(folder) - size(old_folder)) < 0.02 * size(old_folder)
+    assert (committed / "DEMO_MODELS.json").read_text() == committed_record  # --mirror-from only reads
