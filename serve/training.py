@@ -228,12 +228,7 @@ def train_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pat
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     draws = PatchSampler(cases, sampler)
-    heads = _heads(submodels)
-    n_out = sum(n for _, _, n in heads)
-    first = submodels[0]
-    plans = make_plans(f"{first.folder_prefix}{first.name}", first.spacing_mm, spec, first.configuration,
-                       first.plans)
-    net = _trunk(plans, n_out)
+    heads, n_out, plans, net = _joint_trunk(submodels, spec)
     widened_from = _load_or_widen(net, submodels, init_from, spec, plans, n_out) if init_from is not None else None
     dev = torch.device(device)
     bf16 = dev.type == "cuda" if bf16 is None else bf16
@@ -367,6 +362,17 @@ def _ce_dice(logits, y, n: int):
     dice = (2 * inter + 1e-5) / (denom + 1e-5)
     # a weighted mean, not dice[present]: boolean indexing would wait for the GPU once per head and iteration
     return ce + ((1 - dice) * present).sum() / present.sum().clamp(min=1)
+
+
+def _joint_trunk(submodels, spec):
+    """The shared trunk of ``submodels`` (heads, output channels, plans of the first, the network), untrained;
+    training and mirroring build it alike."""
+    heads = _heads(submodels)
+    n_out = sum(n for _, _, n in heads)
+    first = submodels[0]
+    plans = make_plans(f"{first.folder_prefix}{first.name}", first.spacing_mm, spec, first.configuration,
+                       first.plans)
+    return heads, n_out, plans, _trunk(plans, n_out)
 
 
 def _trunk(plans: dict, n_out: int):
@@ -650,12 +656,7 @@ def mirror_models(submodels: Sequence[SubModel], cases: list[Case], out_root: Pa
         per-layer errors under ``"refit"``.
     """
     t0 = time.time()
-    heads = _heads(submodels)
-    n_out = sum(n for _, _, n in heads)
-    first = submodels[0]
-    plans = make_plans(f"{first.folder_prefix}{first.name}", first.spacing_mm, spec, first.configuration,
-                       first.plans)
-    net = _trunk(plans, n_out)
+    heads, n_out, plans, net = _joint_trunk(submodels, spec)
     net.load_state_dict(_joined_state(submodels, init_from))
     rng = np.random.default_rng(seed)
     draws = PatchSampler(cases)
