@@ -13,6 +13,10 @@ budget; the 3 mm fast model trains on its own with the rest.
 ``--mirror-from DIR`` trains nothing: it writes DIR's models mirrored along the
 network's left-right axis (``serve.training.mirror_models``), their stride-2
 kernels refitted on patches of the ``--cases`` training phantoms.
+
+``--evaluate N`` reports Dice on N held-out (validation) phantoms, which pick
+between candidate weights; ``--test`` reports it on the test phantoms
+(``serve.phantoms.TEST_SEEDS``), for weights already picked.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from serve.catalogue import load_catalogue
 from serve.modelload import configure_threads, cpu_model_and_flags, pick_device
-from serve.phantoms import HELDOUT_SEEDS, TRAIN_SEEDS
+from serve.phantoms import HELDOUT_SEEDS, TEST_SEEDS, TRAIN_SEEDS
 from serve.training import (DEMO_SPEC, FAST_SPEC, SAMPLERS, compact_checkpoint, evaluate_heldout, make_cases,
                             mirror_models, mirrored_record, model_labels, report_markdown, train_models,
                             training_record)
@@ -65,7 +69,11 @@ def main() -> None:
                          "their stride-2 kernels refitted on patches of the --cases training phantoms")
     ap.add_argument("--patches", type=int, default=96, help="patches the --mirror-from refit sees")
     ap.add_argument("--evaluate", type=int, default=0, metavar="N",
-                    help="after training (or with --budget 0: instead), report Dice on N held-out phantoms")
+                    help="after training (or with --budget 0: instead), report Dice on N held-out (validation) "
+                         "phantoms, which pick between candidate weights")
+    ap.add_argument("--test", action="store_true",
+                    help="report Dice on the test phantoms (serve.phantoms.TEST_SEEDS), into test_dice.json: only "
+                         "for weights already picked, never to pick them")
     args = ap.parse_args()
     last = args.first_case + args.cases - 1
     if args.first_case not in TRAIN_SEEDS or last not in TRAIN_SEEDS:
@@ -78,12 +86,14 @@ def main() -> None:
         mirror_all(args)
     elif args.budget > 0:
         train_all(args)
-    if args.evaluate:
-        t = time.time()
-        report = evaluate_heldout(args.out, HELDOUT_SEEDS[:args.evaluate], threads=args.threads)
-        print(report_markdown(report))
-        print(f"(evaluated {args.evaluate} held-out phantoms in {time.time() - t:.0f}s)")
-        Path(args.out, "heldout_dice.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+    for wanted, seeds, what, name in ((args.evaluate, HELDOUT_SEEDS[:args.evaluate], "held-out", "heldout_dice.json"),
+                                      (args.test, TEST_SEEDS, "test", "test_dice.json")):
+        if wanted:
+            t = time.time()
+            report = evaluate_heldout(args.out, seeds, threads=args.threads)
+            print(report_markdown(report))
+            print(f"(evaluated {len(seeds)} {what} phantoms in {time.time() - t:.0f}s)")
+            Path(args.out, name).write_text(json.dumps(report, indent=1, sort_keys=True))
 
 
 def train_all(args: argparse.Namespace) -> None:

@@ -1,11 +1,13 @@
 """Synthetic body-like MRI phantoms with ground truth for all 80 catalogue structures.
 
 A phantom is a small body (head, torso, arms, legs; about 13 x 7 x 25 cm)
-built from ellipsoids in RAS world millimetres (anterior = +y, superior = +z).
-Its sides are a **mirror image** of real anatomy: ``_left`` structures lie at
-+x, which in RAS+ is the patient's right, and the liver at -x. The demo models
-learned that mirror image; the pipeline's own left/right handling does not
-depend on it (see docs/demo-models.md). Every voxel gets one *region*: air, subcutaneous fat,
+built from ellipsoids in millimetres. The structure tables below are written
+in a frame whose x points to the patient's **left** (as DICOM's LPS x does;
+anterior = +y, superior = +z): ``_left`` structures at +x, the liver at -x.
+The volume's affine is RAS+, whose x points to the patient's right, so the
+generator maps table x to world -x (:data:`_TABLE_TO_RAS`): in world
+coordinates every ``_left`` structure lies at -x, on the patient's left, and
+the liver at +x. Every voxel gets one *region*: air, subcutaneous fat,
 visceral (torso) fat, limb muscle filler, head tissue or one named structure;
 later (smaller) structures overwrite earlier ones, so the image and the truth
 always agree. Per case the generator draws size/position jitter, a random
@@ -14,10 +16,12 @@ T2-like), partial-volume blur, a smooth multiplicative bias field, Gaussian
 noise, a random orientation (axis permutation and flips), random anisotropic
 spacing and an optional random field of view in z.
 
-Seeds: training/validation use 0 .. 999_999; the held-out test set is
-:data:`HELDOUT_SEEDS` (10_000_000 ..), whose geometries and contrast mappings
-are never drawn in training. SYNTHETIC DATA - the models trained on it are
-demo models, NOT FOR CLINICAL USE.
+Seeds: training uses :data:`TRAIN_SEEDS` (0 .. 999_999). :data:`HELDOUT_SEEDS`
+(10_000_000 ..) is the validation set: never trained on, but used to compare
+and pick candidate weights. :data:`TEST_SEEDS` (30_000_000 ..) is the test set:
+never trained on and never used to pick anything; it is evaluated only on
+weights already picked (``tests/test_demo_dice.py``). SYNTHETIC DATA - the
+models trained on it are demo models, NOT FOR CLINICAL USE.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ from serve.volume_io import Volume
 
 TRAIN_SEEDS = range(0, 1_000_000)
 HELDOUT_SEEDS = tuple(range(10_000_000, 10_000_008))
+#: the untouched test set: evaluate only weights already picked (on HELDOUT_SEEDS), never to pick them
+TEST_SEEDS = tuple(range(30_000_000, 30_000_004))
 
 # region ids below 100 are unlabelled/coarse tissue; structures use 100 + global id
 AIR, SUBCUT, TORSO_FAT, LIMB_MUSCLE, HEAD_TISSUE = 0, 1, 2, 3, 4
 _STRUCT = 100
 
-# (name, [(cx, cy, cz, rx, ry, rz), ...]); a name ending in "_left" is mirrored to
-# "_right" at -x; names in _BOTH are painted on both sides with the same label.
+# (name, [(cx, cy, cz, rx, ry, rz), ...]) in the tables' frame (x toward the patient's left); a
+# "_left" entry is mirrored to "_right" at -x; names in _BOTH are painted on both sides with one label.
 _SIDED = [
     ("lung", [(20, 2, 139, 16, 22, 11)]),
     ("kidney", [(19, -15, 110, 5, 5, 9)]),
@@ -120,10 +126,14 @@ _BODY = [
 _SKIN_MM = 3.5
 BODY_EXTENT_MM = ((-66.0, 66.0), (-36.0, 36.0), (-70.0, 198.0))
 
+#: the tables' frame -> RAS+ world millimetres: the tables' x points to the patient's left, RAS+ x to the right
+_TABLE_TO_RAS = np.diag([-1.0, 1.0, 1.0, 1.0])
+
 
 @lru_cache(maxsize=1)
 def structure_shapes() -> tuple[tuple[str, tuple[tuple[float, ...], ...]], ...]:
-    """Every named structure with its ellipsoids (``_left`` at +x: mirrored), largest first so small ones stay visible."""
+    """Every named structure with its ellipsoids in the tables' frame (``_left`` at +x there, which is the
+    patient's left), largest first so small ones stay visible."""
     out = []
     for base, ells in _SIDED:
         out.append((f"{base}_left", tuple(ells)))
@@ -155,6 +165,7 @@ class Phantom:
 
 
 def random_axcodes(rng: np.random.Generator) -> str:
+    """A random voxel axis order with random flips, e.g. "PIR"."""
     perm = rng.permutation(3)
     pairs = [("L", "R"), ("P", "A"), ("I", "S")]
     return "".join(pairs[p][int(rng.integers(2))] for p in perm)
@@ -199,9 +210,16 @@ def make_phantom(seed: int, *, spacing_mm=None, axcodes: str | None = None, full
                  contrast: str | None = None, noise: float | None = None) -> Phantom:
     """One phantom; every random choice comes from ``seed`` unless given.
 
-    ``spacing_mm`` is the (x, y, z) world spacing (default random 1.2-3 mm,
-    anisotropic); ``axcodes`` the voxel axis order (default random, e.g. "LPS");
-    ``contrast`` "t1" (fat bright) or "t2" (inverted) (default random).
+    Args:
+        seed: Seed of every random choice (geometry, contrast, noise).
+        spacing_mm: The (x, y, z) world spacing (default random 1.2-3 mm, anisotropic).
+        axcodes: The voxel axis order in RAS+ letters (default random, e.g. "LPS").
+        full_fov: Keep the whole body (default: a random field of view in z).
+        contrast: "t1" (fat bright) or "t2" (inverted) (default random).
+        noise: Gaussian noise as a share of the intensity range (default random 1-5 %).
+
+    Returns:
+        The phantom: volume (RAS+ affine), its truth and the truth per sub-model on the same grid.
     """
     rng = np.random.default_rng(seed)
     cat = load_catalogue()
@@ -209,7 +227,9 @@ def make_phantom(seed: int, *, spacing_mm=None, axcodes: str | None = None, full
     spacing = np.asarray(spacing_mm if spacing_mm is not None else rng.uniform(1.2, 3.0, 3), dtype=float)
     if spacing.size == 1:
         spacing = np.repeat(spacing, 3)
-    axcodes = axcodes or random_axcodes(rng)
+    # The grid is drawn in the tables' frame, whose L/R letters are RAS+'s swapped. So a seed gives the
+    # voxels and truth it gave before left and right were fixed; only the affine's x row changed sign.
+    frame_codes = _swap_left_right(axcodes) if axcodes else random_axcodes(rng)
     contrast = contrast or ("t1" if rng.random() < 0.5 else "t2")
     scale = rng.uniform(0.92, 1.08, 3)
 
@@ -224,10 +244,11 @@ def make_phantom(seed: int, *, spacing_mm=None, axcodes: str | None = None, full
     shape_world = np.maximum(np.round((hi - lo) / spacing).astype(int) + 1, 2)
     from nibabel.orientations import axcodes2ornt
 
-    ornt = axcodes2ornt(axcodes)
+    ornt = axcodes2ornt(frame_codes)
     shape = tuple(int(shape_world[int(ax)]) for ax, _ in ornt)
-    aff = _affine(axcodes, spacing, shape, lo)
-    xyz = tuple(c / s for c, s in zip(_world(aff, shape), scale))  # body frame coordinates
+    frame_aff = _affine(frame_codes, spacing, shape, lo)
+    aff = _TABLE_TO_RAS @ frame_aff
+    xyz = tuple(c / s for c, s in zip(_world(frame_aff, shape), scale))  # the tables' coordinates
 
     region = np.zeros(shape, np.int16)
     for fill, parts in _BODY:
@@ -251,7 +272,12 @@ def make_phantom(seed: int, *, spacing_mm=None, axcodes: str | None = None, full
     truth, per_model = _truth(region)
     data = _render(region, rng, contrast, aff, noise)
     vol = Volume(data, aff, "nifti")
-    return Phantom(vol, truth, per_model, seed, axcodes)
+    return Phantom(vol, truth, per_model, seed, _swap_left_right(frame_codes))
+
+
+def _swap_left_right(axcodes: str) -> str:
+    """The same axis order in the tables' frame and RAS+: their x axes point opposite ways."""
+    return axcodes.translate(str.maketrans("LR", "RL"))
 
 
 def _truth(region: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -304,7 +330,7 @@ def _render(region: np.ndarray, rng: np.random.Generator, contrast: str, aff: np
     return np.ascontiguousarray((img * rng.uniform(200, 2000)).astype(np.float32))
 
 
-#: seeds of the demo phantoms: outside the training range and the held-out set
+#: seeds of the demo phantoms: outside the training range, the held-out set and the test set
 DEMO_SEED_BASE = 20_000_000
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serve.catalogue import load_catalogue
-from serve.phantoms import HELDOUT_SEEDS, TRAIN_SEEDS, make_phantom
+from serve.phantoms import DEMO_SEED_BASE, HELDOUT_SEEDS, TEST_SEEDS, TRAIN_SEEDS, make_phantom
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,12 @@ def test_same_seed_same_phantom_and_different_seed_differs():
 
 def test_heldout_seeds_are_outside_the_training_range():
     assert not set(HELDOUT_SEEDS) & set(TRAIN_SEEDS)
+
+
+def test_test_seeds_are_neither_training_nor_validation_nor_demo_seeds():
+    assert TEST_SEEDS and not any(s in TRAIN_SEEDS for s in TEST_SEEDS)
+    assert not set(TEST_SEEDS) & set(HELDOUT_SEEDS)
+    assert DEMO_SEED_BASE + 9 not in TEST_SEEDS  # demo_volume()'s seed
 
 
 def test_full_fov_phantom_has_all_80_structures(full):
@@ -46,6 +52,12 @@ def test_merged_truth_applies_precedence(full):
     assert np.all(full.truth[glut] == ids["gluteus_maximus_left"])  # ...and loses to it in the merged map
 
 
+def _world_centroid(ph, owner: str, name: str) -> np.ndarray:
+    ijk = np.argwhere(ph.truth_per_model[owner] == load_catalogue().structure_ids[name])
+    assert ijk.size, name
+    return ph.volume.affine[:3, :3] @ ijk.mean(0) + ph.volume.affine[:3, 3]
+
+
 @pytest.mark.parametrize("axcodes", ["RAS", "LPS", "PIR", "SLA", "ASL"])
 def test_truth_on_volume_grid_and_left_is_patient_left(axcodes):
     ph = make_phantom(5, axcodes=axcodes, full_fov=True)
@@ -53,16 +65,26 @@ def test_truth_on_volume_grid_and_left_is_patient_left(axcodes):
     assert all(m.shape == ph.volume.data.shape for m in ph.truth_per_model.values())
     import nibabel as nib
 
-    assert "".join(nib.aff2axcodes(ph.volume.affine)) == axcodes
-    ids = load_catalogue().structure_ids
+    assert "".join(nib.aff2axcodes(ph.volume.affine)) == axcodes == ph.axcodes
     for base in ("kidney", "femur", "lung", "humerus", "adrenal_gland"):
         owner = "organs" if base in ("kidney", "lung", "adrenal_gland") else "muscles"
-        xs = {}
-        for side in ("left", "right"):
-            ijk = np.argwhere(ph.truth_per_model[owner] == ids[f"{base}_{side}"])
-            xs[side] = (ph.volume.affine[:3, :3] @ ijk.mean(0) + ph.volume.affine[:3, 3])[0]
-        # the phantom's (mirrored) convention: `_left` at +x, which RAS+ calls the patient's right
-        assert xs["left"] > 0 > xs["right"], (base, xs)
+        xs = {side: _world_centroid(ph, owner, f"{base}_{side}")[0] for side in ("left", "right")}
+        # RAS+: world x grows toward the patient's right, so the patient's left is at -x
+        assert xs["left"] < 0 < xs["right"], (base, xs)
+    # the unpaired organs on their true sides: liver, gallbladder and inferior vena cava on the patient's
+    # right, spleen and stomach on the left
+    for name in ("liver", "gallbladder", "inferior_vena_cava"):
+        assert _world_centroid(ph, "organs", name)[0] > 0, name
+    for name in ("spleen", "stomach"):
+        assert _world_centroid(ph, "organs", name)[0] < 0, name
+
+
+def test_random_orientations_cover_both_left_right_directions():
+    import nibabel as nib
+
+    firsts = {"".join(nib.aff2axcodes(make_phantom(s, spacing_mm=3.0).volume.affine)).strip("PAIS")
+              for s in range(12)}
+    assert firsts == {"L", "R"}
 
 
 def test_random_contrast_includes_inverted_fat():

@@ -354,6 +354,28 @@ def test_a_failure_while_cutting_patches_ahead_reaches_the_training_loop():
 
 
 # -- mirroring the trained weights (issue 35: the phantoms' left and right were fixed) --------------------------
+def test_the_network_sees_the_patients_left_and_right_along_its_last_axis():
+    """A phantom as training (and ``serve.predict``) hands it to the network: each left/right pair lies
+    apart along NETWORK_LR_AXIS, the ``_left`` one at low indices (RAS+ x grows toward the patient's right)."""
+    from serve.training import NETWORK_LR_AXIS, make_case
+
+    cat = load_catalogue()
+    sms = [cat.submodel("organs"), cat.submodel("muscles")]
+    case = make_case(0, 1.5, sms)
+    pairs = 0
+    for sm in sms:
+        labels = list(model_labels(sm))
+        for base in ("kidney", "lung", "femur", "hip", "humerus", "autochthon", "iliopsoas"):
+            if f"{base}_left" not in labels:
+                continue
+            left, right = (np.argwhere(case.labels[sm.name] == labels.index(f"{base}_{side}") + 1).mean(0)
+                           for side in ("left", "right"))
+            gap = right - left
+            assert np.argmax(np.abs(gap)) == NETWORK_LR_AXIS and gap[NETWORK_LR_AXIS] > 0, (base, gap)
+            pairs += 1
+    assert pairs == 7
+
+
 def _mirror_test_net(strides=None):
     torch.manual_seed(0)
     spec = UNetSpec(features=(4, 8, 16), patch_size=(16, 16, 32), strides=strides)
