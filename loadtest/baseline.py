@@ -3,7 +3,8 @@
 For one input file, TotalSegmentator (``nnUNet_predict_image``):
 
 1. reorients the image to the closest canonical orientation and resamples it
-   to 1.5 mm (spline order 3), and saves it as ``s01_0000.nii.gz``;
+   to 1.5 mm (``-ro``: spline order 1 by default, ``mode="nearest"``, the result
+   truncated to int32), and saves it as ``s01_0000.nii.gz``;
 2. for each sub-model in turn: builds an ``nnUNetPredictor`` (loads the
    weights) and calls nnunetv2's own file-based prediction on that folder,
    which reads the file, preprocesses (crop, normalise, resample to the plans'
@@ -56,6 +57,8 @@ from typing import Iterable
 
 import numpy as np
 
+from serve.resampling import DEFAULT_RESAMPLING_ORDER
+
 MODES = ("files", "sequential")
 
 
@@ -85,18 +88,32 @@ def precision_context(precision: str, device_type: str):
     return torch.autocast(device_type, dtype=dtype)
 
 
-def resample_like_totalseg(img, spacing_mm: float, order: int):
-    """TotalSegmentator's ``change_spacing``: scipy zoom of the data, affine scaled to match."""
+def resample_like_totalseg(img, spacing_mm: float, order: int = DEFAULT_RESAMPLING_ORDER):
+    """TotalSegmentator 2.18's ``change_spacing(img, spacing, order=order, dtype=np.int32)``, step for step.
+
+    Args:
+        img: The canonical input image, whose data TotalSegmentator has already copied to float64
+            (``nib.Nifti1Image(img.get_fdata(), affine)``).
+        spacing_mm: The isotropic target spacing.
+        order: The spline order (``-ro``; 1 is TotalSegmentator's default).
+
+    Returns:
+        ``img`` itself where its spacing already is the target (no resampling and no cast), else the
+        ``mode="nearest"`` zoom truncated to int32, with each affine column divided by its zoom.
+    """
     import nibabel as nib
     from scipy import ndimage
 
-    data = np.asanyarray(img.dataobj).astype(np.float32)
-    zooms = np.array(img.header.get_zooms()[:3], dtype=float)
-    new_shape = np.round(np.array(data.shape) * zooms / spacing_mm).astype(int)
-    factors = new_shape / np.array(data.shape)
-    out = ndimage.zoom(data, factors, order=order)
+    data = img.get_fdata()
+    img_spacing = np.array(img.header.get_zooms()[:3])
+    new_spacing = np.array([spacing_mm] * 3)
+    if np.array_equal(img_spacing, new_spacing):
+        return img
+    zoom = img_spacing / new_spacing
+    out = ndimage.zoom(data, zoom, order=order, mode="nearest").astype(np.int32)
     affine = img.affine.copy()
-    affine[:3, :3] = affine[:3, :3] / factors  # voxel size scales by 1/factor per axis
+    for axis in range(3):
+        affine[:3, axis] = affine[:3, axis] / zoom[axis]
     return nib.Nifti1Image(out, affine)
 
 
@@ -136,8 +153,12 @@ def _predict(loaded, in_dir: Path, out_dir: Path, mode: str) -> None:
 def run_baseline(input_path: str | Path, models_root: str | Path, workdir: str | Path, *,
                  names: Iterable[str] | None = None, precision: str = "fp32", device: str = "auto",
                  cached: dict | None = None, mode: str = "sequential",
-                 output_path: str | Path | None = None) -> BaselineTimings:
-    """One baseline request; loads each model just before use unless ``cached`` holds them."""
+                 output_path: str | Path | None = None,
+                 resampling_order: int = DEFAULT_RESAMPLING_ORDER) -> BaselineTimings:
+    """One baseline request; loads each model just before use unless ``cached`` holds them.
+
+    ``resampling_order`` is TotalSegmentator's ``-ro`` (the input's spline order), default 1 as in 2.18.
+    """
     import nibabel as nib
     import torch
 
@@ -156,9 +177,9 @@ def run_baseline(input_path: str | Path, models_root: str | Path, workdir: str |
     t_start = time.perf_counter()
 
     img_orig = nib.load(str(input_path))
-    img = nib.as_closest_canonical(nib.Nifti1Image(np.asanyarray(img_orig.dataobj), img_orig.affine))
+    img = nib.as_closest_canonical(nib.Nifti1Image(img_orig.get_fdata(), img_orig.affine))
     spacing = cat.submodel(names[0]).spacing_mm
-    img_rs = resample_like_totalseg(img, spacing, order=3)
+    img_rs = resample_like_totalseg(img, spacing, order=resampling_order)
     nib.save(img_rs, str(in_dir / "s01_0000.nii.gz"))
     t.prepare_s = time.perf_counter() - t_start
 
@@ -208,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--names", default=None, help="comma-separated sub-models (default: the six)")
     ap.add_argument("--json", default=None, help="write the timings here")
+    ap.add_argument("-ro", "--resampling-order", type=int, default=DEFAULT_RESAMPLING_ORDER, choices=range(6),
+                    help="spline order of the input's resampling (TotalSegmentator's -ro; default 1)")
     args = ap.parse_args(argv)
 
     from serve.modelload import configure_threads
@@ -219,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.names.split(",") if args.names else None
     with contextlib.redirect_stdout(sys.stderr):  # nnunetv2 prints progress
         t = run_baseline(args.input, args.models, args.workdir, names=names, precision=args.precision,
-                         device=args.device, mode=args.mode)
+                         device=args.device, mode=args.mode, resampling_order=args.resampling_order)
     t.import_s = import_s
     out = asdict(t) | {"total_without_loading_s": t.total_without_loading_s}
     text = json.dumps(out, indent=1)

@@ -344,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m loadtest.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": dev, "note": args.note, "target_measured": None,
+        # both sides resample the input with TotalSegmentator's default -ro (ours: the API's default)
+        "resampling_order": DEFAULT_RESAMPLING_ORDER,
         "reference_models": {"parameters": params, "spec": {
             "features": list(REFERENCE_SPEC.features), "patch": list(REFERENCE_SPEC.patch_size),
             "n_conv_per_stage": REFERENCE_SPEC.n_conv_per_stage, "spacing_mm": 1.5, "weights": "random"}},

@@ -38,7 +38,11 @@ SIZES = {s.name: s for s in (TINY, SMALL, MEDIUM, LARGE)}
 
 
 def make_volume(size: InputSize, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(data float32, affine) of a body-like volume on ``size``'s grid."""
+    """(data int16, affine) of a body-like volume on ``size``'s grid.
+
+    Integer voxels, as MRI scanners store them: TotalSegmentator's int32 cast then applies on both
+    sides of the benchmark (docs/inference.md: float inputs keep their fractions in ours only).
+    """
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
@@ -47,7 +51,7 @@ def make_volume(size: InputSize, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     r = np.sqrt((grid[0] / 0.85) ** 2 + (grid[1] / 0.7) ** 2 + (grid[2] / 1.2) ** 2)
     texture = ndimage.gaussian_filter(rng.normal(size=size.shape), 2.0)
     data = np.where(r < 1.0, 300.0 + 800.0 * texture, 0.0) + rng.normal(0, 5, size=size.shape)
-    data = np.clip(data, 0, None).astype(np.float32)
+    data = np.round(np.clip(data, 0, None)).astype(np.int16)
     sp = size.spacing_mm
     # LPS-like axes: i -> -x, j -> -y, k -> +z
     affine = np.diag([-sp, -sp, sp, 1.0])

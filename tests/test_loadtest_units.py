@@ -80,6 +80,32 @@ def test_baseline_writes_a_combined_map_on_the_input_grid(micro_models, tmp_path
     assert t.total_without_loading_s < t.total_s
 
 
+def test_baseline_equals_our_pipeline_at_totalsegmentators_default(micro_models, tmp_path):
+    """Like for like: on an integer-valued input the baseline (TotalSegmentator's sequence, -ro 1 with the
+    int32 cast) and ``serve.pipeline.Segmenter`` at its default give the same map, voxel for voxel."""
+    import nibabel as nib
+
+    from loadtest.baseline import run_baseline
+    from serve.modelstore import ModelStore
+    from serve.pipeline import Segmenter
+    from serve.volume_io import read_volume
+
+    src = write_volume(InputSize("t", (30, 24, 10), 3.0), tmp_path / "in.nii.gz", seed=3)
+    assert nib.load(str(src)).get_data_dtype() == np.int16
+    out = tmp_path / "seg.nii.gz"
+    names = ["organs", "face"]
+    run_baseline(src, micro_models, tmp_path / "w", names=names, device="cpu", output_path=out)
+    two = tmp_path / "two"  # the same two model folders alone, so our merge sees what the baseline combined
+    two.mkdir()
+    for folder in micro_models.iterdir():
+        if folder.name.endswith(("_organs", "_face")):
+            (two / folder.name).symlink_to(folder)
+    result = Segmenter(ModelStore([two]), device="cpu", threads=1).segment(read_volume(src))
+    theirs = np.asanyarray(nib.load(str(out)).dataobj)
+    assert len(np.unique(theirs)) > 2  # the micro models label something, so equality says something
+    np.testing.assert_array_equal(result.labels, theirs)
+
+
 def test_verdict_says_by_how_much_a_target_is_missed():
     assert judge(0.5, ("<=", 0.6))["met"] is True
     missed = judge(0.9, ("<=", 0.6))
