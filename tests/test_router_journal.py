@@ -11,6 +11,7 @@ from serve.cluster.jobs_state import Job, JobOptions
 from serve.cluster.journal import JobJournal, job_from_record, job_to_record
 from serve.cluster.router import JobService, RouterSettings
 from serve.cluster.tenancy import Tenancy
+from serve.errors import MrisegError
 from tests.ray_fixtures import BUCKET, write_tenants
 
 
@@ -367,3 +368,21 @@ def test_a_site_removed_from_the_tenants_file_drains_its_accepted_jobs(tmp_path)
     assert svc._site_limit("site-a") == svc.tenancy.sites["site-a"].max_concurrent_jobs
     svc.tenancy.sites.pop("site-a")
     assert svc._site_limit("site-a") == 1
+
+
+def test_the_idempotency_key_and_request_fingerprint_survive_a_restart(tmp_path):
+    """A restarted router answers a repeated POST from the record; a key of the wrong type is not trusted."""
+    job = Job(site="site-a", options=JobOptions(["liver"]), input_uri=f"s3://{BUCKET}/site-a/x.nii.gz",
+              status="succeeded", idempotency_key="k-1", request_hash="ab" * 32)
+    back = job_from_record(job_to_record(job))
+    assert back == job and (back.idempotency_key, back.request_hash) == ("k-1", "ab" * 32)
+    for name in ("idempotency_key", "request_hash"):
+        with pytest.raises(TypeError, match=name):
+            job_from_record({**job_to_record(job), name: 7})
+    JobJournal(tmp_path / "results" / ".jobs").save(job)
+    svc = _service(tmp_path)
+    site = svc.tenancy.sites["site-a"]
+    assert svc.submit_once(site, JobOptions(["liver"]), "k-1", "ab" * 32) == (svc.jobs[job.id], False)
+    with pytest.raises(MrisegError, match=f"made job {job.id}") as reused:
+        svc.submit_once(site, JobOptions(["liver"]), "k-1", "cd" * 32)
+    assert reused.value.status == 422

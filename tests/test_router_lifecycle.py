@@ -420,3 +420,23 @@ def test_a_site_flooding_the_journal_with_bytes_evicts_its_own_finished_jobs(tmp
     _kept(svc, Job(site="site-a", options=SPLEEN, status="queued"))
     assert big[0].id not in svc.jobs  # site-b's oldest, though site-a's records are older and more
     assert all(j.id in svc.jobs for j in small + big[1:])
+
+
+def test_a_job_an_idempotency_key_made_within_a_day_is_evicted_after_the_rest_of_its_site(tmp_path, caplog):
+    """Its key is promised for a day (docs/api.md): the site's unkeyed jobs and keyed ones older than a day go
+    first; only a site with nothing else left loses it, and the log says the limits are too small for that."""
+    svc = _service(tmp_path, _labels, max_jobs_kept=3)
+    day_old = Job(site="site-a", options=SPLEEN, status="succeeded", idempotency_key="k0", request_hash="h",
+                  created=time.time() - 25 * 3600)
+    keyed = Job(site="site-a", options=SPLEEN, status="succeeded", idempotency_key="k1", request_hash="h")
+    for j in (day_old, keyed):
+        svc._remember(j)
+    flood = [Job(site="site-a", options=SPLEEN, status="failed") for _ in range(4)]
+    for j in flood:
+        svc._remember(j)
+    assert list(svc.jobs) == [keyed.id] + [j.id for j in flood[-2:]]
+    assert "less than a day old is evicted" not in caplog.text
+    svc.settings.max_jobs_kept = 1
+    svc._remember(Job(site="site-b", options=SPLEEN, status="running"))  # running: never evicted
+    assert [j.site for j in svc.jobs.values()] == ["site-b"]
+    assert "less than a day old is evicted" in caplog.text

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import serve
+from serve.cluster import idempotency
 from serve.cluster.jobs_state import JobOptions
 from serve.cluster.ratelimit import RateLimiter
 from serve.cluster.router import OUTPUT_KINDS, JobService, check_upload_name
@@ -284,16 +285,20 @@ async def readyz() -> JSONResponse:
     return JSONResponse(report)
 
 
-@app.post("/v1/segmentations", status_code=202, tags=["segmentations"])
+@app.post("/v1/segmentations", status_code=202, tags=["segmentations"], responses=idempotency.POST_RESPONSES)
 async def create_segmentation(body: SegmentationRequest, svc: Svc, who: SiteDep, response: Response,
-                              wait: bool = Query(False, description="answer when the job has finished")):
-    """Segment a volume from S3. 202 with a job id; ``?wait=true`` answers when done."""
+                              wait: bool = Query(False, description="answer when the job has finished"),
+                              idempotency_key: idempotency.KeyHeader = None):
+    """Segment a volume from S3. 202 with a job id; ``?wait=true`` answers when done. With an
+    ``Idempotency-Key``, the same request again answers the job the first one made (200)."""
+    key = idempotency.check_key(idempotency_key)
     opts = JobOptions(body.roi_subset, body.fast, tuple(body.outputs), body.output_prefix, body.resampling_order)
-    job = svc.submit(who, opts, input_uri=body.input)
-    return await _finish(svc, job, wait, response)
+    job, created = svc.submit_once(who, opts, key, idempotency.json_fingerprint(body.model_dump(mode="json")),
+                                   input_uri=body.input)
+    return idempotency.mark_replay(await _finish(svc, job, wait, response), response, not created)
 
 
-@app.post("/v1/segmentations/upload", status_code=202, tags=["segmentations"],
+@app.post("/v1/segmentations/upload", status_code=202, tags=["segmentations"], responses=idempotency.POST_RESPONSES,
           openapi_extra={"requestBody": {"content": {
               "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
               "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -307,8 +312,10 @@ async def upload_segmentation(
         fast: bool = Query(False), outputs: str | None = Query(None, description="comma-separated"),
         output_prefix: str | None = Query(None, max_length=2048),
         resampling_order: int = Query(DEFAULT_RESAMPLING_ORDER, ge=0, le=5, description=_RESAMPLING_ORDER_DOC),
-        wait: bool = Query(False)):
-    """Segment an uploaded volume (raw body or multipart ``file``), up to the size limit (413 beyond)."""
+        wait: bool = Query(False), idempotency_key: idempotency.KeyHeader = None):
+    """Segment an uploaded volume (raw body or multipart ``file``), up to the size limit (413 beyond).
+    With an ``Idempotency-Key``, the same file with the same options again answers the job the first made."""
+    key = idempotency.check_key(idempotency_key)
     limit = svc.settings.max_upload_bytes
     ctype = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
     declared = request.headers.get("content-length")
@@ -336,9 +343,13 @@ async def upload_segmentation(
         if not data:
             raise MrisegError("the upload is empty")
         check_upload_name(filename)
-        job = svc.submit(who, opts, upload=data, filename=filename)
+        # the options as sent (opts' structure list is normalised by validate_options), the file as read
+        fields = {"filename": filename, "roi_subset": _split(roi_subset), "fast": fast, "outputs": _split(outputs),
+                  "output_prefix": output_prefix, "resampling_order": resampling_order}
+        fingerprint = idempotency.upload_fingerprint(fields, data) if key else ""
+        job, created = svc.submit_once(who, opts, key, fingerprint, upload=data, filename=filename)
     del data  # spooled to disk by submit: a client waiting for its result must not hold the body in memory
-    return await _finish(svc, job, wait, response)
+    return idempotency.mark_replay(await _finish(svc, job, wait, response), response, not created)
 
 
 @app.post("/v1/events", status_code=202, tags=["events"])

@@ -42,6 +42,8 @@ class Job:
     resumed: int = 0                      # router restarts it was running through (what max_resumes bounds)
     demo: bool = False                    # made by demo models (NOT FOR CLINICAL USE)
     input_cast: str | None = None         # "int32" | "none" once prepared (serve.preprocess), else None
+    idempotency_key: str | None = None    # the site's Idempotency-Key of the POST that made it (serve.cluster.idempotency)
+    request_hash: str | None = None       # that POST's fingerprint: the same key with another request is a 422
 
     @property
     def done(self) -> bool:

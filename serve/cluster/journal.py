@@ -8,7 +8,9 @@ resumed where their input is still at hand (an ``s3://`` input, or an upload
 still spooled on disk) and failed with a reason otherwise. Nothing accepted is
 silently forgotten.
 
-The journal holds job ids, sites, options and outcomes, never voxel data. It
+The journal holds job ids, sites, options, outcomes and each job's
+``Idempotency-Key`` with its request's fingerprint (so a restarted router still
+answers a repeated POST with the job it made), never voxel data. It
 survives what its folder survives: a replica restart on the same node, or a pod
 restart where the folder is a persistent volume. A folder on a volume of its own
 (as in the k8s overlays) keeps it apart from the spooled uploads and the
@@ -50,7 +52,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "site": (str,), "id": (str,), "status": (str,), "input_uri": (str, _NONE), "created": _NUM,
     "started": (*_NUM, _NONE), "finished": (*_NUM, _NONE), "start_seq": (int, _NONE), "timings": (dict,),
     "submodels": (dict,), "outputs": (dict,), "structures": (dict,), "unavailable": (dict,),
-    "error": (dict, _NONE), "resumed": (int,), "options": (dict, _NONE), "input_cast": (str, _NONE)}
+    "error": (dict, _NONE), "resumed": (int,), "options": (dict, _NONE), "input_cast": (str, _NONE),
+    "idempotency_key": (str, _NONE), "request_hash": (str, _NONE)}
 _STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 

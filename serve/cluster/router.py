@@ -29,6 +29,7 @@ import numpy as np
 from serve.audit import audit
 from serve.catalogue import Catalogue, SubModel, load_catalogue
 from serve.cluster.admission import MemoryBudget, job_bytes, max_admissible_voxels
+from serve.cluster.idempotency import KEEP_KEYED_S, mismatch
 from serve.cluster.jobs_state import Job, JobOptions
 from serve.cluster.journal import JobJournal
 from serve.cluster.metrics import IngressMetrics
@@ -197,8 +198,12 @@ class JobService:
         self._incoming.mkdir(parents=True, exist_ok=True)
         self.journal = JobJournal(self.settings.journal_path())
         self._interrupted: list[Job] = []
+        # (site, Idempotency-Key) -> job id, for every kept job a keyed POST made; rebuilt from the journal
+        self._keys: dict[tuple[str, str], str] = {}
         for job in self.journal.load():
             self.jobs[job.id] = job
+            if job.idempotency_key is not None:
+                self._keys[(job.site, job.idempotency_key)] = job.id
             if not job.done:
                 self._interrupted.append(job)
         waiting = {j.id for j in self._interrupted}
@@ -336,10 +341,40 @@ class JobService:
         finally:
             self._reading[site.name] -= 1
 
+    def submit_once(self, site: Site, options: JobOptions, key: str | None, request_hash: str,
+                    **submit: Any) -> tuple[Job, bool]:
+        """The job an earlier POST of ``site`` with ``key`` made, or a new one (:meth:`submit`) that keeps the key.
+
+        The lookup and the new job's registration happen with no ``await`` between them, so concurrent
+        POSTs with one key make one job.
+
+        Args:
+            site: the authenticated site; keys are looked up among its own jobs only.
+            options: the job's options.
+            key: the request's ``Idempotency-Key`` (None: always a new job).
+            request_hash: the request's fingerprint (serve.cluster.idempotency).
+            **submit: :meth:`submit`'s keyword arguments (the input).
+
+        Returns:
+            ``(job, created)``: created is False where an earlier job was found.
+
+        Raises:
+            IdempotencyKeyReusedError: 422, the key made a job from another request.
+        """
+        if key is not None:
+            job = self.jobs.get(self._keys.get((site.name, key), ""))
+            if job is not None and job.site == site.name:
+                if job.request_hash != request_hash:
+                    raise mismatch(job.id)
+                return job, False
+        return self.submit(site, options, idempotency=(key, request_hash) if key else None, **submit), True
+
     def submit(self, site: Site, options: JobOptions, *, input_uri: str | None = None,
-               upload: bytes | None = None, filename: str = "upload.nii.gz", source: str | None = None) -> Job:
+               upload: bytes | None = None, filename: str = "upload.nii.gz", source: str | None = None,
+               idempotency: tuple[str, str] | None = None) -> Job:
         """Queue a job; raises 403/400/429 before anything is queued. ``source`` names it in the audit log
-        (default: "s3" or "upload")."""
+        (default: "s3" or "upload"); ``idempotency`` is the ``(key, request fingerprint)`` it keeps
+        (:meth:`submit_once`)."""
         options = self.validate_options(site, options)
         if input_uri is not None:
             self.tenancy.check_access(site, input_uri, "read")
@@ -348,6 +383,8 @@ class JobService:
         elif upload is None:
             raise MrisegError("a job needs an s3:// input or an uploaded volume")
         job = Job(site=site.name, options=options, input_uri=input_uri)
+        if idempotency is not None:  # in the job's first record: a restarted router still knows the key
+            job.idempotency_key, job.request_hash = idempotency
         spooled = None
         if upload is not None:
             # Queued uploads wait on disk, not in the router's memory.
@@ -369,6 +406,8 @@ class JobService:
             raise
         audit("job.accepted", job=job.id, site=site.name, source=source or ("s3" if input_uri else "upload"),
               structures="all" if options.roi_subset is None else len(options.roi_subset))
+        if job.idempotency_key is not None:
+            self._keys[(job.site, job.idempotency_key)] = job.id
         self._remember(job)
         self._update_gauges()
         return job
@@ -837,20 +876,32 @@ class JobService:
             if old is None:
                 break
             self.jobs.pop(old.id)
+            if old.idempotency_key is not None and self._keys.get((old.site, old.idempotency_key)) == old.id:
+                del self._keys[(old.site, old.idempotency_key)]
             self.journal.remove(old.id)
             shutil.rmtree(Path(self.settings.results_dir) / old.site / old.id, ignore_errors=True)
 
     def _evictable(self, weight: Callable[[Job], int]) -> Job | None:
         """The oldest settled job of the site keeping the most (jobs, or journal bytes: ``weight`` per job):
         a site that floods the router with jobs evicts its own results, not another site's. Running jobs
-        (and a cancelled job whose thread may still write) are never evicted, nor do they block later ones."""
+        (and a cancelled job whose thread may still write) are never evicted, nor do they block later ones.
+        Of that site's jobs, one an ``Idempotency-Key`` made less than 24 h ago goes only when nothing else
+        of the site can: its key is promised for that long (docs/api.md), as far as the limits allow."""
         counts: dict[str, int] = {}
         for j in self.jobs.values():
             counts[j.site] = counts.get(j.site, 0) + weight(j)
+        promised_after = time.time() - KEEP_KEYED_S
         for site in sorted(counts, key=counts.__getitem__, reverse=True):
+            promised = None
             for j in self.jobs.values():  # oldest first
                 if j.site == site and j.done and j.id not in self._futures:
-                    return j
+                    if j.idempotency_key is None or j.created <= promised_after:
+                        return j
+                    promised = promised or j
+            if promised is not None:
+                log.warning("site %s: a job whose Idempotency-Key is less than a day old is evicted "
+                            "(router.max_jobs_kept or journal_max_bytes too small for a day of its jobs)", site)
+                return promised
         return None
 
     def _update_gauges(self) -> None:
