@@ -117,20 +117,25 @@ Backend = Callable[[JobSpec], tuple]  # spec -> Outcome, or a (status, reason, j
 
 
 def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 24 * 3600) -> Backend:
-    """Submit through the cluster API and poll until the job settles.
+    """Submit through the cluster API and poll until the job settles (:class:`serve.cluster.client.ApiClient`).
 
-    The POST is sent again only after an answer that proves the job was not taken: 429 (the site at its
-    job or request limit), 503 (the cluster not taking jobs) or no connection made. The API has no
-    idempotency key, so a POST whose answer was lost (a dropped connection, a timeout) or came from a
-    proxy (502, 504) may have queued the job; sending it again would run it twice into one output folder,
-    so the input is reported failed instead, saying so (:func:`_maybe_taken`). While polling, 429,
-    502-504 and dropped connections are waited out, honouring ``Retry-After``, until ``timeout_s`` has
-    passed: the job is still queued or running, so none of them is the job's failure.
+    Every POST carries an ``Idempotency-Key``, so the client's one retry rule covers it: an answer that
+    says to retry (429, 502-504, ``retryable: true``) or none at all (a refused or dropped connection, a
+    timeout) is waited out, honouring ``Retry-After``, and the POST sent again, for as long as ``timeout_s``
+    allows; the cluster answers a POST whose first answer was lost with the job it made then, so no input
+    runs twice into its output folder. Polls are retried the same way: the job is still queued or running,
+    so none of those answers is the job's failure.
+
+    Args:
+        url: the API's base URL.
+        api_key: the site's key.
+        poll_s: the pause between polls, and the first pause between retries.
+        timeout_s: how long the POST is retried, and then how long its job is polled (then cancelled).
+
+    Returns:
+        The backend: a spec in, ``(status, reason, job id)`` out.
     """
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"}
-    not_sent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # no byte reached the cluster
+    from serve.cluster.client import ApiClient, ApiError
 
     def run(spec: JobSpec) -> tuple[str, str, str]:
         body: dict[str, Any] = {"input": spec.input_uri, "output_prefix": spec.output_prefix,
@@ -138,82 +143,18 @@ def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 
                                 "resampling_order": spec.resampling_order}
         if spec.roi_subset:
             body["roi_subset"] = list(spec.roi_subset)
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-            try:
-                r = _waiting_out(lambda: c.post("/v1/segmentations", json=body), deadline, statuses=NOT_TAKEN,
-                                 errors=not_sent)
-            except not_sent as e:
-                return FAILED, f"could not reach the cluster ({type(e).__name__}); the job was not submitted", ""
-            except httpx.TransportError as e:  # sent, but the answer was lost
-                return FAILED, _maybe_taken(type(e).__name__), ""
-            if r.status_code >= 500 and r.status_code not in NOT_TAKEN:
-                return FAILED, _maybe_taken(_problem(r)), ""
-            if r.status_code >= 400:
-                return FAILED, _problem(r), ""
-            job = r.json()
-            while job.get("status") not in ("succeeded", "failed", "cancelled"):
-                if time.monotonic() > deadline:
-                    return FAILED, "timed out waiting for the cluster", job.get("id", "")
-                time.sleep(poll_s)
-                g = _waiting_out(lambda: c.get(f"/v1/segmentations/{job['id']}"), deadline)
-                if g.status_code >= 400:
-                    return FAILED, _problem(g), job["id"]
-                job = g.json()
-        if job["status"] == "succeeded":
-            return SUCCEEDED, "", job["id"]
-        err = job.get("error") or {}
-        return FAILED, f"{err.get('status', '')} {err.get('title', job['status'])}: {err.get('detail', '')}".strip(), \
-            job["id"]
+        # one client per input: its deadline (timeout_s) is the input's own
+        client = ApiClient(url, api_key, timeout_s=timeout_s, poll_s=poll_s, request_timeout_s=60)
+        try:
+            job = client.submit(body)
+        except ApiError as e:
+            return FAILED, e.message, ""
+        try:
+            return SUCCEEDED, "", client.wait(job["id"])["id"]
+        except ApiError as e:
+            return FAILED, e.message, job["id"]
 
     return run
-
-
-RETRY_STATUSES = (429, 502, 503, 504)
-#: answers to POST /v1/segmentations that prove the job was not queued: the site at a limit, the cluster not
-#: taking jobs (the API's own 503s say "nothing was queued"; a proxy's 503 means no replica to send it to)
-NOT_TAKEN = (429, 503)
-
-
-def _maybe_taken(what: str) -> str:
-    """The reason of an input whose POST may have queued a job although its answer said nothing of it."""
-    return (f"{what}: the cluster may have taken the job, so it was not submitted again (it would run twice "
-            f"into one output folder); once the cluster's jobs have settled, a rerun skips it if it finished "
-            f"and submits it if not")
-
-
-def _waiting_out(send: Callable[[], Any], deadline: float, first_wait_s: float = 1.0,
-                 statuses: tuple[int, ...] = RETRY_STATUSES, errors: tuple[type[BaseException], ...] | None = None):
-    """``send()``'s answer once it is not one of ``statuses``, or the last one (or the connection error)
-    when waiting longer would pass ``deadline``. ``errors`` (default: every ``httpx.TransportError``) are
-    waited out too; others are raised at once. Waits double up to 30 s; a ``Retry-After`` is honoured."""
-    import httpx
-
-    errors = errors or (httpx.TransportError,)
-    wait = first_wait_s
-    while True:
-        try:
-            r, error = send(), None
-        except errors as e:  # a router restarting, a proxy dropping the connection
-            r, error = None, e
-        if r is not None and r.status_code not in statuses:
-            return r
-        retry_after = r.headers.get("Retry-After", "") if r is not None else ""
-        pause = float(retry_after) if retry_after.isdigit() else wait
-        if time.monotonic() + pause > deadline:
-            if error is not None:
-                raise error
-            return r
-        time.sleep(pause)
-        wait = min(wait * 2, 30.0)
-
-
-def _problem(r) -> str:
-    try:
-        p = r.json()
-        return f"{r.status_code} {p.get('title', '')}: {p.get('detail', '')}"
-    except ValueError:
-        return f"{r.status_code} {r.text[:200]}"
 
 
 def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, threads: int = 1,
@@ -387,20 +328,6 @@ def _print_failures(items: Sequence[Item], report: str | None) -> None:
         print(f"  failed: #{n} (sha256 {digest}): {it.reason.split(':', 1)[0][:80]}", file=sys.stderr)
 
 
-def _check_reachable(url: str, timeout_s: float = 15.0) -> None:
-    """Fail at once on an API that cannot be reached: each input would otherwise wait for it until its
-    job's deadline (a day), since a cluster that is restarting is waited out."""
-    import httpx
-
-    try:
-        r = httpx.get(url.rstrip("/") + "/healthz", timeout=timeout_s)
-    except httpx.TransportError as e:
-        raise MrisegError(f"cannot reach the cluster API at {url} ({type(e).__name__}); check --api "
-                          f"(or $MRISEG_API) and that the cluster is up") from e
-    if r.status_code == 404:
-        raise MrisegError(f"{url} answers, but not as an mriseg-serve API (no /healthz); check --api")
-
-
 def cmd_bulk(args) -> int:
     settings = settings_from_args(args)
     if not args.out.startswith("s3://"):
@@ -423,7 +350,9 @@ def cmd_bulk(args) -> int:
     if args.report:
         _check_report_path(Path(args.report))
     if not args.local_models:  # after the local checks: a typo in a path is found without the network
-        _check_reachable(args.api)
+        from serve.cluster.client import ApiClient
+
+        ApiClient(args.api, key).check_reachable()
     items = run_bulk(args.prefix, args.out, backend, settings, site=args.site, concurrency=args.concurrency,
                      roi_subset=args.roi_subset.split(",") if args.roi_subset else None, fast=args.fast,
                      outputs=args.outputs.split(","), progress=not args.no_progress,

@@ -4,12 +4,17 @@ Requests are forwarded byte for byte with their own ``Host`` header, so SigV4
 signatures made for the proxy's address still verify upstream. In ``error``
 mode every request gets ``503 SlowDown`` (what S3 sends when throttling); in
 ``500`` mode an ``InternalError``. A refused upstream connection (the server is
-down) drops the client's connection, as a dead server would.
+down) drops the client's connection, as a dead server would. With
+``drop_answers`` set, that many requests are forwarded and their answers
+dropped (the connection closed unanswered): a request that was served but
+whose answer was lost, as behind a proxy that restarts. Any HTTP server can
+stand behind it (the cluster API too).
 """
 
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,6 +32,8 @@ class S3FaultProxy:
         self.mode = "pass"
         self.injected = 0
         self.forwarded = 0
+        self.drop_answers = 0  # forward this many requests, then close their connections unanswered
+        self.dropped = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +84,12 @@ class S3FaultProxy:
                 finally:
                     conn.close()
                 proxy.forwarded += 1
+                if proxy.drop_answers > 0:
+                    proxy.drop_answers -= 1
+                    proxy.dropped += 1
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in _HOP and not (k.lower() == "content-length" and self.command != "HEAD"):

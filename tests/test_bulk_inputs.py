@@ -154,14 +154,16 @@ def test_inputs_that_map_to_one_output_folder_all_fail_before_anything_runs(seaw
         assert all(o in items[uri].reason for o in shared if o != uri) and folder in items[uri].reason
 
 
-# -- 3. a POST whose answer was lost is not sent again ---------------------------------------------
+# -- 3. a POST whose answer was lost is sent again with its Idempotency-Key -------------------------
 class _Scripted(BaseHTTPRequestHandler):
     """POST /v1/segmentations answers from ``server.posts`` (``"drop"``: close without answering), GET
-    from ``server.gets``; each list's last answer repeats."""
+    from ``server.gets``; each list's last answer repeats. Each POST's Idempotency-Key is kept in
+    ``server.keys``."""
 
     def do_POST(self):  # noqa: N802 - http.server's name
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.server.posted += 1
+        self.server.keys.append(self.headers.get("Idempotency-Key"))
         answer = self.server.posts.pop(0) if len(self.server.posts) > 1 else self.server.posts[0]
         if answer == "drop":  # the router took it, then the connection went (a proxy, a restart)
             self.close_connection = True
@@ -191,21 +193,35 @@ def _serve(posts: list, port: int = 0, gets: list | None = None) -> ThreadingHTT
     """A scripted cluster API on 127.0.0.1 (``port`` 0: a free one); GETs answer the job succeeded unless
     ``gets`` says otherwise."""
     server = ThreadingHTTPServer(("127.0.0.1", port), _Scripted)
-    server.posts, server.posted = posts, 0
+    server.posts, server.posted, server.keys = posts, 0, []
     server.gets = gets if gets is not None else [(200, {"id": "j1", "status": "succeeded"})]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
 @pytest.mark.parametrize("answer", ["drop", (502, {"title": "Bad gateway"}), (504, {"title": "Gateway timeout"})])
-def test_a_post_whose_answer_was_lost_is_not_sent_again(answer):
-    """Without an idempotency key in the API, a second POST after a dropped connection or a proxy's
-    502/504 could run the job twice into one folder: the input fails once, saying why."""
+def test_a_post_whose_answer_was_lost_is_sent_again_with_the_same_idempotency_key(answer):
+    """A dropped connection or a proxy's 502/504 may hide a job the cluster took: the POST is sent again
+    with the same Idempotency-Key, which the cluster answers with that job (tests/test_cluster_idempotency.py),
+    so the input runs once, and the job is followed to its end."""
     server = _serve([answer, (202, {"id": "j1", "status": "queued"})])
     try:
         run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
-        status, reason, _ = run(JobSpec("s3://in/a.nii.gz", "s3://out"))
-        assert status == FAILED and "may have taken the job" in reason and "rerun skips it" in reason
+        assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (SUCCEEDED, "", "j1")
+        assert server.posted == 2 and server.keys[0] and server.keys[0] == server.keys[1]
+        assert run(JobSpec("s3://in/b.nii.gz", "s3://out"))[0] == SUCCEEDED
+        assert len(set(server.keys)) == 2  # another input, another key
+    finally:
+        server.shutdown()
+
+
+def test_a_post_the_cluster_answered_with_a_lasting_error_is_not_sent_again():
+    """A 500 (a bug) or a 4xx is the answer: the input fails with it, after one POST."""
+    server = _serve([(500, {"title": "Internal error", "detail": "the operators have the log"})])
+    try:
+        run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
+        assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (
+            FAILED, "500 Internal error: the operators have the log", "")
         assert server.posted == 1
     finally:
         server.shutdown()

@@ -1,10 +1,12 @@
-"""The /v1 API client of ``mriseg demo`` against a real HTTP server on 127.0.0.1: a dead cluster, a proxy's
-answer, polling instead of one long request, and which ends of a polled job say to retry."""
+"""The /v1 API client of ``mriseg demo`` and ``mriseg bulk`` against a real HTTP server on 127.0.0.1: a dead
+cluster, a proxy's answer, polling instead of one long request, which ends of a polled job say to retry, and
+the Idempotency-Key that makes retrying a POST safe."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -21,6 +23,7 @@ class _Answers(BaseHTTPRequestHandler):
             self.rfile.read(int(self.headers["Content-Length"]))
         self.server.seen.append((self.command, self.path))
         self.server.keys.append(self.headers.get("Authorization"))
+        self.server.idempotency_keys.append(self.headers.get("Idempotency-Key"))
         script = self.server.script.get((self.command, self.path.split("?")[0]))
         answer = (script.pop(0) if len(script) > 1 else script[0]) if script else self.server.answer
         self.send_response(answer[0])
@@ -39,7 +42,7 @@ class _Answers(BaseHTTPRequestHandler):
 def api():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
     server.answer = (200, "application/json", b"{}")
-    server.script, server.seen, server.keys = {}, [], []
+    server.script, server.seen, server.keys, server.idempotency_keys = {}, [], [], []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -124,3 +127,39 @@ def test_a_polled_job_that_does_not_succeed_is_an_api_error_that_says_whether_to
         client.wait("j1")
     assert (e.value.status, e.value.retryable) == (status, retryable)
     assert (("DELETE", "/v1/segmentations/j1") in api.seen) is cancelled
+
+
+def test_the_api_client_sends_one_idempotency_key_per_job_the_same_on_each_retry(api):
+    """Retrying a POST is safe only with the key of its first try: the cluster then answers with the job that
+    try made. A 4xx is the answer, not retried."""
+    from serve.cluster.client import ApiClient
+
+    queued = (202, "application/json", b'{"id": "j1", "status": "queued"}')
+    api.script = {("POST", "/v1/segmentations"): [_problem(503, True), (502, "text/html", b"<html>Bad Gateway</html>"),
+                                                  _problem(429, True), queued]}
+    client = ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=30, poll_s=0.01)
+    assert client.submit({"input": "s3://b/site-a/a.nii.gz"})["id"] == "j1"
+    first = list(api.idempotency_keys)
+    assert len(first) == 4 and first[0] and len(set(first)) == 1
+    client.submit({"input": "s3://b/site-a/b.nii.gz"})
+    assert api.idempotency_keys[4] not in first  # another job, another key
+    client.submit({"input": "s3://b/site-a/c.nii.gz"}, key="my-key-1")
+    assert api.idempotency_keys[5] == "my-key-1"
+
+    api.script = {("POST", "/v1/segmentations"): [_problem(422, False)]}
+    with pytest.raises(ApiError) as refused:
+        client.submit({"input": "s3://b/site-a/d.nii.gz"})
+    assert refused.value.status == 422 and len(api.idempotency_keys) == 7
+
+
+def test_the_api_client_gives_up_retrying_at_its_deadline_with_the_last_answer(api):
+    from serve.cluster.client import ApiClient
+
+    api.script = {("POST", "/v1/segmentations"): [_problem(503, True)]}
+    client = ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=2, poll_s=0.05)
+    t = time.monotonic()
+    with pytest.raises(ApiError) as e:
+        client.submit({"input": "s3://b/site-a/a.nii.gz"})
+    assert e.value.status == 503 and e.value.retryable and time.monotonic() - t < 4
+    # pauses of 0.05 s doubling: at most six tries fit in 2 s (fewer where each request is slow)
+    assert 2 <= len(api.idempotency_keys) <= 6 and len(set(api.idempotency_keys)) == 1

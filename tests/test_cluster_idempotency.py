@@ -1,6 +1,6 @@
 """``Idempotency-Key`` on the API's POSTs, on a real local Ray cluster (the shared stack): the same key and
-request answer the first job, another request is a 422, concurrent duplicates make one job, and keys are per
-site and survive a router restart."""
+request answer the first job, another request is a 422, concurrent duplicates make one job, keys are per
+site and survive a router restart, and the one API client's retry after a lost answer makes no second job."""
 
 from __future__ import annotations
 
@@ -150,6 +150,23 @@ def test_one_sites_key_never_finds_another_sites_job(serve_stack):
         assert again.status_code == 200 and again.json()["id"] == b.json()["id"]
     assert _journalled(serve_stack, "site-a", key) == [a.json()["id"]]
     assert _journalled(serve_stack, "site-b", key) == [b.json()["id"]]
+
+
+def test_the_api_client_retries_a_post_whose_answer_was_lost_without_making_a_second_job(serve_stack):
+    """The answer is dropped after the router took the job (a proxy restarting): the client sends the POST
+    again with its key and follows the one job to its end."""
+    from serve.cluster.client import ApiClient
+    from tests.faultproxy import S3FaultProxy
+
+    key = _key()
+    with S3FaultProxy(int(serve_stack.url.rsplit(":", 1)[1])) as proxy:
+        proxy.drop_answers = 1
+        client = ApiClient(proxy.endpoint_url, SITE_KEYS["site-a"], timeout_s=300, poll_s=0.2)
+        job = client.segment_upload(nifti_bytes(shape=(24, 24, 24), seed=15), "scan.nii.gz", roi_subset=["liver"],
+                                    outputs=("multilabel",), key=key)
+        assert proxy.dropped == 1
+    assert job["status"] == "succeeded"
+    assert _journalled(serve_stack, "site-a", key) == [job["id"]]
 
 
 def test_a_key_is_honoured_across_a_router_restart(serve_stack):
