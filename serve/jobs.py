@@ -49,6 +49,7 @@ from botocore.exceptions import ClientError
 
 from serve import staging
 from serve.audit import audit
+from serve.clock import SYSTEM_CLOCK, Clock
 from serve.errors import MrisegError, StorageError, VolumeTooLargeError
 from serve.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
 from serve.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
@@ -272,16 +273,21 @@ class JobStore:
     Every record is signed (:mod:`serve.records`, the envelope layout). One that does not verify (forged,
     unsigned from before signing, copied from another key) is audited and read as absent: a claim
     replaces it with ``If-Match`` on its ETag, so it can neither block nor finish a job.
+
+    ``clock`` stamps and compares the leases, and paces a running job's lease renewals
+    (:mod:`serve.clock`; the real one by default).
     """
 
     def __init__(self, uri: str, settings: S3Settings | Mapping[str, Any] | None = None,
-                 owner: str | None = None, lease_s: float = 300.0, signer: RecordSigner | None = None):
+                 owner: str | None = None, lease_s: float = 300.0, signer: RecordSigner | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
         self.bucket, prefix = parse_s3_uri(uri.rstrip("/") + "/")
         self.prefix = prefix
         self.settings = settings
         self.client = staging.client_for(settings)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease_s = lease_s
+        self.clock = clock  # leases are stamped and compared on it; tests advance a ManualClock
         self.signer = signer or RecordSigner.from_env()
 
     def _key(self, key: str) -> str:
@@ -357,7 +363,7 @@ class JobStore:
         """
         for _ in range(5):
             cur, etag = self._read(key)
-            now = time.time()
+            now = self.clock.time()
             if cur is not None:
                 if cur.state == DONE or (cur.state == FAILED and not cur.retryable):
                     return cur, False
@@ -380,7 +386,7 @@ class JobStore:
 
     def renew(self, rec: JobRecord) -> JobRecord:
         """Extend the lease of a claim this worker holds (raises :class:`ClaimLost` if taken over)."""
-        rec.lease_until = time.time() + self.lease_s
+        rec.lease_until = self.clock.time() + self.lease_s
         return self._put(rec, IfMatch=rec.etag)
 
     def finish(self, rec: JobRecord, state: str, *, error: dict | None = None,
@@ -496,7 +502,7 @@ class _Heartbeat:
         self._t.join()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        while not self.store.clock.wait(self._stop, self.every_s):
             try:
                 with self._lock:
                     self.rec = self.store.renew(self.rec)

@@ -26,11 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from serve import staging
+from serve.clock import SYSTEM_CLOCK, Clock
 from serve.errors import StorageError, VolumeTooLargeError
 from serve.jobs import JobSpec, precondition_failed
 from serve.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
@@ -75,13 +75,15 @@ def push_id(spec: JobSpec) -> str:
 class PushJournal:
     """Pushed jobs under ``s3://{bucket}/{prefix}/pushed/``, one signed object per pushed object.
 
-    ``signer`` None: :meth:`serve.records.RecordSigner.from_env`.
+    ``signer`` None: :meth:`serve.records.RecordSigner.from_env`. ``clock`` stamps ``created`` and
+    ``not_before`` (:mod:`serve.clock`; the real one by default).
     """
 
     def __init__(self, jobs_uri: str, settings: S3Settings | Mapping[str, Any] | None = None,
-                 signer: RecordSigner | None = None):
+                 signer: RecordSigner | None = None, clock: Clock = SYSTEM_CLOCK):
         self.bucket, self.prefix = parse_s3_uri(jobs_uri.rstrip("/") + "/")
         self.settings = settings
+        self.clock = clock
         self.signer = signer or RecordSigner.from_env()
 
     def _key(self, push_id: str) -> str:
@@ -110,7 +112,7 @@ class PushJournal:
     def hold(self, spec: JobSpec) -> HeldPush:
         """Record an accepted push, in place of any held one of the same object (raises
         :class:`serve.errors.StorageError` if S3 cannot take it)."""
-        held = HeldPush(push_id(spec), spec, 0, time.time())
+        held = HeldPush(push_id(spec), spec, 0, self.clock.time())
         self._write(held)
         return held
 
@@ -118,7 +120,7 @@ class PushJournal:
         """Count a run that did not settle the job, to run again no sooner than ``delay_s`` from now;
         the record says so should this replica die (unless a later push replaced it: that one stays)."""
         held.attempts += 1
-        held.not_before = time.time() + delay_s
+        held.not_before = self.clock.time() + delay_s
         self._write(held, **self._if_unchanged(held))
         return held
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from serve.clock import SYSTEM_CLOCK, ManualClock
 from serve.errors import ServiceUnavailableError
 from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
@@ -119,13 +120,13 @@ def test_jobs_still_waiting_when_the_scheduler_closes_are_cancelled_not_run():
 
 
 # -- the worker, on real S3 ---------------------------------------------------------------------------------
-def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0):  # noqa: F811
+def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0, clock=SYSTEM_CLOCK):  # noqa: F811
     from serve.cluster.intake import IntakeSettings
     from serve.jobs import JobRunner, JobStore
 
     settings = IntakeSettings(jobs=f"s3://jobs/{prefix}", lease_s=lease_s, concurrency=1, s3=seaweed.settings)
-    runner = JobRunner(JobStore(settings.jobs, seaweed.settings, lease_s=lease_s), engine, seaweed.settings,
-                       work_dir=tmp_path)
+    runner = JobRunner(JobStore(settings.jobs, seaweed.settings, lease_s=lease_s, clock=clock), engine,
+                       seaweed.settings, work_dir=tmp_path)
     return settings, runner
 
 
@@ -139,10 +140,16 @@ def _spec(prefix: str, site: str, case: str, s3):
     return spec
 
 
-def _settled(worker, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout  # hang guard only
+def _settled(worker, timeout: float = 120, clock: ManualClock | None = None, step_s: float = 0.25) -> None:
+    """Wait until the worker holds nothing; with a ManualClock, move it on by ``step_s`` while waiting, so the
+    backoffs and leases the worker waits out pass in a fraction of their real time."""
+    deadline = time.monotonic() + timeout  # hang guard only (real time)
     while (worker.journal.held() or worker._in_flight) and time.monotonic() < deadline:
-        time.sleep(0.2)
+        if clock is None:
+            time.sleep(0.2)
+        else:
+            clock.advance(step_s)
+            time.sleep(0.02)  # real time for the worker's threads to act on the new time
     assert worker.journal.held() == []
 
 
@@ -177,20 +184,21 @@ def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(sea
     from serve.cluster.intake import IntakeWorker
     from serve.pushes import MAX_ATTEMPTS, retry_delay_s
 
-    settings, runner = _setup(seaweed, unique_prefix, tmp_path, _Engine(fail=True), lease_s=2.0)
+    clock = ManualClock()  # the 1 + 2 + 4 + 8 s of backoff pass on it, not in real time
+    settings, runner = _setup(seaweed, unique_prefix, tmp_path, _Engine(fail=True), lease_s=2.0, clock=clock)
     spec = _spec(unique_prefix, "site-a", "case", seaweed.settings)
     runs: list[float] = []
     run = runner.run
 
     def timed(job_spec):
-        runs.append(time.monotonic())
+        runs.append(clock.time())
         return run(job_spec)
 
     runner.run = timed
-    worker = IntakeWorker(settings, runner=runner)
+    worker = IntakeWorker(settings, runner=runner, clock=clock)
     try:
         worker.submit([spec.to_dict()])
-        _settled(worker)
+        _settled(worker, clock=clock)
     finally:
         worker.close()
     doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
@@ -211,16 +219,17 @@ def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_
     from serve.jobs import JobStore
 
     engine = _Engine()
-    settings, runner = _setup(seaweed, unique_prefix, tmp_path, engine, lease_s=2.0)
+    clock = ManualClock()  # the dead worker's 20 s lease runs out on it, not in real time
+    settings, runner = _setup(seaweed, unique_prefix, tmp_path, engine, lease_s=2.0, clock=clock)
     spec = _spec(unique_prefix, "site-a", "case", seaweed.settings)
     full, key, models = runner.key_for(spec)
     # longer than the five runs' backoff (1 + 2 + 4 + 8 s with a 1 s sweep)
-    dead = JobStore(settings.jobs, seaweed.settings, owner="dead-worker", lease_s=20.0)
+    dead = JobStore(settings.jobs, seaweed.settings, owner="dead-worker", lease_s=20.0, clock=clock)
     assert dead.claim(key, full, models)[1]
-    worker = IntakeWorker(settings, runner=runner)
+    worker = IntakeWorker(settings, runner=runner, clock=clock)
     try:
         worker.submit([spec.to_dict()])
-        _settled(worker)
+        _settled(worker, clock=clock)
     finally:
         worker.close()
     doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from serve import staging
+from serve.clock import ManualClock
 from serve.jobs import (DONE, FAILED, ClaimLost, JobRecord, JobRunner, JobSpec, JobStore, SegmenterEngine, case_name,
                         idempotency_key)
 from serve.pushes import PushJournal
@@ -188,12 +189,14 @@ def test_concurrent_duplicate_claims_have_one_winner(seaweed, unique_prefix, sha
 def test_stale_claim_is_taken_over(seaweed, unique_prefix):  # noqa: F811
     spec = JobSpec(f"s3://inbox/{unique_prefix}/y.nii", "s3://outbox/o", etag='"1"')
     key = idempotency_key(spec, {})
-    dead = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings, lease_s=1.0)
-    live = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings, lease_s=60.0)
+    clock = ManualClock()  # both workers' leases are on it: the test moves it on instead of sleeping
+    dead = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings, lease_s=1.0, clock=clock)
+    live = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings, lease_s=60.0, clock=clock)
     rec_dead, won = dead.claim(key, spec, {})
     assert won
+    clock.advance(0.9)
     assert live.claim(key, spec, {})[1] is False  # lease still valid
-    time.sleep(1.5)  # the dead worker's lease runs out
+    clock.advance(0.2)  # the dead worker's lease runs out
     rec_live, won = live.claim(key, spec, {})
     assert won and rec_live.attempts == 2
     with pytest.raises(ClaimLost):

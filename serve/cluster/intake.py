@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ray import serve as rayserve
 
+from serve.clock import SYSTEM_CLOCK, Clock
 from serve.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
 from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
@@ -503,14 +504,18 @@ class IntakeWorker:
         site_limits: returns each site's job limit (1 for a site it does not name); None: the router's
             (``RouterEngine.site_limits``), or, with a ``runner`` given, no limit per site.
         app_name: the Serve application whose Router runs the jobs; None: this replica's.
+        clock: the time of the held jobs' backoffs and of the sweeps that run them (:mod:`serve.clock`);
+            a ``runner`` given must use the same clock in its store (leases and backoffs are compared).
     """
 
     def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None,
-                 site_limits: Callable[[], Mapping[str, int]] | None = None, app_name: str | None = None):
+                 site_limits: Callable[[], Mapping[str, int]] | None = None, app_name: str | None = None,
+                 clock: Clock = SYSTEM_CLOCK):
         from serve.jobs import JobRunner, JobStore
         from serve.records import RecordSigner
 
         self.settings = settings
+        self.clock = clock
         self.stop = threading.Event()
         self.pollers: list[threading.Thread] = []
         self.sweeper: threading.Thread | None = None
@@ -524,10 +529,11 @@ class IntakeWorker:
             return
         # None: $MRISEG_RECORD_KEY_FILE; either way a missing key stops the replica, saying what to set
         signer = RecordSigner.from_file(settings.record_key_file) if settings.record_key_file else None
-        self.journal = PushJournal(settings.jobs, settings.s3, signer=signer)
+        self.journal = PushJournal(settings.jobs, settings.s3, signer=signer, clock=clock)
         if runner is None:
             engine = RouterEngine(app_name)
-            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s, signer=signer), engine,
+            runner = JobRunner(JobStore(settings.jobs, settings.s3, lease_s=settings.lease_s, signer=signer,
+                                        clock=clock), engine,
                                settings.s3, max_bytes=settings.max_bytes)
             site_limits = site_limits or engine.site_limits
         self.runner = runner
@@ -580,13 +586,13 @@ class IntakeWorker:
     def _sweep(self) -> None:
         while not self.stop.is_set():
             try:
-                now = time.time()
+                now = self.clock.time()
                 for h in self.journal.held():
                     if h.not_before <= now:  # a job waiting out its backoff is left for a later sweep
                         self._queue(h)
             except Exception:  # noqa: BLE001 - S3 down for a moment: the next sweep finds them
                 log.warning("could not list the held pushed jobs; trying again in %.0fs", self.sweep_s, exc_info=True)
-            self.stop.wait(self.sweep_s)
+            self.clock.wait(self.stop, self.sweep_s)
 
     def _run_held(self, held: HeldPush) -> None:
         try:
@@ -598,7 +604,7 @@ class IntakeWorker:
                 # another worker holds it: not a run of ours, so it uses up none of MAX_ATTEMPTS (a job
                 # longer than the backoff would otherwise be let go while it runs, and lost if that
                 # worker then died); look again once its claim would have lapsed
-                self.journal.deferred(held, max(time.time() + self.sweep_s, (out.lease_until or 0) + 1))
+                self.journal.deferred(held, max(self.clock.time() + self.sweep_s, (out.lease_until or 0) + 1))
             elif held.attempts + 1 >= MAX_ATTEMPTS:
                 log.warning("pushed job %s for site %s still unsettled after %d runs; given up",
                             out.key[:12] if out else "?", held.spec.site, MAX_ATTEMPTS)
