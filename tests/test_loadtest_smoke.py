@@ -1,7 +1,14 @@
 """Bounded Locust smoke run and short soak against a real local Ray Serve app (tiny models, real S3):
-zero errors and a bounded RSS for every cluster process, not speed."""
+zero errors and a bounded RSS for every cluster process, not speed.
+
+MRISEG_SOAK_SECONDS sets the load's length (default 15 s, what CI runs); a longer run of the same test,
+e.g. ``MRISEG_SOAK_SECONDS=300 scripts/test.sh tests/test_loadtest_smoke.py``, or ``python -m loadtest.soak``
+(docs/performance.md), is the real soak.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -13,6 +20,8 @@ from tests.ray_fixtures import BUCKET, SITE_KEYS, nifti_bytes, serve_stack, _sha
 # Per-process RSS bound for the short soak: the largest process (a sub-model replica or the router,
 # torch and nnU-Net loaded) measured about 0.7 GB here; a leak of a volume per request would cross it.
 RSS_BOUND_MB = 1200
+#: Long enough for every Locust user class to finish requests (each starts with one) and for several RSS samples.
+SOAK_SECONDS = int(os.environ.get("MRISEG_SOAK_SECONDS", "15"))
 
 
 @pytest.mark.ray
@@ -21,8 +30,8 @@ def test_locust_smoke_and_short_soak(serve_stack, tmp_path):  # noqa: F811
     upload.write_bytes(nifti_bytes(shape=(40, 36, 44)))  # under the stack's 2 MiB upload limit
     s3_inputs = put_s3_inputs(make_client(serve_stack.extra["s3"]), BUCKET, upload.read_bytes())
     keys = {s: SITE_KEYS[s] for s in s3_inputs}
-    res = soak(serve_stack.url, keys, cluster_pids, seconds=50, uploads=[upload], workdir=tmp_path, users=3,
-               interval_s=2.0, s3_inputs=s3_inputs)
+    res = soak(serve_stack.url, keys, cluster_pids, seconds=SOAK_SECONDS, uploads=[upload], workdir=tmp_path,
+               users=3, interval_s=2.0, s3_inputs=s3_inputs)
     print(markdown(res, "CI smoke"))
     load = res["load"]
     assert load["requests"] > 0, load["stderr_tail"]
