@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv on first use.
-.PHONY: demo test setup audit clean
+.PHONY: demo test test-deep setup audit clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -9,6 +9,11 @@ demo: setup
 
 test: setup
 	@bash scripts/test.sh
+
+# what `make test` leaves out: the deep fuzz run (from the corpus that `make test` replays;
+# MRISEG_FUZZ_SECONDS sets its length)
+test-deep: setup
+	@bash scripts/test.sh -m deep
 
 audit:
 	@bash scripts/audit.sh

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """atheris fuzz target for the volume decoder, ``serve.volume_io.read_volume_bytes``, in this process or
 (``MRISEG_FUZZ_SANDBOXED=1``) through the sandboxed decoder the router uses, ``serve.sandbox``.
 
