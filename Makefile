@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv on first use.
-.PHONY: demo test test-deep setup audit clean
+.PHONY: demo test test-training test-deep setup audit clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -10,8 +10,11 @@ demo: setup
 test: setup
 	@bash scripts/test.sh
 
-# what `make test` leaves out: the deep fuzz run (from the corpus that `make test` replays;
-# MRISEG_FUZZ_SECONDS sets its length)
+# what `make test` leaves out: the demo-model training tests, and the deep fuzz run (it grows the corpus
+# that `make test` replays; MRISEG_FUZZ_SECONDS sets its length)
+test-training: setup
+	@bash scripts/test.sh -m training
+
 test-deep: setup
 	@bash scripts/test.sh -m deep
 

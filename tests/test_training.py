@@ -10,6 +10,9 @@ from serve.catalogue import load_catalogue
 from serve.modelfolder import UNetSpec, build_network, make_dataset_json, make_plans, write_model_folder
 from serve.training import _ce_dice, _head_state, _heads, _joined_state, compact_checkpoint, model_labels
 
+# demo-model training, not serving: left out of the default run (make test-training)
+pytestmark = pytest.mark.training
+
 SPEC = UNetSpec(features=(4, 8, 16), patch_size=(16, 16, 16))
 
 

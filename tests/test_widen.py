@@ -10,6 +10,9 @@ from serve.modelfolder import UNetSpec, build_network, make_dataset_json, make_p
 from serve.training import _head_state, _heads, model_labels, train_models
 from serve.widen import widen_into
 
+# demo-model training, not serving: left out of the default run (make test-training)
+pytestmark = pytest.mark.training
+
 NARROW = UNetSpec(features=(4, 8, 16), patch_size=(16, 16, 16))
 WIDE = UNetSpec(features=(6, 16, 24), patch_size=(16, 16, 16))
 
