@@ -25,3 +25,26 @@ def _record_key() -> str:
 
 
 os.environ["MRISEG_RECORD_KEY_FILE"] = _record_key()
+
+
+#: The order of the groups the session runs in (see pytest_collection_modifyitems); a test in none is group 0.
+_STACK_GROUPS = (("serve_stack", 1), ("isolated_ray", 2), ("up_two_sites", 3))
+
+
+def _stack_group(item) -> float:
+    names = set(getattr(item, "fixturenames", ()))
+    group = max((g for f, g in _STACK_GROUPS if f in names), default=0)
+    if group == 1 and item.get_closest_marker("changes_shared_stack"):
+        return 1.5  # what it leaves behind (a killed router's work folders) must not meet the others' checks
+    return group
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the tests on the session's shared Ray stack one after another, then those that start their own.
+
+    A test that starts its own stack stops the shared one (one Ray cluster at a time on a small machine), so
+    in file order the shared stack was started four times a session, each start costing tens of seconds.
+    A shared-stack test marked ``changes_shared_stack`` runs after the other shared-stack tests. Within a group
+    the collected order stays.
+    """
+    items[:] = sorted(items, key=_stack_group)  # sorted() is stable

@@ -52,6 +52,7 @@ def _settle_through_restarts(c, site: str, job_id: str, timeout: float = 300) ->
     raise AssertionError(f"job {job_id} did not settle within {timeout}s")
 
 
+@pytest.mark.changes_shared_stack  # the killed router's sandbox work folders stay behind
 def test_router_killed_with_jobs_in_flight_resumes_them(serve_stack):
     import ray
 
