@@ -23,20 +23,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Callable, Mapping, Sequence
+
+from pydantic import StrictBool, StrictStr, model_validator
 
 from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, parse_message, volume_events
 from serve.jobs import DONE, FAILED, OUTPUT_KINDS, RUNNING, JobOutcome, JobSpec
-from serve.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
+from serve.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.s3client import S3Settings, has_dot_segments, parse_s3_uri
-from serve.settings_checks import checked_number
+from serve.settings_checks import STRICT, Says, setting_names, check, number, whole
 
 #: SQS's longest visibility timeout (12 hours)
 MAX_VISIBILITY_S = 43200
@@ -46,18 +49,33 @@ log = logging.getLogger(__name__)
 Submit = Callable[[JobSpec], JobOutcome]
 
 
+_NAMES = Says("a list of names")
+
+
 @dataclass(frozen=True)
 class InboxRule:
     """Objects under ``s3://{bucket}/{prefix}`` belong to ``site``; outputs go under ``output_root``."""
 
-    bucket: str
-    prefix: str
-    site: str
-    output_root: str
-    roi_subset: tuple[str, ...] | None = None
-    fast: bool = False
-    outputs: tuple[str, ...] = ("multilabel", "statistics", "preview")
-    resampling_order: int = DEFAULT_RESAMPLING_ORDER  # the input's spline order (TotalSegmentator's -ro, 0..5)
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    bucket: StrictStr
+    prefix: StrictStr
+    site: StrictStr
+    output_root: StrictStr
+    roi_subset: Annotated[tuple[StrictStr, ...], _NAMES] | None = None  # a string would have become letters
+    fast: Annotated[StrictBool, Says("true or false")] = False          # "false" would have been truthy
+    outputs: Annotated[tuple[StrictStr, ...], _NAMES] = ("multilabel", "statistics", "preview")
+    # the input's spline order (TotalSegmentator's -ro, 0..5)
+    resampling_order: Annotated[whole(0, 5), Says(
+        f"a whole number from 0 to 5 (the spline order of the input's resampling, TotalSegmentator's -ro; "
+        f"default {DEFAULT_RESAMPLING_ORDER})")] = DEFAULT_RESAMPLING_ORDER
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_are_strings(cls, d: Any) -> Any:
+        if isinstance(d, Mapping) and not all(isinstance(d.get(k), str) for k in _RULE_KEYS if k in d):
+            raise ValueError("bucket, prefix, site and output_root must be strings (site not empty)")
+        return d
 
     def matches(self, ev: ObjectEvent) -> bool:
         """The object lies under the inbox prefix, on whole path segments, with no ``.`` or ``..`` segment.
@@ -77,80 +95,88 @@ class InboxRule:
 
     @classmethod
     def from_mapping(cls, d: Any) -> "InboxRule":
-        """A rule from config, checked: a typo or a wrong type is an error here, not a silent default."""
-        if not isinstance(d, Mapping):
-            raise MrisegError(f"events: an inbox rule must be a mapping of {list(cls.__dataclass_fields__)}")
-        d = dict(d)
-        unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
-        missing = [k for k in ("bucket", "prefix", "site", "output_root") if k not in d]
-        if unknown or missing:
-            raise MrisegError(f"events: inbox rule {d.get('site', '?')}: unknown setting(s) {unknown}, missing "
-                              f"{missing}; a rule has {list(cls.__dataclass_fields__)}")
-        name = f"events: inbox rule for site {d['site']!r}"
-        if not all(isinstance(d[k], str) for k in ("bucket", "prefix", "site", "output_root")) or not d["site"]:
-            raise MrisegError(f"{name}: bucket, prefix, site and output_root must be strings (site not empty)")
-        parse_s3_uri(f"s3://{d['bucket']}/")  # a clear error for an invalid bucket name
-        out_bucket, out_key = parse_s3_uri(d["output_root"].rstrip("/") + "/")
-        if _inbox(out_bucket, out_key).startswith(_inbox(d["bucket"], d["prefix"])):
-            raise MrisegError(f"{name}: output_root lies inside the inbox, so every output would be segmented "
-                              f"again; put outputs outside {d['prefix']!r}")
-        if not isinstance(d.get("fast", False), bool):
-            raise MrisegError(f"{name}: fast must be true or false, not {d['fast']!r}")
-        if "resampling_order" in d:
-            try:
-                check_resampling_order(d["resampling_order"])
-            except MrisegError as e:
-                raise MrisegError(f"{name}: {e.message}") from None
-        for k in ("roi_subset", "outputs"):
-            v = d.get(k)
-            if v is not None and (isinstance(v, str) or not isinstance(v, (list, tuple))
-                                  or not all(isinstance(x, str) for x in v)):
-                raise MrisegError(f"{name}: {k} must be a list of names, not {v!r}")
-        if d.get("roi_subset") is not None:
-            from serve.catalogue import load_catalogue
+        """A rule from config, checked: a typo or a wrong type is an error here, not a silent default.
 
-            d["roi_subset"] = tuple(load_catalogue().validate_structures(d["roi_subset"]) or ())
-            if not d["roi_subset"]:
+        Args:
+            d: one rule of the ``events`` settings or the rules file.
+
+        Returns:
+            The rule, its structure names checked against the catalogue.
+
+        Raises:
+            MrisegError: naming the rule's site and the key that is wrong.
+        """
+        if not isinstance(d, Mapping):
+            raise MrisegError(f"events: an inbox rule must be a mapping of {list(setting_names(cls))}")
+        d = dict(d)
+        missing = [k for k in _RULE_KEYS if k not in d]
+        if missing:
+            raise MrisegError(f"events: inbox rule {d.get('site', '?')}: missing {missing}; a rule has "
+                              f"{list(setting_names(cls))}")
+        name = f"events: inbox rule for site {d['site']!r}"
+        rule = check(cls, d, name)
+        if not rule.site:
+            raise MrisegError(f"{name}: bucket, prefix, site and output_root must be strings (site not empty)")
+        parse_s3_uri(f"s3://{rule.bucket}/")  # a clear error for an invalid bucket name
+        out_bucket, out_key = parse_s3_uri(rule.output_root.rstrip("/") + "/")
+        if _inbox(out_bucket, out_key).startswith(_inbox(rule.bucket, rule.prefix)):
+            raise MrisegError(f"{name}: output_root lies inside the inbox, so every output would be segmented "
+                              f"again; put outputs outside {rule.prefix!r}")
+        changes: dict[str, Any] = {}
+        if rule.roi_subset is not None:
+            from serve.catalogue import load_catalogue  # lazy: the catalogue is read once, on first use
+
+            changes["roi_subset"] = tuple(load_catalogue().validate_structures(list(rule.roi_subset)) or ())
+            if not changes["roi_subset"]:
                 raise MrisegError(f"{name}: roi_subset names no structure; leave it out for all")
-        if "outputs" in d:
-            d["outputs"] = tuple(d["outputs"] or ())
-            bad = [o for o in d["outputs"] if o not in OUTPUT_KINDS]
-            if bad or not d["outputs"]:
-                raise MrisegError(f"{name}: outputs must name some of {list(OUTPUT_KINDS)}, not {list(d['outputs'])}")
-        return cls(**d)
+        bad = [o for o in rule.outputs if o not in OUTPUT_KINDS]
+        if bad or not rule.outputs:
+            raise MrisegError(f"{name}: outputs must name some of {list(OUTPUT_KINDS)}, not {list(rule.outputs)}")
+        return dataclasses.replace(rule, **changes) if changes else rule
+
+
+_RULE_KEYS = ("bucket", "prefix", "site", "output_root")
 
 
 @dataclass
 class ConsumerConfig:
-    queue_url: str
+    """The SQS poller's settings (the ``events`` app arg's queue and ``sqs_options``), within SQS's own limits."""
+
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    queue_url: StrictStr
     rules: list[InboxRule]
     sqs: S3Settings = field(default_factory=S3Settings)  # endpoint/region/keys of the SQS service
-    dlq_url: str | None = None           # only for the mriseg_dlq_messages gauge
-    wait_time_s: int = 20                # long poll
-    visibility_timeout_s: int = 120
-    heartbeat_s: float = 30.0            # extend visibility this often while jobs run
-    max_messages: int = 1                # per receive; jobs are heavy, take one at a time
+    dlq_url: StrictStr | None = None           # only for the mriseg_dlq_messages gauge
+    # SQS's own limits: a long poll of at most 20 s, 1-10 messages, whole seconds of visibility up to 12 h
+    wait_time_s: whole(0, 20) = 20                # long poll
+    visibility_timeout_s: whole(1, MAX_VISIBILITY_S) = 120
+    heartbeat_s: number(0.1) = 30.0            # extend visibility this often while jobs run
+    max_messages: whole(1, 10) = 1                # per receive; jobs are heavy, take one at a time
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any]) -> "ConsumerConfig":
+        """The poller's settings from config.
+
+        Args:
+            d: ``queue_url``, ``rules`` (mappings), ``sqs`` (S3Settings fields), ``dlq_url`` and the numbers.
+
+        Returns:
+            The checked settings.
+
+        Raises:
+            MrisegError: "events: {key} must be ...", or an unknown SQS setting.
+        """
         d = dict(d)
-        unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
-        if unknown:  # e.g. visibility_timeout for visibility_timeout_s: silently dropped, it would not apply
-            raise MrisegError(f"events: unknown SQS setting(s) {unknown}; known: wait_time_s, "
-                              f"visibility_timeout_s, heartbeat_s, max_messages")
-        # SQS's own limits: a long poll of at most 20 s, 1-10 messages, whole seconds of visibility up to 12 h
-        for k, minimum, maximum, integer in (("wait_time_s", 0, 20, True), ("visibility_timeout_s", 1, MAX_VISIBILITY_S, True),
-                                             ("heartbeat_s", 0.1, None, False), ("max_messages", 1, 10, True)):
-            try:
-                d[k] = checked_number(d.get(k, getattr(cls, k)), minimum, integer=integer, maximum=maximum)
-            except ValueError as e:
-                raise MrisegError(f"events: {k} {e}") from None
-        if d["heartbeat_s"] >= d["visibility_timeout_s"]:  # the message would reappear before its first extension
-            raise MrisegError(f"events: heartbeat_s ({d['heartbeat_s']:g}) must be shorter than visibility_timeout_s "
-                              f"({d['visibility_timeout_s']:g})")
+        # the nested ones first, so their errors name their own section
         d["rules"] = check_rules([InboxRule.from_mapping(r) for r in d.get("rules", [])])
         d["sqs"] = S3Settings.from_mapping(d.get("sqs"))
-        return cls(**d)
+        config = check(cls, d, "events", unknown_what="SQS setting")
+        # here, not on the dataclass: the tests build a config whose message reappears on purpose
+        if config.heartbeat_s >= config.visibility_timeout_s:  # it would reappear before its first extension
+            raise MrisegError(f"events: heartbeat_s ({config.heartbeat_s:g}) must be shorter than "
+                              f"visibility_timeout_s ({config.visibility_timeout_s:g})")
+        return config
 
 
 def _inbox(bucket: str, prefix: str) -> str:

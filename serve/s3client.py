@@ -10,48 +10,48 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import boto3
 from botocore.config import Config
+from pydantic import Field, StrictBool
 
 from serve.errors import MrisegError
-from serve.settings_checks import is_number
+from serve.settings_checks import STRICT, Says, check, number, whole
+
+
+_URL = r"^https?://[^/]"
 
 
 @dataclass(frozen=True)
 class S3Settings:
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    path_style: bool = False
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    max_attempts: int = 5
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
+    """Where and how to reach S3 (the ``s3`` app arg, or a site's keys in ``mriseg up``)."""
+
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    endpoint_url: Annotated[str, Field(pattern=_URL), Says("an http:// or https:// URL")] | None = None
+    region: Annotated[str, Field(min_length=1), Says("a region name")] = "us-east-1"
+    path_style: Annotated[StrictBool, Says("true or false")] = False  # "false" would be truthy
+    access_key_id: Annotated[str, Says("a string")] | None = field(default=None, repr=False)
+    secret_access_key: Annotated[str, Says("a string", secret=True)] | None = field(default=None, repr=False)
+    max_attempts: Annotated[whole(1), Says("an integer >= 1")] = 5
+    connect_timeout_s: number(0, above=True, says="a finite number > 0") = 5.0
+    read_timeout_s: number(0, above=True, says="a finite number > 0") = 60.0
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "S3Settings":
-        d = dict(d or {})
-        allowed = set(cls.__dataclass_fields__)
-        unknown = set(d) - allowed
-        if unknown:
-            raise MrisegError(f"unknown S3 setting(s): {sorted(unknown)}; allowed: {sorted(allowed)}")
-        for name, ok, what in (
-                ("endpoint_url", lambda v: v is None or (isinstance(v, str) and re.match(r"https?://[^/]", v)),
-                 "an http:// or https:// URL"),
-                ("region", lambda v: isinstance(v, str) and v, "a region name"),
-                ("path_style", lambda v: isinstance(v, bool), "true or false"),  # "false" would be truthy
-                ("access_key_id", lambda v: v is None or isinstance(v, str), "a string"),
-                ("secret_access_key", lambda v: v is None or isinstance(v, str), "a string"),
-                ("max_attempts", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                 "an integer >= 1"),
-                ("connect_timeout_s", lambda v: is_number(v, 0, above=True), "a finite number > 0"),
-                ("read_timeout_s", lambda v: is_number(v, 0, above=True), "a finite number > 0")):
-            if name in d and not ok(d[name]):
-                shown = "(hidden)" if name == "secret_access_key" else repr(d[name])[:80]
-                raise MrisegError(f"S3 setting {name} must be {what}, not {shown}")
-        return cls(**d)
+        """The settings from an ``s3`` mapping.
+
+        Args:
+            d: the mapping; None: every default (boto3's credential chain, AWS).
+
+        Returns:
+            The checked settings.
+
+        Raises:
+            MrisegError: "S3 setting {key} must be ...", the secret key never shown.
+        """
+        return check(cls, d, "s3", unknown_what="S3 setting")
 
 
 def make_client(settings: S3Settings | None = None):

@@ -139,3 +139,53 @@ def test_an_event_intake_that_cannot_be_reached_is_a_503_to_retry_not_a_500():
         asyncio.run(_IntakeSink(Dead(), None).submit([{}]))
     with pytest.raises(NotFoundError):  # the intake's own answers pass through
         asyncio.run(_IntakeSink(Refusing(), None).submit([{}]))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_args_reach_the_builder_through_serves_typed_app_builder(name, tmp_path):
+    """``serve run``/``serve deploy`` hand the args to Ray, which validates them into the builder's model."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from serve.cluster.app import AppArgs, build_app
+
+    _, app = load(name)
+    seen = []
+
+    def spy(args: AppArgs) -> Application:  # the same signature Ray inspects on build_app
+        seen.append(args)
+        return build_app(args)
+
+    args = {**app.args, "model_sources": [str(tmp_path)]}  # no demo models are unpacked for this
+    assert isinstance(call_user_app_builder_with_args_if_necessary(spy, args), Application)
+    assert isinstance(seen[0], AppArgs) and seen[0].submodels == app.args["submodels"]
+
+
+@pytest.mark.parametrize("args,says", [
+    ({"router": {"slots": 0}}, "router: slots must be an integer >= 1, not 0"),
+    ({"router": {"slot": 2}}, r"router: unknown setting\(s\) \['slot'\]"),
+    ({"submodel_settings": {"thread": 2}}, r"submodel_settings: unknown setting\(s\) \['thread'\]"),
+    ({"submodel_settings": {"precision": "fp16"}}, "submodel_settings: precision must be fp32 or bf16"),
+    ({"sandbox": {"cpu_s": True}}, "sandbox: cpu_s must be an integer >= 1, not True"),
+    ({"s3": {"read_timeout_s": ".inf"}}, "s3: read_timeout_s must be a finite number > 0"),
+    ({"events": {"lease_s": 0}}, "events: lease_s must be a number >= 1, not 0"),
+    ({"metrics_port": 70000}, "app args: metrics_port must be an integer >= 0 and <= 65535, not 70000"),
+    ({"modle_sources": []}, r"unknown app arg\(s\) \['modle_sources'\]"),
+])
+def test_a_bad_key_in_any_section_stops_the_build_and_names_itself(args, says):
+    """Ray validates the args before the builder runs: a typo or a bad number never reaches a replica."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve.cluster.app import build_app
+
+    with pytest.raises(MrisegError, match=says):
+        call_user_app_builder_with_args_if_necessary(build_app, args)
+
+
+def test_a_submodel_setting_with_a_typo_is_refused_not_ignored():
+    from serve.cluster.deployments import SubModelSettings
+
+    with pytest.raises(MrisegError, match=r"submodel_settings: unknown setting\(s\) \['tile_step'\]"):
+        SubModelSettings.from_mapping("organs", {"model_sources": ["demo"], "tile_step": 0.5})
+    s = SubModelSettings.from_mapping("organs", {"model_sources": ["demo"], "threads": 2.0, "warmup_shape": [8, 8, 8]})
+    assert (s.threads, s.warmup_shape) == (2, (8, 8, 8)) and isinstance(s.threads, int)

@@ -7,26 +7,28 @@ same file's ``deployments:`` list, keyed by the stable deployment names
 (``organs``, ``muscles``, ..., ``Router``).
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_validator, model_validator
 
 from ray import serve as rayserve
 from ray.serve.handle import DeploymentHandle
 
 from serve.catalogue import load_catalogue
 from serve.cluster.api import app, install
-from serve.cluster.deployments import SubModelDeployment
-from serve.cluster.intake import EventIntake, IntakeSettings
+from serve.cluster.deployments import SubModelDeployment, SubModelSettings
+from serve.cluster.intake import RETIRED_SETTINGS, EventIntake, EventsArg, IntakeSettings
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
 from serve.cluster.router import JobService, RouterSettings
 from serve.cluster.tenancy import Tenancy
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
 from serve.resampling import DEFAULT_RESAMPLING_ORDER
+from serve.s3client import S3Settings
 from serve.sandbox import SandboxedDecoder, SandboxPolicy
+from serve.settings_checks import check, error_line, whole
 
 log = logging.getLogger(__name__)
 
@@ -200,37 +202,100 @@ def _resolve_sources(sources: list[str]) -> list[str]:
     return out
 
 
-APP_ARGS = {"model_sources", "model_pins", "model_cache_dir", "s3", "submodels", "submodel_settings", "tenants_file",
-            "router", "metrics_port", "metrics_host", "deployment_options", "events", "sandbox"}
+class AppArgs(BaseModel):
+    """The ``args`` of the Serve app (a Serve config's ``args:``), checked by Ray Serve's typed app builder.
+
+    Each section is checked here, with the reader that later uses it, so a bad key stops ``serve deploy``
+    with its name; the sections travel on as the mappings written (a replica reads them again where it runs:
+    its environment, its scratch folder).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model_sources: list[StrictStr] | None = None   # dirs, s3:// URIs or "demo"; None: the demo models
+    model_pins: StrictStr | None = None            # the operator's pinned model manifest; required for s3:// sources
+    model_cache_dir: StrictStr | None = None
+    s3: dict[str, Any] | None = None               # serve.s3client.S3Settings
+    submodels: list[StrictStr] | None = None       # None: the six and total_fast
+    submodel_settings: dict[str, Any] | None = None  # serve.cluster.deployments.SubModelSettings
+    tenants_file: StrictStr | None = None
+    router: dict[str, Any] | None = None           # serve.cluster.router.RouterSettings
+    metrics_port: whole(0, 65535) | None = None
+    metrics_host: StrictStr | None = None
+    deployment_options: dict[str, dict[str, Any]] | None = None  # deployment name (or "submodel_defaults") -> options
+    events: dict[str, Any] | None = None           # serve.cluster.intake.EventsArg; present: the EventIntake runs
+    sandbox: dict[str, Any] | None = None          # serve.sandbox.SandboxPolicy
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data: Any, handler: Any) -> "AppArgs":
+        # Ray calls model_validate itself: its error must still name the arg, in one line
+        try:
+            return handler(data)
+        except ValidationError as e:
+            raise MrisegError(f"app args: {error_line(cls, e, 'app arg')}") from None
+
+    @field_validator("submodels")
+    @classmethod
+    def _known_submodels(cls, names: list[str] | None) -> list[str] | None:
+        valid = default_submodels()
+        bad = [n for n in names or [] if n not in valid]
+        if bad:
+            raise MrisegError(f"unknown sub-model(s) {bad} in args.submodels; valid: {valid}")
+        return names
+
+    @model_validator(mode="after")
+    def _sections(self) -> "AppArgs":
+        if self.s3 is not None:
+            S3Settings.from_mapping(self.s3)
+        if self.submodel_settings is not None:
+            SubModelSettings.from_mapping("*", {**self.submodel_settings, "model_sources": []})
+        if self.router is not None:
+            RouterSettings.from_mapping(self.router)
+        if self.sandbox is not None:
+            SandboxPolicy.from_mapping(self.sandbox)
+        if self.events:
+            check(EventsArg, {k: v for k, v in self.events.items() if k not in RETIRED_SETTINGS}, "events")
+        return self
 
 
-def validate_args(args: dict[str, Any] | None) -> dict[str, Any]:
-    """Reject unknown app args and sub-model names with a clear message."""
-    args = dict(args or {})
-    unknown = set(args) - APP_ARGS
-    if unknown:
-        raise MrisegError(f"unknown app arg(s) {sorted(unknown)}; known: {sorted(APP_ARGS)}")
-    valid = default_submodels()
-    bad = [n for n in args.get("submodels") or [] if n not in valid]
-    if bad:
-        raise MrisegError(f"unknown sub-model(s) {bad} in args.submodels; valid: {valid}")
-    return args
+def validate_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The app args checked as :func:`build_app` checks them.
+
+    Args:
+        args: the ``args`` of a Serve config.
+
+    Returns:
+        The args that were set, as a mapping.
+
+    Raises:
+        MrisegError: an unknown arg or sub-model name, or a section's bad key.
+    """
+    return AppArgs.model_validate(dict(args or {})).model_dump(exclude_unset=True)
 
 
-def build_app(args: dict[str, Any]) -> rayserve.Application:
+def build_app(args: AppArgs) -> rayserve.Application:
     """Application builder for ``serve run serve.cluster.app:build_app`` and Serve config files.
 
-    args: ``model_sources`` (dirs, s3:// URIs or "demo"), ``model_pins`` (the operator's pinned
-    model manifest, a path; required for s3:// sources), ``model_cache_dir``, ``s3``,
-    ``submodels`` (names to deploy; default all six + total_fast), ``submodel_settings``
-    (device, threads, precision, gpu_memory_fraction, tile_step_size), ``tenants_file``,
-    ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
-    ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options),
-    ``events`` (S3 event intake: :class:`serve.cluster.intake.IntakeSettings`; adds the
-    ``EventIntake`` deployment and ``POST /v1/events``), ``sandbox`` (the decoder sandbox:
-    :class:`serve.sandbox.SandboxPolicy`; its ``require`` list decides readiness).
+    Ray Serve validates the config's ``args`` into :class:`AppArgs` (the annotation tells it to).
+
+    Args:
+        args: ``model_sources`` (dirs, s3:// URIs or "demo"), ``model_pins`` (the operator's pinned
+            model manifest, a path; required for s3:// sources), ``model_cache_dir``, ``s3``,
+            ``submodels`` (names to deploy; default all six + total_fast), ``submodel_settings``
+            (device, threads, precision, gpu_memory_fraction, tile_step_size), ``tenants_file``,
+            ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
+            ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options),
+            ``events`` (S3 event intake: :class:`serve.cluster.intake.IntakeSettings`; adds the
+            ``EventIntake`` deployment and ``POST /v1/events``), ``sandbox`` (the decoder sandbox:
+            :class:`serve.sandbox.SandboxPolicy`; its ``require`` list decides readiness).
+
+    Returns:
+        The application: the ingress bound to every sub-model deployment (and the intake).
     """
-    args = validate_args(args)
+    if not isinstance(args, AppArgs):  # Python callers may hand the mapping of a config file
+        args = AppArgs.model_validate(dict(args or {}))
+    args = {k: v for k, v in args.model_dump(exclude_unset=True).items() if v is not None}
     sources = _resolve_sources(list(args.get("model_sources") or [DEMO_SOURCE]))
     names = list(args.get("submodels") or default_submodels())
     common = {**(args.get("submodel_settings") or {}), "model_sources": sources, "model_pins": args.get("model_pins"),

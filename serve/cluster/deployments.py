@@ -16,46 +16,60 @@ replica (and the new one reads the source again).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
+from pydantic import StrictStr
 from ray import serve as rayserve
 
 from serve.catalogue import load_catalogue
 from serve.errors import ModelUnavailableError, MrisegError
+from serve.settings_checks import STRICT, Says, check, number, whole
 
 log = logging.getLogger(__name__)
 
 
+_FRACTION = number(0, above=True, maximum=1)
+
+
 @dataclass
 class SubModelSettings:
-    """What a sub-model replica needs; built from the app args."""
+    """What a sub-model replica needs; built from the app args (``submodel_settings`` and the model sources)."""
 
-    submodel: str
-    model_sources: list[str]
-    model_cache_dir: str | None = None
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    submodel: StrictStr
+    model_sources: list[StrictStr]
+    model_cache_dir: StrictStr | None = None
     s3: dict | None = None
-    model_pins: str | None = None  # the operator's pinned model manifest (a path); required for s3:// sources
-    device: str = "auto"
-    threads: int = 1
-    gpu_memory_fraction: float | None = None
-    tile_step_size: float | None = None
-    precision: str = "fp32"
-    warmup_shape: tuple[int, int, int] = (32, 32, 32)
-    extra: dict = field(default_factory=dict)
+    model_pins: StrictStr | None = None  # the operator's pinned model manifest (a path); required for s3:// sources
+    device: Annotated[StrictStr, Says("auto, cpu, cuda or cuda:N")] = "auto"
+    threads: whole(1) = 1
+    gpu_memory_fraction: _FRACTION | None = None
+    tile_step_size: _FRACTION | None = None
+    precision: Annotated[Literal["fp32", "bf16"], Says("fp32 or bf16")] = "fp32"  # serve.predict.PRECISIONS
+    warmup_shape: tuple[whole(1), whole(1), whole(1)] = (32, 32, 32)
 
     @classmethod
-    def from_mapping(cls, submodel: str, d: dict) -> "SubModelSettings":
-        known = {f.name for f in dataclasses.fields(cls)} - {"submodel", "extra"}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "warmup_shape" in kw:
-            kw["warmup_shape"] = tuple(int(x) for x in kw["warmup_shape"])
-        return cls(submodel=submodel, **kw)
+    def from_mapping(cls, submodel: str, d: Mapping[str, Any]) -> "SubModelSettings":
+        """One sub-model's settings from the app's ``submodel_settings`` and model sources.
+
+        Args:
+            submodel: the sub-model's name.
+            d: ``submodel_settings`` with ``model_sources``, ``model_pins``, ``model_cache_dir`` and ``s3``.
+
+        Returns:
+            The checked settings.
+
+        Raises:
+            MrisegError: "submodel_settings: {key} must be ...", or an unknown key.
+        """
+        return check(cls, d, "submodel_settings", submodel=submodel)
 
 
 def cap_gpu_memory(fraction: float | None) -> bool:

@@ -36,7 +36,9 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Sequence
+
+from pydantic import StrictStr
 
 from ray import serve as rayserve
 
@@ -46,7 +48,7 @@ from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
 from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
 from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.s3client import S3Settings, parse_s3_uri
-from serve.settings_checks import checked_number
+from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
 
 if TYPE_CHECKING:
     from serve.cluster.tenancy import Tenancy
@@ -62,17 +64,44 @@ ENV = {"queue_url": "MRISEG_EVENTS_QUEUE_URL", "dlq_url": "MRISEG_EVENTS_DLQ_URL
 RETIRED_SETTINGS = ("site_keys", "site_keys_file", "api_url")
 
 
+_CONCURRENCY, _LEASE_S, _MAX_BYTES = whole(1), number(1), whole(1)
+
+
+@dataclass
+class EventsArg:
+    """The ``events`` app arg as written in a Serve config (see :meth:`IntakeSettings.from_mapping`)."""
+
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    jobs: StrictStr = ""
+    rules: Annotated[list, Says("a list of inbox rules")] | None = None
+    rules_file: Annotated[StrictStr, Says("a file path")] | None = None
+    queue_url: StrictStr | None = None
+    dlq_url: StrictStr | None = None
+    sqs: Annotated[dict, Says("a mapping of SQS connection settings")] | None = None
+    sqs_options: Annotated[dict, Says("a mapping of SQS settings")] | None = None
+    concurrency: _CONCURRENCY = 2
+    lease_s: _LEASE_S = 300.0
+    max_bytes: _MAX_BYTES = 1 << 30
+    record_key_file: Annotated[StrictStr, Says("a file path")] | None = None
+
+
+EVENTS_SETTINGS = tuple(setting_names(EventsArg))
+
+
 @dataclass
 class IntakeSettings:
-    """The ``events`` app arg of a Serve config (each field may come from its ``ENV`` variable)."""
+    """The event intake's settings, resolved from the ``events`` app arg and the environment (``ENV``)."""
 
-    jobs: str = ""                            # s3:// prefix of the durable job records
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    jobs: StrictStr = ""                     # s3:// prefix of the durable job records
     rules: list[InboxRule] = field(default_factory=list)
     queue: ConsumerConfig | None = None      # None: pushed events only
-    concurrency: int = 2                      # event jobs in flight per replica (all sites), and as many SQS pollers
-    lease_s: float = 300.0
-    max_bytes: int = 1 << 30
-    record_key_file: str | None = None        # the key that signs job records; None: $MRISEG_RECORD_KEY_FILE
+    concurrency: _CONCURRENCY = 2             # event jobs in flight per replica (all sites), and as many SQS pollers
+    lease_s: _LEASE_S = 300.0
+    max_bytes: _MAX_BYTES = 1 << 30
+    record_key_file: StrictStr | None = None  # the key that signs job records; None: $MRISEG_RECORD_KEY_FILE
     s3: S3Settings = field(default_factory=S3Settings)
 
     @property
@@ -108,36 +137,36 @@ class IntakeSettings:
                 d[k] = os.environ[var]
         if not d.get("jobs"):
             return cls(s3=S3Settings.from_mapping(s3))
-        unknown = sorted(str(k) for k in d if k not in EVENTS_SETTINGS)
-        if unknown:
-            raise MrisegError(f"events: unknown setting(s) {unknown}; known: {', '.join(EVENTS_SETTINGS)}")
-        rules = _listed(d.get("rules"), "rules")
+        for k in ("rules_file", "record_key_file"):  # "" is unset; a pathlib.Path is a path
+            if d.get(k) == "":
+                d[k] = None
+            elif isinstance(d.get(k), os.PathLike):
+                d[k] = str(d[k])
+        arg = check(EventsArg, d, "events")
+        rules = list(arg.rules or [])
         try:
-            if d.get("rules_file"):
-                rules += _listed(_read_json_or_yaml(d["rules_file"]), "the rules file")
+            if arg.rules_file:
+                rules += _listed(_read_json_or_yaml(arg.rules_file), "the rules file")
         except OSError as e:
             raise MrisegError(f"events: cannot read {e.filename}: {e.strerror}") from e
         except (ValueError, UnicodeDecodeError) as e:  # JSON and YAML parse errors
             raise MrisegError(f"events: the rules file is not valid JSON/YAML ({type(e).__name__})") from e
         parsed = check_rules([InboxRule.from_mapping(r) for r in rules])
-        parse_s3_uri(str(d["jobs"]).rstrip("/") + "/")  # a clear error for a jobs prefix that is not s3://
+        parse_s3_uri(arg.jobs.rstrip("/") + "/")  # a clear error for a jobs prefix that is not s3://
         if tenancy is not None:
             check_rules_in_tenancy(parsed, tenancy)
-            check_jobs_prefix(str(d["jobs"]), tenancy)
+            check_jobs_prefix(arg.jobs, tenancy)
         for r in parsed:
             if "per_structure" in r.outputs:  # the router hands back the multilabel, statistics and preview only
                 raise MrisegError(f"events: inbox rule for site {r.site!r}: outputs 'per_structure' cannot be made "
                                   f"for event jobs in the cluster; 'multilabel' holds every structure (its label "
                                   f"table names them)")
         queue = None
-        if d.get("queue_url"):
-            q = dict(d.get("sqs_options") or {})
-            queue = ConsumerConfig.from_mapping({**q, "queue_url": d["queue_url"], "dlq_url": d.get("dlq_url"),
-                                                 "sqs": d.get("sqs") or s3 or {}, "rules": rules})
-        return cls(jobs=str(d["jobs"]), rules=parsed, queue=queue,
-                   concurrency=int(_at_least(d, "concurrency", 2, 1, True)), lease_s=_at_least(d, "lease_s", 300.0, 1),
-                   max_bytes=int(_at_least(d, "max_bytes", 1 << 30, 1, True)),
-                   record_key_file=_path(d.get("record_key_file"), "record_key_file"), s3=S3Settings.from_mapping(s3))
+        if arg.queue_url:
+            queue = ConsumerConfig.from_mapping({**(arg.sqs_options or {}), "queue_url": arg.queue_url,
+                                                 "dlq_url": arg.dlq_url, "sqs": arg.sqs or s3 or {}, "rules": rules})
+        return cls(jobs=arg.jobs, rules=parsed, queue=queue, concurrency=arg.concurrency, lease_s=arg.lease_s,
+                   max_bytes=arg.max_bytes, record_key_file=arg.record_key_file, s3=S3Settings.from_mapping(s3))
 
     def rules_for(self, site: str) -> list[InboxRule]:
         """The inboxes a site may push events for (its own only)."""
@@ -201,31 +230,12 @@ def check_rules_in_tenancy(rules: Sequence[InboxRule], tenancy: "Tenancy") -> No
                               f"whose {{output_root}}/{r.site}/ lies inside them")
 
 
-EVENTS_SETTINGS = ("jobs", "rules", "rules_file", "queue_url", "dlq_url", "sqs", "sqs_options", "concurrency",
-                   "lease_s", "max_bytes", "record_key_file")
-
-
 def _listed(value: Any, what: str) -> list:
     if value is None:
         return []
     if not isinstance(value, list):
         raise MrisegError(f"events: {what} must be a list of inbox rules")
     return list(value)
-
-
-def _path(value: Any, key: str) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, (str, os.PathLike)):
-        raise MrisegError(f"events: {key} must be a file path, not {value!r:.80}")
-    return str(value)
-
-
-def _at_least(d: Mapping[str, Any], key: str, default: float, minimum: float, integer: bool = False) -> float:
-    try:
-        return checked_number(d.get(key, default), minimum, integer=integer)
-    except ValueError as e:
-        raise MrisegError(f"events: {key} {e}") from None
 
 
 def _read_json_or_yaml(path: str | os.PathLike) -> Any:

@@ -22,9 +22,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from serve.audit import audit
 from serve.catalogue import Catalogue, SubModel, load_catalogue
@@ -40,7 +41,7 @@ from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, 
 from serve.jobs import OUTPUT_KINDS, error_dict
 from serve.resampling import CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order
 from serve.sandbox import SandboxedDecoder
-from serve.settings_checks import checked_number
+from serve.settings_checks import STRICT, Says, check, number, whole
 from serve.volume_io import DEFAULT_MAX_VOXELS
 
 if TYPE_CHECKING:  # staging (boto3) is optional in a cluster that takes uploads only
@@ -55,18 +56,37 @@ _MIN_JOURNAL_BYTES = 1 << 20
 
 @dataclass
 class RouterSettings:
-    results_dir: str = "/tmp/mriseg-results"
-    slots: int = 4                       # jobs holding sub-model calls at once (all sites)
-    max_upload_bytes: int = 256 << 20
-    max_voxels: int | None = None        # None: serve.volume_io's default
-    submodel_retries: int = 1            # re-sends after a replica died mid-call
-    submodel_timeout_s: float = 1800.0   # one sub-model call, queueing included; then 503 (resubmit)
-    max_jobs_kept: int = 10_000
-    max_resumes: int = 2                 # a job running through more router restarts than this is given up
-    journal_dir: str | None = None       # the job journal's folder; None: {results_dir}/.jobs
-    journal_max_bytes: int = 64 << 20    # settled jobs' records beyond this are evicted too (as max_jobs_kept)
-    memory_budget_bytes: int = 8 << 30   # router memory for running jobs' volumes (serve.cluster.admission)
-    s3: dict | None = None
+    """The ``router`` app arg (plus the app's ``s3``), checked as the Serve app starts."""
+
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    results_dir: Annotated[str, Field(min_length=1), Says("a folder path")] = "/tmp/mriseg-results"
+    # 0 would accept jobs that never run
+    slots: whole(1) = 4                       # jobs holding sub-model calls at once (all sites)
+    max_upload_bytes: whole(1) = 256 << 20
+    max_voxels: whole(1, note="(or null for the default)") | None = None  # None: serve.volume_io's default
+    submodel_retries: whole(0) = 1            # re-sends after a replica died mid-call
+    # "1800" would fail every job at its first sub-model call
+    submodel_timeout_s: number(1) = 1800.0   # one sub-model call, queueing included; then 503 (resubmit)
+    max_jobs_kept: whole(1) = 10_000
+    max_resumes: whole(0) = 2                 # a job running through more router restarts than this is given up
+    # the job journal's folder; None: {results_dir}/.jobs
+    journal_dir: Annotated[str, Field(min_length=1),
+                           Says("a folder path (or null for {results_dir}/.jobs)")] | None = None
+    # settled jobs' records beyond this are evicted too (as max_jobs_kept)
+    journal_max_bytes: whole(_MIN_JOURNAL_BYTES, note="(1 MiB)") = 64 << 20
+    memory_budget_bytes: whole(64 << 20) = 8 << 30   # router memory for running jobs' volumes (serve.cluster.admission)
+    s3: Annotated[dict, Says("a mapping of S3 settings")] | None = None
+
+    @model_validator(mode="after")
+    def _journal_outside_the_spool(self) -> "RouterSettings":
+        # the router removes every spooled file no unsettled job owns at start: that would be the records
+        if self.journal_dir is not None:
+            spool = Path(os.path.abspath(Path(self.results_dir) / ".incoming"))
+            if Path(os.path.abspath(self.journal_dir)).is_relative_to(spool):
+                raise ValueError(f"journal_dir {self.journal_dir} lies in the upload spool {spool}, whose unowned "
+                                 f"files are removed at start; give the journal a folder of its own")
+        return self
 
     def journal_path(self) -> Path:
         """The job journal's folder: ``journal_dir``, or ``{results_dir}/.jobs`` where it is not set.
@@ -78,45 +98,21 @@ class RouterSettings:
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "RouterSettings":
+        """The settings from the ``router`` app arg.
+
+        Args:
+            d: the mapping; None: every default.
+
+        Returns:
+            The checked settings.
+
+        Raises:
+            MrisegError: "router: {key} must be ...", naming the key.
+        """
         d = dict(d or {})
-        unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
-        if unknown:  # a typo would otherwise leave the default in force without a word
-            raise MrisegError(f"router: unknown setting(s) {unknown}; known: {', '.join(cls.__dataclass_fields__)}")
-        # slots: 0 would accept jobs that never run; "1800" would fail every job at its first sub-model call
-        for key, minimum, integer in (("slots", 1, True), ("max_upload_bytes", 1, True), ("submodel_retries", 0, True),
-                                      ("submodel_timeout_s", 1, False), ("max_jobs_kept", 1, True),
-                                      ("max_resumes", 0, True), ("memory_budget_bytes", 64 << 20, True)):
-            if key in d:
-                try:
-                    d[key] = checked_number(d[key], minimum, integer=integer)
-                except ValueError as e:
-                    raise MrisegError(f"router: {key} {e}") from None
-        if "journal_max_bytes" in d:
-            try:
-                d["journal_max_bytes"] = checked_number(d["journal_max_bytes"], _MIN_JOURNAL_BYTES, integer=True)
-            except ValueError:
-                raise MrisegError(f"router: journal_max_bytes must be an integer >= {_MIN_JOURNAL_BYTES} (1 MiB), "
-                                  f"not {d['journal_max_bytes']!r:.80}") from None
-        if d.get("max_voxels") is not None:
-            try:
-                d["max_voxels"] = checked_number(d["max_voxels"], 1, integer=True)
-            except ValueError as e:
-                raise MrisegError(f"router: max_voxels {e} (or null for the default)") from None
-        if not isinstance(d.get("results_dir", cls.results_dir), str) or not d.get("results_dir", cls.results_dir):
-            raise MrisegError(f"router: results_dir must be a folder path, not {d.get('results_dir')!r:.80}")
-        journal_dir = d.get("journal_dir")
-        if journal_dir is not None:
-            if not isinstance(journal_dir, str) or not journal_dir:
-                raise MrisegError(f"router: journal_dir must be a folder path (or null for "
-                                  f"{{results_dir}}/.jobs), not {journal_dir!r:.80}")
-            # the router removes every spooled file no unsettled job owns at start: that would be the records
-            spool = Path(os.path.abspath(Path(d.get("results_dir", cls.results_dir)) / ".incoming"))
-            if Path(os.path.abspath(journal_dir)).is_relative_to(spool):
-                raise MrisegError(f"router: journal_dir {journal_dir} lies in the upload spool {spool}, whose "
-                                  f"unowned files are removed at start; give the journal a folder of its own")
         if d.get("s3") is not None and not isinstance(d["s3"], Mapping):
             raise MrisegError("s3: expected a mapping of S3 settings")
-        return cls(**d)
+        return check(cls, d, "router")
 
 
 # A sub-model call: (name, [ObjectRef], spacing) -> {"labels", "started", "finished", ...}

@@ -28,12 +28,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Mapping
+
+from pydantic import StrictStr
 
 from serve.audit import audit
 from serve.errors import AuthenticationError, ForbiddenError, MrisegError
 from serve.s3client import has_dot_segments, parse_s3_uri
-from serve.settings_checks import checked_number
+from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
 
 log = logging.getLogger(__name__)
 
@@ -65,51 +67,48 @@ class Site:
         return False
 
 
-SITE_SETTINGS = ("prefixes", "keys", "key_sha256", "max_concurrent_jobs", "requests_per_second", "burst")
+_STRINGS = Says("a list of strings")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """One site's entry in the tenants file, as written there (its keys in clear or as digests)."""
+
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    prefixes: Annotated[tuple[StrictStr, ...], _STRINGS] = ()  # a string would have become letters
+    keys: Annotated[tuple[StrictStr, ...], _STRINGS] = ()
+    key_sha256: Annotated[tuple[StrictStr, ...], _STRINGS] = ()
+    max_concurrent_jobs: whole(1) = Site.max_concurrent_jobs
+    requests_per_second: number(0) = Site.requests_per_second
+    burst: whole(1) = Site.burst  # 0 would lock the site out for good
+
+
+SITE_SETTINGS = tuple(setting_names(SiteSettings))
 
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _strings(site: str, cfg: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    value = cfg.get(key) or ()
-    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise MrisegError(f"tenants: site {site}: {key} must be a list of strings")
-    return tuple(value)
-
-
-def _number(site: str, cfg: Mapping[str, Any], key: str, default: float, minimum: float, integer: bool) -> float:
-    try:
-        return checked_number(cfg.get(key, default), minimum, integer=integer)
-    except ValueError as e:
-        raise MrisegError(f"tenants: site {site}: {key} {e}") from None
-
-
 def _site_from_mapping(name: str, cfg: Any) -> tuple[Site, list[bytes]]:
     """One site's settings, checked; and the digests of its keys."""
     cfg = {} if cfg is None else cfg
-    if not isinstance(cfg, Mapping):
-        raise MrisegError(f"tenants: site {name}: expected a mapping of settings ({', '.join(SITE_SETTINGS)})")
-    unknown = sorted(str(k) for k in cfg if k not in SITE_SETTINGS)
-    if unknown:
-        raise MrisegError(f"tenants: site {name}: unknown setting(s) {unknown}; known: {', '.join(SITE_SETTINGS)}")
-    prefixes = _strings(name, cfg, "prefixes")
-    for p in prefixes:
+    if isinstance(cfg, Mapping):  # an empty list in YAML is written as nothing at all
+        cfg = {k: v for k, v in cfg.items() if not (k in ("prefixes", "keys", "key_sha256") and v is None)}
+    settings = check(SiteSettings, cfg, f"tenants: site {name}")
+    for p in settings.prefixes:
         _, key = parse_s3_uri(p)  # raises a clear error for a non-s3 prefix
         if has_dot_segments(key):  # Site.owns never matches under it: a prefix that grants nothing is a typo
             raise MrisegError(f"tenants: site {name}: prefix {p!r} has a '.' or '..' path segment; "
                               f"write the prefix as it is stored")
-    site = Site(name, prefixes,
-                int(_number(name, cfg, "max_concurrent_jobs", Site.max_concurrent_jobs, 1, True)),
-                _number(name, cfg, "requests_per_second", Site.requests_per_second, 0, False),
-                int(_number(name, cfg, "burst", Site.burst, 1, True)))
+    site = Site(name, settings.prefixes, settings.max_concurrent_jobs, settings.requests_per_second, settings.burst)
     digests = []
-    for k in _strings(name, cfg, "keys"):
+    for k in settings.keys:
         if len(k) < 16:
             raise MrisegError(f"tenants: site {name}: API keys must be at least 16 characters")
         digests.append(hash_key(k))
-    for h in _strings(name, cfg, "key_sha256"):
+    for h in settings.key_sha256:
         try:
             d = bytes.fromhex(h)
         except ValueError:

@@ -359,7 +359,7 @@ def start_cluster(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 
     import ray
     from ray import serve as rayserve
 
-    from serve.cluster.app import build_app
+    from serve.cluster.app import AppArgs, build_app
 
     if ray.is_initialized():  # one driver holds one Ray connection; tearing down the other one is not ours to do
         raise MrisegError("this process is already connected to a Ray cluster; stop it first (stop_cluster)")
@@ -376,7 +376,8 @@ def start_cluster(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 
         # Ray has no public call for it; the load tests find the cluster's processes by it
         session_dir = ray._private.worker._global_node.get_session_dir_path()
         rayserve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
-        rayserve.run(build_app(args), name=app_name, route_prefix=route_prefix, blocking=False)
+        app = build_app(AppArgs.model_validate(dict(args)))  # as Ray's typed builder does for a config file
+        rayserve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
         cluster = ClusterHandle(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", ray_tmp,
                                 session_dir, app_name)
         wait_ready(cluster.url, ready_timeout)

@@ -12,12 +12,13 @@ import os
 import sys
 import sysconfig
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
-from serve.errors import MrisegError
-from serve.settings_checks import checked_number
+from pydantic import Field, StrictStr, field_validator
+
+from serve.settings_checks import STRICT, Says, check, number, whole
 
 #: The layers the child applies; each is reported as active or not.
 LAYERS: tuple[str, ...] = ("rlimits", "no_new_privs", "seccomp", "landlock")
@@ -40,13 +41,25 @@ class SandboxPolicy:
     which no input is decoded (:data:`LAYERS`).
     """
 
-    memory_bytes: int = 3 << 30
-    cpu_s: int = 120
-    wall_s: float = 300.0
-    extract_bytes: int = (1 << 30) + (64 << 20)
-    open_files: int = 256
-    scratch_dir: str = field(default_factory=default_scratch_dir)
-    require: tuple[str, ...] = ("rlimits", "no_new_privs", "seccomp")
+    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+
+    memory_bytes: whole(256 << 20) = 3 << 30
+    cpu_s: whole(1) = 120
+    wall_s: number(1) = 300.0
+    extract_bytes: whole(1 << 20) = (1 << 30) + (64 << 20)
+    open_files: whole(16) = 256
+    scratch_dir: Annotated[StrictStr, Field(min_length=1), Says("a folder path")] = field(
+        default_factory=default_scratch_dir)
+    require: Annotated[tuple[StrictStr, ...], Says(f"a list of layer names from {', '.join(LAYERS)}")] = (
+        "rlimits", "no_new_privs", "seccomp")
+
+    @field_validator("require")
+    @classmethod
+    def _known_layers(cls, require: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [x for x in require if x not in LAYERS]
+        if bad:
+            raise ValueError(f"unknown layer(s) {bad} in require; known: {', '.join(LAYERS)}")
+        return require
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> "SandboxPolicy":
@@ -61,30 +74,7 @@ class SandboxPolicy:
         Raises:
             MrisegError: an unknown key, a number out of range, or an unknown layer name.
         """
-        d = dict(d or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise MrisegError(f"sandbox: unknown setting(s) {unknown}; known: {', '.join(known)}")
-        for key, minimum, integer in (("memory_bytes", 256 << 20, True), ("cpu_s", 1, True), ("wall_s", 1, False),
-                                      ("extract_bytes", 1 << 20, True),
-                                      ("open_files", 16, True)):
-            if key in d:
-                try:
-                    d[key] = checked_number(d[key], minimum, integer=integer)
-                except ValueError as e:
-                    raise MrisegError(f"sandbox: {key} {e}") from None
-        if "require" in d:
-            req = d["require"]
-            if not isinstance(req, (list, tuple)) or not all(isinstance(x, str) for x in req):
-                raise MrisegError(f"sandbox: require must be a list of layer names from {', '.join(LAYERS)}")
-            bad = [x for x in req if x not in LAYERS]
-            if bad:
-                raise MrisegError(f"sandbox: unknown layer(s) {bad} in require; known: {', '.join(LAYERS)}")
-            d["require"] = tuple(req)
-        if "scratch_dir" in d and (not isinstance(d["scratch_dir"], str) or not d["scratch_dir"]):
-            raise MrisegError("sandbox: scratch_dir must be a folder path")
-        return cls(**d)
+        return check(cls, d, "sandbox")
 
     def to_json(self) -> dict[str, Any]:
         """The policy as JSON-able values (what the parent hands the child)."""
