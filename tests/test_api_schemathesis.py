@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from serve.cluster.api import app
+from serve.cluster.api import create_app
 from tests.ray_fixtures import _shared_stack_owner, auth, serve_stack  # noqa: F401
 
 pytestmark = pytest.mark.ray
 
 # The document the router serves at /v1/openapi.json (the test below checks they are the same).
+app = create_app()
 schema = schemathesis.openapi.from_dict(app.openapi())
 EXAMPLES = int(os.environ.get("MRISEG_SCHEMATHESIS_EXAMPLES", "12"))
 

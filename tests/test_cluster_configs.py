@@ -108,9 +108,9 @@ def test_up_folds_the_config_into_app_args_and_keeps_only_the_key_digest(tmp_pat
 def test_a_405_keeps_its_allow_header_in_the_problem_answer():
     from fastapi.testclient import TestClient
 
-    from serve.cluster.api import app
+    from serve.cluster.api import create_app
 
-    r = TestClient(app).put("/healthz")
+    r = TestClient(create_app()).put("/healthz")
     assert r.status_code == 405 and r.headers["allow"] == "GET"
     assert r.headers["content-type"] == "application/problem+json" and r.json()["status"] == 405
 

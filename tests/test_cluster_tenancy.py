@@ -320,17 +320,40 @@ def test_the_api_refuses_a_revoked_key_without_a_restart(tmp_path):
 
     svc = JobService(Tenancy.load(f, reload_interval_s=0.1), never, never, [],
                      RouterSettings(results_dir=str(tmp_path / "results")))
-    saved = (api._STATE.service, api._STATE.readiness, api._STATE.events)
-    api.install(svc, ready)
-    try:
-        client = TestClient(api.app)
-        headers = {"Authorization": f"Bearer {KEY_A}"}
-        assert client.get("/v1/segmentations/no-such-job", headers=headers).status_code == 404
-        _write(f, _without_key_a())
-        time.sleep(0.15)
-        r = client.get("/v1/segmentations/no-such-job", headers=headers)
-        assert r.status_code == 401 and r.json()["status"] == 401, r.text
-        assert client.get("/v1/segmentations/no-such-job",
-                          headers={"X-API-Key": KEY_A2}).status_code == 404
-    finally:
-        api.install(*saved)
+    client = TestClient(api.create_app(svc, ready))
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    assert client.get("/v1/segmentations/no-such-job", headers=headers).status_code == 404
+    _write(f, _without_key_a())
+    time.sleep(0.15)
+    r = client.get("/v1/segmentations/no-such-job", headers=headers)
+    assert r.status_code == 401 and r.json()["status"] == 401, r.text
+    assert client.get("/v1/segmentations/no-such-job",
+                      headers={"X-API-Key": KEY_A2}).status_code == 404
+
+
+def test_each_api_app_serves_its_own_job_service(tmp_path):
+    """The app is built per replica over that replica's service: two apps in one process share nothing."""
+    from fastapi.testclient import TestClient
+
+    from serve.cluster.api import create_app
+    from serve.cluster.router import JobService, RouterSettings
+
+    async def never(*_a, **_k):  # no sub-model is reached
+        raise AssertionError("no sub-model call expected")
+
+    def app_for(sites: dict, name: str):
+        svc = JobService(Tenancy.from_mapping({"sites": sites}), never, never, [],
+                         RouterSettings(results_dir=str(tmp_path / name)))
+        return TestClient(create_app(svc))
+
+    only_a = app_for({"site-a": {"keys": [KEY_A], "prefixes": ["s3://consortium/site-a/"]}}, "a")
+    only_b = app_for({"site-b": {"keys": [KEY_B], "prefixes": ["s3://consortium/site-b/"]}}, "b")
+    job = "/v1/segmentations/no-such-job"
+    assert only_a.get(job, headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 404
+    assert only_a.get(job, headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 401
+    assert only_b.get(job, headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 404
+    assert only_b.get(job, headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 401
+    # an app without a service (a replica still starting) answers its health check and 503 elsewhere
+    starting = TestClient(create_app())
+    assert starting.get("/healthz").status_code == 200 and starting.get("/readyz").status_code == 503
+    assert starting.get(job, headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 503

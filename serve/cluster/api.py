@@ -1,9 +1,12 @@
 """The public HTTP API (FastAPI), versioned under ``/v1``.
 
-Route handlers are thin: they authenticate, parse, and call the
-:class:`~serve.cluster.router.JobService` that the ingress replica installs
-with :func:`install`. Every error is a JSON problem-details document
-(RFC 9457) with the status of the :class:`~serve.errors.MrisegError` behind it.
+:func:`create_app` builds one FastAPI app per ingress replica (Ray Serve's
+FastAPI factory pattern), over that replica's
+:class:`~serve.cluster.router.JobService`; nothing lives in module globals
+but the route table. Route handlers are thin: they authenticate, parse, and
+call the job service of the app they serve (``request.app.state.api``). Every
+error is a JSON problem-details document (RFC 9457) with the status of the
+:class:`~serve.errors.MrisegError` behind it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Awaitable, Callable, Protocol
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -49,28 +52,17 @@ class EventSink(Protocol):
 
 
 @dataclass
-class _State:
+class ApiState:
+    """What one app's routes serve: the replica's job service, its readiness probe, the event sink."""
+
     service: JobService | None = None
     readiness: Callable[[], Awaitable[dict]] | None = None
     events: EventSink | None = None
     limiter: RateLimiter = field(default_factory=RateLimiter)
 
 
-_STATE = _State()
-
-
-def install(service: JobService, readiness: Callable[[], Awaitable[dict]], events: EventSink | None = None) -> None:
-    """Connect the routes to this process's job service (called by the ingress replica)."""
-    _STATE.service, _STATE.readiness, _STATE.events = service, readiness, events
-
-
-app = FastAPI(
-    title="mriseg-serve",
-    version=getattr(serve, "__version__", "0.1.0"),
-    description="TotalSegmentator MRI's 80 structures from six nnU-Net sub-models on Ray Serve.",
-    openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
-    swagger_ui_oauth2_redirect_url="/v1/docs/oauth2-redirect",  # one of PUBLIC_PATHS, beside the docs page
-)
+#: the routes; :func:`create_app` adds them to each app it builds
+routes = APIRouter()
 
 
 # -- problem details ----------------------------------------------------------
@@ -89,7 +81,7 @@ PROBLEM_SCHEMA = {
 }
 
 
-def _openapi() -> dict:
+def _openapi(app: FastAPI) -> dict:
     """FastAPI's document, with the error responses the API really sends: problem+json for 4XX/5XX."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
@@ -113,30 +105,23 @@ def _openapi() -> dict:
     return app.openapi_schema
 
 
-app.openapi = _openapi
-
-
-@app.exception_handler(MrisegError)
 async def _mriseg_error(_request: Request, exc: MrisegError) -> JSONResponse:
     return problem(exc.status, exc.title, exc.message, retryable=exc.retryable,
                    retry_after=getattr(exc, "retry_after", 5))
 
 
-@app.exception_handler(RequestValidationError)
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
     return problem(422, "Invalid request", "the request does not match the API schema; see 'errors'",
                    errors=errors)
 
 
-@app.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     response = problem(exc.status_code, "HTTP error", str(exc.detail))
     response.headers.update(exc.headers or {})  # e.g. a 405's Allow
     return response
 
 
-@app.exception_handler(Exception)
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled %s", type(exc).__name__, exc_info=exc)
     return problem(500, "Internal error", "unexpected server error; the operators have the log")
@@ -153,7 +138,6 @@ def _unbounded(request: Request) -> bool:
     return "transfer-encoding" in request.headers and not request.headers.get("content-length", "").isdigit()
 
 
-@app.middleware("http")
 async def _limit_body(request: Request, call_next):
     """Only the upload route takes large bodies; anything else over 64 KiB is refused before it is read."""
     if request.url.path == UPLOAD_PATH:
@@ -171,26 +155,25 @@ async def _limit_body(request: Request, call_next):
 PUBLIC_PATHS = ("/healthz", "/readyz", "/v1/openapi.json", "/v1/docs", "/v1/docs/oauth2-redirect")
 
 
-@app.middleware("http")
 async def _authenticate_first(request: Request, call_next):
     """Refuse requests without a valid key before their body or parameters are parsed."""
-    if request.url.path not in PUBLIC_PATHS and _STATE.service is not None:
+    state: ApiState = request.app.state.api
+    if request.url.path not in PUBLIC_PATHS and state.service is not None:
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
         try:
-            who = _STATE.service.tenancy.authenticate(key)
-            _STATE.limiter.check(who.name, who.requests_per_second, who.burst)
+            who = state.service.tenancy.authenticate(key)
+            state.limiter.check(who.name, who.requests_per_second, who.burst)
         except MrisegError as e:
             return problem(e.status, e.title, e.message, retryable=e.retryable,
                            retry_after=getattr(e, "retry_after", 5))
     return await call_next(request)
 
 
-@app.middleware("http")
 async def _observe(request: Request, call_next):
     t = time.perf_counter()
     response = await call_next(request)
-    svc = _STATE.service
+    svc = request.app.state.api.service
     if svc is not None:
         route = request.scope.get("route")
         svc.metrics.requests.labels(request.method, getattr(route, "path", "unmatched"),
@@ -203,11 +186,15 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <site 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The site's API key")
 
 
-async def service() -> JobService:
-    if _STATE.service is None:
+def api_state(request: Request) -> ApiState:
+    """The state of the app serving this request (one per ingress replica)."""
+    return request.app.state.api
+
+
+async def service(state: Annotated[ApiState, Depends(api_state)]) -> JobService:
+    if state.service is None:
         raise ServiceUnavailableError("the router is starting; retry shortly")
-    _STATE.service.resume_interrupted()  # needs the event loop; a no-op once done
-    return _STATE.service
+    return state.service
 
 
 def site(svc: Annotated[JobService, Depends(service)],
@@ -218,6 +205,7 @@ def site(svc: Annotated[JobService, Depends(service)],
     return svc.tenancy.authenticate(key)
 
 
+StateDep = Annotated[ApiState, Depends(api_state)]
 Svc = Annotated[JobService, Depends(service)]
 SiteDep = Annotated[Site, Depends(site)]
 
@@ -267,25 +255,24 @@ async def _finish(svc: JobService, job, wait: bool, response: Response):
 
 
 # -- routes ---------------------------------------------------------------------
-@app.get("/healthz", tags=["health"])
+@routes.get("/healthz", tags=["health"])
 async def healthz() -> dict:
     """Liveness: the ingress event loop answers. No authentication."""
     return {"status": "ok"}
 
 
-@app.get("/readyz", tags=["health"])
-async def readyz() -> JSONResponse:
+@routes.get("/readyz", tags=["health"])
+async def readyz(state: StateDep) -> JSONResponse:
     """Ready when the router is up and every sub-model runs or may scale from zero. No authentication."""
-    if _STATE.readiness is None or _STATE.service is None:
+    if state.readiness is None or state.service is None:
         return problem(503, "Not ready", "the router is starting")
-    _STATE.service.resume_interrupted()
-    report = await _STATE.readiness()
+    report = await state.readiness()
     if not report["ready"]:
         return problem(503, "Not ready", report.get("detail", "sub-models not ready"), submodels=report["submodels"])
     return JSONResponse(report)
 
 
-@app.post("/v1/segmentations", status_code=202, tags=["segmentations"], responses=idempotency.POST_RESPONSES)
+@routes.post("/v1/segmentations", status_code=202, tags=["segmentations"], responses=idempotency.POST_RESPONSES)
 async def create_segmentation(body: SegmentationRequest, svc: Svc, who: SiteDep, response: Response,
                               wait: bool = Query(False, description="answer when the job has finished"),
                               idempotency_key: idempotency.KeyHeader = None):
@@ -298,7 +285,7 @@ async def create_segmentation(body: SegmentationRequest, svc: Svc, who: SiteDep,
     return idempotency.mark_replay(await _finish(svc, job, wait, response), response, not created)
 
 
-@app.post("/v1/segmentations/upload", status_code=202, tags=["segmentations"], responses=idempotency.POST_RESPONSES,
+@routes.post("/v1/segmentations/upload", status_code=202, tags=["segmentations"], responses=idempotency.POST_RESPONSES,
           openapi_extra={"requestBody": {"content": {
               "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
               "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -352,8 +339,8 @@ async def upload_segmentation(
     return idempotency.mark_replay(await _finish(svc, job, wait, response), response, not created)
 
 
-@app.post("/v1/events", status_code=202, tags=["events"])
-async def push_events(request: Request, who: SiteDep) -> dict:
+@routes.post("/v1/events", status_code=202, tags=["events"])
+async def push_events(request: Request, who: SiteDep, state: StateDep) -> dict:
     """S3 object-created events pushed instead of polled: an S3 ``Records[]`` body (MinIO webhook,
     AWS), an SNS notification wrapping one, or an EventBridge ``Object Created`` event.
 
@@ -363,12 +350,12 @@ async def push_events(request: Request, who: SiteDep) -> dict:
     from serve.consumer import specs_for_events
     from serve.events import parse_message
 
-    if _STATE.events is None:
+    if state.events is None:
         raise NotFoundError("event intake is not deployed on this cluster (the 'events' app arg)")
     body = await _read_capped(request, MAX_JSON_BYTES)
     events = parse_message(body)
-    specs, ignored = specs_for_events(events, _STATE.events.rules_for(who.name))
-    accepted = await _STATE.events.submit([s.to_dict() for s in specs]) if specs else 0
+    specs, ignored = specs_for_events(events, state.events.rules_for(who.name))
+    accepted = await state.events.submit([s.to_dict() for s in specs]) if specs else 0
     log.info("site %s pushed %d event(s): %d job(s) accepted, %d ignored", who.name, len(events), accepted, ignored)
     return {"accepted": accepted, "ignored": ignored,
             "jobs": [{"input": s.input_uri, "output_prefix": s.output_prefix} for s in specs]}
@@ -396,14 +383,14 @@ async def _read_multipart(request: Request, limit: int) -> tuple[bytes, str | No
     return data, part.filename or None
 
 
-@app.get("/v1/segmentations/{job_id}", tags=["segmentations"])
+@routes.get("/v1/segmentations/{job_id}", tags=["segmentations"])
 async def get_segmentation(job_id: str, svc: Svc, who: SiteDep) -> dict:
     """Status, per-stage and per-sub-model timings, result locations."""
     job = svc.get(who, job_id)
     return job.public(result_url=f"/v1/segmentations/{job.id}/result")
 
 
-@app.get("/v1/segmentations/{job_id}/result", tags=["segmentations"],
+@routes.get("/v1/segmentations/{job_id}/result", tags=["segmentations"],
          responses={200: {"content": {"application/gzip": {}}}})
 async def get_result(job_id: str, svc: Svc, who: SiteDep) -> FileResponse:
     """The multilabel NIfTI (``segmentation.nii.gz``); 409 until the job has succeeded."""
@@ -418,7 +405,7 @@ FILES = {"statistics.json": ("statistics", "application/json"), "preview.png": (
          "mriseg.json": ("metadata", "application/json")}
 
 
-@app.get("/v1/segmentations/{job_id}/files/{name}", tags=["segmentations"])
+@routes.get("/v1/segmentations/{job_id}/files/{name}", tags=["segmentations"])
 async def get_file(job_id: str, name: str, svc: Svc, who: SiteDep) -> FileResponse:
     """Other outputs of a succeeded job: ``statistics.json``, ``preview.png``, ``mriseg.json``."""
     if name not in FILES:
@@ -431,14 +418,14 @@ async def get_file(job_id: str, name: str, svc: Svc, who: SiteDep) -> FileRespon
     return FileResponse(path, media_type=media, filename=name)
 
 
-@app.delete("/v1/segmentations/{job_id}", tags=["segmentations"])
+@routes.delete("/v1/segmentations/{job_id}", tags=["segmentations"])
 async def cancel_segmentation(job_id: str, svc: Svc, who: SiteDep) -> dict:
     """Cancel a queued or running job; 409 if it has already finished."""
     job = svc.cancel(who, job_id)
     return job.public()
 
 
-@app.get("/v1/structures", tags=["catalogue"])
+@routes.get("/v1/structures", tags=["catalogue"])
 async def structures(svc: Svc, who: SiteDep,
                      probe: str | None = Query(None, description="comma-separated sub-models to ask even if "
                                                "scaled to zero (starts them; gives their checksums)")) -> dict:
@@ -454,3 +441,35 @@ async def structures(svc: Svc, who: SiteDep,
                             "available": avail[owner[name]]["state"] in ("ready", "cold")}
                            for gid, name in cat.structures.items()],
             "submodels": subs}
+
+
+def create_app(service: JobService | None = None, readiness: Callable[[], Awaitable[dict]] | None = None,
+               events: EventSink | None = None) -> FastAPI:
+    """The HTTP API over one job service: what each ingress replica serves (Ray Serve's app factory pattern).
+
+    Args:
+        service: the replica's job service; None: every route but the health checks answers 503.
+        readiness: the replica's readiness probe (``/readyz``).
+        events: where pushed events go; None: ``POST /v1/events`` answers 404.
+
+    Returns:
+        A new FastAPI app with the routes, auth, body limits, metrics and problem-details errors.
+    """
+    app = FastAPI(
+        title="mriseg-serve",
+        version=getattr(serve, "__version__", "0.1.0"),
+        description="TotalSegmentator MRI's 80 structures from six nnU-Net sub-models on Ray Serve.",
+        openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None,
+        swagger_ui_oauth2_redirect_url="/v1/docs/oauth2-redirect",  # one of PUBLIC_PATHS, beside the docs page
+    )
+    app.state.api = ApiState(service, readiness, events)
+    app.openapi = lambda: _openapi(app)
+    app.add_exception_handler(MrisegError, _mriseg_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    # the last added runs first: metrics see every answer, auth comes before any body is read
+    for middleware in (_limit_body, _authenticate_first, _observe):
+        app.middleware("http")(middleware)
+    app.include_router(routes)
+    return app

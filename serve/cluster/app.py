@@ -18,7 +18,9 @@ from ray import serve as rayserve
 from ray.serve.handle import DeploymentHandle
 
 from serve.catalogue import load_catalogue
-from serve.cluster.api import app, install
+from fastapi import FastAPI
+
+from serve.cluster.api import create_app
 from serve.cluster.deployments import SubModelDeployment, SubModelSettings
 from serve.cluster.intake import RETIRED_SETTINGS, EventIntake, EventsArg, IntakeSettings
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
@@ -47,11 +49,11 @@ def default_submodels() -> list[str]:
     max_ongoing_requests=256,
     health_check_period_s=10,
 )
-@rayserve.ingress(app)
+@rayserve.ingress()  # the app comes from __serve_build_asgi_app__: one per replica, over its own job service
 class Ingress:
     """HTTP ingress and job router; holds a handle to every sub-model deployment."""
 
-    def __init__(self, submodels: dict[str, DeploymentHandle], settings: dict[str, Any],
+    async def __init__(self, submodels: dict[str, DeploymentHandle], settings: dict[str, Any],
                  intake: DeploymentHandle | None = None):
         self.handles = submodels
         self.settings = settings
@@ -79,7 +81,14 @@ class Ingress:
         self.metrics_port = start_metrics_server(metrics, int(settings.get("metrics_port") or 0),
                                                  settings.get("metrics_host", "0.0.0.0"))
         self._ready_cache: tuple[float, dict] | None = None
-        install(self.service, self.readiness, events)
+        # startup work, here on the replica's event loop rather than at a first request: jobs a previous
+        # replica accepted and never settled are queued again before anything new is taken
+        self.service.resume_interrupted()
+        self.api = create_app(self.service, self.readiness, events)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The replica's HTTP app (Ray Serve calls this once, after the constructor)."""
+        return self.api
 
     async def _call(self, name: str, data: Any, spacing_mm: float) -> dict:
         return await self.handles[name].run.remote(data, spacing_mm)
@@ -114,7 +123,6 @@ class Ingress:
                            outputs: list[str], input_uri: str, output_prefix: str,
                            resampling_order: int = DEFAULT_RESAMPLING_ORDER) -> dict:
         """One event job of ``site``, run as that site's job: :meth:`JobService.run_event_job`."""
-        self.service.resume_interrupted()
         return await self.service.run_event_job(site, data, filename, roi_subset, fast, outputs, input_uri,
                                                 output_prefix, resampling_order)
 
