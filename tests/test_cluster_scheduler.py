@@ -137,3 +137,36 @@ def test_cancel_before_the_task_first_runs_releases_the_slot():
         assert await s.submit("A", "a2", fn) == "ran"  # neither the slot nor the site's quota leaked
 
     _run(main())
+
+
+def test_the_health_check_fails_once_the_jobs_event_loop_has_stopped():
+    """Jobs queued and running on a loop that no longer runs will never finish or start."""
+    from serve.cluster.scheduler import SchedulerStalledError
+
+    sched = FairScheduler(1, lambda site: 10)
+    loop = asyncio.new_event_loop()
+
+    async def one_running_one_queued():
+        started = asyncio.Event()
+
+        async def job():
+            started.set()
+            await asyncio.sleep(3600)
+
+        sched.submit("a", "j1", job)
+        sched.submit("a", "j2", job)
+        await started.wait()
+        sched.check()  # healthy while its loop runs: one running, one waiting for the only slot
+
+    try:
+        loop.run_until_complete(one_running_one_queued())
+        with pytest.raises(SchedulerStalledError, match="event loop .* has stopped, with 1 job\\(s\\) running and 1 "
+                                                        "queued"):
+            sched.check()
+    finally:
+        tasks = asyncio.all_tasks(loop)
+        for t in tasks:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+    FairScheduler(1, lambda site: 10).check()  # a scheduler that never had work is healthy

@@ -386,3 +386,21 @@ def test_the_idempotency_key_and_request_fingerprint_survive_a_restart(tmp_path)
     with pytest.raises(MrisegError, match=f"made job {job.id}") as reused:
         svc.submit_once(site, JobOptions(["liver"]), "k-1", "cd" * 32)
     assert reused.value.status == 422
+
+
+def test_the_health_check_fails_when_the_journal_cannot_take_a_record(tmp_path):
+    """Its folder gone (an unmounted volume) or its disk nearly full: the replica must say it is unhealthy."""
+    from serve.cluster.journal import JournalUnhealthyError
+
+    svc = _service(tmp_path, journal_dir=str(tmp_path / "journal"))
+    asyncio.run(svc.check_health())  # healthy as started
+    (tmp_path / "journal").rename(tmp_path / "journal-unmounted")
+    (tmp_path / "journal").write_text("not a folder")  # root writes into a read-only folder; not into a file
+    with pytest.raises(JournalUnhealthyError, match="cannot take a record"):
+        asyncio.run(svc.check_health())
+
+    (tmp_path / "full").mkdir()
+    full = _service(tmp_path / "full", journal_min_free_bytes=1 << 62)  # more than any disk has free
+    with pytest.raises(JournalUnhealthyError, match="journal_min_free_bytes"):
+        asyncio.run(full.check_health())
+    assert not list((tmp_path / "full" / "results" / ".jobs").glob(".tmp-*"))  # the probe leaves nothing

@@ -114,9 +114,16 @@ class Ingress:
         self._ready_cache = (now, report)
         return report
 
-    def check_health(self) -> None:
-        if self.service is None:
-            raise RuntimeError("job service missing")
+    async def check_health(self) -> None:
+        """Serve's periodic health check: raising marks this replica unhealthy, and Serve replaces it.
+
+        Async, so it runs on the event loop the jobs run on: a blocked loop times the check out.
+
+        Raises:
+            SchedulerStalledError: queued jobs can no longer start.
+            JournalUnhealthyError: the journal's folder is gone, read-only or nearly full.
+        """
+        await self.service.check_health()
 
     # -- the event intake's calls (by Ray handle: the intake holds no site's API key) --------------------
     async def run_site_job(self, site: str, data: bytes, filename: str, roi_subset: list[str] | None, fast: bool,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import asdict, fields
@@ -85,6 +86,10 @@ def job_from_record(rec: dict[str, Any]) -> Job:
     return Job(options=options, **kw)
 
 
+class JournalUnhealthyError(RuntimeError):
+    """The journal's folder cannot take records: the router replica is unhealthy (Ray Serve replaces it)."""
+
+
 class JobJournal:
     """Job records in one directory; each write is atomic (write a temporary file, then rename)."""
 
@@ -126,6 +131,33 @@ class JobJournal:
             Path(tmp).unlink(missing_ok=True)
             raise
         self._account(job.id, len(data))
+
+    def probe(self, min_free_bytes: int) -> None:
+        """Check that the folder still takes a record: a file can be written and synced, and space is left.
+
+        Args:
+            min_free_bytes: the least free space on the folder's file system.
+
+        Raises:
+            JournalUnhealthyError: naming what is wrong (the folder gone or read-only, the disk full).
+        """
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-probe-", suffix=".json")  # load() sweeps leftovers
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(b"{}")
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            free = shutil.disk_usage(self.root).free
+        except OSError as e:
+            raise JournalUnhealthyError(f"the job journal's folder {self.root} cannot take a record "
+                                        f"({e.strerror or type(e).__name__}); jobs accepted now could not be resumed "
+                                        f"after a restart: fix or remount the volume") from e
+        if free < min_free_bytes:
+            raise JournalUnhealthyError(f"the job journal's folder {self.root} has {free} bytes free, under "
+                                        f"router.journal_min_free_bytes ({min_free_bytes}); free space on its volume")
 
     def remove(self, job_id: str) -> None:
         self._path(job_id).unlink(missing_ok=True)

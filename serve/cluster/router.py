@@ -76,6 +76,8 @@ class RouterSettings:
     # settled jobs' records beyond this are evicted too (as max_jobs_kept)
     journal_max_bytes: whole(_MIN_JOURNAL_BYTES, note="(1 MiB)") = 64 << 20
     memory_budget_bytes: whole(64 << 20) = 8 << 30   # router memory for running jobs' volumes (serve.cluster.admission)
+    # below this much free space on the journal's volume the replica reports itself unhealthy
+    journal_min_free_bytes: whole(0) = 16 << 20
     s3: Annotated[dict, Says("a mapping of S3 settings")] | None = None
 
     @model_validator(mode="after")
@@ -206,6 +208,19 @@ class JobService:
         for f in self._incoming.iterdir():  # spooled by a router that died before it journalled the job
             if f.name.split(".", 1)[0] not in waiting:
                 f.unlink(missing_ok=True)
+
+    async def check_health(self) -> None:
+        """Raise when this service cannot take jobs safely: its scheduler stalled, or its journal cannot record.
+
+        Runs the scheduler check on the event loop (a blocked loop never answers: Serve's health check times
+        out) and the disk probe in a worker thread.
+
+        Raises:
+            SchedulerStalledError: queued jobs can no longer start.
+            JournalUnhealthyError: the journal's folder is gone, read-only or nearly full.
+        """
+        self.scheduler.check()
+        await asyncio.to_thread(self.journal.probe, self.settings.journal_min_free_bytes)
 
     def resume_interrupted(self) -> int:
         """Re-queue the jobs a previous router replica accepted but never settled (call from the event loop).

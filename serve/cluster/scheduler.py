@@ -37,6 +37,10 @@ class SchedulerStats:
     active: dict[str, int] = field(default_factory=dict)
 
 
+class SchedulerStalledError(RuntimeError):
+    """The scheduler cannot start queued jobs any more: the router replica is unhealthy."""
+
+
 class FairScheduler:
     """Round-robin over per-site queues with ``slots`` jobs running at once."""
 
@@ -50,6 +54,7 @@ class FairScheduler:
         self._active: dict[str, int] = {}
         self._running = 0
         self._seq = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the jobs run on, from the first submit
 
     def submit(self, site: str, job_id: str, fn: JobFn) -> asyncio.Future:
         """Queue ``fn``; the returned future resolves to its result. 429 beyond the site's limit."""
@@ -58,7 +63,8 @@ class FairScheduler:
             raise TooManyRequestsError(
                 f"site {site} already has {limit} job(s) queued or running, its limit; "
                 f"retry after one finishes")
-        fut = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        fut = self._loop.create_future()
         entry = _Entry(job_id, site, fn, fut)
         if site not in self._queues:
             # Sites are kept least-recently-served first; a new site has never been served.
@@ -91,6 +97,24 @@ class FairScheduler:
         else:
             e.task.cancel()
         return True
+
+    def check(self) -> None:
+        """Raise when queued work can no longer start: the jobs' event loop stopped, or dispatch stalled.
+
+        Call it from the jobs' own event loop (the ingress's health check does), so that a loop that is
+        blocked shows up as a health check that does not answer.
+
+        Raises:
+            SchedulerStalledError: saying which, with the number of jobs waiting.
+        """
+        queued = sum(len(q) for q in self._queues.values())
+        if self._loop is not None and (self._running or queued) and \
+                (self._loop.is_closed() or not self._loop.is_running()):
+            raise SchedulerStalledError(f"the event loop that runs the router's jobs has stopped, with "
+                                        f"{self._running} job(s) running and {queued} queued")
+        if queued and self._running < self.slots:  # _dispatch fills free slots whenever a job is queued
+            raise SchedulerStalledError(f"{queued} job(s) wait while {self.slots - self._running} of "
+                                        f"{self.slots} slot(s) are free: the scheduler stopped dispatching")
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(self._running, {s: len(q) for s, q in self._queues.items() if q},
