@@ -7,25 +7,29 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from serve.cluster.client import ApiError
+from tests.openapi_fakes import CheckedServer, ProxyAnswer
 
 
 class _Answers(BaseHTTPRequestHandler):
     """Answers ``server.answer``, or for a scripted ``(method, path)`` the next answer of its list (the last one
-    repeats); every request is recorded in ``server.seen``."""
+    repeats); every request is recorded in ``server.seen``. Requests and answers (but a :class:`ProxyAnswer`)
+    are checked against the served OpenAPI schema."""
 
     def _answer(self):
-        if self.headers.get("Content-Length"):
-            self.rfile.read(int(self.headers["Content-Length"]))
+        body = self.rfile.read(int(self.headers["Content-Length"])) if self.headers.get("Content-Length") else b""
+        self.server.check_request(self, body)
         self.server.seen.append((self.command, self.path))
         self.server.keys.append(self.headers.get("Authorization"))
         self.server.idempotency_keys.append(self.headers.get("Idempotency-Key"))
         script = self.server.script.get((self.command, self.path.split("?")[0]))
         answer = (script.pop(0) if len(script) > 1 else script[0]) if script else self.server.answer
+        if not isinstance(answer, ProxyAnswer):
+            self.server.check_answer(self, answer[0], {"Content-Type": answer[1]}, answer[2])
         self.send_response(answer[0])
         self.send_header("Content-Type", answer[1])
         self.send_header("Content-Length", str(len(answer[2])))
@@ -40,7 +44,7 @@ class _Answers(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    server = CheckedServer(("127.0.0.1", 0), _Answers)
     server.answer = (200, "application/json", b"{}")
     server.script, server.seen, server.keys, server.idempotency_keys = {}, [], [], []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -48,6 +52,7 @@ def api():
     yield server
     server.shutdown()
     server.server_close()
+    server.assert_conforms()
 
 
 def _problem(status: int, retryable: bool | None) -> tuple[int, str, bytes]:
@@ -62,7 +67,7 @@ def _problem(status: int, retryable: bool | None) -> tuple[int, str, bytes]:
     (_problem(503, True), True),                       # a sub-model down
     (_problem(409, False), False),                     # a model not installed: retrying cannot help
     (_problem(400, None), False),
-    ((502, "text/html", b"<html>Bad Gateway</html>"), True),  # a proxy's page, not the API's
+    (ProxyAnswer(502, "text/html", b"<html>Bad Gateway</html>"), True),  # a proxy's page, not the API's
 ])
 def test_api_errors_keep_whether_a_retry_can_help(api, answer, retryable):
     from serve.cluster.client import ApiClient
@@ -87,7 +92,8 @@ def test_the_api_client_turns_a_dead_cluster_or_a_proxys_json_into_a_retryable_a
         ApiClient(f"http://127.0.0.1:{closed}", "key", timeout_s=5).job("x")
     assert dead.value.status == 503 and dead.value.retryable
 
-    api.answer = (502, "application/json", json.dumps(["bad gateway"]).encode())  # a proxy's JSON, not a problem
+    # a proxy's JSON, not a problem
+    api.answer = ProxyAnswer(502, "application/json", json.dumps(["bad gateway"]).encode())
     with pytest.raises(ApiError) as proxied:
         ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=5).job("x")
     assert proxied.value.status == 502 and proxied.value.retryable
@@ -135,8 +141,8 @@ def test_the_api_client_sends_one_idempotency_key_per_job_the_same_on_each_retry
     from serve.cluster.client import ApiClient
 
     queued = (202, "application/json", b'{"id": "j1", "status": "queued"}')
-    api.script = {("POST", "/v1/segmentations"): [_problem(503, True), (502, "text/html", b"<html>Bad Gateway</html>"),
-                                                  _problem(429, True), queued]}
+    gateway = ProxyAnswer(502, "text/html", b"<html>Bad Gateway</html>")
+    api.script = {("POST", "/v1/segmentations"): [_problem(503, True), gateway, _problem(429, True), queued]}
     client = ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=30, poll_s=0.01)
     assert client.submit({"input": "s3://b/site-a/a.nii.gz"})["id"] == "j1"
     first = list(api.idempotency_keys)
