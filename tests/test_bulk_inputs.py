@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ from serve import staging
 from serve.bulk import FAILED, SKIPPED, SUCCEEDED, already_done, api_backend, list_volumes, run_bulk
 from serve.jobs import JobSpec
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
+from tests.openapi_fakes import CheckedServer, ProxyAnswer
 from tests.ray_fixtures import nifti_bytes
 from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
@@ -158,10 +159,11 @@ def test_inputs_that_map_to_one_output_folder_all_fail_before_anything_runs(seaw
 class _Scripted(BaseHTTPRequestHandler):
     """POST /v1/segmentations answers from ``server.posts`` (``"drop"``: close without answering), GET
     from ``server.gets``; each list's last answer repeats. Each POST's Idempotency-Key is kept in
-    ``server.keys``."""
+    ``server.keys``. Requests and answers (but a :class:`ProxyAnswer`) are checked against the served
+    OpenAPI schema."""
 
     def do_POST(self):  # noqa: N802 - http.server's name
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.check_request(self, self.rfile.read(int(self.headers.get("Content-Length", 0))))
         self.server.posted += 1
         self.server.keys.append(self.headers.get("Idempotency-Key"))
         answer = self.server.posts.pop(0) if len(self.server.posts) > 1 else self.server.posts[0]
@@ -169,16 +171,22 @@ class _Scripted(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        self._send(*answer)
+        self._send(answer)
 
     def do_GET(self):  # noqa: N802
+        self.server.check_request(self, b"")
         gets = self.server.gets
-        self._send(*(gets.pop(0) if len(gets) > 1 else gets[0]))
+        self._send(gets.pop(0) if len(gets) > 1 else gets[0])
 
-    def _send(self, status: int, doc: dict) -> None:
-        body = json.dumps(doc).encode()
+    def _send(self, answer: tuple[int, dict] | ProxyAnswer) -> None:
+        if isinstance(answer, ProxyAnswer):
+            status, content_type, body = answer
+        else:  # the API's own answer: every error is a problem document
+            status, body = answer[0], json.dumps(answer[1]).encode()
+            content_type = "application/problem+json" if status >= 400 else "application/json"
+            self.server.check_answer(self, status, {"Content-Type": content_type}, body)
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if status in (429, 503):
             self.send_header("Retry-After", "0")
@@ -189,22 +197,40 @@ class _Scripted(BaseHTTPRequestHandler):
         pass
 
 
-def _serve(posts: list, port: int = 0, gets: list | None = None) -> ThreadingHTTPServer:
-    """A scripted cluster API on 127.0.0.1 (``port`` 0: a free one); GETs answer the job succeeded unless
-    ``gets`` says otherwise."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), _Scripted)
-    server.posts, server.posted, server.keys = posts, 0, []
-    server.gets = gets if gets is not None else [(200, {"id": "j1", "status": "succeeded"})]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def _problem(status: int, title: str, detail: str = "d") -> tuple[int, dict]:
+    return status, {"type": "about:blank", "title": title, "status": status, "detail": detail}
 
 
-@pytest.mark.parametrize("answer", ["drop", (502, {"title": "Bad gateway"}), (504, {"title": "Gateway timeout"})])
-def test_a_post_whose_answer_was_lost_is_sent_again_with_the_same_idempotency_key(answer):
+@pytest.fixture
+def serve_api():
+    """``serve_api(posts, port=0, gets=None)``: a scripted cluster API on 127.0.0.1 (``port`` 0: a free one);
+    GETs answer the job succeeded unless ``gets`` says otherwise. At the test's end each is shut down and
+    must have seen and sent only what the served OpenAPI schema allows."""
+    servers: list[CheckedServer] = []
+
+    def start(posts: list, port: int = 0, gets: list | None = None) -> CheckedServer:
+        server = CheckedServer(("127.0.0.1", port), _Scripted)
+        server.posts, server.posted, server.keys = posts, 0, []
+        server.gets = gets if gets is not None else [(200, {"id": "j1", "status": "succeeded"})]
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    for server in servers:
+        server.assert_conforms()
+
+
+@pytest.mark.parametrize("answer", ["drop", ProxyAnswer(502, "application/json", b'{"title": "Bad gateway"}'),
+                                    ProxyAnswer(504, "application/json", b'{"title": "Gateway timeout"}')])
+def test_a_post_whose_answer_was_lost_is_sent_again_with_the_same_idempotency_key(answer, serve_api):
     """A dropped connection or a proxy's 502/504 may hide a job the cluster took: the POST is sent again
     with the same Idempotency-Key, which the cluster answers with that job (tests/test_cluster_idempotency.py),
     so the input runs once, and the job is followed to its end."""
-    server = _serve([answer, (202, {"id": "j1", "status": "queued"})])
+    server = serve_api([answer, (202, {"id": "j1", "status": "queued"})])
     try:
         run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
         assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (SUCCEEDED, "", "j1")
@@ -215,9 +241,9 @@ def test_a_post_whose_answer_was_lost_is_sent_again_with_the_same_idempotency_ke
         server.shutdown()
 
 
-def test_a_post_the_cluster_answered_with_a_lasting_error_is_not_sent_again():
+def test_a_post_the_cluster_answered_with_a_lasting_error_is_not_sent_again(serve_api):
     """A 500 (a bug) or a 4xx is the answer: the input fails with it, after one POST."""
-    server = _serve([(500, {"title": "Internal error", "detail": "the operators have the log"})])
+    server = serve_api([_problem(500, "Internal error", "the operators have the log")])
     try:
         run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
         assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (
@@ -227,9 +253,9 @@ def test_a_post_the_cluster_answered_with_a_lasting_error_is_not_sent_again():
         server.shutdown()
 
 
-def test_a_post_the_cluster_refused_or_never_got_is_sent_again():
+def test_a_post_the_cluster_refused_or_never_got_is_sent_again(serve_api):
     """429/503 and a refused connection prove nothing was queued: those are waited out and sent again."""
-    server = _serve([(503, {"title": "Service unavailable"}), (429, {"title": "Too many requests"}),
+    server = serve_api([_problem(503, "Service unavailable"), _problem(429, "Too many requests"),
                      (202, {"id": "j1", "status": "queued"})])
     try:
         run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
@@ -239,8 +265,8 @@ def test_a_post_the_cluster_refused_or_never_got_is_sent_again():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    late: list[ThreadingHTTPServer] = []
-    starter = threading.Timer(1.5, lambda: late.append(_serve([(202, {"id": "j1", "status": "queued"})], port)))
+    late: list[CheckedServer] = []
+    starter = threading.Timer(1.5, lambda: late.append(serve_api([(202, {"id": "j1", "status": "queued"})], port)))
     starter.start()  # connection refused until then
     try:
         run = api_backend(f"http://127.0.0.1:{port}", "key", poll_s=0.01, timeout_s=60)
@@ -255,7 +281,7 @@ def test_a_post_the_cluster_refused_or_never_got_is_sent_again():
 
 # -- 4. no object key on stderr -------------------------------------------------------------------
 def test_failed_inputs_are_not_named_on_stderr_but_the_report_names_them(seaweed, unique_prefix, tmp_path,  # noqa: F811
-                                                                        monkeypatch, capsys):
+                                                                        monkeypatch, capsys, serve_api):
     from serve.bulk import main
 
     inbox = f"s3://inbox/{unique_prefix}/phi/"
@@ -266,7 +292,7 @@ def test_failed_inputs_are_not_named_on_stderr_but_the_report_names_them(seaweed
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s.secret_access_key)
     monkeypatch.setenv("MRISEG_API_KEY", "key")
     report = tmp_path / "r.json"
-    api = _serve([(500, {"title": "nothing may be submitted here"})])
+    api = serve_api([_problem(500, "nothing may be submitted here")])
     try:
         rc = main([inbox, "--out", f"s3://outbox/{unique_prefix}/", "--s3-endpoint", s.endpoint_url,
                    "--api", f"http://127.0.0.1:{api.server_address[1]}", "--report", str(report), "--no-progress"])
