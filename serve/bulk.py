@@ -10,8 +10,9 @@ HTTP API (``POST /v1/segmentations`` with ``output_prefix``, then polling
 ``GET /v1/segmentations/{id}``), or with ``--local-models`` through
 :class:`serve.jobs.JobRunner` in this process (no cluster needed).
 
-The report (``--report x.json`` or ``x.csv``) lists every input once:
-succeeded, failed (with the reason) or skipped (already done).
+The report (``--report x.json`` or ``x.csv``) lists every input once with its ``outcome``:
+succeeded or failed (with the reason), the job's final state, or skipped (already done: no job ran).
+``skipped`` is an outcome of the report only, never a job state.
 """
 
 from __future__ import annotations
@@ -41,15 +42,20 @@ from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
-SUCCEEDED, FAILED, SKIPPED = "succeeded", "failed", "skipped"
-REPORT_FIELDS = ("input", "output_prefix", "status", "reason", "job_id", "seconds")
+#: a job's final states, as the API reports them
+SUCCEEDED, FAILED = "succeeded", "failed"
+#: the report's own outcome: the input's set was already done, so no job ran (not a job state)
+SKIPPED = "skipped"
+#: an input's outcome in the report: the final state of its job, or skipped
+OUTCOMES = (SUCCEEDED, FAILED, SKIPPED)
+REPORT_FIELDS = ("input", "output_prefix", "outcome", "reason", "job_id", "seconds")
 
 
 @dataclass
 class Item:
     input: str
     output_prefix: str
-    status: str = ""
+    outcome: str = ""                   # one of OUTCOMES ("" until settled)
     reason: str = ""
     job_id: str = ""
     seconds: float = 0.0
@@ -105,15 +111,16 @@ def _made_from(record: Any, source: Listed) -> bool:
 
 
 class Outcome(NamedTuple):
-    """What a backend did with one input; ``output_prefix`` where it differs from the spec's."""
+    """What a backend did with one input (an outcome of :data:`OUTCOMES`); ``output_prefix`` where it differs
+    from the spec's."""
 
-    status: str
+    outcome: str
     reason: str
     job_id: str
     output_prefix: str = ""
 
 
-Backend = Callable[[JobSpec], tuple]  # spec -> Outcome, or a (status, reason, job id) tuple
+Backend = Callable[[JobSpec], tuple]  # spec -> Outcome, or an (outcome, reason, job id) tuple
 
 
 def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 24 * 3600) -> Backend:
@@ -215,15 +222,15 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
     _fail_shared_folders([items[s.input_uri] for s in specs])
     todo = []
     for s in specs:
-        if items[s.input_uri].status:  # failed above
+        if items[s.input_uri].outcome:  # failed above
             continue
         if already_done(s.output_prefix, settings, s.options(), listed[s.input_uri]):
-            items[s.input_uri].status, items[s.input_uri].reason = SKIPPED, "already done"
+            items[s.input_uri].outcome, items[s.input_uri].reason = SKIPPED, "already done"
         else:
             todo.append(s)
     bar = tqdm(total=len(todo), unit="vol", desc="segmenting", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-    counts = {status: sum(i.status == status for i in items.values()) for status in (SUCCEEDED, FAILED, SKIPPED)}
+    counts = {outcome: sum(i.outcome == outcome for i in items.values()) for outcome in OUTCOMES}
     bar.set_postfix(counts)
 
     def one(spec: JobSpec) -> Item:
@@ -231,18 +238,18 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
         t = time.monotonic()
         try:
             done = Outcome(*backend(spec))
-            item.status, item.reason, item.job_id = done.status, done.reason, done.job_id
+            item.outcome, item.reason, item.job_id = done.outcome, done.reason, done.job_id
             item.output_prefix = done.output_prefix or item.output_prefix
         except MrisegError as e:
-            item.status, item.reason = FAILED, f"{e.status} {e.title}: {e.message}"
+            item.outcome, item.reason = FAILED, f"{e.status} {e.title}: {e.message}"
         except Exception as e:  # one broken input must not stop the batch; the report says what happened
-            item.status, item.reason = FAILED, f"{type(e).__name__}: {e}"
+            item.outcome, item.reason = FAILED, f"{type(e).__name__}: {e}"
         item.seconds = round(time.monotonic() - t, 3)
         return item
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         for fut in as_completed([pool.submit(one, s) for s in todo]):
-            counts[fut.result().status] += 1
+            counts[fut.result().outcome] += 1
             bar.set_postfix(counts)
             bar.update(1)
     bar.close()
@@ -263,15 +270,15 @@ def _fail_shared_folders(items: Sequence[Item]) -> None:
             continue
         for it in shared:
             others = ", ".join(o.input for o in shared if o is not it)
-            it.status, it.reason = FAILED, (f"409 Output folder shared: {folder} is also the output folder of "
+            it.outcome, it.reason = FAILED, (f"409 Output folder shared: {folder} is also the output folder of "
                                             f"{others}; none of them was run. Rename or move all but one so each "
                                             f"input has its own case folder")
 
 
 def summary(items: Sequence[Item]) -> dict[str, int]:
-    out = {SUCCEEDED: 0, FAILED: 0, SKIPPED: 0}
+    out = {outcome: 0 for outcome in OUTCOMES}
     for it in items:
-        out[it.status] += 1
+        out[it.outcome] += 1
     out["total"] = len(items)
     return out
 
@@ -316,7 +323,7 @@ def _check_report_path(path: Path) -> None:
 def _print_failures(items: Sequence[Item], report: str | None) -> None:
     """Failed inputs by position in the report and a digest, never by name: object keys may name patients,
     and stderr ends up in CI logs and terminals. The report (a file the operator chose) has the URIs."""
-    failed = [(n, it) for n, it in enumerate(items, 1) if it.status == FAILED]
+    failed = [(n, it) for n, it in enumerate(items, 1) if it.outcome == FAILED]
     if not failed:
         return
     where = f"see the report {report}" if report else "rerun with --report FILE to list them"

@@ -69,7 +69,7 @@ def test_a_key_that_cannot_name_an_output_fails_alone(seaweed, unique_prefix):  
         return SUCCEEDED, "", "job-1"
 
     items = run_bulk(inbox, f"s3://outbox/{unique_prefix}/", backend, seaweed.settings, progress=False)
-    status = {i.input.rsplit("/", 1)[1]: (i.status, i.reason) for i in items}
+    status = {i.input.rsplit("/", 1)[1]: (i.outcome, i.reason) for i in items}
     assert ran == [inbox + "fine.nii.gz"] and status["fine.nii.gz"][0] == SUCCEEDED
     assert status["a\tb.nii.gz"][0] == FAILED and "control characters" in status["a\tb.nii.gz"][1]
 
@@ -92,9 +92,9 @@ def test_a_set_done_with_other_options_is_not_skipped(seaweed, unique_prefix):  
         return SUCCEEDED, "", "job-1"
 
     same = run_bulk(inbox, out, backend, seaweed.settings, progress=False)
-    assert [i.status for i in same] == [SKIPPED] and ran == []
+    assert [i.outcome for i in same] == [SKIPPED] and ran == []
     fast = run_bulk(inbox, out, backend, seaweed.settings, progress=False, fast=True)
-    assert [i.status for i in fast] == [SUCCEEDED] and ran == [True]
+    assert [i.outcome for i in fast] == [SUCCEEDED] and ran == [True]
     assert already_done(spec.output_prefix, seaweed.settings)  # without options: any done set
     assert not already_done(spec.output_prefix, seaweed.settings, {**spec.options(), "roi_subset": ["liver"]})
 
@@ -118,14 +118,14 @@ def test_a_set_made_with_another_resampling_order_or_before_it_was_recorded_is_n
         ran.append(s.resampling_order)
         return SUCCEEDED, "", "job-1"
 
-    assert [i.status for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False,
+    assert [i.outcome for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False,
                                        resampling_order=3)] == [SKIPPED]
-    assert [i.status for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False)] == [SUCCEEDED]
+    assert [i.outcome for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False)] == [SUCCEEDED]
     assert ran == [1]
     old = {k: v for k, v in spec.options().items() if k != "resampling_order"}
     staging.put_json({**record, "options": old}, spec.output_prefix + "job.json", seaweed.settings)
     for order in (1, 3):
-        assert [i.status for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False,
+        assert [i.outcome for i in run_bulk(inbox, out, backend, seaweed.settings, progress=False,
                                            resampling_order=order)] == [SUCCEEDED]
     assert ran == [1, 1, 3]
 
@@ -147,13 +147,13 @@ def test_a_local_rerun_with_other_options_reports_where_its_outputs_went(seaweed
     first = run_bulk(inbox, out, backend, seaweed.settings, progress=False, roi_subset=["liver"])
     second = run_bulk(inbox, out, backend, seaweed.settings, progress=False, roi_subset=["liver"],
                       outputs=["multilabel"])
-    assert [i.status for i in first] == [i.status for i in second] == [SUCCEEDED]
+    assert [i.outcome for i in first] == [i.outcome for i in second] == [SUCCEEDED]
     base = first[0].output_prefix
     assert base == f"{out}default/case/" and second[0].output_prefix.startswith(base + "runs/")
     assert already_done(second[0].output_prefix, seaweed.settings,
                         {"roi_subset": ["liver"], "fast": False, "outputs": ["multilabel"], "resampling_order": 1})
     again = run_bulk(inbox, out, backend, seaweed.settings, progress=False, roi_subset=["liver"])
-    assert [i.status for i in again] == [SKIPPED]
+    assert [i.outcome for i in again] == [SKIPPED]
 
 
 def test_bulk_resumes_after_interruption_with_correct_report(seaweed, inbox, tiny_models, tmp_path,  # noqa: F811
@@ -181,12 +181,12 @@ def test_bulk_resumes_after_interruption_with_correct_report(seaweed, inbox, tin
     report = json.loads((tmp_path / "r2.json").read_text())
     items = {i["input"]: i for i in report["items"]}
     assert len(items) == N_GOOD + 1 == report["summary"]["total"]
-    skipped = {i["output_prefix"] for i in report["items"] if i["status"] == SKIPPED}
+    skipped = {i["output_prefix"] for i in report["items"] if i["outcome"] == SKIPPED}
     assert skipped == before
-    succeeded = {i["output_prefix"] for i in report["items"] if i["status"] == SUCCEEDED}
+    succeeded = {i["output_prefix"] for i in report["items"] if i["outcome"] == SUCCEEDED}
     assert succeeded == set(outs) - before
     broken = items[inbox + "broken.nii.gz"]
-    assert broken["status"] == "failed" and "422" in broken["reason"]
+    assert broken["outcome"] == "failed" and "422" in broken["reason"]
     assert report["summary"] == {"succeeded": N_GOOD - len(before), "failed": 1, "skipped": len(before),
                                  "total": N_GOOD + 1}
     assert done() == set(outs)
@@ -197,7 +197,7 @@ def test_bulk_resumes_after_interruption_with_correct_report(seaweed, inbox, tin
                            env=bulk_env(seaweed), capture_output=True, text=True, timeout=600)
     rows = list(csv.DictReader(open(tmp_path / "r3.csv")))
     assert len(rows) == N_GOOD + 1
-    assert sorted(r["status"] for r in rows) == ["failed"] + [SKIPPED] * N_GOOD, third.stderr[-1000:]
+    assert sorted(r["outcome"] for r in rows) == ["failed"] + [SKIPPED] * N_GOOD, third.stderr[-1000:]
 
 
 @pytest.mark.ray
@@ -218,19 +218,19 @@ def test_bulk_through_the_cluster_api_resumes(serve_stack, tmp_path):  # noqa: F
 
     first = run_bulk(f"{root}/in/", f"{root}/out/", backend, s3, **kw)
     by_case = {i.input.rsplit("/", 1)[1]: i for i in first}
-    assert [by_case[f"case{i}.nii.gz"].status for i in range(3)] == ["succeeded"] * 3
-    assert by_case["broken.nii.gz"].status == "failed" and "422" in by_case["broken.nii.gz"].reason
+    assert [by_case[f"case{i}.nii.gz"].outcome for i in range(3)] == ["succeeded"] * 3
+    assert by_case["broken.nii.gz"].outcome == "failed" and "422" in by_case["broken.nii.gz"].reason
     for i in range(3):
         assert already_done(f"{root}/out/site-a/case{i}/", s3)
 
     second = run_bulk(f"{root}/in/", f"{root}/out/", backend, s3, **kw)
-    assert sorted(i.status for i in second) == ["failed", "skipped", "skipped", "skipped"]
+    assert sorted(i.outcome for i in second) == ["failed", "skipped", "skipped", "skipped"]
     report = json.loads(write_report(second, tmp_path / "r.json").read_text())
     assert report["summary"] == {"succeeded": 0, "failed": 1, "skipped": 3, "total": 4}
 
     # a corrected case0 under the same key: the router's job.json named the version it read, so it runs again
     staging.put_bytes(nifti_bytes(shape=(24, 24, 24), seed=50), f"{root}/in/case0.nii.gz", s3)
-    third = {i.input.rsplit("/", 1)[1]: i.status for i in run_bulk(f"{root}/in/", f"{root}/out/", backend, s3, **kw)}
+    third = {i.input.rsplit("/", 1)[1]: i.outcome for i in run_bulk(f"{root}/in/", f"{root}/out/", backend, s3, **kw)}
     assert third == {"case0.nii.gz": "succeeded", "case1.nii.gz": "skipped", "case2.nii.gz": "skipped",
                      "broken.nii.gz": "failed"}
     listed = {v.uri: v.etag for v in list_volumes(f"{root}/in/", s3)}

@@ -82,13 +82,13 @@ def test_the_routers_output_set_names_the_input_version_so_a_replaced_input_runs
     assert already_done(spec.output_prefix, seaweed.settings, spec.options(), listed)
     ran: list[str] = []
     kw = dict(site="site-a", roi_subset=["spleen"], outputs=["statistics"], progress=False)
-    assert [i.status for i in run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, **kw)] == [SKIPPED]
+    assert [i.outcome for i in run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, **kw)] == [SKIPPED]
 
     staging.put_bytes(nifti_bytes(shape=(16, 16, 16), seed=2), uri, seaweed.settings)  # the corrected scan
     [replaced] = list_volumes(inbox, seaweed.settings)
     assert not already_done(spec.output_prefix, seaweed.settings, spec.options(), replaced)
     again = run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, **kw)
-    assert [i.status for i in again] == [SUCCEEDED] and ran == [uri]
+    assert [i.outcome for i in again] == [SUCCEEDED] and ran == [uri]
 
 
 def test_a_set_that_does_not_say_which_input_made_it_is_run_again(seaweed, unique_prefix):  # noqa: F811
@@ -106,7 +106,7 @@ def test_a_set_that_does_not_say_which_input_made_it_is_run_again(seaweed, uniqu
         doc = {"status": "done", "options": spec.options(), **({"input": record} if record else {})}
         staging.put_json(doc, job_json, seaweed.settings)
         items = run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, progress=False)
-        assert [i.status for i in items] == [expected], record
+        assert [i.outcome for i in items] == [expected], record
     assert len(ran) == 3
 
 
@@ -125,15 +125,15 @@ def test_a_replaced_input_runs_again_with_local_models(seaweed, tiny_models, tmp
     backend = local_backend([str(tiny_models)], f"s3://jobs/{unique_prefix}", seaweed.settings)
     kw = dict(progress=False, roi_subset=["liver"], outputs=["multilabel"])
     first = run_bulk(inbox, out, backend, seaweed.settings, **kw)
-    assert [i.status for i in first] == [SUCCEEDED]
+    assert [i.outcome for i in first] == [SUCCEEDED]
 
     info = staging.upload_file(tmp_path / "v2.nii.gz", inbox + "case.nii.gz", seaweed.settings)
     second = run_bulk(inbox, out, backend, seaweed.settings, **kw)
-    assert [i.status for i in second] == [SUCCEEDED], second[0].reason
+    assert [i.outcome for i in second] == [SUCCEEDED], second[0].reason
     doc = json.loads(staging.download_bytes(second[0].output_prefix + "job.json", settings=seaweed.settings))
     assert doc["input"]["etag"] == info.etag and doc["status"] == "done"
     third = run_bulk(inbox, out, backend, seaweed.settings, **kw)
-    assert [(i.status, i.output_prefix) for i in third] == [(SKIPPED, second[0].output_prefix)]
+    assert [(i.outcome, i.output_prefix) for i in third] == [(SKIPPED, second[0].output_prefix)]
 
 
 # -- 2. inputs sharing an output folder -----------------------------------------------------------
@@ -149,9 +149,9 @@ def test_inputs_that_map_to_one_output_folder_all_fail_before_anything_runs(seaw
                      seaweed.settings)
     ran: list[str] = []
     items = {i.input: i for i in run_bulk(inbox, out, _recording_backend(ran), seaweed.settings, progress=False)}
-    assert ran == [inbox + "p1/other.nii.gz"] and items[inbox + "p1/other.nii.gz"].status == SUCCEEDED
+    assert ran == [inbox + "p1/other.nii.gz"] and items[inbox + "p1/other.nii.gz"].outcome == SUCCEEDED
     for uri in shared:
-        assert items[uri].status == FAILED and items[uri].reason.startswith("409 Output folder shared")
+        assert items[uri].outcome == FAILED and items[uri].reason.startswith("409 Output folder shared")
         assert all(o in items[uri].reason for o in shared if o != uri) and folder in items[uri].reason
 
 
