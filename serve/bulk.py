@@ -2,8 +2,8 @@
 
 Each volume ``s3://bucket/prefix/<rel>.nii.gz`` gets its outputs under
 ``{--out}/{site}/<rel>/`` (the S3 layout of docs/s3-and-jobs.md). An input
-whose ``job.json`` there says ``done``, made with the same options (resampling
-order included) from the same object (URI and ETag), is skipped, so an interrupted run is resumed by
+whose ``job.json`` there says ``succeeded`` (a legacy one ``done``), made with the same options
+(resampling order included) from the same object (URI and ETag), is skipped, so an interrupted run is resumed by
 running the same command again, and a replaced input runs again. Inputs that
 map to one output folder (``scan.nii`` and ``scan.nii.gz``) all fail unrun. Jobs go through the cluster's
 HTTP API (``POST /v1/segmentations`` with ``output_prefix``, then polling
@@ -36,14 +36,13 @@ from serve import staging
 from serve.cli import add_resampling_order_arg
 from serve.errors import MrisegError
 from serve.events import is_volume_key
-from serve.jobs import DEFAULT_OUTPUTS, DONE, RUNNING, JobSpec
+from serve.jobs import DEFAULT_OUTPUTS, JobSpec
+from serve.records_schema import FAILED, RUNNING, SUCCEEDED, UnsupportedRecordFormat, read_output_record
 from serve.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
-#: a job's final states, as the API reports them
-SUCCEEDED, FAILED = "succeeded", "failed"
 #: the report's own outcome: the input's set was already done, so no job ran (not a job state)
 SKIPPED = "skipped"
 #: an input's outcome in the report: the final state of its job, or skipped
@@ -83,24 +82,30 @@ def list_volumes(prefix_uri: str, settings: S3Settings) -> list[Listed]:
 
 def already_done(output_prefix: str, settings: S3Settings, options: dict | None = None,
                  source: Listed | None = None) -> bool:
-    """The output set is complete: its job.json (always written last) says done, and, where ``options``
-    (:meth:`JobSpec.options`) are given, was made with them: a run with other options is not done.
+    """The output set is complete: its job.json (always written last) says succeeded (a legacy one: done),
+    and, where ``options`` (:meth:`JobSpec.options`) are given, was made with them: a run with other options
+    is not done.
 
     Where ``source`` is given, the set must also have been made from that object as listed (its ``input``
     names the same URI and ETag): an input replaced since (a corrected re-upload) is not done, and neither
     is a set whose job.json does not say what it was made from (written before it did): rerunning those
     is the safe way, keeping labels of another scan is not.
+
+    A job.json of a format this version does not know (a newer mriseg-serve's) raises
+    :class:`serve.records_schema.UnsupportedRecordFormat`: neither taken for done nor written over.
     """
     uri = output_prefix + "job.json"
     if staging.object_exists(uri, settings) is None:
         return False
     try:
-        doc = json.loads(staging.download_bytes(uri, settings=settings))
-        return (isinstance(doc, dict) and doc.get("status") == DONE
-                and (options is None or doc.get("options") == options)
-                and (source is None or _made_from(doc.get("input"), source)))
-    except (ValueError, MrisegError):
+        doc = read_output_record(json.loads(staging.download_bytes(uri, settings=settings)))
+    except UnsupportedRecordFormat:
+        raise
+    except (ValueError, MrisegError):  # MalformedRecord is a ValueError
         return False
+    return (doc.get("status") == SUCCEEDED
+            and (options is None or doc.get("options") == options)
+            and (source is None or _made_from(doc.get("input"), source)))
 
 
 def _made_from(record: Any, source: Listed) -> bool:
@@ -187,7 +192,7 @@ def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, th
             if out.state != RUNNING:
                 break
             time.sleep(min(5.0, lease_s / 2))
-        if out.state == DONE:  # under runs/<key>/ where a set made with other options (or input) was there already
+        if out.state == SUCCEEDED:  # under runs/<key>/ where a set made with other options (or input) was there
             if not out.computed:  # done before (a replaced input's earlier rerun, another worker): nothing ran now
                 return Outcome(SKIPPED, "already done", out.key, out.output_prefix)
             return Outcome(SUCCEEDED, "", out.key, out.output_prefix)
@@ -222,10 +227,16 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
     _fail_shared_folders([items[s.input_uri] for s in specs])
     todo = []
     for s in specs:
-        if items[s.input_uri].outcome:  # failed above
+        item = items[s.input_uri]
+        if item.outcome:  # failed above
             continue
-        if already_done(s.output_prefix, settings, s.options(), listed[s.input_uri]):
-            items[s.input_uri].outcome, items[s.input_uri].reason = SKIPPED, "already done"
+        try:
+            done = already_done(s.output_prefix, settings, s.options(), listed[s.input_uri])
+        except UnsupportedRecordFormat as e:  # a newer version's set: this one can neither judge nor replace it
+            item.outcome, item.reason = FAILED, f"{e.status} {e.title}: {e.message}"
+            continue
+        if done:
+            item.outcome, item.reason = SKIPPED, "already done"
         else:
             todo.append(s)
     bar = tqdm(total=len(todo), unit="vol", desc="segmenting", disable=not progress, file=sys.stderr,

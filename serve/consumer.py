@@ -5,7 +5,7 @@ Delivery is at-least-once and every step is safe to repeat:
 - each message is received with a visibility timeout that a heartbeat thread
   extends (``ChangeMessageVisibility``) while its jobs run;
 - a message is deleted only once every job it names is settled: outputs and
-  ``job.json`` are in S3 (done), or the input is poison (a corrupt file, a 4xx
+  ``job.json`` are in S3 (succeeded), or the input is poison (a corrupt file, a 4xx
   from S3: an error ``job.json`` is written and the message acknowledged so it
   does not loop);
 - other failures (S3 down, a crash) leave the message in the queue: it comes
@@ -36,7 +36,7 @@ from pydantic import StrictBool, StrictStr, model_validator
 
 from serve.errors import MrisegError
 from serve.events import EventFormatError, ObjectEvent, parse_message, volume_events
-from serve.jobs import DONE, FAILED, OUTPUT_KINDS, RUNNING, JobOutcome, JobSpec
+from serve.jobs import FAILED, OUTPUT_KINDS, RUNNING, SUCCEEDED, JobOutcome, JobSpec
 from serve.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.s3client import S3Settings, has_dot_segments, parse_s3_uri
 from serve.settings_checks import STRICT, Says, setting_names, check, number, whole
@@ -338,7 +338,7 @@ class Consumer:
                     retry_after = max(retry_after, self.config.heartbeat_s, _until(out.lease_until))
                 elif out.state == FAILED and out.retryable:
                     settled = False
-                elif out.state not in (DONE, FAILED):
+                elif out.state not in (SUCCEEDED, FAILED):
                     settled = False
         if settled:
             self.sqs.delete_message(QueueUrl=self.config.queue_url, ReceiptHandle=receipt)

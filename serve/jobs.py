@@ -8,8 +8,9 @@ is the same job: a redelivered event or a resubmission finds the finished
 record and gets the existing result without recomputing. Different options
 or models make a different key and never overwrite another job's outputs.
 
-The record ``s3://{jobs bucket}/{prefix}/jobs/{key}.json`` moves
-queued -> running -> done | failed. Claims are atomic conditional writes:
+The record ``s3://{jobs bucket}/{prefix}/jobs/{key}.json`` (``mriseg.job/1``,
+:mod:`serve.records_schema`) moves queued -> running -> succeeded | failed.
+Claims are atomic conditional writes:
 ``IfNoneMatch="*"`` creates a record only if none exists, ``IfMatch=<ETag>``
 takes over a queued record, a failed-retryable one, a ``running`` claim
 whose lease expired (its worker died), or a record this server did not sign.
@@ -23,7 +24,7 @@ anything is claimed or read), claim, stage the input in, segment (an
 :class:`Engine`), then publish: look at the input again (a result of a
 version replaced meanwhile is not published) and stage the outputs out with
 a signed ``job.json`` last, each ``job.json`` write conditional on the one
-last seen there; mark the record done. Errors a user caused (corrupt file,
+last seen there; mark the record succeeded. Errors a user caused (corrupt file,
 4xx from S3) end the job ``failed`` with the reason in the record and in an
 error ``job.json``; retryable errors leave it ``failed`` with ``retryable``
 so a redelivery may claim it again.
@@ -52,12 +53,13 @@ from serve.audit import audit
 from serve.clock import SYSTEM_CLOCK, Clock
 from serve.errors import MrisegError, StorageError, VolumeTooLargeError
 from serve.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
+from serve.records_schema import (FAILED, QUEUED, RUNNING, SUCCEEDED, MalformedRecord, check_output_record,
+                                  job_record_doc, output_record, read_job_record, read_output_record)
 from serve.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
 from serve.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 OUTPUT_KINDS = ("multilabel", "per_structure", "statistics", "preview")
 DEFAULT_OUTPUTS = ("multilabel", "statistics", "preview")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".zip")
@@ -183,15 +185,6 @@ class UnreadableRecord(ValueError):
     """A stored job record that is not what this version writes (truncated, edited, another format)."""
 
 
-_NUMBER = (int, float)
-#: field -> accepted types of a stored record; None allowed where the field may be null
-_RECORD_TYPES: dict[str, tuple[type, ...]] = {
-    "key": (str,), "state": (str,), "spec": (dict,), "models": (dict,), "output_prefix": (str,),
-    "owner": (str, type(None)), "lease_until": (*_NUMBER, type(None)), "attempts": (int,), "created": _NUMBER,
-    "updated": _NUMBER, "error": (dict, type(None)), "outputs": (dict,)}
-_REQUIRED = ("key", "state", "spec", "models", "output_prefix")
-
-
 @dataclass
 class JobRecord:
     key: str
@@ -209,23 +202,21 @@ class JobRecord:
     etag: str | None = field(default=None, compare=False)   # of the stored record (not stored)
 
     def to_json(self) -> dict:
+        """The stored form (``mriseg.job/1``), validated: a malformed record is never written."""
         d = asdict(self)
         d.pop("etag")
-        return d
+        return job_record_doc(d)
 
     @classmethod
     def from_json(cls, d: Any, etag: str | None) -> "JobRecord":
-        """A stored record; :class:`UnreadableRecord` when a field is missing or of the wrong type."""
-        if not isinstance(d, Mapping):
-            raise UnreadableRecord("not a JSON object")
-        for name, types in _RECORD_TYPES.items():
-            if (name in d or name in _REQUIRED) and not (isinstance(d.get(name), types)
-                                                         and not isinstance(d.get(name), bool)):
-                raise UnreadableRecord(f"field {name!r} is missing or not {'/'.join(t.__name__ for t in types)}")
-        if d["state"] not in (QUEUED, RUNNING, DONE, FAILED):
-            raise UnreadableRecord("unknown state")
-        known = set(cls.__dataclass_fields__) - {"etag"}
-        return cls(**{k: v for k, v in d.items() if k in known}, etag=etag)
+        """A stored record (legacy ``done`` read as ``succeeded``); :class:`UnreadableRecord` when it is not a
+        valid job record, :class:`serve.records_schema.UnsupportedRecordFormat` when it names a newer format."""
+        try:
+            rec = read_job_record(d)
+        except MalformedRecord as e:
+            raise UnreadableRecord(str(e)) from None
+        fields = rec.model_dump(mode="json", exclude={"format"}, exclude_none=True)
+        return cls(**fields, etag=etag)
 
     @classmethod
     def unreadable(cls, key: str, why: str, etag: str | None) -> "JobRecord":
@@ -365,7 +356,7 @@ class JobStore:
             cur, etag = self._read(key)
             now = self.clock.time()
             if cur is not None:
-                if cur.state == DONE or (cur.state == FAILED and not cur.retryable):
+                if cur.state == SUCCEEDED or (cur.state == FAILED and not cur.retryable):
                     return cur, False
                 # a live lease is respected whoever holds it: threads sharing this store (an intake's
                 # pushed jobs and its queue) would otherwise take one job from each other and run it twice
@@ -391,7 +382,7 @@ class JobStore:
 
     def finish(self, rec: JobRecord, state: str, *, error: dict | None = None,
                outputs: Mapping[str, str] | None = None) -> JobRecord:
-        """Mark done or failed. Only the claim holder can (a lost claim raises :class:`ClaimLost`)."""
+        """Mark succeeded or failed. Only the claim holder can (a lost claim raises :class:`ClaimLost`)."""
         rec.state, rec.error, rec.lease_until = state, error, None
         if outputs is not None:
             rec.outputs = dict(outputs)
@@ -462,7 +453,7 @@ class InputChangedError(staging.S3RequestError):
 @dataclass
 class JobOutcome:
     key: str
-    state: str                 # done | failed | running (elsewhere)
+    state: str                 # succeeded | failed | running (elsewhere)
     output_prefix: str
     computed: bool             # False: an existing result (or a running duplicate) was returned
     error: dict | None = None
@@ -511,11 +502,6 @@ class _Heartbeat:
                 return
             except Exception:  # a transient failure: the lease still has time, try next beat
                 log.warning("could not renew a job lease", exc_info=True)
-
-
-#: the status of a job.json while a job replaces the set in its folder: not ``done``, so no reader takes the
-#: files for a whole set; it names the job, so the folder's next job can tell whose it is
-PUBLISHING = "publishing"
 
 
 class _FolderChanged(Exception):
@@ -592,7 +578,7 @@ class JobRunner:
             return self._fail_unclaimed(spec, e)
         if not self._is_version(spec, head):
             rec = self.store.get(key)
-            if rec is not None and (rec.state == DONE or (rec.state == FAILED and not rec.retryable)):
+            if rec is not None and (rec.state == SUCCEEDED or (rec.state == FAILED and not rec.retryable)):
                 return JobOutcome(key, rec.state, rec.output_prefix, False, rec.error, rec.outputs)
             return self._fail_unclaimed(spec, self._changed(spec, "is not the version its event names"))
         rec, mine = self.store.claim(key, spec, models)
@@ -615,18 +601,19 @@ class JobRunner:
             if error is not None:
                 return self._failed(spec, rec, error, started)
             try:
-                rec = self.store.finish(rec, DONE, outputs=outputs)
+                rec = self.store.finish(rec, SUCCEEDED, outputs=outputs)
             except ClaimLost:
                 return self._taken_over(spec, rec)
             audit("job.settled", job=key[:16], site=spec.site, source="s3-event", status="succeeded",
                   seconds=round(time.time() - started, 3), attempt=rec.attempts)
-            return JobOutcome(key, DONE, rec.output_prefix, True, None, outputs)
+            return JobOutcome(key, SUCCEEDED, rec.output_prefix, True, None, outputs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _read_job_json(self, uri: str) -> tuple[dict | None, str | None]:
-        """The job.json at ``uri`` if this server signed it for that place (else None, audited), and the
-        ETag of whatever is there (None: nothing)."""
+        """The job.json at ``uri`` if this server signed it for that place (else None, audited), in this
+        version's vocabulary (:func:`serve.records_schema.read_output_record`; one of a newer format raises
+        :class:`serve.records_schema.UnsupportedRecordFormat`), and the ETag of whatever is there (None: nothing)."""
         bucket, key = parse_s3_uri(uri)
         try:
             raw, info = staging.download_object(uri, MAX_RECORD_BYTES, self.settings)
@@ -639,9 +626,14 @@ class JobRunner:
             rejected("job.json", bucket, key, "oversized" if isinstance(e, VolumeTooLargeError) else "checksum")
             return None, (head["ETag"] if head else None)
         try:
-            return self.signer.check(json.loads(raw), bucket=bucket, key=key), info.etag
+            body = self.signer.check(json.loads(raw), bucket=bucket, key=key)
         except (ValueError, RecursionError, ForgedRecord) as e:
             rejected("job.json", bucket, key, e.reason if isinstance(e, ForgedRecord) else "unsigned")
+            return None, info.etag
+        try:
+            return read_output_record(body), info.etag
+        except MalformedRecord:  # signed here, yet not a job.json: kept, never replaced on its word
+            rejected("job.json", bucket, key, "malformed")
             return None, info.etag
 
     def _placement(self, spec: JobSpec, key: str, models: Mapping[str, str]) -> tuple[str, str | None]:
@@ -650,7 +642,7 @@ class JobRunner:
         ``{site}/{case}/`` unless another job (other options or models) published there, or what is there
         was not signed by this server for that folder (a site may write in its output folders, and what it
         wrote is never replaced on its word): then ``runs/<key16>/``. Its own earlier attempt, the reason
-        its input failed before, and the set (or the ``publishing`` marker) of an earlier version of the
+        its input failed before, and the set (or the ``running`` marker) of an earlier version of the
         same input made the same way are replaced: the case folder shows the input as it is now.
         """
         base = spec.output_prefix
@@ -664,7 +656,7 @@ class JobRunner:
                 # only the reason this input failed before (a corrupt upload since replaced, say): the result
                 # of the input as it is now belongs in the case folder, where the site looks for it
                 return base, etag
-            if existing.get("status") in (DONE, PUBLISHING) and self._supersedes(existing, spec, models):
+            if existing.get("status") in (SUCCEEDED, RUNNING) and self._supersedes(existing, spec, models):
                 return base, etag
         runs = f"{base}runs/{key[:16]}/"
         head = staging.object_exists(runs + "job.json", self.settings)
@@ -698,7 +690,7 @@ class JobRunner:
         outdir.mkdir()
         meta = self.engine.segment_file(local, spec, outdir)
         timings = {"download_s": download_s, **meta.get("timings", {})}
-        doc = self._job_doc(spec, rec, DONE, info, started, timings=timings, meta=meta)
+        doc = self._job_doc(spec, rec, SUCCEEDED, info, started, timings=timings, meta=meta)
         t = time.perf_counter()
         outputs = self._publish(spec, rec, models, outdir, doc, lost)
         log.debug("uploaded outputs in %.2fs", time.perf_counter() - t)
@@ -711,9 +703,10 @@ class JobRunner:
         Just before, the input is looked at again: a job whose input was replaced (or deleted) while it ran
         publishes nothing (:class:`InputChangedError`, 412), so an older version's result never replaces a
         newer one's; the version there now has its own job. The folder's job.json is first replaced by a
-        signed ``publishing`` marker, conditionally on the one the placement read (``If-Match``, or
+        signed ``running`` marker (no reader takes the files for a whole set; it names the job, so the
+        folder's next job can tell whose it is), conditionally on the one the placement read (``If-Match``, or
         ``If-None-Match`` where there was none); the uploads stop once the marker is replaced, and the
-        done job.json is written ``If-Match`` the marker. Of two jobs publishing into one folder at once,
+        succeeded job.json is written ``If-Match`` the marker. Of two jobs publishing into one folder at once,
         the later marker wins and the other decides again.
         """
         for _ in range(3):
@@ -733,7 +726,7 @@ class JobRunner:
     def _publish_at(self, prefix: str, etag: str | None, outdir: Path, doc: dict,
                     lost: Callable[[], bool]) -> dict[str, str]:
         uri = prefix + "job.json"
-        marker = self._put_job_json({**doc, "status": PUBLISHING}, uri, etag)
+        marker = self._put_job_json({**doc, "status": RUNNING}, uri, etag)
 
         def still_ours(_name: str) -> None:
             if lost():
@@ -749,11 +742,12 @@ class JobRunner:
 
     def _put_job_json(self, doc: dict, uri: str, etag: str | None) -> str:
         """Write ``doc`` signed at ``uri`` in place of exactly the job.json last seen there (``etag``; None:
-        none); returns the new ETag, or raises :class:`_FolderChanged` when another has landed since."""
+        none); returns the new ETag, or raises :class:`_FolderChanged` when another has landed since. The
+        signed document is validated first (``mriseg.output/1``): nothing malformed is published."""
         bucket, key = parse_s3_uri(uri)
+        signed = check_output_record(self.signer.stamp(doc, bucket=bucket, key=key))
         try:
-            resp = staging.put_json(self.signer.stamp(doc, bucket=bucket, key=key), uri, self.settings,
-                                    **conditions(etag))
+            resp = staging.put_json(signed, uri, self.settings, **conditions(etag))
         except StorageError as e:
             if precondition_failed(e):
                 raise _FolderChanged() from e
@@ -764,19 +758,13 @@ class JobRunner:
                  started: float, *, timings: dict | None = None, meta: dict | None = None,
                  error: dict | None = None) -> dict:
         """The job.json; ``rec`` is None for a job that failed before it could be claimed."""
-        meta = meta or {}
-        return {
-            "status": state, "job_key": rec.key if rec else None, "site": spec.site, "case": spec.case,
-            "input": staging.input_record(info) if info else {"uri": spec.input_uri, "etag": spec.etag,
-                                                               "version_id": spec.version_id, "size": None,
-                                                               "sha256": None},
-            "options": spec.options(), "input_cast": meta.get("input_cast"),
-            "software": {"name": "mriseg-serve", "version": software_version()},
-            "models": meta.get("models") or (rec.models if rec else {}), "demo_models": bool(meta.get("demo")),
-            "structures": meta.get("structures", {}), "unavailable": meta.get("unavailable", {}),
-            "timings": {**(timings or {}), "total_s": time.time() - started},
-            "started": started, "finished": time.time(), "attempt": rec.attempts if rec else 0, "error": error,
-        }
+        return output_record(
+            state, options=spec.options(), meta=meta or {}, software_version=software_version(),
+            input=staging.input_record(info) if info else {"uri": spec.input_uri, "etag": spec.etag,
+                                                           "version_id": spec.version_id, "size": None,
+                                                           "sha256": None},
+            site=spec.site, case=spec.case, job_key=rec.key if rec else None, models=rec.models if rec else {},
+            timings=timings or {}, started=started, attempt=rec.attempts if rec else 0, error=error)
 
     def _failed(self, spec: JobSpec, rec: JobRecord, exc: BaseException, started: float) -> JobOutcome:
         err = error_dict(exc)

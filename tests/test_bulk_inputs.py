@@ -18,6 +18,7 @@ import pytest
 from serve import staging
 from serve.bulk import FAILED, SKIPPED, SUCCEEDED, already_done, api_backend, list_volumes, run_bulk
 from serve.jobs import JobSpec
+from serve.records_schema import OutputRecord
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
 from tests.openapi_fakes import CheckedServer, ProxyAnswer
 from tests.ray_fixtures import nifti_bytes
@@ -78,6 +79,7 @@ def test_the_routers_output_set_names_the_input_version_so_a_replaced_input_runs
     [listed] = list_volumes(inbox, seaweed.settings)
     doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
     assert set(doc["input"]) == INPUT_FIELDS and doc["input"]["uri"] == uri
+    assert OutputRecord.model_validate(doc).status == "succeeded"  # the router's job.json, as written
     assert doc["input"]["etag"].strip('"') == listed.etag.strip('"')
     assert already_done(spec.output_prefix, seaweed.settings, spec.options(), listed)
     ran: list[str] = []
@@ -131,7 +133,7 @@ def test_a_replaced_input_runs_again_with_local_models(seaweed, tiny_models, tmp
     second = run_bulk(inbox, out, backend, seaweed.settings, **kw)
     assert [i.outcome for i in second] == [SUCCEEDED], second[0].reason
     doc = json.loads(staging.download_bytes(second[0].output_prefix + "job.json", settings=seaweed.settings))
-    assert doc["input"]["etag"] == info.etag and doc["status"] == "done"
+    assert doc["input"]["etag"] == info.etag and doc["status"] == "succeeded"
     third = run_bulk(inbox, out, backend, seaweed.settings, **kw)
     assert [(i.outcome, i.output_prefix) for i in third] == [(SKIPPED, second[0].output_prefix)]
 

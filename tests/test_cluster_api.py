@@ -151,7 +151,7 @@ def test_an_event_jobs_resampling_order_reaches_the_router(serve_stack):
     roi = ("liver", "subcutaneous_fat")
     out = runner.run(JobSpec("s3://consortium/site-a/inbox/case-33.nii.gz", "s3://consortium/site-a/results",
                              site="site-a", roi_subset=roi, input_prefix="site-a/inbox/", resampling_order=3))
-    assert out.state == "done" and out.computed, out.error
+    assert out.state == "succeeded" and out.computed, out.error
     doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=s3))
     assert doc["options"]["resampling_order"] == 3 and doc["input_cast"] == "int32"
     got = staging.download_bytes(out.output_prefix + "segmentation.nii.gz", settings=s3)
@@ -426,15 +426,15 @@ def test_durable_jobs_run_through_the_cluster_once(serve_stack):
     spec = JobSpec("s3://consortium/site-a/inbox/case-31.nii.gz", "s3://consortium/site-a/results", site="site-a",
                    roi_subset=("liver", "spleen"), input_prefix="site-a/inbox/")
     first = runner.run(spec)
-    assert first.state == "done" and first.computed, first.error
+    assert first.state == "succeeded" and first.computed, first.error
     assert staging.object_exists(first.output_prefix + "segmentation.nii.gz", s3)
     assert staging.object_exists(first.output_prefix + "job.json", s3)
     again = runner.run(spec)
-    assert again.state == "done" and not again.computed and again.key == first.key
+    assert again.state == "succeeded" and not again.computed and again.key == first.key
     assert engine.calls == 1
     # another resampling order is another job, run by the router at that order, recorded in its job.json
     ro3 = runner.run(dataclasses.replace(spec, resampling_order=3))
-    assert ro3.state == "done" and ro3.computed and ro3.key != first.key and engine.calls == 2, ro3.error
+    assert ro3.state == "succeeded" and ro3.computed and ro3.key != first.key and engine.calls == 2, ro3.error
     doc = json.loads(staging.download_bytes(ro3.output_prefix + "job.json", settings=s3))
     assert doc["options"]["resampling_order"] == 3 and doc["input_cast"] == "none"  # float32, already at 1.5 mm
     # a job naming site-b but reading site-a's object (a forged record, say): the router refuses to run it

@@ -27,7 +27,7 @@ def wait_job_json(s3, bucket: str, key: str, timeout: float = 240) -> dict:
     while time.monotonic() < deadline:
         try:
             doc = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-            if doc.get("status") in ("done", "failed"):
+            if doc.get("status") in ("succeeded", "failed"):
                 return doc
         except s3.exceptions.NoSuchKey:
             pass
@@ -71,7 +71,7 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
     # 1. polled: an upload into the notified inbox is segmented by the in-cluster consumer
     s3.put_object(Bucket=inbox, Key="site-a/in/case 1.nii.gz", Body=data)
     doc = wait_job_json(s3, outbox, "results/site-a/case 1/job.json")
-    assert doc["status"] == "done", doc
+    assert doc["status"] == "succeeded", doc
     assert doc["demo_models"] is True  # this stack runs demo models: the output set must say so
     assert s3.head_object(Bucket=outbox, Key="results/site-a/case 1/segmentation.nii.gz")["ContentLength"] > 0
 
@@ -88,7 +88,7 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
         assert r.status_code == 202 and r.json()["accepted"] == 1, r.text
         assert r.json()["jobs"][0]["output_prefix"] == f"s3://{outbox}/results/site-a/case2/"
     doc = wait_job_json(s3, outbox, "results/site-a/case2/job.json")
-    assert doc["status"] == "done", doc
+    assert doc["status"] == "succeeded", doc
     # EventBridge's shape for the same object: already done, so no second output set
     eb = {"detail-type": "Object Created", "source": "aws.s3",
           "detail": {"bucket": {"name": inbox}, "object": {"key": "site-a/push/case2.nii.gz", "etag": etag}}}
@@ -101,7 +101,7 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
     s3.put_object(Bucket=inbox, Key="site-a/in/case3.nii.gz", Body=data)
     doc = wait_job_json(s3, outbox, "results/site-a/case3/job.json", timeout=300)
-    assert doc["status"] == "done", doc
+    assert doc["status"] == "succeeded", doc
     status = rayserve.status().applications["mriseg"].deployments["EventIntake"]
     assert str(getattr(status.status, "value", status.status)) == "HEALTHY"
 

@@ -233,7 +233,7 @@ def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_
     finally:
         worker.close()
     doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
-    assert doc["status"] == "done" and engine.calls == 1
+    assert doc["status"] == "succeeded" and engine.calls == 1
 
 
 def test_the_wait_between_runs_of_an_unsettled_pushed_job_doubles_up_to_a_cap():

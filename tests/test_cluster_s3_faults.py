@@ -40,7 +40,7 @@ def _check_outputs(server: SeaweedServer, n: int, job: dict) -> None:
     # staging's output layout (mriseg.json's content goes into job.json)
     assert _keys(server, f"site-a/out/{n}/") == ["job.json", "preview.png", "segmentation.nii.gz", "statistics.json"]
     done = json.loads(server.client().get_object(Bucket=BUCKET, Key=f"site-a/out/{n}/job.json")["Body"].read())
-    assert done["status"] == "done"
+    assert done["status"] == "succeeded"
 
 
 def test_s3_errors_for_a_while_and_a_10s_outage_mid_job(isolated_ray, tmp_path):

@@ -13,10 +13,11 @@ import pytest
 
 from serve import staging
 from serve.clock import ManualClock
-from serve.jobs import (DONE, FAILED, ClaimLost, JobRecord, JobRunner, JobSpec, JobStore, SegmenterEngine, case_name,
-                        idempotency_key)
+from serve.jobs import (FAILED, SUCCEEDED, ClaimLost, JobRecord, JobRunner, JobSpec, JobStore, SegmenterEngine,
+                        case_name, idempotency_key)
 from serve.pushes import PushJournal
 from serve.records import RecordSigner
+from serve.records_schema import OutputRecord
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 
@@ -67,13 +68,14 @@ def test_done_job_is_not_recomputed(seaweed, runner, unique_prefix, tmp_path):  
     spec = spec_for(unique_prefix, "case1.nii.gz")
     put_volume(seaweed.settings, spec.input_uri, tmp_path)
     first = runner.run(spec)
-    assert first.state == DONE and first.computed and runner.engine.calls == 1
+    assert first.state == SUCCEEDED and first.computed and runner.engine.calls == 1
     assert first.output_prefix == f"s3://outbox/{unique_prefix}/site-a/case1/"
     keys = keys_under(seaweed, "outbox", f"{unique_prefix}/site-a/case1/")
     assert [k.rsplit("/", 1)[1] for k in keys] == ["job.json", "preview.png", "segmentation.nii.gz",
                                                   "statistics.json"]
     doc = json.loads(staging.download_bytes(first.output_prefix + "job.json", settings=seaweed.settings))
-    assert doc["status"] == "done" and doc["job_key"] == first.key
+    assert doc["status"] == "succeeded" and doc["job_key"] == first.key
+    assert OutputRecord.model_validate(doc).format == "mriseg.output/1" and len(doc["mac"]) == 64
     assert doc["input"]["etag"] and doc["input"]["sha256"] and doc["software"]["version"]
     assert set(doc["models"]) == {"organs"} and doc["options"]["roi_subset"] == sorted(ROI)
     assert doc["timings"]["total_s"] > 0
@@ -81,7 +83,7 @@ def test_done_job_is_not_recomputed(seaweed, runner, unique_prefix, tmp_path):  
     again = runner.run(spec)
     restarted = JobRunner(JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings), runner.engine,
                           seaweed.settings).run(spec)
-    assert again.state == restarted.state == DONE and not again.computed and not restarted.computed
+    assert again.state == restarted.state == SUCCEEDED and not again.computed and not restarted.computed
     assert again.key == first.key and runner.engine.calls == 1
 
 
@@ -91,7 +93,7 @@ def test_different_options_never_overwrite(seaweed, runner, unique_prefix, tmp_p
     a = runner.run(spec)
     before = staging.download_bytes(a.output_prefix + "segmentation.nii.gz", settings=seaweed.settings)
     b = runner.run(dataclasses.replace(spec, roi_subset=("liver",)))
-    assert b.state == DONE and b.computed and b.key != a.key and b.output_prefix != a.output_prefix
+    assert b.state == SUCCEEDED and b.computed and b.key != a.key and b.output_prefix != a.output_prefix
     assert b.output_prefix.startswith(a.output_prefix + "runs/")
     assert staging.download_bytes(a.output_prefix + "segmentation.nii.gz", settings=seaweed.settings) == before
     # a new version of the input object (a corrected re-upload) is a new job too, and its result replaces
@@ -105,7 +107,7 @@ def test_different_options_never_overwrite(seaweed, runner, unique_prefix, tmp_p
     # a late (redelivered) event for the replaced version is the finished job a: nothing runs or is published
     late = runner.run(dataclasses.replace(spec, etag=json.loads(staging.download_bytes(
         b.output_prefix + "job.json", settings=seaweed.settings))["input"]["etag"]))
-    assert late.key == a.key and late.state == DONE and not late.computed
+    assert late.key == a.key and late.state == SUCCEEDED and not late.computed
     assert json.loads(staging.download_bytes(a.output_prefix + "job.json", settings=seaweed.settings))["job_key"] == c.key
 
 
@@ -154,7 +156,7 @@ def test_job_json_records_the_resampling_order_and_the_input_cast(seaweed, runne
     spec = spec_for(unique_prefix, "int16.nii.gz", resampling_order=3)
     staging.upload_file(path, spec.input_uri, seaweed.settings)
     out = runner.run(spec)
-    assert out.state == DONE
+    assert out.state == SUCCEEDED
     doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=seaweed.settings))
     assert doc["options"]["resampling_order"] == 3 and doc["input_cast"] == "int32"
     spec1 = spec_for(unique_prefix, "int16.nii.gz")  # the default order is another job, in its own folder
@@ -200,8 +202,8 @@ def test_stale_claim_is_taken_over(seaweed, unique_prefix):  # noqa: F811
     rec_live, won = live.claim(key, spec, {})
     assert won and rec_live.attempts == 2
     with pytest.raises(ClaimLost):
-        dead.finish(rec_dead, DONE)
-    assert live.finish(rec_live, DONE).state == DONE
+        dead.finish(rec_dead, SUCCEEDED)
+    assert live.finish(rec_live, SUCCEEDED).state == SUCCEEDED
 
 
 def test_a_stalled_worker_whose_job_was_taken_over_publishes_nothing(seaweed, segmenter, unique_prefix,
@@ -242,8 +244,8 @@ def test_unreadable_record_is_taken_over_not_fatal(seaweed, unique_prefix, body)
     store.client.put_object(Bucket="jobs", Key=f"{unique_prefix}/jobs/{key}.json", Body=body)
     assert store.get(key) is None and store.list() == []
     rec, won = store.claim(key, spec, {})
-    assert won and rec.attempts == 1 and store.finish(rec, DONE).state == DONE
-    assert store.get(key).state == DONE
+    assert won and rec.attempts == 1 and store.finish(rec, SUCCEEDED).state == SUCCEEDED
+    assert store.get(key).state == SUCCEEDED
 
 
 def test_a_signed_record_of_another_format_is_taken_over_not_fatal(seaweed, unique_prefix):  # noqa: F811
@@ -259,7 +261,7 @@ def test_a_signed_record_of_another_format_is_taken_over_not_fatal(seaweed, uniq
     assert seen.state == FAILED and seen.retryable and "unreadable" in seen.error["detail"]
     assert [r.state for r in store.list()] == [FAILED]
     rec, won = store.claim(key, spec, {})
-    assert won and rec.attempts == 1 and store.finish(rec, DONE).state == DONE
+    assert won and rec.attempts == 1 and store.finish(rec, SUCCEEDED).state == SUCCEEDED
 
 
 def audited(caplog, event: str) -> list[dict]:
@@ -305,6 +307,7 @@ def test_corrupt_input_fails_once_with_error_job_json(seaweed, runner, unique_pr
     assert out.state == FAILED and not out.retryable and out.error["status"] == 422
     doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=seaweed.settings))
     assert doc["status"] == "failed" and doc["error"]["status"] == 422
+    OutputRecord.model_validate(doc)
     again = runner.run(spec)
     assert again.state == FAILED and not again.computed and runner.engine.calls == 0
 
@@ -317,16 +320,17 @@ def test_a_job_that_cannot_start_leaves_its_reason_but_never_over_a_result(seawe
     assert out.state == FAILED and not out.retryable and out.error["status"] == 404
     doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=seaweed.settings))
     assert doc["status"] == "failed" and doc["error"]["status"] == 404 and doc["job_key"] is None
+    OutputRecord.model_validate(doc)
     assert doc["input"]["uri"] == gone.input_uri and doc["case"] == "deleted"
     # a case already done keeps its job.json when a later event for it cannot start
     done = spec_for(unique_prefix, "case9.nii.gz")
     put_volume(seaweed.settings, done.input_uri, tmp_path, seed=9)
-    assert runner.run(done).state == DONE
+    assert runner.run(done).state == SUCCEEDED
     seaweed.client().delete_object(Bucket="inbox", Key=f"{unique_prefix}/in/case9.nii.gz")
     again = runner.run(dataclasses.replace(done, etag=None))
     assert again.state == FAILED and again.error["status"] == 404
     doc = json.loads(staging.download_bytes(again.output_prefix + "job.json", settings=seaweed.settings))
-    assert doc["status"] == "done"
+    assert doc["status"] == "succeeded"
 
 
 def test_wrong_credentials_is_a_clear_job_error(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
@@ -351,7 +355,7 @@ def test_moto_honours_the_conditional_writes_too(moto, unique_prefix):  # noqa: 
     stale = dataclasses.replace(rec)
     a.renew(rec)  # changes the record's ETag
     with pytest.raises(ClaimLost):
-        a.finish(stale, DONE)
+        a.finish(stale, SUCCEEDED)
 
 
 def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
@@ -389,7 +393,7 @@ def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, 
         fresh.close()
     for s in specs:
         doc = json.loads(staging.download_bytes(s.output_prefix + "job.json", settings=seaweed.settings))
-        assert doc["status"] == "done", s.case
+        assert doc["status"] == "succeeded", s.case
     assert f"{unique_prefix}/pushed/garbage.json.unsigned" in keys_under(seaweed, "jobs", f"{unique_prefix}/pushed/")
 
 
@@ -491,7 +495,7 @@ def test_a_made_up_etag_is_never_claimed_or_read(seaweed, segmenter, unique_pref
     assert keys_under(seaweed, "jobs", f"{unique_prefix}/jobs/") == []  # nothing was claimed
     assert keys_under(seaweed, "outbox", f"{unique_prefix}/") == []      # nor published
     # the object's real version runs (and is read once)
-    assert runner.run(spec).state == DONE and len(gets) == 1
+    assert runner.run(spec).state == SUCCEEDED and len(gets) == 1
 
 
 def test_an_older_versions_result_never_replaces_a_newer_ones(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
@@ -518,7 +522,7 @@ def test_an_older_versions_result_never_replaces_a_newer_ones(seaweed, segmenter
         assert entered.wait(120)
         v2 = put_volume(seaweed.settings, spec.input_uri, tmp_path, seed=2)
         second = runner.run(dataclasses.replace(spec, etag=v2.etag))
-        assert second.state == DONE and second.output_prefix == spec.output_prefix
+        assert second.state == SUCCEEDED and second.output_prefix == spec.output_prefix
         seg = staging.download_bytes(spec.output_prefix + "segmentation.nii.gz", settings=seaweed.settings)
     finally:
         go.set()
@@ -526,7 +530,7 @@ def test_an_older_versions_result_never_replaces_a_newer_ones(seaweed, segmenter
     [late] = first
     assert late.state == FAILED and late.error["status"] == 412 and not late.retryable
     doc = json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings))
-    assert doc["status"] == "done" and doc["input"]["etag"] == v2.etag and doc["job_key"] == second.key
+    assert doc["status"] == "succeeded" and doc["input"]["etag"] == v2.etag and doc["job_key"] == second.key
     assert staging.download_bytes(spec.output_prefix + "segmentation.nii.gz", settings=seaweed.settings) == seg
     assert not [k for k in keys_under(seaweed, "outbox", f"{unique_prefix}/") if "/runs/" in k]
 
@@ -542,8 +546,8 @@ def test_a_job_json_this_server_did_not_sign_is_never_replaced(seaweed, runner, 
     staging.put_json(planted, spec.output_prefix + "job.json", seaweed.settings)
     with caplog.at_level(logging.INFO, logger="mriseg.audit"):
         out = runner.run(spec)
-    assert out.state == DONE and out.output_prefix == f"{spec.output_prefix}runs/{key[:16]}/"
+    assert out.state == SUCCEEDED and out.output_prefix == f"{spec.output_prefix}runs/{key[:16]}/"
     assert json.loads(staging.download_bytes(spec.output_prefix + "job.json", settings=seaweed.settings)) == planted
     assert [line["kind"] for line in audited(caplog, "record.rejected")] == ["job.json"]
     doc = json.loads(staging.download_bytes(out.output_prefix + "job.json", settings=seaweed.settings))
-    assert doc["status"] == "done" and doc["job_key"] == key and len(doc["mac"]) == 64
+    assert doc["status"] == "succeeded" and doc["job_key"] == key and len(doc["mac"]) == 64

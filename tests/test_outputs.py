@@ -12,6 +12,7 @@ from serve.outputs.labeltable import EXTENSION_CODE, label_table_xml, parse_labe
 from serve.outputs.statistics import touches_border
 from serve.outputs.writers import write_outputs
 from serve.pipeline import SegmentationResult
+from serve.records_schema import OutputMeta, OutputRecord
 from serve.volume_io import read_volume, write_nifti
 from tests.core_fixtures import oriented_affine
 
@@ -196,6 +197,7 @@ def test_mriseg_json_records_the_resampling_order_and_the_input_cast(case, tmp_p
     write_outputs(res, vol, tmp_path / "default", preview=False, statistics=False)
     meta = json.loads((tmp_path / "default" / "mriseg.json").read_text())
     assert (meta["resampling_order"], meta["input_cast"]) == (1, "none")
+    assert OutputMeta.model_validate(meta).format == "mriseg.meta/1"  # the writers' record, as written
     res.resampling_order, res.input_cast = 3, "int32"
     write_outputs(res, vol, tmp_path / "ro3", preview=False, statistics=False)
     meta = json.loads((tmp_path / "ro3" / "mriseg.json").read_text())
@@ -212,11 +214,12 @@ def test_a_completion_record_states_the_resampling_order_and_none_for_an_old_set
     res.resampling_order, res.input_cast = 3, "int32"
     write_outputs(res, vol, tmp_path / "a", preview=False, statistics=False)
     doc = completion_doc(tmp_path / "a")
+    assert OutputRecord.model_validate(doc).status == "succeeded"  # the API's job.json, as built
     assert doc["options"] == JobSpec("s3://in/a.nii.gz", "s3://out", outputs=("multilabel",),
                                      resampling_order=3).options()
     assert doc["input_cast"] == "int32"
     meta = json.loads((tmp_path / "a" / "mriseg.json").read_text())
-    del meta["resampling_order"], meta["input_cast"]
+    del meta["resampling_order"], meta["input_cast"], meta["format"]  # as written before these existed
     (tmp_path / "a" / "mriseg.json").write_text(json.dumps(meta))
     old = completion_doc(tmp_path / "a")
     assert old["options"]["resampling_order"] is None and old["input_cast"] is None

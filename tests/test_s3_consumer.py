@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from serve.consumer import (Consumer, ConsumerConfig, InboxRule, configure_notifications, create_queue_with_dlq)
-from serve.jobs import DONE, FAILED, JobRunner, JobStore, SegmenterEngine
+from serve.jobs import FAILED, SUCCEEDED, JobRunner, JobStore, SegmenterEngine
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 from tests.s3_fixtures import moto  # noqa: F401
 
@@ -103,7 +103,7 @@ def test_upload_event_output_and_duplicate_not_recomputed(moto, segmenter, tmp_p
     assert keys(s3, env.outbox) == [prefix + n for n in ("job.json", "preview.png", "segmentation.nii.gz",
                                                          "statistics.json")]
     doc = json.loads(s3.get_object(Bucket=env.outbox, Key=prefix + "job.json")["Body"].read())
-    assert doc["status"] == "done" and doc["site"] == "site-a" and doc["input"]["etag"]
+    assert doc["status"] == "succeeded" and doc["site"] == "site-a" and doc["input"]["etag"]
 
     # the output equals a direct in-process segmentation of the same file
     import nibabel as nib
@@ -221,9 +221,9 @@ def test_thirty_objects_consumer_killed_and_restarted(moto, tiny_models, tmp_pat
         mine = [k[len(case):] for k in all_keys if k.startswith(case)]
         assert sorted(mine) == ["job.json", "segmentation.nii.gz"], mine
         doc = json.loads(s3.get_object(Bucket=env.outbox, Key=case + "job.json")["Body"].read())
-        assert doc["status"] == "done"
+        assert doc["status"] == "succeeded"
     records = JobStore(f"s3://{env.jobs}", moto.settings).list()
-    assert len(records) == n and all(r.state == DONE for r in records)
+    assert len(records) == n and all(r.state == SUCCEEDED for r in records)
     assert queue_counts(sqs, env.dlq_url) == (0, 0)
 
 
@@ -296,7 +296,7 @@ def test_a_job_whose_worker_died_is_run_once_its_claim_lapses_not_sent_to_the_dl
     while job_json not in keys(s3, env.outbox) and time.monotonic() < deadline:
         consumer.poll_once(wait_time_s=1)
     assert queue_counts(sqs, env.dlq_url) == (0, 0), "the message went to the DLQ while the dead claim lasted"
-    assert json.loads(s3.get_object(Bucket=env.outbox, Key=job_json)["Body"].read())["status"] == "done"
+    assert json.loads(s3.get_object(Bucket=env.outbox, Key=job_json)["Body"].read())["status"] == "succeeded"
     assert engine.calls == 1
     drain(consumer, polls=4)
     assert queue_counts(sqs, env.queue_url) == (0, 0)
@@ -324,7 +324,7 @@ def test_a_replaced_corrupt_upload_gets_its_result_in_the_case_folder_and_a_stal
     assert status() == "failed"
     s3.put_object(Bucket=env.inbox, Key="site-a/in/case.nii.gz", Body=volume_bytes())
     drain(consumer)
-    assert status() == "done"
+    assert status() == "succeeded"
     assert keys(s3, env.outbox) == ["results/site-a/case/job.json", "results/site-a/case/segmentation.nii.gz"]
 
     stale = JobSpec(f"s3://{env.inbox}/site-a/in/other.nii.gz", f"s3://{env.outbox}/results", "site-a",
@@ -357,7 +357,7 @@ def test_the_waiting_messages_of_a_batch_stay_hidden_from_another_poller(moto): 
         with lock:
             seen[spec.input_uri] += 1
         time.sleep(1.5)
-        return JobOutcome("k", DONE, spec.output_prefix, True)
+        return JobOutcome("k", SUCCEEDED, spec.output_prefix, True)
 
     drain(Consumer(env.config, slow, sqs), polls=3)  # the s3:TestEvent
     for i in range(3):
@@ -395,7 +395,7 @@ def test_the_intake_runs_as_many_queued_jobs_at_once_as_its_concurrency(moto, tm
             t = time.monotonic()
             time.sleep(2.0)
             spans.append((t, time.monotonic()))
-            return JobOutcome("k", DONE, spec.output_prefix, True)
+            return JobOutcome("k", SUCCEEDED, spec.output_prefix, True)
 
     for i in range(2):
         sqs.send_message(QueueUrl=env.queue_url, MessageBody=_records_body(env.inbox, f"site-a/in/c{i}.nii.gz"))

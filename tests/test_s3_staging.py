@@ -236,7 +236,7 @@ def test_upload_dir_ends_with_a_done_job_json_when_caller_wrote_none(seaweed, tm
     got = staging.upload_dir(out, f"s3://outbox/{unique_prefix}/api/", seaweed.settings, on_uploaded=order.append)
     assert order == ["segmentation.nii.gz", "job.json"]
     doc = json.loads(staging.download_bytes(got["job.json"], settings=seaweed.settings))
-    assert doc["status"] == "done" and doc["models"] == {"organs": "c1"} and doc["files"] == ["segmentation.nii.gz"]
+    assert doc["status"] == "succeeded" and doc["models"] == {"organs": "c1"} and doc["files"] == ["segmentation.nii.gz"]
 
 
 @pytest.mark.parametrize("uri", ["s3://inbox", "s3://inbox/", "s3://inbox/site-a/"])

@@ -45,7 +45,7 @@ from ray import serve as rayserve
 from serve.clock import SYSTEM_CLOCK, Clock
 from serve.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
-from serve.jobs import DONE, FAILED, RUNNING, JobOutcome, JobSpec
+from serve.jobs import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobSpec
 from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.s3client import S3Settings, parse_s3_uri
 from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
@@ -569,7 +569,7 @@ class IntakeWorker:
         return max(1.0, min(60.0, self.settings.lease_s / 2))
 
     def submit(self, specs: Sequence[Mapping[str, Any]]) -> int:
-        """Hold pushed jobs in S3, then queue them; each settles as done or failed (``job.json``).
+        """Hold pushed jobs in S3, then queue them; each settles as succeeded or failed (``job.json``).
 
         Every job is held before this returns: a push that was answered 202 survives this replica.
         """
@@ -607,7 +607,7 @@ class IntakeWorker:
     def _run_held(self, held: HeldPush) -> None:
         try:
             out = self._run(held.spec)
-            settled = out is not None and (out.state == DONE or (out.state == FAILED and not out.retryable))
+            settled = out is not None and (out.state == SUCCEEDED or (out.state == FAILED and not out.retryable))
             if settled:
                 self.journal.release(held)
             elif out is not None and out.state == RUNNING:

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve.errors import MrisegError
+from serve.records_schema import TERMINAL
 from serve.resampling import DEFAULT_RESAMPLING_ORDER
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
@@ -28,7 +27,7 @@ class Job:
     options: JobOptions
     input_uri: str | None = None          # s3:// input, or None for an upload
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    status: str = "queued"                # queued | running | succeeded | failed | cancelled
+    status: str = "queued"                # queued | running | succeeded | failed | cancelled (serve.records_schema)
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None

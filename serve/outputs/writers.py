@@ -18,6 +18,7 @@ import numpy as np
 from serve.outputs.labeltable import add_label_table
 from serve.outputs.preview import render_preview
 from serve.outputs.statistics import compute_statistics, write_statistics
+from serve.records_schema import output_meta_doc
 
 DEMO_MODEL_NOTICE = "DEMO MODELS - not for clinical use"
 
@@ -45,7 +46,8 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
                   roi_subset: Sequence[str] | None = None) -> dict[str, Path]:
     """Write the selected outputs of ``result`` (a SegmentationResult on ``volume``'s grid).
 
-    ``roi_subset`` is what was asked for; ``mriseg.json`` records it beside ``fast``, the result's
+    ``roi_subset`` is what was asked for; ``mriseg.json`` (``mriseg.meta/1``,
+    :class:`serve.records_schema.OutputMeta`) records it beside ``fast``, the result's
     ``resampling_order`` and ``input_cast`` and the files, so an output set says which options made it
     (``serve.staging.completion_doc``).
     """
@@ -77,13 +79,14 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
         written["preview"] = render_preview(volume.data, result.labels, affine, result.structures,
                                             outdir / "preview.png", title=f"mriseg - {DEMO_MODEL_NOTICE}"
                                             if getattr(result, "demo", False) else "mriseg")
-    meta = {"structures": {str(k): v for k, v in result.structures.items()},
-            "models": getattr(result, "models", {}), "unavailable": getattr(result, "unavailable", {}),
-            "fast": getattr(result, "fast", False), "roi_subset": sorted(roi_subset) if roi_subset else None,
-            "demo": bool(getattr(result, "demo", False)),
-            # what was done to the input's intensities (docs/inference.md): TotalSegmentator's -ro and int32 cast
-            "resampling_order": int(result.resampling_order), "input_cast": str(result.input_cast),
-            "files": {k: v.name for k, v in written.items()}}
+    meta = output_meta_doc({
+        "structures": {str(k): v for k, v in result.structures.items()},
+        "models": getattr(result, "models", {}), "unavailable": getattr(result, "unavailable", {}),
+        "fast": bool(getattr(result, "fast", False)), "roi_subset": sorted(roi_subset) if roi_subset else None,
+        "demo": bool(getattr(result, "demo", False)),
+        # what was done to the input's intensities (docs/inference.md): TotalSegmentator's -ro and int32 cast
+        "resampling_order": int(result.resampling_order), "input_cast": str(result.input_cast),
+        "files": {k: v.name for k, v in written.items()}})  # validated (mriseg.meta/1): never written malformed
     (outdir / "mriseg.json").write_text(json.dumps(meta, indent=1))
     written["metadata"] = outdir / "mriseg.json"
     return written

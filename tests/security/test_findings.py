@@ -80,7 +80,7 @@ def test_a_forged_running_record_does_not_block_site_b(up_two_sites):
     etag = upload(up, "b", key, nifti_bytes(shape=(24, 20, 22), seed=11))
     assert push(up, "b", key, etag).status_code == 202
     first = wait_job_json(job_json_uri(up, "b", key), b.s3, etag=etag)
-    assert first["status"] == "done" and first["job_key"]
+    assert first["status"] == "succeeded" and first["job_key"]
     # the job's key is predictable (a hash of the input version, options and models): plant a "running"
     # claim on it with a lease of a day, and empty b's case folder, so that the job has to run again
     _plant(up, f"_jobs/jobs/{first['job_key']}.json",
@@ -93,7 +93,7 @@ def test_a_forged_running_record_does_not_block_site_b(up_two_sites):
         client.delete_object(Bucket=BUCKET, Key=k)
     assert push(up, "b", key, etag).status_code == 202
     again = wait_job_json(job_json_uri(up, "b", key), b.s3, etag=etag, timeout=150)
-    assert again["status"] == "done" and again["job_key"] == first["job_key"] and again["started"] > first["started"]
+    assert again["status"] == "succeeded" and again["job_key"] == first["job_key"] and again["started"] > first["started"]
 
 
 def test_n_made_up_etags_hold_one_job_that_reads_nothing(up_two_sites):
@@ -135,13 +135,13 @@ def test_an_older_versions_result_never_replaces_a_newer_ones(up_two_sites):
     assert [_job_states(up)[k] for k in running] == ["running"], "version 1's job ended before the re-upload"
     assert push(up, "b", key, v2).status_code == 202
     doc = wait_job_json(job_json_uri(up, "b", key), b.s3, etag=v2, timeout=300)
-    assert doc["status"] == "done", doc
+    assert doc["status"] == "succeeded", doc
     deadline = time.monotonic() + 300  # version 1's job settles as well; then look at the case folder again
     while time.monotonic() < deadline and any(_job_states(up).get(k) in ("queued", "running") for k in running):
         time.sleep(1)
     assert not any(_job_states(up).get(k) in ("queued", "running") for k in running)
     final = json.loads(staging.download_bytes(job_json_uri(up, "b", key), settings=b.s3))
-    assert final["input"]["etag"].strip('"') == v2 and final["status"] == "done", final["input"]
+    assert final["input"]["etag"].strip('"') == v2 and final["status"] == "succeeded", final["input"]
 
 
 def test_seaweedfs_http_and_grpc_ports_refuse_requests_without_credentials(up_two_sites):

@@ -137,11 +137,11 @@ def test_up_gives_each_site_its_own_key_inbox_and_s3_identity(up_two_sites):
                    headers={"Authorization": f"Bearer {sites['b'].api_key}"})
     assert r.status_code == 202 and r.json()["jobs"][0]["output_prefix"] == "s3://mriseg/b/outbox/b/case1/", r.text
     deadline, doc = time.monotonic() + 300, {}
-    while time.monotonic() < deadline and doc.get("status") not in ("done", "failed"):
+    while time.monotonic() < deadline and doc.get("status") not in ("succeeded", "failed"):
         try:
             doc = json.loads(b.get_object(Bucket="mriseg", Key="b/outbox/b/case1/job.json")["Body"].read())
         except ClientError:
             time.sleep(1)
-    assert doc.get("status") == "done", doc
+    assert doc.get("status") == "succeeded", doc
 
 

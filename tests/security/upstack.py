@@ -87,7 +87,7 @@ def wait_job_json(uri: str, settings, timeout: float = 240, etag: str | None = N
     while time.monotonic() < deadline:
         if staging.object_exists(uri, settings):
             doc = json.loads(staging.download_bytes(uri, settings=settings))
-            if doc.get("status") in ("done", "failed") and \
+            if doc.get("status") in ("succeeded", "failed") and \
                     (etag is None or (doc.get("input") or {}).get("etag", "").strip('"') == etag.strip('"')):
                 return doc
         time.sleep(0.5)
@@ -112,5 +112,5 @@ def site_b_job_succeeds(up: UpStack) -> dict:
     r = push(up, "b", key, etag)
     assert r.status_code == 202, r.text
     doc = wait_job_json(job_json_uri(up, "b", key), up.site("b").s3, etag=etag)
-    assert doc["status"] == "done" and doc["site"] == "b", doc
+    assert doc["status"] == "succeeded" and doc["site"] == "b", doc
     return doc
