@@ -17,6 +17,7 @@ from serve.bulk import SKIPPED, SUCCEEDED, already_done, list_volumes
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
 from tests.ray_fixtures import _shared_stack_owner, serve_stack  # noqa: F401
 from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
+from tests.test_bulk_inputs import serve_api  # noqa: F401
 
 pytestmark = pytest.mark.s3
 
@@ -238,20 +239,17 @@ def test_bulk_through_the_cluster_api_resumes(serve_stack, tmp_path):  # noqa: F
     assert doc["input"]["etag"] == listed[f"{root}/in/case0.nii.gz"]
 
 
-def test_the_api_backend_waits_out_limits_and_restarts_instead_of_failing_the_job():
+def test_the_api_backend_waits_out_limits_and_restarts_instead_of_failing_the_job(serve_api):
     """A site at its job limit (429), its request rate (429) or a restarting router (503): the job is still
     queued or running, so bulk waits (honouring Retry-After) and reports what the job did."""
     from serve.bulk import api_backend
     from serve.jobs import JobSpec
-    from tests.test_bulk_inputs import _serve
+    from tests.test_bulk_inputs import _problem
 
-    posts = [(429, {"title": "Too many requests"}), (202, {"id": "j1", "status": "queued"})]
-    gets = [(429, {"title": "Too many requests"}), (503, {"title": "Service unavailable"}),
+    posts = [_problem(429, "Too many requests"), (202, {"id": "j1", "status": "queued"})]
+    gets = [_problem(429, "Too many requests"), _problem(503, "Service unavailable"),
             (200, {"id": "j1", "status": "running"}), (200, {"id": "j1", "status": "succeeded"})]
-    server = _serve(posts, gets=gets)
-    try:
-        run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
-        assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (SUCCEEDED, "", "j1")
-        assert len(posts) == 1 and len(gets) == 1  # every scripted answer was given
-    finally:
-        server.shutdown()
+    server = serve_api(posts, gets=gets)
+    run = api_backend(f"http://127.0.0.1:{server.server_address[1]}", "key", poll_s=0.01, timeout_s=60)
+    assert run(JobSpec("s3://in/a.nii.gz", "s3://out")) == (SUCCEEDED, "", "j1")
+    assert len(posts) == 1 and len(gets) == 1  # every scripted answer was given
