@@ -19,7 +19,7 @@ MRI models were trained without it).
 
 Differences from the real CLI, all of which make this baseline faster or equal:
 
-* the predictor is built by ``serve.modelload.load_model`` rather than
+* the predictor is built by ``serve.inference.modelload.load_model`` rather than
   ``initialize_from_trained_model_folder``: the same nnunetv2 network class
   from the same plans, the same checkpoint file, the same
   ``nnUNetPredictor``; only nnunetv2's trainer-class search (which imports
@@ -57,7 +57,7 @@ from typing import Iterable
 
 import numpy as np
 
-from serve.resampling import DEFAULT_RESAMPLING_ORDER
+from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
 
 MODES = ("files", "sequential")
 
@@ -127,7 +127,7 @@ def resample_to_shape(data: np.ndarray, affine: np.ndarray, target_shape, order:
 def load_models(models_root: str | Path, names: Iterable[str], device: str = "auto") -> dict:
     """Load sub-models by name, as the cached-models loop keeps them."""
     from serve.catalogue import load_catalogue
-    from serve.modelstore import ModelStore
+    from serve.inference.modelstore import ModelStore
 
     cat = load_catalogue()
     store = ModelStore([str(models_root)], catalogue=cat)
@@ -163,7 +163,7 @@ def run_baseline(input_path: str | Path, models_root: str | Path, workdir: str |
     import torch
 
     from serve.catalogue import load_catalogue
-    from serve.modelload import pick_device
+    from serve.inference.modelload import pick_device
 
     cat = load_catalogue()
     names = list(names) if names is not None else [sm.name for sm in cat.submodels]
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="spline order of the input's resampling (TotalSegmentator's -ro; default 1)")
     args = ap.parse_args(argv)
 
-    from serve.modelload import configure_threads
+    from serve.inference.modelload import configure_threads
 
     configure_threads(args.threads or os.cpu_count())
     import nnunetv2.inference.predict_from_raw_data  # noqa: F401 - part of the CLI's import cost

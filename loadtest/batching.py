@@ -26,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def reference_network(device):
     from serve.catalogue import load_catalogue
-    from serve.modelfolder import build_network, make_dataset_json, make_plans
+    from serve.inference.modelfolder import build_network, make_dataset_json, make_plans
 
     sm = load_catalogue().submodel("organs")
     plans = make_plans("Dataset850_reference", sm.spacing_mm, REFERENCE_SPEC)
@@ -47,7 +47,7 @@ def measure(tiles: int, batch_sizes: list[int], precision: str, device_name: str
     base = rows[0]["tiles_per_s"]
     for r in rows:
         r["speedup_vs_batch1"] = round(r["tiles_per_s"] / base, 3)
-    from serve.modelload import cpu_model_and_flags
+    from serve.inference.modelload import cpu_model_and_flags
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_and_flags()[0] or "cpu"
     return {"device": name,

@@ -7,7 +7,7 @@ Measures (see docs/performance.md for the method):
 
 * latency: one full 80-structure request on a warm local Ray Serve cluster,
   through its HTTP API (``--target cluster``, the default), or through the
-  in-process ``serve.pipeline.Segmenter`` (``--target inprocess``); the JSON
+  in-process ``serve.inference.pipeline.Segmenter`` (``--target inprocess``); the JSON
   says which. Against the baseline with model loading (a fresh process, as a
   CLI call) and without (cached models).
 * throughput: ``--stream`` volumes (default 8) sent by ``--clients`` concurrent
@@ -56,7 +56,7 @@ def log(msg: str) -> None:
 def device_info(requested: str) -> dict:
     import torch
 
-    from serve.modelload import cpu_model_and_flags, pick_device
+    from serve.inference.modelload import cpu_model_and_flags, pick_device
 
     dev = pick_device(requested)
     info = {"type": dev.type, "torch": torch.__version__, "cpu_count": os.cpu_count(),
@@ -171,13 +171,13 @@ class ClusterTarget:
 
 
 class InProcessTarget:
-    """The in-process ``serve.pipeline.Segmenter`` (no Ray): shared preprocessing, cached models."""
+    """The in-process ``serve.inference.pipeline.Segmenter`` (no Ray): shared preprocessing, cached models."""
 
-    label = "in-process serve.pipeline.Segmenter (no Ray)"
+    label = "in-process serve.inference.pipeline.Segmenter (no Ray)"
 
     def __init__(self, models_dir: Path, precision: str, device: str, threads: int, clients: int):
-        from serve.modelstore import ModelStore
-        from serve.pipeline import Segmenter
+        from serve.inference.modelstore import ModelStore
+        from serve.inference.pipeline import Segmenter
 
         self.seg = Segmenter(ModelStore([str(models_dir)]), device=device, threads=threads, precision=precision)
         for sm in _catalogue().submodels:
@@ -185,7 +185,7 @@ class InProcessTarget:
         self.settings = {"threads": threads, "precision": precision, "device": device}
 
     def segment(self, path: Path, site: str = "site-a") -> dict:
-        from serve.volume_io import read_volume
+        from serve.imaging.volume_io import read_volume
 
         t = time.perf_counter()
         res = self.seg.segment(read_volume(path))
@@ -219,8 +219,8 @@ def run_stream(target, paths: list[Path], clients: int) -> dict:
 def object_store_bytes(path: Path, n_models: int) -> dict:
     """Bytes a request puts through Ray's object store: the prepared 1.5 mm float32 array (once,
     shared by the six replicas) and each replica's uint8 label map coming back."""
-    from serve.preprocess import prepare
-    from serve.volume_io import read_volume
+    from serve.inference.preprocess import prepare
+    from serve.imaging.volume_io import read_volume
 
     prep = prepare(read_volume(path), 1.5)
     inp = int(prep.data.nbytes)
@@ -233,8 +233,8 @@ def object_store_bytes(path: Path, n_models: int) -> dict:
 def dice_bf16_vs_fp32(threads: int) -> dict:
     """Per-structure Dice of bf16 vs fp32 on the demo models and a demo/phantom volume."""
     from serve.demo import demo_volume, ensure_demo_models
-    from serve.modelstore import ModelStore
-    from serve.pipeline import Segmenter
+    from serve.inference.modelstore import ModelStore
+    from serve.inference.pipeline import Segmenter
 
     root = ensure_demo_models()
     vol = demo_volume()
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.floor import measure_floor, preprocessed_shape
     from loadtest.memory import RssSampler, peaks
     from loadtest.refmodels import DEFAULT_DIR, REFERENCE_SPEC, write_reference_models
-    from serve.modelload import configure_threads
+    from serve.inference.modelload import configure_threads
 
     t_run = time.perf_counter()
     threads = configure_threads(args.threads or os.cpu_count())
@@ -413,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             result["baseline"].setdefault("fp32", {})["stream"] = baseline_stream(
                 bstream, models, work, "fp32", args.device)
         checkpoint("baseline-stream")
-        from serve.preprocess import prepare
-        from serve.volume_io import read_volume
+        from serve.inference.preprocess import prepare
+        from serve.imaging.volume_io import read_volume
 
         shapes = {}
         for s in lat_sizes:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from serve.catalogue import SubModel, load_catalogue
-from serve.modelfolder import UNetSpec, build_network, make_dataset_json, make_plans, write_model_folder
+from serve.inference.modelfolder import UNetSpec, build_network, make_dataset_json, make_plans, write_model_folder
 
 REFERENCE_SPEC = UNetSpec(
     features=(32, 64, 128, 256, 320, 320),

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.inputs import TINY, write_volume
     from serve.catalogue import load_catalogue
     from serve.demo import ensure_demo_models
-    from serve.embedded_s3 import SeaweedServer
+    from serve.storage.embedded_s3 import SeaweedServer
 
     work = Path(tempfile.mkdtemp(prefix="mriseg-soak-"))
     uploads = [write_volume(TINY, work / f"up{i}.nii.gz", seed=i) for i in range(2)]

@@ -36,9 +36,9 @@ python3 - >> "$log" 2>&1 <<'EOF' || { say "environment check failed (see above)"
 import os
 
 import nibabel, nnunetv2, numpy, scipy, torch  # noqa: F401
-from serve.modelstore import ModelStore
+from serve.inference.modelstore import ModelStore
 from serve.phantoms import make_phantom
-from serve.pipeline import Segmenter
+from serve.inference.pipeline import Segmenter
 
 print("python", __import__("sys").version.split()[0], "torch", torch.__version__, "numpy", numpy.__version__,
       "scipy", scipy.__version__, "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
@@ -72,7 +72,7 @@ if [ $# -gt 0 ]; then
     if [ "$budget" -lt 60 ]; then say "only ${budget}s for training: skipped"; exit 0; fi
     say "training for ${budget}s"
     # a watchdog: should preparation overrun, stop 30 s before the deadline and keep the last saved folders
-    timeout $(( $(left) - 30 )) python3 scripts/train_demo_models.py --out /tmp/stage --budget "$budget" \
+    timeout $(( $(left) - 30 )) python3 training/train_demo_models.py --out /tmp/stage --budget "$budget" \
         --device "$dev" --save-every 60 "$@" > "$out/train.log" 2>&1
     say "training exit $? ($(left)s left)"
     ls /tmp/stage > /dev/null 2>&1 || exit 1

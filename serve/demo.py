@@ -48,7 +48,7 @@ def default_cache_dir() -> Path:
 def write_random_models(root: Path, catalogue: Catalogue | None = None, include_fast: bool = True,
                         seed: int = 0) -> Path:
     """Randomly initialised tiny nnU-Net models for every sub-model (seeded, reproducible)."""
-    from serve.modelfolder import UNetSpec, write_model_folder
+    from serve.inference.modelfolder import UNetSpec, write_model_folder
 
     catalogue = catalogue or load_catalogue()
     spec = UNetSpec(features=TINY_FEATURES, patch_size=TINY_PATCH)
@@ -90,7 +90,7 @@ def ensure_demo_models(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def demo_volume(shape=(48, 40, 48), spacing=(1.5, 1.5, 2.0), seed: int = 0, axcodes: str = "RAS"):
     """A small body-like synthetic volume (serve.phantoms when available, else ellipsoids)."""
-    from serve.volume_io import Volume
+    from serve.imaging.volume_io import Volume
 
     try:  # the phantom engineer's generator, once committed
         from serve import phantoms  # type: ignore[attr-defined]

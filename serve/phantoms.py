@@ -33,7 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from serve.catalogue import load_catalogue
-from serve.volume_io import Volume
+from serve.imaging.volume_io import Volume
 
 TRAIN_SEEDS = range(0, 1_000_000)
 HELDOUT_SEEDS = tuple(range(10_000_000, 10_000_008))

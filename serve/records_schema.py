@@ -1,7 +1,7 @@
 """The formats of the records mriseg-serve writes about jobs: one vocabulary, versioned, validated.
 
 - The **job record** (``mriseg.job/1``): a durable job's state in the jobs store
-  (``<jobs>/jobs/<key>.json``, the body of a signed envelope, :mod:`serve.records`).
+  (``<jobs>/jobs/<key>.json``, the body of a signed envelope, :mod:`serve.jobs.records`).
 - The **output record** (``mriseg.output/1``): the ``job.json`` that ends every output set in S3,
   written by the job runner (signed inline: its ``mac``) and by the API's ``output_prefix`` copy.
 - The **writers' metadata** (``mriseg.meta/1``): the ``mriseg.json`` of a local output set
@@ -78,7 +78,7 @@ class JobRecord(_Model):
     format: Literal["mriseg.job/1"] = Field(description="this record's format and version")
     key: str = Field(description="the job's idempotency key (input version, options, model checksums)")
     state: JobState = Field(description="queued -> running -> succeeded | failed")
-    spec: dict[str, Any] = Field(description="the job's input and options (serve.jobs.JobSpec.to_dict)")
+    spec: dict[str, Any] = Field(description="the job's input and options (serve.jobs.store.JobSpec.to_dict)")
     models: dict[str, str] = Field(description="sub-model name -> checksum of the models the job runs")
     output_prefix: str = Field(description="the s3:// folder the outputs are (or will be) published in")
     owner: str | None = Field(None, description="the worker holding a running claim")
@@ -101,7 +101,7 @@ class InputRef(_Model):
 
 
 class OutputOptions(_Model):
-    """The options that change an output set (serve.jobs.output_options): what ``mriseg bulk`` compares."""
+    """The options that change an output set (serve.jobs.store.output_options): what ``mriseg bulk`` compares."""
 
     roi_subset: list[str] | None = Field(description="structures asked for, sorted; null: all")
     fast: bool = Field(description="the 3 mm model")
@@ -138,7 +138,7 @@ class OutputRecord(_Model):
     finished: float = Field(description="epoch seconds the record was made")
     attempt: int | None = Field(None, description="the job record's claim count")
     error: JobError | None = Field(None, description="why it failed (status failed)")
-    mac: str | None = Field(None, pattern=_HEX_MAC, description="HMAC-SHA256 over the rest (serve/records.py, "
+    mac: str | None = Field(None, pattern=_HEX_MAC, description="HMAC-SHA256 over the rest (serve/jobs/records.py, "
                                                                 "inline layout); the job runner's sets")
 
 
@@ -159,7 +159,7 @@ class OutputMeta(_Model):
 
 
 class SignedEnvelope(_Model):
-    """How a job record (or a held push) is stored: serve/records.py's envelope layout."""
+    """How a job record (or a held push) is stored: serve/jobs/records.py's envelope layout."""
 
     v: Literal[1] = Field(description="the envelope's version")
     site: str = Field(description="the site the record is for (covered by the MAC)")
@@ -308,8 +308,8 @@ def output_record(status: str, *, options: Mapping[str, Any], input: Mapping[str
 
     Args:
         status: ``running`` (the marker while a set is replaced), ``succeeded`` or ``failed``.
-        options: :func:`serve.jobs.output_options` of the set.
-        input: :func:`serve.staging.input_record` of the object read (None: an upload).
+        options: :func:`serve.jobs.store.output_options` of the set.
+        input: :func:`serve.storage.staging.input_record` of the object read (None: an upload).
         meta: what the writers or the engine said of the result (``mriseg.json``'s ``structures``,
             ``models``, ``unavailable``, ``demo``, ``input_cast``; all optional).
         software_version: this mriseg-serve's version.

@@ -15,9 +15,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def _record_key() -> str:
-    """A fresh key that signs the session's job records (serve/records.py), removed at exit; set in the
+    """A fresh key that signs the session's job records (serve/jobs/records.py), removed at exit; set in the
     environment before any Ray cluster or subprocess starts, so they all inherit it."""
-    from serve.records import RecordSigner
+    from serve.jobs.records import RecordSigner
 
     folder = tempfile.mkdtemp(prefix="mriseg-record-key-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)

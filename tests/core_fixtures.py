@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.volume_io import Volume
+from serve.imaging.volume_io import Volume
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
     """All six sub-models plus the fast one: randomly initialised tiny nnU-Net folders (seeded)."""
     from serve.demo import write_random_models
-    from serve.modelload import configure_threads
+    from serve.inference.modelload import configure_threads
 
     configure_threads(1)
     return write_random_models(tmp_path_factory.mktemp("models") / "models")
@@ -22,8 +22,8 @@ def tiny_models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def segmenter(tiny_models):
-    from serve.modelstore import ModelStore
-    from serve.pipeline import Segmenter
+    from serve.inference.modelstore import ModelStore
+    from serve.inference.pipeline import Segmenter
 
     return Segmenter(ModelStore([tiny_models]), device="cpu", threads=1)
 

@@ -3,7 +3,7 @@
 Nothing binary is committed: every input is built here from nibabel, SimpleITK,
 gzip/zlib, zipfile and struct, deterministically (seeded), in well under a second
 or two. Each :class:`HostileInput` names the 4xx statuses that
-``serve.volume_io.read_volume_bytes`` may answer with; anything else (another
+``serve.imaging.volume_io.read_volume_bytes`` may answer with; anything else (another
 status, a non-``MrisegError`` exception, a crashed process) is a bug.
 
 The decompression bombs are real: their compressed streams truly expand to the
@@ -31,9 +31,9 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-#: The voxel limit the statuses below assume (serve.volume_io's default, without MRISEG_MAX_VOXELS).
+#: The voxel limit the statuses below assume (serve.imaging.volume_io's default, without MRISEG_MAX_VOXELS).
 MAX_VOXELS = 512 * 512 * 1024
-#: The zip expansion limit the zip bombs must exceed (serve.volume_io's default, without MRISEG_MAX_ZIP_BYTES).
+#: The zip expansion limit the zip bombs must exceed (serve.imaging.volume_io's default, without MRISEG_MAX_ZIP_BYTES).
 MAX_ZIP_BYTES = 4 * 1024**3
 #: Entries whose payload expands far beyond what it weighs: decoding them must cost next to nothing.
 BOMBS = ("nifti_huge_dims", "nifti_gzip_bomb", "zip_bomb", "zip_bomb_forged_size", "mha_huge_dims",
@@ -525,7 +525,7 @@ def corpus() -> list[HostileInput]:
 def main() -> None:
     """Print what every input yields (status, message)."""
     from serve.errors import MrisegError
-    from serve.volume_io import read_volume_bytes
+    from serve.imaging.volume_io import read_volume_bytes
 
     for h in corpus():
         try:

@@ -48,7 +48,7 @@ def served_schema() -> dict[str, Any]:
     Returns:
         The document (shared: do not change it).
     """
-    from serve.cluster.api import create_app
+    from serve.api.app import create_app
 
     return create_app().openapi()
 

@@ -36,7 +36,7 @@ def tiny_models(root: Path, names=SUBMODELS, description: str = "") -> Path:
     """Random-init nnU-Net v2 folders small enough for CPU tests (patch 32^3, 3 stages); a ``description``
     with "DEMO MODEL" in it makes them demo models."""
     from serve.catalogue import load_catalogue
-    from serve.modelfolder import UNetSpec, write_model_folder
+    from serve.inference.modelfolder import UNetSpec, write_model_folder
 
     cat = load_catalogue()
     spec = UNetSpec(features=(4, 8, 16), patch_size=(32, 32, 32))
@@ -93,7 +93,7 @@ class Stack:
         return httpx.Client(base_url=self.url, timeout=timeout)
 
 
-#: The test stacks' router memory budget and decoder zip budget (serve.cluster.admission, serve.sandbox).
+#: The test stacks' router memory budget and decoder zip budget (serve.router.admission, serve.imaging.sandbox).
 ROUTER_MEMORY_BUDGET = 512 << 20
 SANDBOX_EXTRACT_BYTES = 64 << 20
 
@@ -173,13 +173,13 @@ def stop_stack(stack: Stack | None) -> None:
 class _Shared:
     stack: Stack | None = None
     tmp: Path | None = None
-    s3 = None  # serve.embedded_s3.SeaweedServer
+    s3 = None  # serve.storage.embedded_s3.SeaweedServer
 
     def ensure(self) -> Stack:
         if self.stack is None:
             import dataclasses
 
-            from serve.embedded_s3 import SeaweedServer
+            from serve.storage.embedded_s3 import SeaweedServer
 
             self.tmp = Path(tempfile.mkdtemp(prefix="mriseg-stack-"))
             models = tiny_models(self.tmp / "models")

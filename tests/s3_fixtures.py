@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from serve.embedded_s3 import MotoServer, SeaweedServer
+from serve.storage.embedded_s3 import MotoServer, SeaweedServer
 
 SEAWEED_BUCKETS = ("inbox", "outbox", "models", "jobs")
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
-from serve.cluster.api import create_app
+from serve.api.app import create_app
 from tests.ray_fixtures import _shared_stack_owner, auth, serve_stack  # noqa: F401
 
 pytestmark = pytest.mark.ray

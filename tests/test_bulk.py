@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from serve import staging
-from serve.bulk import SKIPPED, SUCCEEDED, already_done, list_volumes
+from serve.storage import staging
+from serve.cli.bulk import SKIPPED, SUCCEEDED, already_done, list_volumes
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
 from tests.ray_fixtures import _shared_stack_owner, serve_stack  # noqa: F401
 from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
@@ -39,7 +39,7 @@ def inbox(seaweed, tmp_path, unique_prefix):  # noqa: F811
 
 
 def bulk_cmd(inbox_uri, prefix, models, report) -> list[str]:
-    return [sys.executable, "-m", "serve.bulk", inbox_uri, "--out", f"s3://outbox/{prefix}/", "--site", "site-a",
+    return [sys.executable, "-m", "serve.cli.bulk", inbox_uri, "--out", f"s3://outbox/{prefix}/", "--site", "site-a",
             "--local-models", str(models), "--jobs", f"s3://jobs/{prefix}", "--concurrency", "2",
             "--roi-subset", "liver", "--outputs", "multilabel,statistics", "--report", str(report), "--no-progress", "--lease-s", "4"]
 
@@ -58,7 +58,7 @@ def test_list_volumes_ignores_other_files(seaweed, inbox):  # noqa: F811
 
 def test_a_key_that_cannot_name_an_output_fails_alone(seaweed, unique_prefix):  # noqa: F811
     """S3 lists a key with a tab in it; the other inputs still run and the report names the odd one."""
-    from serve.bulk import FAILED, run_bulk
+    from serve.cli.bulk import FAILED, run_bulk
 
     inbox = f"s3://inbox/{unique_prefix}/odd/"
     seaweed.client().put_object(Bucket="inbox", Key=f"{unique_prefix}/odd/a\tb.nii.gz", Body=b"x")
@@ -77,8 +77,8 @@ def test_a_key_that_cannot_name_an_output_fails_alone(seaweed, unique_prefix):  
 
 def test_a_set_done_with_other_options_is_not_skipped(seaweed, unique_prefix):  # noqa: F811
     """Rerunning with ``--fast`` (or other outputs or structures) on the same ``--out`` runs again."""
-    from serve.bulk import run_bulk
-    from serve.jobs import JobSpec
+    from serve.cli.bulk import run_bulk
+    from serve.jobs.store import JobSpec
 
     inbox = f"s3://inbox/{unique_prefix}/opts/"
     etag = staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)["ETag"]
@@ -104,8 +104,8 @@ def test_a_set_made_with_another_resampling_order_or_before_it_was_recorded_is_n
                                                                                             unique_prefix):
     """Old outputs never pass for new ones: a set of -ro 3 is not one of -ro 1, and a set whose job.json has no
     resampling_order (made before the option, with another resampling) is no set of any order."""
-    from serve.bulk import run_bulk
-    from serve.jobs import JobSpec
+    from serve.cli.bulk import run_bulk
+    from serve.jobs.store import JobSpec
 
     inbox = f"s3://inbox/{unique_prefix}/ro/"
     etag = staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)["ETag"]
@@ -137,7 +137,7 @@ def test_a_local_rerun_with_other_options_reports_where_its_outputs_went(seaweed
     outputs go to ``runs/<key>/`` beside it, and the report says so."""
     import nibabel as nib
 
-    from serve.bulk import local_backend, run_bulk
+    from serve.cli.bulk import local_backend, run_bulk
 
     vol = body_volume("RAS", shape=(16, 16, 12), spacing=(1.5, 1.5, 1.5))
     nib.save(nib.Nifti1Image(vol.data, vol.affine), str(tmp_path / "c.nii.gz"))
@@ -206,7 +206,7 @@ def test_bulk_through_the_cluster_api_resumes(serve_stack, tmp_path):  # noqa: F
     """The real HTTP API (POST /v1/segmentations with output_prefix, then polling); a rerun skips done inputs."""
     import uuid
 
-    from serve.bulk import api_backend, run_bulk, write_report
+    from serve.cli.bulk import api_backend, run_bulk, write_report
     from tests.ray_fixtures import SITE_KEYS, nifti_bytes
 
     s3 = serve_stack.extra["s3"]
@@ -242,8 +242,8 @@ def test_bulk_through_the_cluster_api_resumes(serve_stack, tmp_path):  # noqa: F
 def test_the_api_backend_waits_out_limits_and_restarts_instead_of_failing_the_job(serve_api):
     """A site at its job limit (429), its request rate (429) or a restarting router (503): the job is still
     queued or running, so bulk waits (honouring Retry-After) and reports what the job did."""
-    from serve.bulk import api_backend
-    from serve.jobs import JobSpec
+    from serve.cli.bulk import api_backend
+    from serve.jobs.store import JobSpec
     from tests.test_bulk_inputs import _problem
 
     posts = [_problem(429, "Too many requests"), (202, {"id": "j1", "status": "queued"})]

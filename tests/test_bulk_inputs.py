@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler
 import numpy as np
 import pytest
 
-from serve import staging
-from serve.bulk import FAILED, SKIPPED, SUCCEEDED, already_done, api_backend, list_volumes, run_bulk
-from serve.jobs import JobSpec
+from serve.storage import staging
+from serve.cli.bulk import FAILED, SKIPPED, SUCCEEDED, already_done, api_backend, list_volumes, run_bulk
+from serve.jobs.store import JobSpec
 from serve.records_schema import OutputRecord
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
 from tests.openapi_fakes import CheckedServer, ProxyAnswer
@@ -26,7 +26,7 @@ from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
 pytestmark = pytest.mark.s3
 
-#: what a job's own job.json records of its input (serve.jobs.JobRunner._job_doc)
+#: what a job's own job.json records of its input (serve.jobs.store.JobRunner._job_doc)
 INPUT_FIELDS = {"uri", "etag", "version_id", "size", "sha256"}
 
 
@@ -45,9 +45,9 @@ def test_the_routers_output_set_names_the_input_version_so_a_replaced_input_runs
     after a corrected re-upload under the same key, bulk runs the input again instead of skipping it."""
     import yaml
 
-    from serve.cluster.jobs_state import JobOptions
-    from serve.cluster.router import JobService, RouterSettings
-    from serve.cluster.tenancy import Tenancy
+    from serve.router.state import JobOptions
+    from serve.router.service import JobService, RouterSettings
+    from serve.router.tenancy import Tenancy
 
     inbox, out = f"s3://inbox/{unique_prefix}/in/", f"s3://outbox/{unique_prefix}/"
     uri = inbox + "case.nii.gz"
@@ -117,7 +117,7 @@ def test_a_replaced_input_runs_again_with_local_models(seaweed, tiny_models, tmp
     version is segmented (beside the old set, the job runner's rule), and a further rerun computes nothing."""
     import nibabel as nib
 
-    from serve.bulk import local_backend
+    from serve.cli.bulk import local_backend
 
     inbox, out = f"s3://inbox/{unique_prefix}/local/", f"s3://outbox/{unique_prefix}/"
     for seed in (1, 2):
@@ -284,7 +284,7 @@ def test_a_post_the_cluster_refused_or_never_got_is_sent_again(serve_api):
 # -- 4. no object key on stderr -------------------------------------------------------------------
 def test_failed_inputs_are_not_named_on_stderr_but_the_report_names_them(seaweed, unique_prefix, tmp_path,  # noqa: F811
                                                                         monkeypatch, capsys, serve_api):
-    from serve.bulk import main
+    from serve.cli.bulk import main
 
     inbox = f"s3://inbox/{unique_prefix}/phi/"
     for name in ("Doe^Jane/scan.nii", "Doe^Jane/scan.nii.gz"):  # keys often carry a patient's name
@@ -312,7 +312,7 @@ def test_failed_inputs_are_not_named_on_stderr_but_the_report_names_them(seaweed
 def test_an_api_that_cannot_be_reached_stops_bulk_at_once_with_what_to_check(seaweed, unique_prefix,  # noqa: F811
                                                                            monkeypatch, capsys):
     """Not after every input has waited a day for it."""
-    from serve.bulk import main
+    from serve.cli.bulk import main
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))

@@ -14,8 +14,8 @@ import pytest
 
 from serve.catalogue import load_catalogue
 from serve.errors import ModelFolderError
-from serve.modelfolder import UNetSpec, make_dataset_json, make_plans, write_model_folder
-from serve.modelload import TRUST_PICKLED_ENV, load_checkpoint, load_model
+from serve.inference.modelfolder import UNetSpec, make_dataset_json, make_plans, write_model_folder
+from serve.inference.modelload import TRUST_PICKLED_ENV, load_checkpoint, load_model
 
 CAT = load_catalogue()
 ORGANS = CAT.submodel("organs")
@@ -163,8 +163,8 @@ def _hostile_folder(root: Path, marker: Path) -> Path:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path, monkeypatch):
-    from serve.modelstore import ModelStore
-    from serve.pipeline import Segmenter
+    from serve.inference.modelstore import ModelStore
+    from serve.inference.pipeline import Segmenter
 
     monkeypatch.delenv(TRUST_PICKLED_ENV, raising=False)
     marker = tmp_path / "ran.txt"

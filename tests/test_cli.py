@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from serve.cli import build_parser, main
+from serve.cli.main import build_parser, main
 from serve.outputs.labeltable import read_label_table
-from serve.volume_io import write_nifti
+from serve.imaging.volume_io import write_nifti
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
 
 
@@ -65,12 +65,12 @@ def test_segment_fast_uses_the_3mm_model(phantom, tiny_models, tmp_path, capsys)
 def test_segment_resampling_order_flag_is_used_and_recorded(tiny_models, tmp_path):  # noqa: F811
     """-ro reaches the resampling (the labels are those of that order's array) and mriseg.json says which, with
     the int32 cast an int16 input gets; the default is TotalSegmentator's order 1."""
-    from serve.modelload import load_model
-    from serve.modelstore import ModelStore
-    from serve.predict import predict_labels
-    from serve.preprocess import prepare
-    from serve.restore import to_input_grid
-    from serve.volume_io import read_volume
+    from serve.inference.modelload import load_model
+    from serve.inference.modelstore import ModelStore
+    from serve.inference.predict import predict_labels
+    from serve.inference.preprocess import prepare
+    from serve.inference.restore import to_input_grid
+    from serve.imaging.volume_io import read_volume
 
     vol = body_volume("LPS", shape=(26, 22, 14), spacing=(1.4, 1.6, 2.0), rotation_deg=5)
     src = write_nifti(tmp_path / "int16.nii.gz", np.round(vol.data).astype(np.int16), vol.affine)
@@ -112,7 +112,7 @@ def test_bad_input_exits_2_without_traceback_in_a_real_process(tmp_path, tiny_mo
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
     env = {**os.environ, "MRISEG_MODELS": str(tiny_models)}
-    p = subprocess.run([sys.executable, "-m", "serve.cli", "segment", "-i", str(bad), "-o", str(tmp_path / "o")],
+    p = subprocess.run([sys.executable, "-m", "serve.cli.main", "segment", "-i", str(bad), "-o", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith("mriseg: error:") and "Traceback" not in p.stderr
@@ -164,10 +164,10 @@ def test_plugins_can_add_subcommands():
 
 
 def test_every_cache_follows_mriseg_cache(tmp_path, monkeypatch):
-    from serve.cli import default_import_dir
+    from serve.cli.main import default_import_dir
     from serve.cluster.up import state_dir
     from serve.demo import default_cache_dir
-    from serve.modelstore import ModelStore
+    from serve.inference.modelstore import ModelStore
 
     monkeypatch.setenv("MRISEG_CACHE", str(tmp_path))
     paths = [default_import_dir(), default_cache_dir(), state_dir(), ModelStore([]).cache_dir]

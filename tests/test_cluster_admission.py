@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve.cluster.admission import (BYTES_PER_GRID_VOXEL, BYTES_PER_INPUT_VOXEL, MemoryBudget, job_bytes,
+from serve.router.admission import (BYTES_PER_GRID_VOXEL, BYTES_PER_INPUT_VOXEL, MemoryBudget, job_bytes,
                                      max_admissible_voxels)
 from serve.errors import VolumeTooLargeError
 

@@ -72,9 +72,9 @@ def test_one_request_runs_all_six_concurrently_on_one_packed_gpu(serve_stack):
 
 @pytest.mark.parametrize("spacing", [(1.5, 1.5, 1.5), (1.2, 1.4, 2.0)])
 def test_merged_output_equals_in_process_segmenter(serve_stack, spacing):
-    from serve.modelstore import ModelStore
-    from serve.pipeline import Segmenter
-    from serve.volume_io import read_volume_bytes
+    from serve.inference.modelstore import ModelStore
+    from serve.inference.pipeline import Segmenter
+    from serve.imaging.volume_io import read_volume_bytes
 
     data = nifti_bytes(shape=(36, 40, 30), spacing=spacing, seed=3)
     with serve_stack.client() as c:
@@ -100,9 +100,9 @@ def test_the_resampling_order_reaches_the_router_and_is_recorded(serve_stack, or
     """Resampled as asked (TotalSegmentator's -ro; its 1 when not asked): the served labels equal the in-process
     Segmenter's at that order, and the job and its mriseg.json say which order, and that the int16 input got the
     int32 cast."""
-    from serve.modelstore import ModelStore
-    from serve.pipeline import Segmenter
-    from serve.volume_io import read_volume_bytes
+    from serve.inference.modelstore import ModelStore
+    from serve.inference.pipeline import Segmenter
+    from serve.imaging.volume_io import read_volume_bytes
 
     data = int16_nifti_bytes()
     want = 1 if order is None else order
@@ -137,12 +137,12 @@ def test_a_resampling_order_outside_0_to_5_is_refused_before_anything_runs(serve
 def test_an_event_jobs_resampling_order_reaches_the_router(serve_stack):
     """The intake's engine hands the job's -ro to the router by Ray handle: the published labels are the
     in-process Segmenter's at that order, and job.json records it with the int16 input's int32 cast."""
-    from serve import staging
+    from serve.storage import staging
     from serve.cluster.intake import RouterEngine
-    from serve.jobs import JobRunner, JobSpec, JobStore
-    from serve.modelstore import ModelStore
-    from serve.pipeline import Segmenter
-    from serve.volume_io import read_volume_bytes
+    from serve.jobs.store import JobRunner, JobSpec, JobStore
+    from serve.inference.modelstore import ModelStore
+    from serve.inference.pipeline import Segmenter
+    from serve.imaging.volume_io import read_volume_bytes
 
     s3 = serve_stack.extra["s3"]
     data = int16_nifti_bytes(seed=33)
@@ -380,7 +380,7 @@ def test_multipart_upload_and_async_result(serve_stack):
 @pytest.mark.s3
 def test_s3_input_and_output_prefix(serve_stack):
     """Input staged from the site's S3 prefix; outputs in the S3 layout; equal to the upload path."""
-    from serve import staging
+    from serve.storage import staging
 
     s3 = serve_stack.extra["s3"]
     data = nifti_bytes(shape=(36, 32, 40), seed=21)
@@ -409,11 +409,11 @@ def test_s3_input_and_output_prefix(serve_stack):
 
 @pytest.mark.s3
 def test_durable_jobs_run_through_the_cluster_once(serve_stack):
-    """serve.jobs' runner with the intake's engine, which hands each job to the Router by Ray handle naming its
+    """serve.jobs.store' runner with the intake's engine, which hands each job to the Router by Ray handle naming its
     site (no API key): outputs in S3, a resubmission does not recompute, a site the tenants lack is refused."""
-    from serve import staging
+    from serve.storage import staging
     from serve.cluster.intake import RouterEngine, RouterJobError
-    from serve.jobs import JobRunner, JobSpec, JobStore
+    from serve.jobs.store import JobRunner, JobSpec, JobStore
 
     s3 = serve_stack.extra["s3"]
     staging.put_bytes(nifti_bytes(shape=(32, 36, 32), seed=31), "s3://consortium/site-a/inbox/case-31.nii.gz", s3)

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from serve.cluster.client import ApiError
+from serve.api.client import ApiError
 from tests.openapi_fakes import CheckedServer, ProxyAnswer
 
 
@@ -70,8 +70,8 @@ def _problem(status: int, retryable: bool | None) -> tuple[int, str, bytes]:
     (ProxyAnswer(502, "text/html", b"<html>Bad Gateway</html>"), True),  # a proxy's page, not the API's
 ])
 def test_api_errors_keep_whether_a_retry_can_help(api, answer, retryable):
-    from serve.cluster.client import ApiClient
-    from serve.jobs import error_dict
+    from serve.api.client import ApiClient
+    from serve.jobs.store import error_dict
 
     api.answer = answer
     with pytest.raises(ApiError) as e:
@@ -83,7 +83,7 @@ def test_the_api_client_turns_a_dead_cluster_or_a_proxys_json_into_a_retryable_a
     """``mriseg demo`` gets an ApiError it handles, not httpx's or a KeyError's traceback."""
     import socket
 
-    from serve.cluster.client import ApiClient, ApiError
+    from serve.api.client import ApiClient, ApiError
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -105,7 +105,7 @@ def _job(status: str, error: dict | None = None) -> tuple[int, str, bytes]:
 
 def test_the_api_client_polls_a_job_it_submitted_instead_of_holding_one_request_open(api):
     """A poll meeting a restarting cluster is repeated; the upload itself is never sent twice."""
-    from serve.cluster.client import ApiClient
+    from serve.api.client import ApiClient
 
     api.script = {("POST", "/v1/segmentations/upload"): [(202, "application/json", b'{"id": "j1", "status": "queued"}')],
                   ("GET", "/v1/segmentations/j1"): [_problem(503, True), _job("running"), _job("succeeded")]}
@@ -125,7 +125,7 @@ def test_the_api_client_polls_a_job_it_submitted_instead_of_holding_one_request_
 ])
 def test_a_polled_job_that_does_not_succeed_is_an_api_error_that_says_whether_to_retry(
         api, answers, status, retryable, cancelled):
-    from serve.cluster.client import ApiClient
+    from serve.api.client import ApiClient
 
     api.script = {("GET", "/v1/segmentations/j1"): answers, ("DELETE", "/v1/segmentations/j1"): [_job("cancelled")]}
     client = ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=0.5, poll_s=0.05)
@@ -138,7 +138,7 @@ def test_a_polled_job_that_does_not_succeed_is_an_api_error_that_says_whether_to
 def test_the_api_client_sends_one_idempotency_key_per_job_the_same_on_each_retry(api):
     """Retrying a POST is safe only with the key of its first try: the cluster then answers with the job that
     try made. A 4xx is the answer, not retried."""
-    from serve.cluster.client import ApiClient
+    from serve.api.client import ApiClient
 
     queued = (202, "application/json", b'{"id": "j1", "status": "queued"}')
     gateway = ProxyAnswer(502, "text/html", b"<html>Bad Gateway</html>")
@@ -159,7 +159,7 @@ def test_the_api_client_sends_one_idempotency_key_per_job_the_same_on_each_retry
 
 
 def test_the_api_client_gives_up_retrying_at_its_deadline_with_the_last_answer(api):
-    from serve.cluster.client import ApiClient
+    from serve.api.client import ApiClient
 
     api.script = {("POST", "/v1/segmentations"): [_problem(503, True)]}
     client = ApiClient(f"http://127.0.0.1:{api.server_address[1]}", "key", timeout_s=2, poll_s=0.05)

@@ -87,7 +87,7 @@ def test_bad_args_are_clear_errors():
 
 
 def test_up_folds_the_config_into_app_args_and_keeps_only_the_key_digest(tmp_path):
-    from serve.cluster.tenancy import Tenancy
+    from serve.router.tenancy import Tenancy
     from serve.cluster.up import DEFAULT_CONFIG, LocalStack, app_args_from_config, load_serve_config, write_tenants
 
     app, http = load_serve_config(DEFAULT_CONFIG)
@@ -108,7 +108,7 @@ def test_up_folds_the_config_into_app_args_and_keeps_only_the_key_digest(tmp_pat
 def test_a_405_keeps_its_allow_header_in_the_problem_answer():
     from fastapi.testclient import TestClient
 
-    from serve.cluster.api import create_app
+    from serve.api.app import create_app
 
     r = TestClient(create_app()).put("/healthz")
     assert r.status_code == 405 and r.headers["allow"] == "GET"

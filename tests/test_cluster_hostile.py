@@ -11,7 +11,7 @@ import pytest
 from loadtest.flood import DiskPeak, destructive_inputs
 from loadtest.localcluster import cluster_pids
 from loadtest.soak import role
-from serve.s3client import make_client
+from serve.storage.s3client import make_client
 from tests.hostile_corpus import corpus
 from tests.ray_fixtures import BUCKET, _shared_stack_owner, auth, nifti_bytes, serve_stack  # noqa: F401
 from tests.test_cluster_api import poll

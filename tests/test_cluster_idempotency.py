@@ -155,7 +155,7 @@ def test_one_sites_key_never_finds_another_sites_job(serve_stack):
 def test_the_api_client_retries_a_post_whose_answer_was_lost_without_making_a_second_job(serve_stack):
     """The answer is dropped after the router took the job (a proxy restarting): the client sends the POST
     again with its key and follows the one job to its end."""
-    from serve.cluster.client import ApiClient
+    from serve.api.client import ApiClient
     from tests.faultproxy import S3FaultProxy
 
     key = _key()

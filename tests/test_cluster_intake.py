@@ -17,7 +17,7 @@ from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
 
 class _Engine:
-    """A :class:`serve.jobs.Engine` that records which site's job runs when, and waits for ``gate`` first."""
+    """A :class:`serve.jobs.store.Engine` that records which site's job runs when, and waits for ``gate`` first."""
 
     def __init__(self, fail: bool = False):
         self.fail = fail
@@ -122,7 +122,7 @@ def test_jobs_still_waiting_when_the_scheduler_closes_are_cancelled_not_run():
 # -- the worker, on real S3 ---------------------------------------------------------------------------------
 def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0, clock=SYSTEM_CLOCK):  # noqa: F811
     from serve.cluster.intake import IntakeSettings
-    from serve.jobs import JobRunner, JobStore
+    from serve.jobs.store import JobRunner, JobStore
 
     settings = IntakeSettings(jobs=f"s3://jobs/{prefix}", lease_s=lease_s, concurrency=1, s3=seaweed.settings)
     runner = JobRunner(JobStore(settings.jobs, seaweed.settings, lease_s=lease_s, clock=clock), engine,
@@ -131,8 +131,8 @@ def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0, clock=
 
 
 def _spec(prefix: str, site: str, case: str, s3):
-    from serve import staging
-    from serve.jobs import JobSpec
+    from serve.storage import staging
+    from serve.jobs.store import JobSpec
 
     spec = JobSpec(f"s3://inbox/{prefix}/{site}/in/{case}.nii.gz", f"s3://outbox/{prefix}", site=site,
                    input_prefix=f"{prefix}/{site}/in/", outputs=("multilabel",))
@@ -180,9 +180,9 @@ def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(sea
                                                                              tmp_path):  # noqa: F811
     """The router answers 503 every time: five runs, each after a wait twice the last, then an error job.json the
     site can read, nothing held."""
-    from serve import staging
+    from serve.storage import staging
     from serve.cluster.intake import IntakeWorker
-    from serve.pushes import MAX_ATTEMPTS, retry_delay_s
+    from serve.jobs.pushes import MAX_ATTEMPTS, retry_delay_s
 
     clock = ManualClock()  # the 1 + 2 + 4 + 8 s of backoff pass on it, not in real time
     settings, runner = _setup(seaweed, unique_prefix, tmp_path, _Engine(fail=True), lease_s=2.0, clock=clock)
@@ -214,9 +214,9 @@ def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_
                                                                                     tmp_path):  # noqa: F811
     """A dead worker's claim outlives the five backed-off runs: those looks at a job running elsewhere are no
     runs of ours, so the pushed job waits for the claim to lapse, then runs and is done -- not let go and lost."""
-    from serve import staging
+    from serve.storage import staging
     from serve.cluster.intake import IntakeWorker
-    from serve.jobs import JobStore
+    from serve.jobs.store import JobStore
 
     engine = _Engine()
     clock = ManualClock()  # the dead worker's 20 s lease runs out on it, not in real time
@@ -237,7 +237,7 @@ def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_
 
 
 def test_the_wait_between_runs_of_an_unsettled_pushed_job_doubles_up_to_a_cap():
-    from serve.pushes import MAX_RETRY_DELAY_S, retry_delay_s
+    from serve.jobs.pushes import MAX_RETRY_DELAY_S, retry_delay_s
 
     assert [retry_delay_s(n, 60) for n in range(1, 5)] == [60, 120, 240, 480]
     assert retry_delay_s(12, 60) == MAX_RETRY_DELAY_S
@@ -251,9 +251,9 @@ def test_the_intake_signs_its_records_with_its_record_key_file_where_one_is_set(
     import dataclasses
 
     from serve.cluster.intake import IntakeSettings, IntakeWorker
-    from serve.jobs import JobRunner, JobStore
-    from serve.pushes import PushJournal
-    from serve.records import RecordKeyError, RecordSigner
+    from serve.jobs.store import JobRunner, JobStore
+    from serve.jobs.pushes import PushJournal
+    from serve.jobs.records import RecordKeyError, RecordSigner
 
     monkeypatch.delenv("MRISEG_RECORD_KEY_FILE", raising=False)
     key = RecordSigner.generate(tmp_path / "record.key")

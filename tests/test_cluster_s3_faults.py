@@ -12,8 +12,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from serve import staging
-from serve.embedded_s3 import SeaweedServer
+from serve.storage import staging
+from serve.storage.embedded_s3 import SeaweedServer
 from tests.faultproxy import S3FaultProxy
 from tests.ray_fixtures import (BUCKET, SUBMODELS, _shared_stack_owner, auth, isolated_ray,  # noqa: F401
                                 nifti_bytes, start_stack, tiny_models)

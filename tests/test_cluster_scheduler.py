@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from serve.cluster.scheduler import FairScheduler
+from serve.router.scheduler import FairScheduler
 from serve.errors import TooManyRequestsError
 
 
@@ -141,7 +141,7 @@ def test_cancel_before_the_task_first_runs_releases_the_slot():
 
 def test_the_health_check_fails_once_the_jobs_event_loop_has_stopped():
     """Jobs queued and running on a loop that no longer runs will never finish or start."""
-    from serve.cluster.scheduler import SchedulerStalledError
+    from serve.router.scheduler import SchedulerStalledError
 
     sched = FairScheduler(1, lambda site: 10)
     loop = asyncio.new_event_loop()

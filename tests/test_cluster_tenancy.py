@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from serve.cluster import tenancy as tenancy_mod
-from serve.cluster.tenancy import Tenancy
+from serve.router import tenancy as tenancy_mod
+from serve.router.tenancy import Tenancy
 from serve.errors import AuthenticationError, ForbiddenError, MrisegError
 
 KEY_A = "alpha-key-0123456789abcdef"
@@ -147,7 +147,7 @@ def test_whole_bucket_prefix():
 def test_cross_site_access_is_403_and_logged_without_the_key(caplog):
     t = Tenancy.from_mapping(_cfg())
     key = "site-b/PatientSmith_1970-01-01.nii.gz"
-    with caplog.at_level(logging.INFO, logger="serve.cluster.tenancy"):
+    with caplog.at_level(logging.INFO, logger="serve.router.tenancy"):
         with pytest.raises(ForbiddenError) as e:
             t.check_access(t.sites["site-a"], f"s3://consortium/{key}", "read")
     assert e.value.status == 403
@@ -277,7 +277,7 @@ def test_a_file_that_turns_bad_keeps_the_last_good_tenants_and_logs_once(tmp_pat
         f.unlink()
     else:
         f.write_text(bad)
-    caplog.set_level(logging.ERROR, logger="serve.cluster.tenancy")
+    caplog.set_level(logging.ERROR, logger="serve.router.tenancy")
     for _ in range(3):
         time.sleep(0.06)
         assert t.authenticate(KEY_A).name == "site-a"  # neither a new key nor lost access: nothing changed
@@ -306,8 +306,8 @@ def test_the_api_refuses_a_revoked_key_without_a_restart(tmp_path):
 
     from fastapi.testclient import TestClient
 
-    from serve.cluster import api
-    from serve.cluster.router import JobService, RouterSettings
+    from serve.api import app as api
+    from serve.router.service import JobService, RouterSettings
 
     f = tmp_path / "tenants.json"
     f.write_text(json.dumps(_cfg()))
@@ -335,8 +335,8 @@ def test_each_api_app_serves_its_own_job_service(tmp_path):
     """The app is built per replica over that replica's service: two apps in one process share nothing."""
     from fastapi.testclient import TestClient
 
-    from serve.cluster.api import create_app
-    from serve.cluster.router import JobService, RouterSettings
+    from serve.api.app import create_app
+    from serve.router.service import JobService, RouterSettings
 
     async def never(*_a, **_k):  # no sub-model is reached
         raise AssertionError("no sub-model call expected")

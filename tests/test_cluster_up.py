@@ -24,8 +24,8 @@ def test_up_with_embedded_s3_then_demo_through_it(isolated_ray, tmp_path, monkey
     """`mriseg up`'s stack (Ray + SeaweedFS + local.yaml); `mriseg demo` finds it and goes through it."""
     import httpx
 
-    from serve import staging
-    from serve.cli import main
+    from serve.storage import staging
+    from serve.cli.main import main
     from serve.cluster.up import find_running_stack, start_local_stack, stop_local_stack
 
     monkeypatch.setenv("MRISEG_CACHE", str(tmp_path / "cache"))
@@ -63,9 +63,9 @@ def test_up_with_embedded_s3_then_demo_through_it(isolated_ray, tmp_path, monkey
 
 def test_serve_run_local_yaml(isolated_ray, tmp_path):
     """Ray's own `serve run` on deployments/local.yaml (only the port and tenants moved for the test)."""
-    from serve.cluster.client import ApiClient, segment_file
+    from serve.api.client import ApiClient, segment_file
     from serve.demo import demo_volume
-    from serve.volume_io import write_nifti
+    from serve.imaging.volume_io import write_nifti
     from serve.cluster.up import write_tenants
 
     cfg = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
@@ -128,7 +128,7 @@ def test_state_of_a_dead_stack_is_removed_keys_and_all(tmp_path, monkeypatch):
     import json
 
     from serve.cluster.up import find_running_stack, state_dir
-    from serve.embedded_s3 import free_ports
+    from serve.storage.embedded_s3 import free_ports
 
     monkeypatch.setenv("MRISEG_CACHE", str(tmp_path))
     state = state_dir() / "stack.json"
@@ -163,7 +163,7 @@ def test_site_names_must_be_key_segments_given_once(names, says):
 
 
 def test_a_tenants_spec_gives_sites_settings_but_never_keys_or_prefixes(tmp_path):
-    from serve.cluster.tenancy import Tenancy
+    from serve.router.tenancy import Tenancy
     from serve.cluster.up import load_site_specs, write_tenants
     from serve.errors import MrisegError
 
@@ -184,7 +184,7 @@ def test_a_tenants_spec_gives_sites_settings_but_never_keys_or_prefixes(tmp_path
 
 
 def test_local_events_put_each_sites_inbox_in_its_prefix_and_the_jobs_outside_all(tmp_path):
-    from serve.cluster.tenancy import Tenancy
+    from serve.router.tenancy import Tenancy
     from serve.cluster.up import JOBS_PREFIX, local_events, write_tenants
 
     keys = {"a": "mrs_" + "a" * 24, "b": "mrs_" + "b" * 24}
@@ -202,7 +202,7 @@ def test_local_events_put_each_sites_inbox_in_its_prefix_and_the_jobs_outside_al
 
 
 def test_the_banner_shows_each_sites_keys_and_the_open_ports():
-    from serve.cluster.cli import banner
+    from serve.cli.stack import banner
     from serve.cluster.up import LocalSite, LocalStack
 
     s3 = {"endpoint_url": "http://127.0.0.1:9", "access_key_id": "AKA", "secret_access_key": "SECRET-A"}

@@ -3,7 +3,7 @@
 The test phantoms (serve.phantoms.TEST_SEEDS) are never trained on and never
 used to pick weights: candidates are compared on the held-out validation
 phantoms (HELDOUT_SEEDS), and only the weights picked there are evaluated
-here. Each phantom goes through serve.pipeline.Segmenter (canonical
+here. Each phantom goes through serve.inference.pipeline.Segmenter (canonical
 reorientation, resampling, nnU-Net sliding window, merge, order 0 back to the
 input grid). Requirement: mean Dice >= 0.85 over the structures present, and
 no structure of 1000+ truth voxels below 0.6.
@@ -15,7 +15,7 @@ import pytest
 
 from serve.demo import ensure_demo_models
 from serve.phantoms import TEST_SEEDS
-from serve.training import evaluate_heldout, requirement_failures
+from training.train import evaluate_heldout, requirement_failures
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError
 
-from serve.embedded_s3 import HOST, SEAWEED_OPEN_PORTS, SeaweedServer
-from serve.s3client import make_client
+from serve.storage.embedded_s3 import HOST, SEAWEED_OPEN_PORTS, SeaweedServer
+from serve.storage.s3client import make_client
 
 pytestmark = pytest.mark.s3
 

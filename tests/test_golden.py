@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from serve.modelload import load_model
-from serve.predict import predict_labels
-from serve.preprocess import prepare
-from serve.restore import to_input_grid
-from serve.volume_io import read_volume, write_nifti
+from serve.inference.modelload import load_model
+from serve.inference.predict import predict_labels
+from serve.inference.preprocess import prepare
+from serve.inference.restore import to_input_grid
+from serve.imaging.volume_io import read_volume, write_nifti
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 
 SPACING = 1.5
@@ -88,7 +88,7 @@ def models(tiny_models, tmp_path_factory):  # noqa: F811
     import shutil
 
     from serve.catalogue import load_catalogue
-    from serve.modelstore import ModelStore
+    from serve.inference.modelstore import ModelStore
 
     store = ModelStore([tiny_models])
     cat = load_catalogue()
@@ -122,7 +122,7 @@ def test_each_submodel_matches_totalsegmentator_voxel_for_voxel(golden_input, mo
 
 def test_pipeline_per_model_maps_equal_reference(golden_input, models, segmenter, tmp_path):  # noqa: F811
     """The Segmenter's shared preprocessing gives each sub-model exactly its reference map (global ids)."""
-    from serve.merge import local_to_global_lut
+    from serve.inference.merge import local_to_global_lut
 
     vol = read_volume(golden_input)
     result = segmenter.segment(vol, roi_subset=["liver", "spleen", "kidney_left", "skeletal_muscle",

@@ -17,9 +17,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from serve import volume_io
+from serve.imaging import volume_io
 from serve.errors import MrisegError
-from serve.volume_io import read_volume_bytes
+from serve.imaging.volume_io import read_volume_bytes
 from tests.hostile_corpus import BOMBS, MAX_VOXELS, MAX_ZIP_BYTES, HostileInput, corpus, crc32_repeat
 
 CORPUS: dict[str, HostileInput] = {h.name: h for h in corpus()}
@@ -118,7 +118,7 @@ _CHILD = textwrap.dedent("""
     import json, sys, tempfile
     import numpy as np, nibabel, SimpleITK  # imported before the baseline: their cost is not the decoder's
     from serve.errors import MrisegError
-    from serve.volume_io import read_volume_bytes
+    from serve.imaging.volume_io import read_volume_bytes
     from tests.hostile_corpus import BOMBS, MAX_VOXELS, corpus
 
     def peak():

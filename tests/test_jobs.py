@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from serve import staging
+from serve.storage import staging
 from serve.clock import ManualClock
-from serve.jobs import (FAILED, SUCCEEDED, ClaimLost, JobRecord, JobRunner, JobSpec, JobStore, SegmenterEngine,
+from serve.jobs.store import (FAILED, SUCCEEDED, ClaimLost, JobRecord, JobRunner, JobSpec, JobStore, SegmenterEngine,
                         case_name, idempotency_key)
-from serve.pushes import PushJournal
-from serve.records import RecordSigner
+from serve.jobs.pushes import PushJournal
+from serve.jobs.records import RecordSigner
 from serve.records_schema import OutputRecord
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
@@ -210,7 +210,7 @@ def test_a_stalled_worker_whose_job_was_taken_over_publishes_nothing(seaweed, se
                                                                      tmp_path):  # noqa: F811
     """Its lease lapsed while it computed and another worker took the job: it must not replace the new
     holder's outputs and job.json with its own, and it reports the job as running elsewhere."""
-    from serve.jobs import RUNNING
+    from serve.jobs.store import RUNNING
 
     class StallingEngine(SegmenterEngine):
         def segment_file(self, path, spec, outdir):

@@ -215,7 +215,7 @@ def test_no_object_holds_or_names_a_site_api_key(item):
 
 @pytest.mark.parametrize("item", _rayservices(), ids=_id)
 def test_an_s3_model_source_comes_with_the_mounted_pinned_manifest(item):
-    """serve.modelstore refuses an s3:// model source without the operator's pinned manifest: the serve config's
+    """serve.inference.modelstore refuses an s3:// model source without the operator's pinned manifest: the serve config's
     model_pins and the stage-models gate name the file that ConfigMap mriseg-model-pins mounts in every pod."""
     overlay, rs = item
     args = _serve_config(rs)["applications"][0]["args"]
@@ -866,7 +866,7 @@ def test_what_a_gpu_pod_must_not_hold_is_caught(leak):
 def test_the_router_journal_is_on_a_volume_of_its_own(item):
     """Spooled uploads and results fill ray-tmp (/tmp); the Router's journal must not share that disk: its
     journal_dir is a tmpfs of its own on the Router's pod, with room for the journal's byte bound."""
-    from serve.cluster.router import RouterSettings
+    from serve.router.service import RouterSettings
 
     overlay, rs = item
     settings = RouterSettings.from_mapping(_serve_config(rs)["applications"][0]["args"]["router"])
@@ -1010,7 +1010,7 @@ def test_dashboard_and_alerts_use_metrics_that_exist():
 @pytest.mark.parametrize("item", _rayservices(), ids=_id)
 def test_every_overlay_requires_every_sandbox_layer(item):
     """The pods' kernels have Landlock: a router whose decoder lacks any layer must not become ready."""
-    from serve.sandbox import LAYERS, SandboxPolicy
+    from serve.imaging.sandbox import LAYERS, SandboxPolicy
 
     overlay, rs = item
     policy = SandboxPolicy.from_mapping(_serve_config(rs)["applications"][0]["args"].get("sandbox"))

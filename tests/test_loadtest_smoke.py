@@ -14,7 +14,7 @@ import pytest
 
 from loadtest.localcluster import cluster_pids
 from loadtest.soak import markdown, put_s3_inputs, soak
-from serve.s3client import make_client
+from serve.storage.s3client import make_client
 from tests.ray_fixtures import BUCKET, SITE_KEYS, nifti_bytes, serve_stack, _shared_stack_owner  # noqa: F401
 
 # Per-process RSS bound for the short soak: the largest process (a sub-model replica or the router,

@@ -10,7 +10,7 @@ import pytest
 from loadtest.bench import judge
 from loadtest.inputs import InputSize, write_volume
 from serve.catalogue import load_catalogue
-from serve.modelfolder import UNetSpec, write_model_folder
+from serve.inference.modelfolder import UNetSpec, write_model_folder
 
 MICRO = UNetSpec(features=(4, 8, 16), patch_size=(32, 32, 32))
 
@@ -82,13 +82,13 @@ def test_baseline_writes_a_combined_map_on_the_input_grid(micro_models, tmp_path
 
 def test_baseline_equals_our_pipeline_at_totalsegmentators_default(micro_models, tmp_path):
     """Like for like: on an integer-valued input the baseline (TotalSegmentator's sequence, -ro 1 with the
-    int32 cast) and ``serve.pipeline.Segmenter`` at its default give the same map, voxel for voxel."""
+    int32 cast) and ``serve.inference.pipeline.Segmenter`` at its default give the same map, voxel for voxel."""
     import nibabel as nib
 
     from loadtest.baseline import run_baseline
-    from serve.modelstore import ModelStore
-    from serve.pipeline import Segmenter
-    from serve.volume_io import read_volume
+    from serve.inference.modelstore import ModelStore
+    from serve.inference.pipeline import Segmenter
+    from serve.imaging.volume_io import read_volume
 
     src = write_volume(InputSize("t", (30, 24, 10), 3.0), tmp_path / "in.nii.gz", seed=3)
     assert nib.load(str(src)).get_data_dtype() == np.int16

@@ -10,7 +10,7 @@ import pytest
 
 _CHILD = textwrap.dedent("""
     import json
-    from serve.memory import release_free_memory
+    from serve.inference.memory import release_free_memory
 
     def rss_mb():
         with open("/proc/self/statm") as f:

@@ -7,9 +7,9 @@ import pytest
 
 from serve.catalogue import load_catalogue
 from serve.errors import ModelFolderError
-from serve.merge import merge
-from serve.modelfolder import UNetSpec, write_model_folder
-from serve.modelload import load_model
+from serve.inference.merge import merge
+from serve.inference.modelfolder import UNetSpec, write_model_folder
+from serve.inference.modelload import load_model
 
 SPEC = UNetSpec(features=(4, 8), patch_size=(16, 16, 16))
 CAT = load_catalogue()

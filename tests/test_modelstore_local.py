@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from serve.catalogue import load_catalogue
-from serve.cli import main
+from serve.cli.main import main
 from serve.errors import ModelUnavailableError
-from serve.modelfolder import UNetSpec, write_model_folder
-from serve.modelstore import ModelStore
-from serve.pipeline import Segmenter
+from serve.inference.modelfolder import UNetSpec, write_model_folder
+from serve.inference.modelstore import ModelStore
+from serve.inference.pipeline import Segmenter
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
 
 CAT = load_catalogue()
@@ -158,7 +158,7 @@ def test_a_reimport_that_fails_half_way_keeps_the_earlier_import(tmp_path, capsy
 
 def test_a_region_based_model_is_refused_rather_than_read_with_wrong_ids():
     from serve.errors import ModelFolderError
-    from serve.modelstore import read_dataset_labels
+    from serve.inference.modelstore import read_dataset_labels
 
     assert read_dataset_labels({"labels": {"background": 0, "liver": [5], "spleen": 1}}) == \
         {"background": 0, "liver": 5, "spleen": 1}

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from serve import staging
+from serve.storage import staging
 from serve.catalogue import load_catalogue
 from serve.errors import ModelFolderError, ModelSourceUnreachableError
-from serve.modelfolder import UNetSpec, write_model_folder
-from serve.modelload import load_model
-from serve.modelstore import ModelStore, pin_dataset, write_pins
-from serve.pipeline import Segmenter
-from serve.s3client import make_client
+from serve.inference.modelfolder import UNetSpec, write_model_folder
+from serve.inference.modelload import load_model
+from serve.inference.modelstore import ModelStore, pin_dataset, write_pins
+from serve.inference.pipeline import Segmenter
+from serve.storage.s3client import make_client
 from tests.core_fixtures import body_volume
 from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 

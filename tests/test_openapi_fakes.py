@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler
 import httpx
 import pytest
 
-from serve.cluster.client import ApiClient, ApiError
+from serve.api.client import ApiClient, ApiError
 from tests.openapi_fakes import CheckedServer, OpenApiReferee, SchemaMismatch, served_schema
 
 AUTH = {"Authorization": "Bearer key-site-a"}
@@ -34,7 +34,7 @@ def referee() -> OpenApiReferee:
 
 
 def test_the_document_is_the_ingress_apps_and_declares_what_the_fakes_stand_in_for():
-    from serve.cluster.api import create_app
+    from serve.api.app import create_app
 
     doc = served_schema()
     assert doc == create_app().openapi()  # tests/test_api_schemathesis.py: the stack serves this very document

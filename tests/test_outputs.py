@@ -11,9 +11,9 @@ import pytest
 from serve.outputs.labeltable import EXTENSION_CODE, label_table_xml, parse_label_table, read_label_table
 from serve.outputs.statistics import touches_border
 from serve.outputs.writers import write_outputs
-from serve.pipeline import SegmentationResult
+from serve.inference.pipeline import SegmentationResult
 from serve.records_schema import OutputMeta, OutputRecord
-from serve.volume_io import read_volume, write_nifti
+from serve.imaging.volume_io import read_volume, write_nifti
 from tests.core_fixtures import oriented_affine
 
 SHAPE = (20, 16, 12)
@@ -167,8 +167,8 @@ def test_non_nifti_input_gets_a_fresh_header(case, tmp_path):
 def test_an_output_sets_completion_record_names_the_options_that_made_it_as_a_job_does(case, tmp_path):
     """``completion_doc`` (what the API's uploads end with) and a job's job.json state options alike,
     so ``mriseg bulk`` can tell a set made with other options from its own."""
-    from serve.jobs import JobSpec
-    from serve.staging import completion_doc
+    from serve.jobs.store import JobSpec
+    from serve.storage.staging import completion_doc
 
     vol, res = case
     write_outputs(res, vol, tmp_path / "a", preview=False, roi_subset=["skeletal_muscle", "humerus_left"])
@@ -181,7 +181,7 @@ def test_an_output_sets_completion_record_names_the_options_that_made_it_as_a_jo
 
 
 def test_an_output_set_from_demo_models_says_so_in_its_completion_record(case, tmp_path):
-    from serve.staging import completion_doc
+    from serve.storage.staging import completion_doc
 
     vol, res = case
     write_outputs(res, vol, tmp_path / "real", preview=False)
@@ -207,8 +207,8 @@ def test_mriseg_json_records_the_resampling_order_and_the_input_cast(case, tmp_p
 def test_a_completion_record_states_the_resampling_order_and_none_for_an_old_set(case, tmp_path):
     """An API output set says how its input was resampled, as a job's job.json does; one whose mriseg.json
     predates the option has none, so its options never equal a new job's."""
-    from serve.jobs import JobSpec
-    from serve.staging import completion_doc
+    from serve.jobs.store import JobSpec
+    from serve.storage.staging import completion_doc
 
     vol, res = case
     res.resampling_order, res.input_cast = 3, "int32"

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve.errors import MrisegError
-from serve.events import EventFormatError, ObjectEvent, parse_message
-from serve.jobs import MAX_CASE_BYTES, case_name
-from serve.s3client import parse_s3_uri
+from serve.jobs.events import EventFormatError, ObjectEvent, parse_message
+from serve.jobs.store import MAX_CASE_BYTES, case_name
+from serve.storage.s3client import parse_s3_uri
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

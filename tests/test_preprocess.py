@@ -1,4 +1,4 @@
-"""serve/preprocess.py: TotalSegmentator 2.18's resampling (``change_spacing``), order, cast and all.
+"""serve/inference/preprocess.py: TotalSegmentator 2.18's resampling (``change_spacing``), order, cast and all.
 
 The expected arrays are TotalSegmentator's calls written out here: ``ndimage.zoom`` of the
 float64 canonical data with ``mode="nearest"`` and the ``-ro`` order, then ``.astype(np.int32)``
@@ -13,9 +13,9 @@ import pytest
 from scipy import ndimage
 
 from serve.errors import MrisegError
-from serve.preprocess import (CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order, prepare,
+from serve.inference.preprocess import (CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order, prepare,
                               zoom_factors)
-from serve.volume_io import Volume
+from serve.imaging.volume_io import Volume
 from tests.core_fixtures import body_volume, oriented_affine
 
 

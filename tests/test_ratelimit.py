@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.cluster.ratelimit import RateLimiter
+from serve.api.ratelimit import RateLimiter
 from serve.errors import TooManyRequestsError
 
 

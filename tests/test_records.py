@@ -1,4 +1,4 @@
-"""Signed records (serve/records.py): what verifies, what does not, and the key file."""
+"""Signed records (serve/jobs/records.py): what verifies, what does not, and the key file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from serve.records import ENV, ForgedRecord, RecordKeyError, RecordSigner, rejected
+from serve.jobs.records import ENV, ForgedRecord, RecordKeyError, RecordSigner, rejected
 
 BODY = {"state": "running", "spec": {"input_uri": "s3://inbox/site-a/ünï.nii.gz", "site": "site-a"},
         "lease_until": 1.5, "attempts": 1, "error": None}
@@ -115,7 +115,7 @@ def test_a_missing_or_short_key_says_how_to_make_one(tmp_path, monkeypatch):
 
 
 def test_the_cli_makes_a_key(tmp_path, capsys):
-    from serve.cli import main
+    from serve.cli.main import main
 
     assert main(["record-key", "generate", str(tmp_path / "k")]) == 0
     RecordSigner.from_file(tmp_path / "k")

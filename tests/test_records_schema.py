@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serve import staging
-from serve.bulk import FAILED, SKIPPED, already_done, run_bulk
-from serve.jobs import JobRecord, JobSpec, JobStore, idempotency_key
+from serve.storage import staging
+from serve.cli.bulk import FAILED, SKIPPED, already_done, run_bulk
+from serve.jobs.store import JobRecord, JobSpec, JobStore, idempotency_key
 from serve.records_schema import (DOCUMENTED, JOB_FORMAT, OUTPUT_FORMAT, SUCCEEDED, MalformedRecord, OutputRecord,
                                   SignedEnvelope, UnsupportedRecordFormat, check_output_record, output_meta_doc,
                                   output_record, read_job_record, read_output_meta, read_output_record)

@@ -1,4 +1,4 @@
-"""serve/restore.py: labels back to the input grid as TotalSegmentator 2.18 does (order 0, mode "nearest")."""
+"""serve/inference/restore.py: labels back to the input grid as TotalSegmentator 2.18 does (order 0, mode "nearest")."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from serve.preprocess import prepare
-from serve.restore import to_input_grid, zoom_to_shape
-from serve.volume_io import Volume
+from serve.inference.preprocess import prepare
+from serve.inference.restore import to_input_grid, zoom_to_shape
+from serve.imaging.volume_io import Volume
 
 
 @pytest.mark.parametrize("slices,spacing", [(14, 3.0), (15, 3.0), (24, 3.0), (12, 3.3)])

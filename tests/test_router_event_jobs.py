@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from serve.cluster.jobs_state import JobOptions
-from serve.cluster.router import JobService, RouterSettings
-from serve.cluster.tenancy import Tenancy
+from serve.router.state import JobOptions
+from serve.router.service import JobService, RouterSettings
+from serve.router.tenancy import Tenancy
 from tests.ray_fixtures import BUCKET, nifti_bytes, write_tenants
 
 VOLUME = nifti_bytes(shape=(16, 16, 16))

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from serve.cluster.jobs_state import Job, JobOptions
-from serve.cluster.journal import JobJournal, job_from_record, job_to_record
-from serve.cluster.router import JobService, RouterSettings
-from serve.cluster.tenancy import Tenancy
+from serve.router.state import Job, JobOptions
+from serve.router.journal import JobJournal, job_from_record, job_to_record
+from serve.router.service import JobService, RouterSettings
+from serve.router.tenancy import Tenancy
 from serve.errors import MrisegError
 from tests.ray_fixtures import BUCKET, write_tenants
 
@@ -135,7 +135,7 @@ def test_a_failed_job_logs_no_object_key_from_its_causes(tmp_path, caplog):
 
     from botocore.exceptions import EndpointConnectionError
 
-    from serve.staging import storage_error
+    from serve.storage.staging import storage_error
 
     caplog.set_level("DEBUG")
     old = _service(tmp_path)
@@ -222,7 +222,7 @@ def test_a_job_settling_onto_a_failing_disk_still_settles_and_cleans_its_spool(t
 
 _CANCEL_ON_A_FULL_DISK = """
 import pathlib, resource, signal, sys
-from serve.cluster.jobs_state import Job, JobOptions
+from serve.router.state import Job, JobOptions
 from tests.test_router_journal import _service
 svc = _service(pathlib.Path(sys.argv[1]))
 job = Job(site="site-a", options=JobOptions(), input_uri=sys.argv[2], status="running")
@@ -390,7 +390,7 @@ def test_the_idempotency_key_and_request_fingerprint_survive_a_restart(tmp_path)
 
 def test_the_health_check_fails_when_the_journal_cannot_take_a_record(tmp_path):
     """Its folder gone (an unmounted volume) or its disk nearly full: the replica must say it is unhealthy."""
-    from serve.cluster.journal import JournalUnhealthyError
+    from serve.router.journal import JournalUnhealthyError
 
     svc = _service(tmp_path, journal_dir=str(tmp_path / "journal"))
     asyncio.run(svc.check_health())  # healthy as started

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from serve.cluster import router as router_mod
-from serve.cluster.jobs_state import Job, JobOptions
-from serve.cluster.router import JobService, RouterSettings
-from serve.cluster.tenancy import Tenancy
+from serve.router import service as router_mod
+from serve.router.state import Job, JobOptions
+from serve.router.service import JobService, RouterSettings
+from serve.router.tenancy import Tenancy
 from tests.ray_fixtures import BUCKET, nifti_bytes, write_tenants
 
 VOLUME = nifti_bytes(shape=(16, 16, 16))
@@ -255,17 +255,17 @@ def test_a_full_run_with_an_unreadable_model_source_is_503_not_a_partial_result(
 
 def test_cancel_during_a_worker_thread_stage_keeps_the_slot_until_the_thread_ends(tmp_path, monkeypatch):
     """Otherwise a site could cancel and resubmit past its limit while the orphaned threads pile up."""
-    import serve.preprocess
+    import serve.inference.preprocess
 
     started = []
-    real_prepare = serve.preprocess.prepare
+    real_prepare = serve.inference.preprocess.prepare
 
     def slow_prepare(volume, spacing, **kw):
         started.append(time.time())
         time.sleep(0.5)
         return real_prepare(volume, spacing, **kw)
 
-    monkeypatch.setattr(serve.preprocess, "prepare", slow_prepare)
+    monkeypatch.setattr(serve.inference.preprocess, "prepare", slow_prepare)
 
     async def main():
         svc = _service(tmp_path, _labels, slots=1)

@@ -15,8 +15,8 @@ import uuid
 import numpy as np
 import pytest
 
-from serve.consumer import (Consumer, ConsumerConfig, InboxRule, configure_notifications, create_queue_with_dlq)
-from serve.jobs import FAILED, SUCCEEDED, JobRunner, JobStore, SegmenterEngine
+from serve.jobs.consumer import (Consumer, ConsumerConfig, InboxRule, configure_notifications, create_queue_with_dlq)
+from serve.jobs.store import FAILED, SUCCEEDED, JobRunner, JobStore, SegmenterEngine
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 from tests.s3_fixtures import moto  # noqa: F401
 
@@ -107,7 +107,7 @@ def test_upload_event_output_and_duplicate_not_recomputed(moto, segmenter, tmp_p
 
     # the output equals a direct in-process segmentation of the same file
     import nibabel as nib
-    from serve.volume_io import read_volume
+    from serve.imaging.volume_io import read_volume
 
     src, out = tmp_path / "in.nii.gz", tmp_path / "seg.nii.gz"
     src.write_bytes(data)
@@ -162,7 +162,7 @@ def test_unprocessable_message_is_redriven_to_dlq(moto, segmenter, tmp_path):  #
 
 def _spawn(cfg_path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "serve.consumer", "--config", str(cfg_path)],
+    return subprocess.Popen([sys.executable, "-m", "serve.jobs.consumer", "--config", str(cfg_path)],
                             stdout=open(str(cfg_path) + ".log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
 
@@ -242,7 +242,7 @@ def test_standalone_consumer_serves_its_dlq_gauge(moto, tiny_models, tmp_path): 
     cfg_path.write_text(json.dumps(cfg))
     port = free_port()
     env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "serve.consumer", "--config", str(cfg_path),
+    proc = subprocess.Popen([sys.executable, "-m", "serve.jobs.consumer", "--config", str(cfg_path),
                              "--metrics-port", str(port)], stdout=open(str(cfg_path) + ".log", "ab"),
                             stderr=subprocess.STDOUT, start_new_session=True, env=env_vars)
 
@@ -269,8 +269,8 @@ def test_a_job_whose_worker_died_is_run_once_its_claim_lapses_not_sent_to_the_dl
     """A worker took the message, claimed the job and died. Its message comes back while the dead claim still
     looks alive: it is hidden until the claim lapses, then the job is claimed again and done -- not moved to
     the DLQ by looking at a job that stays 'running' for ever."""
-    from serve.consumer import specs_for_events
-    from serve.events import parse_message
+    from serve.jobs.consumer import specs_for_events
+    from serve.jobs.events import parse_message
 
     env = make_env(moto, max_receives=3, visibility=2, heartbeat=1.0, outputs=("multilabel",))
     s3, sqs = moto.client(), moto.sqs()
@@ -307,7 +307,7 @@ def test_a_replaced_corrupt_upload_gets_its_result_in_the_case_folder_and_a_stal
     """The error job.json a corrupt upload left is the reason that input failed, not a result to keep: the
     fixed upload's result replaces it where the site looks (not under runs/). An event whose object was
     overwritten before it ran leaves the folder to the new version's job."""
-    from serve.jobs import JobSpec
+    from serve.jobs.store import JobSpec
 
     env = make_env(moto, max_receives=2, outputs=("multilabel",))
     s3, sqs = moto.client(), moto.sqs()
@@ -346,7 +346,7 @@ def test_the_waiting_messages_of_a_batch_stay_hidden_from_another_poller(moto): 
     import collections
     import threading
 
-    from serve.jobs import JobOutcome
+    from serve.jobs.store import JobOutcome
 
     env = make_env(moto, max_receives=5, visibility=2, heartbeat=0.5)
     sqs = moto.sqs()
@@ -383,7 +383,7 @@ def test_the_intake_runs_as_many_queued_jobs_at_once_as_its_concurrency(moto, tm
     import threading
 
     from serve.cluster.intake import IntakeSettings, IntakeWorker
-    from serve.jobs import JobOutcome
+    from serve.jobs.store import JobOutcome
 
     env = make_env(moto, max_receives=5, visibility=30, heartbeat=5.0)
     sqs = moto.sqs()

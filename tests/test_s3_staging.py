@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from serve import staging
-from serve.embedded_s3 import SeaweedServer
+from serve.storage import staging
+from serve.storage.embedded_s3 import SeaweedServer
 from serve.errors import MrisegError, StorageError, VolumeTooLargeError
 from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 
@@ -128,7 +128,7 @@ def test_missing_object_and_bucket_are_404(seaweed, unique_prefix):
 
 def test_a_reupload_that_fails_halfway_leaves_no_done_marker(seaweed, tmp_path, unique_prefix, monkeypatch):
     """The old set's job.json must not vouch for a mix of old and new files."""
-    from serve.bulk import already_done
+    from serve.cli.bulk import already_done
 
     prefix = f"s3://outbox/{unique_prefix}/site-a/case1/"
 
@@ -255,7 +255,7 @@ def test_a_bucket_or_folder_is_not_an_object_400_not_an_outage(uri):
     ({"secret_access_key": 12345}, "(hidden)"),
 ])
 def test_s3_settings_are_type_checked(setting, says):
-    from serve.s3client import S3Settings
+    from serve.storage.s3client import S3Settings
 
     with pytest.raises(MrisegError, match=re.escape(says)):
         S3Settings.from_mapping(setting)
@@ -266,7 +266,7 @@ def test_embedded_servers_die_with_the_process_that_started_them(tmp_path):
     import subprocess
     import sys
 
-    code = ("from serve.embedded_s3 import MotoServer, SeaweedServer\n"
+    code = ("from serve.storage.embedded_s3 import MotoServer, SeaweedServer\n"
             f"s = SeaweedServer({str(tmp_path / 'weed')!r}).start()\n"
             f"m = MotoServer(log_dir={str(tmp_path / 'moto')!r}).start()\n"
             "print(s.proc.pid, m.proc.pid, flush=True)\n"

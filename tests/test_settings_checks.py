@@ -47,14 +47,14 @@ def test_checked_number_converts_and_reports_its_bounds():
     ({"slot": 2}, "router: unknown setting"),
 ])
 def test_router_settings_are_checked_when_loaded(change, says):
-    from serve.cluster.router import RouterSettings
+    from serve.router.service import RouterSettings
 
     with pytest.raises(MrisegError, match=says):
         RouterSettings.from_mapping(change)
 
 
 def test_router_settings_in_range_are_taken_as_numbers():
-    from serve.cluster.router import RouterSettings
+    from serve.router.service import RouterSettings
 
     s = RouterSettings.from_mapping({"slots": 8.0, "submodel_timeout_s": 60, "max_voxels": None, "max_resumes": 0})
     assert (s.slots, s.submodel_timeout_s, s.max_voxels, s.max_resumes) == (8, 60.0, None, 0)
@@ -73,7 +73,7 @@ def test_router_settings_in_range_are_taken_as_numbers():
     ({"heartbeat_s": 120, "visibility_timeout_s": 120}, "heartbeat_s .* must be shorter than visibility_timeout_s"),
 ])
 def test_sqs_settings_stay_within_what_sqs_takes(change, says):
-    from serve.consumer import ConsumerConfig
+    from serve.jobs.consumer import ConsumerConfig
 
     with pytest.raises(MrisegError, match=says):
         ConsumerConfig.from_mapping({"queue_url": "http://q", "rules": [], **change})
@@ -94,14 +94,14 @@ def test_event_numbers_are_finite_and_whole_where_they_count(key, value, monkeyp
 
 @pytest.mark.parametrize("value", [math.inf, math.nan, 0, True])
 def test_s3_timeouts_are_finite_and_positive(value):
-    from serve.s3client import S3Settings
+    from serve.storage.s3client import S3Settings
 
     with pytest.raises(MrisegError, match="read_timeout_s must be a finite number > 0"):
         S3Settings.from_mapping({"read_timeout_s": value})
 
 
 def test_tenant_rates_are_finite():
-    from serve.cluster.tenancy import Tenancy
+    from serve.router.tenancy import Tenancy
 
     with pytest.raises(MrisegError, match=r"tenants: site s: requests_per_second must be a number >= 0, not inf"):
         Tenancy.from_mapping({"sites": {"s": {"prefixes": ["s3://b/s/"], "requests_per_second": math.inf}}})

@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 
 from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
-from serve import volume_io
-from serve.volume_io import read_volume, read_volume_bytes, safe_extract_zip, sitk_geometry_to_affine
+from serve.imaging import volume_io
+from serve.imaging.volume_io import read_volume, read_volume_bytes, safe_extract_zip, sitk_geometry_to_affine
 from tests.core_fixtures import oriented_affine
 
 
@@ -404,7 +404,7 @@ def test_crlf_across_a_read_boundary_is_not_a_blank_line():
 
 
 def test_header_line_over_the_limit_is_corrupt():
-    from serve.formats import nrrd
+    from serve.imaging.formats import nrrd
 
     data = b"NRRD0004\n# " + b"x" * (nrrd.MAX_LINE + 10) + b"\ndata file: /etc/passwd\n\n"
     with pytest.raises(CorruptFileError, match="header line"):
@@ -425,7 +425,7 @@ def test_self_contained_applies_to_files_on_disk(tmp_path):
 
 
 def test_job_engine_reads_its_input_as_self_contained(tmp_path):
-    from serve.jobs import JobSpec, SegmenterEngine
+    from serve.jobs.store import JobSpec, SegmenterEngine
 
     (tmp_path / "input.nrrd").write_bytes(NRRD_AT_PASSWD.replace(b"\n", b"\r"))
     engine = SegmenterEngine(segmenter=None)  # never reached: the input is refused first
@@ -438,7 +438,7 @@ def _tags(positions, orientation="1\\0\\0\\0\\1\\0"):
 
 
 def test_regular_stacks_pass_the_slice_geometry_check():
-    from serve.volume_io import check_slice_geometry
+    from serve.imaging.volume_io import check_slice_geometry
 
     c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
     normal = np.cross([1, 0, 0], [0, c, s])
@@ -456,7 +456,7 @@ def test_regular_stacks_pass_the_slice_geometry_check():
     ([(0, 0, 3 * k) for k in range(4)], ["1\\0\\0\\0\\1\\0"] * 2 + ["1\\0\\0\\0\\0\\1"] * 2, "mixes slice orientations"),
 ])
 def test_irregular_stacks_are_refused(positions, orientations, says):
-    from serve.volume_io import check_slice_geometry
+    from serve.imaging.volume_io import check_slice_geometry
 
     tags = _tags(positions) if orientations is None else [(t[0], o) for t, o in zip(_tags(positions), orientations)]
     with pytest.raises(InvalidVolumeError, match=says):
@@ -477,7 +477,7 @@ def test_a_dicom_series_split_over_folders_is_read_whole_in_slice_order(tmp_path
 
 
 def test_a_forged_header_whose_voxel_count_overflows_int64_is_refused_as_too_large():
-    from serve.volume_io import check_shape
+    from serve.imaging.volume_io import check_shape
 
     with pytest.raises(VolumeTooLargeError):
         check_shape((2**21, 2**21, 2**22), 10**9)
@@ -593,7 +593,7 @@ def test_one_scaled_dicom_slice_makes_the_series_float(tmp_path):
 def test_integer_valued_rule_reads_garbled_rescale_tags_as_float():
     import SimpleITK as sitk_
 
-    from serve.volume_io import dicom_integer_valued
+    from serve.imaging.volume_io import dicom_integer_valued
 
     assert dicom_integer_valued(sitk_.sitkInt16, [(None, None), ("1 ", " -7")])
     assert not dicom_integer_valued(sitk_.sitkInt16, [("1\\2", "0")])

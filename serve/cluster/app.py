@@ -20,16 +20,16 @@ from ray.serve.handle import DeploymentHandle
 from serve.catalogue import load_catalogue
 from fastapi import FastAPI
 
-from serve.cluster.api import create_app
+from serve.api.app import create_app
 from serve.cluster.deployments import SubModelDeployment, SubModelSettings
 from serve.cluster.intake import RETIRED_SETTINGS, EventIntake, EventsArg, IntakeSettings
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
-from serve.cluster.router import JobService, RouterSettings
-from serve.cluster.tenancy import Tenancy
+from serve.router.service import JobService, RouterSettings
+from serve.router.tenancy import Tenancy
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
-from serve.resampling import DEFAULT_RESAMPLING_ORDER
-from serve.s3client import S3Settings
-from serve.sandbox import SandboxedDecoder, SandboxPolicy
+from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
+from serve.storage.s3client import S3Settings
+from serve.imaging.sandbox import SandboxedDecoder, SandboxPolicy
 from serve.settings_checks import check, error_line, whole
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def default_submodels() -> list[str]:
 @rayserve.deployment(
     name="Router",
     ray_actor_options={"num_cpus": 1},
-    num_replicas=1,  # one job table; it survives a replica restart through serve.cluster.journal
+    num_replicas=1,  # one job table; it survives a replica restart through serve.router.journal
     max_ongoing_requests=256,
     health_check_period_s=10,
 )
@@ -230,16 +230,16 @@ class AppArgs(BaseModel):
     model_sources: list[StrictStr] | None = None   # dirs, s3:// URIs or "demo"; None: the demo models
     model_pins: StrictStr | None = None            # the operator's pinned model manifest; required for s3:// sources
     model_cache_dir: StrictStr | None = None
-    s3: dict[str, Any] | None = None               # serve.s3client.S3Settings
+    s3: dict[str, Any] | None = None               # serve.storage.s3client.S3Settings
     submodels: list[StrictStr] | None = None       # None: the six and total_fast
     submodel_settings: dict[str, Any] | None = None  # serve.cluster.deployments.SubModelSettings
     tenants_file: StrictStr | None = None
-    router: dict[str, Any] | None = None           # serve.cluster.router.RouterSettings
+    router: dict[str, Any] | None = None           # serve.router.service.RouterSettings
     metrics_port: whole(0, 65535) | None = None
     metrics_host: StrictStr | None = None
     deployment_options: dict[str, dict[str, Any]] | None = None  # deployment name (or "submodel_defaults") -> options
     events: dict[str, Any] | None = None           # serve.cluster.intake.EventsArg; present: the EventIntake runs
-    sandbox: dict[str, Any] | None = None          # serve.sandbox.SandboxPolicy
+    sandbox: dict[str, Any] | None = None          # serve.imaging.sandbox.SandboxPolicy
 
     @model_validator(mode="wrap")
     @classmethod
@@ -303,7 +303,7 @@ def build_app(args: AppArgs) -> rayserve.Application:
             ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options),
             ``events`` (S3 event intake: :class:`serve.cluster.intake.IntakeSettings`; adds the
             ``EventIntake`` deployment and ``POST /v1/events``), ``sandbox`` (the decoder sandbox:
-            :class:`serve.sandbox.SandboxPolicy`; its ``require`` list decides readiness).
+            :class:`serve.imaging.sandbox.SandboxPolicy`; its ``require`` list decides readiness).
 
     Returns:
         The application: the ingress bound to every sub-model deployment (and the intake).

@@ -52,7 +52,7 @@ class SubModelSettings:
     threads: whole(1) = 1
     gpu_memory_fraction: _FRACTION | None = None
     tile_step_size: _FRACTION | None = None
-    precision: Annotated[Literal["fp32", "bf16"], Says("fp32 or bf16")] = "fp32"  # serve.predict.PRECISIONS
+    precision: Annotated[Literal["fp32", "bf16"], Says("fp32 or bf16")] = "fp32"  # serve.inference.predict.PRECISIONS
     warmup_shape: tuple[whole(1), whole(1), whole(1)] = (32, 32, 32)
 
     @classmethod
@@ -88,9 +88,9 @@ class SubModelRunner:
     """Loads one sub-model and predicts with it; no Ray inside."""
 
     def __init__(self, settings: SubModelSettings):
-        from serve.modelload import configure_threads
-        from serve.modelstore import ModelStore
-        from serve.s3client import S3Settings
+        from serve.inference.modelload import configure_threads
+        from serve.inference.modelstore import ModelStore
+        from serve.storage.s3client import S3Settings
 
         self.settings = settings
         self.sm = load_catalogue().submodel(settings.submodel)
@@ -132,8 +132,8 @@ class SubModelRunner:
 
     def predict(self, data: np.ndarray, spacing_mm: float, count: bool = True) -> np.ndarray:
         """Local label ids for ``data`` (x, y, z) at ``spacing_mm``."""
-        from serve.memory import release_free_memory
-        from serve.predict import predict_labels
+        from serve.inference.memory import release_free_memory
+        from serve.inference.predict import predict_labels
 
         if self.model is None:
             raise ModelUnavailableError(
@@ -192,7 +192,7 @@ class SubModelDeployment:
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config`` from the Serve config: ``gpu_memory_fraction``, ``threads``."""
-        from serve.modelload import configure_threads
+        from serve.inference.modelload import configure_threads
 
         if user_config.get("gpu_memory_fraction"):
             cap_gpu_memory(user_config["gpu_memory_fraction"])

@@ -1,12 +1,12 @@
 """Event intake inside the Ray cluster: the SQS consumer and pushed events, as one Serve deployment.
 
 ``EventIntake`` is a thin deployment around plain code that is tested on
-its own (:mod:`serve.consumer`, :mod:`serve.jobs`, :class:`IntakeWorker`):
+its own (:mod:`serve.jobs.consumer`, :mod:`serve.jobs.store`, :class:`IntakeWorker`):
 
-- with a queue configured, threads long-poll SQS (:class:`serve.consumer.Consumer`);
+- with a queue configured, threads long-poll SQS (:class:`serve.jobs.consumer.Consumer`);
 - :meth:`EventIntake.submit` takes jobs that the ingress's ``POST /v1/events``
   parsed from pushed S3 ``Records[]``/SNS/EventBridge bodies;
-- every job runs through :class:`serve.jobs.JobRunner` (durable records in
+- every job runs through :class:`serve.jobs.store.JobRunner` (durable records in
   S3, idempotency, atomic claims) with :class:`RouterEngine`, which hands the
   input to the Router deployment by Ray handle, naming the job's site. The
   router runs it as that site's job (its job limit, fair share, admission,
@@ -21,7 +21,7 @@ Restart policy: Serve calls :meth:`EventIntake.check_health` every
 ``health_check_period_s``; a dead poll thread fails it, and Serve replaces
 the replica. Messages in flight on a dead replica come back after their
 visibility timeout; pushed jobs are held in S3 until they settle
-(:mod:`serve.pushes`), and the next replica runs what it finds held; job
+(:mod:`serve.jobs.pushes`), and the next replica runs what it finds held; job
 claims expire with their lease.
 """
 
@@ -43,15 +43,15 @@ from pydantic import StrictStr
 from ray import serve as rayserve
 
 from serve.clock import SYSTEM_CLOCK, Clock
-from serve.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
+from serve.jobs.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
-from serve.jobs import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobSpec
-from serve.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
-from serve.s3client import S3Settings, parse_s3_uri
+from serve.jobs.store import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobSpec
+from serve.jobs.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
+from serve.storage.s3client import S3Settings, parse_s3_uri
 from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
 
 if TYPE_CHECKING:
-    from serve.cluster.tenancy import Tenancy
+    from serve.router.tenancy import Tenancy
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def check_jobs_prefix(jobs: str, tenancy: "Tenancy") -> None:
     Raises:
         MrisegError: naming the site and its overlapping prefix.
     """
-    from serve.cluster.router import sites_holding
+    from serve.router.service import sites_holding
 
     holders = sites_holding(tenancy.sites.values(), jobs)
     if holders:
@@ -268,7 +268,7 @@ class RouterJobError(MrisegError):
 
 
 class RouterEngine:
-    """A :class:`serve.jobs.Engine` that runs each job on the Router deployment, as the job's site's.
+    """A :class:`serve.jobs.store.Engine` that runs each job on the Router deployment, as the job's site's.
 
     The input's bytes go to ``Router.run_site_job`` by Ray handle with the site's
     name; the router checks the site against the tenants file and runs the job
@@ -293,7 +293,7 @@ class RouterEngine:
         return self._handle
 
     def _call(self, method: str, *args: Any, timeout_s: float) -> Any:
-        from serve.cluster.router import _is_replica_failure
+        from serve.router.service import _is_replica_failure
 
         response = getattr(self._router(), method).remote(*args)
         try:
@@ -508,7 +508,7 @@ class IntakeWorker:
 
     Args:
         settings: the intake settings.
-        runner: the job runner; None: a :class:`serve.jobs.JobRunner` with a :class:`RouterEngine`.
+        runner: the job runner; None: a :class:`serve.jobs.store.JobRunner` with a :class:`RouterEngine`.
         dlq_gauge: the dead-letter queue gauge to set.
         job_counter: counts jobs by outcome.
         site_limits: returns each site's job limit (1 for a site it does not name); None: the router's
@@ -521,8 +521,8 @@ class IntakeWorker:
     def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None,
                  site_limits: Callable[[], Mapping[str, int]] | None = None, app_name: str | None = None,
                  clock: Clock = SYSTEM_CLOCK):
-        from serve.jobs import JobRunner, JobStore
-        from serve.records import RecordSigner
+        from serve.jobs.store import JobRunner, JobStore
+        from serve.jobs.records import RecordSigner
 
         self.settings = settings
         self.clock = clock

@@ -1,7 +1,7 @@
 """The embedded default: a whole mriseg-serve stack on this machine.
 
 :func:`start_local_stack` starts the embedded S3 server (SeaweedFS, locked
-down: :mod:`serve.embedded_s3`), a local Ray, a tenants file and the Serve
+down: :mod:`serve.storage.embedded_s3`), a local Ray, a tenants file and the Serve
 app from ``deployments/local.yaml`` (the same file ``serve run`` takes).
 Each site (one, ``local``, unless named with ``--sites`` or ``--tenants``)
 gets a fresh API key (only its digest is in the tenants file), its prefix
@@ -39,8 +39,8 @@ import yaml
 
 from serve.cachedir import cache_root
 from serve.errors import MrisegError, ServiceUnavailableError
-from serve.records import ENV as RECORD_KEY_ENV
-from serve.records import RecordSigner
+from serve.jobs.records import ENV as RECORD_KEY_ENV
+from serve.jobs.records import RecordSigner
 
 log = logging.getLogger(__name__)
 
@@ -464,8 +464,8 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         if embedded_s3:
             from dataclasses import asdict as _asdict
 
-            from serve.embedded_s3 import HOST as S3_HOST
-            from serve.embedded_s3 import SeaweedServer
+            from serve.storage.embedded_s3 import HOST as S3_HOST
+            from serve.storage.embedded_s3 import SeaweedServer
 
             s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET],
                                       identities={site: [site_prefix(site)] for site in specs}).start()

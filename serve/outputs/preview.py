@@ -46,7 +46,7 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, st
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from serve.preprocess import to_canonical
+    from serve.inference.preprocess import to_canonical
 
     img, can_aff, zooms, _ = to_canonical(image, affine)
     lab, _, _, _ = to_canonical(labels, affine)

@@ -1,1 +1,1 @@
-"""Tests of the strict header readers in serve/formats/."""
+"""Tests of the strict header readers in serve/imaging/formats/."""

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
-from serve.formats import metaimage
-from serve.formats.common import OUT_CHUNK
-from serve.volume_io import read_sitk_file, read_volume, read_volume_bytes, sitk_geometry_to_affine
+from serve.imaging.formats import metaimage
+from serve.imaging.formats.common import OUT_CHUNK
+from serve.imaging.volume_io import read_sitk_file, read_volume, read_volume_bytes, sitk_geometry_to_affine
 from tests.formats.helpers import damage_edits, mutate, rotation, sitk_image, sitk_view
 
 MAX_VOXELS = 10**6

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
-from serve.formats import nrrd
-from serve.volume_io import read_volume, read_volume_bytes, sitk_geometry_to_affine
+from serve.imaging.formats import nrrd
+from serve.imaging.volume_io import read_volume, read_volume_bytes, sitk_geometry_to_affine
 from tests.formats.helpers import damage_edits, mutate, rotation, sitk_image, sitk_view
 
 MAX_VOXELS = 10**6

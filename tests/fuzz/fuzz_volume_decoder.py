@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""atheris fuzz target for the volume decoder, ``serve.volume_io.read_volume_bytes``, in this process or
-(``MRISEG_FUZZ_SANDBOXED=1``) through the sandboxed decoder the router uses, ``serve.sandbox``.
+"""atheris fuzz target for the volume decoder, ``serve.imaging.volume_io.read_volume_bytes``, in this process or
+(``MRISEG_FUZZ_SANDBOXED=1``) through the sandboxed decoder the router uses, ``serve.imaging.sandbox``.
 
     python tests/fuzz/fuzz_volume_decoder.py -max_total_time=60 [corpus_dir] [more libFuzzer flags]
 
@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script: tests.hostile_corpus must be importable
 
 with atheris.instrument_imports(include=["serve"]):
-    from serve import volume_io
+    from serve.imaging import volume_io
     from serve.errors import MrisegError
 
 #: Small enough that no single input can decode for long.
@@ -113,13 +113,13 @@ _DECODE = _in_process
 #: MRISEG_FUZZ_INJECT_CRASH=1 (with MRISEG_FUZZ_SANDBOXED): every child segfaults after confining itself;
 #: each input must then come back as a 422 that names the crash.
 INJECT_CRASH = os.environ.get("MRISEG_FUZZ_INJECT_CRASH") == "1"
-_CRASHING_CHILD = ("import ctypes, json, sys; from serve.sandbox.child import confine; "
+_CRASHING_CHILD = ("import ctypes, json, sys; from serve.imaging.sandbox.child import confine; "
                    "r = json.loads(sys.argv[-1]); confine(r['policy'], [], [r['workdir']]); ctypes.string_at(0)")
 
 
 def _sandboxed() -> None:
     global _DECODE
-    from serve.sandbox import LAYERS, SandboxedDecoder, SandboxPolicy
+    from serve.imaging.sandbox import LAYERS, SandboxedDecoder, SandboxPolicy
 
     policy = SandboxPolicy(scratch_dir=tempfile.mkdtemp(prefix="mriseg-fuzz-scratch-"), require=LAYERS, wall_s=30)
     entry = ("-c", _CRASHING_CHILD) if INJECT_CRASH else SandboxedDecoder.entry

@@ -26,7 +26,7 @@ def plant_models(results: Path, task_ids, seed: int = 350) -> dict[int, Path]:
     tests/test_catalogue_drift.py holds equal to TotalSegmentator's task configs.
     """
     from serve.catalogue import load_catalogue
-    from serve.modelfolder import UNetSpec, write_model_folder
+    from serve.inference.modelfolder import UNetSpec, write_model_folder
 
     cat = load_catalogue()
     folders = describe()["weights"]

@@ -82,7 +82,7 @@ class NetworkRecorder:
 
 def ours(input_path: Path, out: Path, models: Path, *extra: str) -> Path:
     """``mriseg segment`` with default options (only the multilabel file, on the CPU), in-process."""
-    from serve.cli import main
+    from serve.cli.main import main
 
     rc = main(["segment", "-i", str(input_path), "-o", str(out), "--models", str(models), "--ml",
                "--device", "cpu", "-q", *extra])

@@ -1,5 +1,5 @@
 """A hostile decoder child for the sandbox denial tests: it confines itself exactly as
-serve.sandbox.child does, then tries one attack and reports what happened as a refusal.
+serve.imaging.sandbox.child does, then tries one attack and reports what happened as a refusal.
 
 Run by the real runner: ``python -I attack_child.py ATTACK REQUEST``. An attack that
 succeeds reports "succeeded" (the tests fail on it); one the sandbox stops reports
@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serve.sandbox import reply
-from serve.sandbox.child import EXIT_REFUSED, confine
+from serve.imaging.sandbox import reply
+from serve.imaging.sandbox.child import EXIT_REFUSED, confine
 
 
 def attempt(fn) -> str:

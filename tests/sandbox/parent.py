@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from serve.errors import MrisegError
-from serve.sandbox import SandboxedDecoder, SandboxPolicy
+from serve.imaging.sandbox import SandboxedDecoder, SandboxPolicy
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from serve.sandbox import reply
+from serve.imaging.sandbox import reply
 
 
 def _reply(out, data, meta=None):
@@ -65,7 +65,7 @@ def test_malformed_meta_is_refused(tmp_path, meta):
 
 
 def test_the_integer_valued_flag_travels_from_child_to_parent(tmp_path):
-    from serve.volume_io import Volume
+    from serve.imaging.volume_io import Volume
 
     for flag in (True, False):
         out = tmp_path / str(flag)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from serve.errors import MrisegError
-from serve.sandbox import LAYERS, SandboxedDecoder, SandboxPolicy, SandboxUnavailableError
-from serve.volume_io import read_volume, write_nifti
+from serve.imaging.sandbox import LAYERS, SandboxedDecoder, SandboxPolicy, SandboxUnavailableError
+from serve.imaging.volume_io import read_volume, write_nifti
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_a_missing_required_layer_decodes_nothing(tmp_path):
     import json
 
     policy = SandboxPolicy(scratch_dir=str(tmp_path))
-    script = ("import json, sys; from pathlib import Path; from serve.sandbox import child; "
+    script = ("import json, sys; from pathlib import Path; from serve.imaging.sandbox import child; "
               "child.confine = lambda *a: dict.fromkeys(('rlimits', 'no_new_privs', 'seccomp', 'landlock'), False); "
               "sys.exit(child.main(sys.argv))")
     dec = SandboxedDecoder(policy, entry=("-c", script))
@@ -115,7 +115,7 @@ def test_a_cancel_kills_the_child_at_once(tmp_path):
     import threading
     import time
 
-    from serve.sandbox.runner import DecodeCancelled
+    from serve.imaging.sandbox.runner import DecodeCancelled
 
     cancel = threading.Event()
     dec = SandboxedDecoder(SandboxPolicy(scratch_dir=str(tmp_path), wall_s=60),

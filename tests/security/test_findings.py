@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve import staging
-from serve.s3client import S3Settings, make_client
+from serve.storage import staging
+from serve.storage.s3client import S3Settings, make_client
 from tests.ray_fixtures import nifti_bytes
 from tests.security.upstack import BUCKET, LEASE_S, job_json_uri, push, site_b_job_succeeds, upload, wait_job_json
 
@@ -145,7 +145,7 @@ def test_an_older_versions_result_never_replaces_a_newer_ones(up_two_sites):
 
 
 def test_seaweedfs_http_and_grpc_ports_refuse_requests_without_credentials(up_two_sites):
-    from serve.embedded_s3 import HOST, SEAWEED_OPEN_PORTS
+    from serve.storage.embedded_s3 import HOST, SEAWEED_OPEN_PORTS
     from tests.test_embedded_s3_security import GRPC_PORTS, _file_ids, _h2_answer, _is_settings_frame
 
     up = up_two_sites

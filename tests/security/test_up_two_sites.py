@@ -43,7 +43,7 @@ def _replica_pids(deployment: str, home: Path) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads Ray's environment from /proc")
 def test_up_as_users_start_it_leaves_ray_token_auth_on(up_two_sites):
     """`mriseg up` with RAY_AUTH_MODE unset: Ray's ports (all interfaces) want Ray's token; the stack serves."""
-    from serve.cluster.cli import run_demo_through_stack
+    from serve.cli.stack import run_demo_through_stack
 
     stack, state_file, log = up_two_sites.stack, up_two_sites.state_file, up_two_sites.log
     gcs = _gcs_pids(stack.ray_tmp)
@@ -68,12 +68,12 @@ def test_up_gives_each_site_its_own_key_inbox_and_s3_identity(up_two_sites):
     import httpx
     from botocore.exceptions import ClientError
 
-    from serve.cluster.tenancy import Tenancy
+    from serve.router.tenancy import Tenancy
     from serve.cluster.up import JOBS_PREFIX
     from serve.demo import demo_volume
-    from serve.embedded_s3 import SEAWEED_OPEN_PORTS
-    from serve.s3client import S3Settings, make_client
-    from serve.volume_io import write_nifti
+    from serve.storage.embedded_s3 import SEAWEED_OPEN_PORTS
+    from serve.storage.s3client import S3Settings, make_client
+    from serve.imaging.volume_io import write_nifti
 
     stack, log = up_two_sites.stack, up_two_sites.log.read_text(errors="replace")
     state = up_two_sites.state_file.read_text()

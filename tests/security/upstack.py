@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from serve import staging
-from serve.jobs import case_name
+from serve.storage import staging
+from serve.jobs.store import case_name
 from tests.ray_fixtures import nifti_bytes
 
 BUCKET = "mriseg"
@@ -56,7 +56,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _weed_ports(pid: int) -> dict[str, int]:
     """The ``-<flag>=<port>`` arguments of the running weed (every port it opens is set explicitly)."""
-    from serve.embedded_s3 import SEAWEED_PORT_FLAGS
+    from serve.storage.embedded_s3 import SEAWEED_PORT_FLAGS
 
     args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     ports = {}

@@ -1,0 +1,1 @@
+"""The HTTP API: the FastAPI app, problem details, rate limits and the API client."""

@@ -1,0 +1,1 @@
+"""The ``mriseg`` command line."""

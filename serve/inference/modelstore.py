@@ -1,0 +1,629 @@
+"""Find nnU-Net v2 model folders for the catalogue's sub-models.
+
+A *source* is a local directory or an ``s3://bucket/prefix``. Either holds
+``DatasetNNN_*/<Trainer>__<Plans>__<config>/`` folders exactly as nnU-Net
+(and TotalSegmentator, under ``~/.totalsegmentator/nnunet/results``) lays
+them out. S3 sources are downloaded once into a local cache and verified.
+
+A *pinned manifest* (``mriseg-pins.json``, written by ``mriseg models import``) holds the sha256
+of every checkpoint, ``plans.json`` and ``dataset.json`` of each model. The operator's manifest
+(``pins``, else ``$MRISEG_MODEL_PINS``) applies to every source; without one a local folder's own
+``mriseg-pins.json`` applies, a local folder without either is loaded as it is (the operator put
+it there) with a warning, and an S3 source is refused. A file that differs from its pin, or a
+loadable file without one, makes the model ``mismatched``; :meth:`ModelStore.load` checks the
+bytes it loads against the pins once more. The S3 cache's ``.mriseg-manifest.json`` only records
+what was downloaded (to spare a second download) and proves nothing about the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from serve.cachedir import cache_root
+from serve.catalogue import Catalogue, SubModel, load_catalogue
+from serve.errors import ModelFolderError, ModelSourceUnreachableError, ModelUnavailableError
+from serve.storage.s3client import S3Settings, make_client, parse_s3_uri
+
+if TYPE_CHECKING:
+    from serve.inference.modelload import LoadedModel
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".mriseg-manifest.json"
+#: The pinned manifest ``mriseg models import`` writes at the top of its destination.
+PINS = "mriseg-pins.json"
+#: The operator's pinned manifest (a file path), for every source; required for S3 sources.
+PINS_ENV = "MRISEG_MODEL_PINS"
+PINS_FORMAT = "mriseg-pins/1"
+
+
+@dataclass
+class ModelStatus:
+    """What the store knows about one sub-model."""
+
+    submodel: str
+    task_id: int
+    state: str  # "present" | "missing" | "mismatched" | "unreachable" (its source cannot be read now)
+    path: str | None = None
+    detail: str = ""
+    extra_labels: list[str] = field(default_factory=list)
+    #: sha256 of each loadable file, by its path in the trainer folder; None for an unpinned local folder
+    pinned: dict[str, str] | None = None
+
+
+def read_dataset_labels(dataset_json: dict) -> dict[str, int]:
+    """nnU-Net's ``labels`` map (name -> id); a label given as a one-id list is that id.
+
+    Region-based models (a label made of several ids, e.g. ``"whole": [1, 2, 3]``) are refused: their
+    exported ids follow ``regions_class_order``, not the labels map, so reading ids from it would merge
+    wrong structures without a word.
+    """
+    labels = {}
+    for name, value in dataset_json.get("labels", {}).items():
+        if isinstance(value, (list, tuple)):
+            if len(value) != 1:
+                raise ModelFolderError(f"dataset.json gives label {name!r} as the region {list(value)}: region-based "
+                                       f"nnU-Net models are not supported; use a model trained on plain labels")
+            value = value[0]
+        labels[name] = int(value)
+    return labels
+
+
+def check_labels(sm: SubModel, dataset_json: dict) -> list[str]:
+    """Raise if a catalogue label is missing; return the auxiliary labels to drop."""
+    labels = read_dataset_labels(dataset_json)
+    missing = [n for n in sm.labels if n not in labels]
+    if missing:
+        raise ModelFolderError(
+            f"{sm.name} (Dataset{sm.task_id}): dataset.json lacks catalogue label(s) "
+            f"{', '.join(missing)}; these weights are not the TotalSegmentator MRI "
+            f"{sm.name} model. Re-import the right DatasetNNN folder.")
+    return [n for n in labels if n != "background" and n not in sm.labels]
+
+
+def find_trainer_folder(dataset_dir: Path, sm: SubModel) -> Path | None:
+    """The ``Trainer__Plans__config`` folder; the catalogue's trainer wins, any other trainer is accepted."""
+    preferred = dataset_dir / sm.trainer_folder
+    if (preferred / "plans.json").is_file():
+        return preferred
+    candidates = sorted(
+        p for p in dataset_dir.iterdir()
+        if p.is_dir() and (p / "plans.json").is_file() and (p / "dataset.json").is_file()
+        and p.name.endswith(f"__{sm.configuration}")
+    )
+    return candidates[0] if candidates else None
+
+
+def find_dataset_dir(root: Path, sm: SubModel) -> Path | None:
+    if not root.is_dir():
+        return None
+    hits = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(sm.folder_prefix))
+    return hits[0] if hits else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_HASHES: dict[str, tuple[tuple[int, ...], str]] = {}
+_HASHES_LOCK = threading.Lock()
+
+
+def _sha256_seen(path: Path) -> str:
+    """``sha256_file``, remembered while the file's inode, size, mtime and ctime stay the same.
+
+    For listing (every request inspects its models); :func:`serve.inference.modelload.load_model` hashes
+    the bytes it loads, so a file changed without a trace in its stat is still caught there.
+    """
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _HASHES_LOCK:
+        hit = _HASHES.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    digest = sha256_file(path)
+    with _HASHES_LOCK:
+        _HASHES[str(path)] = (key, digest)
+    return digest
+
+
+def loadable_files(trainer_folder: Path) -> list[Path]:
+    """The files of a trainer folder that loading reads: plans.json, dataset.json, every fold's checkpoints."""
+    return [p for p in [trainer_folder / "plans.json", trainer_folder / "dataset.json",
+                        *sorted(trainer_folder.glob("fold_*/*.pth"))] if p.is_file()]
+
+
+def pin_dataset(dataset_dir: Path) -> dict[str, str]:
+    """sha256 of every loadable file of every trainer folder in ``dataset_dir``.
+
+    Args:
+        dataset_dir: A ``DatasetNNN_*`` folder.
+
+    Returns:
+        ``{"<trainer folder>/<file>": sha256}``, paths relative to ``dataset_dir``.
+    """
+    return {p.relative_to(dataset_dir).as_posix(): sha256_file(p)
+            for tf in sorted(q for q in dataset_dir.iterdir() if q.is_dir()) for p in loadable_files(tf)}
+
+
+@dataclass(frozen=True)
+class PinnedManifest:
+    """sha256 pins of model files: ``models[dataset folder name][path in it] = sha256``."""
+
+    path: Path
+    models: dict[str, dict[str, str]]
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "PinnedManifest":
+        """Read and check a pinned manifest.
+
+        Args:
+            path: A ``mriseg-pins.json`` (written by ``mriseg models import``).
+
+        Returns:
+            The manifest.
+
+        Raises:
+            ModelFolderError: the file cannot be read or is not a pinned manifest.
+        """
+        path = Path(path).expanduser()
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) else f"not JSON: {e}"
+            raise ModelFolderError(f"the pinned model manifest {path} cannot be read ({why}); pass the "
+                                   f"{PINS} that 'mriseg models import' wrote") from e
+        models = doc.get("models") if isinstance(doc, dict) and doc.get("format") == PINS_FORMAT else None
+        if not isinstance(models, dict) or not all(
+                isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
+                                                for k, v in files.items()) for files in models.values()):
+            raise ModelFolderError(f"{path} is not a pinned model manifest (format {PINS_FORMAT}: "
+                                   f'{{"models": {{"DatasetNNN_...": {{"<file>": "<sha256>"}}}}}}); pass the '
+                                   f"{PINS} that 'mriseg models import' wrote")
+        return cls(path, {name: dict(files) for name, files in models.items()})
+
+    def dataset(self, sm: SubModel, dataset: str) -> dict[str, str]:
+        """The pins of one dataset folder, by path inside it.
+
+        Raises:
+            ModelFolderError: the dataset folder is not pinned at all.
+        """
+        files = self.models.get(dataset)
+        if files is None:
+            raise ModelFolderError(f"{sm.name}: {dataset} is not in the pinned model manifest {self.path}, so "
+                                   f"its weights are not trusted; import it with 'mriseg models import' and use "
+                                   f"the {PINS} that writes")
+        return files
+
+    def for_trainer(self, sm: SubModel, dataset: str, trainer: str) -> dict[str, str]:
+        """The pins of one trainer folder, by path inside it.
+
+        Raises:
+            ModelFolderError: the dataset folder is not pinned at all.
+        """
+        return {k[len(trainer) + 1:]: v for k, v in self.dataset(sm, dataset).items() if k.startswith(trainer + "/")}
+
+
+def check_pins(sm: SubModel, trainer_folder: Path, pinned: Mapping[str, str], manifest: Path) -> None:
+    """Every loadable file of the trainer folder is pinned, present and unchanged.
+
+    Raises:
+        ModelFolderError: naming the model and the first file that is not.
+    """
+    tf = trainer_folder
+    unpinned = [p for p in loadable_files(tf) if p.relative_to(tf).as_posix() not in pinned]
+    if unpinned:
+        raise ModelFolderError(f"{sm.name}: {unpinned[0]} is not in the pinned model manifest {manifest}; "
+                               f"import the model again (or remove the file)")
+    for rel, want in sorted(pinned.items()):
+        path = tf / rel
+        if not path.is_file():
+            raise ModelFolderError(f"{sm.name}: {path} is pinned in {manifest} but missing; import the model again")
+        got = _sha256_seen(path)
+        if got != want:
+            raise ModelFolderError(f"{sm.name}: {path} does not match the pinned model manifest {manifest} "
+                                   f"(sha256 {got[:16]}..., pinned {want[:16]}...): it changed after it was "
+                                   f"pinned; import the model again")
+
+
+def write_pins(root: Path, pins: Mapping[str, Mapping[str, str]]) -> Path:
+    """Add (or replace) models' pins in ``root``'s ``mriseg-pins.json``; the other models' pins stay.
+
+    Args:
+        root: The model folder (``models import``'s destination).
+        pins: ``{dataset folder name: pin_dataset(...)}``.
+
+    Returns:
+        The manifest's path.
+    """
+    path = root / PINS
+    models: dict[str, dict[str, str]] = {}
+    if path.is_file():
+        try:
+            models = PinnedManifest.read(path).models
+        except ModelFolderError as e:
+            log.warning("replacing a pinned manifest that cannot be read: %s", e.message)
+    models.update({k: dict(v) for k, v in pins.items()})
+    tmp = path.with_name(f".{PINS}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({"format": PINS_FORMAT, "models": models}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+class S3ModelCache:
+    """Mirror ``s3://bucket/prefix/DatasetNNN_*`` into a local cache, once, verified."""
+
+    def __init__(self, uri: str, cache_dir: Path, s3: S3Settings | None = None):
+        self.bucket, prefix = parse_s3_uri(uri)
+        self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+        self.root = Path(cache_dir) / "s3" / self.bucket / self.prefix.rstrip("/")
+        self._settings = s3
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self._settings)
+        return self._client
+
+    def _listing(self, dataset_prefix: str) -> list[dict]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + dataset_prefix)
+        return [o for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+
+    def _local(self, key: str, root: Path | None = None) -> Path:
+        """Where ``key`` goes under ``root`` (the cache); a key that would leave it is refused."""
+        rel = key[len(self.prefix):]
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ModelFolderError(f"model source s3://{self.bucket}/{self.prefix} holds an object whose key has "
+                                   f"an empty, '.' or '..' segment; it would be written outside the model cache. "
+                                   f"Remove it from the bucket")
+        return (root or self.root).joinpath(*parts)
+
+    def _cache_matches(self, dataset_dir: Path, wanted: dict) -> bool:
+        """The cached copy is of the same objects (key, size, ETag) and complete on disk."""
+        try:
+            manifest = json.loads((dataset_dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(manifest, dict) or \
+                {k: {"size": v.get("size"), "etag": v.get("etag")} for k, v in manifest.items()} != wanted:
+            return False
+        return all(self._local(k).is_file() and self._local(k).stat().st_size == v["size"]
+                   for k, v in manifest.items())
+
+    def fetch(self, sm: SubModel, pins: PinnedManifest | None = None) -> Path | None:
+        """Local copy of the sub-model's dataset folder, or None if S3 has none.
+
+        Downloads go to a private folder that is renamed into place once complete and verified, so
+        replicas filling one cache at once never see (or delete) each other's half-written files.
+        With ``pins``, a dataset folder they do not name is not downloaded, and a download whose
+        sha256 differs from its pin is discarded.
+        """
+        from serve.storage.staging import IntegrityError, verify_download
+
+        objects = self._listing(sm.folder_prefix)
+        if not objects:
+            return None
+        name = objects[0]["Key"][len(self.prefix):].split("/", 1)[0]
+        objects = [o for o in objects if o["Key"][len(self.prefix):].split("/", 1)[0] == name]
+        dataset_dir = self.root / name
+        wanted = {o["Key"]: {"size": o["Size"], "etag": o["ETag"]} for o in objects}
+        for key in wanted:
+            self._local(key)  # refuse escaping keys before anything is written
+        pinned = pins.dataset(sm, name) if pins is not None else None  # an unpinned dataset: nothing downloaded
+        if self._cache_matches(dataset_dir, wanted):
+            return dataset_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging_root = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
+        try:
+            manifest = {}
+            for key, meta in wanted.items():
+                dest = self._local(key, staging_root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                head = self.client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+                self.client.download_file(self.bucket, key, str(dest))
+                digest = sha256_file(dest)
+                try:
+                    verify_download({**head, "ContentLength": meta["size"]}, digest, dest.stat().st_size,
+                                    self.bucket)
+                except IntegrityError as e:
+                    raise ModelFolderError(f"s3://{self.bucket}/{key}: {e.message}; the download was "
+                                           f"discarded") from e
+                want = (pinned or {}).get(key[len(self.prefix) + len(name) + 1:])
+                if want is not None and want != digest:
+                    raise ModelFolderError(f"{sm.name}: s3://{self.bucket}/{key} does not match the pinned model "
+                                           f"manifest {pins.path} (sha256 {digest[:16]}..., pinned {want[:16]}...); "
+                                           f"the download was discarded")
+                manifest[key] = {**meta, "sha256": digest}
+            (staging_root / name / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            self._install(staging_root / name, dataset_dir, wanted)
+        finally:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        log.info("cached %s from s3://%s/%s (%d files)", sm.name, self.bucket, self.prefix, len(manifest))
+        return dataset_dir
+
+    def _install(self, complete: Path, dataset_dir: Path, wanted: dict) -> None:
+        """Move a complete download into place; another replica may have got there first."""
+        for _ in range(3):
+            try:
+                os.rename(complete, dataset_dir)
+                return
+            except OSError:
+                if self._cache_matches(dataset_dir, wanted):
+                    return  # an identical copy won the race
+                old = dataset_dir.with_name(f".{dataset_dir.name}.old-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(dataset_dir, old)  # a stale copy: set aside, then removed
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(old, ignore_errors=True)
+        raise ModelFolderError(f"could not install the downloaded model into {dataset_dir}")
+
+
+class ModelStore:
+    """Resolves each sub-model to a verified local nnU-Net trainer folder."""
+
+    def __init__(self, sources: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None = None,
+                 s3: S3Settings | None = None, catalogue: Catalogue | None = None,
+                 pins: str | os.PathLike | None = None):
+        """
+        Args:
+            sources: Local folders and ``s3://bucket/prefix`` URIs, searched in order.
+            cache_dir: Where S3 sources are copied (default ``$MRISEG_CACHE/models``).
+            s3: S3 client settings for S3 sources.
+            catalogue: The sub-model catalogue (default the packaged one).
+            pins: The operator's pinned manifest for every source, else ``$MRISEG_MODEL_PINS``;
+                an S3 source needs one.
+
+        Raises:
+            ModelFolderError: ``pins`` names a file that is not a readable pinned manifest.
+        """
+        self.catalogue = catalogue or load_catalogue()
+        self.cache_dir = Path(cache_dir or cache_root() / "models")
+        self.sources = [str(s) for s in sources]
+        self._s3 = s3
+        self._caches = {s: S3ModelCache(s, self.cache_dir, s3) for s in self.sources if str(s).startswith("s3://")}
+        pins = pins if pins is not None else (os.environ.get(PINS_ENV) or None)
+        self.pins = PinnedManifest.read(pins) if pins else None
+
+    def _pins_of(self, src: str) -> PinnedManifest | None:
+        """The pins that apply to ``src``: the operator's, else a local folder's own ``mriseg-pins.json``."""
+        if self.pins is not None:
+            return self.pins
+        if src in self._caches:
+            raise ModelFolderError(f"model source {src} has no pinned manifest, so nothing in it is trusted: pass "
+                                   f"the {PINS} that 'mriseg models import' wrote (--model-pins, the serve "
+                                   f"config's model_pins, or ${PINS_ENV})")
+        own = Path(src).expanduser() / PINS
+        return PinnedManifest.read(own) if own.is_file() else None
+
+    def _dataset_dir(self, sm: SubModel) -> tuple[Path, PinnedManifest | None] | None:
+        for src in self.sources:
+            pins = self._pins_of(src)
+            if src in self._caches:
+                try:
+                    found = self._caches[src].fetch(sm, pins)
+                except (BotoCoreError, ClientError) as e:
+                    code = e.response.get("Error", {}).get("Code") if isinstance(e, ClientError) else None
+                    raise ModelSourceUnreachableError(
+                        f"model source {src} cannot be read ({code or type(e).__name__}); "
+                        f"check the bucket, prefix and credentials") from e
+            else:
+                found = find_dataset_dir(Path(src).expanduser(), sm)
+                if found is not None and pins is None:
+                    _warn_unpinned(src)
+            if found is not None:
+                return found, pins
+        return None
+
+    def inspect(self, sm: SubModel) -> ModelStatus:
+        """Present, missing or mismatched; never raises for a missing model."""
+        st = ModelStatus(sm.name, sm.task_id, "missing")
+        try:
+            found = self._dataset_dir(sm)
+        except ModelUnavailableError as e:
+            st.state, st.detail = "unreachable", e.message
+            return st
+        except ModelFolderError as e:
+            st.state, st.detail = "mismatched", e.message
+            return st
+        if found is None:
+            st.detail = f"no {sm.folder_prefix}* folder in {', '.join(self.sources) or '(no sources)'}"
+            return st
+        ds, pins = found
+        tf = find_trainer_folder(ds, sm)
+        if tf is None:
+            st.state, st.path = "mismatched", str(ds)
+            st.detail = f"{ds} has no <trainer>__<plans>__{sm.configuration} folder with plans.json and dataset.json"
+            return st
+        st.path = str(tf)
+        try:
+            st.extra_labels = check_labels(sm, json.loads((tf / "dataset.json").read_text()))
+            checkpoints = (sorted(tf.glob("fold_*/checkpoint_final.pth"))
+                           or sorted(tf.glob("fold_*/checkpoint_best.pth")))
+            if not checkpoints:
+                raise ModelFolderError(f"{tf} has no fold_*/checkpoint_final.pth")
+            for ckpt in checkpoints:
+                with open(ckpt, "rb") as f:
+                    if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+                        raise ModelFolderError(f"{ckpt} is not a PyTorch checkpoint (a zip archive); the file is "
+                                               f"damaged or truncated: import the model again")
+            if pins is not None:
+                pinned = pins.for_trainer(sm, ds.name, tf.name)
+                check_pins(sm, tf, pinned, pins.path)
+                st.pinned = pinned
+        except ModelFolderError as e:
+            st.state, st.detail = "mismatched", e.message
+            return st
+        except (OSError, ValueError) as e:
+            st.state, st.detail = "mismatched", f"cannot read {tf}/dataset.json: {e}"
+            return st
+        st.state = "present"
+        notes = [f"non-standard trainer folder {tf.name}"] if sm.trainer_folder != tf.name else []
+        if pins is None:
+            notes.append(f"unpinned: no {PINS}, the folder's files are trusted as they are")
+        st.detail = "; ".join(notes)
+        return st
+
+    def status(self, include_fast: bool = True) -> list[ModelStatus]:
+        sms = list(self.catalogue.submodels) + (list(self.catalogue.fast_variants) if include_fast else [])
+        return [self.inspect(sm) for sm in sms]
+
+    def locate(self, sm: SubModel | str, status: ModelStatus | None = None) -> Path:
+        """The trainer folder of a usable model; raises a clear error otherwise.
+
+        Pass the ``status`` that :meth:`inspect` just gave to spare an S3 source a second listing.
+        """
+        if isinstance(sm, str):
+            sm = self.catalogue.submodel(sm)
+        st = status if status is not None and status.submodel == sm.name else self.inspect(sm)
+        if st.state == "unreachable":
+            raise ModelSourceUnreachableError(f"sub-model {sm.name}: {st.detail}")
+        if st.state == "missing":
+            raise ModelUnavailableError(
+                f"sub-model {sm.name} (Dataset{sm.task_id}, {sm.licence} licence) is not installed: {st.detail}. "
+                f"Import it with 'mriseg models import'.")
+        if st.state == "mismatched":
+            raise ModelFolderError(st.detail)
+        return Path(st.path)
+
+    def load(self, sm: SubModel | str, status: ModelStatus | None = None, **load_kwargs) -> "LoadedModel":
+        """Locate and load a sub-model, its files checked against their pins as they are read.
+
+        Args:
+            sm: The sub-model or its name.
+            status: What :meth:`inspect` just gave for it, if anything (spares a second look).
+            **load_kwargs: Passed to :func:`serve.inference.modelload.load_model` (device, tile_step_size, ...).
+
+        Returns:
+            The loaded model.
+
+        Raises:
+            ModelUnavailableError: the model is missing or its source cannot be read.
+            ModelFolderError: the model is mismatched, or a file changed since it was inspected.
+        """
+        from serve.inference.modelload import load_model
+
+        if isinstance(sm, str):
+            sm = self.catalogue.submodel(sm)
+        st = status if status is not None and status.submodel == sm.name else self.inspect(sm)
+        return load_model(self.locate(sm, st), sm, pinned=st.pinned, **load_kwargs)
+
+    def available(self, names: Iterable[str] | None = None) -> dict[str, Path]:
+        out = {}
+        for st in self.status():
+            if st.state == "present" and (names is None or st.submodel in names):
+                out[st.submodel] = Path(st.path)
+        return out
+
+
+_WARNED_UNPINNED: set[str] = set()
+
+
+def _warn_unpinned(src: str) -> None:
+    if src not in _WARNED_UNPINNED:
+        _WARNED_UNPINNED.add(src)
+        log.warning("model source %s has no %s: its weights are loaded as they are, unverified; "
+                    "'mriseg models import' writes one", src, PINS)
+
+
+def import_totalseg_home(totalseg_home: Path, dest: Path, catalogue: Catalogue | None = None,
+                         link: bool = False, skipped: dict[str, str] | None = None) -> list[str]:
+    """Copy (or symlink) ``DIR/nnunet/results/DatasetNNN_*`` of catalogue models into ``dest`` and pin them.
+
+    Each imported model's checkpoints, plans.json and dataset.json are pinned (sha256) in
+    ``dest/mriseg-pins.json``; the store refuses them once they differ.
+
+    Returns the sub-models imported; broken folders are left out, with the reason in ``skipped``.
+    """
+    skipped = {} if skipped is None else skipped
+    catalogue = catalogue or load_catalogue()
+    results = Path(totalseg_home).expanduser() / "nnunet" / "results"
+    if not results.is_dir():
+        raise ModelFolderError(f"{results} does not exist; pass the folder TotalSegmentator downloaded into "
+                               f"(usually ~/.totalsegmentator)")
+    dest.mkdir(parents=True, exist_ok=True)
+    imported = []
+    for sm in list(catalogue.submodels) + list(catalogue.fast_variants):
+        ds = find_dataset_dir(results, sm)
+        if ds is None:
+            continue
+        tf = find_trainer_folder(ds, sm)
+        try:  # one broken folder must not stop the others: it is reported and skipped
+            if tf is None:
+                raise ModelFolderError(f"{ds}: no trainer folder with plans.json/dataset.json")
+            try:
+                dataset_json = json.loads((tf / "dataset.json").read_text())
+            except (OSError, ValueError) as e:
+                raise ModelFolderError(f"{tf}/dataset.json cannot be read ({type(e).__name__})") from e
+            check_labels(sm, dataset_json)
+        except ModelFolderError as e:
+            log.warning("skipped %s: %s", sm.name, e.message)
+            skipped[sm.name] = e.message
+            continue
+        try:
+            _install_beside(ds, dest / ds.name, link)
+        except OSError as e:  # shutil.Error included: a dangling link or unreadable file in the download
+            log.warning("skipped %s: copying %s failed (%s)", sm.name, ds.name, type(e).__name__)
+            skipped[sm.name] = f"copying {ds} failed ({e.__class__.__name__}: {str(e)[:200]}); an earlier import " \
+                               f"of it, if any, is kept"
+            continue
+        try:  # pinned as installed: these are the bytes the store will load
+            write_pins(dest, {ds.name: pin_dataset(dest / ds.name)})
+        except OSError as e:  # the copy stays, refused by its old pins (if any) until an import pins it
+            log.warning("skipped %s: pinning %s failed (%s)", sm.name, ds.name, type(e).__name__)
+            skipped[sm.name] = f"pinning {dest / ds.name} failed ({e.__class__.__name__}: {str(e)[:200]}); " \
+                               f"import it again"
+            continue
+        imported.append(sm.name)
+    return imported
+
+
+def _install_beside(source: Path, target: Path, link: bool) -> None:
+    """Put a copy of (or link to) ``source`` at ``target``, replacing what is there only once the new one is whole.
+
+    The new folder is built under a hidden name beside ``target`` (the store
+    only reads ``Dataset*`` names) and renamed into place, so a copy that fails
+    half-way leaves the earlier import as it was.
+    """
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    new, old = target.with_name(f".{target.name}.new-{tag}"), target.with_name(f".{target.name}.old-{tag}")
+    try:
+        if link:
+            new.symlink_to(source.resolve(), target_is_directory=True)
+        else:
+            shutil.copytree(source, new)
+    except BaseException:
+        _remove(new)
+        raise
+    had_old = target.exists() or target.is_symlink()
+    if had_old:
+        os.replace(target, old)
+    os.replace(new, target)
+    if had_old:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)

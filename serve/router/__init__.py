@@ -1,0 +1,1 @@
+"""The plain asyncio job service: submission, scheduling, admission, journal, job state."""

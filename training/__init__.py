@@ -1,0 +1,1 @@
+"""Demo-model training (not installed: run from a checkout)."""
