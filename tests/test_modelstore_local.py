@@ -9,7 +9,7 @@ import pytest
 
 from serve.catalogue import load_catalogue
 from serve.cli.main import main
-from serve.errors import ModelUnavailableError
+from serve.errors import ModelFolderError, ModelUnavailableError
 from serve.inference.modelfolder import UNetSpec, write_model_folder
 from serve.inference.modelstore import ModelStore
 from serve.inference.pipeline import Segmenter
@@ -273,3 +273,9 @@ def test_the_operators_pins_apply_to_a_local_folder_and_a_bad_file_is_a_clear_er
     capsys.readouterr()
     assert main(["models", "list", "--models", str(dest), "--model-pins", str(tmp_path / "bad.json")]) == 2
     assert "not a pinned model manifest" in capsys.readouterr().err
+
+
+def test_an_s3_source_without_an_s3_reader_is_refused_naming_the_builder():
+    """The inference layer has no S3 client: an ``s3://`` source needs serve.storage.models's store."""
+    with pytest.raises(ModelFolderError, match="open_model_store"):
+        ModelStore(["s3://models/totalseg/"])

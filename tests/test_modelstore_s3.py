@@ -13,6 +13,7 @@ from serve.errors import ModelFolderError, ModelSourceUnreachableError
 from serve.inference.modelfolder import UNetSpec, write_model_folder
 from serve.inference.modelload import load_model
 from serve.inference.modelstore import ModelStore, pin_dataset, write_pins
+from serve.storage.models import open_model_store
 from serve.inference.pipeline import Segmenter
 from serve.storage.s3client import make_client
 from tests.core_fixtures import body_volume
@@ -65,7 +66,7 @@ def _count_gets(store: ModelStore, uri: str) -> list[str]:
 
 def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     cache = tmp_path / "cache"
-    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
+    store = open_model_store([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
     gets = _count_gets(store, s3_models)
     organs = store.locate("organs")
     muscles = store.locate("muscles")
@@ -79,7 +80,7 @@ def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path, s3_
     assert len(gets) == 6  # ...and not again when asked again
 
     # a fresh store on the same cache downloads nothing
-    store2 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
+    store2 = open_model_store([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
     gets2 = _count_gets(store2, s3_models)
     assert store2.locate("organs") == organs and store2.locate("muscles") == muscles
     assert gets2 == []
@@ -92,7 +93,7 @@ def test_s3_models_resolve_cache_once_and_load(seaweed, s3_models, tmp_path, s3_
 
 def test_locate_with_inspect_status_lists_the_source_once(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     """A replica inspects, then locates: the status it already has spares S3 a second listing."""
-    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
+    store = open_model_store([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
     lists: list[str] = []
     store._caches[s3_models].client.meta.events.register(
         "before-call.s3.ListObjectsV2", lambda params, **_: lists.append(params.get("Prefix")))
@@ -106,13 +107,13 @@ def test_locate_with_inspect_status_lists_the_source_once(seaweed, s3_models, tm
 
 def test_changed_object_in_s3_is_refused_until_the_operator_pins_it(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     cache = tmp_path / "cache"
-    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
+    store = open_model_store([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
     old = store.load("organs", device="cpu").checksum
     # replace the organs weights in S3 with a differently seeded network
     fresh = tmp_path / "fresh"
     write_model_folder(fresh, CAT.submodel("organs"), SPEC, dataset_name=TS_ORGANS, seed=7)
     upload_tree(fresh, s3_models, seaweed.settings)
-    store2 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
+    store2 = open_model_store([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
     gets = _count_gets(store2, s3_models)
     st = store2.inspect(CAT.submodel("organs"))
     assert len(gets) >= 1  # the change was seen and downloaded...
@@ -123,20 +124,20 @@ def test_changed_object_in_s3_is_refused_until_the_operator_pins_it(seaweed, s3_
     # pinned anew by the operator, the new weights load
     (tmp_path / "pins2").mkdir()
     pins2 = write_pins(tmp_path / "pins2", {TS_ORGANS: pin_dataset(fresh / TS_ORGANS)})
-    store3 = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=pins2)
+    store3 = open_model_store([s3_models], cache_dir=cache, s3=seaweed.settings, pins=pins2)
     assert store3.load("organs", device="cpu").checksum != old
 
 
 def test_a_cached_copy_changed_on_disk_is_mismatched_and_never_loaded(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     """The cache's own manifest records sizes and ETags of what was downloaded: it proves nothing about the bytes."""
     cache = tmp_path / "cache"
-    organs = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins).locate("organs")
+    organs = open_model_store([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins).locate("organs")
     ckpt = organs / "fold_0" / "checkpoint_final.pth"
     other = write_model_folder(tmp_path / "other", CAT.submodel("organs"), SPEC, dataset_name=TS_ORGANS, seed=9)
     swapped = (other / "fold_0" / "checkpoint_final.pth").read_bytes()
     assert len(swapped) == ckpt.stat().st_size  # same size: the cache's record still matches
     ckpt.write_bytes(swapped)
-    store = ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
+    store = open_model_store([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins)
     gets = _count_gets(store, s3_models)
     st = store.inspect(CAT.submodel("organs"))
     assert gets == []
@@ -151,7 +152,7 @@ def test_an_s3_source_without_pins_is_refused_before_anything_is_downloaded(seaw
     from serve.cluster.deployments import SubModelRunner, SubModelSettings
 
     monkeypatch.delenv("MRISEG_MODEL_PINS", raising=False)
-    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
+    store = open_model_store([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings)
     gets = _count_gets(store, s3_models)
     states = {s.submodel: s for s in store.status()}
     assert {s.state for s in states.values()} == {"mismatched"}
@@ -165,7 +166,7 @@ def test_an_s3_source_without_pins_is_refused_before_anything_is_downloaded(seaw
     # a pinned manifest that does not name the model: refused before the download too
     (tmp_path / "pins-other").mkdir()
     muscles_only = write_pins(tmp_path / "pins-other", {TS_MUSCLES: pin_dataset(tmp_path / "results" / TS_MUSCLES)})
-    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=muscles_only)
+    store = open_model_store([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=muscles_only)
     gets = _count_gets(store, s3_models)
     st = store.inspect(CAT.submodel("organs"))
     assert st.state == "mismatched" and f"{TS_ORGANS} is not in the pinned model manifest" in st.detail
@@ -181,7 +182,7 @@ def test_a_key_that_climbs_out_of_the_source_is_refused_and_nothing_escapes(moto
     base = f"w/{TS_ORGANS}/nnUNetTrainer__nnUNetPlans__3d_fullres"
     client.put_object(Bucket=unique_prefix, Key=f"{base}/plans.json", Body=b"{}")
     client.put_object(Bucket=unique_prefix, Key=f"{base}/../../../../../escaped.txt", Body=b"not yours")
-    store = ModelStore([f"s3://{unique_prefix}/w"], cache_dir=tmp_path / "cache", s3=moto.settings, pins=pins)
+    store = open_model_store([f"s3://{unique_prefix}/w"], cache_dir=tmp_path / "cache", s3=moto.settings, pins=pins)
     st = store.inspect(CAT.submodel("organs"))
     assert st.state == "mismatched" and "'..' segment" in st.detail
     assert not list(tmp_path.rglob("escaped.txt")) and not list(tmp_path.rglob("plans.json"))
@@ -189,7 +190,7 @@ def test_a_key_that_climbs_out_of_the_source_is_refused_and_nothing_escapes(moto
 
 def test_a_corrupted_download_is_discarded_by_the_sha256_metadata(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
     """AWS gives multipart objects only a composite checksum; the sha256 metadata staging writes still applies."""
-    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
+    store = open_model_store([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
     client = store._caches[s3_models].client
     head, download = client.head_object, client.download_file
 
@@ -214,7 +215,7 @@ def test_two_stores_filling_one_cache_at_once_both_get_the_model(seaweed, s3_mod
     import time
 
     cache = tmp_path / "cache"
-    stores = [ModelStore([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins) for _ in range(2)]
+    stores = [open_model_store([s3_models], cache_dir=cache, s3=seaweed.settings, pins=s3_pins) for _ in range(2)]
     for store in stores:  # slow each download down, so that the two fills overlap
         client = store._caches[s3_models].client
         client.download_file = (lambda real: lambda *a, **kw: (real(*a, **kw), time.sleep(0.2)))(client.download_file)
@@ -237,7 +238,7 @@ def test_two_stores_filling_one_cache_at_once_both_get_the_model(seaweed, s3_mod
 
 
 def test_loaded_models_keep_running_when_their_s3_source_cannot_be_read(seaweed, s3_models, tmp_path, s3_pins):  # noqa: F811
-    store = ModelStore([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
+    store = open_model_store([s3_models], cache_dir=tmp_path / "cache", s3=seaweed.settings, pins=s3_pins)
     seg = Segmenter(store, device="cpu", threads=1)
     vol = body_volume("RAS", shape=(20, 18, 12), spacing=(1.5, 1.5, 1.5))
     first = seg.segment(vol)

@@ -177,11 +177,11 @@ def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, th
     its lease runs out (``lease_s`` after its last renewal) and it runs here. The job records are
     signed with the key ``$MRISEG_RECORD_KEY_FILE`` names (serve/jobs/records.py)."""
     from serve.jobs.store import JobRunner, JobStore, SegmenterEngine
-    from serve.inference.modelstore import ModelStore
+    from serve.storage.models import open_model_store
     from serve.inference.pipeline import Segmenter
 
     store = JobStore(jobs_uri, settings, lease_s=lease_s)  # first: without a record key, stop before loading models
-    seg = Segmenter(ModelStore(list(models), s3=settings), device="auto", threads=threads)
+    seg = Segmenter(open_model_store(list(models), s3=settings), device="auto", threads=threads)
     runner = JobRunner(store, SegmenterEngine(seg), settings)
     lock = threading.Lock()  # one Segmenter: one job at a time (torch uses the threads)
 

@@ -50,10 +50,10 @@ def _model_sources(args) -> list[str]:
 
 
 def _store(args):
-    from serve.inference.modelstore import ModelStore
+    from serve.storage.models import open_model_store
 
-    return ModelStore(_model_sources(args), cache_dir=getattr(args, "cache_dir", None),
-                      pins=getattr(args, "model_pins", None))
+    return open_model_store(_model_sources(args), cache_dir=getattr(args, "cache_dir", None),
+                            pins=getattr(args, "model_pins", None))
 
 
 def _progress_bar(total_hint: int = 1):
@@ -111,7 +111,7 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
     ``model_pins`` is the operator's pinned model manifest (default ``$MRISEG_MODEL_PINS``);
     ``resampling_order`` the input's spline order (TotalSegmentator's ``-ro``, 0..5; None: its default, 1).
     """
-    from serve.inference.modelstore import ModelStore
+    from serve.storage.models import open_model_store
     from serve.outputs.writers import write_outputs
     from serve.inference.pipeline import Segmenter
     from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
@@ -130,7 +130,7 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
         from serve.demo import ensure_demo_models
 
         sources = [str(ensure_demo_models())]
-    seg = Segmenter(ModelStore(list(sources), pins=model_pins), device=device, threads=threads)
+    seg = Segmenter(open_model_store(list(sources), pins=model_pins), device=device, threads=threads)
     bar, progress = (None, None) if quiet else _progress_bar()
     try:
         result = seg.segment(volume, roi_subset=roi_subset, fast=fast, progress=progress,

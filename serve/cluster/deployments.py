@@ -89,7 +89,7 @@ class SubModelRunner:
 
     def __init__(self, settings: SubModelSettings):
         from serve.inference.modelload import configure_threads
-        from serve.inference.modelstore import ModelStore
+        from serve.storage.models import open_model_store
         from serve.storage.s3client import S3Settings
 
         self.settings = settings
@@ -100,9 +100,9 @@ class SubModelRunner:
         self.state, self.detail = "unavailable", ""
         self.calls = 0
         try:
-            store = ModelStore(settings.model_sources, settings.model_cache_dir,
-                               S3Settings.from_mapping(settings.s3) if settings.s3 else None,
-                               pins=settings.model_pins)
+            store = open_model_store(settings.model_sources, settings.model_cache_dir,
+                                     S3Settings.from_mapping(settings.s3) if settings.s3 else None,
+                                     pins=settings.model_pins)
         except MrisegError as e:  # an unreadable pinned manifest: reported by check_health like a bad model
             self.state, self.detail = "broken", e.message
             log.error("sub-model %s: %s", self.sm.name, e.message)

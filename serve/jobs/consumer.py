@@ -409,14 +409,14 @@ def local_submit(cfg: Mapping[str, Any]) -> Submit:
     else ``$MRISEG_RECORD_KEY_FILE``).
     """
     from serve.jobs.store import JobRunner, JobStore, SegmenterEngine
-    from serve.inference.modelstore import ModelStore
+    from serve.storage.models import open_model_store
     from serve.inference.pipeline import Segmenter
     from serve.jobs.records import RecordSigner
 
     s3 = S3Settings.from_mapping(cfg.get("s3"))
     # before the models load: a missing key is a configuration error to report at once
     signer = RecordSigner.from_file(cfg["record_key_file"]) if cfg.get("record_key_file") else RecordSigner.from_env()
-    store = ModelStore(list(cfg["models"]), cache_dir=cfg.get("cache_dir"), s3=s3, pins=cfg.get("model_pins"))
+    store = open_model_store(list(cfg["models"]), cache_dir=cfg.get("cache_dir"), s3=s3, pins=cfg.get("model_pins"))
     seg = Segmenter(store, device=cfg.get("device", "auto"), threads=cfg.get("threads", 1))
     jobs = JobStore(cfg["jobs"], s3, lease_s=float(cfg.get("lease_s", 300.0)), signer=signer)
     return JobRunner(jobs, SegmenterEngine(seg), s3, max_bytes=cfg.get("max_bytes", 1 << 30)).run
