@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from serve.storage import staging
-from serve.cli.main import add_resampling_order_arg
 from serve.errors import MrisegError
 from serve.jobs.events import is_volume_key
 from serve.jobs.store import DEFAULT_OUTPUTS, JobSpec
 from serve.records_schema import FAILED, RUNNING, SUCCEEDED, UnsupportedRecordFormat, read_output_record
-from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
+from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, add_resampling_order_arg
 from serve.storage.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,10 @@
 """``mriseg``: segment locally, manage model folders, run the demo.
 
-Other modules add subcommands without editing this file: every module named
-in :data:`PLUGINS` that can be imported has its ``register(subparsers)``
-called with the argparse sub-parser action. A plugin may also replace an
-existing command's handler, e.g. ``subparsers.choices["demo"].set_defaults(func=...)``
-to send ``mriseg demo`` through a running cluster. A handler takes the
-parsed ``argparse.Namespace`` and returns an exit code.
+Every subcommand is declared in :func:`build_parser`: the local ones here, the
+others by the ``register(subparsers)`` of their module (``up`` and the cluster's
+``demo``: :mod:`serve.cli.stack`; ``bulk``: :mod:`serve.cli.bulk`; ``records``:
+:mod:`serve.jobs.records`). A handler takes the parsed ``argparse.Namespace``
+and returns an exit code.
 
 Errors a user can cause (:class:`serve.errors.MrisegError`) print one line on
 stderr and exit with code 2, without a traceback.
@@ -14,7 +13,6 @@ stderr and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -22,12 +20,12 @@ from pathlib import Path
 from typing import Sequence
 
 from serve.cachedir import cache_root
+from serve.cli import bulk, stack
 from serve.errors import MrisegError
+from serve.inference.resampling import add_resampling_order_arg
+from serve.jobs import records
 
 log = logging.getLogger("mriseg")
-
-#: Modules that may register subcommands (skipped when not importable).
-PLUGINS = ("serve.cli.stack", "serve.cli.bulk", "serve.jobs.records")
 
 
 def default_import_dir() -> Path:
@@ -231,28 +229,6 @@ def cmd_demo(args) -> int:
 
 # -- parser ----------------------------------------------------------------------
 
-def resampling_order_arg(value: str) -> int:
-    """``-ro``'s argparse type: a whole number 0..5, as TotalSegmentator's ``resampling_order``."""
-    try:
-        order = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid resampling order {value!r}: give a whole number from 0 to 5")
-    if not 0 <= order <= 5:
-        raise argparse.ArgumentTypeError(f"resampling order {order} is outside 0 to 5")
-    return order
-
-
-def add_resampling_order_arg(p: argparse.ArgumentParser) -> None:
-    """``-ro/--resampling_order/--resampling-order`` (segment and bulk)."""
-    from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
-
-    p.add_argument("-ro", "--resampling_order", "--resampling-order", dest="resampling_order",
-                   type=resampling_order_arg, default=DEFAULT_RESAMPLING_ORDER, metavar="0-5",
-                   help="spline order of the input's resampling to the model spacing, TotalSegmentator's -ro "
-                        f"(default {DEFAULT_RESAMPLING_ORDER}, as TotalSegmentator 2.18); integer-valued inputs are "
-                        "then cast to int32 as there, others keep float intensities (docs/inference.md)")
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", metavar="DIR_OR_S3",
                    help="model sources: local folders or s3://bucket/prefix holding DatasetNNN_* folders "
@@ -312,17 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(pd)
     pd.set_defaults(func=cmd_demo)
 
-    for name in PLUGINS:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as e:
-            if not (e.name and name.startswith(e.name)):
-                # a plugin that is there but broken must not take the core commands down
-                log.warning("subcommands of %s unavailable: %s", name, e)
-            continue
-        register = getattr(mod, "register", None)
-        if register is not None:
-            register(sub)
+    stack.register(sub)  # after "demo": sends it through the running stack
+    bulk.register(sub)
+    records.register(sub)
     return parser
 
 

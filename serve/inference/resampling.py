@@ -6,6 +6,7 @@ without loading the inference core; :mod:`serve.inference.preprocess` applies th
 
 from __future__ import annotations
 
+import argparse
 import numbers
 
 from serve.errors import MrisegError
@@ -34,3 +35,23 @@ def check_resampling_order(order: object) -> int:
         raise MrisegError(f"resampling_order must be a whole number from 0 to 5 (the spline order of the input's "
                           f"resampling, TotalSegmentator's -ro; default {DEFAULT_RESAMPLING_ORDER}), not {order!r}")
     return int(order)
+
+
+def resampling_order_arg(value: str) -> int:
+    """``-ro``'s argparse type: a whole number 0..5, as TotalSegmentator's ``resampling_order``."""
+    try:
+        order = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid resampling order {value!r}: give a whole number from 0 to 5")
+    if not 0 <= order <= 5:
+        raise argparse.ArgumentTypeError(f"resampling order {order} is outside 0 to 5")
+    return order
+
+
+def add_resampling_order_arg(p: argparse.ArgumentParser) -> None:
+    """``-ro/--resampling_order/--resampling-order`` (segment and bulk)."""
+    p.add_argument("-ro", "--resampling_order", "--resampling-order", dest="resampling_order",
+                   type=resampling_order_arg, default=DEFAULT_RESAMPLING_ORDER, metavar="0-5",
+                   help="spline order of the input's resampling to the model spacing, TotalSegmentator's -ro "
+                        f"(default {DEFAULT_RESAMPLING_ORDER}, as TotalSegmentator 2.18); integer-valued inputs are "
+                        "then cast to int32 as there, others keep float intensities (docs/inference.md)")
