@@ -33,7 +33,7 @@ from serve.router.admission import MemoryBudget, job_bytes, max_admissible_voxel
 from serve.api.idempotency import KEEP_KEYED_S, mismatch
 from serve.router.state import Job, JobOptions
 from serve.router.journal import JobJournal
-from serve.cluster.metrics import IngressMetrics
+from serve.router.metrics import JobMetrics, NoMetrics
 from serve.router.scheduler import FairScheduler
 from serve.router.tenancy import Site, Tenancy, prefix_key
 from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
@@ -166,7 +166,7 @@ class JobService:
 
     def __init__(self, tenancy: Tenancy, call: SubModelCall, describe: Describe,
                  deployed: list[str], settings: RouterSettings | None = None,
-                 metrics: IngressMetrics | None = None, catalogue: Catalogue | None = None,
+                 metrics: JobMetrics | None = None, catalogue: Catalogue | None = None,
                  put: Callable[[np.ndarray], Any] | None = None,
                  running_replicas: Callable[[], Awaitable[dict[str, int]]] | None = None,
                  decoder: SandboxedDecoder | None = None, reserved_prefixes: Iterable[str] = ()):
@@ -181,7 +181,7 @@ class JobService:
         self._max_voxels = min(self.settings.max_voxels or DEFAULT_MAX_VOXELS,
                                max_admissible_voxels(self.settings.memory_budget_bytes))
         self.catalogue = catalogue or load_catalogue()
-        self.metrics = metrics or IngressMetrics()
+        self.metrics = metrics or NoMetrics()
         self.deployed = list(deployed)
         self._call, self._describe = call, describe
         self._put = put or _ray_put
