@@ -168,7 +168,7 @@ def test_an_output_sets_completion_record_names_the_options_that_made_it_as_a_jo
     """``completion_doc`` (what the API's uploads end with) and a job's job.json state options alike,
     so ``mriseg bulk`` can tell a set made with other options from its own."""
     from serve.jobs.store import JobSpec
-    from serve.storage.staging import completion_doc
+    from serve.jobs.results import completion_doc
 
     vol, res = case
     write_outputs(res, vol, tmp_path / "a", preview=False, roi_subset=["skeletal_muscle", "humerus_left"])
@@ -181,7 +181,7 @@ def test_an_output_sets_completion_record_names_the_options_that_made_it_as_a_jo
 
 
 def test_an_output_set_from_demo_models_says_so_in_its_completion_record(case, tmp_path):
-    from serve.storage.staging import completion_doc
+    from serve.jobs.results import completion_doc
 
     vol, res = case
     write_outputs(res, vol, tmp_path / "real", preview=False)
@@ -208,7 +208,7 @@ def test_a_completion_record_states_the_resampling_order_and_none_for_an_old_set
     """An API output set says how its input was resampled, as a job's job.json does; one whose mriseg.json
     predates the option has none, so its options never equal a new job's."""
     from serve.jobs.store import JobSpec
-    from serve.storage.staging import completion_doc
+    from serve.jobs.results import completion_doc
 
     vol, res = case
     res.resampling_order, res.input_cast = 3, "int32"

@@ -223,7 +223,7 @@ def test_outage_longer_than_deadline_is_clear_502(tmp_path):
         server.cleanup()
 
 
-def test_upload_dir_ends_with_a_done_job_json_when_caller_wrote_none(seaweed, tmp_path, unique_prefix):
+def test_uploaded_results_end_with_a_succeeded_job_json_when_caller_wrote_none(seaweed, tmp_path, unique_prefix):
     """The API's outputs (writers' folder, no job.json) still get the completion marker, last."""
     import json
 
@@ -232,8 +232,10 @@ def test_upload_dir_ends_with_a_done_job_json_when_caller_wrote_none(seaweed, tm
     (out / "segmentations.nii.gz").write_bytes(b"seg")
     (out / "mriseg.json").write_text(json.dumps({"structures": {"5": "liver"}, "models": {"organs": "c1"},
                                                  "fast": False, "files": {"multilabel": "segmentations.nii.gz"}}))
+    from serve.jobs.results import upload_results
+
     order = []
-    got = staging.upload_dir(out, f"s3://outbox/{unique_prefix}/api/", seaweed.settings, on_uploaded=order.append)
+    got = upload_results(out, f"s3://outbox/{unique_prefix}/api/", seaweed.settings, on_uploaded=order.append)
     assert order == ["segmentation.nii.gz", "job.json"]
     doc = json.loads(staging.download_bytes(got["job.json"], settings=seaweed.settings))
     assert doc["status"] == "succeeded" and doc["models"] == {"organs": "c1"} and doc["files"] == ["segmentation.nii.gz"]

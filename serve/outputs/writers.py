@@ -49,7 +49,7 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
     ``roi_subset`` is what was asked for; ``mriseg.json`` (``mriseg.meta/1``,
     :class:`serve.records_schema.OutputMeta`) records it beside ``fast``, the result's
     ``resampling_order`` and ``input_cast`` and the files, so an output set says which options made it
-    (``serve.storage.staging.completion_doc``).
+    (``serve.jobs.results.completion_doc``).
     """
     import nibabel as nib
 

@@ -815,11 +815,11 @@ class JobService:
                                           f"({e.strerror or type(e).__name__}); resubmit it") from e
         if job.options.output_prefix and job.status != "cancelled":
             if source is not None and (outdir / "mriseg.json").is_file():
-                from serve.storage import staging
+                from serve.jobs import results
 
                 # the completion marker names the object version read, so ``mriseg bulk`` reruns a
                 # replaced input instead of taking these outputs for its
-                (outdir / "job.json").write_text(json.dumps(staging.completion_doc(outdir, source), indent=1,
+                (outdir / "job.json").write_text(json.dumps(results.completion_doc(outdir, source), indent=1,
                                                             sort_keys=True))
             outputs.update(self._upload(outdir, job.options.output_prefix))
         return outputs
@@ -836,10 +836,10 @@ class JobService:
 
     def _upload(self, outdir: Path, prefix: str) -> dict[str, str]:
         try:
-            from serve.storage import staging
+            from serve.jobs import results
         except ImportError as e:
             raise ServiceUnavailableError("S3 staging is not installed on this cluster") from e
-        uploaded = staging.upload_dir(outdir, prefix, settings=self.settings.s3)
+        uploaded = results.upload_results(outdir, prefix, settings=self.settings.s3)
         self.metrics.bytes_staged.labels("out").inc(sum(p.stat().st_size for p in outdir.rglob("*") if p.is_file()))
         return {f"s3:{k}": v for k, v in uploaded.items()}
 

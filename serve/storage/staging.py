@@ -387,24 +387,6 @@ def input_record(source: ObjectInfo | None) -> dict | None:
             "sha256": source.sha256}
 
 
-def completion_doc(outdir: Path, source: ObjectInfo | None = None) -> dict:
-    """A succeeded job.json (``mriseg.output/1``) from the writers' ``mriseg.json`` (structures, models,
-    options, files), built by :func:`serve.records_schema.output_record` as a job's own is.
-
-    Its ``options`` take the form of :meth:`serve.jobs.store.JobSpec.options`, and its ``input`` (``source``, the
-    object read) the form of a job's own job.json, so ``mriseg bulk`` can tell a replaced input from this one.
-    """
-    from serve.jobs.store import OUTPUT_KINDS, output_options, software_version
-    from serve.records_schema import SUCCEEDED, output_record, read_output_meta
-
-    meta = read_output_meta(json.loads((outdir / "mriseg.json").read_text()))
-    options = output_options(meta.get("roi_subset"), meta.get("fast", False),
-                             set(meta.get("files", {})) & set(OUTPUT_KINDS), meta.get("resampling_order"))
-    return output_record(SUCCEEDED, options=options, input=input_record(source), meta=meta,
-                         software_version=software_version(),
-                         files=sorted(n for n in (layout_name(k) for k in meta.get("files", {}).values()) if n))
-
-
 def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Mapping[str, Any] | None = None,
                on_uploaded: Callable[[str], None] | None = None, last: tuple[str, ...] = ("job.json",)) -> dict[str, str]:
     """Upload a result folder under ``prefix`` in the S3 layout; files named in ``last`` go last.
@@ -413,10 +395,6 @@ def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Ma
     """
     outdir = Path(outdir)
     bucket, key_prefix = parse_s3_uri(prefix.rstrip("/") + "/")
-    if "job.json" in last and not (outdir / "job.json").exists() and (outdir / "mriseg.json").is_file():
-        # every output set in S3 ends with a succeeded job.json (the completion marker readers and
-        # ``mriseg bulk`` rely on), also when the caller (the API's router) did not write one
-        (outdir / "job.json").write_text(json.dumps(completion_doc(outdir), indent=1, sort_keys=True))
     files = sorted((p for p in outdir.rglob("*") if p.is_file() and not p.name.endswith(".part")),
                    key=lambda p: (p.relative_to(outdir).as_posix() in last, p.relative_to(outdir).as_posix()))
     if "job.json" in last and (outdir / "job.json").is_file():
