@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from nibabel.orientations import axcodes2ornt
 from scipy import ndimage
 
 from serve.catalogue import load_catalogue
@@ -172,8 +173,6 @@ def random_axcodes(rng: np.random.Generator) -> str:
 
 
 def _affine(axcodes: str, spacing_world, shape, origin_world) -> np.ndarray:
-    from nibabel.orientations import axcodes2ornt
-
     aff = np.eye(4)
     aff[:3, :3] = 0
     for i, (ax, flip) in enumerate(axcodes2ornt(axcodes)):
@@ -242,7 +241,6 @@ def make_phantom(seed: int, *, spacing_mm=None, axcodes: str | None = None, full
     lo -= rng.uniform(0, 6, 3)
     hi += rng.uniform(0, 6, 3)
     shape_world = np.maximum(np.round((hi - lo) / spacing).astype(int) + 1, 2)
-    from nibabel.orientations import axcodes2ornt
 
     ornt = axcodes2ornt(frame_codes)
     shape = tuple(int(shape_world[int(ax)]) for ax, _ in ornt)

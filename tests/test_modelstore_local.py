@@ -158,7 +158,7 @@ def test_a_reimport_that_fails_half_way_keeps_the_earlier_import(tmp_path, capsy
 
 def test_a_region_based_model_is_refused_rather_than_read_with_wrong_ids():
     from serve.errors import ModelFolderError
-    from serve.inference.modelstore import read_dataset_labels
+    from serve.inference.modelload import read_dataset_labels
 
     assert read_dataset_labels({"labels": {"background": 0, "liver": [5], "spleen": 1}}) == \
         {"background": 0, "liver": 5, "spleen": 1}

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Awaitable, Callable, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -25,13 +26,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import serve
 from serve.api import idempotency
-from serve.router.state import JobOptions
 from serve.api.ratelimit import RateLimiter
-from serve.router.service import OUTPUT_KINDS, JobService, check_upload_name
-from serve.router.tenancy import Site
 from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, ServiceUnavailableError,
                           UnsupportedFormatError, VolumeTooLargeError)
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
+from serve.jobs.consumer import specs_for_events
+from serve.jobs.events import parse_message
+from serve.router.service import OUTPUT_KINDS, JobService, check_upload_name
+from serve.router.state import JobOptions
+from serve.router.tenancy import Site
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,6 @@ PROBLEM_SCHEMA = {
 def _openapi(app: FastAPI) -> dict:
     """FastAPI's document, with the error responses the API really sends: problem+json for 4XX/5XX."""
     if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         problem_ref = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
         for ops in doc.get("paths", {}).values():
@@ -347,9 +348,6 @@ async def push_events(request: Request, who: SiteDep, state: StateDep) -> dict:
     Each volume in one of the caller's own inboxes becomes a durable, idempotent job (its
     ``job.json`` lands in the inbox's output prefix); other objects are counted as ignored.
     """
-    from serve.jobs.consumer import specs_for_events
-    from serve.jobs.events import parse_message
-
     if state.events is None:
         raise NotFoundError("event intake is not deployed on this cluster (the 'events' app arg)")
     body = await _read_capped(request, MAX_JSON_BYTES)

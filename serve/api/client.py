@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+import httpx
+
 from serve.api.idempotency import KEY_HEADER
-from serve.router.state import TERMINAL
 from serve.errors import MrisegError
+from serve.router.state import TERMINAL
 
 T = TypeVar("T")
 #: the longest pause between two tries of one call
@@ -59,16 +61,12 @@ class ApiClient:
     request_timeout_s: float | None = None
 
     def _client(self):
-        import httpx
-
         return httpx.Client(base_url=self.url, timeout=self.request_timeout_s or self.timeout_s,
                             headers={"Authorization": f"Bearer {self.api_key}"})
 
     @contextlib.contextmanager
     def _session(self):
         """An HTTP client whose connection failures are a retryable 503 :class:`ApiError`, not httpx's own."""
-        import httpx
-
         try:
             with self._client() as c:
                 yield c
@@ -214,8 +212,6 @@ class ApiClient:
         Raises:
             MrisegError: no answer, or an answer that is not from an mriseg-serve API.
         """
-        import httpx
-
         try:
             r = httpx.get(self.url.rstrip("/") + "/healthz", timeout=timeout_s)
         except httpx.TransportError as e:

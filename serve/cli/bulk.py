@@ -32,12 +32,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from serve.storage import staging
+from tqdm import tqdm
+
+from serve.api.client import ApiClient, ApiError
 from serve.errors import MrisegError
-from serve.jobs.events import is_volume_key
-from serve.jobs.store import DEFAULT_OUTPUTS, JobSpec
-from serve.records_schema import FAILED, RUNNING, SUCCEEDED, UnsupportedRecordFormat, read_output_record
+from serve.inference.pipeline import Segmenter
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, add_resampling_order_arg
+from serve.jobs.events import is_volume_key
+from serve.jobs.store import DEFAULT_OUTPUTS, JobRunner, JobSpec, JobStore, SegmenterEngine
+from serve.records_schema import FAILED, RUNNING, SUCCEEDED, UnsupportedRecordFormat, read_output_record
+from serve.storage import staging
+from serve.storage.models import open_model_store
 from serve.storage.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -146,8 +151,6 @@ def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 
     Returns:
         The backend: a spec in, ``(status, reason, job id)`` out.
     """
-    from serve.api.client import ApiClient, ApiError
-
     def run(spec: JobSpec) -> tuple[str, str, str]:
         body: dict[str, Any] = {"input": spec.input_uri, "output_prefix": spec.output_prefix,
                                 "fast": spec.fast, "outputs": list(spec.outputs),
@@ -175,10 +178,6 @@ def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, th
     A job another (possibly dead) worker holds is waited for: it finishes there, or
     its lease runs out (``lease_s`` after its last renewal) and it runs here. The job records are
     signed with the key ``$MRISEG_RECORD_KEY_FILE`` names (serve/jobs/records.py)."""
-    from serve.jobs.store import JobRunner, JobStore, SegmenterEngine
-    from serve.storage.models import open_model_store
-    from serve.inference.pipeline import Segmenter
-
     store = JobStore(jobs_uri, settings, lease_s=lease_s)  # first: without a record key, stop before loading models
     seg = Segmenter(open_model_store(list(models), s3=settings), device="auto", threads=threads)
     runner = JobRunner(store, SegmenterEngine(seg), settings)
@@ -210,8 +209,6 @@ def run_bulk(inputs_uri: str, out_uri: str, backend: Backend, settings: S3Settin
 
     ``resampling_order`` (TotalSegmentator's ``-ro``) is one of the options a done set must have been made with.
     """
-    from tqdm import tqdm
-
     prefix = parse_s3_uri(inputs_uri)[1]
     listed = {v.uri: v for v in list_volumes(inputs_uri, settings)}
     specs = [JobSpec(uri, out_uri, site, roi_subset=tuple(roi_subset) if roi_subset else None, fast=fast,
@@ -367,7 +364,6 @@ def cmd_bulk(args) -> int:
     if args.report:
         _check_report_path(Path(args.report))
     if not args.local_models:  # after the local checks: a typo in a path is found without the network
-        from serve.api.client import ApiClient
 
         ApiClient(args.api, key).check_reachable()
     items = run_bulk(args.prefix, args.out, backend, settings, site=args.site, concurrency=args.concurrency,

@@ -13,17 +13,29 @@ stderr and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from tqdm import tqdm
+
 from serve.cachedir import cache_root
 from serve.cli import bulk, stack
+from serve.demo import demo_volume, ensure_demo_models
 from serve.errors import MrisegError
-from serve.inference.resampling import add_resampling_order_arg
+from serve.imaging.sandbox import decode_untrusted
+from serve.imaging.volume_io import write_nifti
+from serve.inference.modelstore import import_totalseg_home
+from serve.inference.pipeline import Segmenter
+from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, add_resampling_order_arg, check_resampling_order
 from serve.jobs import records
+from serve.outputs.summary import summary_table
+from serve.outputs.writers import write_outputs
+from serve.storage.models import open_model_store
 
 log = logging.getLogger("mriseg")
 
@@ -42,21 +54,16 @@ def _model_sources(args) -> list[str]:
     local = default_import_dir()
     if local.is_dir() and any(local.glob("Dataset*")):
         return [str(local)]
-    from serve.demo import ensure_demo_models
 
     return [str(ensure_demo_models())]
 
 
 def _store(args):
-    from serve.storage.models import open_model_store
-
     return open_model_store(_model_sources(args), cache_dir=getattr(args, "cache_dir", None),
                             pins=getattr(args, "model_pins", None))
 
 
 def _progress_bar(total_hint: int = 1):
-    from tqdm import tqdm
-
     bar = tqdm(total=total_hint, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True)
 
     def progress(name: str, done: int, total: int) -> None:
@@ -66,37 +73,6 @@ def _progress_bar(total_hint: int = 1):
         bar.refresh()
 
     return bar, progress
-
-
-def summary_table(stats: dict[str, dict] | None, result, max_rows: int = 20) -> str:
-    """One screen: structure, voxels, volume (ml), QC; the largest structures first."""
-    import numpy as np
-
-    rows = []
-    if stats is None:
-        from serve.outputs.statistics import compute_statistics
-
-        stats = compute_statistics(result.structures, result.mask, np.zeros(result.labels.shape, np.float32),
-                                   result.affine)
-    for name, s in stats.items():
-        qc = [k for k, v in s["qc"].items() if v]
-        rows.append((name, s["voxel_count"], s["volume"] / 1000.0, ",".join(qc) or "ok"))
-    found = [r for r in rows if r[1] > 0]
-    found.sort(key=lambda r: -r[1])
-    w = max([len("structure")] + [len(r[0]) for r in found[:max_rows]])
-    lines = [f"{'structure':<{w}}  {'voxels':>9}  {'volume ml':>10}  qc", "-" * (w + 30)]
-    lines += [f"{n:<{w}}  {v:>9d}  {ml:>10.2f}  {qc}" for n, v, ml, qc in found[:max_rows]]
-    if len(found) > max_rows:
-        lines.append(f"... and {len(found) - max_rows} more structures (see statistics.json)")
-    empty = len(rows) - len(found)
-    lines.append(f"{len(found)} structure(s) found, {empty} empty" +
-                 (f"; {sum(1 for r in found if 'touches_border' in r[3])} touch the field-of-view border"
-                  if found else ""))
-    if result.unavailable:
-        lines.append("not run (model not installed): " + ", ".join(sorted(result.unavailable)))
-    if getattr(result, "demo", False):
-        lines.append("DEMO MODELS - not for clinical use")
-    return "\n".join(lines)
 
 
 def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence[str] | None = None,
@@ -109,12 +85,6 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
     ``model_pins`` is the operator's pinned model manifest (default ``$MRISEG_MODEL_PINS``);
     ``resampling_order`` the input's spline order (TotalSegmentator's ``-ro``, 0..5; None: its default, 1).
     """
-    from serve.storage.models import open_model_store
-    from serve.outputs.writers import write_outputs
-    from serve.inference.pipeline import Segmenter
-    from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
-    from serve.imaging.sandbox import decode_untrusted
-
     resampling_order = check_resampling_order(DEFAULT_RESAMPLING_ORDER if resampling_order is None
                                               else resampling_order)
     try:  # before the work: an unwritable destination found after segmenting wastes it all
@@ -125,8 +95,6 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
     # .mhd/.nhdr may keep its voxels beside it
     volume = decode_untrusted(input_path, self_contained=False)
     if sources is None:
-        from serve.demo import ensure_demo_models
-
         sources = [str(ensure_demo_models())]
     seg = Segmenter(open_model_store(list(sources), pins=model_pins), device=device, threads=threads)
     bar, progress = (None, None) if quiet else _progress_bar()
@@ -140,8 +108,6 @@ def run_segment(input_path: str | Path, outdir: str | Path, *, sources: Sequence
                             statistics=statistics, preview=preview, roi_subset=roi_subset)
     stats = None
     if "statistics" in written:
-        import json
-
         stats = json.loads(Path(written["statistics"]).read_text())
     return {"written": written, "summary": summary_table(stats, result), "result": result}
 
@@ -192,8 +158,6 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_import(args) -> int:
-    from serve.inference.modelstore import import_totalseg_home
-
     dest = Path(args.dest).expanduser() if args.dest else default_import_dir()
     skipped: dict[str, str] = {}
     imported = import_totalseg_home(Path(args.totalseg_home), dest, link=args.link, skipped=skipped)
@@ -210,11 +174,6 @@ def cmd_models_import(args) -> int:
 
 def cmd_demo(args) -> int:
     """Segment a synthetic phantom in-process and print the summary and preview path."""
-    import tempfile
-
-    from serve.demo import demo_volume
-    from serve.imaging.volume_io import write_nifti
-
     outdir = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="mriseg-demo-"))
     outdir.mkdir(parents=True, exist_ok=True)
     vol = demo_volume()

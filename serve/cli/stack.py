@@ -1,14 +1,25 @@
-"""``mriseg up`` and ``mriseg demo`` through the running stack (a plugin of serve/cli/main.py)."""
+"""``mriseg up`` and ``mriseg demo`` through the running stack (registered by serve/cli/main.py)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+from serve.api.client import ApiClient, segment_file
+from serve.cluster.up import (DEFAULT_CONFIG, check_site_names, find_running_stack, load_site_specs, start_local_stack,
+                              stop_local_stack)
+from serve.demo import demo_volume
+from serve.errors import MrisegError
+from serve.imaging.volume_io import write_nifti
+from serve.outputs.summary import summary_table
 
 if TYPE_CHECKING:
     from serve.cluster.up import LocalStack
@@ -16,9 +27,6 @@ if TYPE_CHECKING:
 
 def cmd_up(args) -> int:
     """Start the local stack, print how to use it, and keep it running until Ctrl-C."""
-    from serve.cluster.up import check_site_names, load_site_specs, start_local_stack, stop_local_stack
-    from serve.errors import MrisegError
-
     if args.sites and args.tenants:
         raise MrisegError("give --sites or --tenants, not both")
     sites = (load_site_specs(args.tenants) if args.tenants
@@ -71,13 +79,6 @@ def banner(stack: "LocalStack") -> str:
 
 def run_demo_through_stack(stack, outdir: Path, quiet: bool = False) -> dict:
     """Segment the synthetic phantom through ``stack``'s HTTP API; the hook ``mriseg demo`` uses."""
-    import json
-
-    from serve.cli.main import summary_table
-    from serve.api.client import ApiClient, segment_file
-    from serve.demo import demo_volume
-    from serve.imaging.volume_io import write_nifti
-
     outdir.mkdir(parents=True, exist_ok=True)
     vol = demo_volume()
     src = write_nifti(outdir / "phantom.nii.gz", vol.data, vol.affine)
@@ -89,14 +90,18 @@ def run_demo_through_stack(stack, outdir: Path, quiet: bool = False) -> dict:
     return out
 
 
-def cmd_demo(args) -> int:
-    """``mriseg demo``: through the stack ``mriseg up`` started, else through a temporary one."""
-    from serve.cluster.up import find_running_stack, start_local_stack, stop_local_stack
+def cmd_demo(args, in_process: Callable[[argparse.Namespace], int]) -> int:
+    """``mriseg demo``: through the stack ``mriseg up`` started, else through a temporary one.
 
+    Args:
+        args: The parsed ``demo`` options.
+        in_process: The handler of ``demo --in-process`` (the one :func:`register` replaced).
+
+    Returns:
+        The exit code.
+    """
     if args.in_process:
-        from serve.cli.main import cmd_demo as in_process_demo
-
-        return in_process_demo(args)
+        return in_process(args)
     outdir = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="mriseg-demo-"))
     stack, temporary = find_running_stack(), False
     ignored = _ignored_by_stack(args, running=stack is not None)
@@ -142,8 +147,6 @@ def _ignored_by_stack(args, running: bool) -> list[str]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -151,8 +154,6 @@ def _free_port() -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``up`` and send ``demo`` through the cluster."""
-    from serve.cluster.up import DEFAULT_CONFIG
-
     p = sub.add_parser("up", help="start the local Ray Serve stack (embedded default) and keep it running")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file (default deployments/local.yaml)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
@@ -170,4 +171,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     if demo is not None:
         demo.add_argument("--in-process", action="store_true",
                           help="segment in this process instead of through the Ray Serve stack")
-        demo.set_defaults(func=cmd_demo)
+        demo.set_defaults(func=functools.partial(cmd_demo, in_process=demo.get_default("func")))

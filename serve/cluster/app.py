@@ -12,25 +12,24 @@ import logging
 import time
 from typing import Any, Mapping
 
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_validator, model_validator
-
 from ray import serve as rayserve
 from ray.serve.handle import DeploymentHandle
 
-from serve.catalogue import load_catalogue
-from fastapi import FastAPI
-
 from serve.api.app import create_app
+from serve.catalogue import load_catalogue
 from serve.cluster.deployments import SubModelDeployment, SubModelSettings
 from serve.cluster.intake import RETIRED_SETTINGS, EventIntake, EventsArg, IntakeSettings
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
+from serve.demo import ensure_demo_models
+from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
+from serve.imaging.sandbox import SandboxedDecoder, SandboxPolicy
+from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.router.service import JobService, RouterSettings
 from serve.router.tenancy import Tenancy
-from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
-from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
-from serve.storage.s3client import S3Settings
-from serve.imaging.sandbox import SandboxedDecoder, SandboxPolicy
 from serve.settings_checks import check, error_line, whole
+from serve.storage.s3client import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +208,6 @@ def _resolve_sources(sources: list[str]) -> list[str]:
     out = []
     for s in sources:
         if s == DEMO_SOURCE:
-            from serve.demo import ensure_demo_models
-
             out.append(str(ensure_demo_models()))
         else:
             out.append(str(s))

@@ -16,11 +16,11 @@ replica (and the new one reads the source again).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
@@ -28,8 +28,14 @@ from pydantic import StrictStr
 from ray import serve as rayserve
 
 from serve.catalogue import load_catalogue
+from serve.cluster.metrics import ReplicaMetrics
 from serve.errors import ModelUnavailableError, MrisegError
+from serve.inference.memory import release_free_memory
+from serve.inference.modelload import configure_threads
+from serve.inference.predict import predict_labels
 from serve.settings_checks import STRICT, Says, check, number, whole
+from serve.storage.models import open_model_store
+from serve.storage.s3client import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ def cap_gpu_memory(fraction: float | None) -> bool:
     """Cap this process's share of GPU memory, so fractional replicas cannot starve each other."""
     if not fraction:
         return False
+    # lazy: torch takes seconds to import; only model loading and prediction need it
     import torch
 
     if not torch.cuda.is_available():
@@ -88,10 +95,6 @@ class SubModelRunner:
     """Loads one sub-model and predicts with it; no Ray inside."""
 
     def __init__(self, settings: SubModelSettings):
-        from serve.inference.modelload import configure_threads
-        from serve.storage.models import open_model_store
-        from serve.storage.s3client import S3Settings
-
         self.settings = settings
         self.sm = load_catalogue().submodel(settings.submodel)
         configure_threads(settings.threads)
@@ -132,9 +135,6 @@ class SubModelRunner:
 
     def predict(self, data: np.ndarray, spacing_mm: float, count: bool = True) -> np.ndarray:
         """Local label ids for ``data`` (x, y, z) at ``spacing_mm``."""
-        from serve.inference.memory import release_free_memory
-        from serve.inference.predict import predict_labels
-
         if self.model is None:
             raise ModelUnavailableError(
                 f"sub-model {self.sm.name} (Dataset{self.sm.task_id}) is not installed on this cluster: "
@@ -159,6 +159,7 @@ class SubModelRunner:
 
 def _resolve(data: Any) -> np.ndarray:
     """An ndarray, an ObjectRef, or an ObjectRef wrapped in a list (so Serve does not resolve it early)."""
+    # lazy: ray takes seconds to import; only code running under Ray needs it
     import ray
 
     if isinstance(data, (list, tuple)) and len(data) == 1:
@@ -181,8 +182,6 @@ class SubModelDeployment:
     """Serve shell around :class:`SubModelRunner`. Bound once per sub-model."""
 
     def __init__(self, submodel: str, settings: dict | None = None):
-        from serve.cluster.metrics import ReplicaMetrics
-
         self.runner = SubModelRunner(SubModelSettings.from_mapping(submodel, settings or {}))
         self.metrics = ReplicaMetrics(submodel)
         # One inference at a time per replica: torch already uses every thread it is given;
@@ -192,8 +191,6 @@ class SubModelDeployment:
 
     def reconfigure(self, user_config: dict) -> None:
         """``user_config`` from the Serve config: ``gpu_memory_fraction``, ``threads``."""
-        from serve.inference.modelload import configure_threads
-
         if user_config.get("gpu_memory_fraction"):
             cap_gpu_memory(user_config["gpu_memory_fraction"])
         if user_config.get("threads"):
@@ -201,6 +198,7 @@ class SubModelDeployment:
 
     async def run(self, data: Any, spacing_mm: float) -> dict[str, Any]:
         """Predict and report when the computation ran (epoch seconds) and where."""
+        # lazy: ray takes seconds to import; only code running under Ray needs it
         import ray
 
         self._in_flight += 1
@@ -230,6 +228,7 @@ class SubModelDeployment:
         return self.runner.describe()
 
     def stats(self) -> dict[str, Any]:
+        # lazy: ray takes seconds to import; only code running under Ray needs it
         import ray
 
         return {"calls": self.runner.calls, "in_flight": self._in_flight, "pid": os.getpid(),

@@ -38,17 +38,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Mapping, Sequence
 
+import yaml
 from pydantic import StrictStr
-
 from ray import serve as rayserve
 
 from serve.clock import SYSTEM_CLOCK, Clock
-from serve.jobs.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
-from serve.jobs.store import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobSpec
+from serve.jobs.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
 from serve.jobs.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
-from serve.storage.s3client import S3Settings, parse_s3_uri
+from serve.jobs.records import RecordSigner
+from serve.jobs.store import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobRunner, JobSpec, JobStore
+from serve.router.service import _is_replica_failure, sites_holding
 from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
+from serve.storage.s3client import S3Settings, parse_s3_uri
 
 if TYPE_CHECKING:
     from serve.router.tenancy import Tenancy
@@ -187,8 +189,6 @@ def check_jobs_prefix(jobs: str, tenancy: "Tenancy") -> None:
     Raises:
         MrisegError: naming the site and its overlapping prefix.
     """
-    from serve.router.service import sites_holding
-
     holders = sites_holding(tenancy.sites.values(), jobs)
     if holders:
         site, prefix = holders[0]
@@ -241,8 +241,6 @@ def _listed(value: Any, what: str) -> list:
 def _read_json_or_yaml(path: str | os.PathLike) -> Any:
     text = Path(path).read_text()
     if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -293,8 +291,6 @@ class RouterEngine:
         return self._handle
 
     def _call(self, method: str, *args: Any, timeout_s: float) -> Any:
-        from serve.router.service import _is_replica_failure
-
         response = getattr(self._router(), method).remote(*args)
         try:
             reply = response.result(timeout_s=timeout_s)
@@ -521,9 +517,6 @@ class IntakeWorker:
     def __init__(self, settings: IntakeSettings, runner=None, dlq_gauge=None, job_counter=None,
                  site_limits: Callable[[], Mapping[str, int]] | None = None, app_name: str | None = None,
                  clock: Clock = SYSTEM_CLOCK):
-        from serve.jobs.store import JobRunner, JobStore
-        from serve.jobs.records import RecordSigner
-
         self.settings = settings
         self.clock = clock
         self.stop = threading.Event()
@@ -684,6 +677,7 @@ class EventIntake:
 
     def __init__(self, settings: dict[str, Any], s3: dict[str, Any] | None = None):
         # a replica's own prometheus-client registry is not exported; Ray's metrics agent exports these
+        # lazy: ray takes seconds to import; only code running under Ray needs it
         from ray.util.metrics import Counter, Gauge
 
         dlq = Gauge("mriseg_dlq_messages", description="Messages in the S3 event dead-letter queue")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -21,6 +23,7 @@ class ReplicaMetrics:
     """Per sub-model replica, exported through Ray's metrics agent."""
 
     def __init__(self, submodel: str):
+        # lazy: ray takes seconds to import; only code running under Ray needs it
         from ray.util import metrics as rm
 
         self.tags = {"submodel": submodel}
@@ -51,8 +54,6 @@ class IngressMetrics:
     """The router's own prometheus-client registry."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.registry = r = CollectorRegistry()
         self.requests = Histogram("mriseg_http_request_seconds", "HTTP request latency.",
                                   ("method", "route", "status"), registry=r, buckets=LATENCY_BUCKETS)
@@ -76,8 +77,6 @@ class IngressMetrics:
         self.errors.labels(type(exc).__name__, site, str(status)).inc()
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
         return generate_latest(self.registry)
 
 
@@ -93,7 +92,6 @@ def start_metrics_server(metrics: IngressMetrics, port: int, host: str = "0.0.0.
     """
     if not port:
         return None
-    from prometheus_client import start_http_server
 
     with _server_lock:
         if port in _servers:

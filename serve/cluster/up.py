@@ -29,18 +29,23 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import httpx
 import yaml
 
 from serve.cachedir import cache_root
 from serve.errors import MrisegError, ServiceUnavailableError
 from serve.jobs.records import ENV as RECORD_KEY_ENV
 from serve.jobs.records import RecordSigner
+from serve.storage.embedded_s3 import HOST as S3_HOST
+from serve.storage.embedded_s3 import SeaweedServer
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +185,7 @@ def site_prefix(site: str) -> str:
 
 def load_serve_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """(application entry, http_options) of a one-application Serve config file."""
+    # lazy: ray takes seconds to import; only code running under Ray needs it
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load(Path(path).read_text())
@@ -250,8 +256,6 @@ def _save_state(stack: LocalStack) -> Path:
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
-    import httpx
-
     try:
         return httpx.get(url + "/healthz", timeout=timeout).status_code == 200
     except httpx.HTTPError:
@@ -300,8 +304,6 @@ def wait_ready(url: str, timeout: float = 600) -> None:
     Returns:
         None; a :class:`ServiceUnavailableError` with the last answer's detail after ``timeout``.
     """
-    import httpx
-
     deadline, detail = time.monotonic() + timeout, "no answer"
     while time.monotonic() < deadline:
         try:
@@ -356,9 +358,11 @@ def start_cluster(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 
     Returns:
         The running cluster; :func:`stop_cluster` stops it.
     """
+    # lazy: ray takes seconds to import; only code running under Ray needs it
     import ray
     from ray import serve as rayserve
 
+    # lazy: the app imports Ray Serve and every deployment; mriseg's parser imports this module
     from serve.cluster.app import AppArgs, build_app
 
     if ray.is_initialized():  # one driver holds one Ray connection; tearing down the other one is not ours to do
@@ -395,6 +399,7 @@ def stop_cluster(cluster: ClusterHandle | None = None) -> None:
             this process runs. The nodes of a cluster joined by address keep running: their owner
             stops them.
     """
+    # lazy: ray takes seconds to import; only code running under Ray needs it
     import ray
     from ray import serve as rayserve
 
@@ -408,8 +413,6 @@ def stop_cluster(cluster: ClusterHandle | None = None) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    import socket
-
     with socket.socket() as s:
         try:
             s.bind((host, port))
@@ -462,15 +465,10 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         site_s3: dict[str, dict | None] = {site: None for site in specs}
         open_ports: list[str] = []
         if embedded_s3:
-            from dataclasses import asdict as _asdict
-
-            from serve.storage.embedded_s3 import HOST as S3_HOST
-            from serve.storage.embedded_s3 import SeaweedServer
-
             s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET],
                                       identities={site: [site_prefix(site)] for site in specs}).start()
-            args["s3"] = _asdict(s3_server.settings)  # the server identity: the app's only, never printed
-            site_s3 = {site: _asdict(s3_server.identity_settings(site)) for site in specs}
+            args["s3"] = asdict(s3_server.settings)  # the server identity: the app's only, never printed
+            site_s3 = {site: asdict(s3_server.identity_settings(site)) for site in specs}
             open_ports = [f"{S3_HOST}:{p} ({op.flag.split('.')[0]} HTTP: {op.serves})"
                           for p, op in s3_server.open_ports()]
             if args.get("events") is not None:  # pushed events for the sites' inboxes (no SQS here)

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
+import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
 
-from serve.errors import (CorruptFileError, InvalidVolumeError, MrisegError, UnsupportedFormatError,
-                          VolumeTooLargeError)
+from serve.errors import CorruptFileError, InvalidVolumeError, MrisegError, UnsupportedFormatError, VolumeTooLargeError
 from serve.imaging.formats import metaimage, nrrd
 
 log = logging.getLogger(__name__)
@@ -222,6 +224,7 @@ def dicom_integer_valued(pixel_id: int, rescales: Sequence[tuple[str | None, str
 
 def sitk_integer_pixels(pixel_id: int) -> bool:
     """A SimpleITK scalar pixel type is an integer type."""
+    # lazy: SimpleITK loads a large native library; only MetaImage, NRRD and DICOM inputs need it
     import SimpleITK as sitk
 
     return pixel_id in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32,
@@ -244,8 +247,6 @@ def check_nifti_extensions(path: Path) -> None:
     Walks the extensions as nibabel does (until ``vox_offset``, or to the end when it is below the header),
     skipping their content.
     """
-    from nibabel.openers import ImageOpener
-
     with ImageOpener(str(path)) as f:
         head = f.read(544)
         order = next((o for o in "<>" if len(head) >= 4 and struct.unpack(o + "i", head[:4])[0] in (348, 540)), None)
@@ -275,9 +276,6 @@ def check_nifti_extensions(path: Path) -> None:
 
 
 def read_nifti(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-
     try:
         check_nifti_extensions(path)
         img = nib.load(str(path))
@@ -334,8 +332,6 @@ def check_nifti_orientation(header) -> None:
     the sform wins here, as in nibabel and TotalSegmentator, but ITK reads the qform unless the sform
     code is 1: two transforms with different axis directions would put left labels on the right there.
     """
-    import nibabel as nib
-
     scode, qcode = int(header["sform_code"]), int(header["qform_code"])
     if not scode and not qcode:
         raise InvalidVolumeError("the NIfTI header holds no orientation (sform and qform codes are 0), so left "
@@ -380,8 +376,6 @@ def _mm(zooms: np.ndarray) -> str:
 
 def _check_pixdim(path: Path, header_class) -> None:
     """Refuse a zero, negative or non-finite voxel size in the raw NIfTI header."""
-    from nibabel.openers import ImageOpener
-
     # nibabel's loaded header is already "fixed" (0 -> 1, negative -> abs); ITK instead flips an axis
     # with a negative pixdim, so the two readers would place the same file differently.
     with ImageOpener(str(path)) as f:
@@ -408,6 +402,7 @@ def sitk_geometry_to_affine(spacing: Sequence[float], origin: Sequence[float],
 
 def _sitk_array(image) -> np.ndarray:
     """SimpleITK's array is (k, j, i); return (i, j, k[, t])."""
+    # lazy: SimpleITK loads a large native library; only MetaImage, NRRD and DICOM inputs need it
     import SimpleITK as sitk
 
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -527,6 +522,7 @@ def read_sitk_file(path: Path, max_voxels: int = DEFAULT_MAX_VOXELS,
 
 def _sitk_itemsize(pixel_id: int) -> int:
     """Bytes per voxel of a SimpleITK scalar pixel type (8 for any other: the most a scalar takes)."""
+    # lazy: SimpleITK loads a large native library; only MetaImage, NRRD and DICOM inputs need it
     import SimpleITK as sitk
 
     sizes = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
@@ -535,6 +531,7 @@ def _sitk_itemsize(pixel_id: int) -> int:
 
 
 def _read_sitk(path: Path, max_voxels: int, fmt: str, image_io: str = "") -> Volume:
+    # lazy: SimpleITK loads a large native library; only MetaImage, NRRD and DICOM inputs need it
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -568,6 +565,7 @@ def _read_sitk(path: Path, max_voxels: int, fmt: str, image_io: str = "") -> Vol
 
 def read_dicom_dir(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """The largest DICOM series in ``folder`` (searched recursively)."""
+    # lazy: SimpleITK loads a large native library; only MetaImage, NRRD and DICOM inputs need it
     import SimpleITK as sitk
 
     best: list[str] = []
@@ -853,8 +851,6 @@ def read_volume_bytes(data: bytes, filename: str, max_voxels: int = DEFAULT_MAX_
 
 def write_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header=None) -> Path:
     """Save ``data`` as NIfTI (used for outputs and tests)."""
-    import nibabel as nib
-
     img = nib.Nifti1Image(data, affine, header)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)

@@ -116,6 +116,7 @@ def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_full
     stage; the weights are the same either way, so a checkpoint trained with it
     loads into the inference network.
     """
+    # lazy: nnunetv2 imports torch; only model loading needs it
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -137,6 +138,7 @@ def write_model_folder(root: str | Path, submodel: SubModel, spec: UNetSpec, *,
     Without ``state_dict`` the network keeps nnU-Net's random initialisation
     (seeded), which is what the benchmark's reference models use.
     """
+    # lazy: torch takes seconds to import; only model loading and prediction need it
     import torch
 
     dataset_name = dataset_name or f"{submodel.folder_prefix}{submodel.name}"

@@ -17,6 +17,8 @@ import io
 import json
 import logging
 import os
+import pickle
+import platform
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,38 @@ import numpy as np
 
 from serve.catalogue import SubModel
 from serve.errors import ModelFolderError
-from serve.inference.modelstore import check_labels, read_dataset_labels
 
 log = logging.getLogger(__name__)
+
+
+def read_dataset_labels(dataset_json: dict) -> dict[str, int]:
+    """nnU-Net's ``labels`` map (name -> id); a label given as a one-id list is that id.
+
+    Region-based models (a label made of several ids, e.g. ``"whole": [1, 2, 3]``) are refused: their
+    exported ids follow ``regions_class_order``, not the labels map, so reading ids from it would merge
+    wrong structures without a word.
+    """
+    labels = {}
+    for name, value in dataset_json.get("labels", {}).items():
+        if isinstance(value, (list, tuple)):
+            if len(value) != 1:
+                raise ModelFolderError(f"dataset.json gives label {name!r} as the region {list(value)}: region-based "
+                                       f"nnU-Net models are not supported; use a model trained on plain labels")
+            value = value[0]
+        labels[name] = int(value)
+    return labels
+
+
+def check_labels(sm: SubModel, dataset_json: dict) -> list[str]:
+    """Raise if a catalogue label is missing; return the auxiliary labels to drop."""
+    labels = read_dataset_labels(dataset_json)
+    missing = [n for n in sm.labels if n not in labels]
+    if missing:
+        raise ModelFolderError(
+            f"{sm.name} (Dataset{sm.task_id}): dataset.json lacks catalogue label(s) "
+            f"{', '.join(missing)}; these weights are not the TotalSegmentator MRI "
+            f"{sm.name} model. Re-import the right DatasetNNN folder.")
+    return [n for n in labels if n != "background" and n not in sm.labels]
 
 
 def configure_threads(n_threads: int | None = None) -> int:
@@ -39,13 +70,16 @@ def configure_threads(n_threads: int | None = None) -> int:
     """
     n = int(n_threads or os.cpu_count() or 1)
     os.environ["nnUNet_def_n_proc"] = str(n)
+    # lazy: torch takes seconds to import; only model loading and prediction need it
     import torch
 
     torch.set_num_threads(n)
     try:
+        # lazy: nnunetv2 imports torch; only model loading needs it
         import nnunetv2.configuration as cfg
 
         cfg.default_num_processes = n
+        # lazy: nnunetv2 imports torch; only model loading needs it
         import nnunetv2.inference.predict_from_raw_data as pfrd
 
         pfrd.default_num_processes = n
@@ -56,6 +90,7 @@ def configure_threads(n_threads: int | None = None) -> int:
 
 def pick_device(requested: str = "auto"):
     """``auto`` takes CUDA when present, else CPU."""
+    # lazy: torch takes seconds to import; only model loading and prediction need it
     import torch
 
     if requested == "auto":
@@ -69,8 +104,6 @@ def pick_device(requested: str = "auto"):
 def cpu_model_and_flags() -> tuple[str, set[str]]:
     """The CPU's model name and instruction-set flags, from ``/proc/cpuinfo`` (Linux);
     elsewhere ``platform.processor()`` and no flags."""
-    import platform
-
     path = Path("/proc/cpuinfo")
     lines = path.read_text().splitlines() if path.is_file() else []
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
@@ -131,8 +164,7 @@ def load_checkpoint(path: Path, data: bytes | None = None, *, trust_pickled: boo
         ModelFolderError: the file is not a loadable checkpoint, or needs full unpickling
             without the operator's trust.
     """
-    import pickle
-
+    # lazy: torch takes seconds to import; only model loading and prediction need it
     import torch
 
     source = io.BytesIO(data) if data is not None else path
@@ -228,6 +260,7 @@ def load_model(folder: str | os.PathLike, submodel: SubModel, *, device: str = "
             damaged or needs full unpickling without the operator's trust, or the weights do not
             fit the plans.
     """
+    # lazy: nnunetv2 imports torch; only model loading needs it
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels

@@ -26,14 +26,12 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from serve.cachedir import cache_root
 from serve.catalogue import Catalogue, SubModel, load_catalogue
 from serve.errors import ModelFolderError, ModelSourceUnreachableError, ModelUnavailableError
-
-if TYPE_CHECKING:
-    from serve.inference.modelload import LoadedModel
+from serve.inference.modelload import LoadedModel, check_labels, load_model
 
 log = logging.getLogger(__name__)
 
@@ -57,36 +55,6 @@ class ModelStatus:
     extra_labels: list[str] = field(default_factory=list)
     #: sha256 of each loadable file, by its path in the trainer folder; None for an unpinned local folder
     pinned: dict[str, str] | None = None
-
-
-def read_dataset_labels(dataset_json: dict) -> dict[str, int]:
-    """nnU-Net's ``labels`` map (name -> id); a label given as a one-id list is that id.
-
-    Region-based models (a label made of several ids, e.g. ``"whole": [1, 2, 3]``) are refused: their
-    exported ids follow ``regions_class_order``, not the labels map, so reading ids from it would merge
-    wrong structures without a word.
-    """
-    labels = {}
-    for name, value in dataset_json.get("labels", {}).items():
-        if isinstance(value, (list, tuple)):
-            if len(value) != 1:
-                raise ModelFolderError(f"dataset.json gives label {name!r} as the region {list(value)}: region-based "
-                                       f"nnU-Net models are not supported; use a model trained on plain labels")
-            value = value[0]
-        labels[name] = int(value)
-    return labels
-
-
-def check_labels(sm: SubModel, dataset_json: dict) -> list[str]:
-    """Raise if a catalogue label is missing; return the auxiliary labels to drop."""
-    labels = read_dataset_labels(dataset_json)
-    missing = [n for n in sm.labels if n not in labels]
-    if missing:
-        raise ModelFolderError(
-            f"{sm.name} (Dataset{sm.task_id}): dataset.json lacks catalogue label(s) "
-            f"{', '.join(missing)}; these weights are not the TotalSegmentator MRI "
-            f"{sm.name} model. Re-import the right DatasetNNN folder.")
-    return [n for n in labels if n != "background" and n not in sm.labels]
 
 
 def find_trainer_folder(dataset_dir: Path, sm: SubModel) -> Path | None:
@@ -403,7 +371,7 @@ class ModelStore:
             raise ModelFolderError(st.detail)
         return Path(st.path)
 
-    def load(self, sm: SubModel | str, status: ModelStatus | None = None, **load_kwargs) -> "LoadedModel":
+    def load(self, sm: SubModel | str, status: ModelStatus | None = None, **load_kwargs) -> LoadedModel:
         """Locate and load a sub-model, its files checked against their pins as they are read.
 
         Args:
@@ -418,8 +386,6 @@ class ModelStore:
             ModelUnavailableError: the model is missing or its source cannot be read.
             ModelFolderError: the model is mismatched, or a file changed since it was inspected.
         """
-        from serve.inference.modelload import load_model
-
         if isinstance(sm, str):
             sm = self.catalogue.submodel(sm)
         st = status if status is not None and status.submodel == sm.name else self.inspect(sm)

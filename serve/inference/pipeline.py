@@ -19,13 +19,14 @@ import numpy as np
 
 from serve.catalogue import Catalogue, SubModel
 from serve.errors import ModelSourceUnreachableError, ModelUnavailableError
+from serve.imaging.volume_io import Volume
 from serve.inference.merge import MergedSegmentation, merge
 from serve.inference.modelload import LoadedModel, configure_threads
 from serve.inference.modelstore import ModelStatus, ModelStore
 from serve.inference.predict import predict_labels
 from serve.inference.preprocess import CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER, PreparedVolume, prepare
+from serve.inference.resampling import check_resampling_order
 from serve.inference.restore import to_input_grid
-from serve.imaging.volume_io import Volume
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ class Segmenter:
         Returns:
             The labels, per-model maps and what made them.
         """
-        from serve.inference.resampling import check_resampling_order
-
         resampling_order = check_resampling_order(resampling_order)  # before any model loads
         if roi_subset is not None:
             roi_subset = self.catalogue.validate_structures(roi_subset)

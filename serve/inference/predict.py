@@ -49,6 +49,7 @@ def _autocast(model: LoadedModel, precision: str):
     """Optional bf16 autocast on CPU; on CUDA nnU-Net autocasts by itself."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    # lazy: torch takes seconds to import; only model loading and prediction need it
     import torch
 
     if precision == "bf16" and model.predictor.device.type == "cpu":

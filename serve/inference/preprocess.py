@@ -24,15 +24,19 @@ where TotalSegmentator casts them too (which destroys MRI scaled to small ranges
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
+from nibabel.orientations import io_orientation
+from scipy import ndimage
 
 from serve.errors import InvalidVolumeError, VolumeTooLargeError
-from serve.inference.resampling import (CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER,  # noqa: F401 - re-exported
-                              RESAMPLING_ORDERS, check_resampling_order)
 from serve.imaging.volume_io import DEFAULT_MAX_VOXELS, Volume
+from serve.inference.resampling import (CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER,  # noqa: F401 - re-exported
+                                        RESAMPLING_ORDERS, check_resampling_order)
 
 
 @dataclass
@@ -48,8 +52,6 @@ class InputGrid:
 
     @property
     def axcodes(self) -> tuple[str, ...]:
-        import nibabel as nib
-
         return tuple(nib.aff2axcodes(self.affine))
 
 
@@ -74,9 +76,6 @@ class PreparedVolume:
 
 def to_canonical(data: np.ndarray, affine: np.ndarray):
     """``nibabel.as_closest_canonical``: returns (data view, canonical affine, float32 zooms, ornt)."""
-    import nibabel as nib
-    from nibabel.orientations import io_orientation
-
     img = nib.Nifti1Image(data, affine)
     can = nib.as_closest_canonical(img)
     zooms = tuple(float(z) for z in np.asarray(can.header.get_zooms()[:3], dtype=np.float32))
@@ -115,10 +114,6 @@ def prepare(volume: Volume, spacing_mm: float, max_voxels: int = DEFAULT_MAX_VOX
     Returns:
         The prepared float32 array with its grid; ``input_cast`` says whether the int32 cast was applied.
     """
-    import time
-
-    from scipy import ndimage
-
     order = check_resampling_order(resampling_order)
     t0 = time.perf_counter()
     can, can_aff, zooms, ornt = to_canonical(volume.data, volume.affine)
@@ -180,8 +175,6 @@ def check_resampled_shape(shape: Sequence[int], zoom: Sequence[float], zooms: Se
 def prepare_labels_like(labels: np.ndarray, grid: InputGrid, spacing_mm: float) -> np.ndarray:
     """Bring a label map on the input grid to the prepared grid (order 0, ``mode="nearest"`` as TotalSegmentator's
     ``change_spacing`` resamples label maps); used by tests and training."""
-    from scipy import ndimage
-
     can, _, zooms, _ = to_canonical(labels, grid.affine)
     if not needs_resampling(zooms, spacing_mm):
         return np.ascontiguousarray(can)

@@ -11,14 +11,14 @@ the input's shape; its affine is the input's affine.
 from __future__ import annotations
 
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+from scipy import ndimage
 
 from serve.inference.preprocess import InputGrid, PreparedVolume
 
 
 def zoom_to_shape(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Order-0 ``scipy.ndimage.zoom`` to exactly ``shape`` (TotalSegmentator's ``target_shape`` mode)."""
-    from scipy import ndimage
-
     if tuple(labels.shape) == tuple(shape):
         return labels
     zoom = np.array(shape) / np.array(labels.shape)
@@ -32,8 +32,6 @@ def zoom_to_shape(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
 
 def from_canonical(labels: np.ndarray, grid: InputGrid) -> np.ndarray:
     """Undo ``as_closest_canonical``: canonical (RAS) voxel order -> the input's voxel order."""
-    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
-
     back = ornt_transform(axcodes2ornt("RAS"), grid.ornt)
     return apply_orientation(labels, back)
 

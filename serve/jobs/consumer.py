@@ -27,19 +27,28 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Mapping, Sequence
 
+import boto3
+from botocore.config import Config
+from prometheus_client import REGISTRY, Gauge, start_http_server
 from pydantic import StrictBool, StrictStr, model_validator
 
+from serve.catalogue import load_catalogue
 from serve.errors import MrisegError
-from serve.jobs.events import EventFormatError, ObjectEvent, parse_message, volume_events
-from serve.jobs.store import FAILED, OUTPUT_KINDS, RUNNING, SUCCEEDED, JobOutcome, JobSpec
+from serve.inference.pipeline import Segmenter
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
+from serve.jobs.events import EventFormatError, ObjectEvent, parse_message, volume_events
+from serve.jobs.records import RecordSigner
+from serve.jobs.store import (FAILED, OUTPUT_KINDS, RUNNING, SUCCEEDED, JobOutcome, JobRunner, JobSpec, JobStore,
+                              SegmenterEngine)
+from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
+from serve.storage.models import open_model_store
 from serve.storage.s3client import S3Settings, has_dot_segments, parse_s3_uri
-from serve.settings_checks import STRICT, Says, setting_names, check, number, whole
 
 #: SQS's longest visibility timeout (12 hours)
 MAX_VISIBILITY_S = 43200
@@ -124,8 +133,6 @@ class InboxRule:
                               f"again; put outputs outside {rule.prefix!r}")
         changes: dict[str, Any] = {}
         if rule.roi_subset is not None:
-            from serve.catalogue import load_catalogue  # lazy: the catalogue is read once, on first use
-
             changes["roi_subset"] = tuple(load_catalogue().validate_structures(list(rule.roi_subset)) or ())
             if not changes["roi_subset"]:
                 raise MrisegError(f"{name}: roi_subset names no structure; leave it out for all")
@@ -209,9 +216,6 @@ def check_rules(rules: Sequence[InboxRule]) -> list[InboxRule]:
 
 def make_sqs_client(settings: S3Settings):
     """boto3 SQS client from the same connection settings shape as S3."""
-    import boto3
-    from botocore.config import Config
-
     kwargs: dict[str, Any] = {"region_name": settings.region, "config": Config(
         retries={"max_attempts": settings.max_attempts, "mode": "standard"},
         connect_timeout=settings.connect_timeout_s, read_timeout=max(settings.read_timeout_s, 30.0))}
@@ -224,8 +228,6 @@ def make_sqs_client(settings: S3Settings):
 
 
 def _dlq_gauge():
-    from prometheus_client import REGISTRY, Gauge
-
     try:
         return Gauge("mriseg_dlq_messages", "Messages in the S3 event dead-letter queue")
     except ValueError:  # already registered in this process
@@ -408,11 +410,6 @@ def local_submit(cfg: Mapping[str, Any]) -> Submit:
     ``threads``, ``max_bytes``, ``record_key_file`` (the key that signs job records, serve/jobs/records.py;
     else ``$MRISEG_RECORD_KEY_FILE``).
     """
-    from serve.jobs.store import JobRunner, JobStore, SegmenterEngine
-    from serve.storage.models import open_model_store
-    from serve.inference.pipeline import Segmenter
-    from serve.jobs.records import RecordSigner
-
     s3 = S3Settings.from_mapping(cfg.get("s3"))
     # before the models load: a missing key is a configuration error to report at once
     signer = RecordSigner.from_file(cfg["record_key_file"]) if cfg.get("record_key_file") else RecordSigner.from_env()
@@ -457,11 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.config) as f:
         cfg = json.load(f)
     if args.metrics_port:
-        from prometheus_client import start_http_server
-
         start_http_server(args.metrics_port, addr=args.metrics_host)
     stop = threading.Event()
-    import signal
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     run_consumer(stop, cfg["consumer"], runner_config=cfg["runner"])

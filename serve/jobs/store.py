@@ -48,14 +48,17 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from botocore.exceptions import ClientError
 
-from serve.storage import staging
+from serve import __version__
 from serve.audit import audit
 from serve.clock import SYSTEM_CLOCK, Clock
 from serve.errors import MrisegError, StorageError, VolumeTooLargeError
+from serve.imaging.sandbox import decode_untrusted
+from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
 from serve.jobs.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
+from serve.outputs.writers import write_outputs
 from serve.records_schema import (FAILED, QUEUED, RUNNING, SUCCEEDED, MalformedRecord, check_output_record,
                                   job_record_doc, output_record, read_job_record, read_output_record)
-from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
+from serve.storage import staging
 from serve.storage.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -66,14 +69,8 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".zip")
 
 
 def software_version() -> str:
-    try:
-        from serve import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover - serve always has it
-        from importlib.metadata import version
-
-        return version("mriseg-serve")
+    """This package's version (``0.0.0+source`` in a source tree that was never installed)."""
+    return __version__
 
 
 MAX_CASE_BYTES = 200
@@ -431,9 +428,6 @@ class SegmenterEngine:
         return {sm.name: self.segmenter.model(sm.name).checksum for sm in sms}
 
     def segment_file(self, path: Path, spec: JobSpec, outdir: Path) -> dict[str, Any]:
-        from serve.outputs.writers import write_outputs
-        from serve.imaging.sandbox import decode_untrusted
-
         volume = decode_untrusted(path, self.max_voxels, self.sandbox)
         self.calls += 1
         result = self.segmenter.segment(volume, list(spec.roi_subset) if spec.roi_subset else None, spec.fast,

@@ -13,6 +13,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Mapping
 
+import nibabel as nib
+
 # TotalSegmentator's palette: label id modulo 12 picks the colour
 PALETTE = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0),
            (255, 0, 128), (128, 255, 128), (0, 128, 255), (128, 128, 128), (185, 170, 155))
@@ -37,8 +39,6 @@ def label_table_xml(label_map: Mapping[int, str]) -> str:
 
 def add_label_table(img, label_map: Mapping[int, str]):
     """Append the label table extension to a nibabel NIfTI image (in place) and return it."""
-    import nibabel as nib
-
     img.header.extensions.append(nib.nifti1.Nifti1Extension(EXTENSION_CODE,
                                                             label_table_xml(label_map).encode("utf-8")))
     return img
@@ -62,8 +62,6 @@ def parse_label_table(xml: str | bytes) -> dict[int, str]:
 
 def read_label_table(img_or_path) -> dict[int, str]:
     """The label table of a NIfTI image or file ({} if it has none)."""
-    import nibabel as nib
-
     img = nib.load(str(img_or_path)) if isinstance(img_or_path, (str, Path)) else img_or_path
     for ext in img.header.extensions:
         try:

@@ -11,11 +11,14 @@ from typing import Mapping
 
 import numpy as np
 
+from serve.inference.preprocess import to_canonical
+
 MAX_LEGEND = 24
 
 
 def label_colours(n: int = 256) -> np.ndarray:
     """RGBA per label id; 0 is transparent. Neighbouring ids get distinct colours."""
+    # lazy: matplotlib takes about a second to import; only preview.png needs it
     import matplotlib
 
     base = np.concatenate([matplotlib.colormaps["tab20"](np.arange(20)),
@@ -39,14 +42,14 @@ def _pick_slices(labels: np.ndarray, axis: int, n: int) -> list[int]:
 def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, structures: Mapping[int, str],
                    path: str | Path, title: str = "", n_slices: int = 3) -> Path:
     """Write the preview PNG for ``image``/``labels`` (input grid, same shape) and return its path."""
+    # lazy: matplotlib takes about a second to import; only preview.png needs it
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    # lazy: matplotlib takes about a second to import; only preview.png needs it
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
-
-    from serve.inference.preprocess import to_canonical
 
     img, can_aff, zooms, _ = to_canonical(image, affine)
     lab, _, _, _ = to_canonical(labels, affine)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 
 from serve.outputs.labeltable import add_label_table
@@ -24,8 +25,6 @@ DEMO_MODEL_NOTICE = "DEMO MODELS - not for clinical use"
 
 
 def _nifti(data: np.ndarray, affine: np.ndarray, header=None):
-    import nibabel as nib
-
     hdr = None
     if header is not None and isinstance(header, nib.Nifti1Header):
         # keep the input's header (as TotalSegmentator does), but as plain uint8 labels
@@ -51,8 +50,6 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
     ``resampling_order`` and ``input_cast`` and the files, so an output set says which options made it
     (``serve.jobs.results.completion_doc``).
     """
-    import nibabel as nib
-
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     affine = np.asarray(volume.affine)

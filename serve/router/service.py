@@ -22,30 +22,33 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Annotated, Any, Awaitable, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from pydantic import Field, model_validator
 
+from serve.api.idempotency import KEEP_KEYED_S, mismatch
 from serve.audit import audit
 from serve.catalogue import Catalogue, SubModel, load_catalogue
+from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
+                          ServiceUnavailableError, TooManyRequestsError, UnsupportedFormatError, VolumeTooLargeError)
+from serve.imaging.sandbox import SandboxedDecoder
+from serve.imaging.volume_io import DEFAULT_MAX_VOXELS, SUPPORTED, suffix_of
+from serve.inference.pipeline import SegmentationResult, input_cast, is_demo_model, merge_to_input_grid
+from serve.inference.preprocess import prepare
+from serve.inference.resampling import CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order
+from serve.jobs import results
+from serve.jobs.store import OUTPUT_KINDS, error_dict
+from serve.outputs.writers import write_outputs
 from serve.router.admission import MemoryBudget, job_bytes, max_admissible_voxels
-from serve.api.idempotency import KEEP_KEYED_S, mismatch
-from serve.router.state import Job, JobOptions
 from serve.router.journal import JobJournal
 from serve.router.metrics import JobMetrics, NoMetrics
 from serve.router.scheduler import FairScheduler
+from serve.router.state import Job, JobOptions
 from serve.router.tenancy import Site, Tenancy, prefix_key
-from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
-                          ServiceUnavailableError, TooManyRequestsError, UnsupportedFormatError, VolumeTooLargeError)
-from serve.jobs.store import OUTPUT_KINDS, error_dict
-from serve.inference.resampling import CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order
-from serve.imaging.sandbox import SandboxedDecoder
 from serve.settings_checks import STRICT, Says, check, number, whole
-from serve.imaging.volume_io import DEFAULT_MAX_VOXELS
-
-if TYPE_CHECKING:  # staging (boto3) is optional in a cluster that takes uploads only
-    from serve.storage.staging import ObjectInfo
+from serve.storage import staging
+from serve.storage.staging import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,7 @@ async def _in_thread(fn, *args, on_cancel: threading.Event | None = None):
 
 def _is_replica_failure(exc: BaseException) -> bool:
     """Ray errors meaning the replica or its actor went away (worth one retry, then 503)."""
+    # lazy: ray takes seconds to import; only code running under Ray needs it
     from ray import exceptions as rex
 
     kinds = tuple(k for k in (getattr(rex, n, None) for n in (
@@ -145,6 +149,7 @@ def _is_replica_failure(exc: BaseException) -> bool:
         "NodeDiedError", "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError",
         "TaskCancelledError")) if k)
     try:  # a request cancelled under us (a replica draining for shutdown) is not the user's cancel
+        # lazy: ray takes seconds to import; only code running under Ray needs it
         from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
         kinds += (DeploymentUnavailableError, RequestCancelledError)
@@ -399,7 +404,6 @@ class JobService:
         spooled = None
         if upload is not None:
             # Queued uploads wait on disk, not in the router's memory.
-            from serve.imaging.volume_io import suffix_of
 
             spooled = self._incoming / f"{job.id}{suffix_of(filename)}"
         try:
@@ -713,9 +717,6 @@ class JobService:
     async def _compute(self, job: Job, volume, sms: list[SubModel], descs: dict[str, dict], skipped: dict[str, str],
                        source, stage, t0: float) -> Job:
         """Preprocess, run the sub-models, merge and write: everything after the decode, within the budget."""
-        from serve.inference.pipeline import input_cast
-        from serve.inference.preprocess import prepare
-
         kw = {} if self.settings.max_voxels is None else {"max_voxels": self.settings.max_voxels}
         job.unavailable = skipped
         models = {n: d["model"] for n, d in descs.items()}
@@ -787,8 +788,6 @@ class JobService:
 
     def _merge_restore(self, volume, sms, prepared, local_maps, models, roi_subset):
         """The in-process Segmenter's own merge (per spacing, back to the input grid, precedence)."""
-        from serve.inference.pipeline import merge_to_input_grid
-
         return merge_to_input_grid(volume.shape, sms, prepared, local_maps, models, roi_subset, self.catalogue)
 
     def _save_running(self, job: Job) -> None:
@@ -800,8 +799,6 @@ class JobService:
 
     def _write(self, job: Job, volume, labels, per_model, structures, outdir: Path,
                models: dict, source: ObjectInfo | None = None) -> dict[str, str]:
-        from serve.inference.pipeline import SegmentationResult, is_demo_model
-
         job.demo = any(is_demo_model(m) for m in models.values())
         result = SegmentationResult(labels, per_model, structures, np.array(volume.affine, copy=True),
                                     dict(job.timings), {n: m.checksum for n, m in models.items()},
@@ -815,8 +812,6 @@ class JobService:
                                           f"({e.strerror or type(e).__name__}); resubmit it") from e
         if job.options.output_prefix and job.status != "cancelled":
             if source is not None and (outdir / "mriseg.json").is_file():
-                from serve.jobs import results
-
                 # the completion marker names the object version read, so ``mriseg bulk`` reruns a
                 # replaced input instead of taking these outputs for its
                 (outdir / "job.json").write_text(json.dumps(results.completion_doc(outdir, source), indent=1,
@@ -826,19 +821,10 @@ class JobService:
 
     def _download(self, uri: str) -> tuple[bytes, str, ObjectInfo]:
         """The object's bytes, its file name and which version of it was read (ETag, version id)."""
-        try:
-            from serve.storage import staging
-        except ImportError as e:
-            raise ServiceUnavailableError("S3 staging is not installed on this cluster; upload the volume "
-                                          "to /v1/segmentations/upload instead") from e
         data, source = staging.download_object(uri, self.settings.max_upload_bytes, self.settings.s3)
         return data, uri.rsplit("/", 1)[-1], source
 
     def _upload(self, outdir: Path, prefix: str) -> dict[str, str]:
-        try:
-            from serve.jobs import results
-        except ImportError as e:
-            raise ServiceUnavailableError("S3 staging is not installed on this cluster") from e
         uploaded = results.upload_results(outdir, prefix, settings=self.settings.s3)
         self.metrics.bytes_staged.labels("out").inc(sum(p.stat().st_size for p in outdir.rglob("*") if p.is_file()))
         return {f"s3:{k}": v for k, v in uploaded.items()}
@@ -955,8 +941,6 @@ def check_upload_name(filename: str) -> None:
     Raises:
         UnsupportedFormatError: 415, naming the suffixes to use.
     """
-    from serve.imaging.volume_io import SUPPORTED, suffix_of
-
     suffix = suffix_of(filename)
     if suffix not in SUPPORTED or suffix in (".mhd", ".nhdr"):  # a header whose data file cannot come along
         raise UnsupportedFormatError(f"unsupported upload type {suffix or '(none)'!r}; name the upload "
@@ -985,8 +969,6 @@ def sites_holding(sites: Iterable[Site], uri: str) -> list[tuple[str, str]]:
 
 def write_result(result, volume, outdir: Path, outputs, roi_subset=None) -> dict[str, str]:
     """serve.outputs' writers, with the output kinds named as the API names them."""
-    from serve.outputs.writers import write_outputs
-
     outdir.mkdir(parents=True, exist_ok=True)
     written = write_outputs(result, volume, outdir, multilabel="multilabel" in outputs,
                             per_structure="per_structure" in outputs, statistics="statistics" in outputs,
@@ -995,6 +977,7 @@ def write_result(result, volume, outdir: Path, outputs, roi_subset=None) -> dict
 
 
 def _ray_put(arr: np.ndarray):
+    # lazy: ray takes seconds to import; only code running under Ray needs it
     import ray
 
     return ray.put(arr)

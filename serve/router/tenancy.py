@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping
 
+import yaml
 from pydantic import StrictStr
 
 from serve.audit import audit
 from serve.errors import AuthenticationError, ForbiddenError, MrisegError
-from serve.storage.s3client import has_dot_segments, parse_s3_uri
 from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
+from serve.storage.s3client import has_dot_segments, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +221,6 @@ class Tenancy:
 
     @classmethod
     def _parse(cls, p: Path, data: bytes) -> "Tenancy":
-        import yaml
-
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:

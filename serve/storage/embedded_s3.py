@@ -20,6 +20,9 @@ back to a default port or to 0.0.0.0), and hand out an
 
 from __future__ import annotations
 
+import ctypes
+import datetime
+import ipaddress
 import json
 import logging
 import os
@@ -28,12 +31,21 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
+
+import boto3
+from botocore.config import Config
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from serve.errors import MrisegError
 from serve.storage.s3client import S3Settings, has_dot_segments, make_client, parse_s3_uri
@@ -75,8 +87,6 @@ def _which(name: str) -> str:
     exe = shutil.which(name)
     if exe is None:
         # the venv's bin dir may not be on PATH (e.g. inside a Ray worker)
-        import sys
-
         cand = Path(sys.executable).parent / name
         if cand.exists():
             return str(cand)
@@ -86,8 +96,6 @@ def _which(name: str) -> str:
 
 def _libc_prctl():
     try:
-        import ctypes
-
         return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):  # not glibc Linux: the owner's stop() is all there is
         return None
@@ -248,14 +256,6 @@ def _issue_grpc_certs(tls_dir: Path, roles: Sequence[str]) -> None:
     SeaweedFS's gRPC is mutual TLS with every certificate the CA signed (host names are not checked),
     so nothing can join or call the cluster without one of these; a new start issues new ones.
     """
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     now = datetime.datetime.now(datetime.timezone.utc)
     not_before, not_after = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=3650)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -428,9 +428,6 @@ class SeaweedServer(_Server):
         return self
 
     def _probe(self) -> None:
-        from botocore.config import Config
-        import boto3
-
         c = boto3.session.Session().client(
             "s3", endpoint_url=self.settings.endpoint_url, region_name="us-east-1",
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
@@ -488,16 +485,11 @@ class MotoServer(_Server):
         return self
 
     def _probe(self) -> None:
-        import urllib.request
-
         with urllib.request.urlopen(f"http://{HOST}:{self.port}/moto-api/", timeout=2) as r:
             r.read()
 
     def sqs(self):
         """A boto3 SQS client for this server."""
-        import boto3
-        from botocore.config import Config
-
         return boto3.session.Session().client(
             "sqs", endpoint_url=self.settings.endpoint_url, region_name=self.settings.region,
             aws_access_key_id="testing", aws_secret_access_key="testing",

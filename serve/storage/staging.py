@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError,
                                  EndpointConnectionError, ReadTimeoutError)
 
@@ -314,8 +315,6 @@ def download_file(uri: str, dest: str | os.PathLike, max_bytes: int | None = Non
 
 # -- uploads ------------------------------------------------------------------------
 def _transfer_config():
-    from boto3.s3.transfer import TransferConfig
-
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNK,
                           max_concurrency=4, use_threads=True)
 

@@ -14,11 +14,15 @@ layer is missing, anything else (or a signal) a crash.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
 import sys
 from pathlib import Path
+
+from serve.imaging.sandbox import landlock, seccomp
+from serve.imaging.sandbox.policy import library_paths
 
 EXIT_OK, EXIT_REFUSED, EXIT_LAYER_MISSING = 0, 3, 4
 #: What the interpreter and the readers' libraries take of the address-space limit before any decoding.
@@ -44,9 +48,6 @@ def confine(policy: dict, readable: list[str], writable: list[str]) -> dict[str,
     Returns:
         ``{layer: active}`` for each of :data:`serve.imaging.sandbox.policy.LAYERS`.
     """
-    from serve.imaging.sandbox import landlock, seccomp
-    from serve.imaging.sandbox.policy import library_paths
-
     layers = dict.fromkeys(("rlimits", "no_new_privs", "seccomp", "landlock"), False)
     seccomp.preload()  # finding libseccomp runs ldconfig: before the limits forbid new processes
     apply_rlimits(policy)
@@ -70,8 +71,6 @@ def confine(policy: dict, readable: list[str], writable: list[str]) -> dict[str,
 
 
 def _no_new_privs() -> bool:
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(39, 0, 0, 0, 0) != 1:  # PR_GET_NO_NEW_PRIVS
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS, where nothing above set it
@@ -88,11 +87,13 @@ def main(argv: list[str]) -> int:
         readable.append(str(Path(src).parent))  # a detached header's data file: its own folder, nothing else
     layers = confine(policy, readable, [str(workdir)])
     missing = [name for name in policy["require"] if not layers.get(name)]
+    # lazy: after confine(): the sandbox is complete before numpy and the readers load
     from serve.imaging.sandbox import reply
 
     if src is None or missing:  # a probe, or a sandbox too weak to decode in
         (out / "layers.json").write_text(json.dumps(layers))
         return EXIT_LAYER_MISSING if missing else EXIT_OK
+    # lazy: after confine(): the sandbox is complete before numpy and the readers load
     from serve.errors import MrisegError
     from serve.imaging.volume_io import read_volume
 

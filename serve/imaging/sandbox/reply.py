@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.errors import (CorruptFileError, InvalidVolumeError, MrisegError, UnsupportedFormatError,
-                          VolumeTooLargeError)
+from serve.errors import CorruptFileError, InvalidVolumeError, MrisegError, UnsupportedFormatError, VolumeTooLargeError
 
 VOLUME, META, ERROR = "volume.npy", "meta.json", "error.json"
 MAX_JSON_BYTES = 64 << 10
@@ -157,6 +156,7 @@ def read_volume(out: Path, max_voxels: int):
     Returns:
         The volume.
     """
+    # lazy: the decoder child imports this package before confine(); the readers load only after it
     from serve.imaging.volume_io import Volume, check_affine, check_data, check_shape
 
     shape = read_shape(out, max_voxels)
@@ -192,6 +192,7 @@ def _nifti_header(block: Any):
         raw = b""
     if len(raw) not in _NIFTI_HEADER_SIZES:
         raise SandboxReplyError("the decoder's NIfTI header reply is malformed")
+    # lazy: the decoder child imports this package before confine(); the readers load only after it
     import nibabel as nib
 
     cls = getattr(nib, _NIFTI_HEADER_SIZES[len(raw)])

@@ -125,6 +125,7 @@ class SandboxedDecoder:
         Returns:
             The :class:`serve.imaging.volume_io.Volume`.
         """
+        # lazy: the decoder child imports this package before confine(); the readers load only after it
         from serve.imaging.volume_io import check_upload
 
         suffix = check_upload(data, filename)
@@ -226,6 +227,7 @@ def decode_untrusted(path: str | os.PathLike, max_voxels: int | None = None,
     Returns:
         The :class:`serve.imaging.volume_io.Volume`.
     """
+    # lazy: the decoder child imports this package before confine(); the readers load only after it
     from serve.imaging.volume_io import DEFAULT_MAX_VOXELS
 
     return SandboxedDecoder(policy or SandboxPolicy()).decode(path, max_voxels or DEFAULT_MAX_VOXELS,

@@ -64,6 +64,7 @@ def preload():
         The ``pyseccomp`` module, or None where libseccomp is missing.
     """
     try:
+        # lazy: pyseccomp loads libseccomp; only the sandbox child needs it, and may lack it
         import pyseccomp
     except (ImportError, RuntimeError):  # RuntimeError: pyseccomp found no libseccomp.so
         return None
