@@ -21,9 +21,8 @@ from typing import Annotated, Any, Mapping
 from fastapi import Header, Response
 
 from serve.errors import MrisegError
+from serve.router.idempotency import KEY_HEADER
 
-#: the request header (draft-ietf-httpapi-idempotency-key-header)
-KEY_HEADER = "Idempotency-Key"
 #: the answer header that says a POST found the job an earlier POST made (Stripe's name for it)
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
@@ -31,9 +30,6 @@ MAX_KEY_LENGTH = 255
 KEY_CHARS = "A-Za-z0-9._~+/=:-"
 KEY_PATTERN = f"^[{KEY_CHARS}]{{1,{MAX_KEY_LENGTH}}}$"
 _KEY = re.compile(KEY_PATTERN)
-#: a keyed job younger than this is evicted only when nothing else of its site can be (router._evictable)
-KEEP_KEYED_S = 24 * 3600
-
 KEY_DOC = (f"a key of the client's choosing (1-{MAX_KEY_LENGTH} characters of {KEY_CHARS}, e.g. a UUID; the "
            f"structured-field form in double quotes is accepted too): a POST of the same site with the same key "
            f"and the same request answers the job the first one made (200, {REPLAYED_HEADER}: true) instead of "
@@ -55,13 +51,6 @@ class IdempotencyKeyError(MrisegError):
 
     status = 400
     title = "Invalid Idempotency-Key"
-
-
-class IdempotencyKeyReusedError(MrisegError):
-    """The key was sent before with another request."""
-
-    status = 422
-    title = "Idempotency-Key reused"
 
 
 def check_key(value: str | None) -> str | None:
@@ -141,10 +130,3 @@ def mark_replay(answer: Any, response: Response, replayed: bool) -> Any:
         if target.status_code == 202:  # not accepted now: the job exists, as it is now
             target.status_code = 200
     return answer
-
-
-def mismatch(job_id: str) -> IdempotencyKeyReusedError:
-    """The error for a key sent again with another request than the one that made ``job_id``."""
-    return IdempotencyKeyReusedError(f"this {KEY_HEADER} was sent before with another request, which made job "
-                                     f"{job_id}; send a new key with a new request (or the same request to "
-                                     f"get that job)")

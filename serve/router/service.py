@@ -27,7 +27,6 @@ from typing import Annotated, Any, Awaitable, Callable, Iterable, Iterator, Mapp
 import numpy as np
 from pydantic import Field, model_validator
 
-from serve.api.idempotency import KEEP_KEYED_S, mismatch
 from serve.audit import audit
 from serve.catalogue import Catalogue, SubModel, load_catalogue
 from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
@@ -41,6 +40,7 @@ from serve.jobs import results
 from serve.jobs.store import OUTPUT_KINDS, error_dict
 from serve.outputs.writers import write_outputs
 from serve.router.admission import MemoryBudget, job_bytes, max_admissible_voxels
+from serve.router.idempotency import KEEP_KEYED_S, mismatch
 from serve.router.journal import JobJournal
 from serve.router.metrics import JobMetrics, NoMetrics
 from serve.router.scheduler import FairScheduler
