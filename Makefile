@@ -13,7 +13,7 @@ test: setup
 # what `make test` leaves out: the demo-model training tests, and the deep fuzz run (it grows the corpus
 # that `make test` replays; MRISEG_FUZZ_SECONDS sets its length)
 test-training: setup
-	@bash scripts/test.sh -m training
+	@bash scripts/test.sh -m training training/tests
 
 test-deep: setup
 	@bash scripts/test.sh -m deep

@@ -72,7 +72,7 @@ if [ $# -gt 0 ]; then
     if [ "$budget" -lt 60 ]; then say "only ${budget}s for training: skipped"; exit 0; fi
     say "training for ${budget}s"
     # a watchdog: should preparation overrun, stop 30 s before the deadline and keep the last saved folders
-    timeout $(( $(left) - 30 )) python3 training/train_demo_models.py --out /tmp/stage --budget "$budget" \
+    timeout $(( $(left) - 30 )) python3 -m training.train_demo_models --out /tmp/stage --budget "$budget" \
         --device "$dev" --save-every 60 "$@" > "$out/train.log" 2>&1
     say "training exit $? ($(left)s left)"
     ls /tmp/stage > /dev/null 2>&1 || exit 1

@@ -15,7 +15,7 @@ import pytest
 
 from serve.demo import ensure_demo_models
 from serve.phantoms import TEST_SEEDS
-from training.train import evaluate_heldout, requirement_failures
+from serve.evaluation import evaluate_heldout, requirement_failures
 
 
 @pytest.fixture(scope="module")

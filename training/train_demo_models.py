@@ -3,7 +3,7 @@
 
 DEMO MODELS - NOT FOR CLINICAL USE. Usage:
 
-    python training/train_demo_models.py --out serve/demo_models --budget 600
+    python -m training.train_demo_models --out serve/demo_models --budget 600
 
 ``--budget`` is the total training time in seconds. The six 1.5 mm
 sub-models train together (one shared trunk, one output head each; see
@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 from serve.catalogue import load_catalogue
+from serve.evaluation import evaluate_heldout, report_markdown
 from serve.inference.modelload import configure_threads, cpu_model_and_flags, pick_device
 from serve.phantoms import HELDOUT_SEEDS, TEST_SEEDS, TRAIN_SEEDS
-from training.train import (DEMO_SPEC, FAST_SPEC, SAMPLERS, compact_checkpoint, evaluate_heldout, make_cases,
-                            mirror_models, mirrored_record, model_labels, report_markdown, train_models,
-                            training_record)
+from training.train import (DEMO_SPEC, FAST_SPEC, SAMPLERS, compact_checkpoint, make_cases, mirror_models,
+                            mirrored_record, model_labels, train_models, training_record)
 
 
 def main() -> None:

@@ -201,13 +201,13 @@ def test_the_training_script_continues_a_committed_model_and_records_the_new_sta
 
     from serve.inference.modelload import load_model
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     committed = root / "serve" / "demo_models"
     committed_record = (committed / "DEMO_MODELS.json").read_text()
     before = {m["model"]: m for m in json.loads(committed_record)["models"]}["face"]
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "training/train_demo_models.py", "--out", str(out), "--only", "face",
+    proc = subprocess.run([sys.executable, "-m", "training.train_demo_models", "--out", str(out), "--only", "face",
                            "--init-from", str(committed), "--budget", "2", "--cases", "2", "--first-case", "5",
                            "--seed", "11",
                            "--threads", "1", "--save-every", "1000"],
@@ -239,8 +239,8 @@ def test_the_training_script_refuses_held_out_phantoms_as_training_data(tmp_path
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "training/train_demo_models.py", "--out", str(tmp_path / "out"),
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "training.train_demo_models", "--out", str(tmp_path / "out"),
                            "--cases", "4", "--first-case", "9999998"], cwd=root, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
     assert proc.returncode == 2 and "leave the training seeds 0..999999" in proc.stderr
@@ -448,12 +448,12 @@ def test_the_training_script_mirrors_a_committed_model_and_records_a_stage_witho
     from serve.inference.modelload import load_model
     from training.train import _strided_convs
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     committed = root / "serve" / "demo_models"
     committed_record = (committed / "DEMO_MODELS.json").read_text()
     before = {m["model"]: m for m in json.loads(committed_record)["models"]}["face"]
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "training/train_demo_models.py", "--out", str(out), "--only", "face",
+    proc = subprocess.run([sys.executable, "-m", "training.train_demo_models", "--out", str(out), "--only", "face",
                            "--mirror-from", str(committed), "--cases", "2", "--first-case", "5", "--patches", "4",
                            "--seed", "3", "--threads", "1"],
                           cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
