@@ -225,3 +225,16 @@ def test_a_completion_record_states_the_resampling_order_and_none_for_an_old_set
     assert old["options"]["resampling_order"] is None and old["input_cast"] is None
     assert all(old["options"] != JobSpec("s3://in/a.nii.gz", "s3://out", outputs=("multilabel",),
                                          resampling_order=o).options() for o in range(6))
+
+
+def test_every_written_file_is_named_by_the_layout_and_maps_to_its_s3_name(case, tmp_path):
+    """serve.outputs.layout names each file once: the writers use it, and so does the S3 upload."""
+    from serve.outputs import layout
+
+    vol, res = case
+    written = write_outputs(res, vol, tmp_path, per_structure=True)
+    assert {k: p.name for k, p in written.items()} == layout.FILE_OF_KIND
+    assert layout.s3_name(layout.MULTILABEL) == "segmentation.nii.gz"
+    assert layout.s3_name(f"{layout.PER_STRUCTURE_DIR}/liver.nii.gz") == "structures/liver.nii.gz"
+    assert layout.s3_name(layout.METADATA) is None
+    assert layout.s3_name(layout.STATISTICS) == "statistics.json" and layout.s3_name(layout.JOB_RECORD) == "job.json"

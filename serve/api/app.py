@@ -32,6 +32,7 @@ from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, Servi
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.jobs.consumer import specs_for_events
 from serve.jobs.events import parse_message
+from serve.outputs import layout
 from serve.router.service import OUTPUT_KINDS, JobService, check_upload_name
 from serve.router.state import JobOptions
 from serve.router.tenancy import Site
@@ -396,11 +397,11 @@ async def get_result(job_id: str, svc: Svc, who: SiteDep) -> FileResponse:
     if not path.is_file():
         raise ServiceUnavailableError("the result file is not on this router replica any more; "
                                       "read it from the job's output prefix")
-    return FileResponse(path, media_type="application/gzip", filename="segmentation.nii.gz")
+    return FileResponse(path, media_type="application/gzip", filename=layout.S3_MULTILABEL)
 
 
-FILES = {"statistics.json": ("statistics", "application/json"), "preview.png": ("preview", "image/png"),
-         "mriseg.json": ("metadata", "application/json")}
+FILES = {layout.STATISTICS: ("statistics", "application/json"), layout.PREVIEW: ("preview", "image/png"),
+         layout.METADATA: ("metadata", "application/json")}
 
 
 @routes.get("/v1/segmentations/{job_id}/files/{name}", tags=["segmentations"])

@@ -24,6 +24,7 @@ import httpx
 
 from serve.api.idempotency import KEY_HEADER
 from serve.errors import MrisegError
+from serve.outputs import layout
 from serve.router.state import TERMINAL
 
 T = TypeVar("T")
@@ -232,8 +233,8 @@ class ApiClient:
 def segment_file(client: ApiClient, path: Path, outdir: Path, **options) -> dict:
     """Upload ``path``, wait, and save segmentations.nii.gz, statistics.json, preview.png into ``outdir``."""
     job = client.segment_upload(path.read_bytes(), path.name, **options)
-    written = {"multilabel": client.download(job["id"], outdir / "segmentations.nii.gz")}
-    for name, kind in (("statistics.json", "statistics"), ("preview.png", "preview")):
+    written = {"multilabel": client.download(job["id"], outdir / layout.MULTILABEL)}
+    for name, kind in ((layout.STATISTICS, "statistics"), (layout.PREVIEW, "preview")):
         if kind in job["options"]["outputs"]:
             written[kind] = client.download(job["id"], outdir / name, name)
     return {"job": job, "written": written}

@@ -40,6 +40,7 @@ from serve.inference.pipeline import Segmenter
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, add_resampling_order_arg
 from serve.jobs.events import is_volume_key
 from serve.jobs.store import DEFAULT_OUTPUTS, JobRunner, JobSpec, JobStore, SegmenterEngine
+from serve.outputs import layout
 from serve.records_schema import FAILED, RUNNING, SUCCEEDED, UnsupportedRecordFormat, read_output_record
 from serve.storage import staging
 from serve.storage.models import open_model_store
@@ -98,7 +99,7 @@ def already_done(output_prefix: str, settings: S3Settings, options: dict | None 
     A job.json of a format this version does not know (a newer mriseg-serve's) raises
     :class:`serve.records_schema.UnsupportedRecordFormat`: neither taken for done nor written over.
     """
-    uri = output_prefix + "job.json"
+    uri = output_prefix + layout.JOB_RECORD
     if staging.object_exists(uri, settings) is None:
         return False
     try:

@@ -48,6 +48,7 @@ from serve.jobs.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
 from serve.jobs.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.jobs.records import RecordSigner
 from serve.jobs.store import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobRunner, JobSpec, JobStore
+from serve.outputs import layout
 from serve.router.service import _is_replica_failure, sites_holding
 from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
 from serve.storage.s3client import S3Settings, parse_s3_uri
@@ -251,8 +252,8 @@ def _read_json_or_yaml(path: str | os.PathLike) -> Any:
 #: how long one call to the router may take (a job with its queueing; the checksums, which may start a
 #: sub-model scaled to zero) before the intake stops waiting
 JOB_TIMEOUT_S = 1800.0
-#: writer file names the router hands back (serve.outputs.writers' names, which staging maps to the S3 layout)
-ROUTER_FILES = ("segmentations.nii.gz", "statistics.json", "preview.png")
+#: result-folder file names the router hands back (serve.outputs.layout maps them to the S3 layout)
+ROUTER_FILES = (layout.MULTILABEL, layout.STATISTICS, layout.PREVIEW)
 
 
 class RouterJobError(MrisegError):

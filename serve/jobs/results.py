@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from serve.jobs.store import OUTPUT_KINDS, output_options, software_version
+from serve.outputs import layout
 from serve.records_schema import SUCCEEDED, output_record, read_output_meta
 from serve.storage import staging
 from serve.storage.s3client import S3Settings
@@ -25,12 +26,12 @@ def completion_doc(outdir: Path, source: ObjectInfo | None = None) -> dict:
     Its ``options`` take the form of :meth:`serve.jobs.store.JobSpec.options`, and its ``input`` (``source``, the
     object read) the form of a job's own job.json, so ``mriseg bulk`` can tell a replaced input from this one.
     """
-    meta = read_output_meta(json.loads((outdir / "mriseg.json").read_text()))
+    meta = read_output_meta(json.loads((outdir / layout.METADATA).read_text()))
     options = output_options(meta.get("roi_subset"), meta.get("fast", False),
                              set(meta.get("files", {})) & set(OUTPUT_KINDS), meta.get("resampling_order"))
     return output_record(SUCCEEDED, options=options, input=staging.input_record(source), meta=meta,
                          software_version=software_version(),
-                         files=sorted(n for n in (staging.layout_name(k) for k in meta.get("files", {}).values()) if n))
+                         files=sorted(n for n in (layout.s3_name(k) for k in meta.get("files", {}).values()) if n))
 
 
 def upload_results(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Mapping[str, Any] | None = None,
@@ -47,6 +48,6 @@ def upload_results(outdir: str | os.PathLike, prefix: str, settings: S3Settings 
         ``{layout name: s3 URI}``, ``job.json`` last.
     """
     outdir = Path(outdir)
-    if not (outdir / "job.json").exists() and (outdir / "mriseg.json").is_file():
-        (outdir / "job.json").write_text(json.dumps(completion_doc(outdir), indent=1, sort_keys=True))
+    if not (outdir / layout.JOB_RECORD).exists() and (outdir / layout.METADATA).is_file():
+        (outdir / layout.JOB_RECORD).write_text(json.dumps(completion_doc(outdir), indent=1, sort_keys=True))
     return staging.upload_dir(outdir, prefix, settings, on_uploaded=on_uploaded)

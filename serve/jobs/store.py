@@ -55,6 +55,7 @@ from serve.errors import MrisegError, StorageError, VolumeTooLargeError
 from serve.imaging.sandbox import decode_untrusted
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
 from serve.jobs.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
+from serve.outputs import layout
 from serve.outputs.writers import write_outputs
 from serve.records_schema import (FAILED, QUEUED, RUNNING, SUCCEEDED, MalformedRecord, check_output_record,
                                   job_record_doc, output_record, read_job_record, read_output_record)
@@ -617,17 +618,17 @@ class JobRunner:
             raise
         except (VolumeTooLargeError, staging.IntegrityError) as e:  # not ours: too large, or its checksum lies
             head = staging.object_exists(uri, self.settings)
-            rejected("job.json", bucket, key, "oversized" if isinstance(e, VolumeTooLargeError) else "checksum")
+            rejected(layout.JOB_RECORD, bucket, key, "oversized" if isinstance(e, VolumeTooLargeError) else "checksum")
             return None, (head["ETag"] if head else None)
         try:
             body = self.signer.check(json.loads(raw), bucket=bucket, key=key)
         except (ValueError, RecursionError, ForgedRecord) as e:
-            rejected("job.json", bucket, key, e.reason if isinstance(e, ForgedRecord) else "unsigned")
+            rejected(layout.JOB_RECORD, bucket, key, e.reason if isinstance(e, ForgedRecord) else "unsigned")
             return None, info.etag
         try:
             return read_output_record(body), info.etag
         except MalformedRecord:  # signed here, yet not a job.json: kept, never replaced on its word
-            rejected("job.json", bucket, key, "malformed")
+            rejected(layout.JOB_RECORD, bucket, key, "malformed")
             return None, info.etag
 
     def _placement(self, spec: JobSpec, key: str, models: Mapping[str, str]) -> tuple[str, str | None]:
@@ -640,7 +641,7 @@ class JobRunner:
         same input made the same way are replaced: the case folder shows the input as it is now.
         """
         base = spec.output_prefix
-        existing, etag = self._read_job_json(base + "job.json")
+        existing, etag = self._read_job_json(base + layout.JOB_RECORD)
         if etag is None:
             return base, None
         if existing is not None:
@@ -653,7 +654,7 @@ class JobRunner:
             if existing.get("status") in (SUCCEEDED, RUNNING) and self._supersedes(existing, spec, models):
                 return base, etag
         runs = f"{base}runs/{key[:16]}/"
-        head = staging.object_exists(runs + "job.json", self.settings)
+        head = staging.object_exists(runs + layout.JOB_RECORD, self.settings)
         return runs, (head["ETag"] if head else None)
 
     def _supersedes(self, existing: dict, spec: JobSpec, models: Mapping[str, str]) -> bool:
@@ -719,7 +720,7 @@ class JobRunner:
 
     def _publish_at(self, prefix: str, etag: str | None, outdir: Path, doc: dict,
                     lost: Callable[[], bool]) -> dict[str, str]:
-        uri = prefix + "job.json"
+        uri = prefix + layout.JOB_RECORD
         marker = self._put_job_json({**doc, "status": RUNNING}, uri, etag)
 
         def still_ours(_name: str) -> None:
@@ -731,7 +732,7 @@ class JobRunner:
 
         outputs = staging.upload_dir(outdir, prefix, self.settings, on_uploaded=still_ours, last=())
         self._put_job_json(doc, uri, marker)
-        outputs["job.json"] = uri
+        outputs[layout.JOB_RECORD] = uri
         return outputs
 
     def _put_job_json(self, doc: dict, uri: str, etag: str | None) -> str:
@@ -774,7 +775,7 @@ class JobRunner:
             try:
                 prefix, etag = self._placement(spec, rec.key, rec.models)
                 rec.output_prefix = prefix
-                self._put_job_json(doc, prefix + "job.json", etag)
+                self._put_job_json(doc, prefix + layout.JOB_RECORD, etag)
             except (MrisegError, _FolderChanged):
                 log.warning("could not write the error job.json of job %s", rec.key[:12])
         try:
@@ -805,6 +806,6 @@ class JobRunner:
         """
         doc = {**self._job_doc(spec, None, FAILED, None, time.time(), error=err), "job_key": key}
         try:
-            self._put_job_json(doc, prefix + "job.json", None)
+            self._put_job_json(doc, prefix + layout.JOB_RECORD, None)
         except (StorageError, _FolderChanged):
             log.info("kept the job.json already in the output folder of a failed job")

@@ -16,6 +16,7 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 
+from serve.outputs import layout
 from serve.outputs.labeltable import add_label_table
 from serve.outputs.preview import render_preview
 from serve.outputs.statistics import compute_statistics, write_statistics
@@ -59,11 +60,11 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
     written: dict[str, Path] = {}
     if multilabel:
         img = add_label_table(_nifti(result.labels, affine, header), result.structures)
-        path = outdir / "segmentations.nii.gz"
+        path = outdir / layout.MULTILABEL
         nib.save(img, str(path))
         written["multilabel"] = path
     if per_structure:
-        seg_dir = outdir / "segmentations"
+        seg_dir = outdir / layout.PER_STRUCTURE_DIR
         seg_dir.mkdir(exist_ok=True)
         for _, name in sorted(result.structures.items()):
             path = seg_dir / f"{name}.nii.gz"
@@ -71,10 +72,10 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
         written["per_structure"] = seg_dir
     if statistics:
         stats = compute_statistics(result.structures, result.mask, volume.data, affine)
-        written["statistics"] = write_statistics(stats, outdir / "statistics.json")
+        written["statistics"] = write_statistics(stats, outdir / layout.STATISTICS)
     if preview:
         written["preview"] = render_preview(volume.data, result.labels, affine, result.structures,
-                                            outdir / "preview.png", title=f"mriseg - {DEMO_MODEL_NOTICE}"
+                                            outdir / layout.PREVIEW, title=f"mriseg - {DEMO_MODEL_NOTICE}"
                                             if getattr(result, "demo", False) else "mriseg")
     meta = output_meta_doc({
         "structures": {str(k): v for k, v in result.structures.items()},
@@ -84,6 +85,6 @@ def write_outputs(result, volume, outdir: str | Path, *, multilabel: bool = True
         # what was done to the input's intensities (docs/inference.md): TotalSegmentator's -ro and int32 cast
         "resampling_order": int(result.resampling_order), "input_cast": str(result.input_cast),
         "files": {k: v.name for k, v in written.items()}})  # validated (mriseg.meta/1): never written malformed
-    (outdir / "mriseg.json").write_text(json.dumps(meta, indent=1))
-    written["metadata"] = outdir / "mriseg.json"
+    (outdir / layout.METADATA).write_text(json.dumps(meta, indent=1))
+    written["metadata"] = outdir / layout.METADATA
     return written

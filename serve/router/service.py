@@ -38,6 +38,7 @@ from serve.inference.preprocess import prepare
 from serve.inference.resampling import CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order
 from serve.jobs import results
 from serve.jobs.store import OUTPUT_KINDS, error_dict
+from serve.outputs import layout
 from serve.outputs.writers import write_outputs
 from serve.router.admission import MemoryBudget, job_bytes, max_admissible_voxels
 from serve.router.idempotency import KEEP_KEYED_S, mismatch
@@ -811,11 +812,11 @@ class JobService:
             raise ServiceUnavailableError(f"the router could not write the results of job {job.id} "
                                           f"({e.strerror or type(e).__name__}); resubmit it") from e
         if job.options.output_prefix and job.status != "cancelled":
-            if source is not None and (outdir / "mriseg.json").is_file():
+            if source is not None and (outdir / layout.METADATA).is_file():
                 # the completion marker names the object version read, so ``mriseg bulk`` reruns a
                 # replaced input instead of taking these outputs for its
-                (outdir / "job.json").write_text(json.dumps(results.completion_doc(outdir, source), indent=1,
-                                                            sort_keys=True))
+                (outdir / layout.JOB_RECORD).write_text(json.dumps(results.completion_doc(outdir, source), indent=1,
+                                                                     sort_keys=True))
             outputs.update(self._upload(outdir, job.options.output_prefix))
         return outputs
 

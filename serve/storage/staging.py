@@ -34,6 +34,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedErr
                                  EndpointConnectionError, ReadTimeoutError)
 
 from serve.errors import MrisegError, StorageError, VolumeTooLargeError
+from serve.outputs import layout
 from serve.storage.s3client import S3Settings, make_client, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ MULTIPART_THRESHOLD = 16 << 20
 MULTIPART_CHUNK = 8 << 20
 SHA256_META = "sha256"
 
-#: writer file names -> names in the S3 output layout (``{site}/{case}/``)
-OUTPUT_NAMES = {"segmentations.nii.gz": "segmentation.nii.gz", "segmentations": "structures"}
-#: written by :func:`serve.outputs.writers.write_outputs`; its content goes into job.json instead
-SKIP_OUTPUTS = ("mriseg.json",)
 
 
 class S3RequestError(StorageError):
@@ -369,15 +366,6 @@ def put_json(obj: Any, uri: str, settings=None, **conditions: str) -> dict:
                      **conditions)
 
 
-def layout_name(rel: str) -> str | None:
-    """The S3 layout name of a writer output (``None``: not uploaded)."""
-    first, _, rest = rel.partition("/")
-    if first in SKIP_OUTPUTS:
-        return None
-    first = OUTPUT_NAMES.get(first, first)
-    return f"{first}/{rest}" if rest else first
-
-
 def input_record(source: ObjectInfo | None) -> dict | None:
     """The ``input`` of a job.json: which object version was read (``None``: not an S3 input)."""
     if source is None:
@@ -387,7 +375,8 @@ def input_record(source: ObjectInfo | None) -> dict | None:
 
 
 def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Mapping[str, Any] | None = None,
-               on_uploaded: Callable[[str], None] | None = None, last: tuple[str, ...] = ("job.json",)) -> dict[str, str]:
+               on_uploaded: Callable[[str], None] | None = None,
+               last: tuple[str, ...] = (layout.JOB_RECORD,)) -> dict[str, str]:
     """Upload a result folder under ``prefix`` in the S3 layout; files named in ``last`` go last.
 
     Returns ``{layout name: s3 URI}``. ``on_uploaded(name)`` is called after each file.
@@ -396,12 +385,12 @@ def upload_dir(outdir: str | os.PathLike, prefix: str, settings: S3Settings | Ma
     bucket, key_prefix = parse_s3_uri(prefix.rstrip("/") + "/")
     files = sorted((p for p in outdir.rglob("*") if p.is_file() and not p.name.endswith(".part")),
                    key=lambda p: (p.relative_to(outdir).as_posix() in last, p.relative_to(outdir).as_posix()))
-    if "job.json" in last and (outdir / "job.json").is_file():
+    if layout.JOB_RECORD in last and (outdir / layout.JOB_RECORD).is_file():
         # an earlier set's completion marker must not vouch for files this upload is replacing
-        delete(f"s3://{bucket}/{key_prefix}job.json", settings)
+        delete(f"s3://{bucket}/{key_prefix}{layout.JOB_RECORD}", settings)
     out: dict[str, str] = {}
     for p in files:
-        name = layout_name(p.relative_to(outdir).as_posix())
+        name = layout.s3_name(p.relative_to(outdir).as_posix())
         if name is None:
             continue
         uri = f"s3://{bucket}/{key_prefix}{name}"
