@@ -17,7 +17,7 @@ from pathlib import Path
 
 from serve.cachedir import cache_root
 from serve.catalogue import Catalogue, load_catalogue
-from serve.imaging.volume_io import Volume
+from serve.imaging.volume import Volume
 from serve.inference.modelfolder import UNetSpec, write_model_folder
 
 log = logging.getLogger(__name__)

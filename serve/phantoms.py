@@ -34,7 +34,7 @@ from nibabel.orientations import axcodes2ornt
 from scipy import ndimage
 
 from serve.catalogue import load_catalogue
-from serve.imaging.volume_io import Volume
+from serve.imaging.volume import Volume
 
 TRAIN_SEEDS = range(0, 1_000_000)
 HELDOUT_SEEDS = tuple(range(10_000_000, 10_000_008))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.imaging.volume_io import Volume
+from serve.imaging.volume import Volume
 
 
 @pytest.fixture(scope="session")

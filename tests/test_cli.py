@@ -13,7 +13,7 @@ import pytest
 
 from serve.cli.main import build_parser, main
 from serve.outputs.labeltable import read_label_table
-from serve.imaging.volume_io import write_nifti
+from serve.imaging.nifti import write_nifti
 from tests.core_fixtures import body_volume, tiny_models  # noqa: F401
 
 

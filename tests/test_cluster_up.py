@@ -65,7 +65,7 @@ def test_serve_run_local_yaml(isolated_ray, tmp_path):
     """Ray's own `serve run` on deployments/local.yaml (only the port and tenants moved for the test)."""
     from serve.api.client import ApiClient, segment_file
     from serve.demo import demo_volume
-    from serve.imaging.volume_io import write_nifti
+    from serve.imaging.nifti import write_nifti
     from serve.cluster.up import write_tenants
 
     cfg = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())

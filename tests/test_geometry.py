@@ -8,7 +8,8 @@ import pytest
 
 from serve.inference.preprocess import prepare, prepare_labels_like
 from serve.inference.restore import to_input_grid
-from serve.imaging.volume_io import read_volume, write_nifti
+from serve.imaging.nifti import write_nifti
+from serve.imaging.volume_io import read_volume
 from tests.core_fixtures import body_volume, world_coords
 
 ORIENTATIONS = ["RAS", "LPS", "LAS", "PIR", "ASL", "SPL", "IRA"]
@@ -167,7 +168,7 @@ from tests.core_fixtures import segmenter, tiny_models  # noqa: E402,F401
 def test_a_resampled_grid_beyond_the_voxel_limit_or_under_one_voxel_is_refused_before_it_is_built():
     """A small volume whose header claims huge (or tiny) voxels: the input limit alone would not hold it."""
     from serve.errors import InvalidVolumeError, VolumeTooLargeError
-    from serve.imaging.volume_io import Volume
+    from serve.imaging.volume import Volume
 
     huge = Volume(np.ones((8, 8, 8), np.float32), np.diag([60.0, 60.0, 60.0, 1.0]), "nifti")
     with pytest.raises(VolumeTooLargeError, match="would have 32768000 voxels"):

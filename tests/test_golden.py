@@ -26,7 +26,8 @@ from serve.inference.modelload import load_model
 from serve.inference.predict import predict_labels
 from serve.inference.preprocess import prepare
 from serve.inference.restore import to_input_grid
-from serve.imaging.volume_io import read_volume, write_nifti
+from serve.imaging.nifti import write_nifti
+from serve.imaging.volume_io import read_volume
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 
 SPACING = 1.5

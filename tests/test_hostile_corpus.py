@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from serve.imaging import volume_io
+from serve.imaging import volume
 from serve.errors import MrisegError
 from serve.imaging.volume_io import read_volume_bytes
 from tests.hostile_corpus import BOMBS, MAX_VOXELS, MAX_ZIP_BYTES, HostileInput, corpus, crc32_repeat
@@ -98,7 +98,7 @@ def test_nifti_extension_bombs_really_hold_512_mib():
 def test_zip_bombs_really_expand_past_the_zip_limit():
     bomb = zipfile.ZipFile(io.BytesIO(CORPUS["zip_bomb"].data))
     declared = sum(i.file_size for i in bomb.infolist())
-    assert declared > MAX_ZIP_BYTES >= volume_io.DEFAULT_MAX_ZIP_BYTES, \
+    assert declared > MAX_ZIP_BYTES >= volume.DEFAULT_MAX_ZIP_BYTES, \
         "MRISEG_MAX_ZIP_BYTES is set above what the zip bomb expands to"
     with bomb.open("a.dcm") as f:
         assert not any(f.read(8 * 2**20))
@@ -111,7 +111,7 @@ def test_zip_bombs_really_expand_past_the_zip_limit():
 
 def test_corpus_limits_are_the_decoder_defaults():
     # the statuses assume these limits; a CI environment overriding them would make bombs "valid"
-    assert volume_io.DEFAULT_MAX_VOXELS == MAX_VOXELS, "MRISEG_MAX_VOXELS is set; unset it for this test"
+    assert volume.DEFAULT_MAX_VOXELS == MAX_VOXELS, "MRISEG_MAX_VOXELS is set; unset it for this test"
 
 
 _CHILD = textwrap.dedent("""

@@ -13,7 +13,8 @@ from serve.outputs.statistics import touches_border
 from serve.outputs.writers import write_outputs
 from serve.inference.pipeline import SegmentationResult
 from serve.records_schema import OutputMeta, OutputRecord
-from serve.imaging.volume_io import read_volume, write_nifti
+from serve.imaging.nifti import write_nifti
+from serve.imaging.volume_io import read_volume
 from tests.core_fixtures import oriented_affine
 
 SHAPE = (20, 16, 12)

@@ -15,7 +15,7 @@ from scipy import ndimage
 from serve.errors import MrisegError
 from serve.inference.preprocess import (CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order, prepare,
                               zoom_factors)
-from serve.imaging.volume_io import Volume
+from serve.imaging.volume import Volume
 from tests.core_fixtures import body_volume, oriented_affine
 
 

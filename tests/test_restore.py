@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from serve.inference.preprocess import prepare
 from serve.inference.restore import to_input_grid, zoom_to_shape
-from serve.imaging.volume_io import Volume
+from serve.imaging.volume import Volume
 
 
 @pytest.mark.parametrize("slices,spacing", [(14, 3.0), (15, 3.0), (24, 3.0), (12, 3.3)])

@@ -13,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
-from serve.imaging import volume_io
-from serve.imaging.volume_io import read_volume, read_volume_bytes, safe_extract_zip, sitk_geometry_to_affine
+from serve.imaging.archives import safe_extract_zip
+from serve.imaging.itk import sitk_geometry_to_affine
+from serve.imaging.volume_io import read_volume, read_volume_bytes
 from tests.core_fixtures import oriented_affine
 
 
@@ -438,7 +439,7 @@ def _tags(positions, orientation="1\\0\\0\\0\\1\\0"):
 
 
 def test_regular_stacks_pass_the_slice_geometry_check():
-    from serve.imaging.volume_io import check_slice_geometry
+    from serve.imaging.dicom import check_slice_geometry
 
     c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
     normal = np.cross([1, 0, 0], [0, c, s])
@@ -456,7 +457,7 @@ def test_regular_stacks_pass_the_slice_geometry_check():
     ([(0, 0, 3 * k) for k in range(4)], ["1\\0\\0\\0\\1\\0"] * 2 + ["1\\0\\0\\0\\0\\1"] * 2, "mixes slice orientations"),
 ])
 def test_irregular_stacks_are_refused(positions, orientations, says):
-    from serve.imaging.volume_io import check_slice_geometry
+    from serve.imaging.dicom import check_slice_geometry
 
     tags = _tags(positions) if orientations is None else [(t[0], o) for t, o in zip(_tags(positions), orientations)]
     with pytest.raises(InvalidVolumeError, match=says):
@@ -477,7 +478,7 @@ def test_a_dicom_series_split_over_folders_is_read_whole_in_slice_order(tmp_path
 
 
 def test_a_forged_header_whose_voxel_count_overflows_int64_is_refused_as_too_large():
-    from serve.imaging.volume_io import check_shape
+    from serve.imaging.volume import check_shape
 
     with pytest.raises(VolumeTooLargeError):
         check_shape((2**21, 2**21, 2**22), 10**9)
@@ -593,8 +594,17 @@ def test_one_scaled_dicom_slice_makes_the_series_float(tmp_path):
 def test_integer_valued_rule_reads_garbled_rescale_tags_as_float():
     import SimpleITK as sitk_
 
-    from serve.imaging.volume_io import dicom_integer_valued
+    from serve.imaging.itk import dicom_integer_valued
 
     assert dicom_integer_valued(sitk_.sitkInt16, [(None, None), ("1 ", " -7")])
     assert not dicom_integer_valued(sitk_.sitkInt16, [("1\\2", "0")])
     assert not dicom_integer_valued(sitk_.sitkFloat32, [("1", "0")])
+
+
+def test_every_supported_suffix_has_its_reader_in_the_registry():
+    """One reader per file type, found by suffix (as nnU-Net v2's imageio registry)."""
+    from serve.imaging.volume import SUPPORTED
+    from serve.imaging.volume_io import READERS
+
+    assert tuple(READERS) == SUPPORTED
+    assert READERS[".nii.gz"] is READERS[".nii"] and READERS[".mha"] is READERS[".nrrd"]

@@ -28,7 +28,7 @@ from serve.cli import bulk, stack
 from serve.demo import demo_volume, ensure_demo_models
 from serve.errors import MrisegError
 from serve.imaging.sandbox import decode_untrusted
-from serve.imaging.volume_io import write_nifti
+from serve.imaging.nifti import write_nifti
 from serve.inference.modelstore import import_totalseg_home
 from serve.inference.pipeline import Segmenter
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, add_resampling_order_arg, check_resampling_order

@@ -18,7 +18,7 @@ from serve.cluster.up import (DEFAULT_CONFIG, check_site_names, find_running_sta
                               stop_local_stack)
 from serve.demo import demo_volume
 from serve.errors import MrisegError
-from serve.imaging.volume_io import write_nifti
+from serve.imaging.nifti import write_nifti
 from serve.outputs.summary import summary_table
 
 if TYPE_CHECKING:

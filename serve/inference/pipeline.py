@@ -19,7 +19,7 @@ import numpy as np
 
 from serve.catalogue import Catalogue, SubModel
 from serve.errors import ModelSourceUnreachableError, ModelUnavailableError
-from serve.imaging.volume_io import Volume
+from serve.imaging.volume import Volume
 from serve.inference.merge import MergedSegmentation, merge
 from serve.inference.modelload import LoadedModel, configure_threads
 from serve.inference.modelstore import ModelStatus, ModelStore

@@ -34,7 +34,7 @@ from nibabel.orientations import io_orientation
 from scipy import ndimage
 
 from serve.errors import InvalidVolumeError, VolumeTooLargeError
-from serve.imaging.volume_io import DEFAULT_MAX_VOXELS, Volume
+from serve.imaging.volume import DEFAULT_MAX_VOXELS, Volume
 from serve.inference.resampling import (CAST_INT32, CAST_NONE, DEFAULT_RESAMPLING_ORDER,  # noqa: F401 - re-exported
                                         RESAMPLING_ORDERS, check_resampling_order)
 

@@ -32,7 +32,7 @@ from serve.catalogue import Catalogue, SubModel, load_catalogue
 from serve.errors import (ConflictError, ForbiddenError, ModelUnavailableError, MrisegError, NotFoundError,
                           ServiceUnavailableError, TooManyRequestsError, UnsupportedFormatError, VolumeTooLargeError)
 from serve.imaging.sandbox import SandboxedDecoder
-from serve.imaging.volume_io import DEFAULT_MAX_VOXELS, SUPPORTED, suffix_of
+from serve.imaging.volume import DEFAULT_MAX_VOXELS, SUPPORTED, suffix_of
 from serve.inference.pipeline import SegmentationResult, input_cast, is_demo_model, merge_to_input_grid
 from serve.inference.preprocess import prepare
 from serve.inference.resampling import CAST_NONE, DEFAULT_RESAMPLING_ORDER, check_resampling_order

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from serve.errors import CorruptFileError, InvalidVolumeError, UnsupportedFormatError, VolumeTooLargeError
 from serve.imaging.formats import nrrd
-from serve.imaging.volume_io import read_volume, read_volume_bytes, sitk_geometry_to_affine
+from serve.imaging.itk import sitk_geometry_to_affine
+from serve.imaging.volume_io import read_volume, read_volume_bytes
 from tests.formats.helpers import damage_edits, mutate, rotation, sitk_image, sitk_view
 
 MAX_VOXELS = 10**6

@@ -41,12 +41,13 @@ if str(ROOT) not in sys.path:
 
 with atheris.instrument_imports(include=["serve"]):
     from serve.imaging import volume_io
+    from serve.imaging import volume
     from serve.errors import MrisegError
 
 #: Small enough that no single input can decode for long.
 MAX_VOXELS = 64**3
 MAX_SEED_BYTES = 64 * 1024
-SUFFIXES: tuple[str, ...] = volume_io.SUPPORTED
+SUFFIXES: tuple[str, ...] = volume.SUPPORTED
 MODES = ("raw", "patch")
 NIFTI_HEADER_BYTES = 352
 
@@ -166,7 +167,7 @@ def write_seeds(folder: Path) -> int:
     # through the sandbox (a child per input) only the valid volumes: the corpus is replayed through the real
     # API by tests/test_cluster_hostile.py, and replaying it here would take the whole time budget
     for h in ([] if _DECODE is not _in_process else corpus()):
-        suffix = volume_io.suffix_of(h.filename)
+        suffix = volume.suffix_of(h.filename)
         if len(h.data) <= MAX_SEED_BYTES and suffix in SUFFIXES:
             seeds.append(encode(h.data, suffix))
     for seed in seeds:

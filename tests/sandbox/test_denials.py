@@ -145,7 +145,7 @@ def test_every_format_decodes_in_the_sandbox(run_attack):
     import numpy as np
     import SimpleITK as sitk
 
-    from serve.imaging.volume_io import write_nifti
+    from serve.imaging.nifti import write_nifti
     from tests.hostile_corpus import _dicom_slices
 
     folder = run_attack.base / "inputs"

@@ -65,7 +65,7 @@ def test_malformed_meta_is_refused(tmp_path, meta):
 
 
 def test_the_integer_valued_flag_travels_from_child_to_parent(tmp_path):
-    from serve.imaging.volume_io import Volume
+    from serve.imaging.volume import Volume
 
     for flag in (True, False):
         out = tmp_path / str(flag)

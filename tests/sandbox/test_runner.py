@@ -5,7 +5,8 @@ import pytest
 
 from serve.errors import MrisegError
 from serve.imaging.sandbox import LAYERS, SandboxedDecoder, SandboxPolicy, SandboxUnavailableError
-from serve.imaging.volume_io import read_volume, write_nifti
+from serve.imaging.nifti import write_nifti
+from serve.imaging.volume_io import read_volume
 
 
 @pytest.fixture

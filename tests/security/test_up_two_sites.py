@@ -73,7 +73,7 @@ def test_up_gives_each_site_its_own_key_inbox_and_s3_identity(up_two_sites):
     from serve.demo import demo_volume
     from serve.storage.embedded_s3 import SEAWEED_OPEN_PORTS
     from serve.storage.s3client import S3Settings, make_client
-    from serve.imaging.volume_io import write_nifti
+    from serve.imaging.nifti import write_nifti
 
     stack, log = up_two_sites.stack, up_two_sites.log.read_text(errors="replace")
     state = up_two_sites.state_file.read_text()

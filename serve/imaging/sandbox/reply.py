@@ -157,7 +157,7 @@ def read_volume(out: Path, max_voxels: int):
         The volume.
     """
     # lazy: the decoder child imports this package before confine(); the readers load only after it
-    from serve.imaging.volume_io import Volume, check_affine, check_data, check_shape
+    from serve.imaging.volume import Volume, check_affine, check_data, check_shape
 
     shape = read_shape(out, max_voxels)
     meta = read_json(out / META)

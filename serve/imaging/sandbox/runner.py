@@ -228,7 +228,7 @@ def decode_untrusted(path: str | os.PathLike, max_voxels: int | None = None,
         The :class:`serve.imaging.volume_io.Volume`.
     """
     # lazy: the decoder child imports this package before confine(); the readers load only after it
-    from serve.imaging.volume_io import DEFAULT_MAX_VOXELS
+    from serve.imaging.volume import DEFAULT_MAX_VOXELS
 
     return SandboxedDecoder(policy or SandboxPolicy()).decode(path, max_voxels or DEFAULT_MAX_VOXELS,
                                                               self_contained)
