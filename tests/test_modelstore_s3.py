@@ -12,7 +12,8 @@ from serve.catalogue import load_catalogue
 from serve.errors import ModelFolderError, ModelSourceUnreachableError
 from serve.inference.modelfolder import UNetSpec, write_model_folder
 from serve.inference.modelload import load_model
-from serve.inference.modelstore import ModelStore, pin_dataset, write_pins
+from serve.inference.modelstore import ModelStore
+from serve.inference.pins import pin_dataset, write_pins
 from serve.storage.models import open_model_store
 from serve.inference.pipeline import Segmenter
 from serve.storage.s3client import make_client

@@ -20,7 +20,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from serve.cachedir import cache_root
 from serve.catalogue import Catalogue, SubModel
 from serve.errors import ModelFolderError, ModelSourceUnreachableError
-from serve.inference.modelstore import MANIFEST, ModelStore, PinnedManifest, sha256_file
+from serve.inference.modelstore import MANIFEST, ModelStore
+from serve.inference.pins import PinnedManifest, sha256_file
 from serve.storage.s3client import S3Settings, make_client, parse_s3_uri
 from serve.storage.staging import IntegrityError, verify_download
 
