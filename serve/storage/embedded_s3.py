@@ -20,7 +20,6 @@ back to a default port or to 0.0.0.0), and hand out an
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import ipaddress
 import json
@@ -28,13 +27,8 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +42,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from serve.errors import MrisegError
-from serve.storage.s3client import S3Settings, has_dot_segments, make_client, parse_s3_uri
+from serve.storage.s3client import S3Settings, has_dot_segments, parse_s3_uri
+from serve.storage.servers import HOST, LocalServer, death_signal, free_ports, kill_group, which_tool
 
 log = logging.getLogger(__name__)
-
-HOST = "127.0.0.1"
 
 # weed mini's port flags. gRPC ports default to HTTP port + 10000 and the
 # Iceberg/Lance/WebDAV/admin servers have fixed defaults, so all are set.
@@ -60,131 +53,6 @@ SEAWEED_PORT_FLAGS = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
     "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "webdav.port",
 )
-
-
-class EmbeddedServerError(MrisegError):
-    """An embedded S3 server could not start."""
-
-    status = 503
-    title = "Embedded object store unavailable"
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (held open together so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _which(name: str) -> str:
-    exe = shutil.which(name)
-    if exe is None:
-        # the venv's bin dir may not be on PATH (e.g. inside a Ray worker)
-        cand = Path(sys.executable).parent / name
-        if cand.exists():
-            return str(cand)
-        raise EmbeddedServerError(f"'{name}' not found; install the dev extra (pip install -e '.[dev]')")
-    return exe
-
-
-def _libc_prctl():
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):  # not glibc Linux: the owner's stop() is all there is
-        return None
-
-
-_PRCTL = _libc_prctl()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: the kernel SIGTERMs it when its starter exits.
-
-    The servers run in their own session (so a terminal's Ctrl-C reaches the owner, which stops them
-    in order); without this, an owner killed outright left them running, holding ports and keys.
-    Only a C call happens here (loaded beforehand), which is safe after fork in a threaded parent.
-    """
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _death_signal():
-    """``preexec_fn`` for a server started now. The kernel ties the signal to the starting *thread*, so a
-    server (re)started from a worker thread would die when that thread ends: only the main thread's get it."""
-    return _die_with_parent if threading.current_thread() is threading.main_thread() else None
-
-
-def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM the server's whole process group, SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        return
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(pgid, signal.SIGKILL)
-        proc.wait(timeout=grace_s)
-    except ProcessLookupError:
-        pass
-
-
-class _Server:
-    """Start/stop bookkeeping shared by both servers."""
-
-    proc: subprocess.Popen | None = None
-    settings: S3Settings
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def endpoint_url(self) -> str:
-        return self.settings.endpoint_url  # type: ignore[return-value]
-
-    def client(self):
-        return make_client(self.settings)
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise EmbeddedServerError(f"{type(self).__name__} exited with code {self.proc.returncode}; "
-                                          f"see {self.log_path}")
-            try:
-                self._probe()
-                return
-            except Exception as e:  # not up yet: any error means "try again"
-                last = e
-                time.sleep(0.3)
-        self.stop()
-        raise EmbeddedServerError(f"{type(self).__name__} not ready after {timeout_s:.0f}s ({last}); "
-                                  f"see {self.log_path}")
-
-    def _probe(self) -> None:
-        raise NotImplementedError
-
-    log_path: Path
 
 
 #: The S3 actions a site identity gets, each scoped to the site's own prefixes. ``Write`` covers
@@ -287,7 +155,7 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
-class SeaweedServer(_Server):
+class SeaweedServer(LocalServer):
     """``weed mini`` on 127.0.0.1, locked down; restartable on the same ports and data dir.
 
     - S3 needs SigV4 with a configured identity: the server identity (:attr:`settings`, every bucket,
@@ -400,7 +268,7 @@ class SeaweedServer(_Server):
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "admin").mkdir(parents=True, exist_ok=True)
         # -config_dir: security.toml from the data dir, never a $HOME/.seaweedfs or /etc one.
-        cmd = [_which("weed"), f"-config_dir={self.data_dir}", "mini", f"-dir={self.data_dir / 'data'}",
+        cmd = [which_tool("weed"), f"-config_dir={self.data_dir}", "mini", f"-dir={self.data_dir / 'data'}",
                f"-ip={HOST}", f"-ip.bind={HOST}", "-disableHttp",
                "-master.telemetry=false", f"-s3.config={cfg}", "-s3.autoCreateBucket=false",
                "-webdav=false", "-admin.ui=false", f"-admin.dataDir={self.data_dir / 'admin'}",
@@ -421,7 +289,7 @@ class SeaweedServer(_Server):
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, cwd=self.data_dir, env=env,
-                                         start_new_session=True, preexec_fn=_death_signal())
+                                         start_new_session=True, preexec_fn=death_signal())
         self._client = None
         self._wait_ready(self.ready_timeout_s)
         log.info("SeaweedFS S3 ready on %s", self.settings.endpoint_url)
@@ -445,7 +313,7 @@ class SeaweedServer(_Server):
     def stop(self) -> None:
         """Stop the whole process group; the data dir stays for a restart."""
         if self.proc is not None:
-            _kill_group(self.proc)
+            kill_group(self.proc)
         self.proc = None
 
     def cleanup(self) -> None:
@@ -458,7 +326,7 @@ class SeaweedServer(_Server):
         self.cleanup()
 
 
-class MotoServer(_Server):
+class MotoServer(LocalServer):
     """``moto_server`` (S3 + SQS with notifications, visibility timeouts and redrive) on 127.0.0.1."""
 
     def __init__(self, port: int | None = None, ready_timeout_s: float = 60.0,
@@ -478,9 +346,9 @@ class MotoServer(_Server):
             return self
         self._log_dir.mkdir(parents=True, exist_ok=True)  # again after a stop() that removed it
         with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen([_which("moto_server"), "-H", HOST, "-p", str(self.port)],
+            self.proc = subprocess.Popen([which_tool("moto_server"), "-H", HOST, "-p", str(self.port)],
                                          stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_death_signal())
+                                         start_new_session=True, preexec_fn=death_signal())
         self._wait_ready(self.ready_timeout_s)
         return self
 
@@ -497,7 +365,7 @@ class MotoServer(_Server):
 
     def stop(self) -> None:
         if self.proc is not None:
-            _kill_group(self.proc)
+            kill_group(self.proc)
         self.proc = None
         if self._owns_log_dir:
             shutil.rmtree(self._log_dir, ignore_errors=True)
