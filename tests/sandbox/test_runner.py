@@ -127,3 +127,15 @@ def test_a_cancel_kills_the_child_at_once(tmp_path):
         dec.decode(tmp_path, 1000, cancel=cancel)
     assert time.monotonic() - t < 5
     assert not list(tmp_path.iterdir())
+
+
+def test_the_child_may_read_the_whole_package_wherever_the_policy_module_sits():
+    """An editable install maps serve/ to the source tree, which is not on sys.path: the child's Landlock
+    rules must name serve/ itself (the readers import serve.errors and more), not the sandbox's parent folder."""
+    import os
+    from pathlib import Path
+
+    import serve
+    from serve.imaging.sandbox.policy import library_paths
+
+    assert Path(os.path.realpath(Path(serve.__file__).parent)) in library_paths()

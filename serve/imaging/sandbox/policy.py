@@ -18,6 +18,7 @@ from typing import Annotated, Any, Mapping
 
 from pydantic import Field, StrictStr, field_validator
 
+import serve
 from serve.settings_checks import STRICT, Says, check, number, whole
 
 #: The layers the child applies; each is reported as active or not.
@@ -95,8 +96,9 @@ def library_paths() -> list[Path]:
              os.path.dirname(os.path.realpath(sys.executable))}
     names.update(v for k, v in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib"))
     names.update(p for p in sys.path if p and os.path.isdir(p))
-    # an editable install maps the package to the source tree (not on sys.path): the package folder alone
-    names.add(str(Path(__file__).resolve().parents[1]))
+    # an editable install maps the package to the source tree (not on sys.path): the package folder alone,
+    # the whole of serve/ (the readers import serve.errors and more), wherever this module sits in it
+    names.add(str(Path(serve.__file__).resolve().parent))
     names.update(("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache",
                   "/usr/share/zoneinfo"))
     out, seen = [], set()
