@@ -88,7 +88,8 @@ def test_bad_args_are_clear_errors():
 
 def test_up_folds_the_config_into_app_args_and_keeps_only_the_key_digest(tmp_path):
     from serve.router.tenancy import Tenancy
-    from serve.cluster.up import DEFAULT_CONFIG, LocalStack, app_args_from_config, load_serve_config, write_tenants
+    from serve.cluster.sites import write_tenants
+    from serve.cluster.up import DEFAULT_CONFIG, LocalStack, app_args_from_config, load_serve_config
 
     app, http = load_serve_config(DEFAULT_CONFIG)
     args = app_args_from_config(app)

@@ -66,7 +66,7 @@ def test_serve_run_local_yaml(isolated_ray, tmp_path):
     from serve.api.client import ApiClient, segment_file
     from serve.demo import demo_volume
     from serve.imaging.nifti import write_nifti
-    from serve.cluster.up import write_tenants
+    from serve.cluster.sites import write_tenants
 
     cfg = yaml.safe_load((ROOT / "deployments" / "local.yaml").read_text())
     port = free_port()
@@ -155,7 +155,7 @@ def test_a_world_readable_ray_token_is_made_private_and_a_missing_one_is_no_erro
     (["_jobs"], "lower-case"), (["Site-A"], "lower-case"), (["a b"], "lower-case"), (["a/b"], "lower-case"),
     (["x" * 64], "at most 63"), (["a", "a"], "named twice"), ([""], "at least one site")])
 def test_site_names_must_be_key_segments_given_once(names, says):
-    from serve.cluster.up import check_site_names
+    from serve.cluster.sites import check_site_names
     from serve.errors import MrisegError
 
     with pytest.raises(MrisegError, match=says):
@@ -164,7 +164,7 @@ def test_site_names_must_be_key_segments_given_once(names, says):
 
 def test_a_tenants_spec_gives_sites_settings_but_never_keys_or_prefixes(tmp_path):
     from serve.router.tenancy import Tenancy
-    from serve.cluster.up import load_site_specs, write_tenants
+    from serve.cluster.sites import load_site_specs, write_tenants
     from serve.errors import MrisegError
 
     spec = tmp_path / "sites.yaml"
@@ -185,7 +185,7 @@ def test_a_tenants_spec_gives_sites_settings_but_never_keys_or_prefixes(tmp_path
 
 def test_local_events_put_each_sites_inbox_in_its_prefix_and_the_jobs_outside_all(tmp_path):
     from serve.router.tenancy import Tenancy
-    from serve.cluster.up import JOBS_PREFIX, local_events, write_tenants
+    from serve.cluster.sites import JOBS_PREFIX, local_events, write_tenants
 
     keys = {"a": "mrs_" + "a" * 24, "b": "mrs_" + "b" * 24}
     tenants = Tenancy.load(write_tenants(tmp_path / "tenants.yaml", keys))
@@ -203,7 +203,8 @@ def test_local_events_put_each_sites_inbox_in_its_prefix_and_the_jobs_outside_al
 
 def test_the_banner_shows_each_sites_keys_and_the_open_ports():
     from serve.cli.stack import banner
-    from serve.cluster.up import LocalSite, LocalStack
+    from serve.cluster.sites import LocalSite
+    from serve.cluster.up import LocalStack
 
     s3 = {"endpoint_url": "http://127.0.0.1:9", "access_key_id": "AKA", "secret_access_key": "SECRET-A"}
     sites = [LocalSite("a", "mrs_keyA", "s3://mriseg/a/", s3),

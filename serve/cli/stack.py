@@ -14,8 +14,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable
 
 from serve.api.client import ApiClient, segment_file
-from serve.cluster.up import (DEFAULT_CONFIG, check_site_names, find_running_stack, load_site_specs, start_local_stack,
-                              stop_local_stack)
+from serve.cluster.sites import check_site_names, load_site_specs
+from serve.cluster.up import DEFAULT_CONFIG, find_running_stack, start_local_stack, stop_local_stack
 from serve.demo import demo_volume
 from serve.errors import MrisegError
 from serve.imaging.nifti import write_nifti

@@ -182,7 +182,7 @@ def test_seaweedfs_http_and_grpc_ports_refuse_requests_without_credentials(up_tw
 
 def test_a_revoked_key_is_refused_within_30_s(up_two_sites):
     """Site a's key is replaced in the tenants file the stack runs with (and put back afterwards)."""
-    from serve.cluster.up import write_tenants
+    from serve.cluster.sites import write_tenants
 
     up = up_two_sites
     hdr = {"Authorization": f"Bearer {up.site('a').api_key}"}

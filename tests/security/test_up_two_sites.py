@@ -69,7 +69,7 @@ def test_up_gives_each_site_its_own_key_inbox_and_s3_identity(up_two_sites):
     from botocore.exceptions import ClientError
 
     from serve.router.tenancy import Tenancy
-    from serve.cluster.up import JOBS_PREFIX
+    from serve.cluster.sites import JOBS_PREFIX
     from serve.demo import demo_volume
     from serve.storage.embedded_s3 import SEAWEED_OPEN_PORTS
     from serve.storage.s3client import S3Settings, make_client
