@@ -192,13 +192,15 @@ def test_bulk_skips_a_legacy_done_set_and_refuses_a_newer_format(seaweed, unique
 
 @pytest.mark.s3
 def test_the_api_copys_job_json_validates(seaweed, tmp_path, unique_prefix):  # noqa: F811
-    """``upload_dir`` ends an API output set with a job.json of the one builder, valid as written."""
+    """``upload_results`` ends an API output set with a job.json of the one builder, valid as written."""
+    from serve.jobs.results import upload_results
+
     out = tmp_path / "apiout"
     out.mkdir()
     (out / "segmentations.nii.gz").write_bytes(b"seg")
     (out / "mriseg.json").write_text(json.dumps({"structures": {"5": "liver"}, "models": {"organs": "c1"},
                                                  "fast": False, "resampling_order": 1, "input_cast": "none",
                                                  "files": {"multilabel": "segmentations.nii.gz"}}))
-    got = staging.upload_dir(out, f"s3://outbox/{unique_prefix}/api/", seaweed.settings)
+    got = upload_results(out, f"s3://outbox/{unique_prefix}/api/", seaweed.settings)
     doc = OutputRecord.model_validate(json.loads(staging.download_bytes(got["job.json"], settings=seaweed.settings)))
     assert doc.status == SUCCEEDED and doc.files == ["segmentation.nii.gz"] and doc.input is None
