@@ -373,5 +373,5 @@ if __name__ == "__main__":  # python -m serve.records_schema [docs/formats.md]: 
     from pathlib import Path
 
     page = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/formats.md")
-    page.write_text(render_doc(page.read_text()))
+    page.write_text(render_doc(page.read_text(encoding="utf-8")), encoding="utf-8")
     print(f"regenerated the schema blocks of {page}")

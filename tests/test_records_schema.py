@@ -24,7 +24,7 @@ OPTIONS = {"roi_subset": None, "fast": False, "outputs": ["multilabel"], "resamp
 
 
 def _documented_schemas() -> dict[str, dict]:
-    blocks = re.findall(r"<!-- schema: (\w+) [^>]*-->\n```json\n(.*?)\n```", DOC.read_text(), re.S)
+    blocks = re.findall(r"<!-- schema: (\w+) [^>]*-->\n```json\n(.*?)\n```", DOC.read_text(encoding="utf-8"), re.S)
     return {name: json.loads(body) for name, body in blocks}
 
 
