@@ -255,17 +255,17 @@ def test_a_full_run_with_an_unreadable_model_source_is_503_not_a_partial_result(
 
 def test_cancel_during_a_worker_thread_stage_keeps_the_slot_until_the_thread_ends(tmp_path, monkeypatch):
     """Otherwise a site could cancel and resubmit past its limit while the orphaned threads pile up."""
-    import serve.inference.preprocess
+    import serve.router.service
 
     started = []
-    real_prepare = serve.inference.preprocess.prepare
+    real_prepare = serve.router.service.prepare
 
     def slow_prepare(volume, spacing, **kw):
         started.append(time.time())
         time.sleep(0.5)
         return real_prepare(volume, spacing, **kw)
 
-    monkeypatch.setattr(serve.inference.preprocess, "prepare", slow_prepare)
+    monkeypatch.setattr(serve.router.service, "prepare", slow_prepare)  # the name the job service calls
 
     async def main():
         svc = _service(tmp_path, _labels, slots=1)
