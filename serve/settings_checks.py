@@ -16,7 +16,6 @@ section and key, e.g. ``router: slots must be an integer >= 1, not 0``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -219,58 +218,3 @@ def check(cls: type[T], data: Mapping[str, Any] | None, where: str, unknown_what
         return TypeAdapter(cls).validate_python({**(data or {}), **extra})
     except ValidationError as e:
         raise MrisegError(f"{where}: {error_line(cls, e, unknown_what)}") from None
-
-
-def _number_type(minimum: float, integer: bool, above: bool, maximum: float | None) -> Any:
-    if integer:
-        return Annotated[int, BeforeValidator(_no_bool_or_text), Field(gt=minimum, le=maximum) if above
-                         else Field(ge=minimum, le=maximum)]
-    return number(minimum, above=above, maximum=maximum)
-
-
-def is_number(value: Any, minimum: float, *, integer: bool = False, above: bool = False,
-              maximum: float | None = None) -> bool:
-    """Whether ``value`` is a finite number, not a bool, ``>= minimum`` (``>`` with ``above``), ``<= maximum``.
-
-    With ``integer``, a whole number (``5.0`` counts: YAML writes what it is given).
-
-    Args:
-        value: what the settings file held.
-        minimum: the bound.
-        integer: a whole number is required.
-        above: the bound itself is refused.
-        maximum: the greatest value, if any.
-
-    Returns:
-        True when the value fits.
-    """
-    try:
-        TypeAdapter(_number_type(minimum, integer, above, maximum)).validate_python(value)
-    except ValidationError:
-        return False
-    return not (isinstance(value, float) and not math.isfinite(value))
-
-
-def checked_number(value: Any, minimum: float, *, integer: bool = False, above: bool = False,
-                   maximum: float | None = None) -> int | float:
-    """``value`` as an int (``integer``) or float when :func:`is_number` holds (for readers outside a dataclass).
-
-    Args:
-        value: what the settings file held.
-        minimum: the bound.
-        integer: a whole number is required.
-        above: the bound itself is refused.
-        maximum: the greatest value, if any.
-
-    Returns:
-        The number.
-
-    Raises:
-        ValueError: reading "must be an integer >= 1, not '5'", for the caller to prefix with the setting's name.
-    """
-    kind = _number_type(minimum, integer, above, maximum)
-    try:
-        out = TypeAdapter(kind).validate_python(value)
-    except ValidationError:
-        raise ValueError(f"must be {describe(kind, [])[0]}, not {value!r:.80}") from None
-    return int(out) if integer else float(out)

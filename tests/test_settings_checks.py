@@ -2,27 +2,44 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 
 from serve.errors import MrisegError
-from serve.settings_checks import checked_number, is_number
+from serve.settings_checks import STRICT, check, number, whole
+
+
+@dataclass
+class _Numbers:
+    """A settings reader with the shared number types, as every reader in serve/ declares them."""
+
+    __pydantic_config__ = STRICT
+    count: whole(1) = 1
+    share: number(0) = 0.0
+    rate: number(0, above=True, maximum=20) = 1.0
+    size: number(1) = 1.0
 
 
 @pytest.mark.parametrize("value", [True, "5", None, math.inf, -math.inf, math.nan, [5], 0.5])
-def test_checked_number_refuses_what_is_not_a_whole_number_at_least_one(value):
-    with pytest.raises(ValueError, match=r"must be an integer >= 1, not "):
-        checked_number(value, 1, integer=True)
+def test_a_whole_number_setting_refuses_what_is_not_a_whole_number_at_least_one(value):
+    with pytest.raises(MrisegError, match=r"numbers: count must be an integer >= 1, not "):
+        check(_Numbers, {"count": value}, "numbers")
 
 
-def test_checked_number_converts_and_reports_its_bounds():
-    assert checked_number(5.0, 1, integer=True) == 5 and isinstance(checked_number(5.0, 1, integer=True), int)
-    assert checked_number(2, 0) == 2.0 and isinstance(checked_number(2, 0), float)
-    assert is_number(0.1, 0, above=True) and not is_number(0, 0, above=True)
-    with pytest.raises(ValueError, match=r"must be a number > 0 and <= 20, not 21"):
-        checked_number(21, 0, above=True, maximum=20)
-    with pytest.raises(ValueError, match=r"not 'xxxx"):  # long values are cut, never echoed whole
-        checked_number("x" * 1000, 1)
+def test_number_settings_convert_and_report_their_bounds():
+    whole_five = check(_Numbers, {"count": 5.0}, "numbers").count
+    assert whole_five == 5 and isinstance(whole_five, int)
+    two = check(_Numbers, {"share": 2}, "numbers").share
+    assert two == 2.0 and isinstance(two, float)
+    assert check(_Numbers, {"rate": 0.1}, "numbers").rate == 0.1
+    with pytest.raises(MrisegError, match=r"numbers: rate must be a number > 0"):
+        check(_Numbers, {"rate": 0}, "numbers")
+    with pytest.raises(MrisegError, match=r"must be a number > 0 and <= 20, not 21"):
+        check(_Numbers, {"rate": 21}, "numbers")
+    with pytest.raises(MrisegError, match=r"not 'xxxx") as caught:  # long values are cut, never echoed whole
+        check(_Numbers, {"size": "x" * 1000}, "numbers")
+    assert "x" * 200 not in str(caught.value)
 
 
 @pytest.mark.parametrize("change,says", [
