@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from serve.jobs.consumer import configure_notifications, create_queue_with_dlq
+from serve.jobs.sqs import configure_notifications, create_queue_with_dlq
 from tests.ray_fixtures import (_shared_stack_owner, auth, isolated_ray, nifti_bytes,  # noqa: F401
                                  start_stack, tiny_models)
 from tests.s3_fixtures import moto  # noqa: F401

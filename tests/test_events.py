@@ -67,7 +67,7 @@ def test_unrecognised_messages_are_clear_errors(bad):
 
 
 def test_inbox_rules_map_events_to_site_jobs():
-    from serve.jobs.consumer import InboxRule, specs_for_events
+    from serve.jobs.rules import InboxRule, specs_for_events
 
     rules = [InboxRule("inbox", "a/in/", "site-a", "s3://out/r"), InboxRule("inbox", "b/in/", "site-b", "s3://out/r")]
     body = {"Records": [s3_record("a/in/x/case1.nii.gz"), s3_record("b/in/case2.mha"), s3_record("c/in/z.nii"),
@@ -80,7 +80,7 @@ def test_inbox_rules_map_events_to_site_jobs():
 
 def test_inbox_rules_take_whole_segments_and_no_dot_segments():
     """The intake reads inputs with its own credentials: a key must not climb out of the inbox, even URL-encoded."""
-    from serve.jobs.consumer import InboxRule, specs_for_events
+    from serve.jobs.rules import InboxRule, specs_for_events
 
     rules = [InboxRule("consortium", "site-a/inbox/", "site-a", "s3://out/r"),
              InboxRule("consortium", "site-c", "site-c", "s3://out/r")]  # a prefix without its trailing slash
@@ -118,7 +118,7 @@ def test_sns_envelopes_nested_past_the_limit_are_a_format_error():
 
 def test_a_key_that_cannot_name_an_output_is_ignored_alone(caplog):
     """One bad key must neither stop its neighbours nor become a job that could never record its failure."""
-    from serve.jobs.consumer import InboxRule, specs_for_events
+    from serve.jobs.rules import InboxRule, specs_for_events
 
     rules = [InboxRule("inbox", "a/", "site-a", "s3://out/r")]
     body = {"Records": [s3_record("a/good.nii"), s3_record("a/bad%00.nii"), s3_record("a/" + "x" * 1100 + ".nii")]}
@@ -154,7 +154,7 @@ RULE = {"bucket": "in", "prefix": "a/", "site": "a", "output_root": "s3://out/x"
     ({"output_root": "s3://in/a/out"}, "inside the inbox"),
 ])
 def test_inbox_rules_are_checked_when_loaded(change, says):
-    from serve.jobs.consumer import InboxRule
+    from serve.jobs.rules import InboxRule
 
     with pytest.raises(MrisegError, match=says):
         InboxRule.from_mapping({**RULE, **change})
@@ -282,7 +282,7 @@ def test_the_site_keys_of_earlier_versions_are_ignored_with_a_warning(monkeypatc
 
 def test_an_inbox_rule_names_the_resampling_order_of_its_jobs():
     """A site's event jobs are resampled as its rule says (TotalSegmentator's -ro), TotalSegmentator's 1 unless."""
-    from serve.jobs.consumer import InboxRule
+    from serve.jobs.rules import InboxRule
 
     ev = volume_events(parse_message({"Records": [s3_record("a/scan.nii.gz", bucket="in")]}))[0]
     assert InboxRule.from_mapping(RULE).spec(ev).resampling_order == 1

@@ -15,7 +15,9 @@ import uuid
 import numpy as np
 import pytest
 
-from serve.jobs.consumer import (Consumer, ConsumerConfig, InboxRule, configure_notifications, create_queue_with_dlq)
+from serve.jobs.consumer import Consumer, ConsumerConfig
+from serve.jobs.rules import InboxRule
+from serve.jobs.sqs import configure_notifications, create_queue_with_dlq
 from serve.jobs.store import FAILED, SUCCEEDED, JobRunner, JobStore, SegmenterEngine
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 from tests.s3_fixtures import moto  # noqa: F401
@@ -269,7 +271,7 @@ def test_a_job_whose_worker_died_is_run_once_its_claim_lapses_not_sent_to_the_dl
     """A worker took the message, claimed the job and died. Its message comes back while the dead claim still
     looks alive: it is hidden until the claim lapses, then the job is claimed again and done -- not moved to
     the DLQ by looking at a job that stays 'running' for ever."""
-    from serve.jobs.consumer import specs_for_events
+    from serve.jobs.rules import specs_for_events
     from serve.jobs.events import parse_message
 
     env = make_env(moto, max_receives=3, visibility=2, heartbeat=1.0, outputs=("multilabel",))

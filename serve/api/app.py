@@ -30,7 +30,7 @@ from serve.api.ratelimit import RateLimiter
 from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, ServiceUnavailableError,
                           UnsupportedFormatError, VolumeTooLargeError)
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
-from serve.jobs.consumer import specs_for_events
+from serve.jobs.rules import specs_for_events
 from serve.jobs.events import parse_message
 from serve.outputs import layout
 from serve.router.service import OUTPUT_KINDS, JobService, check_upload_name

@@ -44,7 +44,8 @@ from ray import serve as rayserve
 
 from serve.clock import SYSTEM_CLOCK, Clock
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
-from serve.jobs.consumer import Consumer, ConsumerConfig, InboxRule, check_rules
+from serve.jobs.consumer import Consumer, ConsumerConfig
+from serve.jobs.rules import InboxRule, check_rules
 from serve.jobs.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.jobs.records import RecordSigner
 from serve.jobs.store import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobRunner, JobSpec, JobStore

@@ -16,6 +16,7 @@ Delivery is at-least-once and every step is safe to repeat:
 
 ``submit(spec) -> JobOutcome`` is pluggable: :class:`serve.jobs.store.JobRunner`
 in process, or the serving layer's call into the Ray cluster.
+The inbox rules are :mod:`serve.jobs.rules`; the SQS client and queue set-up, :mod:`serve.jobs.sqs`.
 :func:`run_consumer` is the loop a Ray actor/deployment wraps.
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -31,118 +31,25 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import boto3
-from botocore.config import Config
 from prometheus_client import REGISTRY, Gauge, start_http_server
-from pydantic import StrictBool, StrictStr, model_validator
+from pydantic import StrictStr
 
-from serve.catalogue import load_catalogue
 from serve.errors import MrisegError
 from serve.inference.pipeline import Segmenter
-from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
-from serve.jobs.events import EventFormatError, ObjectEvent, parse_message, volume_events
+from serve.jobs.events import EventFormatError, parse_message
 from serve.jobs.records import RecordSigner
-from serve.jobs.store import (FAILED, OUTPUT_KINDS, RUNNING, SUCCEEDED, JobOutcome, JobRunner, JobSpec, JobStore,
-                              SegmenterEngine)
-from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
+from serve.jobs.rules import InboxRule, check_rules, specs_for_events
+from serve.jobs.sqs import MAX_VISIBILITY_S, make_sqs_client
+from serve.jobs.store import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobRunner, JobSpec, JobStore, SegmenterEngine
+from serve.settings_checks import STRICT, check, number, whole
 from serve.storage.models import open_model_store
-from serve.storage.s3client import S3Settings, has_dot_segments, parse_s3_uri
-
-#: SQS's longest visibility timeout (12 hours)
-MAX_VISIBILITY_S = 43200
+from serve.storage.s3client import S3Settings
 
 log = logging.getLogger(__name__)
 
 Submit = Callable[[JobSpec], JobOutcome]
-
-
-_NAMES = Says("a list of names")
-
-
-@dataclass(frozen=True)
-class InboxRule:
-    """Objects under ``s3://{bucket}/{prefix}`` belong to ``site``; outputs go under ``output_root``."""
-
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
-
-    bucket: StrictStr
-    prefix: StrictStr
-    site: StrictStr
-    output_root: StrictStr
-    roi_subset: Annotated[tuple[StrictStr, ...], _NAMES] | None = None  # a string would have become letters
-    fast: Annotated[StrictBool, Says("true or false")] = False          # "false" would have been truthy
-    outputs: Annotated[tuple[StrictStr, ...], _NAMES] = ("multilabel", "statistics", "preview")
-    # the input's spline order (TotalSegmentator's -ro, 0..5)
-    resampling_order: Annotated[whole(0, 5), Says(
-        f"a whole number from 0 to 5 (the spline order of the input's resampling, TotalSegmentator's -ro; "
-        f"default {DEFAULT_RESAMPLING_ORDER})")] = DEFAULT_RESAMPLING_ORDER
-
-    @model_validator(mode="before")
-    @classmethod
-    def _names_are_strings(cls, d: Any) -> Any:
-        if isinstance(d, Mapping) and not all(isinstance(d.get(k), str) for k in _RULE_KEYS if k in d):
-            raise ValueError("bucket, prefix, site and output_root must be strings (site not empty)")
-        return d
-
-    def matches(self, ev: ObjectEvent) -> bool:
-        """The object lies under the inbox prefix, on whole path segments, with no ``.`` or ``..`` segment.
-
-        The input is then read with the intake's own credentials, not through the API's tenancy check, and
-        a server that resolves ``..`` in keys would hand over another site's object.
-        """
-        if ev.bucket != self.bucket or not ev.key.startswith(self.prefix):
-            return False
-        if self.prefix and not self.prefix.endswith("/") and not ev.key[len(self.prefix):].startswith("/"):
-            return False  # prefix "site-a" must not take "site-ab/..."
-        return not has_dot_segments(ev.key)
-
-    def spec(self, ev: ObjectEvent) -> JobSpec:
-        return JobSpec(ev.uri, self.output_root, self.site, ev.etag, ev.version_id, self.roi_subset, self.fast,
-                       self.outputs, self.prefix, self.resampling_order)
-
-    @classmethod
-    def from_mapping(cls, d: Any) -> "InboxRule":
-        """A rule from config, checked: a typo or a wrong type is an error here, not a silent default.
-
-        Args:
-            d: one rule of the ``events`` settings or the rules file.
-
-        Returns:
-            The rule, its structure names checked against the catalogue.
-
-        Raises:
-            MrisegError: naming the rule's site and the key that is wrong.
-        """
-        if not isinstance(d, Mapping):
-            raise MrisegError(f"events: an inbox rule must be a mapping of {list(setting_names(cls))}")
-        d = dict(d)
-        missing = [k for k in _RULE_KEYS if k not in d]
-        if missing:
-            raise MrisegError(f"events: inbox rule {d.get('site', '?')}: missing {missing}; a rule has "
-                              f"{list(setting_names(cls))}")
-        name = f"events: inbox rule for site {d['site']!r}"
-        rule = check(cls, d, name)
-        if not rule.site:
-            raise MrisegError(f"{name}: bucket, prefix, site and output_root must be strings (site not empty)")
-        parse_s3_uri(f"s3://{rule.bucket}/")  # a clear error for an invalid bucket name
-        out_bucket, out_key = parse_s3_uri(rule.output_root.rstrip("/") + "/")
-        if _inbox(out_bucket, out_key).startswith(_inbox(rule.bucket, rule.prefix)):
-            raise MrisegError(f"{name}: output_root lies inside the inbox, so every output would be segmented "
-                              f"again; put outputs outside {rule.prefix!r}")
-        changes: dict[str, Any] = {}
-        if rule.roi_subset is not None:
-            changes["roi_subset"] = tuple(load_catalogue().validate_structures(list(rule.roi_subset)) or ())
-            if not changes["roi_subset"]:
-                raise MrisegError(f"{name}: roi_subset names no structure; leave it out for all")
-        bad = [o for o in rule.outputs if o not in OUTPUT_KINDS]
-        if bad or not rule.outputs:
-            raise MrisegError(f"{name}: outputs must name some of {list(OUTPUT_KINDS)}, not {list(rule.outputs)}")
-        return dataclasses.replace(rule, **changes) if changes else rule
-
-
-_RULE_KEYS = ("bucket", "prefix", "site", "output_root")
 
 
 @dataclass
@@ -186,47 +93,6 @@ class ConsumerConfig:
         return config
 
 
-def _inbox(bucket: str, prefix: str) -> str:
-    """``bucket/prefix/`` on whole segments ("" is the whole bucket), for nesting checks."""
-    return f"{bucket}/{prefix}" if not prefix or prefix.endswith("/") else f"{bucket}/{prefix}/"
-
-
-def check_rules(rules: Sequence[InboxRule]) -> list[InboxRule]:
-    """Refuse rules that would hand one site's objects to another.
-
-    Inputs are read with the intake's own credentials, so the rules are the tenancy boundary: an inbox
-    of one site inside another site's would let either push (or, first rule first, be sent) the other's
-    objects, and outputs written inside any inbox would be segmented again as that inbox's site's.
-    """
-    for i, a in enumerate(rules):
-        for b in rules[i + 1:]:
-            ia, ib = _inbox(a.bucket, a.prefix), _inbox(b.bucket, b.prefix)
-            if a.site != b.site and (ia.startswith(ib) or ib.startswith(ia)):
-                raise MrisegError(f"events: the inboxes of sites {a.site!r} ({a.prefix!r}) and {b.site!r} "
-                                  f"({b.prefix!r}) in bucket {a.bucket!r} nest; give each site a prefix of its own")
-    for r in rules:
-        out_bucket, out_key = parse_s3_uri(r.output_root.rstrip("/") + "/")
-        for other in rules:
-            if _inbox(out_bucket, out_key).startswith(_inbox(other.bucket, other.prefix)):
-                raise MrisegError(f"events: site {r.site!r}'s output_root lies inside site {other.site!r}'s "
-                                  f"inbox ({other.prefix!r}), where every output would be segmented again; put "
-                                  f"outputs outside the inboxes")
-    return list(rules)
-
-
-def make_sqs_client(settings: S3Settings):
-    """boto3 SQS client from the same connection settings shape as S3."""
-    kwargs: dict[str, Any] = {"region_name": settings.region, "config": Config(
-        retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-        connect_timeout=settings.connect_timeout_s, read_timeout=max(settings.read_timeout_s, 30.0))}
-    if settings.endpoint_url:
-        kwargs["endpoint_url"] = settings.endpoint_url
-    if settings.access_key_id:
-        kwargs["aws_access_key_id"] = settings.access_key_id
-        kwargs["aws_secret_access_key"] = settings.secret_access_key
-    return boto3.session.Session().client("sqs", **kwargs)
-
-
 def _dlq_gauge():
     try:
         return Gauge("mriseg_dlq_messages", "Messages in the S3 event dead-letter queue")
@@ -263,32 +129,6 @@ class _VisibilityHeartbeat:
                                                        VisibilityTimeout=self.timeout_s)
                 except Exception:  # the next beat may get through; worst case the message is redelivered
                     log.warning("could not extend a message's visibility", exc_info=True)
-
-
-def specs_for_events(events: Sequence[ObjectEvent], rules: Sequence[InboxRule]) -> tuple[list[JobSpec], int]:
-    """Jobs for the volume events that fall in an inbox rule; also how many events were ignored.
-
-    The HTTP push endpoint (S3 ``Records[]``, SNS, EventBridge bodies) uses this with
-    :func:`serve.jobs.events.parse_message`, then submits each spec like the consumer does."""
-    vols = volume_events(events)
-    specs, ignored = [], len(events) - len(vols)
-    for ev in vols:
-        rule = next((r for r in rules if r.matches(ev)), None)
-        if rule is None:
-            ignored += 1  # not an inbox we serve (e.g. our own outbox in the same bucket)
-            if has_dot_segments(ev.key):
-                log.warning("ignored an event for a key with '.' or '..' segments in bucket %s", ev.bucket)
-            continue
-        spec = rule.spec(ev)
-        try:
-            spec.output_prefix  # the key must name a case folder; one with control characters cannot
-        except MrisegError:
-            ignored += 1  # a job without an output prefix could never record why it failed
-            log.warning("ignored an event in bucket %s: its key cannot name an output folder (control "
-                        "characters, unpaired surrogates or over 1024 bytes)", ev.bucket[:63])
-            continue
-        specs.append(spec)
-    return specs, ignored
 
 
 def _until(epoch_s: float | None) -> float:
@@ -417,28 +257,6 @@ def local_submit(cfg: Mapping[str, Any]) -> Submit:
     seg = Segmenter(store, device=cfg.get("device", "auto"), threads=cfg.get("threads", 1))
     jobs = JobStore(cfg["jobs"], s3, lease_s=float(cfg.get("lease_s", 300.0)), signer=signer)
     return JobRunner(jobs, SegmenterEngine(seg), s3, max_bytes=cfg.get("max_bytes", 1 << 30)).run
-
-
-# -- setting up the queue and the notifications (moto in tests, AWS in production) --------
-def create_queue_with_dlq(sqs, name: str, max_receives: int = 5, visibility_timeout_s: int = 120) -> tuple[str, str]:
-    """A queue whose messages move to ``{name}-dlq`` after ``max_receives`` receives; returns both URLs."""
-    dlq_url = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    url = sqs.create_queue(QueueName=name, Attributes={
-        "VisibilityTimeout": str(visibility_timeout_s),
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)}),
-    })["QueueUrl"]
-    return url, dlq_url
-
-
-def configure_notifications(s3, sqs, bucket: str, queue_url: str, prefixes: Sequence[str]) -> None:
-    """Send ``s3:ObjectCreated:*`` of each inbox prefix in ``bucket`` to the queue (replaces the bucket's config)."""
-    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    configs = [{"Id": f"mriseg-{i}", "QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
-                "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": p}]}}}
-               for i, p in enumerate(prefixes)]
-    s3.put_bucket_notification_configuration(Bucket=bucket,
-                                             NotificationConfiguration={"QueueConfigurations": configs})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
