@@ -1,7 +1,7 @@
 """The time source of leases and backoffs, injectable so that tests advance time instead of waiting for it.
 
 Code that stamps a lease or a ``not_before`` and then waits for it to pass (:class:`serve.jobs.store.JobStore`,
-:class:`serve.jobs.pushes.PushJournal`, :class:`serve.cluster.intake.IntakeWorker`) takes a ``clock``:
+:class:`serve.jobs.pushes.PushJournal`, :class:`serve.jobs.intake.IntakeWorker`) takes a ``clock``:
 :data:`SYSTEM_CLOCK` by default, a :class:`ManualClock` in tests, which then call
 :meth:`ManualClock.advance` where the code would otherwise sleep for real.
 """

@@ -138,7 +138,7 @@ def test_an_event_jobs_resampling_order_reaches_the_router(serve_stack):
     """The intake's engine hands the job's -ro to the router by Ray handle: the published labels are the
     in-process Segmenter's at that order, and job.json records it with the int16 input's int32 cast."""
     from serve.storage import staging
-    from serve.cluster.intake import RouterEngine
+    from serve.cluster.router_engine import RouterEngine
     from serve.jobs.store import JobRunner, JobSpec, JobStore
     from serve.inference.modelstore import ModelStore
     from serve.inference.pipeline import Segmenter
@@ -412,7 +412,7 @@ def test_durable_jobs_run_through_the_cluster_once(serve_stack):
     """serve.jobs.store' runner with the intake's engine, which hands each job to the Router by Ray handle naming its
     site (no API key): outputs in S3, a resubmission does not recompute, a site the tenants lack is refused."""
     from serve.storage import staging
-    from serve.cluster.intake import RouterEngine, RouterJobError
+    from serve.cluster.router_engine import RouterEngine, RouterJobError
     from serve.jobs.store import JobRunner, JobSpec, JobStore
 
     s3 = serve_stack.extra["s3"]

@@ -42,7 +42,7 @@ class _Engine:
 
 # -- the scheduler alone ------------------------------------------------------------------------------------
 def test_a_sites_flood_waits_behind_itself_not_in_front_of_another_sites_job():
-    from serve.cluster.intake import SiteScheduler
+    from serve.jobs.scheduler import SiteScheduler
 
     order: list[str] = []
     gate = threading.Event()
@@ -69,7 +69,7 @@ def test_a_sites_flood_waits_behind_itself_not_in_front_of_another_sites_job():
 
 
 def test_a_site_runs_at_most_its_limit_while_other_sites_use_the_free_workers():
-    from serve.cluster.intake import SiteScheduler
+    from serve.jobs.scheduler import SiteScheduler
 
     running: dict[str, int] = {"a": 0, "b": 0}
     most: dict[str, int] = {"a": 0, "b": 0}
@@ -104,7 +104,7 @@ def test_a_site_runs_at_most_its_limit_while_other_sites_use_the_free_workers():
 
 
 def test_jobs_still_waiting_when_the_scheduler_closes_are_cancelled_not_run():
-    from serve.cluster.intake import SiteScheduler
+    from serve.jobs.scheduler import SiteScheduler
 
     gate = threading.Event()
     sched = SiteScheduler(1, dict)
@@ -121,7 +121,7 @@ def test_jobs_still_waiting_when_the_scheduler_closes_are_cancelled_not_run():
 
 # -- the worker, on real S3 ---------------------------------------------------------------------------------
 def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0, clock=SYSTEM_CLOCK):  # noqa: F811
-    from serve.cluster.intake import IntakeSettings
+    from serve.jobs.intake_settings import IntakeSettings
     from serve.jobs.store import JobRunner, JobStore
 
     settings = IntakeSettings(jobs=f"s3://jobs/{prefix}", lease_s=lease_s, concurrency=1, s3=seaweed.settings)
@@ -156,7 +156,7 @@ def _settled(worker, timeout: float = 120, clock: ManualClock | None = None, ste
 @pytest.mark.s3
 def test_one_sites_pushed_jobs_do_not_delay_another_sites_push(seaweed, unique_prefix, tmp_path):  # noqa: F811
     """Site a pushes five jobs, then site b one: b's runs second, not after a's backlog (before: one FIFO pool)."""
-    from serve.cluster.intake import IntakeWorker
+    from serve.jobs.intake import IntakeWorker
 
     engine = _Engine()
     engine.gate.clear()  # a's first job holds the one worker while the pushes arrive
@@ -181,7 +181,7 @@ def test_a_pushed_job_that_keeps_failing_retryably_is_given_up_with_a_reason(sea
     """The router answers 503 every time: five runs, each after a wait twice the last, then an error job.json the
     site can read, nothing held."""
     from serve.storage import staging
-    from serve.cluster.intake import IntakeWorker
+    from serve.jobs.intake import IntakeWorker
     from serve.jobs.pushes import MAX_ATTEMPTS, retry_delay_s
 
     clock = ManualClock()  # the 1 + 2 + 4 + 8 s of backoff pass on it, not in real time
@@ -215,7 +215,7 @@ def test_a_pushed_job_another_worker_holds_waits_for_its_claim_and_is_not_given_
     """A dead worker's claim outlives the five backed-off runs: those looks at a job running elsewhere are no
     runs of ours, so the pushed job waits for the claim to lapse, then runs and is done -- not let go and lost."""
     from serve.storage import staging
-    from serve.cluster.intake import IntakeWorker
+    from serve.jobs.intake import IntakeWorker
     from serve.jobs.store import JobStore
 
     engine = _Engine()
@@ -243,6 +243,17 @@ def test_the_wait_between_runs_of_an_unsettled_pushed_job_doubles_up_to_a_cap():
     assert retry_delay_s(12, 60) == MAX_RETRY_DELAY_S
 
 
+
+def test_a_configured_worker_without_a_runner_or_an_engine_says_to_give_one():
+    """The worker sits below the cluster and builds no engine of its own: the deployment hands it the router's."""
+    from serve.jobs.intake import IntakeWorker
+    from serve.jobs.intake_settings import IntakeSettings
+
+    with pytest.raises(TypeError, match="needs a runner or an engine"):
+        IntakeWorker(IntakeSettings(jobs="s3://jobs/records/"))
+    assert IntakeWorker(IntakeSettings()).runner is None  # intake off: nothing to run, nothing asked for
+
+
 @pytest.mark.s3
 def test_the_intake_signs_its_records_with_its_record_key_file_where_one_is_set(seaweed, unique_prefix, tmp_path,
                                                                                 monkeypatch):  # noqa: F811
@@ -250,7 +261,8 @@ def test_the_intake_signs_its_records_with_its_record_key_file_where_one_is_set(
     key file that cannot be read stops the intake, naming it."""
     import dataclasses
 
-    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.jobs.intake import IntakeWorker
+    from serve.jobs.intake_settings import IntakeSettings
     from serve.jobs.store import JobRunner, JobStore
     from serve.jobs.pushes import PushJournal
     from serve.jobs.records import RecordKeyError, RecordSigner

@@ -178,7 +178,7 @@ def test_inbox_rules_are_checked_when_loaded(change, says):
     ({"rules": [{**RULE, "output_root": "s3://in/b/out"}, {**RULE, "prefix": "b/", "site": "b"}]}, "inside site 'b'"),
 ])
 def test_event_settings_are_checked_when_loaded(change, says, monkeypatch):
-    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.jobs.intake_settings import ENV, IntakeSettings
 
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)
@@ -187,7 +187,7 @@ def test_event_settings_are_checked_when_loaded(change, says, monkeypatch):
 
 
 def test_sites_with_inboxes_side_by_side_or_one_site_with_nested_inboxes_are_accepted(monkeypatch):
-    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.jobs.intake_settings import ENV, IntakeSettings
 
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)
@@ -197,7 +197,7 @@ def test_sites_with_inboxes_side_by_side_or_one_site_with_nested_inboxes_are_acc
 
 
 def test_unparseable_rules_file_is_a_clear_error(tmp_path, monkeypatch):
-    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.jobs.intake_settings import ENV, IntakeSettings
 
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)
@@ -224,7 +224,7 @@ TENANTS = {"sites": {"a": {"keys": ["a" * 16], "prefixes": ["s3://in/a/", "s3://
     ({**RULE, "site": "b", "bucket": "in2", "prefix": "", "output_root": "s3://out/x"}, None),  # b has all of in2
 ])
 def test_rules_are_checked_against_the_tenants_at_start(rule, says, monkeypatch):
-    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.jobs.intake_settings import ENV, IntakeSettings
     from serve.router.tenancy import Tenancy
 
     for var in ENV.values():
@@ -251,7 +251,7 @@ def test_rules_are_checked_against_the_tenants_at_start(rule, says, monkeypatch)
     ("s3://in/ab/", None),           # "ab/" is not inside "a/" or "b/"
 ])
 def test_the_job_record_prefix_lies_outside_every_sites_prefixes(jobs, holder, monkeypatch):
-    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.jobs.intake_settings import ENV, IntakeSettings
     from serve.router.tenancy import Tenancy
 
     for var in ENV.values():
@@ -264,14 +264,28 @@ def test_the_job_record_prefix_lies_outside_every_sites_prefixes(jobs, holder, m
         IntakeSettings.from_mapping({"jobs": jobs, "rules": [RULE]}, tenancy=tenancy)
 
 
+
+@pytest.mark.parametrize("a,b,nest", [
+    ("s3://in/a/", "s3://in/a", True),        # the same prefix, written with and without the slash
+    ("s3://in/a/jobs/", "s3://in/a/", True),  # one inside the other, either way round
+    ("s3://in/", "s3://in/a/", True),         # the whole bucket holds every prefix in it
+    ("s3://in/ab/", "s3://in/a/", False),     # whole path segments: "ab/" is not inside "a/"
+    ("s3://in2/a/", "s3://in/a/", False),     # another bucket
+])
+def test_prefixes_nest_on_whole_path_segments(a, b, nest):
+    from serve.jobs.rules import prefixes_nest
+
+    assert prefixes_nest(a, b) is nest and prefixes_nest(b, a) is nest
+
+
 def test_the_site_keys_of_earlier_versions_are_ignored_with_a_warning(monkeypatch, caplog):
     """The intake reaches the router by Ray handle; a config still naming the keys starts, and says to remove them."""
-    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.jobs.intake_settings import ENV, IntakeSettings
 
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MRISEG_EVENTS_SITE_KEYS_FILE", "/nonexistent/site-keys.json")  # not read any more
-    with caplog.at_level("WARNING", logger="serve.cluster.intake"):
+    with caplog.at_level("WARNING", logger="serve.jobs.intake_settings"):
         settings = IntakeSettings.from_mapping({"jobs": "s3://j/p", "rules": [RULE], "api_url": "http://x:8000",
                                                 "site_keys_file": "/nonexistent/site-keys.json",
                                                 "site_keys": {"a": "k" * 16}})

@@ -360,7 +360,8 @@ def test_moto_honours_the_conditional_writes_too(moto, unique_prefix):  # noqa: 
 
 def test_pushed_jobs_outlive_the_replica_that_accepted_them(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
     """A push answered 202 is held in S3 first: a replica that dies with it queued loses nothing."""
-    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.jobs.intake import IntakeWorker
+    from serve.jobs.intake_settings import IntakeSettings
 
     settings = IntakeSettings(jobs=f"s3://jobs/{unique_prefix}", lease_s=4.0, concurrency=1, s3=seaweed.settings)
 

@@ -384,7 +384,8 @@ def test_the_intake_runs_as_many_queued_jobs_at_once_as_its_concurrency(moto, tm
     """One long job must not hold up every other event on the queue."""
     import threading
 
-    from serve.cluster.intake import IntakeSettings, IntakeWorker
+    from serve.jobs.intake import IntakeWorker
+    from serve.jobs.intake_settings import IntakeSettings
     from serve.jobs.store import JobOutcome
 
     env = make_env(moto, max_receives=5, visibility=30, heartbeat=5.0)

@@ -100,7 +100,7 @@ def test_sqs_settings_stay_within_what_sqs_takes(change, says):
 
 @pytest.mark.parametrize("key,value", [("lease_s", math.inf), ("concurrency", 1.5), ("max_bytes", True)])
 def test_event_numbers_are_finite_and_whole_where_they_count(key, value, monkeypatch):
-    from serve.cluster.intake import ENV, IntakeSettings
+    from serve.jobs.intake_settings import ENV, IntakeSettings
 
     for var in ENV.values():
         monkeypatch.delenv(var, raising=False)

@@ -20,12 +20,13 @@ from ray.serve.handle import DeploymentHandle
 from serve.api.app import create_app
 from serve.catalogue import load_catalogue
 from serve.cluster.deployments import SubModelDeployment, SubModelSettings
-from serve.cluster.intake import RETIRED_SETTINGS, EventIntake, EventsArg, IntakeSettings
+from serve.cluster.intake import EventIntake
 from serve.cluster.metrics import IngressMetrics, start_metrics_server
 from serve.demo import ensure_demo_models
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
 from serve.imaging.sandbox import SandboxedDecoder, SandboxPolicy
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
+from serve.jobs.intake_settings import RETIRED_SETTINGS, EventsArg, IntakeSettings
 from serve.router.service import JobService, RouterSettings
 from serve.router.tenancy import Tenancy
 from serve.settings_checks import check, error_line, whole
@@ -235,7 +236,7 @@ class AppArgs(BaseModel):
     metrics_port: whole(0, 65535) | None = None
     metrics_host: StrictStr | None = None
     deployment_options: dict[str, dict[str, Any]] | None = None  # deployment name (or "submodel_defaults") -> options
-    events: dict[str, Any] | None = None           # serve.cluster.intake.EventsArg; present: the EventIntake runs
+    events: dict[str, Any] | None = None           # serve.jobs.intake_settings.EventsArg; present: the EventIntake runs
     sandbox: dict[str, Any] | None = None          # serve.imaging.sandbox.SandboxPolicy
 
     @model_validator(mode="wrap")
@@ -298,7 +299,7 @@ def build_app(args: AppArgs) -> rayserve.Application:
             (device, threads, precision, gpu_memory_fraction, tile_step_size), ``tenants_file``,
             ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
             ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options),
-            ``events`` (S3 event intake: :class:`serve.cluster.intake.IntakeSettings`; adds the
+            ``events`` (S3 event intake: :class:`serve.jobs.intake_settings.IntakeSettings`; adds the
             ``EventIntake`` deployment and ``POST /v1/events``), ``sandbox`` (the decoder sandbox:
             :class:`serve.imaging.sandbox.SandboxPolicy`; its ``require`` list decides readiness).
 

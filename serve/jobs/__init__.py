@@ -1,1 +1,1 @@
-"""Durable S3 jobs: spec, store, runner, events, inbox rules, SQS consumer, pushes and records."""
+"""Durable S3 jobs: spec, store, runner, events, inbox rules, SQS consumer, the event intake, pushes and records."""

@@ -141,6 +141,20 @@ def check_rules(rules: Sequence[InboxRule]) -> list[InboxRule]:
     return list(rules)
 
 
+def prefixes_nest(a: str, b: str) -> bool:
+    """Whether two ``s3://`` prefixes nest: equal, or one inside the other, on whole path segments.
+
+    Args:
+        a: an ``s3://bucket/prefix`` (``s3://b/x`` and ``s3://b/x/`` are the same prefix).
+        b: another.
+
+    Returns:
+        True if an object could lie under both.
+    """
+    ia, ib = _inbox(*parse_s3_uri(a)), _inbox(*parse_s3_uri(b))
+    return ia.startswith(ib) or ib.startswith(ia)
+
+
 def specs_for_events(events: Sequence[ObjectEvent], rules: Sequence[InboxRule]) -> tuple[list[JobSpec], int]:
     """Jobs for the volume events that fall in an inbox rule; also how many events were ignored.
 
