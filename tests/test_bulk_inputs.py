@@ -68,8 +68,8 @@ def test_the_routers_output_set_names_the_input_version_so_a_replaced_input_runs
     async def segment() -> None:
         svc = JobService(Tenancy.load(tmp_path / "tenants.yaml"), labels, describe, ["organs"],
                          RouterSettings(results_dir=str(tmp_path / "r"), s3=dataclasses.asdict(seaweed.settings)),
-                         put=lambda array: array)
-        svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})  # no label maps
+                         put=lambda array: array,
+                         merge=lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {}))  # no label maps
         job = svc.submit(svc.tenancy.sites["site-a"], JobOptions(["spleen"], False, ("statistics",),
                                                                  spec.output_prefix), input_uri=uri)
         await asyncio.wait_for(svc.wait(job), 120)

@@ -31,14 +31,15 @@ async def _labels(name, refs, spacing):
     return {"labels": np.zeros(refs[0].shape, np.uint8), "started": 0.0, "finished": 0.0}
 
 
-def _service(tmp_path, call=_labels, reserved=(), **settings) -> JobService:
+def _service(tmp_path, call=_labels, reserved=(), describe=_described, deployed=("organs",),
+             **settings) -> JobService:
     tenancy = Tenancy.load(write_tenants(tmp_path / "tenants.yaml"), reload_interval_s=0.05)
-    svc = JobService(tenancy, call, _described, ["organs"], RouterSettings(results_dir=str(tmp_path / "r"),
-                                                                            **settings),
-                     put=lambda array: array, reserved_prefixes=reserved)
-    # the stand-in sub-model's labels carry no label map: merge to an empty segmentation on the input grid
-    svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})
-    return svc
+    return JobService(tenancy, call, describe, list(deployed), RouterSettings(results_dir=str(tmp_path / "r"),
+                                                                              **settings),
+                      put=lambda array: array, reserved_prefixes=reserved,
+                      # the stand-in sub-model's labels carry no label map: merge to an empty segmentation on the
+                      # input grid
+                      merge=lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {}))
 
 
 def _run(svc: JobService, site: str = "site-a", data: bytes = VOLUME, input_uri: str = IN, output_prefix: str = OUT,
@@ -84,13 +85,12 @@ def test_an_unreachable_sub_model_is_retried_not_skipped(tmp_path):
         return await _described(name)
 
     async def main():
-        svc = _service(tmp_path)
+        svc = _service(tmp_path, describe=described)
         svc.deployed = [sm.name for sm in svc.catalogue.submodels]
-        svc._describe = described
         down = await svc.event_checksums("site-a", None, False)
         assert down["error"]["status"] == 503 and down["error"]["retryable"] and "muscles" in down["error"]["detail"]
         states["muscles"] = "unavailable"
-        svc._descriptions.clear()
+        svc.submodels.descriptions.clear()
         assert "muscles" not in (await svc.event_checksums("site-a", None, False))["checksums"]
         named = await svc.event_checksums("site-a", ["autochthon_left"], False)
         assert named["error"]["status"] == 409 and "muscles" in named["error"]["detail"]
@@ -112,7 +112,7 @@ def test_an_event_job_outside_what_the_tenants_grant_its_site_is_refused_before_
     svc = _service(tmp_path, max_upload_bytes=1024 if "data" in change else 256 << 20)
     reply = _run(svc, **change)
     assert reply["error"]["status"] == status and says in reply["error"]["detail"], reply
-    assert not reply["error"]["retryable"] and svc.jobs == {} and not list(svc._incoming.iterdir())
+    assert not reply["error"]["retryable"] and svc.jobs == {} and not list(svc.spool.root.iterdir())
 
 
 def test_a_site_removed_from_the_tenants_file_has_its_event_jobs_refused(tmp_path):

@@ -15,13 +15,15 @@ from serve.errors import MrisegError
 from tests.ray_fixtures import BUCKET, write_tenants
 
 
-def _service(tmp_path, **settings) -> JobService:
+def _service(tmp_path, execute=None, **settings) -> JobService:
+    """A job service on ``tmp_path`` whose jobs run ``execute`` (default: the real execution)."""
     tenancy = Tenancy.load(write_tenants(tmp_path / "tenants.yaml"))
 
     async def never(*_a, **_k):  # sub-models are not reached in these tests
         raise AssertionError("no sub-model call expected")
 
-    return JobService(tenancy, never, never, [], RouterSettings(results_dir=str(tmp_path / "results"), **settings))
+    return JobService(tenancy, never, never, [], RouterSettings(results_dir=str(tmp_path / "results"), **settings),
+                      execute=execute)
 
 
 def test_record_round_trip_keeps_every_field():
@@ -68,7 +70,7 @@ def test_unreadable_record_is_set_aside(tmp_path):
 def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_path, caplog):
     caplog.set_level("INFO", logger="mriseg.audit")
     old = _service(tmp_path)
-    incoming = old._incoming
+    incoming = old.spool.root
     s3_job = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-a/a.nii.gz", status="running")
     spooled_job = Job(site="site-b", options=JobOptions(), status="queued")
     (incoming / f"{spooled_job.id}.nii.gz").write_bytes(b"volume bytes")
@@ -83,14 +85,13 @@ def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_pat
     for j in (s3_job, spooled_job, lost_upload, looping, patient, gone_site, done):
         old.journal.save(j)
 
-    new = _service(tmp_path)
     ran: list[tuple[str, str | None, str]] = []
 
     async def fake_execute(job, spooled, filename):
         ran.append((job.id, spooled.name if spooled else None, filename))
         return job
 
-    new._execute = fake_execute
+    new = _service(tmp_path, fake_execute)
 
     async def go():
         n = new.resume_interrupted()
@@ -142,7 +143,6 @@ def test_a_failed_job_logs_no_object_key_from_its_causes(tmp_path, caplog):
     key = "site-a/Jane_Doe_1961-04-02.nii.gz"
     job = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/{key}", status="running")
     old.journal.save(job)
-    new = _service(tmp_path)
 
     async def unreachable(job, spooled, filename):
         try:
@@ -150,7 +150,7 @@ def test_a_failed_job_logs_no_object_key_from_its_causes(tmp_path, caplog):
         except EndpointConnectionError as e:
             raise storage_error(e, BUCKET, "read the input") from e
 
-    new._execute = unreachable
+    new = _service(tmp_path, unreachable)
 
     async def go():
         new.resume_interrupted()
@@ -169,10 +169,10 @@ def test_a_spooled_upload_no_job_owns_is_removed_at_start(tmp_path):
     old = _service(tmp_path)
     queued = Job(site="site-a", options=JobOptions(), status="queued")
     old.journal.save(queued)
-    (old._incoming / f"{queued.id}.nii.gz").write_bytes(b"kept: its job resumes from it")
-    (old._incoming / "0123456789abcdef0123456789abcdef.nii.gz").write_bytes(b"orphan: died before the journal")
+    (old.spool.root / f"{queued.id}.nii.gz").write_bytes(b"kept: its job resumes from it")
+    (old.spool.root / "0123456789abcdef0123456789abcdef.nii.gz").write_bytes(b"orphan: died before the journal")
     new = _service(tmp_path)
-    assert [f.name for f in new._incoming.iterdir()] == [f"{queued.id}.nii.gz"]
+    assert [f.name for f in new.spool.root.iterdir()] == [f"{queued.id}.nii.gz"]
 
 
 def _break_journal(svc: JobService) -> None:
@@ -188,7 +188,7 @@ def test_a_restart_onto_a_failing_disk_settles_every_interrupted_job_in_memory_a
     resumable = Job(site="site-a", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-a/a.nii.gz", status="running")
     lost_upload = Job(site="site-a", options=JobOptions(), status="running")
     spooled_job = Job(site="site-b", options=JobOptions(), status="queued")
-    (old._incoming / f"{spooled_job.id}.nii.gz").write_bytes(b"volume bytes")
+    (old.spool.root / f"{spooled_job.id}.nii.gz").write_bytes(b"volume bytes")
     for j in (resumable, lost_upload, spooled_job):
         old.journal.save(j)
     new = _service(tmp_path)
@@ -198,26 +198,25 @@ def test_a_restart_onto_a_failing_disk_settles_every_interrupted_job_in_memory_a
         job = new.jobs[j.id]
         assert job.status == "failed" and job.error["status"] == 503, job
     assert "resubmit" in new.jobs[resumable.id].error["detail"]
-    assert not list(new._incoming.iterdir())
+    assert not list(new.spool.root.iterdir())
     assert new.scheduler.stats().running == 0
     assert sum("journal record could not be written" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_a_job_settling_onto_a_failing_disk_still_settles_and_cleans_its_spool(tmp_path):
-    svc = _service(tmp_path)
-    job = Job(site="site-a", options=JobOptions(), status="running")
-    (svc._incoming / f"{job.id}.nii.gz").write_bytes(b"volume bytes")
-    svc.jobs[job.id] = job
+    async def breaks_the_disk(job, spooled, filename):  # the job ran; the disk fails before it is settled
+        assert spooled is not None and spooled.read_bytes() == b"volume bytes"
+        _break_journal(svc)
+        return job
+
+    svc = _service(tmp_path, breaks_the_disk)
 
     async def go():
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(job)
-        svc._futures[job.id] = fut
-        _break_journal(svc)
-        svc._settled(job, fut)
+        job = svc.submit(svc.tenancy.sites["site-a"], JobOptions(), upload=b"volume bytes")
+        return await svc.wait(job)
 
-    asyncio.run(go())
-    assert job.status == "succeeded" and not list(svc._incoming.iterdir())
+    job = asyncio.run(go())
+    assert job.status == "succeeded" and not list(svc.spool.root.iterdir())
 
 
 _CANCEL_ON_A_FULL_DISK = """
@@ -279,18 +278,16 @@ def test_the_journal_can_live_in_a_folder_of_its_own(tmp_path):
     journal = tmp_path / "journal-volume"
     old = _service(tmp_path, journal_dir=str(journal))
     queued = Job(site="site-a", options=JobOptions(), status="queued")
-    (old._incoming / f"{queued.id}.nii.gz").write_bytes(b"volume bytes")
+    (old.spool.root / f"{queued.id}.nii.gz").write_bytes(b"volume bytes")
     old.journal.save(queued)
     assert [p.name for p in journal.iterdir()] == [f"{queued.id}.json"]
     assert not (tmp_path / "results" / ".jobs").exists()
 
-    new = _service(tmp_path, journal_dir=str(journal))
-    assert list(new._incoming.iterdir())  # its journalled job owns the spooled upload: kept
-
     async def quick(job, spooled, filename):
         return job
 
-    new._execute = quick
+    new = _service(tmp_path, quick, journal_dir=str(journal))
+    assert list(new.spool.root.iterdir())  # its journalled job owns the spooled upload: kept
 
     async def go():
         assert new.resume_interrupted() == 1
@@ -298,7 +295,7 @@ def test_the_journal_can_live_in_a_folder_of_its_own(tmp_path):
 
     asyncio.run(go())
     assert [j.status for j in JobJournal(journal).load()] == ["succeeded"]
-    assert not list(new._incoming.iterdir())
+    assert not list(new.spool.root.iterdir())
 
 
 def test_a_restart_re_authorises_each_job_against_the_tenants_file_as_it_now_is(tmp_path, caplog):
@@ -315,7 +312,7 @@ def test_a_restart_re_authorises_each_job_against_the_tenants_file_as_it_now_is(
                      input_uri=f"s3://{BUCKET}/site-a/in/c.nii.gz", status="running", resumed=1)
     upload_out = Job(site="site-a", options=JobOptions(output_prefix=f"s3://{BUCKET}/site-a/old/out/"),
                      status="queued")
-    (old._incoming / f"{upload_out.id}.nii.gz").write_bytes(b"volume bytes")
+    (old.spool.root / f"{upload_out.id}.nii.gz").write_bytes(b"volume bytes")
     gone = Job(site="site-b", options=JobOptions(), input_uri=f"s3://{BUCKET}/site-b/d.nii.gz", status="queued")
     for j in (inside, input_out, output_out, upload_out, gone):
         old.journal.save(j)
@@ -329,15 +326,14 @@ def test_a_restart_re_authorises_each_job_against_the_tenants_file_as_it_now_is(
     async def never(*_a, **_k):
         raise AssertionError("no sub-model call expected")
 
-    new = JobService(Tenancy.load(tmp_path / "now.yaml"), never, never, [],
-                     RouterSettings(results_dir=str(tmp_path / "results")))
     ran: list[str] = []
 
     async def fake_execute(job, spooled, filename):
         ran.append(job.id)
         return job
 
-    new._execute = fake_execute
+    new = JobService(Tenancy.load(tmp_path / "now.yaml"), never, never, [],
+                     RouterSettings(results_dir=str(tmp_path / "results")), execute=fake_execute)
 
     async def go():
         n = new.resume_interrupted()
@@ -353,7 +349,7 @@ def test_a_restart_re_authorises_each_job_against_the_tenants_file_as_it_now_is(
         assert "s3://" not in job.error["detail"]
     assert new.jobs[output_out.id].resumed == 1  # refused, not charged another restart
     assert new.jobs[gone.id].status == "failed" and "no longer configured" in new.jobs[gone.id].error["detail"]
-    assert not list(new._incoming.iterdir())  # the refused upload's spooled volume goes with it
+    assert not list(new.spool.root.iterdir())  # the refused upload's spooled volume goes with it
     on_disk = {j.id: j.status for j in JobJournal(tmp_path / "results" / ".jobs").load()}
     assert on_disk[input_out.id] == on_disk[output_out.id] == on_disk[upload_out.id] == "failed"
     settled = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mriseg.audit"]
@@ -365,9 +361,9 @@ def test_a_site_removed_from_the_tenants_file_drains_its_accepted_jobs(tmp_path)
     """The scheduler asks for the limit of a site whose queued jobs outlived its tenants entry: one at a time,
     not a KeyError that would stop the scheduler for every site."""
     svc = _service(tmp_path)
-    assert svc._site_limit("site-a") == svc.tenancy.sites["site-a"].max_concurrent_jobs
+    assert svc.site_limit("site-a") == svc.tenancy.sites["site-a"].max_concurrent_jobs
     svc.tenancy.sites.pop("site-a")
-    assert svc._site_limit("site-a") == 1
+    assert svc.site_limit("site-a") == 1
 
 
 def test_the_idempotency_key_and_request_fingerprint_survive_a_restart(tmp_path):

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from serve.router import service as router_mod
+from serve.errors import ConflictError
+from serve.inference.preprocess import prepare
 from serve.router.state import Job, JobOptions
 from serve.router.service import JobService, RouterSettings
 from serve.router.tenancy import Tenancy
@@ -24,10 +25,17 @@ async def _ready(name):
     return {"state": "ready", "model": SimpleNamespace(checksum="c0ffee", dataset_json={})}
 
 
-def _service(tmp_path, call, describe=_ready, deployed=("organs",), **settings) -> JobService:
+def _service(tmp_path, call, describe=_ready, deployed=("organs",), steps=None, **settings) -> JobService:
+    """A job service on ``tmp_path``; ``steps`` replace its parts (JobService's execute, merge, write, ...)."""
     tenancy = Tenancy.load(write_tenants(tmp_path / "tenants.yaml"))
     return JobService(tenancy, call, describe, list(deployed), RouterSettings(results_dir=str(tmp_path / "r"),
-                                                                             **settings), put=lambda array: array)
+                                                                             **settings), put=lambda array: array,
+                      **(steps or {}))
+
+
+def _empty_merge(volume, *rest):
+    """The stand-in sub-model's labels carry no label map: an empty segmentation on the input grid."""
+    return np.zeros(volume.shape, np.uint8), {}, {}
 
 
 async def _labels(name, refs, spacing):
@@ -78,23 +86,21 @@ def test_a_call_cancelled_under_the_router_is_a_failure_not_a_user_cancel(tmp_pa
 
 
 def test_cancel_after_the_job_finished_but_before_it_settled_is_409(tmp_path):
+    async def quick(job, spooled, filename):
+        return job
+
     async def main():
-        svc = _service(tmp_path, _labels)
-
-        async def quick(job, spooled, filename):
-            return job
-
-        svc._execute = quick
+        svc = _service(tmp_path, _labels, steps={"execute": quick})
         site = svc.tenancy.sites["site-a"]
         job = svc.submit(site, SPLEEN, upload=VOLUME)
-        fut = svc._futures[job.id]
+        fut = svc.future(job.id)
         while not fut.done():
             await asyncio.sleep(0)
         assert not job.done  # the done-callback that settles it has not run yet
         try:
             svc.cancel(site, job.id)
             raise AssertionError("cancel must refuse a finished job")
-        except router_mod.ConflictError as e:
+        except ConflictError as e:
             assert "already succeeded" in e.message
         await asyncio.sleep(0.05)
         assert svc.get(site, job.id).status == "succeeded" and svc.journal.load()[0].status == "succeeded"
@@ -102,7 +108,7 @@ def test_cancel_after_the_job_finished_but_before_it_settled_is_409(tmp_path):
     asyncio.run(main())
 
 
-def test_cancel_during_the_write_keeps_the_slot_until_the_thread_ends_and_skips_the_upload(tmp_path, monkeypatch):
+def test_cancel_during_the_write_keeps_the_slot_until_the_thread_ends_and_skips_the_upload(tmp_path):
     uploads, writing = [], []
 
     def slow_write(result, volume, outdir, outputs, roi_subset=None):
@@ -110,12 +116,9 @@ def test_cancel_during_the_write_keeps_the_slot_until_the_thread_ends_and_skips_
         time.sleep(0.5)
         return {}
 
-    monkeypatch.setattr(router_mod, "write_result", slow_write)
-
     async def main():
-        svc = _service(tmp_path, _labels, slots=1)
-        svc._upload = lambda outdir, prefix: uploads.append(prefix) or {}
-        svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})
+        svc = _service(tmp_path, _labels, slots=1, steps={
+            "write": slow_write, "upload": lambda outdir, prefix: uploads.append(prefix) or {}, "merge": _empty_merge})
         site = svc.tenancy.sites["site-a"]
         opts = JobOptions(["spleen"], False, ("statistics",), f"s3://{BUCKET}/site-a/out/")
         job = svc.submit(site, opts, upload=VOLUME)
@@ -128,9 +131,9 @@ def test_cancel_during_the_write_keeps_the_slot_until_the_thread_ends_and_skips_
 def test_a_stuck_job_does_not_pin_every_later_job_in_memory(tmp_path):
     svc = _service(tmp_path, _labels, max_jobs_kept=2)
     stuck = Job(site="site-a", options=SPLEEN, status="running")
-    svc._remember(stuck)
+    svc.kept.remember(stuck)
     for _ in range(5):
-        svc._remember(Job(site="site-a", options=SPLEEN, status="succeeded"))
+        svc.kept.remember(Job(site="site-a", options=SPLEEN, status="succeeded"))
     assert len(svc.jobs) == 2 and stuck.id in svc.jobs
 
 
@@ -143,14 +146,14 @@ def test_a_journal_record_of_the_wrong_shape_is_set_aside_and_the_rest_resume(tm
         old.journal.save(bad)
         path = old.journal.root / f"{bad.id}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
-    new = _service(tmp_path, _labels)  # a bad 'created' used to break the sort at start-up
+
+    async def quick(job, spooled, filename):
+        return job
+
+    new = _service(tmp_path, _labels, steps={"execute": quick})  # a bad 'created' used to break the sort at start-up
     assert list(new.jobs) == [good.id] and len(list(new.journal.root.glob("*.unreadable"))) == 4
 
     async def main():
-        async def quick(job, spooled, filename):
-            return job
-
-        new._execute = quick
         assert new.resume_interrupted() == 1
         await new.wait(new.jobs[good.id])
 
@@ -192,8 +195,7 @@ def test_a_job_the_router_cannot_record_is_refused_with_503_and_never_runs(tmp_p
         return await _labels(name, refs, spacing)
 
     async def main():
-        svc = _service(tmp_path, call)
-        svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})
+        svc = _service(tmp_path, call, steps={"merge": _empty_merge})
         site = svc.tenancy.sites["site-a"]
         shutil.rmtree(svc.journal.root)
         svc.journal.root.write_text("")  # a real OSError (not a directory) on every journal write
@@ -203,7 +205,7 @@ def test_a_job_the_router_cannot_record_is_refused_with_503_and_never_runs(tmp_p
                 submit()
         await asyncio.sleep(0.5)
         assert calls == [] and svc.scheduler.stats().running == 0 and not svc.jobs
-        assert list(svc._incoming.iterdir()) == []  # no spooled upload left behind
+        assert svc.spool.files() == []  # no spooled upload left behind
         svc.journal.root.unlink()
         svc.journal.root.mkdir()
         job = svc.submit(site, SPLEEN, upload=VOLUME)  # the disk is back: accepted and run
@@ -247,28 +249,23 @@ def test_a_full_run_with_an_unreadable_model_source_is_503_not_a_partial_result(
         assert full.status == "failed" and full.error["status"] == 503 and "muscles" in full.error["detail"]
         # a model that is simply not deployed is still skipped and reported
         svc = _service(tmp_path, _labels, _ready, deployed=("organs",))
-        sms, _, skipped = await svc._plan(Job(site="site-a", options=JobOptions()))
+        sms, _, skipped = await svc.submodels.plan(Job(site="site-a", options=JobOptions()))
         assert [sm.name for sm in sms] == ["organs"] and "muscles" in skipped
 
     asyncio.run(main())
 
 
-def test_cancel_during_a_worker_thread_stage_keeps_the_slot_until_the_thread_ends(tmp_path, monkeypatch):
+def test_cancel_during_a_worker_thread_stage_keeps_the_slot_until_the_thread_ends(tmp_path):
     """Otherwise a site could cancel and resubmit past its limit while the orphaned threads pile up."""
-    import serve.router.service
-
     started = []
-    real_prepare = serve.router.service.prepare
 
     def slow_prepare(volume, spacing, **kw):
         started.append(time.time())
         time.sleep(0.5)
-        return real_prepare(volume, spacing, **kw)
-
-    monkeypatch.setattr(serve.router.service, "prepare", slow_prepare)  # the name the job service calls
+        return prepare(volume, spacing, **kw)
 
     async def main():
-        svc = _service(tmp_path, _labels, slots=1)
+        svc = _service(tmp_path, _labels, slots=1, steps={"prepare": slow_prepare})
         site = svc.tenancy.sites["site-a"]
         job = svc.submit(site, SPLEEN, upload=VOLUME)
         await _cancel_while_its_thread_runs(svc, site, job, started)
@@ -317,10 +314,10 @@ def test_a_site_at_its_job_limit_is_answered_before_its_upload_body_is_read(tmp_
 def test_a_site_flooding_the_router_evicts_its_own_finished_jobs_not_another_sites(tmp_path):
     svc = _service(tmp_path, _labels, max_jobs_kept=4)
     theirs = Job(site="site-b", options=SPLEEN, status="succeeded")
-    svc._remember(theirs)
+    svc.kept.remember(theirs)
     flood = [Job(site="site-a", options=SPLEEN, status="failed") for _ in range(10)]
     for j in flood:
-        svc._remember(j)
+        svc.kept.remember(j)
     assert len(svc.jobs) == 4 and theirs.id in svc.jobs
     assert [j for j in svc.jobs.values() if j.site == "site-a"] == flood[-3:]  # the flood's newest stay
 
@@ -338,7 +335,7 @@ def test_router_restarts_are_charged_to_the_running_job_only(tmp_path):
     crasher, waiting = (Job(site=s, options=SPLEEN, status=st) for s, st in (("site-a", "running"),
                                                                              ("site-b", "queued")))
     for job in (crasher, waiting):  # the disk as a router that died while the crasher ran left it
-        (first._incoming / f"{job.id}.nii.gz").write_bytes(VOLUME)
+        (first.spool.root / f"{job.id}.nii.gz").write_bytes(VOLUME)
         first.journal.save(job)
     shutil.copytree(first.settings.results_dir, tmp_path / "life1" / "r")  # life N runs on the disk N-1 left
 
@@ -349,10 +346,10 @@ def test_router_restarts_are_charged_to_the_running_job_only(tmp_path):
             died.set()
             await asyncio.Event().wait()
 
-        svc = _service(tmp_path / f"life{restart}", crashes_the_router, slots=1, max_resumes=max_resumes)
-        svc._merge_restore = lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {})
-        if restart == max_resumes + 1:
-            svc._call = _labels  # the crasher is given up below: what runs now answers
+        # in the last life the crasher is given up below: what runs now answers
+        call = _labels if restart == max_resumes + 1 else crashes_the_router
+        svc = _service(tmp_path / f"life{restart}", call, slots=1, max_resumes=max_resumes,
+                       steps={"merge": _empty_merge})
 
         async def one_life(svc=svc, restart=restart):
             assert svc.resume_interrupted() == (2 if restart <= max_resumes else 1)
@@ -380,7 +377,7 @@ def test_router_restarts_are_charged_to_the_running_job_only(tmp_path):
 def _kept(svc: JobService, job: Job) -> None:
     """What submit does with a new job: journal it, then keep it (evicting what the bounds say)."""
     svc.journal.save(job)
-    svc._remember(job)
+    svc.kept.remember(job)
 
 
 def test_the_journal_is_bounded_by_bytes_evicting_settled_jobs_oldest_first(tmp_path):
@@ -430,13 +427,13 @@ def test_a_job_an_idempotency_key_made_within_a_day_is_evicted_after_the_rest_of
                   created=time.time() - 25 * 3600)
     keyed = Job(site="site-a", options=SPLEEN, status="succeeded", idempotency_key="k1", request_hash="h")
     for j in (day_old, keyed):
-        svc._remember(j)
+        svc.kept.remember(j)
     flood = [Job(site="site-a", options=SPLEEN, status="failed") for _ in range(4)]
     for j in flood:
-        svc._remember(j)
+        svc.kept.remember(j)
     assert list(svc.jobs) == [keyed.id] + [j.id for j in flood[-2:]]
     assert "less than a day old is evicted" not in caplog.text
     svc.settings.max_jobs_kept = 1
-    svc._remember(Job(site="site-b", options=SPLEEN, status="running"))  # running: never evicted
+    svc.kept.remember(Job(site="site-b", options=SPLEEN, status="running"))  # running: never evicted
     assert [j.site for j in svc.jobs.values()] == ["site-b"]
     assert "less than a day old is evicted" in caplog.text

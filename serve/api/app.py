@@ -32,9 +32,11 @@ from serve.errors import (LengthRequiredError, MrisegError, NotFoundError, Servi
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.jobs.rules import specs_for_events
 from serve.jobs.events import parse_message
+from serve.jobs.store import OUTPUT_KINDS
 from serve.outputs import layout
-from serve.router.service import OUTPUT_KINDS, JobService, check_upload_name
+from serve.router.service import JobService
 from serve.router.state import JobOptions
+from serve.router.submission import check_upload_name
 from serve.router.tenancy import Site
 
 log = logging.getLogger(__name__)

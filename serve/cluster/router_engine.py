@@ -17,7 +17,7 @@ from ray import serve as rayserve
 from serve.errors import MrisegError, ServiceUnavailableError
 from serve.jobs.store import JobSpec
 from serve.outputs import layout
-from serve.router.service import _is_replica_failure
+from serve.router.submodels import is_replica_failure
 
 #: how long one call to the router may take (a job with its queueing; the checksums, which may start a
 #: sub-model scaled to zero) before the intake stops waiting
@@ -70,7 +70,7 @@ class RouterEngine:
             raise ServiceUnavailableError(f"the router did not answer within {timeout_s:g} s; the job is "
                                           f"retried") from e
         except Exception as e:
-            if _is_replica_failure(e):  # the router restarting or replaced: a later run can succeed
+            if is_replica_failure(e):  # the router restarting or replaced: a later run can succeed
                 raise ServiceUnavailableError(f"the router cannot be reached right now ({type(e).__name__}); "
                                               f"the job is retried") from e
             raise
