@@ -188,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    import dataclasses
     import tempfile
 
     from loadtest import localcluster
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s3_inputs = put_s3_inputs(s3.client(), localcluster.BUCKET, uploads[0].read_bytes())
         cluster = localcluster.start(ensure_demo_models(), submodels=[sm.name for sm in load_catalogue().submodels],
-                                     threads=1, slots=2, s3=dataclasses.asdict(s3.settings))
+                                     threads=1, slots=2, s3=s3.settings.model_dump())
         keys = {s: k for s, k in localcluster.SITE_KEYS.items() if s in s3_inputs}
         res = soak(cluster.url, keys, localcluster.cluster_pids, int(args.minutes * 60), uploads, work,
                    users=args.users, interval_s=args.interval, s3_inputs=s3_inputs)

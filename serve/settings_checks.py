@@ -1,10 +1,12 @@
 """Typed settings: the number types and the error wording every settings reader shares.
 
-Every settings reader is a dataclass whose field types say their own ranges
-(``Annotated`` pydantic constraints) and whose ``__pydantic_config__`` is
-:data:`STRICT` (``extra="forbid"``); :func:`check` validates a file's mapping
-into it with pydantic. Code, and tests, may still build one directly with values
-a file may not hold (a sub-second timeout in a test). YAML hands over ``true``, ``"5"``, ``.inf`` and ``.nan`` as
+Every settings reader is a ``pydantic.BaseModel`` whose field types say their own
+ranges (``Annotated`` pydantic constraints) and whose ``model_config`` is
+:data:`STRICT` (``extra="forbid"``, finite numbers; :data:`STRICT_FROZEN` for the
+frozen ones); :func:`check` validates a file's mapping into it. Building one
+directly (``RouterSettings(slots=2)``) validates too; code that needs a value a
+file may not hold (a sub-second timeout in a test) uses ``model_construct``,
+which skips the checks. YAML hands over ``true``, ``"5"``, ``.inf`` and ``.nan`` as
 readily as ``5``; each would pass a bare ``v >= minimum`` or fail far from the
 file that held it (``True >= 1`` holds, ``.inf`` makes a timeout that never
 fires), so the number types here refuse them.
@@ -15,20 +17,21 @@ section and key, e.g. ``router: slots must be an integer >= 1, not 0``.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Mapping, TypeVar, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from serve.errors import MrisegError
 
-T = TypeVar("T")
+T = TypeVar("T", bound=BaseModel)
 
-#: the config of every settings dataclass: a typo is an error, not a silently ignored key
-STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True)
+#: the ``model_config`` of every settings model: a typo is an error, not a silently ignored key
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+#: :data:`STRICT` for settings that never change once read (hashable, shared between threads)
+STRICT_FROZEN = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
 @dataclass(frozen=True)
@@ -147,18 +150,15 @@ def describe(annotation: Any, metadata: list) -> tuple[str, bool]:
     return f"{'an integer' if base is int else 'a number'} {lower}{upper}{notes}".replace("  ", " "), False
 
 
-def setting_names(cls: Any) -> dict[str, tuple[Any, list]]:
-    """The settings of a dataclass or pydantic model: name -> (type, metadata), in the order written.
+def setting_names(cls: type[BaseModel]) -> dict[str, tuple[Any, list]]:
+    """The settings of a pydantic model: name -> (type, metadata), in the order written.
 
     Args:
-        cls: a dataclass (validated by pydantic through :func:`check`) or a pydantic model.
+        cls: a settings model.
 
     Returns:
         Each field's type (with its ``Annotated`` metadata) and any further metadata pydantic keeps apart.
     """
-    if dataclasses.is_dataclass(cls):
-        hints = get_type_hints(cls, include_extras=True)
-        return {f.name: (hints[f.name], []) for f in dataclasses.fields(cls)}
     return {name: (info.annotation, list(info.metadata)) for name, info in cls.model_fields.items()}
 
 
@@ -166,7 +166,7 @@ def error_line(cls: Any, error: ValidationError, unknown_what: str = "setting") 
     """The first of pydantic's errors as one line naming the key (no prefix).
 
     Args:
-        cls: the pydantic dataclass or model that was validated.
+        cls: the settings model that was validated.
         error: what pydantic raised.
         unknown_what: the word for a key in "unknown setting(s) [...]".
 
@@ -175,13 +175,13 @@ def error_line(cls: Any, error: ValidationError, unknown_what: str = "setting") 
     """
     fields = setting_names(cls)
     errors = error.errors(include_url=False)
-    extra = sorted(str(e["loc"][-1]) for e in errors if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"))
+    extra = sorted(str(e["loc"][-1]) for e in errors if e["type"] == "extra_forbidden")
     if extra:  # a typo would otherwise leave the default in force without a word
         return f"unknown {unknown_what}(s) {extra}; known: {', '.join(fields)}"
     first = errors[0]
     loc = first["loc"]
     message = str(first["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if first["type"] in ("dataclass_type", "model_type", "dataclass_args_type", "model_attributes_type"):
+    if first["type"] in ("model_type", "model_attributes_type"):
         return f"expected a mapping of settings ({', '.join(fields)})"
     if not loc or str(loc[0]) not in fields:
         return message
@@ -200,7 +200,7 @@ def check(cls: type[T], data: Mapping[str, Any] | None, where: str, unknown_what
     """Validate ``data`` into ``cls``, or raise one line naming the section and key.
 
     Args:
-        cls: a pydantic dataclass or model.
+        cls: a settings model.
         data: the mapping from the settings file (None: all defaults).
         where: the prefix of the message ("router", "tenants: site a").
         unknown_what: the word for a key in "unknown setting(s)".
@@ -215,6 +215,6 @@ def check(cls: type[T], data: Mapping[str, Any] | None, where: str, unknown_what
     if data is not None and not isinstance(data, Mapping):
         raise MrisegError(f"{where}: expected a mapping of settings ({', '.join(setting_names(cls))})")
     try:
-        return TypeAdapter(cls).validate_python({**(data or {}), **extra})
+        return cls.model_validate({**(data or {}), **extra})
     except ValidationError as e:
         raise MrisegError(f"{where}: {error_line(cls, e, unknown_what)}") from None

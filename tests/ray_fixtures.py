@@ -177,8 +177,6 @@ class _Shared:
 
     def ensure(self) -> Stack:
         if self.stack is None:
-            import dataclasses
-
             from serve.storage.embedded_s3 import SeaweedServer
 
             self.tmp = Path(tempfile.mkdtemp(prefix="mriseg-stack-"))
@@ -189,7 +187,7 @@ class _Shared:
                                      submodel_options={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.16},
                                                        "max_ongoing_requests": 4,
                                                        "user_config": {"gpu_memory_fraction": 0.16}},
-                                     s3=dataclasses.asdict(self.s3.settings))
+                                     s3=self.s3.settings.model_dump())
             self.stack.extra["s3"] = self.s3.settings
         return self.stack
 

@@ -5,7 +5,6 @@ output folder fail unrun, a POST whose answer was lost is not sent twice, and no
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import socket
 import threading
@@ -67,7 +66,7 @@ def test_the_routers_output_set_names_the_input_version_so_a_replaced_input_runs
 
     async def segment() -> None:
         svc = JobService(Tenancy.load(tmp_path / "tenants.yaml"), labels, describe, ["organs"],
-                         RouterSettings(results_dir=str(tmp_path / "r"), s3=dataclasses.asdict(seaweed.settings)),
+                         RouterSettings(results_dir=str(tmp_path / "r"), s3=seaweed.settings.model_dump()),
                          put=lambda array: array,
                          merge=lambda volume, *rest: (np.zeros(volume.shape, np.uint8), {}, {}))  # no label maps
         job = svc.submit(svc.tenancy.sites["site-a"], JobOptions(["spleen"], False, ("statistics",),

@@ -4,7 +4,6 @@ Ray handle, naming the job's site, and holds no site's API key."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import uuid
@@ -59,7 +58,7 @@ def test_event_intake_polls_sqs_takes_pushed_events_and_survives_a_replica_kill(
     stack = start_stack(tmp_path, models, num_gpus=0, submodels=("organs",),
                         submodel_options={"ray_actor_options": {"num_cpus": 0.5}},
                         tenant_prefixes={"site-a": [f"s3://{inbox}/site-a/", f"s3://{outbox}/results/site-a/"]},
-                        s3=dataclasses.asdict(moto.settings), events={
+                        s3=moto.settings.model_dump(), events={
                             "jobs": f"s3://{jobs}/records",
                             "rules": [{**rule, "prefix": "site-a/in/"}, {**rule, "prefix": "site-a/push/"}],
                             "queue_url": queue_url, "dlq_url": dlq_url,

@@ -259,8 +259,6 @@ def test_the_intake_signs_its_records_with_its_record_key_file_where_one_is_set(
                                                                                 monkeypatch):  # noqa: F811
     """``events.record_key_file`` stands in for $MRISEG_RECORD_KEY_FILE: the held pushes are signed with it, and a
     key file that cannot be read stops the intake, naming it."""
-    import dataclasses
-
     from serve.jobs.intake import IntakeWorker
     from serve.jobs.intake_settings import IntakeSettings
     from serve.jobs.store import JobRunner, JobStore
@@ -270,7 +268,7 @@ def test_the_intake_signs_its_records_with_its_record_key_file_where_one_is_set(
     monkeypatch.delenv("MRISEG_RECORD_KEY_FILE", raising=False)
     key = RecordSigner.generate(tmp_path / "record.key")
     settings = IntakeSettings.from_mapping({"jobs": f"s3://jobs/{unique_prefix}", "record_key_file": str(key)},
-                                           dataclasses.asdict(seaweed.settings))
+                                           seaweed.settings.model_dump())
     assert settings.record_key_file == str(key)
     engine = _Engine()
     engine.gate.clear()  # the job stays held while the test reads its record
@@ -286,4 +284,4 @@ def test_the_intake_signs_its_records_with_its_record_key_file_where_one_is_set(
     finally:
         worker.close()
     with pytest.raises(RecordKeyError, match="cannot read the record key file"):
-        IntakeWorker(dataclasses.replace(settings, record_key_file=str(tmp_path / "missing.key")), runner=runner)
+        IntakeWorker(settings.model_copy(update={"record_key_file": str(tmp_path / "missing.key")}), runner=runner)

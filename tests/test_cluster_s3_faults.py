@@ -4,7 +4,6 @@ stopped for 10 s mid-job. Jobs read their input from and write their outputs to 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -50,7 +49,7 @@ def test_s3_errors_for_a_while_and_a_10s_outage_mid_job(isolated_ray, tmp_path):
             server.client().put_object(Bucket=BUCKET, Key=f"site-a/in/{n}.nii.gz", Body=nifti_bytes(seed=70 + n))
         upstream = urlparse(server.settings.endpoint_url).port
         with S3FaultProxy(upstream) as proxy:
-            s3 = {**dataclasses.asdict(server.settings), "endpoint_url": proxy.endpoint_url}
+            s3 = {**server.settings.model_dump(), "endpoint_url": proxy.endpoint_url}
             stack = isolated_ray["stack"] = start_stack(
                 tmp_path, tiny_models(tmp_path / "models", names=("organs",)), num_gpus=1, submodels=("organs",),
                 submodel_options={"ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0.5}}, s3=s3)

@@ -69,7 +69,8 @@ def test_unrecognised_messages_are_clear_errors(bad):
 def test_inbox_rules_map_events_to_site_jobs():
     from serve.jobs.rules import InboxRule, specs_for_events
 
-    rules = [InboxRule("inbox", "a/in/", "site-a", "s3://out/r"), InboxRule("inbox", "b/in/", "site-b", "s3://out/r")]
+    rules = [InboxRule(bucket="inbox", prefix="a/in/", site="site-a", output_root="s3://out/r"),
+             InboxRule(bucket="inbox", prefix="b/in/", site="site-b", output_root="s3://out/r")]
     body = {"Records": [s3_record("a/in/x/case1.nii.gz"), s3_record("b/in/case2.mha"), s3_record("c/in/z.nii"),
                         s3_record("a/in/readme.md")]}
     specs, ignored = specs_for_events(parse_message(body), rules)
@@ -82,8 +83,9 @@ def test_inbox_rules_take_whole_segments_and_no_dot_segments():
     """The intake reads inputs with its own credentials: a key must not climb out of the inbox, even URL-encoded."""
     from serve.jobs.rules import InboxRule, specs_for_events
 
-    rules = [InboxRule("consortium", "site-a/inbox/", "site-a", "s3://out/r"),
-             InboxRule("consortium", "site-c", "site-c", "s3://out/r")]  # a prefix without its trailing slash
+    rules = [InboxRule(bucket="consortium", prefix="site-a/inbox/", site="site-a", output_root="s3://out/r"),
+             # a prefix without its trailing slash
+             InboxRule(bucket="consortium", prefix="site-c", site="site-c", output_root="s3://out/r")]
     body = {"Records": [s3_record("site-a/inbox/%2E%2E/%2E%2E/site-b/inbox/patient.nii.gz", bucket="consortium"),
                         s3_record("site-a/inbox/./x.nii.gz", bucket="consortium"),
                         s3_record("site-cd/secret.nii.gz", bucket="consortium"),
@@ -120,7 +122,7 @@ def test_a_key_that_cannot_name_an_output_is_ignored_alone(caplog):
     """One bad key must neither stop its neighbours nor become a job that could never record its failure."""
     from serve.jobs.rules import InboxRule, specs_for_events
 
-    rules = [InboxRule("inbox", "a/", "site-a", "s3://out/r")]
+    rules = [InboxRule(bucket="inbox", prefix="a/", site="site-a", output_root="s3://out/r")]
     body = {"Records": [s3_record("a/good.nii"), s3_record("a/bad%00.nii"), s3_record("a/" + "x" * 1100 + ".nii")]}
     specs, ignored = specs_for_events(parse_message(body), rules)
     assert [s.input_uri for s in specs] == ["s3://inbox/a/good.nii"] and ignored == 2

@@ -336,7 +336,7 @@ def test_a_job_that_cannot_start_leaves_its_reason_but_never_over_a_result(seawe
 def test_wrong_credentials_is_a_clear_job_error(seaweed, segmenter, unique_prefix, tmp_path):  # noqa: F811
     spec = spec_for(unique_prefix, "case3.nii.gz")
     put_volume(seaweed.settings, spec.input_uri, tmp_path)
-    bad = dataclasses.replace(seaweed.settings, secret_access_key="wrong")
+    bad = seaweed.settings.model_copy(update={"secret_access_key": "wrong"})
     store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
     out = JobRunner(store, SegmenterEngine(segmenter), bad).run(spec)
     assert out.state == FAILED and out.error["status"] == 403 and not out.retryable
@@ -472,7 +472,7 @@ def test_pushes_of_one_object_hold_one_job_the_latest(seaweed, unique_prefix):  
 def _counting_gets(settings, key: str) -> tuple[object, list[str]]:
     """Settings of a client of their own whose GetObject calls of ``key`` are counted (real requests to the
     real server, observed through botocore's event hooks)."""
-    own = dataclasses.replace(settings, read_timeout_s=settings.read_timeout_s + 0.5)
+    own = settings.model_copy(update={"read_timeout_s": settings.read_timeout_s + 0.5})
     gets: list[str] = []
     staging.client_for(own).meta.events.register(
         "provide-client-params.s3.GetObject",

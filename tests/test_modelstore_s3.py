@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -161,8 +160,8 @@ def test_an_s3_source_without_pins_is_refused_before_anything_is_downloaded(seaw
     assert gets == [] and not (tmp_path / "cache").exists()
     with pytest.raises(ModelFolderError, match="no pinned manifest"):
         Segmenter(store, device="cpu").model("organs")
-    runner = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"),
-                                             dataclasses.asdict(seaweed.settings)))
+    runner = SubModelRunner(SubModelSettings(submodel="organs", model_sources=[s3_models],
+                                             model_cache_dir=str(tmp_path / "cache"), s3=seaweed.settings.model_dump()))
     assert runner.state == "broken" and "no pinned manifest" in runner.detail
     # a pinned manifest that does not name the model: refused before the download too
     (tmp_path / "pins-other").mkdir()
@@ -245,7 +244,7 @@ def test_loaded_models_keep_running_when_their_s3_source_cannot_be_read(seaweed,
     first = seg.segment(vol)
     assert set(first.per_model) == {"organs", "muscles"} and "face" in first.unavailable
     # the source now refuses the store (a real SignatureDoesNotMatch from SeaweedFS), as in a credentials rotation
-    bad = dataclasses.replace(seaweed.settings, secret_access_key="not-the-secret")
+    bad = seaweed.settings.model_copy(update={"secret_access_key": "not-the-secret"})
     store._caches[s3_models]._client = make_client(bad)
     assert store.inspect(CAT.submodel("organs")).state == "unreachable"
     subset = ["liver", "gluteus_maximus_left"]  # one structure of each loaded model
@@ -269,13 +268,14 @@ def test_a_sub_model_replica_whose_s3_source_cannot_be_read_fails_its_health_che
     """Unhealthy, so Serve replaces it and the new replica reads the source again (not 409 for good)."""
     from serve.cluster.deployments import SubModelRunner, SubModelSettings
 
-    bad = dataclasses.asdict(dataclasses.replace(seaweed.settings, secret_access_key="not-the-secret"))
-    runner = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"), bad,
-                                             model_pins=str(s3_pins)))
+    bad = seaweed.settings.model_copy(update={"secret_access_key": "not-the-secret"}).model_dump()
+    runner = SubModelRunner(SubModelSettings(submodel="organs", model_sources=[s3_models],
+                                             model_cache_dir=str(tmp_path / "cache"), s3=bad, model_pins=str(s3_pins)))
     # "unreachable", not "broken": the router then answers 503 rather than skip organs in a full run
     assert runner.state == "unreachable" and "cannot be read (SignatureDoesNotMatch)" in runner.detail
     with pytest.raises(RuntimeError, match="unreachable"):
         runner.check_health()
-    good = SubModelRunner(SubModelSettings("organs", [s3_models], str(tmp_path / "cache"),
-                                           dataclasses.asdict(seaweed.settings), model_pins=str(s3_pins)))
+    good = SubModelRunner(SubModelSettings(submodel="organs", model_sources=[s3_models],
+                                           model_cache_dir=str(tmp_path / "cache"), s3=seaweed.settings.model_dump(),
+                                           model_pins=str(s3_pins)))
     assert good.state == "ready"

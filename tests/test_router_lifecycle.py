@@ -28,9 +28,10 @@ async def _ready(name):
 def _service(tmp_path, call, describe=_ready, deployed=("organs",), steps=None, **settings) -> JobService:
     """A job service on ``tmp_path``; ``steps`` replace its parts (JobService's execute, merge, write, ...)."""
     tenancy = Tenancy.load(write_tenants(tmp_path / "tenants.yaml"))
-    return JobService(tenancy, call, describe, list(deployed), RouterSettings(results_dir=str(tmp_path / "r"),
-                                                                             **settings), put=lambda array: array,
-                      **(steps or {}))
+    # model_construct: the tests' sub-second timeouts are below what a settings file may hold
+    return JobService(tenancy, call, describe, list(deployed),
+                      RouterSettings.model_construct(results_dir=str(tmp_path / "r"), **settings),
+                      put=lambda array: array, **(steps or {}))
 
 
 def _empty_merge(volume, *rest):

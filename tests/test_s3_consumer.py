@@ -63,9 +63,10 @@ def make_env(moto, max_receives: int = 3, visibility: int = 30, heartbeat: float
     queue_url, dlq_url = create_queue_with_dlq(sqs, f"mriseg-{tag}", max_receives, visibility)
     configure_notifications(s3, sqs, inbox, queue_url, ["site-a/in/"])
     # S3 announces a new notification configuration with an s3:TestEvent; the consumer must skip it
-    rule = InboxRule(inbox, "site-a/in/", "site-a", f"s3://{outbox}/results", roi_subset=ROI, outputs=outputs)
-    cfg = ConsumerConfig(queue_url, [rule], moto.settings, dlq_url, wait_time_s=1, visibility_timeout_s=visibility,
-                         heartbeat_s=heartbeat)
+    rule = InboxRule(bucket=inbox, prefix="site-a/in/", site="site-a", output_root=f"s3://{outbox}/results",
+                     roi_subset=ROI, outputs=outputs)
+    cfg = ConsumerConfig(queue_url=queue_url, rules=[rule], sqs=moto.settings, dlq_url=dlq_url, wait_time_s=1,
+                         visibility_timeout_s=visibility, heartbeat_s=heartbeat)
     return Env(inbox, outbox, jobs, queue_url, dlq_url, cfg)
 
 
@@ -183,10 +184,10 @@ def _wait_for(cond, what: str, limit_s: float = 400.0, proc: subprocess.Popen | 
 def test_thirty_objects_consumer_killed_and_restarted(moto, tiny_models, tmp_path):  # noqa: F811
     env = make_env(moto, max_receives=10, visibility=6, heartbeat=2.0, outputs=("multilabel",))
     s3, sqs = moto.client(), moto.sqs()
-    cfg = {"consumer": {**dataclasses.asdict(env.config), "sqs": dataclasses.asdict(moto.settings)},
+    cfg = {"consumer": {**env.config.model_dump(), "sqs": moto.settings.model_dump()},
            "runner": {"models": [str(tiny_models)], "jobs": f"s3://{env.jobs}", "device": "cpu",
-                      "s3": dataclasses.asdict(moto.settings), "lease_s": 6.0}}
-    cfg["consumer"]["rules"] = [{**dataclasses.asdict(r), "roi_subset": list(r.roi_subset), "outputs": list(r.outputs)}
+                      "s3": moto.settings.model_dump(), "lease_s": 6.0}}
+    cfg["consumer"]["rules"] = [{**r.model_dump(), "roi_subset": list(r.roi_subset), "outputs": list(r.outputs)}
                                 for r in env.config.rules]
     cfg_path = tmp_path / "consumer.json"
     cfg_path.write_text(json.dumps(cfg))
@@ -236,10 +237,10 @@ def test_standalone_consumer_serves_its_dlq_gauge(moto, tiny_models, tmp_path): 
 
     env = make_env(moto)
     moto.sqs().send_message(QueueUrl=env.dlq_url, MessageBody="a dead letter")
-    cfg = {"consumer": {**dataclasses.asdict(env.config), "sqs": dataclasses.asdict(moto.settings), "rules": [],
+    cfg = {"consumer": {**env.config.model_dump(), "sqs": moto.settings.model_dump(), "rules": [],
                         "wait_time_s": 1},
            "runner": {"models": [str(tiny_models)], "jobs": f"s3://{env.jobs}", "device": "cpu",
-                      "s3": dataclasses.asdict(moto.settings)}}
+                      "s3": moto.settings.model_dump()}}
     cfg_path = tmp_path / "consumer.json"
     cfg_path.write_text(json.dumps(cfg))
     port = free_port()
@@ -364,7 +365,7 @@ def test_the_waiting_messages_of_a_batch_stay_hidden_from_another_poller(moto): 
     drain(Consumer(env.config, slow, sqs), polls=3)  # the s3:TestEvent
     for i in range(3):
         sqs.send_message(QueueUrl=env.queue_url, MessageBody=_records_body(env.inbox, f"site-a/in/c{i}.nii.gz"))
-    first = Consumer(dataclasses.replace(env.config, max_messages=3), slow, sqs)
+    first = Consumer(env.config.model_copy(update={"max_messages": 3}), slow, sqs)
     batch = threading.Thread(target=first.poll_once, kwargs={"wait_time_s": 1})
     batch.start()
     time.sleep(0.5)  # the batch is received; then a second poller joins

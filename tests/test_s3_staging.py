@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import os
 import re
@@ -103,7 +102,7 @@ def test_size_limit_aborts_download(seaweed, tmp_path, unique_prefix):
 
 
 def test_wrong_credentials_is_clear_4xx_job_error(seaweed, tmp_path, unique_prefix):
-    bad = dataclasses.replace(seaweed.settings, secret_access_key="not-the-secret")
+    bad = seaweed.settings.model_copy(update={"secret_access_key": "not-the-secret"})
     key = f"{unique_prefix}/secret-patient-name.nii.gz"
     with pytest.raises(staging.S3RequestError) as ei:
         staging.download_bytes(f"s3://inbox/{key}", settings=bad)

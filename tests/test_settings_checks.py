@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
+from pydantic import BaseModel
 
 from serve.errors import MrisegError
 from serve.settings_checks import STRICT, check, number, whole
 
 
-@dataclass
-class _Numbers:
+class _Numbers(BaseModel):
     """A settings reader with the shared number types, as every reader in serve/ declares them."""
 
-    __pydantic_config__ = STRICT
+    model_config = STRICT
     count: whole(1) = 1
     share: number(0) = 0.0
     rate: number(0, above=True, maximum=20) = 1.0

@@ -20,11 +20,10 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Mapping
 
 import numpy as np
-from pydantic import StrictStr
+from pydantic import BaseModel, StrictStr
 from ray import serve as rayserve
 
 from serve.catalogue import load_catalogue
@@ -43,11 +42,10 @@ log = logging.getLogger(__name__)
 _FRACTION = number(0, above=True, maximum=1)
 
 
-@dataclass
-class SubModelSettings:
+class SubModelSettings(BaseModel):
     """What a sub-model replica needs; built from the app args (``submodel_settings`` and the model sources)."""
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT
 
     submodel: StrictStr
     model_sources: list[StrictStr]

@@ -338,8 +338,8 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         if embedded_s3:
             s3_server = SeaweedServer(work / "s3", buckets=[LOCAL_BUCKET],
                                       identities={site: [site_prefix(site)] for site in specs}).start()
-            args["s3"] = asdict(s3_server.settings)  # the server identity: the app's only, never printed
-            site_s3 = {site: asdict(s3_server.identity_settings(site)) for site in specs}
+            args["s3"] = s3_server.settings.model_dump()  # the server identity: the app's only, never printed
+            site_s3 = {site: s3_server.identity_settings(site).model_dump() for site in specs}
             open_ports = [f"{S3_HOST}:{p} ({op.flag.split('.')[0]} HTTP: {op.serves})"
                           for p, op in s3_server.open_ports()]
             if args.get("events") is not None:  # pushed events for the sites' inboxes (no SQS here)

@@ -30,11 +30,11 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from prometheus_client import REGISTRY, Gauge, start_http_server
-from pydantic import StrictStr
+from pydantic import BaseModel, Field, StrictStr
 
 from serve.errors import MrisegError
 from serve.inference.pipeline import Segmenter
@@ -52,15 +52,14 @@ log = logging.getLogger(__name__)
 Submit = Callable[[JobSpec], JobOutcome]
 
 
-@dataclass
-class ConsumerConfig:
+class ConsumerConfig(BaseModel):
     """The SQS poller's settings (the ``events`` app arg's queue and ``sqs_options``), within SQS's own limits."""
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT
 
     queue_url: StrictStr
     rules: list[InboxRule]
-    sqs: S3Settings = field(default_factory=S3Settings)  # endpoint/region/keys of the SQS service
+    sqs: S3Settings = Field(default_factory=S3Settings)  # endpoint/region/keys of the SQS service
     dlq_url: StrictStr | None = None           # only for the mriseg_dlq_messages gauge
     # SQS's own limits: a long poll of at most 20 s, 1-10 messages, whole seconds of visibility up to 12 h
     wait_time_s: whole(0, 20) = 20                # long poll
@@ -86,7 +85,7 @@ class ConsumerConfig:
         d["rules"] = check_rules([InboxRule.from_mapping(r) for r in d.get("rules", [])])
         d["sqs"] = S3Settings.from_mapping(d.get("sqs"))
         config = check(cls, d, "events", unknown_what="SQS setting")
-        # here, not on the dataclass: the tests build a config whose message reappears on purpose
+        # here, not on the model: the tests build a config whose message reappears on purpose
         if config.heartbeat_s >= config.visibility_timeout_s:  # it would reappear before its first extension
             raise MrisegError(f"events: heartbeat_s ({config.heartbeat_s:g}) must be shorter than "
                               f"visibility_timeout_s ({config.visibility_timeout_s:g})")

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Mapping, Protocol, Sequence
 
 import yaml
-from pydantic import StrictStr
+from pydantic import BaseModel, Field, StrictStr
 
 from serve.errors import MrisegError
 from serve.jobs.consumer import ConsumerConfig
@@ -56,11 +55,10 @@ class Tenancy(Protocol):
     sites: Mapping[str, Site]
 
 
-@dataclass
-class EventsArg:
+class EventsArg(BaseModel):
     """The ``events`` app arg as written in a Serve config (see :meth:`IntakeSettings.from_mapping`)."""
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT
 
     jobs: StrictStr = ""
     rules: Annotated[list, Says("a list of inbox rules")] | None = None
@@ -78,20 +76,19 @@ class EventsArg:
 EVENTS_SETTINGS = tuple(setting_names(EventsArg))
 
 
-@dataclass
-class IntakeSettings:
+class IntakeSettings(BaseModel):
     """The event intake's settings, resolved from the ``events`` app arg and the environment (``ENV``)."""
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT
 
     jobs: StrictStr = ""                     # s3:// prefix of the durable job records
-    rules: list[InboxRule] = field(default_factory=list)
+    rules: list[InboxRule] = Field(default_factory=list)
     queue: ConsumerConfig | None = None      # None: pushed events only
     concurrency: _CONCURRENCY = 2             # event jobs in flight per replica (all sites), and as many SQS pollers
     lease_s: _LEASE_S = 300.0
     max_bytes: _MAX_BYTES = 1 << 30
     record_key_file: StrictStr | None = None  # the key that signs job records; None: $MRISEG_RECORD_KEY_FILE
-    s3: S3Settings = field(default_factory=S3Settings)
+    s3: S3Settings = Field(default_factory=S3Settings)
 
     @property
     def configured(self) -> bool:

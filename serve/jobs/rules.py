@@ -8,19 +8,17 @@ SQS consumer and the ``POST /v1/events`` push both use it).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Annotated, Any, Mapping, Sequence
 
-from pydantic import StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, StrictBool, StrictStr, model_validator
 
 from serve.catalogue import load_catalogue
 from serve.errors import MrisegError
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.jobs.events import ObjectEvent, volume_events
 from serve.jobs.store import OUTPUT_KINDS, JobSpec
-from serve.settings_checks import STRICT, Says, check, setting_names, whole
+from serve.settings_checks import STRICT_FROZEN, Says, check, setting_names, whole
 from serve.storage.s3client import has_dot_segments, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -29,11 +27,10 @@ log = logging.getLogger(__name__)
 _NAMES = Says("a list of names")
 
 
-@dataclass(frozen=True)
-class InboxRule:
+class InboxRule(BaseModel):
     """Objects under ``s3://{bucket}/{prefix}`` belong to ``site``; outputs go under ``output_root``."""
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT_FROZEN
 
     bucket: StrictStr
     prefix: StrictStr
@@ -107,7 +104,7 @@ class InboxRule:
         bad = [o for o in rule.outputs if o not in OUTPUT_KINDS]
         if bad or not rule.outputs:
             raise MrisegError(f"{name}: outputs must name some of {list(OUTPUT_KINDS)}, not {list(rule.outputs)}")
-        return dataclasses.replace(rule, **changes) if changes else rule
+        return rule.model_copy(update=changes) if changes else rule
 
 
 _RULE_KEYS = ("bucket", "prefix", "site", "output_root")

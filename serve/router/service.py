@@ -16,12 +16,11 @@ import asyncio
 import contextlib
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Awaitable, Callable, Iterable, Mapping
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from serve.catalogue import Catalogue, load_catalogue
 from serve.errors import ConflictError, MrisegError, NotFoundError
@@ -48,11 +47,10 @@ from serve.settings_checks import STRICT, Says, check, number, whole
 _MIN_JOURNAL_BYTES = 1 << 20
 
 
-@dataclass
-class RouterSettings:
+class RouterSettings(BaseModel):
     """The ``router`` app arg (plus the app's ``s3``), checked as the Serve app starts."""
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT
 
     results_dir: Annotated[str, Field(min_length=1), Says("a folder path")] = "/tmp/mriseg-results"
     # 0 would accept jobs that never run

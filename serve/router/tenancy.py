@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Mapping
 
 import yaml
-from pydantic import StrictStr
+from pydantic import BaseModel, StrictStr
 
 from serve.audit import audit
 from serve.errors import AuthenticationError, ForbiddenError, MrisegError
-from serve.settings_checks import STRICT, Says, check, number, setting_names, whole
+from serve.settings_checks import STRICT_FROZEN, Says, check, number, setting_names, whole
 from serve.storage.s3client import has_dot_segments, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,10 @@ class Site:
 _STRINGS = Says("a list of strings")
 
 
-@dataclass(frozen=True)
-class SiteSettings:
+class SiteSettings(BaseModel):
     """One site's entry in the tenants file, as written there (its keys in clear or as digests)."""
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT_FROZEN
 
     prefixes: Annotated[tuple[StrictStr, ...], _STRINGS] = ()  # a string would have become letters
     keys: Annotated[tuple[StrictStr, ...], _STRINGS] = ()

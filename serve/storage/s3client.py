@@ -9,31 +9,29 @@ tests do.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Mapping
 
 import boto3
 from botocore.config import Config
-from pydantic import Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool
 
 from serve.errors import MrisegError
-from serve.settings_checks import STRICT, Says, check, number, whole
+from serve.settings_checks import STRICT_FROZEN, Says, check, number, whole
 
 
 _URL = r"^https?://[^/]"
 
 
-@dataclass(frozen=True)
-class S3Settings:
+class S3Settings(BaseModel):
     """Where and how to reach S3 (the ``s3`` app arg, or a site's keys in ``mriseg up``)."""
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT_FROZEN
 
     endpoint_url: Annotated[str, Field(pattern=_URL), Says("an http:// or https:// URL")] | None = None
     region: Annotated[str, Field(min_length=1), Says("a region name")] = "us-east-1"
     path_style: Annotated[StrictBool, Says("true or false")] = False  # "false" would be truthy
-    access_key_id: Annotated[str, Says("a string")] | None = field(default=None, repr=False)
-    secret_access_key: Annotated[str, Says("a string", secret=True)] | None = field(default=None, repr=False)
+    access_key_id: Annotated[str, Says("a string")] | None = Field(default=None, repr=False)
+    secret_access_key: Annotated[str, Says("a string", secret=True)] | None = Field(default=None, repr=False)
     max_attempts: Annotated[whole(1), Says("an integer >= 1")] = 5
     connect_timeout_s: number(0, above=True, says="a finite number > 0") = 5.0
     read_timeout_s: number(0, above=True, says="a finite number > 0") = 60.0

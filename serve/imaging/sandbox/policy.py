@@ -12,11 +12,10 @@ import os
 import sys
 import sysconfig
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Mapping
 
-from pydantic import Field, StrictStr, field_validator
+from pydantic import BaseModel, Field, StrictStr, field_validator
 
 import serve
 from serve.settings_checks import STRICT, Says, check, number, whole
@@ -30,8 +29,7 @@ def default_scratch_dir() -> str:
     return os.environ.get("MRISEG_SCRATCH_DIR") or tempfile.gettempdir()
 
 
-@dataclass
-class SandboxPolicy:
+class SandboxPolicy(BaseModel):
     """Limits of one decoder child (all bytes are bytes, all times seconds).
 
     ``memory_bytes`` bounds the child's address space (the interpreter and its
@@ -42,14 +40,14 @@ class SandboxPolicy:
     which no input is decoded (:data:`LAYERS`).
     """
 
-    __pydantic_config__ = STRICT  # how from_mapping validates a file's mapping (pydantic)
+    model_config = STRICT
 
     memory_bytes: whole(256 << 20) = 3 << 30
     cpu_s: whole(1) = 120
     wall_s: number(1) = 300.0
     extract_bytes: whole(1 << 20) = (1 << 30) + (64 << 20)
     open_files: whole(16) = 256
-    scratch_dir: Annotated[StrictStr, Field(min_length=1), Says("a folder path")] = field(
+    scratch_dir: Annotated[StrictStr, Field(min_length=1), Says("a folder path")] = Field(
         default_factory=default_scratch_dir)
     require: Annotated[tuple[StrictStr, ...], Says(f"a list of layer names from {', '.join(LAYERS)}")] = (
         "rlimits", "no_new_privs", "seccomp")
@@ -79,7 +77,7 @@ class SandboxPolicy:
 
     def to_json(self) -> dict[str, Any]:
         """The policy as JSON-able values (what the parent hands the child)."""
-        out = asdict(self)
+        out = self.model_dump()
         out["require"] = list(self.require)
         return out
 
