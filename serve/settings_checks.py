@@ -182,6 +182,9 @@ def error_line(cls: Any, error: ValidationError, unknown_what: str = "setting") 
     loc = first["loc"]
     message = str(first["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if first["type"] in ("model_type", "model_attributes_type"):
+        section = _base(fields[str(loc[0])][0]) if loc and str(loc[0]) in fields else None
+        if isinstance(section, type) and issubclass(section, BaseModel):  # a section that is a model itself
+            return f"{loc[0]}: expected a mapping of settings ({', '.join(setting_names(section))})"
         return f"expected a mapping of settings ({', '.join(fields)})"
     if not loc or str(loc[0]) not in fields:
         return message

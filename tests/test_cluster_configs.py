@@ -172,6 +172,7 @@ def test_config_args_reach_the_builder_through_serves_typed_app_builder(name, tm
     ({"events": {"lease_s": 0}}, "events: lease_s must be a number >= 1, not 0"),
     ({"metrics_port": 70000}, "app args: metrics_port must be an integer >= 0 and <= 65535, not 70000"),
     ({"modle_sources": []}, r"unknown app arg\(s\) \['modle_sources'\]"),
+    ({"router": "/results"}, r"app args: router: expected a mapping of settings \(results_dir, slots"),
 ])
 def test_a_bad_key_in_any_section_stops_the_build_and_names_itself(args, says):
     """Ray validates the args before the builder runs: a typo or a bad number never reaches a replica."""
@@ -190,3 +191,25 @@ def test_a_submodel_setting_with_a_typo_is_refused_not_ignored():
         SubModelSettings.from_mapping("organs", {"model_sources": ["demo"], "tile_step": 0.5})
     s = SubModelSettings.from_mapping("organs", {"model_sources": ["demo"], "threads": 2.0, "warmup_shape": [8, 8, 8]})
     assert (s.threads, s.warmup_shape) == (2, (8, 8, 8)) and isinstance(s.threads, int)
+
+
+def test_app_arg_sections_are_the_settings_models_and_travel_on_as_written(caplog):
+    """Each section is its reader's model; the replicas get only the keys written, and fill the rest themselves."""
+    from serve.cluster.app import AppArgs
+    from serve.cluster.deployments import SubModelSettings
+    from serve.jobs.intake_settings import EventsArg
+    from serve.imaging.sandbox import SandboxPolicy
+    from serve.router.service import RouterSettings
+    from serve.storage.s3client import S3Settings
+
+    written = {"router": {"slots": 2}, "sandbox": {"cpu_s": 5}, "s3": {"region": "eu-west-1"},
+               "submodel_settings": {"threads": 2}, "events": {"lease_s": 60, "api_url": "http://x:8000"}}
+    with caplog.at_level("WARNING", logger="serve.jobs.intake_settings"):
+        args = AppArgs.model_validate(written)
+    assert (type(args.router), type(args.sandbox), type(args.s3), type(args.submodel_settings), type(args.events)) \
+        == (RouterSettings, SandboxPolicy, S3Settings, SubModelSettings, EventsArg)
+    assert (args.router.slots, args.sandbox.cpu_s, args.submodel_settings.threads) == (2, 5, 2)
+    # the sandbox's scratch folder, the intake's environment fallbacks: the replica's own, not the builder's
+    assert args.as_written() == {"router": {"slots": 2}, "sandbox": {"cpu_s": 5}, "s3": {"region": "eu-west-1"},
+                                 "submodel_settings": {"threads": 2}, "events": {"lease_s": 60.0}}
+    assert "api_url are no longer used" in " ".join(r.getMessage() for r in caplog.records)

@@ -26,7 +26,7 @@ from serve.demo import ensure_demo_models
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
 from serve.imaging.sandbox import SandboxedDecoder, SandboxPolicy
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
-from serve.jobs.intake_settings import RETIRED_SETTINGS, EventsArg, IntakeSettings
+from serve.jobs.intake_settings import EventsArg, IntakeSettings, without_retired
 from serve.router.service import JobService, RouterSettings
 from serve.router.tenancy import Tenancy
 from serve.settings_checks import check, error_line, whole
@@ -215,12 +215,17 @@ def _resolve_sources(sources: list[str]) -> list[str]:
     return out
 
 
+#: the fields :func:`AppArgs._submodel_settings` fills for the check, which the section itself never holds
+_PER_SUBMODEL = {"submodel", "model_sources"}
+
+
 class AppArgs(BaseModel):
     """The ``args`` of the Serve app (a Serve config's ``args:``), checked by Ray Serve's typed app builder.
 
-    Each section is checked here, with the reader that later uses it, so a bad key stops ``serve deploy``
-    with its name; the sections travel on as the mappings written (a replica reads them again where it runs:
-    its environment, its scratch folder).
+    Each section is the settings model that later reads it, read by that model's ``from_mapping`` (so a
+    bad key stops ``serve deploy`` with its section and name); :meth:`as_written` hands the sections on
+    with only the keys written, so a replica fills the rest where it runs (its environment, its scratch
+    folder).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -228,16 +233,17 @@ class AppArgs(BaseModel):
     model_sources: list[StrictStr] | None = None   # dirs, s3:// URIs or "demo"; None: the demo models
     model_pins: StrictStr | None = None            # the operator's pinned model manifest; required for s3:// sources
     model_cache_dir: StrictStr | None = None
-    s3: dict[str, Any] | None = None               # serve.storage.s3client.S3Settings
+    s3: S3Settings | None = None
     submodels: list[StrictStr] | None = None       # None: the six and total_fast
-    submodel_settings: dict[str, Any] | None = None  # serve.cluster.deployments.SubModelSettings
+    # every sub-model's settings; the sub-model's name and the model sources are the app's, filled per replica
+    submodel_settings: SubModelSettings | None = None
     tenants_file: StrictStr | None = None
-    router: dict[str, Any] | None = None           # serve.router.service.RouterSettings
+    router: RouterSettings | None = None
     metrics_port: whole(0, 65535) | None = None
     metrics_host: StrictStr | None = None
     deployment_options: dict[str, dict[str, Any]] | None = None  # deployment name (or "submodel_defaults") -> options
-    events: dict[str, Any] | None = None           # serve.jobs.intake_settings.EventsArg; present: the EventIntake runs
-    sandbox: dict[str, Any] | None = None          # serve.imaging.sandbox.SandboxPolicy
+    events: EventsArg | None = None                # present: the EventIntake runs
+    sandbox: SandboxPolicy | None = None
 
     @model_validator(mode="wrap")
     @classmethod
@@ -257,19 +263,44 @@ class AppArgs(BaseModel):
             raise MrisegError(f"unknown sub-model(s) {bad} in args.submodels; valid: {valid}")
         return names
 
-    @model_validator(mode="after")
-    def _sections(self) -> "AppArgs":
-        if self.s3 is not None:
-            S3Settings.from_mapping(self.s3)
-        if self.submodel_settings is not None:
-            SubModelSettings.from_mapping("*", {**self.submodel_settings, "model_sources": []})
-        if self.router is not None:
-            RouterSettings.from_mapping(self.router)
-        if self.sandbox is not None:
-            SandboxPolicy.from_mapping(self.sandbox)
-        if self.events:
-            check(EventsArg, {k: v for k, v in self.events.items() if k not in RETIRED_SETTINGS}, "events")
-        return self
+    # Each section written as a mapping goes through its reader's from_mapping, whose MrisegError names the
+    # section ("router: slots must be ..."); a model already built (a Python caller's) is taken as it is.
+    @field_validator("s3", mode="before")
+    @classmethod
+    def _s3(cls, v: Any) -> Any:
+        return S3Settings.from_mapping(v) if isinstance(v, Mapping) else v
+
+    @field_validator("submodel_settings", mode="before")
+    @classmethod
+    def _submodel_settings(cls, v: Any) -> Any:
+        return SubModelSettings.from_mapping("*", {**v, "model_sources": []}) if isinstance(v, Mapping) else v
+
+    @field_validator("router", mode="before")
+    @classmethod
+    def _router(cls, v: Any) -> Any:
+        return RouterSettings.from_mapping(v) if isinstance(v, Mapping) else v
+
+    @field_validator("sandbox", mode="before")
+    @classmethod
+    def _sandbox(cls, v: Any) -> Any:
+        return SandboxPolicy.from_mapping(v) if isinstance(v, Mapping) else v
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _events(cls, v: Any) -> Any:
+        return check(EventsArg, without_retired(v), "events") if isinstance(v, Mapping) else v
+
+    def as_written(self) -> dict[str, Any]:
+        """The args that were set, each section with only the keys written.
+
+        Returns:
+            A mapping as a Serve config's ``args`` (the sections as mappings, without the retired
+            ``events`` settings).
+        """
+        out = self.model_dump(exclude_unset=True)
+        if out.get("submodel_settings") is not None:
+            out["submodel_settings"] = {k: v for k, v in out["submodel_settings"].items() if k not in _PER_SUBMODEL}
+        return out
 
 
 def validate_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -284,7 +315,7 @@ def validate_args(args: Mapping[str, Any] | None) -> dict[str, Any]:
     Raises:
         MrisegError: an unknown arg or sub-model name, or a section's bad key.
     """
-    return AppArgs.model_validate(dict(args or {})).model_dump(exclude_unset=True)
+    return AppArgs.model_validate(dict(args or {})).as_written()
 
 
 def build_app(args: AppArgs) -> rayserve.Application:
@@ -308,7 +339,7 @@ def build_app(args: AppArgs) -> rayserve.Application:
     """
     if not isinstance(args, AppArgs):  # Python callers may hand the mapping of a config file
         args = AppArgs.model_validate(dict(args or {}))
-    args = {k: v for k, v in args.model_dump(exclude_unset=True).items() if v is not None}
+    args = {k: v for k, v in args.as_written().items() if v is not None}
     sources = _resolve_sources(list(args.get("model_sources") or [DEMO_SOURCE]))
     names = list(args.get("submodels") or default_submodels())
     common = {**(args.get("submodel_settings") or {}), "model_sources": sources, "model_pins": args.get("model_pins"),

@@ -76,6 +76,26 @@ class EventsArg(BaseModel):
 EVENTS_SETTINGS = tuple(setting_names(EventsArg))
 
 
+def without_retired(d: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``events`` app arg without :data:`RETIRED_SETTINGS`, with a warning naming those it held.
+
+    Args:
+        d: the ``events`` app arg as written.
+
+    Returns:
+        A copy without the retired settings.
+    """
+    d = dict(d or {})
+    retired = sorted(k for k in RETIRED_SETTINGS if k in d)
+    if retired:
+        log.warning("events: setting(s) %s are no longer used: the intake reaches the router by Ray handle, "
+                    "naming each job's site, without API keys; remove them (and any site keys file)",
+                    ", ".join(retired))
+        for k in retired:
+            del d[k]
+    return d
+
+
 class IntakeSettings(BaseModel):
     """The event intake's settings, resolved from the ``events`` app arg and the environment (``ENV``)."""
 
@@ -110,14 +130,7 @@ class IntakeSettings(BaseModel):
         Returns:
             The checked settings.
         """
-        d = dict(d or {})
-        retired = sorted(k for k in RETIRED_SETTINGS if k in d)
-        if retired:
-            log.warning("events: setting(s) %s are no longer used: the intake reaches the router by Ray handle, "
-                        "naming each job's site, without API keys; remove them (and any site keys file)",
-                        ", ".join(retired))
-            for k in retired:
-                del d[k]
+        d = without_retired(d)
         for k, var in ENV.items():
             if not d.get(k) and os.environ.get(var):
                 d[k] = os.environ[var]
