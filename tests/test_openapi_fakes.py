@@ -103,6 +103,20 @@ def test_answers_the_schema_allows_pass(referee, method, target, status, headers
     ("GET", "/v1/segmentations/j1", 500, PROBLEM, b"<html>oops</html>", "body is not JSON"),
     ("POST", "/v1/segmentations", 200, {**JSON, "Idempotent-Replayed": "yes"}, _doc(id="j1"),
      "header 'Idempotent-Replayed': 'yes' is not one of"),
+    # the job body is typed (serve.api.models.SegmentationJob): a job without its id, or in a state the API
+    # does not have, is not a job the API answers
+    ("GET", "/v1/segmentations/j1", 200, JSON, _doc(status="running"), "body: 'id' is a required property"),
+    ("GET", "/v1/segmentations/j1", 200, JSON, _doc(id="j1", status="done"),
+     "body at status: 'done' is not one of \\['queued', 'running', 'succeeded', 'failed', 'cancelled'\\]"),
+    ("GET", "/v1/segmentations/j1", 200, JSON, _doc(id="j1"), "body: 'status' is a required property"),
+    ("POST", "/v1/segmentations", 202, JSON, _doc(status="queued"), "body: 'id' is a required property"),
+    ("POST", "/v1/segmentations", 200, {**JSON, "Idempotent-Replayed": "true"}, _doc(id="j1", status="accepted"),
+     "body at status: 'accepted' is not one of"),
+    ("POST", "/v1/segmentations/upload", 202, JSON, _doc(job_id="j1", status="queued"),
+     "body: 'id' is a required property"),
+    ("DELETE", "/v1/segmentations/j1", 200, JSON, _doc(id=1, status="cancelled"), "body at id: 1 is not of type"),
+    ("GET", "/v1/segmentations/j1", 200, JSON, _doc(id="j1", status="failed", error={"detail": "d"}),
+     "body at error: .* is not valid under any of the given schemas"),
 ])
 def test_an_answer_the_schema_does_not_allow_fails_naming_the_path_and_the_mismatch(
         referee, method, target, status, headers, body, mismatch):
@@ -166,3 +180,19 @@ def test_a_fake_server_keeps_each_request_the_schema_does_not_allow(fixed):
     assert [line.split(": ", 1)[0] for line in str(e.value).splitlines()[1:]] == [
         "POST /v1/segmentations (request)"]
     assert "no credentials" in str(e.value)
+
+
+def test_a_fake_server_answering_a_job_without_its_id_or_with_an_unknown_state_fails_the_test(fixed):
+    """What a fake job API could drift to and the client would not notice: the job has no ``id``, or a
+    state the API never answers (the router's word before the one vocabulary)."""
+    client = ApiClient(f"http://127.0.0.1:{fixed.server_address[1]}", "key", timeout_s=5)
+    fixed.answer = (200, "application/json", b'{"status": "succeeded"}')
+    client.job("j1")
+    fixed.answer = (200, "application/json", b'{"id": "j2", "status": "done"}')
+    client.job("j2")
+    with pytest.raises(SchemaMismatch) as e:
+        fixed.assert_conforms()
+    assert str(e.value).splitlines()[1:] == [
+        "GET /v1/segmentations/j1 answered 200: body: 'id' is a required property",
+        "GET /v1/segmentations/j2 answered 200: body at status: 'done' is not one of "
+        "['queued', 'running', 'succeeded', 'failed', 'cancelled']"]

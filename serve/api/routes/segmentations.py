@@ -1,4 +1,7 @@
-"""Segmentation jobs: submit one for a volume in S3, read its state and outputs, cancel it."""
+"""Segmentation jobs: submit one for a volume in S3, read its state and outputs, cancel it.
+
+Every answer that is a job is a :class:`~serve.api.models.SegmentationJob` (its OpenAPI schema says so).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from fastapi.responses import FileResponse
 
 from serve.api import idempotency
 from serve.api.deps import SiteDep, Svc
-from serve.api.models import SegmentationRequest
+from serve.api.models import SegmentationJob, SegmentationRequest
 from serve.api.problems import problem
 from serve.errors import MrisegError, ServiceUnavailableError
 from serve.outputs import layout
@@ -18,8 +21,11 @@ from serve.router.state import Job, JobOptions
 
 routes = APIRouter(tags=["segmentations"])
 
-#: a POST's answers: 202 a new job, 200 a settled (?wait=true) or replayed one
-POST_ANSWERS: dict[str, Any] = {"status_code": 202, "responses": idempotency.POST_RESPONSES}
+#: what a route answering a job declares: the body's model, and no member the job does not have (result_url)
+JOB_ANSWER: dict[str, Any] = {"response_model": SegmentationJob, "response_model_exclude_unset": True}
+#: a POST's answers: 202 a new job, 200 a settled (?wait=true) or replayed one, both a job
+POST_ANSWERS: dict[str, Any] = {**JOB_ANSWER, "status_code": 202, "responses": {
+    **idempotency.POST_RESPONSES, 200: {**idempotency.POST_RESPONSES[200], "model": SegmentationJob}}}
 
 FILES = {layout.STATISTICS: ("statistics", "application/json"), layout.PREVIEW: ("preview", "image/png"),
          layout.METADATA: ("metadata", "application/json")}
@@ -66,7 +72,7 @@ async def create_segmentation(body: SegmentationRequest, svc: Svc, who: SiteDep,
     return idempotency.mark_replay(await finish(svc, job, wait, response), response, not created)
 
 
-@routes.get("/v1/segmentations/{job_id}")
+@routes.get("/v1/segmentations/{job_id}", **JOB_ANSWER)
 async def get_segmentation(job_id: str, svc: Svc, who: SiteDep) -> dict:
     """Status, per-stage and per-sub-model timings, result locations."""
     job = svc.get(who, job_id)
@@ -96,7 +102,7 @@ async def get_file(job_id: str, name: str, svc: Svc, who: SiteDep) -> FileRespon
     return FileResponse(path, media_type=media, filename=name)
 
 
-@routes.delete("/v1/segmentations/{job_id}")
+@routes.delete("/v1/segmentations/{job_id}", **JOB_ANSWER)
 async def cancel_segmentation(job_id: str, svc: Svc, who: SiteDep) -> dict:
     """Cancel a queued or running job; 409 if it has already finished."""
     job = svc.cancel(who, job_id)
