@@ -34,7 +34,7 @@ def test_the_documented_schemas_are_the_models_schemas():
     assert set(documented) == set(DOCUMENTED)
     for name, model in DOCUMENTED.items():
         assert documented[name] == model.model_json_schema(), \
-            f"the {name} schema of docs/formats.md is stale: python -m serve.records_schema docs/formats.md"
+            f"the {name} schema of docs/formats.md is stale: python -m serve.records_doc docs/formats.md"
 
 
 def test_a_legacy_job_record_reads_done_as_succeeded():
