@@ -7,6 +7,10 @@
 - The **writers' metadata** (``mriseg.meta/1``): the ``mriseg.json`` of a local output set
   (``mriseg segment``, the router's results, ``GET .../files/mriseg.json``), what the job.json of an API
   output set is built from.
+- The **router's journal record** (``mriseg.journal/1``): one router job on the replica's disk
+  (:mod:`serve.router.journal`), what ``GET /v1/segmentations/{id}`` is a view of.
+- The **held push** (``mriseg.push/1``): a pushed event job held in S3 until it settles
+  (:mod:`serve.jobs.pushes`, the body of a signed envelope).
 
 Every job state is one of the API's: ``queued | running | succeeded | failed | cancelled``. Writers
 build and validate through the models here, so nothing malformed is written. Readers accept *legacy*
@@ -39,6 +43,8 @@ OutputStatus = Literal["running", "succeeded", "failed"]
 JOB_FORMAT = "mriseg.job/1"
 OUTPUT_FORMAT = "mriseg.output/1"
 META_FORMAT = "mriseg.meta/1"
+JOURNAL_FORMAT = "mriseg.journal/1"
+PUSH_FORMAT = "mriseg.push/1"
 #: legacy (format-less) states -> this vocabulary: ``done`` was success, ``publishing`` a set being replaced
 LEGACY_STATES = {"done": SUCCEEDED, "publishing": RUNNING}
 
@@ -166,13 +172,73 @@ class SignedEnvelope(_Model):
     mac: str = Field(pattern=_HEX_MAC, description="HMAC-SHA256 over bucket, key, site and body")
 
 
+class JournalOptions(_Model):
+    """A router job's options (serve.router.state.JobOptions)."""
+
+    roi_subset: list[str] | None = Field(description="structures asked for; null: all")
+    fast: bool = Field(description="the 3 mm model")
+    outputs: list[str] = Field(description="output kinds")
+    output_prefix: str | None = Field(description="the s3:// prefix the outputs are copied to")
+    resampling_order: int = Field(ge=0, le=5, description="the input's spline order (TotalSegmentator's -ro)")
+
+
+class JournalRecord(_Model):
+    """A router job on its replica's disk (serve.router.journal): what a restarted replica resumes or answers."""
+
+    format: Literal["mriseg.journal/1"] = Field(description="this record's format and version")
+    site: str = Field(description="the site the job belongs to")
+    options: JournalOptions
+    input_uri: str | None = Field(description="the s3:// input; null: an upload (spooled on the replica's disk)")
+    id: str = Field(description="the job's id")
+    status: JobState = Field(description="a job state")
+    created: float = Field(description="epoch seconds the job was accepted")
+    started: float | None = Field(description="epoch seconds it got a router slot")
+    finished: float | None = Field(description="epoch seconds it settled")
+    start_seq: int | None = Field(description="the order in which jobs got a router slot")
+    timings: dict[str, float] = Field(description="seconds per stage")
+    submodels: dict[str, dict[str, Any]] = Field(description="sub-model -> its call's timings and attempts")
+    outputs: dict[str, str] = Field(description="output name -> local path or s3:// URI")
+    structures: dict[str, str] = Field(description="label id -> structure name")
+    unavailable: dict[str, str] = Field(description="sub-model -> why a full run skipped it")
+    error: JobError | None = Field(description="why it failed (status failed)")
+    resumed: int = Field(ge=0, description="router restarts it was running through")
+    demo: bool = Field(description="made by the bundled demo models: not for clinical use")
+    input_cast: Literal["int32", "none"] | None = Field(description="int32 where the intensities were cast as "
+                                                                    "TotalSegmentator does; null until prepared")
+    idempotency_key: str | None = Field(description="the site's Idempotency-Key of the POST that made it")
+    request_hash: str | None = Field(description="that POST's fingerprint")
+
+
+class PushRecord(_Model):
+    """A pushed event job held in S3 until it settles (serve.jobs.pushes; the body of a signed envelope)."""
+
+    format: Literal["mriseg.push/1"] = Field(description="this record's format and version")
+    spec: dict[str, Any] = Field(description="the job's input and options (serve.jobs.store.JobSpec.to_dict)")
+    attempts: int = Field(ge=0, description="runs that did not settle the job")
+    created: float = Field(description="epoch seconds the push was held")
+    not_before: float = Field(description="epoch seconds: no run before then (the backoff after a run)")
+
+
 #: every model documented in docs/formats.md, by the heading it appears under
 DOCUMENTED: dict[str, type[BaseModel]] = {"JobRecord": JobRecord, "OutputRecord": OutputRecord,
-                                          "OutputMeta": OutputMeta, "SignedEnvelope": SignedEnvelope}
+                                          "OutputMeta": OutputMeta, "JournalRecord": JournalRecord,
+                                          "PushRecord": PushRecord, "SignedEnvelope": SignedEnvelope}
+#: the kinds whose readers share one rule (validated where they name their format, legacy as they are)
+VERSIONED: dict[type[BaseModel], str] = {OutputMeta: META_FORMAT, JournalRecord: JOURNAL_FORMAT,
+                                         PushRecord: PUSH_FORMAT}
 
 
-def _format_of(doc: Any, expected: str) -> str | None:
-    """The record's ``format`` (None: legacy); :class:`UnsupportedRecordFormat` for one not ``expected``."""
+def format_of(doc: Any, expected: str) -> str | None:
+    """The record's ``format``.
+
+    Args:
+        doc: the parsed record.
+        expected: the format this version reads.
+
+    Returns:
+        ``expected``, or None for a legacy record (no ``format``); :class:`MalformedRecord` when ``doc`` is not
+        a JSON object, :class:`UnsupportedRecordFormat` when it names another format.
+    """
     if not isinstance(doc, Mapping):
         raise MalformedRecord("not a JSON object")
     if "format" not in doc:
@@ -202,7 +268,7 @@ def read_job_record(doc: Any) -> JobRecord:
         optional fields at their defaults and members this version does not know left out. :class:`MalformedRecord` when it is not a valid job
         record; :class:`UnsupportedRecordFormat` when it names another format.
     """
-    if _format_of(doc, JOB_FORMAT) is None:
+    if format_of(doc, JOB_FORMAT) is None:
         # members this version does not know are left out, as readers before formats did
         doc = {k: v for k, v in doc.items() if k in JobRecord.model_fields}
         state, error = doc.get("state"), doc.get("error")
@@ -228,7 +294,7 @@ def read_output_record(doc: Any) -> dict[str, Any]:
         ``publishing`` -> ``running``). :class:`MalformedRecord` when it is not valid;
         :class:`UnsupportedRecordFormat` when it names another format.
     """
-    if _format_of(doc, OUTPUT_FORMAT) is None:
+    if format_of(doc, OUTPUT_FORMAT) is None:
         status = doc.get("status")
         return {**doc, "status": LEGACY_STATES.get(status, status) if isinstance(status, str) else status}
     try:
@@ -239,34 +305,48 @@ def read_output_record(doc: Any) -> dict[str, Any]:
 
 
 def read_output_meta(doc: Any) -> dict[str, Any]:
-    """A ``mriseg.json`` as read.
+    """A ``mriseg.json`` as read: :func:`read_versioned` with :class:`OutputMeta`."""
+    return read_versioned(doc, OutputMeta)
+
+
+def read_versioned(doc: Any, model: type[BaseModel]) -> dict[str, Any]:
+    """A record of one of the plainly versioned kinds (:data:`VERSIONED`) as read.
 
     Args:
-        doc: the parsed mriseg.json.
+        doc: the parsed record (a held push: the envelope's body).
+        model: its kind's model: :class:`OutputMeta`, :class:`JournalRecord` or :class:`PushRecord`.
 
     Returns:
-        The document; a ``mriseg.meta/1`` one validated, a legacy one (no ``format``) as it is (its members
-        vary with the version that wrote it). :class:`MalformedRecord` when it is not valid;
+        The document; one naming the model's format validated, a legacy one (no ``format``) as it is (its
+        reader's legacy rules apply). :class:`MalformedRecord` when it is not valid;
         :class:`UnsupportedRecordFormat` when it names another format.
     """
-    if _format_of(doc, META_FORMAT) is not None:
+    if format_of(doc, VERSIONED[model]) is not None:
         try:
-            OutputMeta.model_validate(doc)
+            model.model_validate(doc)
         except ValidationError as e:
             raise MalformedRecord(_why(e)) from None
     return dict(doc)
 
 
-def output_meta_doc(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON of a ``mriseg.json`` to be written, validated.
+def versioned_doc(model: type[BaseModel], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON of a record of one of the plainly versioned kinds (:data:`VERSIONED`) to be written, validated.
 
     Args:
-        fields: its members (``format`` may be left out).
+        model: its kind's model.
+        fields: the record's members (``format`` may be left out).
 
     Returns:
-        The document; :class:`pydantic.ValidationError` when it is not valid.
+        The document (``format`` first); :class:`pydantic.ValidationError` when it is not valid, so nothing
+        malformed is ever stored.
     """
-    return OutputMeta.model_validate({"format": META_FORMAT, **fields}).model_dump(mode="json")
+    # exclude_unset: a member left out (an optional error detail) stays out, so a record reads back as written
+    return model.model_validate({"format": VERSIONED[model], **fields}).model_dump(mode="json", exclude_unset=True)
+
+
+def output_meta_doc(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON of a ``mriseg.json`` to be written: :func:`versioned_doc` with :class:`OutputMeta`."""
+    return versioned_doc(OutputMeta, fields)
 
 
 def job_record_doc(fields: Mapping[str, Any]) -> dict[str, Any]:

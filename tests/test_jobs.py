@@ -17,7 +17,7 @@ from serve.jobs.store import (FAILED, SUCCEEDED, ClaimLost, JobRecord, JobRunner
                         case_name, idempotency_key)
 from serve.jobs.pushes import PushJournal
 from serve.jobs.records import RecordSigner
-from serve.records_schema import OutputRecord
+from serve.records_schema import PUSH_FORMAT, OutputRecord, PushRecord
 from tests.core_fixtures import body_volume, segmenter, tiny_models  # noqa: F401
 from tests.s3_fixtures import moto, seaweed, unique_prefix  # noqa: F401
 
@@ -447,6 +447,38 @@ def test_an_oversized_record_or_one_whose_checksum_lies_is_a_forgery_not_fatal(s
     assert keys_under(seaweed, "jobs", pushed) == [f"{pushed}{mine.id}.json"]
     assert sorted((line["kind"], line["reason"]) for line in audited(caplog, "record.rejected")) == [
         ("job", "oversized"), ("push", "checksum"), ("push", "oversized")]
+
+
+def test_a_held_push_is_a_mriseg_push_1_and_one_without_a_format_still_runs(seaweed, unique_prefix):  # noqa: F811
+    """Held pushes name their format; one held before formats (its body has no ``format``) is run as before."""
+    journal = PushJournal(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    mine = journal.hold(spec_for(unique_prefix, "mine.nii.gz"))
+    key = f"{unique_prefix}/pushed/{mine.id}.json"
+    body = json.loads(seaweed.client().get_object(Bucket="jobs", Key=key)["Body"].read())["body"]
+    assert body["format"] == PUSH_FORMAT and PushRecord.model_validate(body).spec == mine.spec.to_dict()
+    old = journal.hold(spec_for(unique_prefix, "old.nii.gz"))
+    old_key = f"{unique_prefix}/pushed/{old.id}.json"
+    legacy = {"spec": old.spec.to_dict(), "attempts": 2, "created": 1.0, "not_before": 0.0}
+    staging.put_json(journal.signer.seal(legacy, bucket="jobs", key=old_key, site="site-a"), f"s3://jobs/{old_key}",
+                     seaweed.settings)
+    assert [(h.id, h.spec, h.attempts) for h in journal.held()] == [(old.id, old.spec, 2), (mine.id, mine.spec, 0)]
+
+
+def test_a_held_push_of_a_newer_format_is_neither_run_nor_set_aside(seaweed, unique_prefix, caplog):  # noqa: F811
+    """A ``mriseg.push/2`` (a newer replica's, in a mixed-version rollout) is left for that version: not run
+    here, not removed from ``pushed/``, and the log says why."""
+    journal = PushJournal(f"s3://jobs/{unique_prefix}", seaweed.settings)
+    mine = journal.hold(spec_for(unique_prefix, "mine.nii.gz"))
+    theirs = journal.hold(spec_for(unique_prefix, "theirs.nii.gz"))
+    key = f"{unique_prefix}/pushed/{theirs.id}.json"
+    newer = {"format": "mriseg.push/2", "spec": theirs.spec.to_dict(), "lease": "a newer version's member"}
+    staging.put_json(journal.signer.seal(newer, bucket="jobs", key=key, site="site-a"), f"s3://jobs/{key}",
+                     seaweed.settings)
+    with caplog.at_level(logging.ERROR, logger="serve.jobs.pushes"):
+        assert [h.id for h in journal.held()] == [mine.id]
+    assert keys_under(seaweed, "jobs", f"{unique_prefix}/pushed/") == sorted(
+        [f"{unique_prefix}/pushed/{mine.id}.json", key])
+    assert "mriseg.push/2" in caplog.text and "newer mriseg-serve" in caplog.text
 
 
 def test_pushes_of_one_object_hold_one_job_the_latest(seaweed, unique_prefix):  # noqa: F811

@@ -13,9 +13,11 @@ from pydantic import ValidationError
 from serve.storage import staging
 from serve.cli.bulk import FAILED, SKIPPED, already_done, run_bulk
 from serve.jobs.store import JobRecord, JobSpec, JobStore, idempotency_key
-from serve.records_schema import (DOCUMENTED, JOB_FORMAT, OUTPUT_FORMAT, SUCCEEDED, MalformedRecord, OutputRecord,
-                                  SignedEnvelope, UnsupportedRecordFormat, check_output_record, output_meta_doc,
-                                  output_record, read_job_record, read_output_meta, read_output_record)
+from serve.records_schema import (DOCUMENTED, JOB_FORMAT, JOURNAL_FORMAT, OUTPUT_FORMAT, PUSH_FORMAT, SUCCEEDED,
+                                  JournalRecord, MalformedRecord, OutputRecord, PushRecord, SignedEnvelope,
+                                  UnsupportedRecordFormat, check_output_record, output_meta_doc, output_record,
+                                  read_job_record, read_output_meta, read_output_record, read_versioned,
+                                  versioned_doc)
 from serve.records_schema import JobRecord as JobRecordModel
 from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
@@ -61,11 +63,29 @@ def test_a_legacy_job_json_reads_done_as_succeeded_and_publishing_as_running():
     (read_output_record, {"format": "mriseg.output/2", "status": "succeeded"}),
     (read_output_record, {"format": JOB_FORMAT, "status": "succeeded"}),
     (read_output_meta, {"format": "mriseg.meta/2", "structures": {}}),
-], ids=["job/2", "output/2", "a job record's format in a job.json", "meta/2"])
+    (lambda d: read_versioned(d, JournalRecord), {"format": "mriseg.journal/2", "id": "j1", "status": "queued"}),
+    (lambda d: read_versioned(d, PushRecord), {"format": "mriseg.push/2", "spec": {}}),
+    (lambda d: read_versioned(d, PushRecord), {"format": JOURNAL_FORMAT, "spec": {}}),
+], ids=["job/2", "output/2", "a job record's format in a job.json", "meta/2", "journal/2", "push/2",
+        "a journal record's format in a held push"])
 def test_a_format_this_version_does_not_know_is_refused_not_misread(reader, doc):
     with pytest.raises(UnsupportedRecordFormat) as e:
         reader(doc)
     assert e.value.status == 503 and doc["format"] in e.value.message and "newer mriseg-serve" in e.value.message
+
+
+def test_a_journal_record_or_held_push_is_written_with_its_format_and_never_malformed():
+    push = {"spec": {"input_uri": "s3://i/a.nii"}, "attempts": 0, "created": 1.0, "not_before": 0.0}
+    assert versioned_doc(PushRecord, push) == {"format": PUSH_FORMAT, **push}
+    for bad in ({**push, "attempts": -1}, {**push, "attempts": "1"}, {**push, "extra": 1}, {"spec": {}}):
+        with pytest.raises(ValidationError):
+            versioned_doc(PushRecord, bad)
+    with pytest.raises(ValidationError):
+        versioned_doc(JournalRecord, {"id": "j1", "status": "done"})
+    # a legacy one (no format) is read as it is, for its reader's own rules; within /1 a stray member is an error
+    assert read_versioned({"spec": {}, "attempts": "2"}, PushRecord) == {"spec": {}, "attempts": "2"}
+    with pytest.raises(MalformedRecord, match="extra"):
+        read_versioned({"format": PUSH_FORMAT, **push, "extra": 1}, PushRecord)
 
 
 def test_writers_cannot_write_the_legacy_vocabulary_or_a_malformed_record():

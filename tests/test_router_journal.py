@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 
@@ -12,6 +13,7 @@ from serve.router.journal import JobJournal, job_from_record, job_to_record
 from serve.router.service import JobService, RouterSettings
 from serve.router.tenancy import Tenancy
 from serve.errors import MrisegError
+from serve.records_schema import JOURNAL_FORMAT, JournalRecord, UnsupportedRecordFormat
 from tests.ray_fixtures import BUCKET, write_tenants
 
 
@@ -46,7 +48,7 @@ def test_the_resampling_order_and_input_cast_survive_a_restart():
     assert back.options.resampling_order == 3 and back.input_cast == "int32" and back == job
     assert back.public()["options"]["resampling_order"] == 3 and back.public()["input_cast"] == "int32"
     old = job_to_record(job)
-    del old["options"]["resampling_order"], old["input_cast"]
+    del old["options"]["resampling_order"], old["input_cast"], old["format"]  # as written before either
     assert job_from_record(old).options.resampling_order == 1 and job_from_record(old).input_cast is None
     for bad in (6, True, "3", None):
         with pytest.raises(ValueError, match="resampling_order"):
@@ -65,6 +67,39 @@ def test_unreadable_record_is_set_aside(tmp_path):
     assert len(j.load()) == 1
     assert (tmp_path / "broken.unreadable").exists() and not (tmp_path / ".tmp-half.json").exists()
     assert (tmp_path / "list.unreadable").exists()
+
+
+def test_records_are_written_as_mriseg_journal_1_and_legacy_ones_without_a_format_still_load(tmp_path):
+    """Records name their format; one written before formats (no ``format``; a member this version does not
+    know dropped, as before) loads as it did; within ``mriseg.journal/1`` a stray member is not trusted."""
+    j = JobJournal(tmp_path)
+    job = Job(site="site-a", options=JobOptions(["liver"]), input_uri=f"s3://{BUCKET}/site-a/x.nii.gz",
+              status="failed", error={"status": 422, "title": "Unreadable volume", "detail": "d", "retryable": False})
+    j.save(job)
+    written = json.loads((tmp_path / f"{job.id}.json").read_text())
+    assert written["format"] == JOURNAL_FORMAT and JournalRecord.model_validate(written).id == job.id
+    legacy = Job(site="site-a", options=JobOptions(), status="succeeded")
+    rec = {k: v for k, v in job_to_record(legacy).items() if k != "format"}
+    (tmp_path / f"{legacy.id}.json").write_text(json.dumps({**rec, "gone": 1}))
+    stray = Job(site="site-a", options=JobOptions())
+    (tmp_path / f"{stray.id}.json").write_text(json.dumps({**job_to_record(stray), "gone": 1}))
+    assert sorted(x.id for x in j.load()) == sorted([job.id, legacy.id])
+    assert [x for x in j.load() if x.id == legacy.id] == [legacy]
+    assert (tmp_path / f"{stray.id}.unreadable").exists()
+
+
+def test_a_record_of_a_newer_format_is_refused_and_left_where_it_is(tmp_path, caplog):
+    """A record of ``mriseg.journal/2`` (a newer router's, on a downgraded replica) is neither guessed at nor
+    set aside: the error says what to do, and the record stays for the version that wrote it."""
+    job = Job(site="site-a", options=JobOptions())
+    newer = {**job_to_record(job), "format": "mriseg.journal/2"}
+    with pytest.raises(UnsupportedRecordFormat, match="mriseg.journal/2.*newer mriseg-serve"):
+        job_from_record(newer)
+    (tmp_path / f"{job.id}.json").write_text(json.dumps(newer))
+    with caplog.at_level(logging.ERROR, logger="serve.router.journal"):
+        assert JobJournal(tmp_path).load() == []
+    assert json.loads((tmp_path / f"{job.id}.json").read_text()) == newer
+    assert "mriseg.journal/2" in caplog.text and "newer mriseg-serve" in caplog.text
 
 
 def test_new_router_resumes_what_it_can_and_fails_the_rest_with_a_reason(tmp_path, caplog):

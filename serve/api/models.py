@@ -1,6 +1,6 @@
 """The API's request and response bodies as pydantic models, so the served OpenAPI document types them.
 
-A job's body (:class:`SegmentationJob`) is a view of the router's job record (its journal,
+A job's body (:class:`SegmentationJob`) is a view of the router's job record (``mriseg.journal/1``,
 :mod:`serve.router.journal`), not of the durable jobs' ``mriseg.job/1``: the same state vocabulary
 (:data:`serve.records_schema.JobState`), less what only the router needs (the ``Idempotency-Key``, the
 request fingerprint, local file paths).

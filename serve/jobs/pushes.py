@@ -14,6 +14,9 @@ Each update of a record is conditional on the ETag this replica last saw, so
 a run of an earlier push never removes or rewrites the record of a later one
 (that one runs at the next sweep).
 
+Each record's body is a ``mriseg.push/1`` (:mod:`serve.records_schema`; one
+without a ``format``, written before formats, is read as before, and one of a
+format this version does not know is left for the version that wrote it).
 Records are signed (:mod:`serve.jobs.records`, envelope layout, bound to their
 key). One that does not verify is never run: it is audited
 (``record.rejected``) and set aside as ``<id>.json.unsigned`` (no MAC: a
@@ -34,6 +37,7 @@ from serve.clock import SYSTEM_CLOCK, Clock
 from serve.errors import StorageError, VolumeTooLargeError
 from serve.jobs.store import JobSpec, precondition_failed
 from serve.jobs.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
+from serve.records_schema import PushRecord, UnsupportedRecordFormat, read_versioned, versioned_doc
 from serve.storage.s3client import S3Settings, parse_s3_uri
 
 log = logging.getLogger(__name__)
@@ -94,8 +98,8 @@ class PushJournal:
 
     def _write(self, held: HeldPush, **cond: str) -> bool:
         """Store ``held`` (signed); False when ``cond`` did not hold (a later push replaced the record)."""
-        body = {"spec": held.spec.to_dict(), "attempts": held.attempts, "created": held.created,
-                "not_before": held.not_before}
+        body = versioned_doc(PushRecord, {"spec": held.spec.to_dict(), "attempts": held.attempts,
+                                          "created": held.created, "not_before": held.not_before})
         doc = self.signer.seal(body, bucket=self.bucket, key=self._key(held.id), site=held.spec.site)
         try:
             held.etag = staging.put_json(doc, self._uri(held.id), self.settings, **cond)["ETag"]
@@ -146,7 +150,8 @@ class PushJournal:
                 raise
 
     def held(self) -> list[HeldPush]:
-        """Every push not yet settled, oldest first. A record that does not verify is set aside, never run."""
+        """Every push not yet settled, oldest first. A record that does not verify is set aside, never run;
+        one of a format this version does not know (a newer version's) is left where it is, not run."""
         c = staging.client_for(self.settings)
 
         def listing() -> list[str]:
@@ -177,8 +182,12 @@ class PushJournal:
                 self._set_aside(raw, key, info.etag, "unsigned" if reason == "unsigned" else "forged")
                 continue
             try:
+                doc = read_versioned(doc, PushRecord)  # a mriseg.push/1 body validated; a legacy one as it is
                 out.append(HeldPush(push_id, JobSpec.from_dict(doc["spec"]), int(doc.get("attempts", 0)),
                                     float(doc.get("created", 0.0)), float(doc.get("not_before", 0.0)), info.etag))
+            except UnsupportedRecordFormat as e:
+                # a newer version's push (a mixed-version rollout): neither run nor set aside, that version runs it
+                log.error("held pushed job %s is left for the version that wrote it: %s", push_id[:12], e.message)
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 log.warning("pushed job record %s is unreadable; set aside as .unreadable", push_id)
                 self._set_aside(raw, key, info.etag, "unreadable")

@@ -2,7 +2,10 @@
 
 Each job is one JSON file, ``{journal_dir}/{id}.json`` (``router.journal_dir``,
 by default ``{results_dir}/.jobs``), replaced atomically on every state change
-(queued, running, settled). A new router replica reads them back: settled jobs
+(queued, running, settled). Its format is ``mriseg.journal/1``
+(:mod:`serve.records_schema`, docs/formats.md); a record without a format
+(written before formats) is read by the rules before them, and one of a format
+this version does not know is left where it is, unread. A new router replica reads them back: settled jobs
 answer status and result calls as before; jobs that were queued or running are
 resumed where their input is still at hand (an ``s3://`` input, or an upload
 still spooled on disk) and failed with a reason otherwise. Nothing accepted is
@@ -34,16 +37,25 @@ from typing import Any
 from serve.router.state import Job, JobOptions
 from serve.errors import MrisegError
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, check_resampling_order
+from serve.records_schema import (JOURNAL_FORMAT, JournalRecord, UnsupportedRecordFormat, format_of, read_versioned,
+                                  versioned_doc)
 
 log = logging.getLogger(__name__)
 
 
 def job_to_record(job: Job) -> dict[str, Any]:
-    """A JSON-able record of every field of ``job``."""
+    """A ``mriseg.journal/1`` record of every field of ``job``, validated (nothing malformed is written).
+
+    Args:
+        job: the job.
+
+    Returns:
+        The JSON-able record; :class:`pydantic.ValidationError` when the job would not make a valid one.
+    """
     rec = asdict(job)
     rec["options"]["outputs"] = list(job.options.outputs)
     rec["structures"] = {str(k): v for k, v in job.structures.items()}
-    return rec
+    return versioned_doc(JournalRecord, rec)
 
 
 _NUM = (int, float)
@@ -59,12 +71,15 @@ _STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def job_from_record(rec: dict[str, Any]) -> Job:
-    """The inverse of :func:`job_to_record`; unknown fields (from a newer version) are dropped.
+    """The inverse of :func:`job_to_record`. A legacy record (no ``format``, written before formats) is read
+    with unknown fields dropped, as before.
 
-    Raises TypeError/ValueError for a record this version cannot trust (:meth:`JobJournal.load` sets it aside).
+    Raises TypeError/ValueError for a record this version cannot trust (:meth:`JobJournal.load` sets it aside),
+    :class:`~serve.records_schema.UnsupportedRecordFormat` for one of another format (a newer version's).
     """
     if not isinstance(rec, dict):
         raise TypeError("a job record is a JSON object")
+    versioned = format_of(rec, JOURNAL_FORMAT) is not None
     for name, types in _FIELD_TYPES.items():
         v = rec.get(name)
         if (name in rec or name in ("site", "id")) and (not isinstance(v, types) or isinstance(v, bool)):
@@ -81,6 +96,8 @@ def job_from_record(rec: dict[str, Any]) -> Job:
         raise ValueError(e.message) from None
     options = JobOptions(opts.get("roi_subset"), bool(opts.get("fast", False)),
                          tuple(opts.get("outputs") or JobOptions().outputs), opts.get("output_prefix"), order)
+    if versioned:  # the whole record: within mriseg.journal/1 a missing or unknown member is an error too
+        read_versioned(rec, JournalRecord)
     kw = {k: v for k, v in rec.items() if k in known and k != "options"}
     kw["structures"] = {int(k): v for k, v in (rec.get("structures") or {}).items()}
     return Job(options=options, **kw)
@@ -164,7 +181,8 @@ class JobJournal:
         self._account(job_id, 0)
 
     def load(self) -> list[Job]:
-        """Every recorded job, oldest first. An unreadable record is logged and set aside, not fatal."""
+        """Every recorded job, oldest first. An unreadable record is logged and set aside, not fatal; one of a
+        format this version does not know (a newer version's) is logged and left where it is."""
         jobs = []
         for p in self.root.glob("*.json"):
             if p.name.startswith(".tmp-"):
@@ -175,6 +193,9 @@ class JobJournal:
                 job = job_from_record(json.loads(data))
                 jobs.append(job)
                 self._account(job.id, len(data))
+            except UnsupportedRecordFormat as e:
+                # a newer version's record (a downgraded replica): kept as it is for that version, not guessed at
+                log.error("job record %s is left as it is, not loaded: %s", p.name, e.message)
             except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                 log.error("job record %s is unreadable (%s); moved aside", p.name, type(e).__name__)
                 p.rename(p.with_suffix(".unreadable"))
