@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from pydantic import BaseModel
 
 from serve.errors import MrisegError
+from serve.jobs.consumer import LocalRunnerSettings, local_submit
 from serve.settings_checks import STRICT, check, number, whole
 
 
@@ -121,3 +123,23 @@ def test_tenant_rates_are_finite():
 
     with pytest.raises(MrisegError, match=r"tenants: site s: requests_per_second must be a number >= 0, not inf"):
         Tenancy.from_mapping({"sites": {"s": {"prefixes": ["s3://b/s/"], "requests_per_second": math.inf}}})
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"threads": "4"}, "runner: threads must be an integer >= 1, not '4'"),
+    ({"lease_s": math.inf}, "runner: lease_s must be a number >= 1"),
+    ({"max_bytes": True}, "runner: max_bytes must be an integer >= 1, not True"),
+    ({"models": []}, "runner: models"),
+    ({"model_pin": "pins.json"}, "runner: unknown setting"),
+    ({"s3": {"max_attempts": 0}}, "s3: max_attempts must be an integer >= 1"),
+])
+def test_the_standalone_consumers_runner_section_is_checked_before_anything_loads(change, says):
+    """The ``runner`` section of ``python -m serve.jobs.consumer``: a slip is one line naming the key, before
+    any record key is read or model loaded (a typo once silently fell back to a default)."""
+    with pytest.raises(MrisegError, match=re.escape(says)):
+        local_submit({"models": ["/models"], "jobs": "s3://bucket/jobs/", **change})
+
+
+def test_the_standalone_consumers_runner_section_takes_its_documented_defaults():
+    runner = LocalRunnerSettings.from_mapping({"models": ["/models"], "jobs": "s3://bucket/jobs/"})
+    assert (runner.threads, runner.lease_s, runner.max_bytes, runner.device) == (1, 300.0, 1 << 30, "auto")

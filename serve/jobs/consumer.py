@@ -240,22 +240,60 @@ def run_consumer(stop_event: threading.Event, config: ConsumerConfig | Mapping[s
     Consumer(config, submit).run(stop_event)
 
 
-def local_submit(cfg: Mapping[str, Any]) -> Submit:
+class LocalRunnerSettings(BaseModel):
+    """The standalone consumer's ``runner`` section: the in-process job runner of :func:`local_submit`."""
+
+    model_config = STRICT
+
+    models: list[StrictStr] = Field(min_length=1)  # model sources: folders and s3:// prefixes, searched in order
+    jobs: StrictStr                          # s3:// prefix of the job records
+    s3: S3Settings = Field(default_factory=S3Settings)
+    cache_dir: StrictStr | None = None       # where S3 model sources are copied ($MRISEG_CACHE/models)
+    model_pins: StrictStr | None = None      # the operator's pinned manifest; else $MRISEG_MODEL_PINS
+    device: StrictStr = "auto"
+    threads: whole(1) = 1
+    lease_s: number(1) = 300.0
+    max_bytes: whole(1) = 1 << 30            # the largest input the runner downloads
+    record_key_file: StrictStr | None = None  # the key that signs job records; else $MRISEG_RECORD_KEY_FILE
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any] | None) -> "LocalRunnerSettings":
+        """The runner's settings from the consumer's config file.
+
+        Args:
+            d: the ``runner`` mapping.
+
+        Returns:
+            The checked settings.
+
+        Raises:
+            MrisegError: "runner: {key} must be ...", or an unknown runner setting.
+        """
+        d = dict(d or {})
+        d["s3"] = S3Settings.from_mapping(d.get("s3"))  # first, so its errors name its own section
+        return check(cls, d, "runner")
+
+
+def local_submit(cfg: LocalRunnerSettings | Mapping[str, Any]) -> Submit:
     """A :class:`serve.jobs.store.JobRunner` over an in-process Segmenter.
 
-    ``cfg``: ``models`` (sources), ``jobs`` (s3:// prefix of job records), ``s3``
-    (S3Settings mapping), optional ``cache_dir``, ``model_pins`` (the operator's pinned model
-    manifest; else ``$MRISEG_MODEL_PINS``; required for s3:// model sources), ``lease_s``,
-    ``threads``, ``max_bytes``, ``record_key_file`` (the key that signs job records, serve/jobs/records.py;
-    else ``$MRISEG_RECORD_KEY_FILE``).
+    Args:
+        cfg: the runner's settings (:class:`LocalRunnerSettings`, or its mapping).
+
+    Returns:
+        The runner's ``run``, which settles one job spec.
+
+    Raises:
+        MrisegError: a setting is wrong, or the record key is missing (reported before the models load).
     """
-    s3 = S3Settings.from_mapping(cfg.get("s3"))
+    if not isinstance(cfg, LocalRunnerSettings):
+        cfg = LocalRunnerSettings.from_mapping(cfg)
     # before the models load: a missing key is a configuration error to report at once
-    signer = RecordSigner.from_file(cfg["record_key_file"]) if cfg.get("record_key_file") else RecordSigner.from_env()
-    store = open_model_store(list(cfg["models"]), cache_dir=cfg.get("cache_dir"), s3=s3, pins=cfg.get("model_pins"))
-    seg = Segmenter(store, device=cfg.get("device", "auto"), threads=cfg.get("threads", 1))
-    jobs = JobStore(cfg["jobs"], s3, lease_s=float(cfg.get("lease_s", 300.0)), signer=signer)
-    return JobRunner(jobs, SegmenterEngine(seg), s3, max_bytes=cfg.get("max_bytes", 1 << 30)).run
+    signer = RecordSigner.from_file(cfg.record_key_file) if cfg.record_key_file else RecordSigner.from_env()
+    store = open_model_store(cfg.models, cache_dir=cfg.cache_dir, s3=cfg.s3, pins=cfg.model_pins)
+    seg = Segmenter(store, device=cfg.device, threads=cfg.threads)
+    jobs = JobStore(cfg.jobs, cfg.s3, lease_s=cfg.lease_s, signer=signer)
+    return JobRunner(jobs, SegmenterEngine(seg), cfg.s3, max_bytes=cfg.max_bytes).run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
