@@ -10,7 +10,7 @@ zip declaring 1.5 GiB, the hostile corpus's bombs, the MetaIO tricks of issue
 upload must end in a 4xx, the router process must stay the same, and site-b's
 ordinary job must succeed afterwards. Writes ``loadtest/results/flood-<label>.json``.
 
-The CI-sized variant of the same inputs runs in ``tests/test_cluster_hostile.py``
+The CI-sized variant of the same inputs runs in ``tests/cluster/test_hostile.py``
 (``destructive_inputs(full=False)`` under a small router budget).
 """
 
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from loadtest import localcluster
     from loadtest.soak import RssRecorder, role
-    from tests.ray_fixtures import nifti_bytes
+    from tests.helpers.stack import nifti_bytes
 
     scratch = Path(os.environ.setdefault("MRISEG_SCRATCH_DIR", "/tmp/mriseg-flood-scratch"))
     scratch.mkdir(parents=True, exist_ok=True)
-    from tests.hostile_corpus import BOMBS, corpus
+    from tests.helpers.hostile_corpus import BOMBS, corpus
 
     inputs = destructive_inputs(full=True)
     inputs += [(h.name, h.filename, h.data, h.statuses) for h in corpus() if h.name in BOMBS]

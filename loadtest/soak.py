@@ -10,7 +10,7 @@ samples every process's RSS, and writes ``loadtest/results/soak-<label>.{json,md
 A process "grows" when, after the warm-up (the first quarter), its RSS rises
 by more than ``max(32 MB, 5 %)`` from the second quarter's median to the last
 quarter's and its least-squares slope over that span is above 1 MB/min.
-The CI smoke test (``tests/test_loadtest_smoke.py``) runs :func:`soak` for
+The CI smoke test (``tests/loadtest/test_smoke.py``) runs :func:`soak` for
 under a minute and asserts an RSS bound per process.
 """
 

@@ -19,7 +19,6 @@ from serve.records_schema import (DOCUMENTED, JOB_FORMAT, JOURNAL_FORMAT, OUTPUT
                                   read_job_record, read_output_meta, read_output_record, read_versioned,
                                   versioned_doc)
 from serve.records_schema import JobRecord as JobRecordModel
-from tests.s3_fixtures import seaweed, unique_prefix  # noqa: F401
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
 OPTIONS = {"roi_subset": None, "fast": False, "outputs": ["multilabel"], "resampling_order": 1}
@@ -138,7 +137,7 @@ def _stored_body(store: JobStore, key: str) -> dict:
 
 
 @pytest.mark.s3
-def test_every_job_record_the_store_writes_validates(seaweed, unique_prefix):  # noqa: F811
+def test_every_job_record_the_store_writes_validates(seaweed, unique_prefix):
     spec = JobSpec(f"s3://inbox/{unique_prefix}/a.nii", "s3://outbox/o", etag='"1"')
     key = idempotency_key(spec, {})
     store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
@@ -151,7 +150,7 @@ def test_every_job_record_the_store_writes_validates(seaweed, unique_prefix):  #
 
 
 @pytest.mark.s3
-def test_a_legacy_done_record_still_counts_as_done_for_its_job_key(seaweed, unique_prefix):  # noqa: F811
+def test_a_legacy_done_record_still_counts_as_done_for_its_job_key(seaweed, unique_prefix):
     """A job finished before the vocabulary changed (its record says ``done``, no format) is not run again."""
     spec = JobSpec(f"s3://inbox/{unique_prefix}/a.nii", "s3://outbox/o", "site-a", etag='"1"')
     key = idempotency_key(spec, {})
@@ -168,7 +167,7 @@ def test_a_legacy_done_record_still_counts_as_done_for_its_job_key(seaweed, uniq
 
 
 @pytest.mark.s3
-def test_a_job_record_of_a_newer_format_is_refused_and_kept(seaweed, unique_prefix):  # noqa: F811
+def test_a_job_record_of_a_newer_format_is_refused_and_kept(seaweed, unique_prefix):
     spec = JobSpec(f"s3://inbox/{unique_prefix}/a.nii", "s3://outbox/o", "site-a", etag='"1"')
     key = idempotency_key(spec, {})
     store = JobStore(f"s3://jobs/{unique_prefix}", seaweed.settings)
@@ -184,7 +183,7 @@ def test_a_job_record_of_a_newer_format_is_refused_and_kept(seaweed, unique_pref
 
 
 @pytest.mark.s3
-def test_bulk_skips_a_legacy_done_set_and_refuses_a_newer_format(seaweed, unique_prefix):  # noqa: F811
+def test_bulk_skips_a_legacy_done_set_and_refuses_a_newer_format(seaweed, unique_prefix):
     inbox, out = f"s3://inbox/{unique_prefix}/in/", f"s3://outbox/{unique_prefix}/"
     info = {n: staging.put_bytes(b"x", f"{inbox}{n}.nii.gz", seaweed.settings) for n in ("old", "new")}
     ran = []
@@ -211,7 +210,7 @@ def test_bulk_skips_a_legacy_done_set_and_refuses_a_newer_format(seaweed, unique
 
 
 @pytest.mark.s3
-def test_the_api_copys_job_json_validates(seaweed, tmp_path, unique_prefix):  # noqa: F811
+def test_the_api_copys_job_json_validates(seaweed, tmp_path, unique_prefix):
     """``upload_results`` ends an API output set with a job.json of the one builder, valid as written."""
     from serve.jobs.results import upload_results
 

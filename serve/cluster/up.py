@@ -14,7 +14,7 @@ readable only by the user, so ``mriseg demo`` (and
 :func:`find_running_stack`) can reach the stack.
 
 :func:`start_cluster` / :func:`stop_cluster` start and stop Ray, Serve and the
-app for ``mriseg up`` and equally for the test stacks (``tests/ray_fixtures.py``)
+app for ``mriseg up`` and equally for the test stacks (``tests/helpers/stack.py``)
 and the load tests (``loadtest/localcluster.py``), which choose their own args.
 """
 

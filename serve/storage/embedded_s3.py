@@ -77,7 +77,7 @@ class OpenPort:
 
 
 #: What ``weed mini`` 4.48 still answers without credentials once :class:`SeaweedServer` has locked it
-#: down (checked by ``tests/test_embedded_s3_security.py``); none of it is object data, object names or
+#: down (checked by ``tests/storage/test_embedded_s3_security.py``); none of it is object data, object names or
 #: keys. ``mriseg up`` prints these and docs/serving.md lists them.
 SEAWEED_OPEN_PORTS = (
     OpenPort("master.port", "its status page, /cluster/status and /cluster/healthz: the volume topology "

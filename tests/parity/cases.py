@@ -23,7 +23,7 @@ def plant_models(results: Path, task_ids, seed: int = 350) -> dict[int, Path]:
     """Random-init models for ``task_ids`` under TotalSegmentator's folder names in ``results``.
 
     Returns task id -> dataset folder. The trainer, plans and configuration are the catalogue's, which
-    tests/test_catalogue_drift.py holds equal to TotalSegmentator's task configs.
+    tests/parity/test_catalogue_drift.py holds equal to TotalSegmentator's task configs.
     """
     from serve.catalogue import load_catalogue
     from serve.inference.modelfolder import UNetSpec, write_model_folder

@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.parity import cases as pc
-from tests.parity import sidevenv as sv
+from tests.parity import cases as pc, sidevenv as sv
 from tests.parity.cases import Case
 
 TOTAL_MR_CASES = (

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ray_fixtures import _shared_stack_owner, free_port  # noqa: F401
+from tests.helpers.stack import free_port
 from tests.security.upstack import LEASE_S, UpStack, _stop, _weed_ports
 
 
 @pytest.fixture(scope="package")
-def up_two_sites(_shared_stack_owner, tmp_path_factory):  # noqa: F811
+def up_two_sites(_shared_stack_owner, tmp_path_factory):
     """``mriseg up --sites a,b`` running, as :class:`UpStack`."""
     from serve.cluster.up import DEFAULT_CONFIG, LocalStack, wait_ready
 

@@ -23,7 +23,7 @@ import pytest
 
 from serve.storage import staging
 from serve.storage.s3client import S3Settings, make_client
-from tests.ray_fixtures import nifti_bytes
+from tests.helpers.stack import nifti_bytes
 from tests.security.upstack import BUCKET, LEASE_S, job_json_uri, push, site_b_job_succeeds, upload, wait_job_json
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(600)]
@@ -146,7 +146,7 @@ def test_an_older_versions_result_never_replaces_a_newer_ones(up_two_sites):
 
 def test_seaweedfs_http_and_grpc_ports_refuse_requests_without_credentials(up_two_sites):
     from serve.storage.embedded_s3 import HOST, SEAWEED_OPEN_PORTS
-    from tests.test_embedded_s3_security import GRPC_PORTS, _file_ids, _h2_answer, _is_settings_frame
+    from tests.helpers.seaweed_probes import GRPC_PORTS, file_ids, h2_answer, is_settings_frame
 
     up = up_two_sites
     secret = b"site b's scan, not for a local user " * 8
@@ -159,23 +159,23 @@ def test_seaweedfs_http_and_grpc_ports_refuse_requests_without_credentials(up_tw
     assert r.status_code != 200 and secret not in r.content
     r = httpx.get(url("master.port", "/dir/assign"))
     assert r.status_code != 200 and b"fid" not in r.content
-    fids = _file_ids(up.weed_dir / "data", BUCKET)
+    fids = file_ids(up.weed_dir / "data", BUCKET)
     assert fids
     for fid in fids:
         r = httpx.get(url("volume.port", f"/{fid}"))
         assert r.status_code == 401 and secret not in r.content, (fid, r.status_code)
     for flag in GRPC_PORTS:
         with socket.create_connection((HOST, up.weed_ports[flag]), timeout=5) as plain:
-            assert not _is_settings_frame(_h2_answer(plain)), f"{flag} speaks gRPC without TLS"
+            assert not is_settings_frame(h2_answer(plain)), f"{flag} speaks gRPC without TLS"
         ctx = ssl.create_default_context(cafile=str(up.weed_dir / "tls" / "ca.crt"))
         ctx.set_alpn_protocols(["h2"])
         with socket.create_connection((HOST, up.weed_ports[flag]), timeout=5) as raw:
             try:
                 with ctx.wrap_socket(raw, server_hostname=HOST) as s:
-                    answer = _h2_answer(s)
+                    answer = h2_answer(s)
             except (ssl.SSLError, ConnectionError):
                 answer = b""
-        assert not _is_settings_frame(answer), f"{flag} answers without a client certificate"
+        assert not is_settings_frame(answer), f"{flag} answers without a client certificate"
     assert len(up.stack.open_ports) == len(SEAWEED_OPEN_PORTS)  # what stays open is named in the banner
     site_b_job_succeeds(up)
 

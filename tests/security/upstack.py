@@ -14,7 +14,7 @@ import httpx
 
 from serve.storage import staging
 from serve.jobs.store import case_name
-from tests.ray_fixtures import nifti_bytes
+from tests.helpers.stack import nifti_bytes
 
 BUCKET = "mriseg"
 LEASE_S = 16  # the intake sweeps its held pushes every 8 s
