@@ -32,7 +32,7 @@ def test_eighty_unique_names_with_contiguous_ids(cat):
 @pytest.mark.parametrize("submodel,first,last", [
     ("organs", 1, 29), ("muscles", 30, 50), ("tissue_types", 51, 53),
     ("thigh_shoulder_muscles", 54, 71), ("appendicular_bones", 72, 79), ("face", 80, 80)])
-def test_id_ranges(cat, submodel, first, last):
+def test_each_submodel_owns_a_contiguous_range_of_merged_ids(cat, submodel, first, last):
     ids = sorted(cat.submodel(submodel).global_ids.values())
     assert ids == list(range(first, last + 1))
 
@@ -41,7 +41,7 @@ def test_first_fifty_are_totalsegmentators_total_mr(cat):
     assert [cat.structures[i] for i in range(1, 51)] == TOTAL_MR
 
 
-def test_task_ids_trainers_and_tile_steps(cat):
+def test_each_task_id_has_its_tile_step_trainer_spacing_and_licence(cat):
     by = {sm.task_id: sm for sm in cat.submodels + cat.fast_variants}
     assert sorted(by) == [850, 851, 852, 855, 856, 857, 925]
     for tid in (850, 851, 852):

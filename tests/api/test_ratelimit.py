@@ -8,7 +8,7 @@ from serve.api.ratelimit import RateLimiter
 from serve.errors import TooManyRequestsError
 
 
-def test_burst_then_the_average_rate_per_site():
+def test_each_site_may_send_a_burst_then_only_its_average_rate():
     now = [0.0]
     lim = RateLimiter(clock=lambda: now[0])
     for _ in range(3):

@@ -23,7 +23,7 @@ def phantom(tmp_path_factory):
     return write_nifti(tmp_path_factory.mktemp("cli") / "phantom.nii.gz", vol.data, vol.affine)
 
 
-def test_segment_roi_subset_with_totalsegmentator_flags(phantom, tiny_models, tmp_path, capsys):
+def test_segment_with_totalsegmentator_flags_writes_only_the_roi_subset(phantom, tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["segment", "-i", str(phantom), "-o", str(out), "--roi_subset", "liver", "spleen", "face",
                "--statistics", "--preview", "--device", "cpu", "--threads", "1", "--models", str(tiny_models)])

@@ -172,7 +172,7 @@ def test_roi_subset_calls_only_the_needed_deployments(serve_stack):
     assert set(np.unique(labels).tolist()) <= allowed
 
 
-def test_twenty_concurrent_requests_from_two_sites(serve_stack):
+def test_twenty_concurrent_requests_from_two_sites_succeed_alike_and_private(serve_stack):
     data = nifti_bytes(shape=(32, 32, 32), seed=7)
     with serve_stack.client() as c:
         ref = upload(c, "site-a", data)
@@ -225,7 +225,7 @@ def test_healthz_answers_while_the_router_is_busy(serve_stack):
         assert all(poll(c, "site-b", j)["status"] == "succeeded" for j in ids)
 
 
-def test_structures_readiness_openapi_and_metrics(serve_stack):
+def test_structures_readyz_and_openapi_are_served_and_metrics_not(serve_stack):
     import httpx
 
     with serve_stack.client() as c:
@@ -259,7 +259,7 @@ def _problem(r, status):
     return body
 
 
-def test_error_statuses(serve_stack):
+def test_each_bad_request_gets_its_own_http_status_as_a_problem(serve_stack):
     with serve_stack.client() as c:
         ok = upload(c, "site-a")
         assert ok.status_code == 200
@@ -355,7 +355,7 @@ def test_error_statuses(serve_stack):
         _problem(c.get(f"/v1/segmentations/{gone}/result", headers=auth("site-c")), 503)
 
 
-def test_multipart_upload_and_async_result(serve_stack):
+def test_a_multipart_upload_is_accepted_and_its_result_fetched_later(serve_stack):
     with serve_stack.client() as c:
         files = {"file": ("case.nii.gz", io.BytesIO(nifti_bytes(seed=2)), "application/gzip")}
         r = c.post("/v1/segmentations/upload", files=files, headers=auth("site-b"))
@@ -367,7 +367,7 @@ def test_multipart_upload_and_async_result(serve_stack):
 
 
 @pytest.mark.s3
-def test_s3_input_and_output_prefix(serve_stack):
+def test_an_s3_input_gets_s3_outputs_equal_to_the_upload_path(serve_stack):
     """Input staged from the site's S3 prefix; outputs in the S3 layout; equal to the upload path."""
     from serve.storage import staging
 

@@ -67,7 +67,7 @@ def test_router_killed_with_jobs_in_flight_resumes_them(serve_stack):
     assert not [p for p in (results / ".incoming").iterdir() if p.name.split(".")[0] in ids]
 
 
-def test_worker_node_removed_mid_request(isolated_ray, tmp_path):
+def test_a_request_on_a_removed_worker_node_is_retried_or_fails_retryably(isolated_ray, tmp_path):
     import ray
 
     models = tiny_models(tmp_path / "models", names=("organs",))

@@ -40,7 +40,7 @@ def _check_outputs(server: SeaweedServer, n: int, job: dict) -> None:
     assert done["status"] == "succeeded"
 
 
-def test_s3_errors_for_a_while_and_a_10s_outage_mid_job(isolated_ray, tmp_path):
+def test_jobs_succeed_through_s3_errors_and_a_10s_outage_mid_job(isolated_ray, tmp_path):
     server = SeaweedServer(tmp_path / "weed", buckets=[BUCKET]).start()
     try:
         for n in range(3):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_up_with_embedded_s3_then_demo_through_it(isolated_ray, tmp_path, monkeypatch, capsys):
+def test_mriseg_demo_and_s3_go_through_the_stack_mriseg_up_started(isolated_ray, tmp_path, monkeypatch, capsys):
     """`mriseg up`'s stack (Ray + SeaweedFS + local.yaml); `mriseg demo` finds it and goes through it."""
     import httpx
 
@@ -61,7 +61,7 @@ def test_up_with_embedded_s3_then_demo_through_it(isolated_ray, tmp_path, monkey
     assert not (tmp_path / "cache" / "up" / "stack.json").exists()
 
 
-def test_serve_run_local_yaml(isolated_ray, tmp_path):
+def test_serve_run_on_local_yaml_segments_with_all_six_submodels(isolated_ray, tmp_path):
     """Ray's own `serve run` on deployments/local.yaml (only the port and tenants moved for the test)."""
     from serve.api.client import ApiClient, segment_file
     from serve.demo import demo_volume

@@ -41,7 +41,7 @@ def sitk_image(arr_ijk: np.ndarray, spacing=(0.9, 1.1, 2.5), origin=(10.0, -20.0
 
 # -- good inputs ------------------------------------------------------------------------
 
-def test_nifti_gz_and_plain(tmp_path):
+def test_gzipped_and_plain_nifti_read_with_their_voxels_and_affine(tmp_path):
     aff = oriented_affine("LPS", (1.2, 1.3, 2.0), origin=(5, 6, 7), rotation_deg=10)
     for name in ("a.nii.gz", "a.nii"):
         vol = read_volume(nifti(tmp_path / name, ramp(), aff, np.int16))
@@ -113,7 +113,7 @@ def write_dicom_series(folder: Path, arr_ijk: np.ndarray, spacing=(0.8, 0.9, 2.0
     return img
 
 
-def test_dicom_folder_and_zip(tmp_path):
+def test_a_dicom_series_reads_the_same_from_a_folder_a_zip_and_zip_bytes(tmp_path):
     arr = (ramp((16, 12, 6)) % 500).astype(np.int16)
     img = write_dicom_series(tmp_path / "series", arr)
     expected = sitk_geometry_to_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
@@ -272,7 +272,7 @@ def test_voxel_limit_is_configurable(tmp_path):
         read_volume(tmp_path / "v.mha", max_voxels=100)
 
 
-def test_unsupported_and_missing_inputs(tmp_path):
+def test_unsupported_missing_and_empty_inputs_are_refused_clearly(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG")
     with pytest.raises(UnsupportedFormatError, match="unsupported file type"):
         read_volume(tmp_path / "x.png")
@@ -354,7 +354,7 @@ def test_uploads_cannot_point_at_server_files(name, header):
         read_volume_bytes(header, name)
 
 
-def test_mha_header_in_metaio_colon_syntax(tmp_path):
+def test_colon_syntax_mha_is_read_when_self_contained_refused_when_not(tmp_path):
     """MetaIO also reads ``key: value``; a self-contained file in that spelling is accepted, a detached one is not."""
     sitk.WriteImage(sitk_image(ramp()), str(tmp_path / "v.mha"))
     data = (tmp_path / "v.mha").read_bytes()
@@ -365,14 +365,14 @@ def test_mha_header_in_metaio_colon_syntax(tmp_path):
         read_volume_bytes(data.replace(b"ElementDataFile = LOCAL", b"ElementDataFile: /etc/hostname"), "upload.mha")
 
 
-def test_self_contained_mha_and_nrrd_uploads(tmp_path):
+def test_self_contained_mha_and_nrrd_uploads_read_exactly(tmp_path):
     for suffix in (".mha", ".nrrd"):
         sitk.WriteImage(sitk_image(ramp()), str(tmp_path / f"v{suffix}"))
         vol = read_volume_bytes((tmp_path / f"v{suffix}").read_bytes(), f"upload{suffix}")
         assert np.array_equal(vol.data, ramp())
 
 
-def test_4d_sitk_volumes(tmp_path):
+def test_a_4d_image_with_one_timepoint_reads_as_3d_and_more_are_refused(tmp_path):
     one = sitk.JoinSeries([sitk_image(ramp())])  # x, y, z, t=1
     sitk.WriteImage(one, str(tmp_path / "one.nrrd"))
     vol = read_volume(tmp_path / "one.nrrd")

@@ -51,7 +51,7 @@ def test_labels_map_by_name_not_position(odd_models):
     assert m.labels.tolist() == [[[IDS["skeletal_muscle"], IDS["torso_fat"], IDS["subcutaneous_fat"]]]]
 
 
-def test_precedence_and_lossless_per_model(odd_models):
+def test_a_specific_label_beats_a_coarse_one_and_both_masks_stay_whole(odd_models):
     shape = (4, 4, 4)
     tissue = np.zeros(shape, np.uint8)
     tissue[:, :, :] = 1  # skeletal_muscle everywhere (local 1 after the reversal)

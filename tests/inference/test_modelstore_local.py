@@ -76,7 +76,7 @@ def test_nothing_installed_is_a_clear_error(tmp_path):
         seg.segment(body_volume())
 
 
-def test_models_import_and_list(tmp_path, capsys):
+def test_models_import_copies_weights_and_list_shows_present_and_missing(tmp_path, capsys):
     home = totalseg_home(tmp_path)
     dest = tmp_path / "imported"
     assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest)]) == 0
@@ -93,7 +93,7 @@ def test_models_import_and_list(tmp_path, capsys):
     assert "structure(s) unavailable" in out
 
 
-def test_models_import_link_and_bad_home(tmp_path, capsys):
+def test_models_import_link_symlinks_and_a_missing_home_exits_2(tmp_path, capsys):
     home = totalseg_home(tmp_path)
     dest = tmp_path / "linked"
     assert main(["models", "import", "--totalseg-home", str(home), "--dest", str(dest), "--link"]) == 0

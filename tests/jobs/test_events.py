@@ -16,7 +16,7 @@ def s3_record(key: str, name: str = "ObjectCreated:Put", etag: str = "abc", buck
                                                           "sequencer": "00A1"}}}
 
 
-def test_records_with_url_encoded_keys():
+def test_url_encoded_record_keys_are_decoded():
     body = json.dumps({"Records": [s3_record("site+a/in/patient%C3%A9+01%2B2.nii.gz")]})
     [ev] = parse_message(body)
     assert ev == ObjectEvent("inbox", "site a/in/patienté 01+2.nii.gz", "abc", None, 10, "ObjectCreated:Put", "00A1")
@@ -28,13 +28,13 @@ def test_test_event_and_removals_are_ignored():
     assert parse_message({"Records": [s3_record("a.nii", name="ObjectRemoved:Delete")]}) == []
 
 
-def test_sns_wrapped_records():
+def test_s3_records_wrapped_in_an_sns_notification_are_unwrapped():
     inner = json.dumps({"Records": [s3_record("x/y.mha")]})
     body = json.dumps({"Type": "Notification", "MessageId": "1", "TopicArn": "arn:aws:sns:x", "Message": inner})
     assert [e.key for e in parse_message(body)] == ["x/y.mha"]
 
 
-def test_eventbridge_object_created():
+def test_eventbridge_object_created_is_parsed_and_other_types_ignored():
     msg = {"version": "0", "detail-type": "Object Created", "source": "aws.s3",
            "detail": {"bucket": {"name": "inbox"},
                       "object": {"key": "raw/2023-08-08T14:03:40.zip", "size": 5, "etag": "e-12",
@@ -44,7 +44,7 @@ def test_eventbridge_object_created():
     assert parse_message({**msg, "detail-type": "Object Deleted"}) == []
 
 
-def test_suffix_rules():
+def test_only_volume_suffixes_count_as_volume_keys():
     for ok in ("a.nii", "a.nii.gz", "A.NII.GZ", "b.mha", "c.nrrd", "dicom/series.zip"):
         assert is_volume_key(ok)
     for no in ("a.txt", "folder/", "a.nii.gz.tmp", "job.json", "preview.png", "a.mhd"):

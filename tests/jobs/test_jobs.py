@@ -50,7 +50,7 @@ def keys_under(seaweed, bucket, prefix):
     return sorted(o["Key"] for o in resp.get("Contents", []))
 
 
-def test_case_names():
+def test_case_name_is_the_key_below_the_prefix_made_safe_and_bounded():
     assert case_name("p/in/sub/case7.nii.gz", "p/in/") == "sub/case7"
     assert case_name("elsewhere/x.MHA") == "x"
     # an inbox at the bucket root keeps the folders: p1/scan and p2/scan are two cases, not one

@@ -180,7 +180,7 @@ def _wait_for(cond, what: str, limit_s: float = 400.0, proc: subprocess.Popen | 
 
 
 @pytest.mark.slow
-def test_thirty_objects_consumer_killed_and_restarted(moto, tiny_models, tmp_path):
+def test_a_consumer_killed_mid_batch_then_restarted_finishes_each_once(moto, tiny_models, tmp_path):
     env = make_env(moto, max_receives=10, visibility=6, heartbeat=2.0, outputs=("multilabel",))
     s3, sqs = moto.client(), moto.sqs()
     cfg = {"consumer": {**env.config.model_dump(), "sqs": moto.settings.model_dump()},

@@ -112,7 +112,7 @@ def test_embedded_serve_config_is_a_valid_importable_serve_app(item):
 
 
 @pytest.mark.parametrize("item", rayservices(), ids=_id)
-def test_submodel_autoscaling_knobs(item):
+def test_every_submodel_autoscales_with_every_knob_and_a_kept_replica(item):
     overlay, rs = item
     deployments = {d["name"]: d for app in _serve_config(rs)["applications"] for d in app.get("deployments", [])}
     if overlay in ("dev", "prod-one-gpu"):

@@ -38,7 +38,7 @@ def _rayservice(docs: list[dict]) -> dict:
     return rs
 
 
-def test_deep_merge_rules():
+def test_deep_merge_drops_nulls_replaces_lists_merges_named_items_keeps_base():
     base = {"a": {"b": 1, "c": 2}, "l": [1, 2],
             "groups": [{"groupName": "cpu", "n": 1}, {"groupName": "gpu", "n": 2}],
             "containers": [{"name": "x", "image": "i", "env": [{"name": "A", "value": "1"}]}]}

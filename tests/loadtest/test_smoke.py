@@ -25,7 +25,7 @@ SOAK_SECONDS = int(os.environ.get("MRISEG_SOAK_SECONDS", "15"))
 
 
 @pytest.mark.ray
-def test_locust_smoke_and_short_soak(serve_stack, tmp_path):
+def test_a_short_locust_soak_has_no_failures_and_stays_within_memory(serve_stack, tmp_path):
     upload = tmp_path / "volume.nii.gz"
     upload.write_bytes(nifti_bytes(shape=(40, 36, 44)))  # under the stack's 2 MiB upload limit
     s3_inputs = put_s3_inputs(make_client(serve_stack.extra["s3"]), BUCKET, upload.read_bytes())

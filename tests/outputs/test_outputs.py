@@ -61,7 +61,7 @@ def test_multilabel_nifti_has_totalsegmentators_label_table(case, tmp_path):
                                                    46: "autochthon_left", 53: "skeletal_muscle"}
 
 
-def test_label_table_round_trip_and_rejects():
+def test_a_label_table_round_trips_and_malformed_ones_are_refused():
     table = {i: f"s{i}" for i in range(1, 81)}
     assert parse_label_table(label_table_xml(table)) == table
     with pytest.raises(ValueError):
@@ -84,7 +84,7 @@ def test_per_structure_masks_are_whole_where_structures_overlap(case, tmp_path):
     assert np.asarray(nib.load(str(out["per_structure"] / "humerus_right.nii.gz")).dataobj).sum() == 0
 
 
-def test_statistics_keys_units_and_qc(case, tmp_path):
+def test_statistics_give_volume_intensity_and_qc_per_structure(case, tmp_path):
     vol, res = case
     out = write_outputs(res, vol, tmp_path / "out", multilabel=False, preview=False)
     stats = json.loads(out["statistics"].read_text())
@@ -102,7 +102,7 @@ def test_statistics_keys_units_and_qc(case, tmp_path):
                                       "qc": {"empty": True, "touches_border": False}}
 
 
-def test_touches_border_margin():
+def test_touches_border_is_true_only_within_the_margin():
     m = np.zeros((10, 10, 10), bool)
     m[5, 5, 5] = True
     assert not touches_border(m, (3, 3, 3))
@@ -110,7 +110,7 @@ def test_touches_border_margin():
     assert not touches_border(m, (1, 1, 1)) and touches_border(m, (2, 2, 2))
 
 
-def test_preview_png(case, tmp_path):
+def test_the_preview_is_a_large_png_with_coloured_overlays(case, tmp_path):
     import matplotlib.image as mpimg
 
     vol, res = case

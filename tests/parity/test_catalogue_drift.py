@@ -40,7 +40,7 @@ def test_every_submodel_has_a_totalsegmentator_task(cat):
     assert {sm.name for sm in cat.submodels + cat.fast_variants} == set(TASK_OF)
 
 
-def test_total_mr_names_and_ids(ts, cat):
+def test_merged_ids_1_to_50_are_total_mrs_class_map(ts, cat):
     """Merged ids 1-50 are TotalSegmentator's class_map["total_mr"], name for name."""
     theirs = ints(ts["class_map"]["total_mr"])
     assert sorted(theirs) == list(range(1, 51))
@@ -66,7 +66,7 @@ def test_fast_model_is_total_mr(ts, cat):
 
 
 @pytest.mark.parametrize("submodel", ["tissue_types", "thigh_shoulder_muscles", "appendicular_bones", "face"])
-def test_licensed_task_names_and_ids(ts, cat, submodel):
+def test_a_licensed_tasks_class_map_is_the_submodels_labels_in_order(ts, cat, submodel):
     """A licensed task's class map is the sub-model's labels in order (local id i -> merged id start + i - 1),
     and its auxiliary labels are none of them (they are dropped by name)."""
     sm = cat.submodel(submodel)
@@ -75,14 +75,14 @@ def test_licensed_task_names_and_ids(ts, cat, submodel):
     assert not set(ts["auxiliary"].get(task, {}).values()) & set(sm.labels)
 
 
-def test_all_eighty(ts, cat):
+def test_the_eighty_structures_are_the_tasks_classes_each_once(ts, cat):
     """The 80 merged structures are exactly the union of those tasks' classes, each once."""
     theirs = [n for t in sorted(set(TASK_OF.values())) for n in ts["class_map"][t].values()]
     assert len(theirs) == 80 and sorted(theirs) == sorted(cat.structures.values())
 
 
 @pytest.mark.parametrize("submodel", sorted(TASK_OF))
-def test_model_settings(ts, cat, submodel):
+def test_each_submodels_settings_equal_its_totalsegmentator_task_config(ts, cat, submodel):
     """Task id, weights folder, trainer, plans, configuration, spacing, tile step, licence."""
     sm = cat.submodel(submodel)
     task = TASK_OF[submodel]

@@ -103,7 +103,7 @@ def test_slots_bound_concurrency_and_errors_reach_the_waiter():
     _run(main())
 
 
-def test_cancel_queued_and_running():
+def test_cancel_stops_queued_and_running_jobs_and_refuses_unknown_ones():
     async def main():
         gate = asyncio.Event()
 

@@ -68,7 +68,7 @@ def test_every_digest_is_compared_without_early_exit(monkeypatch):
     assert len(calls) == 2
 
 
-def test_loads_from_file_and_env(tmp_path, monkeypatch):
+def test_tenants_load_from_a_file_or_env_and_refuse_none_or_unreadable(tmp_path, monkeypatch):
     f = tmp_path / "tenants.json"
     f.write_text(json.dumps(_cfg()))
     assert Tenancy.load(f).authenticate(KEY_A).name == "site-a"
@@ -133,12 +133,12 @@ def test_unparseable_tenants_are_clear_errors_without_content(tmp_path, monkeypa
     ("s3://consortium/site-a/../site-b/case1.nii.gz", False),
     ("s3://other-bucket/site-a/case1.nii.gz", False),
 ])
-def test_site_prefixes(uri, ok):
+def test_a_site_owns_only_uris_under_its_own_prefixes(uri, ok):
     site = Tenancy.from_mapping(_cfg()).sites["site-a"]
     assert site.owns(uri) is ok
 
 
-def test_whole_bucket_prefix():
+def test_a_whole_bucket_prefix_owns_that_bucket_not_a_longer_named_one():
     site = Tenancy.from_mapping(_cfg()).sites["site-b"]
     assert site.owns("s3://site-b-private/anything/here.nii.gz")
     assert not site.owns("s3://site-b-private-2/x.nii.gz")

@@ -57,7 +57,7 @@ def test_seaweed_listens_on_loopback_only(seaweed):
     assert not ports & defaults
 
 
-def test_round_trip_small_file_with_sha256(seaweed, tmp_path, unique_prefix):
+def test_a_small_file_round_trips_verified_by_its_sha256(seaweed, tmp_path, unique_prefix):
     src = tmp_path / "vol.nii.gz"
     src.write_bytes(os.urandom(300_000))
     uri = f"s3://inbox/{unique_prefix}/vol.nii.gz"
