@@ -69,8 +69,6 @@ def start(model_dir: str | Path, *, submodels: list[str], precision: str = "fp32
         "submodel_settings": settings,
         "tenants_file": str(write_tenants(workdir / "tenants.yaml")),
         "router": {"results_dir": str(workdir / "results"), "slots": slots, "max_upload_bytes": max_upload_bytes},
-        "metrics_port": free_port(),
-        "metrics_host": "127.0.0.1",
         "deployment_options": {"submodel_defaults": {"ray_actor_options": actor, "max_ongoing_requests": 16},
                                "Router": {"ray_actor_options": {"num_cpus": 1}}},
     }

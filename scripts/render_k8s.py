@@ -293,14 +293,14 @@ def _check_deployment_overrides(config: dict, overrides: dict, rel: str) -> None
 
 
 def ports_from_serve_config(config: dict) -> dict[str, int]:
-    """SERVE_PORT and APP_METRICS_PORT, read from the serve config so Services, probes and policies follow it."""
-    serve_port = int((config.get("http_options") or {}).get("port") or 8000)
-    metrics = {int(a["args"]["metrics_port"]) for a in config.get("applications") or []
-               if (a.get("args") or {}).get("metrics_port")}
-    if len(metrics) != 1:
-        raise RenderError("the serve config must set exactly one app args.metrics_port (the Router's /metrics "
-                          f"port, scraped by Prometheus); found {sorted(metrics) or 'none'}")
-    return {"SERVE_PORT": serve_port, "APP_METRICS_PORT": metrics.pop()}
+    """SERVE_PORT, read from the serve config so Services, probes and policies follow it."""
+    retired = sorted({k for a in config.get("applications") or [] for k in (a.get("args") or {})
+                      if k in ("metrics_port", "metrics_host")})
+    if retired:  # the app would refuse them at deploy time; say so here, before anything is applied
+        raise RenderError(f"the serve config sets app args {', '.join(retired)}: the Router no longer serves its own "
+                          f"/metrics (Ray's metrics agent on port 8080 exports its ray_mriseg_* metrics); "
+                          f"remove them")
+    return {"SERVE_PORT": int((config.get("http_options") or {}).get("port") or 8000)}
 
 
 def grafana_configmap(dashboard: Path) -> dict:

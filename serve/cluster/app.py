@@ -21,7 +21,7 @@ from serve.api.app import create_app
 from serve.catalogue import load_catalogue
 from serve.cluster.deployments import SubModelDeployment, SubModelSettings
 from serve.cluster.intake import EventIntake
-from serve.cluster.metrics import IngressMetrics, start_metrics_server
+from serve.cluster.metrics import IngressMetrics
 from serve.demo import ensure_demo_models
 from serve.errors import MrisegError, NotFoundError, ServiceUnavailableError
 from serve.imaging.sandbox import SandboxedDecoder, SandboxPolicy
@@ -29,7 +29,7 @@ from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.jobs.intake_settings import EventsArg, IntakeSettings, without_retired
 from serve.router.service import JobService, RouterSettings
 from serve.router.tenancy import Tenancy
-from serve.settings_checks import check, error_line, whole
+from serve.settings_checks import check, error_line
 from serve.storage.s3client import S3Settings
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,6 @@ class Ingress:
                                                                "s3": settings.get("s3")}),
                                   metrics, running_replicas=self._running_replicas, decoder=decoder,
                                   reserved_prefixes=[events.settings.jobs] if events and events.settings.jobs else [])
-        self.metrics_port = start_metrics_server(metrics, int(settings.get("metrics_port") or 0),
-                                                 settings.get("metrics_host", "0.0.0.0"))
         self._ready_cache: tuple[float, dict] | None = None
         # startup work, here on the replica's event loop rather than at a first request: jobs a previous
         # replica accepted and never settled are queued again before anything new is taken
@@ -218,6 +216,9 @@ def _resolve_sources(sources: list[str]) -> list[str]:
 #: the fields :func:`AppArgs._submodel_settings` fills for the check, which the section itself never holds
 _PER_SUBMODEL = {"submodel", "model_sources"}
 
+#: app args of earlier versions, refused with what to do instead (the ingress served its own /metrics)
+RETIRED_ARGS = ("metrics_port", "metrics_host")
+
 
 class AppArgs(BaseModel):
     """The ``args`` of the Serve app (a Serve config's ``args:``), checked by Ray Serve's typed app builder.
@@ -239,8 +240,6 @@ class AppArgs(BaseModel):
     submodel_settings: SubModelSettings | None = None
     tenants_file: StrictStr | None = None
     router: RouterSettings | None = None
-    metrics_port: whole(0, 65535) | None = None
-    metrics_host: StrictStr | None = None
     deployment_options: dict[str, dict[str, Any]] | None = None  # deployment name (or "submodel_defaults") -> options
     events: EventsArg | None = None                # present: the EventIntake runs
     sandbox: SandboxPolicy | None = None
@@ -249,6 +248,12 @@ class AppArgs(BaseModel):
     @classmethod
     def _one_line(cls, data: Any, handler: Any) -> "AppArgs":
         # Ray calls model_validate itself: its error must still name the arg, in one line
+        retired = sorted(k for k in RETIRED_ARGS if isinstance(data, Mapping) and k in data)
+        if retired:
+            raise MrisegError(f"app args: {', '.join(retired)}: the Router no longer serves its own /metrics; "
+                              f"Ray's metrics agent on each node exports its metrics (the node's metrics export "
+                              f"port, 8080 in the k8s manifests; names prefixed ray_, e.g. ray_mriseg_volumes_total). "
+                              f"Remove {', '.join(retired)} from the config and scrape that port instead")
         try:
             return handler(data)
         except ValidationError as e:
@@ -328,7 +333,7 @@ def build_app(args: AppArgs) -> rayserve.Application:
             model manifest, a path; required for s3:// sources), ``model_cache_dir``, ``s3``,
             ``submodels`` (names to deploy; default all six + total_fast), ``submodel_settings``
             (device, threads, precision, gpu_memory_fraction, tile_step_size), ``tenants_file``,
-            ``router`` (results_dir, slots, max_upload_bytes, ...), ``metrics_port``, ``metrics_host``,
+            ``router`` (results_dir, slots, max_upload_bytes, ...),
             ``deployment_options`` (deployment name or "submodel_defaults" -> Serve deployment options),
             ``events`` (S3 event intake: :class:`serve.jobs.intake_settings.IntakeSettings`; adds the
             ``EventIntake`` deployment and ``POST /v1/events``), ``sandbox`` (the decoder sandbox:
@@ -349,8 +354,8 @@ def build_app(args: AppArgs) -> rayserve.Application:
     opts = args.get("deployment_options") or {}
     bound = {n: SubModelDeployment.options(name=n, **{**opts.get("submodel_defaults", {}), **opts.get(n, {})})
              .bind(n, common) for n in names}
-    ingress_settings = {k: args.get(k) for k in ("tenants_file", "router", "metrics_port", "metrics_host", "s3",
-                                                 "events", "sandbox") if args.get(k) is not None}
+    ingress_settings = {k: args.get(k) for k in ("tenants_file", "router", "s3", "events", "sandbox")
+                        if args.get(k) is not None}
     intake = None
     if args.get("events") is not None:  # an empty mapping deploys the intake, idle until a job prefix is set
         intake = EventIntake.options(**opts.get("EventIntake", {})).bind(args["events"], args.get("s3"))

@@ -1,20 +1,15 @@
-"""Metrics: ``ray.util.metrics`` inside sub-model replicas, prometheus-client at the ingress.
+"""Metrics: ``ray.util.metrics`` in every replica, the ingress's included.
 
-Ray exports ``ray.util.metrics`` with its own metrics (scraped from each
-node's metrics agent), but not a replica's prometheus-client registry. The
-ingress therefore also keeps its own registry and serves it from a small
-HTTP server on a separate port (``metrics_port``), which only the cluster
-network should reach.
+Ray's metrics agent on each node exports what a replica records (scraped at
+the node's metrics export port, ``8080`` in the k8s manifests), with every
+name prefixed ``ray_`` (``mriseg_volumes_total`` is exported as
+``ray_mriseg_volumes_total``). One metrics system, one scrape target per node:
+the ingress has no registry or HTTP server of its own.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
-
-log = logging.getLogger(__name__)
+from typing import Any
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -50,56 +45,88 @@ class ReplicaMetrics:
         self.errors.inc(1, tags={**self.tags, "type": type(exc).__name__})
 
 
-class IngressMetrics:
-    """The router's own prometheus-client registry."""
+class _Series:
+    """One series of a Ray metric: the update its kind allows, with its tags bound."""
 
-    def __init__(self):
-        self.registry = r = CollectorRegistry()
-        self.requests = Histogram("mriseg_http_request_seconds", "HTTP request latency.",
-                                  ("method", "route", "status"), registry=r, buckets=LATENCY_BUCKETS)
-        self.stage_seconds = Histogram("mriseg_stage_seconds", "Job stage latency.", ("stage",),
-                                       registry=r, buckets=LATENCY_BUCKETS)
-        self.submodel_seconds = Histogram("mriseg_submodel_call_seconds",
+    def __init__(self, metric: Any, tags: dict[str, str]):
+        self._metric, self._tags = metric, tags
+
+    def observe(self, value: float) -> None:
+        self._metric.observe(value, tags=self._tags)
+
+    def inc(self, amount: float = 1) -> None:
+        if amount:  # Ray refuses a zero increment; a job that staged no bytes counts nothing
+            self._metric.inc(amount, tags=self._tags)
+
+    def set(self, value: float) -> None:
+        self._metric.set(value, tags=self._tags)
+
+
+class _Family:
+    """A Ray metric behind the ``labels(*values)`` interface of :class:`serve.router.metrics.Instrument`.
+
+    The router names a series by its label values in ``tag_keys`` order (as prometheus-client did), so the
+    job service does not depend on which metrics library the cluster uses.
+    """
+
+    def __init__(self, metric: Any, tag_keys: tuple[str, ...]):
+        self._metric, self._keys = metric, tag_keys
+
+    def labels(self, *values: str) -> _Series:
+        """The series of these label values.
+
+        Args:
+            values: one value per tag key, in order.
+
+        Returns:
+            The series, ready for ``observe``, ``inc`` or ``set``.
+        """
+        if len(values) != len(self._keys):
+            raise ValueError(f"{self._metric.info['name']} takes {len(self._keys)} label value(s) "
+                             f"{self._keys}, not {len(values)}")
+        return _Series(self._metric, {k: str(v) for k, v in zip(self._keys, values)})
+
+    def set(self, value: float) -> None:
+        """Set an untagged gauge."""
+        self._metric.set(value, tags={})
+
+
+class IngressMetrics:
+    """The router's metrics (:class:`serve.router.metrics.JobMetrics`), recorded with ``ray.util.metrics``."""
+
+    def __init__(self) -> None:
+        # lazy: ray takes seconds to import; only code running under Ray needs it
+        from ray.util import metrics as rm
+
+        def histogram(name: str, doc: str, keys: tuple[str, ...]) -> _Family:
+            return _Family(rm.Histogram(name, doc, boundaries=list(LATENCY_BUCKETS), tag_keys=keys), keys)
+
+        def counter(name: str, doc: str, keys: tuple[str, ...]) -> _Family:
+            return _Family(rm.Counter(name, doc, tag_keys=keys), keys)
+
+        def gauge(name: str, doc: str, keys: tuple[str, ...]) -> _Family:
+            return _Family(rm.Gauge(name, doc, tag_keys=keys), keys)
+
+        self.requests = histogram("mriseg_http_request_seconds", "HTTP request latency.",
+                                  ("method", "route", "status"))
+        self.stage_seconds = histogram("mriseg_stage_seconds", "Job stage latency.", ("stage",))
+        self.submodel_seconds = histogram("mriseg_submodel_call_seconds",
                                           "Sub-model call latency seen by the router (queueing included).",
-                                          ("submodel",), registry=r, buckets=LATENCY_BUCKETS)
-        self.job_seconds = Histogram("mriseg_job_seconds", "Whole-job latency.", ("site", "status"),
-                                     registry=r, buckets=LATENCY_BUCKETS)
-        self.queue_depth = Gauge("mriseg_queue_depth", "Jobs waiting for a router slot.", ("site",), registry=r)
-        self.running = Gauge("mriseg_jobs_running", "Jobs holding a router slot.", registry=r)
-        self.volumes = Counter("mriseg_volumes_total", "Volumes segmented.", ("site",), registry=r)
-        self.voxels = Counter("mriseg_voxels_total", "Input voxels segmented.", ("site",), registry=r)
-        self.bytes_staged = Counter("mriseg_bytes_staged_total", "Bytes read or written for jobs.",
-                                    ("direction",), registry=r)
-        self.errors = Counter("mriseg_errors_total", "Errors by type and site.", ("type", "site", "status"),
-                              registry=r)
+                                          ("submodel",))
+        self.job_seconds = histogram("mriseg_job_seconds", "Whole-job latency.", ("site", "status"))
+        self.queue_depth = gauge("mriseg_queue_depth", "Jobs waiting for a router slot.", ("site",))
+        self.running = gauge("mriseg_jobs_running", "Jobs holding a router slot.", ())
+        self.volumes = counter("mriseg_volumes_total", "Volumes segmented.", ("site",))
+        self.voxels = counter("mriseg_voxels_total", "Input voxels segmented.", ("site",))
+        self.bytes_staged = counter("mriseg_bytes_staged_total", "Bytes read or written for jobs.", ("direction",))
+        self.errors = counter("mriseg_errors_total", "Errors by type and site.", ("type", "site", "status"))
 
     def error(self, exc: BaseException, site: str, status: int) -> None:
         self.errors.labels(type(exc).__name__, site, str(status)).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
-
-_server_lock = threading.Lock()
-_servers: dict[int, object] = {}
-
-
-def start_metrics_server(metrics: IngressMetrics, port: int, host: str = "0.0.0.0") -> int | None:
-    """Serve ``metrics`` on ``host:port`` in a daemon thread; returns the bound port, None if disabled or busy.
-
-    A second ingress replica on the same node finds the port taken; it logs
-    and carries on (its metrics still reach Ray's exporter).
-    """
-    if not port:
-        return None
-
-    with _server_lock:
-        if port in _servers:
-            return port
-        try:
-            server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
-        except OSError as e:
-            log.warning("metrics port %d unavailable (%s); /metrics not served by this replica", port, e.strerror)
-            return None
-        _servers[port] = server
-        return server.server_address[1]
+#: Every series the ingress records, by the name Ray exports it under (histograms add _bucket, _count, _sum).
+INGRESS_METRIC_NAMES = ("ray_mriseg_http_request_seconds", "ray_mriseg_stage_seconds",
+                        "ray_mriseg_submodel_call_seconds", "ray_mriseg_job_seconds", "ray_mriseg_queue_depth",
+                        "ray_mriseg_jobs_running", "ray_mriseg_volumes_total", "ray_mriseg_voxels_total",
+                        "ray_mriseg_bytes_staged_total", "ray_mriseg_errors_total")

@@ -196,6 +196,7 @@ class ClusterHandle:
     ray_tmp: str | None = None   # the Ray temp dir start_cluster made; None where it joined a cluster by address
     session_dir: str = ""        # this Ray session's folder (logs, sockets)
     app_name: str = "mriseg"
+    metrics_url: str | None = None  # Prometheus text from this node's Ray metrics agent (every replica's series)
 
 
 def start_cluster(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 8000,
@@ -249,12 +250,14 @@ def start_cluster(args: dict[str, Any], *, host: str = "127.0.0.1", port: int = 
             ray.init(address=address, log_to_driver=False, runtime_env=dict(runtime_env or {}))
         keep_ray_token_private()
         # Ray has no public call for it; the load tests find the cluster's processes by it
-        session_dir = ray._private.worker._global_node.get_session_dir_path()
+        node = ray._private.worker._global_node
+        session_dir = node.get_session_dir_path()
         rayserve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         app = build_app(AppArgs.model_validate(dict(args)))  # as Ray's typed builder does for a config file
         rayserve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
+        # the metrics agent exports what every replica on the node records (ray.util.metrics), the Router's too
         cluster = ClusterHandle(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", ray_tmp,
-                                session_dir, app_name)
+                                session_dir, app_name, f"http://127.0.0.1:{node.metrics_export_port}/metrics")
         wait_ready(cluster.url, ready_timeout)
     except BaseException:
         stop_cluster(ClusterHandle("", ray_tmp))
@@ -353,11 +356,10 @@ def start_local_stack(config: str | os.PathLike = DEFAULT_CONFIG, *, port: int |
         shutil.rmtree(work, ignore_errors=True)
         _restore_env(env_saved)
         raise
-    metrics_port = args.get("metrics_port")
     local_sites = [LocalSite(site, api_keys[site], site_prefix(site), site_s3[site]) for site in specs]
     first = local_sites[0]
     stack = LocalStack(cluster.url, first.api_key, first.name, os.getpid(),
-                       f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None, cluster.ray_tmp,
+                       cluster.metrics_url, cluster.ray_tmp,
                        str(work),
                        first.s3, s3_server.proc.pid if s3_server is not None else None, local_sites, open_ports,
                        record_key)

@@ -170,7 +170,10 @@ def test_config_args_reach_the_builder_through_serves_typed_app_builder(name, tm
     ({"sandbox": {"cpu_s": True}}, "sandbox: cpu_s must be an integer >= 1, not True"),
     ({"s3": {"read_timeout_s": ".inf"}}, "s3: read_timeout_s must be a finite number > 0"),
     ({"events": {"lease_s": 0}}, "events: lease_s must be a number >= 1, not 0"),
-    ({"metrics_port": 70000}, "app args: metrics_port must be an integer >= 0 and <= 65535, not 70000"),
+    # the retired metrics server's args: refused saying where the metrics are now
+    ({"metrics_port": 9095}, r"app args: metrics_port: the Router no longer serves its own /metrics; .*"
+                             r"Remove metrics_port from the config and scrape that port instead"),
+    ({"metrics_host": "0.0.0.0", "metrics_port": 0}, r"app args: metrics_host, metrics_port: .*ray_mriseg_"),
     ({"modle_sources": []}, r"unknown app arg\(s\) \['modle_sources'\]"),
     ({"router": "/results"}, r"app args: router: expected a mapping of settings \(results_dir, slots"),
 ])

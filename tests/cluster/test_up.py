@@ -72,7 +72,6 @@ def test_serve_run_on_local_yaml_segments_with_all_six_submodels(isolated_ray, t
     port = free_port()
     cfg["http_options"]["port"] = port
     app = cfg["applications"][0]
-    app["args"]["metrics_port"] = free_port()
     app["args"]["router"]["results_dir"] = str(tmp_path / "results")
     app["args"]["tenants_file"] = str(write_tenants(tmp_path / "tenants.yaml", "test-key-0123456789abcdef"))
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(cfg))

@@ -133,8 +133,6 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         # every layer required, as in the k8s overlays; a small zip budget that tests can exceed cheaply
         "sandbox": {"scratch_dir": str(tmp / "scratch"), "extract_bytes": SANDBOX_EXTRACT_BYTES,
                     "require": ["rlimits", "no_new_privs", "seccomp", "landlock"]},
-        "metrics_port": free_port(),
-        "metrics_host": "127.0.0.1",
         **({"s3": s3} if s3 else {}),
         # the intake hands its jobs to the Router by Ray handle, naming each job's site
         **({"events": dict(events)} if events is not None else {}),
@@ -156,6 +154,44 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         raise
     return Stack(handle.url, tmp, model_dir,
                  extra={"args": args, "ray_tmp": handle.ray_tmp or ray_tmp, "cluster": cluster, "handle": handle})
+
+
+#: How long Ray's metrics agent takes to export a series a replica recorded: the workers report every
+#: ``metrics_report_interval_ms`` (10 s by default; measured 10-11 s on a 2-core machine), so a few intervals.
+METRICS_EXPORT_TIMEOUT_S = 60.0
+
+
+def wait_for_series(url: str, wanted: list[tuple[str, dict[str, str]]],
+                    timeout: float = METRICS_EXPORT_TIMEOUT_S) -> list:
+    """Read the Prometheus text at ``url`` (a Ray metrics agent) until every wanted sample is there.
+
+    Args:
+        url: the node's metrics export URL (:attr:`serve.cluster.up.ClusterHandle.metrics_url`).
+        wanted: (sample name, labels it must carry) pairs; Ray adds labels of its own (WorkerId, ...).
+        timeout: seconds to wait before failing with what is missing.
+
+    Returns:
+        The samples of the last read (prometheus_client ``Sample`` tuples).
+    """
+    import time
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline, missing, samples = time.monotonic() + timeout, list(wanted), []
+    while True:
+        try:
+            text = httpx.get(url, timeout=10).text
+            samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        except httpx.HTTPError:
+            samples = []
+        missing = [(n, want) for n, want in wanted
+                   if not any(s.name == n and want.items() <= s.labels.items() for s in samples)]
+        if not missing:
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Ray's metrics export at {url} lacks {missing} after {timeout:.0f}s")
+        time.sleep(0.5)
 
 
 def stop_stack(stack: Stack | None) -> None:

@@ -86,7 +86,7 @@ def test_prometheus_operator_resources_are_well_formed(item):
     assert doc["apiVersion"] == "monitoring.coreos.com/v1"
     if doc["kind"] == "PodMonitor":
         ports = {e["port"] for e in doc["spec"]["podMetricsEndpoints"]}
-        assert ports == {"metrics", "app-metrics"}
+        assert ports == {"metrics"}  # Ray's exporter: every replica's ray.util.metrics, the Router's too
     if doc["kind"] == "PrometheusRule":
         for group in doc["spec"]["groups"]:
             for rule in group["rules"]:
@@ -309,9 +309,8 @@ def test_operator_and_prometheus_can_reach_what_they_need():
 
         (rs,) = [d for d in docs if d["kind"] == "RayService"]
         serve_port = rs["spec"]["serveService"]["spec"]["ports"][0]["port"]
-        metrics_port = int(_serve_config(rs)["applications"][0]["args"]["metrics_port"])
         assert admitted("kuberay-system", 8265) and admitted("kuberay-system", serve_port), overlay
-        assert admitted("monitoring", 8080) and admitted("monitoring", metrics_port), overlay
+        assert admitted("monitoring", 8080), overlay
         assert not admitted("monitoring", 6379), f"{overlay}: GCS must stay internal"
 
 
@@ -579,7 +578,7 @@ def test_kuberays_injected_containers_are_checked_too():
     assert any("cpu: initContainers/wait-gcs-ready: capabilities.drop lacks ALL" in v for v in found), found
 
 
-# -- where the Router runs: its app-metrics port, the pod it is pinned to ------------------------
+# -- where the Router runs: the pod it is pinned to ------------------------------------------------
 
 PINNED_TO_INGRESS = ("Router", "EventIntake")  # the deployments the `cpu` pod is there for
 DEPRECATED_RAYSERVICE_FIELDS = {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"}
@@ -633,17 +632,17 @@ def _ingress_group(rs: dict) -> str:
 
 
 @pytest.mark.parametrize("item", rayservices(), ids=_id)
-def test_app_metrics_is_declared_only_by_the_one_pod_the_router_can_run_on(item):
-    """The PodMonitor's app-metrics endpoint targets every pod declaring that port; only the Router's answers.
-    So: the Router has one possible group, that group alone declares the port, and it has exactly one pod."""
+def test_the_router_runs_on_one_cpu_pod_and_no_pod_serves_a_second_metrics_port(item):
+    """The Router has one possible group, not the head, of exactly one pod; its metrics go out through Ray's
+    exporter (port `metrics`, on every pod), so no pod declares a port of its own for them."""
     overlay, rs = item
     group = _ingress_group(rs)
     assert group != "head", f"{overlay}: the head must not host the Router"
     declaring = [g for g, spec in pod_specs(rs) if _declares_port(spec, "app-metrics")]
-    assert declaring == [group], f"{overlay}: app-metrics is declared by {declaring}, the Router runs on {group!r}"
+    assert declaring == [], f"{overlay}: app-metrics is declared by {declaring}; the Router has no such port"
     (spec,) = [g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == group]
     assert spec["minReplicas"] == spec["maxReplicas"] == 1, \
-        f"{overlay}: {group} must be exactly one pod, else its other pods are app-metrics targets that are down"
+        f"{overlay}: {group} must be exactly one pod: a second would stay empty (the Router has one replica)"
     assert _deployments(rs)["Router"]["num_replicas"] == 1
 
 
@@ -883,22 +882,12 @@ def test_custom_resources_reach_ray_start_as_json():
     assert seen >= len(rayservices())
 
 
-def test_app_metrics_port_is_open_to_prometheus_on_the_ingress_pod_only():
+def test_no_serve_config_sets_the_retired_metrics_args():
+    """The Router's metrics leave through Ray's exporter; the app refuses metrics_port and metrics_host."""
     for overlay, docs in OVERLAY_DOCS.items():
         (rs,) = [d for d in docs if d["kind"] == "RayService"]
-        port = int(_serve_config(rs)["applications"][0]["args"]["metrics_port"])
-        rc = rs["spec"]["rayClusterConfig"]
-        # the labels the pods get: the template's plus KubeRay's ray.io/group
-        labels = {"head": {**rc["headGroupSpec"]["template"]["metadata"]["labels"], "ray.io/group": "headgroup"}}
-        labels.update({g["groupName"]: {**g["template"]["metadata"]["labels"], "ray.io/group": g["groupName"]}
-                       for g in rc["workerGroupSpecs"]})
-        open_on = set()
-        for pol in (d for d in docs if d["kind"] == "NetworkPolicy"):
-            selector = pol["spec"]["podSelector"].get("matchLabels", {})
-            for rule in pol["spec"].get("ingress", []):
-                if any(p["port"] <= port <= p.get("endPort", p["port"]) for p in rule.get("ports", [])):
-                    open_on |= {g for g, lab in labels.items() if selector.items() <= lab.items()}
-        assert open_on == {_ingress_group(rs)}, f"{overlay}: port {port} is open on {sorted(open_on)}"
+        args = _serve_config(rs)["applications"][0]["args"]
+        assert not {"metrics_port", "metrics_host"} & set(args), overlay
 
 
 @pytest.mark.parametrize("item", rayservices(), ids=_id)
@@ -957,29 +946,21 @@ def _defined_mriseg_metrics() -> set[str]:
     return names
 
 
-def _app_metrics_port_names() -> set[str]:
-    """What the Router's app-metrics port serves: its prometheus-client registry, family and sample names."""
-    from serve.cluster.metrics import IngressMetrics
-
-    families = list(IngressMetrics().registry.collect())
-    # a labelled family has no samples until used; prometheus-client adds _total to a counter's samples
-    return {f.name for f in families} | {f.name + "_total" for f in families if f.type == "counter"}
-
-
 def test_dashboard_and_alerts_use_metrics_that_exist():
     dashboard = json.loads((ROOT / "k8s" / "observability" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     rules = yaml.safe_load((ROOT / "k8s" / "base" / "prometheusrule.yaml").read_text())
     exprs += [r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]]
     used = {m for e in exprs for m in re.findall(r"\b((?:ray_)?mriseg_[a-z0-9_]+?)(?:_bucket|_count|_sum)?\b", e)}
-    # In the cluster only the Router serves a prometheus-client registry (port app-metrics, names as defined);
-    # the replicas' ray.util.metrics (sub-models, EventIntake) reach Prometheus through Ray's agent as ray_*.
-    app = _app_metrics_port_names()
-    wrong_port = sorted(m for m in used if not m.startswith("ray_") and m not in app)
-    assert not wrong_port, f"queried unprefixed, but not in the Router's registry (Ray-exported: ray_...?): {wrong_port}"
-    ray_exported = {m for m in used if m.startswith("ray_")}
-    defined = _defined_mriseg_metrics() - {n.removesuffix("_total") for n in app} - app
-    missing = sorted(m for m in ray_exported
+    # Every replica's ray.util.metrics (the Router's, the sub-models', EventIntake's) reach Prometheus through
+    # Ray's agent, which prefixes each name with ray_: an unprefixed mriseg_ name matches no series.
+    unprefixed = sorted(m for m in used if not m.startswith("ray_"))
+    assert not unprefixed, f"queried without Ray's ray_ prefix, so matching nothing: {unprefixed}"
+    from serve.cluster.metrics import INGRESS_METRIC_NAMES
+
+    assert {m for m in used if m in INGRESS_METRIC_NAMES}, "the Router's metrics are queried under Ray's names"
+    defined = _defined_mriseg_metrics()
+    missing = sorted(m for m in used
                      if m.removeprefix("ray_") not in defined and m.removeprefix("ray_") + "_total" not in defined)
     assert not missing, f"dashboard/alerts use ray_ metrics that no ray.util.metrics defines: {missing}"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])

@@ -15,7 +15,7 @@ FIXTURE_SERVE = {
     "http_options": {"host": "127.0.0.1", "port": 8123},
     "applications": [{
         "name": "mriseg", "route_prefix": "/", "import_path": "serve.cluster.app:build_app",
-        "args": {"model_sources": ["demo"], "metrics_port": 9555, "tenants_file": "/etc/mriseg/tenants.yaml"},
+        "args": {"model_sources": ["demo"], "tenants_file": "/etc/mriseg/tenants.yaml"},
         "deployments": [{"name": "organs", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
                         {"name": "Router", "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
                         {"name": "EventIntake", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}],
@@ -83,9 +83,7 @@ def test_render_embeds_serve_config_with_overrides_and_derived_ports(tree: Path)
         assert head_ports["serve"] == 8123 and "app-metrics" not in head_ports
         (cpu,) = [g for g in rc["workerGroupSpecs"] if g["groupName"] == "cpu"]
         cpu_ports = {p["name"]: p["containerPort"] for p in cpu["template"]["spec"]["containers"][0]["ports"]}
-        assert cpu_ports["serve"] == 8123 and cpu_ports["app-metrics"] == 9555
-        scrape = [d for d in docs if d["metadata"]["name"] == "mriseg-allow-app-metrics-scrape"][0]
-        assert {"protocol": "TCP", "port": 9555} in scrape["spec"]["ingress"][0]["ports"]
+        assert cpu_ports["serve"] == 8123 and "app-metrics" not in cpu_ports  # Ray's exporter carries its metrics
         (ns,) = [d for d in docs if d["kind"] == "Namespace"]
         want = render_k8s.load_overlay(overlay, tree / "k8s" / "overlays")["namespace"]
         assert ns["metadata"]["name"] == want and "namespace" not in ns["metadata"], "a Namespace has no namespace"
@@ -119,10 +117,11 @@ def test_overlays_differ_where_they_should(tree: Path):
         prod_embedded["applications"][0]["args"]["model_cache_dir"]
 
 
-def test_serve_config_without_metrics_port_is_refused(tree: Path):
-    bad = {**FIXTURE_SERVE, "applications": [{**FIXTURE_SERVE["applications"][0], "args": {}}]}
+def test_serve_config_with_the_retired_metrics_port_is_refused(tree: Path):
+    app = FIXTURE_SERVE["applications"][0]
+    bad = {**FIXTURE_SERVE, "applications": [{**app, "args": {**app["args"], "metrics_port": 9555}}]}
     (tree / "deployments" / "local.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(render_k8s.RenderError, match="metrics_port"):
+    with pytest.raises(render_k8s.RenderError, match="metrics_port: the Router no longer serves its own /metrics"):
         render_k8s.render("dev", tree)
 
 
