@@ -1,6 +1,6 @@
 """Faults on real local Ray clusters: the router replica killed, a sub-model replica killed
-mid-request, a worker node removed mid-request. Every accepted job must settle, done or
-failed with a reason, and have one set of outputs."""
+mid-request, a worker node removed mid-request, the router's journal folder lost. Every
+accepted job must settle, done or failed with a reason, and have one set of outputs."""
 
 from __future__ import annotations
 
@@ -173,3 +173,59 @@ def test_replica_killed_mid_request_completes_or_fails_retryably(isolated_ray, t
         assert job["submodels"]["organs"]["attempts"] == 2
         assert job["submodels"]["organs"]["pid"] != victim["pid"]
     assert _stats("organs")["pid"] != victim["pid"]  # Serve replaced the replica
+
+
+def _router_state() -> tuple[str, dict[str, int]]:
+    from ray import serve as rayserve
+
+    d = rayserve.status().applications["mriseg"].deployments["Router"]
+    replicas = {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}
+    return str(getattr(d.status, "value", d.status)), replicas
+
+
+def _router_actor() -> str:
+    (name,) = _serve_actors("#Router#")
+    return name
+
+
+def test_router_whose_journal_is_lost_fails_its_health_check_and_is_replaced(isolated_ray, tmp_path):
+    """Ingress.check_health probes the journal's folder: once the folder is gone, Serve marks the Router
+    UNHEALTHY and replaces the replica, whose start makes the folder again; the stack serves again."""
+    import shutil
+
+    journal = tmp_path / "journal"
+    models = tiny_models(tmp_path / "models", names=("organs",))
+    stack = isolated_ray["stack"] = start_stack(
+        tmp_path, models, num_gpus=0, submodels=("organs",),
+        submodel_options={"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 4},
+        router={"journal_dir": str(journal)},
+        # checked every second; the timeout leaves room for a loaded 2-core machine
+        router_options={"health_check_period_s": 1, "health_check_timeout_s": 10})
+    assert _router_state() == ("HEALTHY", {"RUNNING": 1})
+    before = _router_actor()
+    time.sleep(3)  # a few periods of health checks on an intact journal: the replica stays
+    assert _router_state()[0] == "HEALTHY" and _router_actor() == before
+
+    shutil.rmtree(journal)
+    seen, deadline = set(), time.monotonic() + 60
+    while "UNHEALTHY" not in seen:
+        assert time.monotonic() < deadline, f"the Router stayed {seen} with its journal folder gone"
+        seen.add(_router_state()[0])
+        time.sleep(0.1)
+
+    deadline = time.monotonic() + 180
+    while True:  # Serve stops the failing replica and starts another, which makes the journal folder again
+        state, replicas = _router_state()
+        names = _serve_actors("#Router#")
+        if state == "HEALTHY" and replicas == {"RUNNING": 1} and len(names) == 1 and names != [before]:
+            break
+        assert time.monotonic() < deadline, f"the Router was not replaced: {state} {replicas} {names}"
+        time.sleep(0.5)
+    assert journal.is_dir()
+    with stack.client() as c:
+        assert c.get("/readyz").status_code == 200
+        r = c.post("/v1/segmentations/upload", params={"wait": "true", "roi_subset": "liver"},
+                   content=nifti_bytes(seed=2),
+                   headers={**auth("site-a"), "content-type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+    assert list(journal.glob("*.json")), "the replacement journals its jobs in the folder again"

@@ -103,10 +103,11 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
                 router: dict | None = None, per_model: dict | None = None, tenant_limits=None,
                 submodels=SUBMODELS, s3: dict | None = None, events: dict | None = None,
                 worker_nodes: list[dict] | None = None, tenant_prefixes: dict[str, list[str]] | None = None,
-                ready_timeout: float = 240) -> Stack:
+                router_options: dict | None = None, ready_timeout: float = 240) -> Stack:
     """Start Ray and the app with :func:`serve.cluster.up.start_cluster` (``mriseg up``'s starter).
     ``worker_nodes`` (e.g. ``[{"num_cpus": 1, "num_gpus": 1}]``) makes it a multi-node
-    ``ray.cluster_utils.Cluster`` whose head has no GPU, so GPU replicas land on the workers."""
+    ``ray.cluster_utils.Cluster`` whose head has no GPU, so GPU replicas land on the workers.
+    ``router_options`` are more Serve deployment options of the Router (e.g. ``health_check_period_s``)."""
     from serve.cluster.up import start_cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -137,7 +138,7 @@ def start_stack(tmp: Path, model_dir: Path, *, num_gpus: float, submodel_options
         # the intake hands its jobs to the Router by Ray handle, naming each job's site
         **({"events": dict(events)} if events is not None else {}),
         "deployment_options": {"submodel_defaults": submodel_options, **(per_model or {}),
-                               "Router": {"ray_actor_options": {"num_cpus": 1}}},
+                               "Router": {"ray_actor_options": {"num_cpus": 1}, **(router_options or {})}},
     }
     try:
         if cluster is not None:
