@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers.stack import free_port
+from tests.helpers.stack import free_port, wait_for_series
 from tests.security.upstack import _stop
 
 pytestmark = pytest.mark.ray
@@ -55,6 +55,9 @@ def test_mriseg_demo_and_s3_go_through_the_stack_mriseg_up_started(isolated_ray,
                              "output_prefix": "s3://mriseg/local/out/scan/"})
         assert r.status_code == 200, r.text
         assert staging.object_exists("s3://mriseg/local/out/scan/segmentation.nii.gz", stack.s3)
+        # the metrics URL `mriseg up` prints is Ray's export, where the Router's series are too
+        wait_for_series(stack.metrics_url, [("ray_mriseg_volumes_total", {"site": stack.site}),
+                                            ("ray_mriseg_submodel_volumes_total", {})])
     finally:
         stop_local_stack(stack)
     assert find_running_stack() is None
