@@ -83,7 +83,7 @@ class JobRecord(_Model):
     format: Literal["mriseg.job/1"] = Field(description="this record's format and version")
     key: str = Field(description="the job's idempotency key (input version, options, model checksums)")
     state: JobState = Field(description="queued -> running -> succeeded | failed")
-    spec: dict[str, Any] = Field(description="the job's input and options (serve.jobs.store.JobSpec.to_dict)")
+    spec: dict[str, Any] = Field(description="the job's input and options (serve.jobs.spec.JobSpec.to_dict)")
     models: dict[str, str] = Field(description="sub-model name -> checksum of the models the job runs")
     output_prefix: str = Field(description="the s3:// folder the outputs are (or will be) published in")
     owner: str | None = Field(None, description="the worker holding a running claim")
@@ -106,7 +106,7 @@ class InputRef(_Model):
 
 
 class OutputOptions(_Model):
-    """The options that change an output set (serve.jobs.store.output_options): what ``mriseg bulk`` compares."""
+    """The options that change an output set (serve.jobs.spec.output_options): what ``mriseg bulk`` compares."""
 
     roi_subset: list[str] | None = Field(description="structures asked for, sorted; null: all")
     fast: bool = Field(description="the 3 mm model")
@@ -213,7 +213,7 @@ class PushRecord(_Model):
     """A pushed event job held in S3 until it settles (serve.jobs.pushes; the body of a signed envelope)."""
 
     format: Literal["mriseg.push/1"] = Field(description="this record's format and version")
-    spec: dict[str, Any] = Field(description="the job's input and options (serve.jobs.store.JobSpec.to_dict)")
+    spec: dict[str, Any] = Field(description="the job's input and options (serve.jobs.spec.JobSpec.to_dict)")
     attempts: int = Field(ge=0, description="runs that did not settle the job")
     created: float = Field(description="epoch seconds the push was held")
     not_before: float = Field(description="epoch seconds: no run before then (the backoff after a run)")
@@ -387,7 +387,7 @@ def output_record(status: str, *, options: Mapping[str, Any], input: Mapping[str
 
     Args:
         status: ``running`` (the marker while a set is replaced), ``succeeded`` or ``failed``.
-        options: :func:`serve.jobs.store.output_options` of the set.
+        options: :func:`serve.jobs.spec.output_options` of the set.
         input: :func:`serve.storage.staging.input_record` of the object read (None: an upload).
         meta: what the writers or the engine said of the result (``mriseg.json``'s ``structures``,
             ``models``, ``unavailable``, ``demo``, ``input_cast``; all optional).

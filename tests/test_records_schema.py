@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from serve.storage import staging
 from serve.cli.bulk import FAILED, SKIPPED, already_done, run_bulk
-from serve.jobs.store import JobRecord, JobSpec, JobStore, idempotency_key
+from serve.jobs.spec import JobSpec, idempotency_key
+from serve.jobs.store import JobRecord, JobStore
 from serve.records_schema import (DOCUMENTED, JOB_FORMAT, JOURNAL_FORMAT, OUTPUT_FORMAT, PUSH_FORMAT, SUCCEEDED,
                                   JournalRecord, MalformedRecord, OutputRecord, PushRecord, SignedEnvelope,
                                   UnsupportedRecordFormat, check_output_record, output_meta_doc, output_record,

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
-from serve.jobs.store import OUTPUT_KINDS
+from serve.jobs.spec import OUTPUT_KINDS
 from serve.records_schema import JobState
 
 DEFAULT_OUTPUTS = ["multilabel", "statistics", "preview"]

@@ -8,7 +8,7 @@ running the same command again, and a replaced input runs again. Inputs that
 map to one output folder (``scan.nii`` and ``scan.nii.gz``) all fail unrun. Jobs go through the cluster's
 HTTP API (``POST /v1/segmentations`` with ``output_prefix``, then polling
 ``GET /v1/segmentations/{id}``), or with ``--local-models`` through
-:class:`serve.jobs.store.JobRunner` in this process (no cluster needed).
+:class:`serve.jobs.runner.JobRunner` in this process (no cluster needed).
 
 The report (``--report x.json`` or ``x.csv``) lists every input once with its ``outcome``:
 succeeded or failed (with the reason), the job's final state, or skipped (already done: no job ran).
@@ -39,7 +39,10 @@ from serve.errors import MrisegError
 from serve.inference.pipeline import Segmenter
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER, add_resampling_order_arg
 from serve.jobs.events import is_volume_key
-from serve.jobs.store import DEFAULT_OUTPUTS, JobRunner, JobSpec, JobStore, SegmenterEngine
+from serve.jobs.engine import SegmenterEngine
+from serve.jobs.runner import JobRunner
+from serve.jobs.spec import DEFAULT_OUTPUTS, JobSpec
+from serve.jobs.store import JobStore
 from serve.outputs import layout
 from serve.records_schema import FAILED, RUNNING, SUCCEEDED, UnsupportedRecordFormat, read_output_record
 from serve.storage import staging
@@ -174,7 +177,7 @@ def api_backend(url: str, api_key: str, poll_s: float = 2.0, timeout_s: float = 
 
 def local_backend(models: Sequence[str], jobs_uri: str, settings: S3Settings, threads: int = 1,
                   lease_s: float = 60.0) -> Backend:
-    """Run jobs in this process through :class:`serve.jobs.store.JobRunner` (idempotent, durable).
+    """Run jobs in this process through :class:`serve.jobs.runner.JobRunner` (idempotent, durable).
 
     A job another (possibly dead) worker holds is waited for: it finishes there, or
     its lease runs out (``lease_s`` after its last renewal) and it runs here. The job records are

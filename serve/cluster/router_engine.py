@@ -1,6 +1,6 @@
 """The event intake's engine: each job runs on the Router deployment, by Ray handle, as its site's.
 
-:class:`RouterEngine` is the :class:`serve.jobs.store.Engine` the ``EventIntake``
+:class:`RouterEngine` is the :class:`serve.jobs.engine.Engine` the ``EventIntake``
 deployment (:mod:`serve.cluster.intake`) hands its jobs to. No pod holds a
 site's API key for this: the router checks the named site against its tenants
 file and runs the job under that site's tenancy.
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from ray import serve as rayserve
 
 from serve.errors import MrisegError, ServiceUnavailableError
-from serve.jobs.store import JobSpec
+from serve.jobs.spec import JobSpec
 from serve.outputs import layout
 from serve.router.submodels import is_replica_failure
 
@@ -37,7 +37,7 @@ class RouterJobError(MrisegError):
 
 
 class RouterEngine:
-    """A :class:`serve.jobs.store.Engine` that runs each job on the Router deployment, as the job's site's.
+    """A :class:`serve.jobs.engine.Engine` that runs each job on the Router deployment, as the job's site's.
 
     The input's bytes go to ``Router.run_site_job`` by Ray handle with the site's
     name; the router checks the site against the tenants file and runs the job

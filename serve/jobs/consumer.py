@@ -38,11 +38,15 @@ from pydantic import BaseModel, Field, StrictStr
 
 from serve.errors import MrisegError
 from serve.inference.pipeline import Segmenter
+from serve.jobs.engine import SegmenterEngine
 from serve.jobs.events import EventFormatError, parse_message
 from serve.jobs.records import RecordSigner
 from serve.jobs.rules import InboxRule, check_rules, specs_for_events
+from serve.jobs.runner import JobOutcome, JobRunner
+from serve.jobs.spec import JobSpec
 from serve.jobs.sqs import MAX_VISIBILITY_S, make_sqs_client
-from serve.jobs.store import FAILED, RUNNING, SUCCEEDED, JobOutcome, JobRunner, JobSpec, JobStore, SegmenterEngine
+from serve.jobs.store import JobStore
+from serve.records_schema import FAILED, RUNNING, SUCCEEDED
 from serve.settings_checks import STRICT, check, number, whole
 from serve.storage.models import open_model_store
 from serve.storage.s3client import S3Settings

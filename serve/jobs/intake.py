@@ -7,7 +7,7 @@
 - :meth:`IntakeWorker.submit` holds pushed jobs in S3 (:mod:`serve.jobs.pushes`)
   and queues them; a sweep thread runs what it finds held (a dead replica's, a
   retry's after its backoff);
-- every job runs through :class:`serve.jobs.store.JobRunner` (durable records in
+- every job runs through :class:`serve.jobs.runner.JobRunner` (durable records in
   S3, idempotency, atomic claims), waiting its site's turn in
   :class:`serve.jobs.scheduler.SiteScheduler`.
 """
@@ -21,11 +21,15 @@ from typing import Any, Callable, Mapping, Sequence
 from serve.clock import SYSTEM_CLOCK, Clock
 from serve.errors import MrisegError, NotFoundError
 from serve.jobs.consumer import Consumer
+from serve.jobs.engine import Engine
 from serve.jobs.intake_settings import IntakeSettings
 from serve.jobs.pushes import MAX_ATTEMPTS, HeldPush, PushJournal, retry_delay_s
 from serve.jobs.records import RecordSigner
+from serve.jobs.runner import JobOutcome, JobRunner
 from serve.jobs.scheduler import SiteLimits, SiteScheduler
-from serve.jobs.store import FAILED, RUNNING, SUCCEEDED, Engine, JobOutcome, JobRunner, JobSpec, JobStore
+from serve.jobs.spec import JobSpec
+from serve.jobs.store import JobStore
+from serve.records_schema import FAILED, RUNNING, SUCCEEDED
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ class IntakeWorker:
 
     Args:
         settings: the intake settings.
-        runner: the job runner; None: a :class:`serve.jobs.store.JobRunner` with ``engine``.
+        runner: the job runner; None: a :class:`serve.jobs.runner.JobRunner` with ``engine``.
         dlq_gauge: the dead-letter queue gauge to set.
         job_counter: counts jobs by outcome.
         site_limits: returns each site's job limit (1 for a site it does not name); None: no limit per site.

@@ -35,7 +35,8 @@ from typing import Any, Mapping
 from serve.storage import staging
 from serve.clock import SYSTEM_CLOCK, Clock
 from serve.errors import StorageError, VolumeTooLargeError
-from serve.jobs.store import JobSpec, precondition_failed
+from serve.jobs.spec import JobSpec
+from serve.jobs.store import precondition_failed
 from serve.jobs.records import MAX_RECORD_BYTES, ForgedRecord, RecordSigner, rejected
 from serve.records_schema import PushRecord, UnsupportedRecordFormat, read_versioned, versioned_doc
 from serve.storage.s3client import S3Settings, parse_s3_uri

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from serve.jobs.store import OUTPUT_KINDS, output_options, software_version
+from serve.jobs.spec import OUTPUT_KINDS, output_options, software_version
 from serve.outputs import layout
 from serve.records_schema import SUCCEEDED, output_record, read_output_meta
 from serve.storage import staging
@@ -23,7 +23,7 @@ def completion_doc(outdir: Path, source: ObjectInfo | None = None) -> dict:
     """A succeeded job.json (``mriseg.output/1``) from the writers' ``mriseg.json`` (structures, models,
     options, files), built by :func:`serve.records_schema.output_record` as a job's own is.
 
-    Its ``options`` take the form of :meth:`serve.jobs.store.JobSpec.options`, and its ``input`` (``source``, the
+    Its ``options`` take the form of :meth:`serve.jobs.spec.JobSpec.options`, and its ``input`` (``source``, the
     object read) the form of a job's own job.json, so ``mriseg bulk`` can tell a replaced input from this one.
     """
     meta = read_output_meta(json.loads((outdir / layout.METADATA).read_text()))

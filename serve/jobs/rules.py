@@ -17,7 +17,7 @@ from serve.catalogue import load_catalogue
 from serve.errors import MrisegError
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
 from serve.jobs.events import ObjectEvent, volume_events
-from serve.jobs.store import OUTPUT_KINDS, JobSpec
+from serve.jobs.spec import OUTPUT_KINDS, JobSpec
 from serve.settings_checks import STRICT_FROZEN, Says, check, setting_names, whole
 from serve.storage.s3client import has_dot_segments, parse_s3_uri
 

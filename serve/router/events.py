@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from serve.errors import (ForbiddenError, ModelUnavailableError, MrisegError, ServiceUnavailableError,
                           VolumeTooLargeError)
 from serve.inference.resampling import DEFAULT_RESAMPLING_ORDER
-from serve.jobs.store import error_dict
+from serve.jobs.runner import error_dict
 from serve.router.state import Job, JobOptions
 from serve.router.submission import check_upload_name
 from serve.router.tenancy import Site, prefix_key

@@ -15,7 +15,7 @@ from serve.catalogue import Catalogue
 from serve.errors import MrisegError, ServiceUnavailableError, TooManyRequestsError, UnsupportedFormatError
 from serve.imaging.volume import SUPPORTED, suffix_of
 from serve.inference.resampling import check_resampling_order
-from serve.jobs.store import OUTPUT_KINDS
+from serve.jobs.spec import OUTPUT_KINDS
 from serve.router.idempotency import mismatch
 from serve.router.kept import KeptJobs
 from serve.router.lifecycle import JobLifecycle

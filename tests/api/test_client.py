@@ -71,7 +71,7 @@ def _problem(status: int, retryable: bool | None) -> tuple[int, str, bytes]:
 ])
 def test_api_errors_keep_whether_a_retry_can_help(api, answer, retryable):
     from serve.api.client import ApiClient
-    from serve.jobs.store import error_dict
+    from serve.jobs.runner import error_dict
 
     api.answer = answer
     with pytest.raises(ApiError) as e:

@@ -75,7 +75,7 @@ def test_a_key_that_cannot_name_an_output_fails_alone(seaweed, unique_prefix):
 def test_a_set_done_with_other_options_is_not_skipped(seaweed, unique_prefix):
     """Rerunning with ``--fast`` (or other outputs or structures) on the same ``--out`` runs again."""
     from serve.cli.bulk import run_bulk
-    from serve.jobs.store import JobSpec
+    from serve.jobs.spec import JobSpec
 
     inbox = f"s3://inbox/{unique_prefix}/opts/"
     etag = staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)["ETag"]
@@ -102,7 +102,7 @@ def test_a_set_made_with_another_resampling_order_or_before_it_was_recorded_is_n
     """Old outputs never pass for new ones: a set of -ro 3 is not one of -ro 1, and a set whose job.json has no
     resampling_order (made before the option, with another resampling) is no set of any order."""
     from serve.cli.bulk import run_bulk
-    from serve.jobs.store import JobSpec
+    from serve.jobs.spec import JobSpec
 
     inbox = f"s3://inbox/{unique_prefix}/ro/"
     etag = staging.put_bytes(b"x", inbox + "case.nii.gz", seaweed.settings)["ETag"]
@@ -240,7 +240,7 @@ def test_the_api_backend_waits_out_limits_and_restarts_instead_of_failing_the_jo
     """A site at its job limit (429), its request rate (429) or a restarting router (503): the job is still
     queued or running, so bulk waits (honouring Retry-After) and reports what the job did."""
     from serve.cli.bulk import api_backend
-    from serve.jobs.store import JobSpec
+    from serve.jobs.spec import JobSpec
     from tests.cli.scripted_api import problem
 
     posts = [problem(429, "Too many requests"), (202, {"id": "j1", "status": "queued"})]

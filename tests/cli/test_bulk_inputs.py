@@ -15,7 +15,7 @@ import pytest
 
 from serve.storage import staging
 from serve.cli.bulk import FAILED, SKIPPED, SUCCEEDED, already_done, api_backend, list_volumes, run_bulk
-from serve.jobs.store import JobSpec
+from serve.jobs.spec import JobSpec
 from serve.records_schema import OutputRecord
 from tests.helpers.volumes import body_volume
 from tests.helpers.openapi_fakes import CheckedServer, ProxyAnswer
@@ -24,7 +24,7 @@ from tests.cli.scripted_api import problem
 
 pytestmark = pytest.mark.s3
 
-#: what a job's own job.json records of its input (serve.jobs.store.JobRunner._job_doc)
+#: what a job's own job.json records of its input (serve.jobs.publish.job_doc)
 INPUT_FIELDS = {"uri", "etag", "version_id", "size", "sha256"}
 
 

@@ -128,7 +128,9 @@ def test_an_event_jobs_resampling_order_reaches_the_router(serve_stack):
     in-process Segmenter's at that order, and job.json records it with the int16 input's int32 cast."""
     from serve.storage import staging
     from serve.cluster.router_engine import RouterEngine
-    from serve.jobs.store import JobRunner, JobSpec, JobStore
+    from serve.jobs.runner import JobRunner
+    from serve.jobs.spec import JobSpec
+    from serve.jobs.store import JobStore
     from serve.inference.modelstore import ModelStore
     from serve.inference.pipeline import Segmenter
     from serve.imaging.volume_io import read_volume_bytes
@@ -396,11 +398,13 @@ def test_an_s3_input_gets_s3_outputs_equal_to_the_upload_path(serve_stack):
 
 @pytest.mark.s3
 def test_durable_jobs_run_through_the_cluster_once(serve_stack):
-    """serve.jobs.store' runner with the intake's engine, which hands each job to the Router by Ray handle naming its
+    """serve.jobs.runner's runner with the intake's engine, which hands each job to the Router by Ray handle naming its
     site (no API key): outputs in S3, a resubmission does not recompute, a site the tenants lack is refused."""
     from serve.storage import staging
     from serve.cluster.router_engine import RouterEngine, RouterJobError
-    from serve.jobs.store import JobRunner, JobSpec, JobStore
+    from serve.jobs.runner import JobRunner
+    from serve.jobs.spec import JobSpec
+    from serve.jobs.store import JobStore
 
     s3 = serve_stack.extra["s3"]
     staging.put_bytes(nifti_bytes(shape=(32, 36, 32), seed=31), "s3://consortium/site-a/inbox/case-31.nii.gz", s3)

@@ -426,7 +426,8 @@ def test_self_contained_applies_to_files_on_disk(tmp_path):
 
 
 def test_job_engine_reads_its_input_as_self_contained(tmp_path):
-    from serve.jobs.store import JobSpec, SegmenterEngine
+    from serve.jobs.engine import SegmenterEngine
+    from serve.jobs.spec import JobSpec
 
     (tmp_path / "input.nrrd").write_bytes(NRRD_AT_PASSWD.replace(b"\n", b"\r"))
     engine = SegmenterEngine(segmenter=None)  # never reached: the input is refused first

@@ -131,7 +131,8 @@ def test_a_key_that_cannot_name_an_output_is_ignored_alone(caplog):
 
 def test_a_job_whose_key_is_unusable_still_fails_with_a_reason():
     from serve.errors import MrisegError
-    from serve.jobs.store import JobRunner, JobSpec
+    from serve.jobs.runner import JobRunner
+    from serve.jobs.spec import JobSpec
 
     runner = JobRunner.__new__(JobRunner)  # _fail_unclaimed touches no store or engine
     out = runner._fail_unclaimed(JobSpec("s3://in/a/bad\x01.nii", "s3://out/r"), MrisegError("input unusable"))

@@ -16,7 +16,7 @@ from serve.errors import ServiceUnavailableError
 
 
 class _Engine:
-    """A :class:`serve.jobs.store.Engine` that records which site's job runs when, and waits for ``gate`` first."""
+    """A :class:`serve.jobs.engine.Engine` that records which site's job runs when, and waits for ``gate`` first."""
 
     def __init__(self, fail: bool = False):
         self.fail = fail
@@ -121,7 +121,8 @@ def test_jobs_still_waiting_when_the_scheduler_closes_are_cancelled_not_run():
 # -- the worker, on real S3 ---------------------------------------------------------------------------------
 def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0, clock=SYSTEM_CLOCK):
     from serve.jobs.intake_settings import IntakeSettings
-    from serve.jobs.store import JobRunner, JobStore
+    from serve.jobs.runner import JobRunner
+    from serve.jobs.store import JobStore
 
     settings = IntakeSettings(jobs=f"s3://jobs/{prefix}", lease_s=lease_s, concurrency=1, s3=seaweed.settings)
     runner = JobRunner(JobStore(settings.jobs, seaweed.settings, lease_s=lease_s, clock=clock), engine,
@@ -131,7 +132,7 @@ def _setup(seaweed, prefix: str, tmp_path, engine, lease_s: float = 30.0, clock=
 
 def _spec(prefix: str, site: str, case: str, s3):
     from serve.storage import staging
-    from serve.jobs.store import JobSpec
+    from serve.jobs.spec import JobSpec
 
     spec = JobSpec(f"s3://inbox/{prefix}/{site}/in/{case}.nii.gz", f"s3://outbox/{prefix}", site=site,
                    input_prefix=f"{prefix}/{site}/in/", outputs=("multilabel",))
@@ -259,7 +260,8 @@ def test_the_intake_signs_its_records_with_its_record_key_file_where_one_is_set(
     key file that cannot be read stops the intake, naming it."""
     from serve.jobs.intake import IntakeWorker
     from serve.jobs.intake_settings import IntakeSettings
-    from serve.jobs.store import JobRunner, JobStore
+    from serve.jobs.runner import JobRunner
+    from serve.jobs.store import JobStore
     from serve.jobs.pushes import PushJournal
     from serve.jobs.records import RecordKeyError, RecordSigner
 

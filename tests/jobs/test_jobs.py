@@ -13,11 +13,13 @@ import pytest
 
 from serve.storage import staging
 from serve.clock import ManualClock
-from serve.jobs.store import (FAILED, SUCCEEDED, ClaimLost, JobRecord, JobRunner, JobSpec, JobStore, SegmenterEngine,
-                        case_name, idempotency_key)
+from serve.jobs.engine import SegmenterEngine
+from serve.jobs.runner import JobRunner
+from serve.jobs.spec import JobSpec, case_name, idempotency_key
+from serve.jobs.store import ClaimLost, JobRecord, JobStore
 from serve.jobs.pushes import PushJournal
 from serve.jobs.records import RecordSigner
-from serve.records_schema import PUSH_FORMAT, OutputRecord, PushRecord
+from serve.records_schema import FAILED, PUSH_FORMAT, SUCCEEDED, OutputRecord, PushRecord
 from tests.helpers.volumes import body_volume
 
 pytestmark = pytest.mark.s3
@@ -209,7 +211,7 @@ def test_a_stalled_worker_whose_job_was_taken_over_publishes_nothing(seaweed, se
                                                                      tmp_path):
     """Its lease lapsed while it computed and another worker took the job: it must not replace the new
     holder's outputs and job.json with its own, and it reports the job as running elsewhere."""
-    from serve.jobs.store import RUNNING
+    from serve.records_schema import RUNNING
 
     class StallingEngine(SegmenterEngine):
         def segment_file(self, path, spec, outdir):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from serve.errors import MrisegError
 from serve.jobs.events import EventFormatError, ObjectEvent, parse_message
-from serve.jobs.store import MAX_CASE_BYTES, case_name
+from serve.jobs.spec import MAX_CASE_BYTES, case_name
 from serve.storage.s3client import parse_s3_uri
 
 json_values = st.recursive(

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 
 from serve.jobs.consumer import Consumer, ConsumerConfig
+from serve.jobs.engine import SegmenterEngine
 from serve.jobs.rules import InboxRule
+from serve.jobs.runner import JobRunner
 from serve.jobs.sqs import configure_notifications, create_queue_with_dlq
-from serve.jobs.store import FAILED, SUCCEEDED, JobRunner, JobStore, SegmenterEngine
+from serve.jobs.store import JobStore
+from serve.records_schema import FAILED, SUCCEEDED
 from tests.helpers.volumes import body_volume
 
 pytestmark = pytest.mark.s3
@@ -309,7 +312,7 @@ def test_a_replaced_corrupt_upload_gets_its_result_in_the_case_folder_and_a_stal
     """The error job.json a corrupt upload left is the reason that input failed, not a result to keep: the
     fixed upload's result replaces it where the site looks (not under runs/). An event whose object was
     overwritten before it ran leaves the folder to the new version's job."""
-    from serve.jobs.store import JobSpec
+    from serve.jobs.spec import JobSpec
 
     env = make_env(moto, max_receives=2, outputs=("multilabel",))
     s3, sqs = moto.client(), moto.sqs()
@@ -348,7 +351,7 @@ def test_the_waiting_messages_of_a_batch_stay_hidden_from_another_poller(moto):
     import collections
     import threading
 
-    from serve.jobs.store import JobOutcome
+    from serve.jobs.runner import JobOutcome
 
     env = make_env(moto, max_receives=5, visibility=2, heartbeat=0.5)
     sqs = moto.sqs()
@@ -386,7 +389,7 @@ def test_the_intake_runs_as_many_queued_jobs_at_once_as_its_concurrency(moto, tm
 
     from serve.jobs.intake import IntakeWorker
     from serve.jobs.intake_settings import IntakeSettings
-    from serve.jobs.store import JobOutcome
+    from serve.jobs.runner import JobOutcome
 
     env = make_env(moto, max_receives=5, visibility=30, heartbeat=5.0)
     sqs = moto.sqs()

@@ -168,7 +168,7 @@ def test_non_nifti_input_gets_a_fresh_header(case, tmp_path):
 def test_an_output_sets_completion_record_names_the_options_that_made_it_as_a_job_does(case, tmp_path):
     """``completion_doc`` (what the API's uploads end with) and a job's job.json state options alike,
     so ``mriseg bulk`` can tell a set made with other options from its own."""
-    from serve.jobs.store import JobSpec
+    from serve.jobs.spec import JobSpec
     from serve.jobs.results import completion_doc
 
     vol, res = case
@@ -208,7 +208,7 @@ def test_mriseg_json_records_the_resampling_order_and_the_input_cast(case, tmp_p
 def test_a_completion_record_states_the_resampling_order_and_none_for_an_old_set(case, tmp_path):
     """An API output set says how its input was resampled, as a job's job.json does; one whose mriseg.json
     predates the option has none, so its options never equal a new job's."""
-    from serve.jobs.store import JobSpec
+    from serve.jobs.spec import JobSpec
     from serve.jobs.results import completion_doc
 
     vol, res = case

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from serve.storage import staging
-from serve.jobs.store import case_name
+from serve.jobs.spec import case_name
 from tests.helpers.stack import nifti_bytes
 
 BUCKET = "mriseg"
