@@ -14,7 +14,7 @@ Delivery is at-least-once and every step is safe to repeat:
 - a job another worker is running is not acknowledged either (that worker may
   die); its message comes back once that worker's lease can have expired.
 
-``submit(spec) -> JobOutcome`` is pluggable: :class:`serve.jobs.store.JobRunner`
+``submit(spec) -> JobOutcome`` is pluggable: :class:`serve.jobs.runner.JobRunner`
 in process, or the serving layer's call into the Ray cluster.
 The inbox rules are :mod:`serve.jobs.rules`; the SQS client and queue set-up, :mod:`serve.jobs.sqs`.
 :func:`run_consumer` is the loop a Ray actor/deployment wraps.
@@ -279,7 +279,7 @@ class LocalRunnerSettings(BaseModel):
 
 
 def local_submit(cfg: LocalRunnerSettings | Mapping[str, Any]) -> Submit:
-    """A :class:`serve.jobs.store.JobRunner` over an in-process Segmenter.
+    """A :class:`serve.jobs.runner.JobRunner` over an in-process Segmenter.
 
     Args:
         cfg: the runner's settings (:class:`LocalRunnerSettings`, or its mapping).
