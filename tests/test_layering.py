@@ -108,3 +108,14 @@ def test_the_lazy_import_check_tells_marked_from_unmarked(tmp_path, body, bad):
     f.write_text(body)
     assert bool(unmarked_function_imports(f, tmp_path)) is bad
 
+
+
+#: the most lines a module of serve/ may hold: one concept per module (docs/architecture.md); aim for ~400
+MAX_MODULE_LINES = 450
+
+
+def test_no_module_is_over_the_line_cap():
+    """A module that grows past the cap mixes concerns: split it by concern, as serve/router/ and serve/api/ are."""
+    long = {str(p.relative_to(ROOT)): n for p in sorted(SERVE.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines, split them by concern: {long}"
