@@ -29,9 +29,21 @@ EXIT_OK, EXIT_REFUSED, EXIT_LAYER_MISSING = 0, 3, 4
 INTERPRETER_BYTES = 512 << 20
 
 
+#: Seconds of CPU between the soft limit's SIGXCPU and the hard limit's SIGKILL.
+CPU_HARD_MARGIN_S = 5
+
+
 def apply_rlimits(policy: dict) -> None:
-    """Address space, CPU, file size, open files, processes and core dumps, soft and hard alike."""
-    for res, value in ((resource.RLIMIT_AS, policy["memory_bytes"]), (resource.RLIMIT_CPU, policy["cpu_s"]),
+    """Address space, CPU, file size, open files, processes and core dumps, soft and hard alike but CPU's.
+
+    The CPU hard limit sits a little above the soft one: at the soft limit the kernel sends SIGXCPU, which ends
+    the child and names the limit, while a hard limit reached at once is a SIGKILL, which the parent could not
+    tell from a kill from outside (Ray stopping the replica), which it retries. The child installs no handler
+    for SIGXCPU; the hard limit stays the backstop.
+    """
+    cpu_s = int(policy["cpu_s"])
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + CPU_HARD_MARGIN_S))
+    for res, value in ((resource.RLIMIT_AS, policy["memory_bytes"]),
                        (resource.RLIMIT_FSIZE, policy["file_bytes"]), (resource.RLIMIT_NOFILE, policy["open_files"]),
                        (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (int(value), int(value)))

@@ -47,6 +47,19 @@ class SandboxUnavailableError(ServiceUnavailableError):
     """A layer the configuration requires is missing on this host: nothing is decoded here."""
 
 
+class DecoderKilledError(ServiceUnavailableError):
+    """The child was killed from outside its limits, twice: the host, not the input (503, resubmit as is)."""
+
+
+#: What _run returns for a child it killed itself at the policy's wall-clock limit (a real exit code is >= -64).
+KILLED_AT_DEADLINE = -1000
+
+#: How long to wait before the one retry of a child killed from outside. Ray kills a replica's children first
+#: when it stops the replica, then the replica: a decode that waits this long dies with its replica, its job
+#: still "running" in the journal, and the next replica resumes it, rather than settling it as a bad input.
+RETRY_AFTER_OUTSIDE_KILL_S = 2.0
+
+
 @dataclass
 class SandboxedDecoder:
     """Decodes inputs in confined children under one :class:`SandboxPolicy`.
@@ -94,11 +107,39 @@ class SandboxedDecoder:
 
         Raises:
             MrisegError: the input was refused (its own 4xx), or the child crashed, timed out, hit a limit or
-                broke the reply format (422); SandboxUnavailableError (503) when a required layer is missing.
+                broke the reply format (422); SandboxUnavailableError (503) when a required layer is missing;
+                DecoderKilledError (503) when the child was killed from outside twice (a first such kill is
+                retried after :data:`RETRY_AFTER_OUTSIDE_KILL_S`).
         """
         src = Path(path).resolve()
+        volume = self._decode_once(src, max_voxels, self_contained, cancel)
+        if volume is None:  # killed from outside: Ray stopping this replica, or the host out of memory
+            log.warning("a decoder child was killed from outside its limits; retrying once in %.0f s",
+                        RETRY_AFTER_OUTSIDE_KILL_S)
+            if cancel is not None and cancel.wait(RETRY_AFTER_OUTSIDE_KILL_S):
+                raise DecodeCancelled("the job was cancelled while its input was decoded")
+            if cancel is None:
+                time.sleep(RETRY_AFTER_OUTSIDE_KILL_S)
+            volume = self._decode_once(src, max_voxels, self_contained, cancel)
+            if volume is None:
+                raise DecoderKilledError("the decoder was killed twice from outside its own limits (this server "
+                                         "stopping, or its host out of memory), not for the input; the job can "
+                                         "be resubmitted as is")
+        return volume
+
+    def _decode_once(self, src: Path, max_voxels: int, self_contained: bool, cancel: threading.Event | None):
+        """One child's decode of ``src``.
+
+        Returns:
+            The volume, or None when the child was killed from outside (a SIGKILL that was not our deadline's).
+
+        Raises:
+            MrisegError: as :meth:`decode`, for every other way the child can end.
+        """
         with self._workdir() as work:
             code = self._run(work, src, max_voxels, self_contained, cancel)
+            if code == -signal.SIGKILL:
+                return None
             out = work / "out"
             if code == EXIT_OK and (out / reply.META).is_file():
                 return reply.read_volume(out, max_voxels)
@@ -176,7 +217,7 @@ class SandboxedDecoder:
                             raise DecodeCancelled("the job was cancelled while its input was decoded") from None
                         if time.monotonic() >= deadline:
                             _kill(proc)
-                            return -int(signal.SIGKILL)
+                            return KILLED_AT_DEADLINE
             except BaseException:  # a cancelled job: the child must not outlive it
                 _kill(proc)
                 raise
@@ -191,12 +232,14 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _describe(code: int) -> str:
+    if code == KILLED_AT_DEADLINE:
+        return "SIGKILL, killed: the time limit"
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        hint = {"SIGKILL": "killed: the time limit", "SIGXCPU": "the CPU-time limit",
+        hint = {"SIGXCPU": "the CPU-time limit",
                 "SIGXFSZ": "the file-size limit", "SIGSEGV": "a crash", "SIGABRT": "an abort",
                 "SIGSYS": "a forbidden system call"}.get(name)
         return f"{name}, {hint}" if hint else name

@@ -139,3 +139,33 @@ def test_the_child_may_read_the_whole_package_wherever_the_policy_module_sits():
     from serve.imaging.sandbox.policy import library_paths
 
     assert Path(os.path.realpath(Path(serve.__file__).parent)) in library_paths()
+
+
+def _killed_from_outside_first(marker) -> str:
+    """A child that is SIGKILLed from outside (as Ray kills a stopping replica's children) until ``marker``
+    exists, and then decodes as the real child does."""
+    return ("import os, signal, sys; from pathlib import Path; m = Path(%r)\n"
+            "if not m.exists():\n    m.touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
+            "from serve.imaging.sandbox import child; sys.exit(child.main(sys.argv))" % str(marker))
+
+
+def test_a_child_killed_from_outside_is_decoded_again_not_blamed_on_the_input(tmp_path):
+    """Ray kills a stopping replica's children before the replica: a decode killed so must not settle its job
+    as a corrupt input (422) in the replica's last moments; it is tried again once, after a pause."""
+    dec = SandboxedDecoder(SandboxPolicy(scratch_dir=str(tmp_path / "scratch")),
+                           entry=("-c", _killed_from_outside_first(tmp_path / "killed-once")))
+    data = np.arange(64, dtype=np.float32).reshape(4, 4, 4)
+    path = write_nifti(tmp_path / "scan.nii.gz", data, np.eye(4))
+    got = dec.decode(path, 1000)
+    assert (tmp_path / "killed-once").exists() and np.array_equal(got.data, data)
+    assert not list((tmp_path / "scratch").iterdir()), "a work folder was left behind"
+
+
+def test_a_child_killed_from_outside_twice_is_a_retryable_503_not_a_bad_input(tmp_path):
+    from serve.imaging.sandbox.runner import DecoderKilledError
+
+    dec = SandboxedDecoder(SandboxPolicy(scratch_dir=str(tmp_path)),
+                           entry=("-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
+    with pytest.raises(DecoderKilledError) as e:
+        dec.decode(tmp_path, 1000)
+    assert e.value.status == 503 and "resubmitted as is" in e.value.message
